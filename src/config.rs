@@ -1,0 +1,415 @@
+//! The configuration file: its shape, its defaults and its validation.
+//!
+//! Parsing reports the path of the field that failed (`registries[0].kubernetes.audience`), and
+//! validation collects every problem at once so that an operator fixes the file in one pass.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use serde::{Deserialize, Deserializer};
+
+use crate::token::TokenSourceConfig;
+
+/// The label a namespace carries to opt in, as the default selector uses it.
+pub const OPT_IN_LABEL: &str = "pull-secret-injector.io/inject";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Address of the HTTPS listener (admission, health and readiness).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    pub tls: TlsConfig,
+    /// Namespaces that opted in. Never empty: an empty selector would select every namespace.
+    #[serde(default = "default_selector")]
+    pub namespace_selector: LabelSelector,
+    /// Name of the pull Secret kept in every opted-in namespace.
+    #[serde(default = "default_secret_name")]
+    pub secret_name: String,
+    /// The namespace the service runs in; it is never injected. Defaults to `$POD_NAMESPACE`.
+    #[serde(default)]
+    pub own_namespace: Option<String>,
+    /// More namespaces that are never injected, whatever their labels (`kube-system` always is).
+    #[serde(default)]
+    pub excluded_namespaces: Vec<String>,
+    #[serde(default)]
+    pub refresh: RefreshConfig,
+    #[serde(default)]
+    pub admission: AdmissionConfig,
+    pub registries: Vec<RegistryConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RefreshConfig {
+    /// Renew a credential when less than this remains. Default: a third of its lifetime.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub renew_before: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// The longest an admission waits for a credential before it answers anyway.
+    #[serde(default = "default_budget", deserialize_with = "duration")]
+    pub budget: Duration,
+    /// Request bodies larger than this are refused with 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self { budget: default_budget(), max_body_bytes: default_max_body_bytes() }
+    }
+}
+
+/// One `auths` entry of the pull Secret and the source its credential is minted from:
+/// `{host: ..., <source>: {...}}`, exactly one source per entry.
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// The key in `.dockerconfigjson` `auths`, e.g. `registry.example.com` or `ghcr.io:443`.
+    pub host: String,
+    pub source: TokenSourceConfig,
+}
+
+// By hand rather than `#[serde(flatten)]`: flattening loses the path of an error inside the
+// source and accepts unknown keys silently.
+impl<'de> Deserialize<'de> for RegistryConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = RegistryConfig;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a registry: {host: ..., <token source>: {...}}")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RegistryConfig, A::Error> {
+                use serde::de::Error;
+                let (mut host, mut source) = (None, None);
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "host" {
+                        host = Some(map.next_value()?);
+                    } else if source.is_some() {
+                        return Err(A::Error::custom(format!("{key:?}: a registry takes exactly one token source")));
+                    } else {
+                        source = Some(TokenSourceConfig::from_entry(&key, &mut map)?);
+                    }
+                }
+                Ok(RegistryConfig {
+                    host: host.ok_or_else(|| A::Error::missing_field("host"))?,
+                    source: source.ok_or_else(|| {
+                        A::Error::custom(format!("no token source: expected one of {}", TokenSourceConfig::NAMES.join(", ")))
+                    })?,
+                })
+            }
+        }
+        d.deserialize_map(Entry)
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+
+fn default_selector() -> LabelSelector {
+    LabelSelector {
+        match_labels: Some([(OPT_IN_LABEL.to_string(), "enabled".to_string())].into()),
+        match_expressions: None,
+    }
+}
+
+fn default_secret_name() -> String {
+    "pull-secret".to_string()
+}
+
+fn default_budget() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_max_body_bytes() -> usize {
+    // The API server caps request bodies at 3 MiB; an AdmissionReview embeds the object.
+    4 * 1024 * 1024
+}
+
+/// A problem with the configuration, with the path of the field it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config: {0}")]
+    Parse(FieldError),
+    #[error("config is invalid:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<FieldError>),
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Parses and validates a YAML document.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { "(top level)".to_string() } else { path };
+            ConfigError::Parse(FieldError { path, message: e.into_inner().to_string() })
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot express; reports every problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let mut err = |path: &str, message: String| {
+            errors.push(FieldError { path: path.to_string(), message })
+        };
+
+        if let Err(m) = validate_dns_subdomain(&self.secret_name) {
+            err("secretName", m);
+        }
+        crate::selector::validate(&self.namespace_selector, "namespaceSelector", &mut err);
+        if self.admission.budget.is_zero() || self.admission.budget > Duration::from_secs(25) {
+            err("admission.budget", "must be more than 0s and at most 25s (webhook timeouts are capped at 30s)".into());
+        }
+        if self.admission.max_body_bytes < 1024 {
+            err("admission.maxBodyBytes", "must be at least 1024".into());
+        }
+        if let Some(rb) = self.refresh.renew_before {
+            if rb.is_zero() {
+                err("refresh.renewBefore", "must be more than 0s".into());
+            }
+        }
+        if self.registries.is_empty() {
+            err("registries", "at least one registry is required".into());
+        }
+        let mut hosts = BTreeSet::new();
+        for (i, r) in self.registries.iter().enumerate() {
+            let path = format!("registries[{i}]");
+            if r.host.is_empty() || r.host.contains("://") || r.host.contains(char::is_whitespace) {
+                err(&format!("{path}.host"), format!("{:?} must be a registry host such as registry.example.com, without a scheme", r.host));
+            } else if !hosts.insert(r.host.as_str()) {
+                err(&format!("{path}.host"), format!("{:?} is listed twice", r.host));
+            }
+            r.source.validate(&path, self.refresh.renew_before, &mut err);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+}
+
+/// RFC 1123 subdomain, as Kubernetes requires for Secret names.
+pub fn validate_dns_subdomain(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a valid Kubernetes name (lowercase letters, digits, '-' and '.', at most 253 characters)"))
+    }
+}
+
+/// Parses `90s`, `20m`, `1h30m`, `500ms`, `2h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("{text:?} is not a duration (examples: 500ms, 90s, 20m, 1h30m)");
+    let mut total = Duration::ZERO;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => return Err(bad()),
+        };
+        total = total.saturating_add(unit);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|t| parse_duration(&t).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+tls: {certFile: a.crt, keyFile: a.key}
+registries:
+  - host: registry.example.com
+    kubernetes:
+      audience: https://registry.example.com
+"#;
+
+    fn invalid(yaml: &str) -> Vec<FieldError> {
+        match Config::from_yaml(yaml) {
+            Err(ConfigError::Invalid(errors)) => errors,
+            other => panic!("expected validation errors, got {other:?}"),
+        }
+    }
+
+    fn parse_error(yaml: &str) -> FieldError {
+        match Config::from_yaml(yaml) {
+            Err(ConfigError::Parse(e)) => e,
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_fill_what_is_left_out() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(c.secret_name, "pull-secret");
+        assert_eq!(c.admission.budget, Duration::from_secs(2));
+        assert_eq!(c.refresh.renew_before, None);
+        let labels = c.namespace_selector.match_labels.unwrap();
+        assert_eq!(labels.get(OPT_IN_LABEL).map(String::as_str), Some("enabled"));
+        let TokenSourceConfig::Kubernetes(k) = &c.registries[0].source;
+        assert_eq!(k.service_account, "default");
+        assert_eq!(k.expiration_seconds, 3600);
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = Config::from_yaml(include_str!("../deploy/config.example.yaml")).unwrap();
+        assert_eq!(c.refresh.renew_before, Some(Duration::from_secs(20 * 60)));
+        assert_eq!(c.registries[0].host, "registry.example.com");
+        let TokenSourceConfig::Kubernetes(k) = &c.registries[0].source;
+        assert_eq!(k.username.as_deref(), Some("oauth2accesstoken"));
+    }
+
+    #[test]
+    fn a_misspelt_field_is_named_with_its_path() {
+        let e = parse_error(&MINIMAL.replace("keyFile", "keyfile"));
+        assert_eq!(e.path, "tls.keyfile");
+        assert!(e.message.contains("unknown field"), "{e}");
+        let e = parse_error(&MINIMAL.replace("audience:", "audiance:"));
+        assert!(e.path.starts_with("registries[0]"), "{e}");
+        assert!(e.message.contains("audiance"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_type_is_named_with_its_path() {
+        let e = parse_error(&format!("{MINIMAL}refresh: {{renewBefore: soon}}\n"));
+        assert_eq!(e.path, "refresh.renewBefore");
+        assert!(e.message.contains("not a duration"), "{e}");
+        let e = parse_error(&MINIMAL.replace("audience: https://registry.example.com", "audience: x\n      expirationSeconds: many"));
+        assert_eq!(e.path, "registries[0].kubernetes.expirationSeconds");
+    }
+
+    #[test]
+    fn an_unknown_token_source_is_refused() {
+        let e = parse_error(&MINIMAL.replace("kubernetes:", "kubernets:"));
+        assert!(e.path.starts_with("registries[0]"), "{e}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_at_once() {
+        let yaml = r#"
+tls: {certFile: a.crt, keyFile: a.key}
+secretName: Pull_Secret
+namespaceSelector: {}
+refresh: {renewBefore: 2h}
+registries:
+  - host: https://registry.example.com
+    kubernetes: {audience: "", expirationSeconds: 60}
+  - host: registry.example.com
+    kubernetes: {audience: a}
+  - host: registry.example.com
+    kubernetes: {audience: a}
+"#;
+        let paths: Vec<_> = invalid(yaml).into_iter().map(|e| e.path).collect();
+        for expected in [
+            "secretName",
+            "namespaceSelector",
+            "registries[0].host",
+            "registries[0].kubernetes.audience",
+            "registries[0].kubernetes.expirationSeconds",
+            "registries[1].kubernetes.expirationSeconds",
+            "registries[2].host",
+        ] {
+            assert!(paths.iter().any(|p| p == expected), "{expected} missing from {paths:?}");
+        }
+    }
+
+    #[test]
+    fn no_registries_is_an_error() {
+        let errors = invalid("tls: {certFile: a, keyFile: b}\nregistries: []\n");
+        assert_eq!(errors[0].path, "registries");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("20m"), Ok(Duration::from_secs(1200)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        for bad in ["", "20", "m", "1d", "-5s", "1.5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad} should not parse");
+        }
+    }
+
+    #[test]
+    fn secret_names() {
+        assert!(validate_dns_subdomain("pull-secret").is_ok());
+        assert!(validate_dns_subdomain("a.b-c").is_ok());
+        for bad in ["", "Pull", "a_b", "-a", "a-", "a..b"] {
+            assert!(validate_dns_subdomain(bad).is_err(), "{bad}");
+        }
+    }
+}

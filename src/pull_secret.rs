@@ -1,0 +1,206 @@
+//! What a managed pull Secret looks like, and what an existing one tells us. No I/O here: the
+//! provisioner reads and writes Secrets, this module decides what to write and whether what is
+//! stored can still be used.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::token::Credential;
+
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGER: &str = "pull-secret-injector";
+/// When the earliest credential in the Secret expires (RFC 3339).
+pub const EXPIRES_AT: &str = "pull-secret-injector.io/expires-at";
+/// When the credentials were minted (RFC 3339); with `EXPIRES_AT` it gives the lifetime.
+pub const ISSUED_AT: &str = "pull-secret-injector.io/issued-at";
+/// SHA-256 of `.dockerconfigjson` as written, to notice when someone else changed it.
+pub const CONTENT_HASH: &str = "pull-secret-injector.io/content-sha256";
+/// The registry hosts the Secret holds, to notice when the configuration changed.
+pub const REGISTRIES: &str = "pull-secret-injector.io/registries";
+
+pub const DOCKER_CONFIG_TYPE: &str = "kubernetes.io/dockerconfigjson";
+pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
+
+/// What a usable Secret holds, as far as renewal needs to know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issued {
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub content_sha256: String,
+}
+
+/// The state of the Secret found under the configured name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Assessment {
+    Missing,
+    /// Someone else's Secret: never overwritten, never deleted.
+    Foreign,
+    /// Ours, but its data no longer matches what we wrote.
+    Tampered,
+    /// Ours, but for a different set of registries than configured now, or unreadable annotations.
+    Outdated,
+    /// Ours and intact; whether it is due for renewal is `renewal`'s call.
+    Intact(Issued),
+}
+
+pub fn is_managed(secret: &Secret) -> bool {
+    secret.metadata.labels.as_ref().and_then(|l| l.get(MANAGED_BY_LABEL)).map(String::as_str) == Some(MANAGER)
+}
+
+/// The `.dockerconfigjson` document for one credential per registry host.
+pub fn docker_config_json(credentials: &[(String, Credential)]) -> Vec<u8> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let auths: serde_json::Map<String, serde_json::Value> = credentials
+        .iter()
+        .map(|(host, c)| {
+            let password = c.password.expose();
+            let auth = b64.encode(format!("{}:{password}", c.username));
+            (host.clone(), json!({"username": c.username, "password": password, "auth": auth}))
+        })
+        .collect();
+    // A map of strings always serialises.
+    serde_json::to_vec(&json!({ "auths": auths })).unwrap_or_default()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hosts_annotation<'a>(hosts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut hosts: Vec<_> = hosts.into_iter().collect();
+    hosts.sort_unstable();
+    hosts.join(",")
+}
+
+/// The Secret to store for these credentials, and what it records about them.
+pub fn build(namespace: &str, name: &str, credentials: &[(String, Credential)]) -> (Secret, Issued) {
+    let data = docker_config_json(credentials);
+    let issued = Issued {
+        issued_at: credentials.iter().map(|(_, c)| c.issued_at).min().unwrap_or_else(Timestamp::now),
+        expires_at: credentials.iter().map(|(_, c)| c.expires_at).min().unwrap_or_else(Timestamp::now),
+        content_sha256: sha256_hex(&data),
+    };
+    let annotations = BTreeMap::from([
+        (ISSUED_AT.to_string(), issued.issued_at.to_string()),
+        (EXPIRES_AT.to_string(), issued.expires_at.to_string()),
+        (CONTENT_HASH.to_string(), issued.content_sha256.clone()),
+        (REGISTRIES.to_string(), hosts_annotation(credentials.iter().map(|(h, _)| h.as_str()))),
+    ]);
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(BTreeMap::from([(MANAGED_BY_LABEL.to_string(), MANAGER.to_string())])),
+            annotations: Some(annotations),
+            ..Default::default()
+        },
+        type_: Some(DOCKER_CONFIG_TYPE.to_string()),
+        data: Some(BTreeMap::from([(DOCKER_CONFIG_KEY.to_string(), ByteString(data))])),
+        ..Default::default()
+    };
+    (secret, issued)
+}
+
+/// Reads back what [`build`] recorded, checking that the data is still what was written and
+/// that it covers the registries configured now.
+pub fn assess<'a>(secret: Option<&Secret>, hosts: impl IntoIterator<Item = &'a str>) -> Assessment {
+    let Some(secret) = secret else { return Assessment::Missing };
+    if !is_managed(secret) {
+        return Assessment::Foreign;
+    }
+    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+    let get = |k: &str| annotations.get(k).map(String::as_str);
+    let data = secret.data.as_ref().and_then(|d| d.get(DOCKER_CONFIG_KEY));
+    let Some(recorded_hash) = get(CONTENT_HASH) else { return Assessment::Outdated };
+    match data {
+        Some(d) if sha256_hex(&d.0) == recorded_hash && secret.type_.as_deref() == Some(DOCKER_CONFIG_TYPE) => {}
+        _ => return Assessment::Tampered,
+    }
+    if get(REGISTRIES) != Some(hosts_annotation(hosts).as_str()) {
+        return Assessment::Outdated;
+    }
+    let parse = |k| get(k).and_then(|v| v.parse::<Timestamp>().ok());
+    match (parse(ISSUED_AT), parse(EXPIRES_AT)) {
+        (Some(issued_at), Some(expires_at)) if issued_at < expires_at => {
+            Assessment::Intact(Issued { issued_at, expires_at, content_sha256: recorded_hash.to_string() })
+        }
+        _ => Assessment::Outdated,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::Sensitive;
+
+    fn cred(user: &str, token: &str, issued: i64, expires: i64) -> Credential {
+        Credential {
+            username: user.into(),
+            password: Sensitive::new(token),
+            issued_at: Timestamp::from_second(issued).unwrap(),
+            expires_at: Timestamp::from_second(expires).unwrap(),
+        }
+    }
+
+    fn creds() -> Vec<(String, Credential)> {
+        vec![
+            ("registry.example.com".into(), cred("oauth2accesstoken", "tok-a", 1000, 4600)),
+            ("ghcr.io".into(), cred("default", "tok-b", 1001, 2000)),
+        ]
+    }
+
+    #[test]
+    fn docker_config_has_username_password_and_auth() {
+        let doc: serde_json::Value = serde_json::from_slice(&docker_config_json(&creds())).unwrap();
+        assert_eq!(
+            doc["auths"]["registry.example.com"],
+            json!({"username": "oauth2accesstoken", "password": "tok-a", "auth": "b2F1dGgyYWNjZXNzdG9rZW46dG9rLWE="})
+        );
+        assert_eq!(doc["auths"]["ghcr.io"]["auth"], "ZGVmYXVsdDp0b2stYg==");
+    }
+
+    #[test]
+    fn built_secret_is_managed_typed_and_records_the_earliest_expiry() {
+        let (s, issued) = build("team-a", "pull-secret", &creds());
+        assert_eq!(s.type_.as_deref(), Some(DOCKER_CONFIG_TYPE));
+        assert!(is_managed(&s));
+        assert_eq!(issued.expires_at, Timestamp::from_second(2000).unwrap());
+        assert_eq!(issued.issued_at, Timestamp::from_second(1000).unwrap());
+        let a = s.metadata.annotations.as_ref().unwrap();
+        assert_eq!(a[EXPIRES_AT], "1970-01-01T00:33:20Z");
+        assert_eq!(a[REGISTRIES], "ghcr.io,registry.example.com");
+        assert_eq!(assess(Some(&s), ["registry.example.com", "ghcr.io"]), Assessment::Intact(issued));
+    }
+
+    #[test]
+    fn assessment_of_what_is_found() {
+        let hosts = ["registry.example.com", "ghcr.io"];
+        assert_eq!(assess(None, hosts), Assessment::Missing);
+
+        let (mut foreign, _) = build("ns", "pull-secret", &creds());
+        foreign.metadata.labels = None;
+        assert_eq!(assess(Some(&foreign), hosts), Assessment::Foreign);
+
+        let (mut tampered, _) = build("ns", "pull-secret", &creds());
+        tampered.data.as_mut().unwrap().insert(DOCKER_CONFIG_KEY.into(), ByteString(b"{}".to_vec()));
+        assert_eq!(assess(Some(&tampered), hosts), Assessment::Tampered);
+
+        let (mut emptied, _) = build("ns", "pull-secret", &creds());
+        emptied.data = None;
+        assert_eq!(assess(Some(&emptied), hosts), Assessment::Tampered);
+
+        let (s, _) = build("ns", "pull-secret", &creds());
+        assert_eq!(assess(Some(&s), ["registry.example.com"]), Assessment::Outdated);
+
+        let (mut garbled, _) = build("ns", "pull-secret", &creds());
+        garbled.metadata.annotations.as_mut().unwrap().insert(EXPIRES_AT.into(), "soon".into());
+        assert_eq!(assess(Some(&garbled), hosts), Assessment::Outdated);
+    }
+}

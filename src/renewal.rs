@@ -1,0 +1,102 @@
+//! When to renew. A credential is renewed once less than `renewBefore` of it remains (default: a
+//! third of its lifetime), moved earlier by a jitter of up to a quarter of that margin so that
+//! Secrets minted together are not all renewed in the same second. The jitter is derived from
+//! the namespace and the expiry, not drawn at random: a restarted replica computes the same
+//! renewal time for the same Secret, so adoption never re-mints early.
+
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+
+use crate::pull_secret::Issued;
+
+/// The share of the renewal margin that jitter may add.
+const JITTER_SHARE: f64 = 0.25;
+
+pub fn renew_at(issued: &Issued, renew_before: Option<Duration>, key: &str) -> Timestamp {
+    let lifetime = issued.expires_at.duration_since(issued.issued_at);
+    if lifetime <= SignedDuration::ZERO {
+        return issued.issued_at;
+    }
+    let margin = match renew_before {
+        Some(rb) => SignedDuration::try_from(rb).unwrap_or(lifetime).min(lifetime),
+        None => lifetime / 3,
+    };
+    let jitter = margin.mul_f64(JITTER_SHARE * unit_fraction(key, issued.expires_at));
+    let at = issued.expires_at - margin - jitter;
+    at.max(issued.issued_at)
+}
+
+/// How long until `at`, or zero if it has passed.
+pub fn until(at: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
+}
+
+/// A number in [0, 1) that depends only on its inputs.
+fn unit_fraction(key: &str, expires_at: Timestamp) -> f64 {
+    // DefaultHasher's algorithm is fixed for a given Rust release, which is all that restarts of
+    // the same binary need.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    expires_at.as_second().hash(&mut h);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issued(issued: i64, expires: i64) -> Issued {
+        Issued {
+            issued_at: Timestamp::from_second(issued).unwrap(),
+            expires_at: Timestamp::from_second(expires).unwrap(),
+            content_sha256: String::new(),
+        }
+    }
+
+    fn secs(t: Timestamp) -> i64 {
+        t.as_second()
+    }
+
+    #[test]
+    fn default_margin_is_a_third_of_the_lifetime_plus_jitter() {
+        let i = issued(0, 3600);
+        for ns in ["a", "b", "c", "team-a", "team-b"] {
+            let at = secs(renew_at(&i, None, ns));
+            // 1200 s margin, up to 300 s jitter
+            assert!((3600 - 1200 - 300..=3600 - 1200).contains(&at), "{ns}: {at}");
+        }
+    }
+
+    #[test]
+    fn configured_margin_is_honoured() {
+        let i = issued(0, 3600);
+        let at = secs(renew_at(&i, Some(Duration::from_secs(20 * 60)), "ns"));
+        assert!((2100..=2400).contains(&at), "{at}");
+    }
+
+    #[test]
+    fn margin_longer_than_the_lifetime_renews_at_once() {
+        let i = issued(100, 700);
+        assert_eq!(secs(renew_at(&i, Some(Duration::from_secs(3600)), "ns")), 100);
+    }
+
+    #[test]
+    fn jitter_is_stable_and_spreads_namespaces() {
+        let i = issued(0, 3600);
+        assert_eq!(renew_at(&i, None, "team-a"), renew_at(&i, None, "team-a"));
+        let distinct: std::collections::BTreeSet<_> =
+            (0..200).map(|n| secs(renew_at(&i, None, &format!("ns-{n}")))).collect();
+        assert!(distinct.len() > 120, "only {} distinct renewal times", distinct.len());
+        let spread = distinct.last().unwrap() - distinct.first().unwrap();
+        assert!(spread > 250, "renewals spread over only {spread}s of 300s");
+    }
+
+    #[test]
+    fn until_is_never_negative() {
+        let now = Timestamp::from_second(100).unwrap();
+        assert_eq!(until(Timestamp::from_second(40).unwrap(), now), Duration::ZERO);
+        assert_eq!(until(Timestamp::from_second(160).unwrap(), now), Duration::from_secs(60));
+    }
+}

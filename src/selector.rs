@@ -1,0 +1,175 @@
+//! Which namespaces the service acts in: the configured label selector, minus the namespaces it
+//! must never touch. Checked in code for every request, whatever the webhook configuration says.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+/// Namespaces that are never injected, whatever their labels.
+pub const ALWAYS_EXCLUDED: &[&str] = &["kube-system"];
+
+#[derive(Clone, Debug)]
+pub struct NamespacePolicy {
+    selector: LabelSelector,
+    excluded: BTreeSet<String>,
+}
+
+/// Why a namespace is or is not served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Eligibility {
+    OptedIn,
+    NotSelected,
+    Excluded,
+}
+
+impl NamespacePolicy {
+    pub fn new(selector: LabelSelector, own_namespace: Option<&str>, extra_excluded: &[String]) -> Self {
+        let mut excluded: BTreeSet<String> = ALWAYS_EXCLUDED.iter().map(|s| s.to_string()).collect();
+        excluded.extend(own_namespace.map(str::to_string));
+        excluded.extend(extra_excluded.iter().cloned());
+        Self { selector, excluded }
+    }
+
+    pub fn eligibility(&self, name: &str, labels: Option<&BTreeMap<String, String>>) -> Eligibility {
+        if self.excluded.contains(name) {
+            Eligibility::Excluded
+        } else if matches(&self.selector, labels.unwrap_or(&BTreeMap::new())) {
+            Eligibility::OptedIn
+        } else {
+            Eligibility::NotSelected
+        }
+    }
+
+    pub fn is_excluded(&self, name: &str) -> bool {
+        self.excluded.contains(name)
+    }
+
+    /// The selector in the `key=value,key in (a,b)` form a watch accepts.
+    pub fn selector(&self) -> &LabelSelector {
+        &self.selector
+    }
+}
+
+/// Kubernetes label-selector semantics: every `matchLabels` pair and every expression must hold.
+pub fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let labels_ok = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let expressions_ok = selector.match_expressions.iter().flatten().all(|e| {
+        let value = labels.get(&e.key);
+        let values = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            // validate() refuses unknown operators at start-up; select nothing if one slips by.
+            _ => false,
+        }
+    });
+    labels_ok && expressions_ok
+}
+
+/// Reports what the API server would refuse in a selector, and refuses an empty one: it would
+/// select every namespace in the cluster, which is never what opting in means.
+pub fn validate(selector: &LabelSelector, path: &str, err: &mut impl FnMut(&str, String)) {
+    let labels = selector.match_labels.as_ref().map_or(0, BTreeMap::len);
+    let exprs = selector.match_expressions.as_deref().unwrap_or_default();
+    if labels == 0 && exprs.is_empty() {
+        err(path, "must not be empty: an empty selector would opt in every namespace".into());
+    }
+    for (i, e) in exprs.iter().enumerate() {
+        let here = format!("{path}.matchExpressions[{i}]");
+        let n = e.values.as_ref().map_or(0, Vec::len);
+        match e.operator.as_str() {
+            "In" | "NotIn" if n == 0 => err(&format!("{here}.values"), format!("must not be empty for operator {}", e.operator)),
+            "Exists" | "DoesNotExist" if n > 0 => err(&format!("{here}.values"), format!("must be empty for operator {}", e.operator)),
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            other => err(&format!("{here}.operator"), format!("{other:?} is not one of In, NotIn, Exists, DoesNotExist")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
+        LabelSelectorRequirement {
+            key: key.into(),
+            operator: op.into(),
+            values: (!values.is_empty()).then(|| values.iter().map(|s| s.to_string()).collect()),
+        }
+    }
+
+    fn opt_in() -> LabelSelector {
+        LabelSelector { match_labels: Some(labels(&[("inject", "enabled")])), match_expressions: None }
+    }
+
+    #[test]
+    fn match_labels_must_all_hold() {
+        let s = opt_in();
+        assert!(matches(&s, &labels(&[("inject", "enabled"), ("x", "y")])));
+        assert!(!matches(&s, &labels(&[("inject", "disabled")])));
+        assert!(!matches(&s, &labels(&[])));
+    }
+
+    #[test]
+    fn expressions() {
+        let s = LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![
+                expr("tier", "In", &["a", "b"]),
+                expr("legacy", "DoesNotExist", &[]),
+                expr("env", "NotIn", &["prod"]),
+                expr("team", "Exists", &[]),
+            ]),
+        };
+        assert!(matches(&s, &labels(&[("tier", "a"), ("team", "x")])));
+        assert!(matches(&s, &labels(&[("tier", "b"), ("team", "x"), ("env", "dev")])));
+        assert!(!matches(&s, &labels(&[("tier", "c"), ("team", "x")])));
+        assert!(!matches(&s, &labels(&[("tier", "a"), ("team", "x"), ("legacy", "1")])));
+        assert!(!matches(&s, &labels(&[("tier", "a"), ("team", "x"), ("env", "prod")])));
+        assert!(!matches(&s, &labels(&[("tier", "a")])));
+    }
+
+    #[test]
+    fn kube_system_and_the_own_namespace_are_never_eligible() {
+        let p = NamespacePolicy::new(opt_in(), Some("injector"), &["platform".into()]);
+        let on = labels(&[("inject", "enabled")]);
+        assert_eq!(p.eligibility("team-a", Some(&on)), Eligibility::OptedIn);
+        assert_eq!(p.eligibility("team-a", None), Eligibility::NotSelected);
+        for ns in ["kube-system", "injector", "platform"] {
+            assert_eq!(p.eligibility(ns, Some(&on)), Eligibility::Excluded, "{ns}");
+        }
+    }
+
+    #[test]
+    fn validation() {
+        let mut found = Vec::new();
+        let mut err = |p: &str, m: String| found.push(format!("{p}: {m}"));
+        validate(&LabelSelector::default(), "sel", &mut err);
+        validate(
+            &LabelSelector {
+                match_labels: None,
+                match_expressions: Some(vec![expr("a", "In", &[]), expr("b", "Exists", &["x"]), expr("c", "Like", &["x"])]),
+            },
+            "sel",
+            &mut err,
+        );
+        assert!(found[0].starts_with("sel: must not be empty"), "{found:?}");
+        assert!(found[1].starts_with("sel.matchExpressions[0].values"), "{found:?}");
+        assert!(found[2].starts_with("sel.matchExpressions[1].values"), "{found:?}");
+        assert!(found[3].starts_with("sel.matchExpressions[2].operator"), "{found:?}");
+        let mut none = 0;
+        validate(&opt_in(), "sel", &mut |_: &str, _| none += 1);
+        assert_eq!(none, 0);
+    }
+}
