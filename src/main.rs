@@ -1,1 +1,87 @@
-fn main(){}
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use pull_secret_injector::config::Config;
+use pull_secret_injector::Service;
+
+#[derive(Parser)]
+#[command(name = "pull-secret-injector", version, about = "Short-lived registry pull Secrets, injected into opted-in namespaces")]
+struct Cli {
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the admission webhook and keep pull Secrets fresh. The Kubernetes client comes from
+    /// KUBECONFIG or the in-cluster environment.
+    Serve {
+        #[arg(long, env = "PULL_SECRET_INJECTOR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check a config file and print what is wrong with it, without starting anything.
+    CheckConfig {
+        #[arg(long, env = "PULL_SECRET_INJECTOR_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("a TLS crypto provider was already installed"))?;
+
+    match cli.command {
+        Command::CheckConfig { config } => {
+            Config::from_file(&config)?;
+            println!("{}: ok", config.display());
+            Ok(())
+        }
+        Command::Serve { config } => {
+            let config = Config::from_file(&config)?;
+            let client = kube::Client::try_default().await.context("cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment")?;
+            let service = Service::start(config, client).await?;
+            service.run_until(shutdown_signal()).await.context("webhook server failed")?;
+            Ok(())
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,hyper=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

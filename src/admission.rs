@@ -1,0 +1,272 @@
+//! The AdmissionReview wire format and the decision that needs no I/O: is this request one we
+//! patch, and with what. The exact JSON of a response is pinned by tests, because the API
+//! server expects `patch` as base64 (a byte array serialised as numbers is a known pitfall).
+
+use base64::Engine;
+use json_patch::Patch;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::patch;
+
+pub const V1: &str = "admission.k8s.io/v1";
+pub const V1BETA1: &str = "admission.k8s.io/v1beta1";
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireReview {
+    api_version: String,
+    kind: String,
+    request: Option<AdmissionRequest>,
+}
+
+/// The parts of an AdmissionRequest this service reads.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdmissionRequest {
+    pub uid: String,
+    pub kind: GroupVersionKind,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    pub operation: String,
+    #[serde(default)]
+    pub dry_run: Option<bool>,
+    #[serde(default)]
+    pub object: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GroupVersionKind {
+    #[serde(default)]
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+}
+
+/// A request that could be read, with the apiVersion its answer must carry.
+#[derive(Debug)]
+pub struct Review {
+    pub api_version: String,
+    pub request: AdmissionRequest,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("request body is not a valid AdmissionReview: {0}")]
+    Malformed(String),
+    #[error("unsupported AdmissionReview apiVersion {0:?}: expected {V1} or {V1BETA1}")]
+    UnsupportedVersion(String),
+    #[error("expected kind AdmissionReview, got {0:?}")]
+    WrongKind(String),
+    #[error("AdmissionReview has no request")]
+    NoRequest,
+}
+
+/// The objects this service patches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Pod,
+    ServiceAccount,
+}
+
+impl Target {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pod => "Pod",
+            Self::ServiceAccount => "ServiceAccount",
+        }
+    }
+}
+
+pub fn decode(body: &[u8]) -> Result<Review, ReviewError> {
+    let wire: WireReview = serde_json::from_slice(body).map_err(|e| ReviewError::Malformed(e.to_string()))?;
+    if wire.api_version != V1 && wire.api_version != V1BETA1 {
+        return Err(ReviewError::UnsupportedVersion(wire.api_version));
+    }
+    if wire.kind != "AdmissionReview" {
+        return Err(ReviewError::WrongKind(wire.kind));
+    }
+    let request = wire.request.ok_or(ReviewError::NoRequest)?;
+    Ok(Review { api_version: wire.api_version, request })
+}
+
+impl AdmissionRequest {
+    /// A CREATE of a core/v1 Pod or ServiceAccount; anything else is allowed unchanged.
+    pub fn target(&self) -> Option<Target> {
+        if self.operation != "CREATE" || !self.kind.group.is_empty() || self.kind.version != "v1" {
+            return None;
+        }
+        match self.kind.kind.as_str() {
+            "Pod" => Some(Target::Pod),
+            "ServiceAccount" => Some(Target::ServiceAccount),
+            _ => None,
+        }
+    }
+
+    pub fn is_dry_run(&self) -> bool {
+        self.dry_run.unwrap_or(false)
+    }
+}
+
+pub fn patch_for(target: Target, object: &Value, secret_name: &str) -> Patch {
+    match target {
+        Target::Pod => patch::for_pod(object, secret_name),
+        Target::ServiceAccount => patch::for_service_account(object, secret_name),
+    }
+}
+
+/// What the webhook answers. It always allows: this service never blocks a workload.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    pub patch: Option<Patch>,
+    pub warnings: Vec<String>,
+}
+
+impl Verdict {
+    pub fn unchanged() -> Self {
+        Self::default()
+    }
+
+    pub fn patched(patch: Patch) -> Self {
+        Self { patch: (!patch.0.is_empty()).then_some(patch), warnings: Vec::new() }
+    }
+
+    pub fn warn(mut self, warning: impl Into<String>) -> Self {
+        self.warnings.push(warning.into());
+        self
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireResponseReview<'a> {
+    api_version: &'a str,
+    kind: &'static str,
+    response: WireResponse<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireResponse<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    warnings: &'a [String],
+}
+
+/// The AdmissionReview response body for `review`.
+pub fn encode(review: &Review, verdict: &Verdict) -> Vec<u8> {
+    let patch = verdict.patch.as_ref().map(|p| {
+        // A Patch is a list of operations with string paths and JSON values: it always serialises.
+        let json = serde_json::to_vec(p).unwrap_or_default();
+        base64::engine::general_purpose::STANDARD.encode(json)
+    });
+    let body = WireResponseReview {
+        api_version: &review.api_version,
+        kind: "AdmissionReview",
+        response: WireResponse {
+            uid: &review.request.uid,
+            allowed: true,
+            patch_type: patch.as_ref().map(|_| "JSONPatch"),
+            patch,
+            warnings: &verdict.warnings,
+        },
+    };
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn review(kind: &str, operation: &str, object: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": V1,
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": {"group": "", "version": "v1", "kind": kind},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": "team-a",
+                "operation": operation,
+                "userInfo": {"username": "admin"},
+                "object": object,
+                "dryRun": false
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn response_json_is_exactly_what_the_api_server_expects() {
+        let r = decode(&review("Pod", "CREATE", json!({"spec": {"containers": []}}))).unwrap();
+        let target = r.request.target().unwrap();
+        let verdict = Verdict::patched(patch_for(target, r.request.object.as_ref().unwrap(), "pull-secret"));
+        let body: Value = serde_json::from_slice(&encode(&r, &verdict)).unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview",
+                "response": {
+                    "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                    "allowed": true,
+                    "patchType": "JSONPatch",
+                    // base64 of [{"op":"add","path":"/spec/imagePullSecrets","value":[{"name":"pull-secret"}]}]
+                    "patch": "W3sib3AiOiJhZGQiLCJwYXRoIjoiL3NwZWMvaW1hZ2VQdWxsU2VjcmV0cyIsInZhbHVlIjpbeyJuYW1lIjoicHVsbC1zZWNyZXQifV19XQ=="
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn unchanged_response_with_a_warning_has_no_patch() {
+        let r = decode(&review("Pod", "CREATE", json!({}))).unwrap();
+        let body: Value = serde_json::from_slice(&encode(&r, &Verdict::unchanged().warn("careful"))).unwrap();
+        assert_eq!(
+            body["response"],
+            json!({"uid": "705ab4f5-6393-11e8-b7cc-42010a800002", "allowed": true, "warnings": ["careful"]})
+        );
+    }
+
+    #[test]
+    fn empty_patch_is_sent_as_no_patch() {
+        assert!(Verdict::patched(Patch(vec![])).patch.is_none());
+    }
+
+    #[test]
+    fn v1beta1_is_answered_in_v1beta1() {
+        let mut body: Value = serde_json::from_slice(&review("Pod", "CREATE", json!({}))).unwrap();
+        body["apiVersion"] = json!(V1BETA1);
+        let r = decode(&serde_json::to_vec(&body).unwrap()).unwrap();
+        let out: Value = serde_json::from_slice(&encode(&r, &Verdict::unchanged())).unwrap();
+        assert_eq!(out["apiVersion"], V1BETA1);
+    }
+
+    #[test]
+    fn only_creates_of_pods_and_service_accounts_are_targets() {
+        let target = |kind, op| decode(&review(kind, op, json!({}))).unwrap().request.target();
+        assert_eq!(target("Pod", "CREATE"), Some(Target::Pod));
+        assert_eq!(target("ServiceAccount", "CREATE"), Some(Target::ServiceAccount));
+        assert_eq!(target("Pod", "UPDATE"), None);
+        assert_eq!(target("ConfigMap", "CREATE"), None);
+        let mut body: Value = serde_json::from_slice(&review("Pod", "CREATE", json!({}))).unwrap();
+        body["request"]["kind"]["group"] = json!("example.com");
+        assert_eq!(decode(&serde_json::to_vec(&body).unwrap()).unwrap().request.target(), None);
+    }
+
+    #[test]
+    fn bad_bodies_are_named() {
+        assert!(matches!(decode(b"{not json"), Err(ReviewError::Malformed(_))));
+        assert!(matches!(decode(br#"{"apiVersion":"v1","kind":"AdmissionReview"}"#), Err(ReviewError::UnsupportedVersion(_))));
+        assert!(matches!(decode(br#"{"apiVersion":"admission.k8s.io/v1","kind":"Pod"}"#), Err(ReviewError::WrongKind(_))));
+        assert!(matches!(decode(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#), Err(ReviewError::NoRequest)));
+        let e = decode(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":1}}"#).unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
+    }
+}

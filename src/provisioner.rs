@@ -1,0 +1,255 @@
+//! Keeps one pull Secret per opted-in namespace filled with fresh credentials. This is where a
+//! token goes from its source into the Secret: mint every configured registry's credential,
+//! build the Secret (`pull_secret`), write it, and remember it in an expiry-aware cache until it
+//! is due for renewal (`renewal`).
+//!
+//! The cache is what keeps admissions cheap: while a namespace's entry is fresh, an admission
+//! makes no API call at all, and concurrent admissions in a cold namespace share one mint
+//! (moka's `try_get_with` runs a single initialiser per key).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret, ServiceAccount};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::Client;
+use moka::future::Cache;
+use moka::Expiry;
+
+use crate::config::{Config, RegistryConfig};
+use crate::pull_secret::{self, Assessment, Issued};
+use crate::token::Credential;
+use crate::{kube_error_message, patch, renewal};
+
+/// A namespace's Secret as last written or adopted, and when it is due.
+#[derive(Clone, Debug)]
+pub struct Fresh {
+    pub issued: Issued,
+    pub renew_at: Timestamp,
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("Secret {namespace}/{name} exists and is not managed by pull-secret-injector; it is left untouched")]
+    Conflict { namespace: String, name: String },
+    #[error("minting a credential for {registry} failed: {message}")]
+    Mint { registry: String, message: String },
+    #[error("{action} Secret {namespace}/{name} failed: {message}")]
+    Api { action: &'static str, namespace: String, name: String, message: String },
+}
+
+pub struct Provisioner {
+    client: Client,
+    secret_name: String,
+    registries: Vec<RegistryConfig>,
+    renew_before: Option<Duration>,
+    cache: Cache<String, Fresh>,
+    recorder: Recorder,
+}
+
+/// Cache entries live until their renewal time, so an entry that is present is fresh.
+struct UntilRenewal;
+
+impl Expiry<String, Fresh> for UntilRenewal {
+    fn expire_after_create(&self, _: &String, value: &Fresh, _: Instant) -> Option<Duration> {
+        Some(renewal::until(value.renew_at, Timestamp::now()))
+    }
+}
+
+impl Provisioner {
+    pub fn new(client: Client, config: &Config) -> Self {
+        let reporter = Reporter { controller: "pull-secret-injector".into(), instance: std::env::var("POD_NAME").ok() };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            secret_name: config.secret_name.clone(),
+            registries: config.registries.clone(),
+            renew_before: config.refresh.renew_before,
+            cache: Cache::builder().expire_after(UntilRenewal).build(),
+        }
+    }
+
+    pub fn secret_name(&self) -> &str {
+        &self.secret_name
+    }
+
+    /// The namespace's Secret, fresh. Answers from the cache when it can (no I/O); otherwise one
+    /// caller per namespace provisions and the others wait for its result.
+    pub async fn ensure(&self, namespace: &str) -> Result<Fresh, Arc<ProvisionError>> {
+        self.cache.try_get_with(namespace.to_string(), self.provision(namespace)).await
+    }
+
+    /// Like [`ensure`](Self::ensure), but first checks the stored Secret against the cache, so a
+    /// Secret that was deleted or edited since it was written is noticed and restored.
+    pub async fn ensure_verified(&self, namespace: &str) -> Result<Fresh, Arc<ProvisionError>> {
+        if let Some(cached) = self.cache.get(namespace).await {
+            let stored = self.secrets(namespace).get_opt(&self.secret_name).await.map_err(|e| self.api_error("reading", namespace, &e))?;
+            match pull_secret::assess(stored.as_ref(), self.hosts()) {
+                Assessment::Intact(i) if i == cached.issued => return Ok(cached),
+                found => tracing::info!(namespace, ?found, "stored Secret differs from the one written; restoring"),
+            }
+            self.cache.invalidate(namespace).await;
+        }
+        self.ensure(namespace).await
+    }
+
+    /// Whether the namespace's entry is cached and fresh: no I/O.
+    pub async fn is_fresh(&self, namespace: &str) -> bool {
+        self.cache.get(namespace).await.is_some()
+    }
+
+    /// Opt-out: forgets the namespace, deletes the Secret if it is ours, and takes back the
+    /// references this service added to ServiceAccounts.
+    pub async fn release(&self, namespace: &str) -> Result<(), ProvisionError> {
+        self.cache.invalidate(namespace).await;
+        let api = self.secrets(namespace);
+        if let Some(secret) = api.get_opt(&self.secret_name).await.map_err(|e| self.api_error("reading", namespace, &e))? {
+            if pull_secret::is_managed(&secret) {
+                // Preconditioned on the object we looked at: never delete a Secret replaced since.
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions { uid: secret.metadata.uid.clone(), resource_version: secret.metadata.resource_version.clone() }),
+                    ..Default::default()
+                };
+                match api.delete(&self.secret_name, &dp).await {
+                    Ok(_) => tracing::info!(namespace, secret = %self.secret_name, "namespace opted out; deleted its pull Secret"),
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(self.api_error("deleting", namespace, &e)),
+                }
+            }
+        }
+        self.for_each_service_account(namespace, patch::remove_from_service_account).await?;
+        Ok(())
+    }
+
+    /// Adds the Secret to every existing ServiceAccount of the namespace that lacks it (those
+    /// created later are patched at admission). Returns how many were patched.
+    pub async fn attach_to_service_accounts(&self, namespace: &str) -> Result<usize, ProvisionError> {
+        self.for_each_service_account(namespace, patch::for_service_account).await
+    }
+
+    async fn for_each_service_account(&self, namespace: &str, make: fn(&serde_json::Value, &str) -> json_patch::Patch) -> Result<usize, ProvisionError> {
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let list = api.list(&ListParams::default()).await.map_err(|e| self.sa_error("listing", namespace, "*", &e))?;
+        let mut patched = 0;
+        for sa in list {
+            let name = sa.metadata.name.clone().unwrap_or_default();
+            let value = serde_json::to_value(&sa).unwrap_or_default();
+            let p = make(&value, &self.secret_name);
+            if p.0.is_empty() {
+                continue;
+            }
+            // A JSON patch against the list as read; if the ServiceAccount changed meanwhile
+            // (the token controller adds to `secrets`), the next reconcile tries again.
+            match api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(p)).await {
+                Ok(_) => patched += 1,
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(self.sa_error("patching", namespace, &name, &e)),
+            }
+        }
+        Ok(patched)
+    }
+
+    fn hosts(&self) -> impl Iterator<Item = &str> {
+        self.registries.iter().map(|r| r.host.as_str())
+    }
+
+    fn secrets(&self, namespace: &str) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    fn api_error(&self, action: &'static str, namespace: &str, e: &kube::Error) -> ProvisionError {
+        ProvisionError::Api { action, namespace: namespace.into(), name: self.secret_name.clone(), message: kube_error_message(e) }
+    }
+
+    fn sa_error(&self, action: &'static str, namespace: &str, name: &str, e: &kube::Error) -> ProvisionError {
+        ProvisionError::Api { action, namespace: namespace.into(), name: format!("for ServiceAccount {name}"), message: kube_error_message(e) }
+    }
+
+    /// Reads what is stored; adopts it if it is ours, intact and not yet due; otherwise mints and
+    /// writes. A write that loses a race with another writer reads again once.
+    async fn provision(&self, namespace: &str) -> Result<Fresh, ProvisionError> {
+        let api = self.secrets(namespace);
+        for attempt in 0..2 {
+            let stored = api.get_opt(&self.secret_name).await.map_err(|e| self.api_error("reading", namespace, &e))?;
+            match pull_secret::assess(stored.as_ref(), self.hosts()) {
+                Assessment::Foreign => {
+                    self.report_conflict(namespace).await;
+                    return Err(ProvisionError::Conflict { namespace: namespace.into(), name: self.secret_name.clone() });
+                }
+                Assessment::Intact(issued) => {
+                    let fresh = self.fresh(namespace, issued);
+                    if Timestamp::now() < fresh.renew_at {
+                        tracing::debug!(namespace, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
+                        return Ok(fresh);
+                    }
+                }
+                Assessment::Missing | Assessment::Tampered | Assessment::Outdated => {}
+            }
+            let credentials = self.mint_all(namespace).await?;
+            let (mut secret, issued) = pull_secret::build(namespace, &self.secret_name, &credentials);
+            let written = match &stored {
+                None => api.create(&PostParams::default(), &secret).await,
+                Some(old) => {
+                    // Replace exactly the version we assessed: a concurrent writer makes this fail
+                    // with 409 instead of being overwritten.
+                    secret.metadata.resource_version = old.metadata.resource_version.clone();
+                    api.replace(&self.secret_name, &PostParams::default(), &secret).await
+                }
+            };
+            match written {
+                Ok(_) => {
+                    let fresh = self.fresh(namespace, issued);
+                    tracing::info!(namespace, secret = %self.secret_name, expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
+                    return Ok(fresh);
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 && attempt == 0 => {
+                    tracing::debug!(namespace, "pull Secret was written concurrently; reading it again");
+                }
+                Err(e) => return Err(self.api_error(if stored.is_some() { "replacing" } else { "creating" }, namespace, &e)),
+            }
+        }
+        Err(ProvisionError::Api { action: "writing", namespace: namespace.into(), name: self.secret_name.clone(), message: "conflicting writers".into() })
+    }
+
+    fn fresh(&self, namespace: &str, issued: Issued) -> Fresh {
+        let renew_at = renewal::renew_at(&issued, self.renew_before, namespace);
+        Fresh { issued, renew_at }
+    }
+
+    async fn mint_all(&self, namespace: &str) -> Result<Vec<(String, Credential)>, ProvisionError> {
+        let mints = self.registries.iter().map(|r| async move {
+            let started = Instant::now();
+            let result = r.source.mint(&self.client, namespace).await;
+            tracing::debug!(namespace, registry = %r.host, source = r.source.name(), ok = result.is_ok(), elapsed_ms = started.elapsed().as_millis() as u64, "minted");
+            result
+                .map(|c| (r.host.clone(), c))
+                .map_err(|e| ProvisionError::Mint { registry: r.host.clone(), message: e.to_string() })
+        });
+        futures::future::try_join_all(mints).await
+    }
+
+    async fn report_conflict(&self, namespace: &str) {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Secret".into()),
+            namespace: Some(namespace.into()),
+            name: Some(self.secret_name.clone()),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "SecretNotManaged".into(),
+            note: Some(format!(
+                "Secret {} exists and is not managed by pull-secret-injector (label app.kubernetes.io/managed-by); it is not overwritten and is not injected. Rename or delete it, or change secretName.",
+                self.secret_name
+            )),
+            action: "Provision".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(namespace, error = %kube_error_message(&e), "could not record event");
+        }
+    }
+}

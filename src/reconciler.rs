@@ -1,0 +1,116 @@
+//! The background refresher: a controller over Namespaces that keeps every opted-in namespace's
+//! Secret present, intact and renewed before it expires, attaches it to existing
+//! ServiceAccounts, and cleans up after a namespace opts out.
+//!
+//! It is woken by namespace changes (labels added or removed), by changes to managed Secrets
+//! (deleted or edited), by admissions that could not finish, and by its own requeue at each
+//! Secret's renewal time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::mpsc;
+
+use crate::provisioner::{ProvisionError, Provisioner};
+use crate::pull_secret::{MANAGED_BY_LABEL, MANAGER};
+use crate::renewal;
+use crate::selector::{Eligibility, NamespacePolicy};
+
+/// How long to wait before looking again at a namespace whose Secret belongs to someone else.
+const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
+
+pub struct Refresher {
+    pub namespaces: Store<Namespace>,
+    pub managed_secrets: Store<Secret>,
+    controller: Controller<Namespace>,
+    context: Arc<Context>,
+}
+
+struct Context {
+    policy: NamespacePolicy,
+    provisioner: Arc<Provisioner>,
+    managed_secrets: Store<Secret>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ReconcileError(#[from] Arc<ProvisionError>);
+
+impl Refresher {
+    pub fn new(client: Client, policy: NamespacePolicy, provisioner: Arc<Provisioner>, retry: mpsc::UnboundedReceiver<String>) -> Self {
+        let (managed_secrets, writer) = reflector::store();
+        let secret_events = reflector::reflector(
+            writer,
+            watcher(Api::<Secret>::all(client.clone()), watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"))),
+        )
+        .default_backoff()
+        .touched_objects();
+        let retries = tokio_stream_from(retry).map(|ns| ObjectRef::<Namespace>::new(&ns));
+        let controller = Controller::new(Api::<Namespace>::all(client), watcher::Config::default())
+            .with_config(ControllerConfig::default().concurrency(16))
+            .watches_stream(secret_events, |s: Secret| s.namespace().map(|ns| ObjectRef::new(&ns)))
+            .reconcile_on(retries);
+        let context = Arc::new(Context { policy, provisioner, managed_secrets: managed_secrets.clone() });
+        Self { namespaces: controller.store(), managed_secrets, controller, context }
+    }
+
+    /// Runs until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+        self.controller
+            .graceful_shutdown_on(shutdown)
+            .run(reconcile, error_policy, self.context)
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "reconcile did not complete");
+                }
+            })
+            .await;
+    }
+}
+
+fn tokio_stream_from(mut rx: mpsc::UnboundedReceiver<String>) -> impl futures::Stream<Item = String> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let name = ns.name_any();
+    if ns.metadata.deletion_timestamp.is_some() {
+        // Deleting the namespace deletes its Secret; writing into it would be refused.
+        return Ok(Action::await_change());
+    }
+    match ctx.policy.eligibility(&name, ns.metadata.labels.as_ref()) {
+        Eligibility::OptedIn => {}
+        Eligibility::NotSelected | Eligibility::Excluded => {
+            let secret_ref = ObjectRef::<Secret>::new(ctx.provisioner.secret_name()).within(&name);
+            if ctx.managed_secrets.get(&secret_ref).is_some() || ctx.provisioner.is_fresh(&name).await {
+                ctx.provisioner.release(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
+            }
+            return Ok(Action::await_change());
+        }
+    }
+    let fresh = ctx.provisioner.ensure_verified(&name).await?;
+    let patched = ctx.provisioner.attach_to_service_accounts(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
+    if patched > 0 {
+        tracing::info!(namespace = %name, service_accounts = patched, "attached the pull Secret to existing ServiceAccounts");
+    }
+    let wait = renewal::until(fresh.renew_at, jiff::Timestamp::now());
+    Ok(Action::requeue(wait.max(Duration::from_secs(1))))
+}
+
+fn error_policy(ns: Arc<Namespace>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
+    let name = ns.name_any();
+    if matches!(*error.0, ProvisionError::Conflict { .. }) {
+        tracing::warn!(namespace = %name, error = %error, "not managing this namespace's Secret");
+        return Action::requeue(CONFLICT_RECHECK);
+    }
+    // Retry soon, spread out so that many failing namespaces do not retry in step.
+    let wait = Duration::from_millis(2000 + fastrand::u64(0..3000));
+    tracing::warn!(namespace = %name, error = %error, retry_in_ms = wait.as_millis() as u64, "reconcile failed");
+    Action::requeue(wait)
+}

@@ -1,0 +1,116 @@
+//! From an AdmissionReview to its answer: decode, decide whether the namespace is served, build
+//! the patch, and make sure the Secret it points at exists, within the admission budget.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client};
+use tokio::sync::mpsc;
+
+use crate::admission::{self, Review, ReviewError, Verdict};
+use crate::provisioner::{ProvisionError, Provisioner};
+use crate::selector::{Eligibility, NamespacePolicy};
+
+pub struct Webhook {
+    client: Client,
+    policy: NamespacePolicy,
+    namespaces: Store<Namespace>,
+    provisioner: Arc<Provisioner>,
+    budget: Duration,
+    /// Namespaces whose Secret could not be made during an admission: the refresher retries.
+    retry: mpsc::UnboundedSender<String>,
+}
+
+impl Webhook {
+    pub fn new(
+        client: Client,
+        policy: NamespacePolicy,
+        namespaces: Store<Namespace>,
+        provisioner: Arc<Provisioner>,
+        budget: Duration,
+        retry: mpsc::UnboundedSender<String>,
+    ) -> Self {
+        Self { client, policy, namespaces, provisioner, budget, retry }
+    }
+
+    /// Answers one AdmissionReview body. Only an unreadable body is an error.
+    pub async fn review(&self, body: &[u8]) -> Result<Vec<u8>, ReviewError> {
+        let review = admission::decode(body)?;
+        let verdict = self.decide(&review).await;
+        Ok(admission::encode(&review, &verdict))
+    }
+
+    async fn decide(&self, review: &Review) -> Verdict {
+        let req = &review.request;
+        let (Some(target), Some(namespace)) = (req.target(), req.namespace.as_deref()) else {
+            return Verdict::unchanged();
+        };
+        if !self.opted_in(namespace).await {
+            return Verdict::unchanged();
+        }
+        let Some(object) = req.object.as_ref() else {
+            return Verdict::unchanged().warn("pull-secret-injector: the request carries no object to patch");
+        };
+        let patch = admission::patch_for(target, object, self.provisioner.secret_name());
+        tracing::debug!(namespace, kind = target.as_str(), dry_run = req.is_dry_run(), ops = patch.0.len(), "admission");
+        // Dry runs must have no side effects (sideEffects: NoneOnDryRun): no mint, no write.
+        if req.is_dry_run() || self.provisioner.is_fresh(namespace).await {
+            return Verdict::patched(patch);
+        }
+        // Provisioning runs in its own task so that it completes even when this admission stops
+        // waiting for it; concurrent admissions join the same attempt.
+        let provisioner = self.provisioner.clone();
+        let ns = namespace.to_string();
+        let attempt = tokio::spawn(async move { provisioner.ensure(&ns).await });
+        let outcome = tokio::time::timeout(self.budget, attempt).await;
+        let secret = self.provisioner.secret_name();
+        match outcome {
+            Ok(Ok(Ok(_))) => Verdict::patched(patch),
+            Ok(Ok(Err(e))) if matches!(*e, ProvisionError::Conflict { .. }) => {
+                tracing::warn!(namespace, error = %e, "not injecting");
+                Verdict::unchanged().warn(format!("pull-secret-injector: {e}"))
+            }
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(namespace, error = %e, "pull Secret not ready at admission; retrying in the background");
+                let _ = self.retry.send(namespace.to_string());
+                Verdict::patched(patch).warn(format!("pull-secret-injector: Secret {secret} is not ready yet ({e}); it is retried in the background"))
+            }
+            Ok(Err(join_error)) => {
+                tracing::error!(namespace, error = %join_error, "provisioning task failed");
+                let _ = self.retry.send(namespace.to_string());
+                Verdict::patched(patch).warn(format!("pull-secret-injector: Secret {secret} is not ready yet; it is retried in the background"))
+            }
+            Err(_elapsed) => {
+                tracing::warn!(namespace, budget_ms = self.budget.as_millis() as u64, "pull Secret not ready within the admission budget");
+                Verdict::patched(patch).warn(format!(
+                    "pull-secret-injector: Secret {secret} was not ready within {}ms; it is being provisioned in the background",
+                    self.budget.as_millis()
+                ))
+            }
+        }
+    }
+
+    /// Whether the namespace is served. The watch-fed store answers at no cost; a namespace it
+    /// does not show as selected (new, or its label just added) is read from the API server.
+    async fn opted_in(&self, namespace: &str) -> bool {
+        if self.policy.is_excluded(namespace) {
+            return false;
+        }
+        let labels_of = |ns: &Namespace| self.policy.eligibility(namespace, ns.metadata.labels.as_ref());
+        if let Some(ns) = self.namespaces.get(&ObjectRef::new(namespace)) {
+            if labels_of(&ns) == Eligibility::OptedIn {
+                return true;
+            }
+        }
+        match Api::<Namespace>::all(self.client.clone()).get_opt(namespace).await {
+            Ok(Some(ns)) => labels_of(&ns) == Eligibility::OptedIn,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(namespace, error = %crate::kube_error_message(&e), "cannot read namespace; not injecting");
+                false
+            }
+        }
+    }
+}
