@@ -53,6 +53,7 @@ pub enum StartError {
 /// A running service: the webhook server and the refresher.
 pub struct Service {
     pub local_addr: SocketAddr,
+    ready: Arc<AtomicBool>,
     handle: axum_server::Handle<SocketAddr>,
     stop: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
@@ -88,7 +89,7 @@ impl Service {
         });
 
         let webhook = webhook::Webhook::new(client, policy, refresher.namespaces.clone(), provisioner, config.admission.budget, retry_tx);
-        let state = Arc::new(server::AppState { webhook, ready, max_body_bytes: config.admission.max_body_bytes });
+        let state = Arc::new(server::AppState { webhook, ready: ready.clone(), max_body_bytes: config.admission.max_body_bytes });
         let app = server::router(state);
 
         let (stop, mut stopped) = watch::channel(false);
@@ -102,7 +103,12 @@ impl Service {
             .serve(app.into_make_service());
         let server = tokio::spawn(server);
         tracing::info!(%local_addr, "serving admission webhook over TLS");
-        Ok(Self { local_addr, handle, stop, server, refresher })
+        Ok(Self { local_addr, ready, handle, stop, server, refresher })
+    }
+
+    /// Whether `/readyz` answers 200: the watches have synced.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
     }
 
     /// Stops accepting connections, lets in-flight admissions finish, and stops the refresher.
