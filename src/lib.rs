@@ -42,6 +42,21 @@ pub fn kube_error_message(e: &kube::Error) -> String {
     }
 }
 
+/// Waits for a store's first full list. Polled on a short timer: the store's readiness signal
+/// wakes only its most recent waiter, and the controller waits on it too.
+async fn wait_until_ready<K>(store: &kube::runtime::reflector::Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        match tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
+            Ok(ready) => return ready.is_ok(),
+            Err(_) => continue,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot load TLS certificate {cert} / key {key}: {source}")]
@@ -82,7 +97,7 @@ impl Service {
         let (namespaces, secrets) = (refresher.namespaces.clone(), refresher.managed_secrets.clone());
         let flag = ready.clone();
         tokio::spawn(async move {
-            if namespaces.wait_until_ready().await.is_ok() && secrets.wait_until_ready().await.is_ok() {
+            if wait_until_ready(&namespaces).await && wait_until_ready(&secrets).await {
                 flag.store(true, Ordering::Release);
                 tracing::info!("watches synced; ready");
             }
