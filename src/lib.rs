@@ -42,6 +42,18 @@ pub fn kube_error_message(e: &kube::Error) -> String {
     }
 }
 
+/// How long in-flight admissions and reconciles get to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The controller's graceful shutdown waits for in-flight reconciles, but not while it is still
+/// waiting for its first list (an unreachable API server): abort it after the grace period.
+async fn stop_refresher(mut refresher: JoinHandle<()>) {
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut refresher).await.is_err() {
+        tracing::warn!("refresher did not stop in time; aborting it");
+        refresher.abort();
+    }
+}
+
 /// Waits for a store's first full list. Polled on a short timer: the store's readiness signal
 /// wakes only its most recent waiter, and the controller waits on it too.
 async fn wait_until_ready<K>(store: &kube::runtime::reflector::Store<K>) -> bool
@@ -128,10 +140,10 @@ impl Service {
 
     /// Stops accepting connections, lets in-flight admissions finish, and stops the refresher.
     pub async fn shutdown(self) {
-        self.handle.graceful_shutdown(Some(Duration::from_secs(10)));
+        self.handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
         let _ = self.stop.send(true);
         let _ = self.server.await;
-        let _ = self.refresher.await;
+        stop_refresher(self.refresher).await;
     }
 
     /// Runs until the server stops by itself (an error) or `signal` resolves.
@@ -140,15 +152,15 @@ impl Service {
         tokio::select! {
             result = &mut server => {
                 let _ = stop.send(true);
-                let _ = refresher.await;
+                stop_refresher(refresher).await;
                 return result.unwrap_or_else(|e| Err(std::io::Error::other(e)));
             }
             _ = signal => {}
         }
         tracing::info!("shutting down: finishing in-flight admissions");
-        handle.graceful_shutdown(Some(Duration::from_secs(10)));
+        handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
         let _ = stop.send(true);
-        let _ = refresher.await;
+        stop_refresher(refresher).await;
         server.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 }

@@ -7,9 +7,17 @@ use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation, RemoveOperation, TestOperation};
 use serde_json::{json, Value};
 
-/// Marks a ServiceAccount whose references this service added, so that opting out removes
-/// exactly those and leaves references a user wrote alone.
-pub const INJECTED_ANNOTATION: &str = "pull-secret-injector.io/injected";
+/// Marks a ServiceAccount whose references this service added, with the lists it added them to
+/// (`imagePullSecrets,secrets`), so that opting out removes exactly those and leaves references
+/// a user wrote alone.
+pub const INJECTED_ANNOTATION: &str = "pull-secret-injector.io/injected-into";
+
+const SA_LISTS: [&str; 2] = ["imagePullSecrets", "secrets"];
+
+fn marked_lists(sa: &Value) -> Vec<&str> {
+    let marker = sa.get("metadata").and_then(|m| m.get("annotations")).and_then(|a| a.get(INJECTED_ANNOTATION));
+    marker.and_then(Value::as_str).map(|v| v.split(',').filter(|f| SA_LISTS.contains(f)).collect()).unwrap_or_default()
+}
 
 /// Patch for a Pod: the Secret in `spec.imagePullSecrets`.
 pub fn for_pod(pod: &Value, secret: &str) -> Patch {
@@ -22,14 +30,21 @@ pub fn for_pod(pod: &Value, secret: &str) -> Patch {
 /// such as Tekton read), and the marker annotation when anything was added.
 pub fn for_service_account(sa: &Value, secret: &str) -> Patch {
     let mut ops = Vec::new();
-    add_reference(&mut ops, sa.get("imagePullSecrets"), &["imagePullSecrets"], secret);
-    add_reference(&mut ops, sa.get("secrets"), &["secrets"], secret);
+    let mut lists = marked_lists(sa);
+    for list in SA_LISTS {
+        let before = ops.len();
+        add_reference(&mut ops, sa.get(list), &[list], secret);
+        if ops.len() > before && !lists.contains(&list) {
+            lists.push(list);
+        }
+    }
     if !ops.is_empty() {
+        let marker = json!(lists.join(","));
         let annotations = sa.get("metadata").and_then(|m| m.get("annotations"));
         if annotations.is_some_and(Value::is_object) {
-            ops.push(add(&["metadata", "annotations", INJECTED_ANNOTATION], json!(secret)));
+            ops.push(add(&["metadata", "annotations", INJECTED_ANNOTATION], marker));
         } else {
-            ops.push(add(&["metadata", "annotations"], json!({ INJECTED_ANNOTATION: secret })));
+            ops.push(add(&["metadata", "annotations"], json!({ INJECTED_ANNOTATION: marker })));
         }
     }
     Patch(ops)
@@ -39,12 +54,12 @@ pub fn for_service_account(sa: &Value, secret: &str) -> Patch {
 /// `test` of the entry it removes, so a concurrent edit makes the patch fail instead of removing
 /// the wrong entry. Empty when this service did not add the reference.
 pub fn remove_from_service_account(sa: &Value, secret: &str) -> Patch {
-    let marker = sa.get("metadata").and_then(|m| m.get("annotations")).and_then(|a| a.get(INJECTED_ANNOTATION));
-    if marker.and_then(Value::as_str) != Some(secret) {
+    let lists = marked_lists(sa);
+    if lists.is_empty() {
         return Patch(Vec::new());
     }
     let mut ops = Vec::new();
-    for field in ["imagePullSecrets", "secrets"] {
+    for field in lists {
         let Some(entries) = sa.get(field).and_then(Value::as_array) else { continue };
         // From the back, so that earlier indices stay valid.
         for (i, entry) in entries.iter().enumerate().rev() {
@@ -138,14 +153,14 @@ mod tests {
         let after = apply(&sa, &for_service_account(&sa, "pull-secret"));
         assert_eq!(after["imagePullSecrets"], json!([{"name": "pull-secret"}]));
         assert_eq!(after["secrets"], json!([{"name": "default-token-abc"}, {"name": "pull-secret"}]));
-        assert_eq!(after["metadata"]["annotations"], json!({"keep": "me", INJECTED_ANNOTATION: "pull-secret"}));
+        assert_eq!(after["metadata"]["annotations"], json!({"keep": "me", INJECTED_ANNOTATION: "imagePullSecrets,secrets"}));
     }
 
     #[test]
     fn service_account_without_annotations_gets_the_map() {
         let sa = json!({"metadata": {"name": "default"}});
         let after = apply(&sa, &for_service_account(&sa, "s"));
-        assert_eq!(after["metadata"]["annotations"], json!({INJECTED_ANNOTATION: "s"}));
+        assert_eq!(after["metadata"]["annotations"], json!({INJECTED_ANNOTATION: "imagePullSecrets,secrets"}));
     }
 
     #[test]
@@ -162,6 +177,12 @@ mod tests {
     fn removal_leaves_a_reference_the_user_wrote() {
         let sa = json!({"metadata": {"name": "default"}, "imagePullSecrets": [{"name": "s"}]});
         assert!(remove_from_service_account(&sa, "s").0.is_empty());
+        // The user wrote it in imagePullSecrets; this service added it to secrets only.
+        let injected = apply(&sa, &for_service_account(&sa, "s"));
+        assert_eq!(injected["metadata"]["annotations"][INJECTED_ANNOTATION], "secrets");
+        let removed = apply(&injected, &remove_from_service_account(&injected, "s"));
+        assert_eq!(removed["imagePullSecrets"], json!([{"name": "s"}]));
+        assert_eq!(removed["secrets"], json!([]));
     }
 
     #[test]

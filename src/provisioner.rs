@@ -129,26 +129,50 @@ impl Provisioner {
         self.for_each_service_account(namespace, patch::for_service_account).await
     }
 
+    /// Applies `make`'s patch to every ServiceAccount of the namespace. Each patch is tied to the
+    /// version it was computed from (a `test` of `resourceVersion`), so an edit in between (the
+    /// token controller adds to `secrets`) is never overwritten: that ServiceAccount is read
+    /// again and patched anew. One failing ServiceAccount does not stop the others.
     async fn for_each_service_account(&self, namespace: &str, make: fn(&serde_json::Value, &str) -> json_patch::Patch) -> Result<usize, ProvisionError> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
         let list = api.list(&ListParams::default()).await.map_err(|e| self.sa_error("listing", namespace, "*", &e))?;
         let mut patched = 0;
+        let mut first_error = None;
         for sa in list {
             let name = sa.metadata.name.clone().unwrap_or_default();
-            let value = serde_json::to_value(&sa).unwrap_or_default();
-            let p = make(&value, &self.secret_name);
-            if p.0.is_empty() {
-                continue;
-            }
-            // A JSON patch against the list as read; if the ServiceAccount changed meanwhile
-            // (the token controller adds to `secrets`), the next reconcile tries again.
-            match api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(p)).await {
-                Ok(_) => patched += 1,
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(self.sa_error("patching", namespace, &name, &e)),
+            let mut current = Some(sa);
+            for _attempt in 0..3 {
+                let Some(sa) = current.take() else { break };
+                let value = serde_json::to_value(&sa).unwrap_or_default();
+                let mut p = make(&value, &self.secret_name);
+                if p.0.is_empty() {
+                    break;
+                }
+                p.0.insert(0, json_patch::PatchOperation::Test(json_patch::TestOperation {
+                    path: json_patch::jsonptr::PointerBuf::from_tokens(["metadata", "resourceVersion"]),
+                    value: serde_json::json!(sa.metadata.resource_version),
+                }));
+                match api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(p)).await {
+                    Ok(_) => {
+                        patched += 1;
+                        break;
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 404 => break,
+                    // The `test` failed: the ServiceAccount changed since it was read.
+                    Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
+                        current = api.get_opt(&name).await.map_err(|e| self.sa_error("reading", namespace, &name, &e))?;
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(self.sa_error("patching", namespace, &name, &e));
+                        break;
+                    }
+                }
             }
         }
-        Ok(patched)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(patched),
+        }
     }
 
     fn hosts(&self) -> impl Iterator<Item = &str> {

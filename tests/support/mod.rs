@@ -84,11 +84,12 @@ impl ControlPlane {
         self.audit(|e| e["objectRef"]["subresource"] == "token" && e["objectRef"]["namespace"] == namespace).len()
     }
 
-    /// Successful creates, updates, patches and deletes of Secrets in `namespace`.
+    /// Successful creates, updates, patches and deletes of the pull Secret in `namespace`.
     pub fn secret_writes(&self, namespace: &str) -> usize {
         self.audit(|e| {
             e["objectRef"]["resource"] == "secrets"
                 && e["objectRef"]["namespace"] == namespace
+                && e["objectRef"]["name"] == "pull-secret"
                 && e["objectRef"]["subresource"].is_null()
                 && e["responseStatus"]["code"].as_i64().is_some_and(|c| c < 300)
         })
@@ -124,10 +125,12 @@ impl Certs {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "pull-secret-injector test CA");
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
         params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        params.distinguished_name.push(rcgen::DnType::CommonName, "127.0.0.1");
         let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
         let cert = params.signed_by(&key, &issuer).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -229,6 +232,11 @@ impl Injector {
 
     /// Registers a MutatingWebhookConfiguration pointing at this instance.
     pub async fn register_webhook(&mut self, name: &str, namespace_selector: Value) {
+        self.register_webhook_for(name, namespace_selector, &["pods", "serviceaccounts"]).await
+    }
+
+    /// Registers (or replaces) a MutatingWebhookConfiguration for `resources` only.
+    pub async fn register_webhook_for(&mut self, name: &str, namespace_selector: Value, resources: &[&str]) {
         let ca = base64::engine::general_purpose::STANDARD.encode(&self.certs.ca_pem);
         let webhook: MutatingWebhookConfiguration = serde_json::from_value(json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
@@ -242,7 +250,7 @@ impl Injector {
                 "reinvocationPolicy": "IfNeeded",
                 "timeoutSeconds": 10,
                 "namespaceSelector": namespace_selector,
-                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods", "serviceaccounts"]}],
+                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": resources}],
                 "clientConfig": {"url": self.url(), "caBundle": ca}
             }]
         }))
@@ -407,13 +415,16 @@ pub fn annotation(secret: &Secret, key: &str) -> String {
 /// Runs `curl` against the service with its CA; returns (status code, body).
 pub fn curl(certs: &Certs, args: &[&str]) -> (u16, String) {
     let out = Command::new("curl")
-        .args(["-s", "--max-time", "10", "--cacert"])
+        .args(["-sS", "--max-time", "10", "--cacert"])
         .arg(certs.ca())
         .args(["-w", "\n%{http_code}"])
         .args(args)
         .output()
         .expect("run curl");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        eprintln!("curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
