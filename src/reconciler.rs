@@ -6,7 +6,8 @@
 //! (deleted or edited), by admissions that could not finish, and by its own requeue at each
 //! Secret's renewal time.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -36,6 +37,8 @@ struct Context {
     policy: NamespacePolicy,
     provisioner: Arc<Provisioner>,
     managed_secrets: Store<Secret>,
+    /// Consecutive failures per namespace, for the retry backoff.
+    failures: Mutex<HashMap<String, u32>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +59,7 @@ impl Refresher {
             .with_config(ControllerConfig::default().concurrency(16))
             .watches_stream(secret_events, |s: Secret| s.namespace().map(|ns| ObjectRef::new(&ns)))
             .reconcile_on(retries);
-        let context = Arc::new(Context { policy, provisioner, managed_secrets: managed_secrets.clone() });
+        let context = Arc::new(Context { policy, provisioner, managed_secrets: managed_secrets.clone(), failures: Mutex::default() });
         Self { namespaces: controller.store(), managed_secrets, controller, context }
     }
 
@@ -99,18 +102,25 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     if patched > 0 {
         tracing::info!(namespace = %name, service_accounts = patched, "attached the pull Secret to existing ServiceAccounts");
     }
+    ctx.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
     let wait = renewal::until(fresh.renew_at, jiff::Timestamp::now());
     Ok(Action::requeue(wait.max(Duration::from_secs(1))))
 }
 
-fn error_policy(ns: Arc<Namespace>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
+fn error_policy(ns: Arc<Namespace>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
     let name = ns.name_any();
     if matches!(*error.0, ProvisionError::Conflict { .. }) {
         tracing::warn!(namespace = %name, error = %error, "not managing this namespace's Secret");
         return Action::requeue(CONFLICT_RECHECK);
     }
-    // Retry soon, spread out so that many failing namespaces do not retry in step.
-    let wait = Duration::from_millis(2000 + fastrand::u64(0..3000));
-    tracing::warn!(namespace = %name, error = %error, retry_in_ms = wait.as_millis() as u64, "reconcile failed");
+    let attempt = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(name.clone()).or_default();
+        *n = n.saturating_add(1);
+        *n
+    };
+    // The previous Secret, if any, stays in place and keeps serving until it expires.
+    let wait = renewal::retry_delay(attempt, 0.5 + fastrand::f64());
+    tracing::warn!(namespace = %name, error = %error, attempt, retry_in_ms = wait.as_millis() as u64, "reconcile failed; retrying");
     Action::requeue(wait)
 }

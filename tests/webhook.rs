@@ -23,6 +23,12 @@ async fn get_sa(client: &kube::Client, ns: &str, name: &str) -> ServiceAccount {
     Api::<ServiceAccount>::namespaced(client.clone(), ns).get(name).await.expect("read ServiceAccount")
 }
 
+/// Waits until the refresher has failed to mint a few times in `ns`: its retries then back off
+/// for seconds, leaving a quiet window in which only an admission could mint.
+async fn refresher_backing_off(cp: &ControlPlane, ns: &str) {
+    wait_for("the refresher's failed attempts", Duration::from_secs(60), || async { cp.token_attempts(ns) >= 4 }).await;
+}
+
 /// Waits until the refresher has attached the Secret to `default`, then takes it off again as an
 /// admin, so that the next Pod reaches the webhook with no `imagePullSecrets` of its own (the
 /// built-in ServiceAccount admission copies the ServiceAccount's list into Pods that have none).
@@ -193,7 +199,7 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
     // the mint): register the webhook for Pods only.
     inj.register_webhook_for("psi-t5b", json!({"matchLabels": {"e2e-run": "t5b"}}), &["pods"]).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    wait_for("the refresher's first attempt", Duration::from_secs(30), || async { cp.token_attempts(&ns) >= 1 }).await;
+    refresher_backing_off(cp, &ns).await;
     let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "minter"}})).unwrap();
     Api::<ServiceAccount>::namespaced(c.clone(), &ns).create(&PostParams::default(), &sa).await.unwrap();
     let created = create_pod(&c, &ns, "app", json!({"imagePullSecrets": [{"name": "mine"}]}), false).await;
@@ -316,12 +322,12 @@ async fn item8_a_secret_the_service_does_not_manage_is_left_alone() {
 async fn item9_dry_run_admissions_have_no_side_effects() {
     let _serial = serial();
     let cp = ControlPlane::get();
-    // The refresher cannot mint here (no `minter` ServiceAccount) and backs off for seconds
-    // between attempts, which leaves a quiet window in which only the admission could act.
+    // The refresher cannot mint here (no `minter` ServiceAccount) and, after a few failures,
+    // backs off for seconds, which leaves a quiet window in which only the admission could act.
     let mut inj = Injector::start_with("t9", &kubernetes_registry("minter", 3600), "").await;
     let c = inj.client.clone();
     let ns = inj.namespace("dry", true).await;
-    wait_for("the refresher's first attempt", Duration::from_secs(30), || async { cp.token_attempts(&ns) >= 1 }).await;
+    refresher_backing_off(cp, &ns).await;
     let attempts = cp.token_attempts(&ns);
     let dry = create_pod(&c, &ns, "app", json!({"imagePullSecrets": [{"name": "mine"}]}), true).await;
     assert_eq!(pull_secret_names(&dry.pod), ["mine", "pull-secret"], "the dry run shows the patch");
