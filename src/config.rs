@@ -40,7 +40,39 @@ pub struct Config {
     pub refresh: RefreshConfig,
     #[serde(default)]
     pub admission: AdmissionConfig,
+    /// With several replicas: only the holder of this Lease refreshes. Absent: this process
+    /// always refreshes (a single replica).
+    #[serde(default)]
+    pub leader_election: Option<LeaderElectionConfig>,
     pub registries: Vec<RegistryConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeaderElectionConfig {
+    #[serde(default = "default_lease_name")]
+    pub lease_name: String,
+    /// Where the Lease lives. Default: `ownNamespace`.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// How long a Lease holds without renewal: the longest hand-over after a leader dies.
+    #[serde(default = "default_lease_duration", deserialize_with = "duration")]
+    pub lease_duration: Duration,
+    /// The holder renews this long before its Lease would expire.
+    #[serde(default = "default_renew_grace", deserialize_with = "duration")]
+    pub renew_grace: Duration,
+}
+
+fn default_lease_name() -> String {
+    "pull-secret-injector".into()
+}
+
+fn default_lease_duration() -> Duration {
+    Duration::from_secs(15)
+}
+
+fn default_renew_grace() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -204,6 +236,20 @@ impl Config {
         if let Some(rb) = self.refresh.renew_before {
             if rb.is_zero() {
                 err("refresh.renewBefore", "must be more than 0s".into());
+            }
+        }
+        if let Some(le) = &self.leader_election {
+            if let Err(m) = validate_dns_subdomain(&le.lease_name) {
+                err("leaderElection.leaseName", m);
+            }
+            if le.lease_duration.as_secs() < 2 {
+                err("leaderElection.leaseDuration", "must be at least 2s".into());
+            }
+            if le.renew_grace.as_secs() < 1 || le.renew_grace >= le.lease_duration {
+                err("leaderElection.renewGrace", "must be at least 1s and shorter than leaseDuration".into());
+            }
+            if le.namespace.is_none() && self.own_namespace.is_none() && std::env::var_os("POD_NAMESPACE").is_none() {
+                err("leaderElection.namespace", "must be set when neither ownNamespace nor $POD_NAMESPACE is".into());
             }
         }
         if self.registries.is_empty() {
@@ -385,6 +431,16 @@ registries:
         ] {
             assert!(paths.iter().any(|p| p == expected), "{expected} missing from {paths:?}");
         }
+    }
+
+    #[test]
+    fn leader_election_is_checked() {
+        let yaml = format!("{MINIMAL}ownNamespace: psi\nleaderElection: {{leaseDuration: 5s, renewGrace: 5s}}\n");
+        let paths: Vec<_> = invalid(&yaml).into_iter().map(|e| e.path).collect();
+        assert_eq!(paths, ["leaderElection.renewGrace"]);
+        let c = Config::from_yaml(&format!("{MINIMAL}ownNamespace: psi\nleaderElection: {{}}\n")).unwrap();
+        let le = c.leader_election.unwrap();
+        assert_eq!((le.lease_name.as_str(), le.lease_duration.as_secs(), le.renew_grace.as_secs()), ("pull-secret-injector", 15, 5));
     }
 
     #[test]

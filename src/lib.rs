@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod config;
+pub mod leadership;
 pub mod patch;
 pub mod provisioner;
 pub mod pull_secret;
@@ -17,6 +18,7 @@ pub mod reconciler;
 pub mod renewal;
 pub mod selector;
 pub mod server;
+pub mod tls;
 pub mod token;
 pub mod webhook;
 
@@ -26,13 +28,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum_server::tls_rustls::RustlsConfig;
-use tokio::sync::{mpsc, watch};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::Api;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::leadership::{Election, RetrySlot};
 use crate::provisioner::Provisioner;
 use crate::reconciler::Refresher;
 use crate::selector::NamespacePolicy;
+use crate::tls::ReloadingCert;
 
 /// An API error as an operator needs it: the server's message and status, nothing more.
 pub fn kube_error_message(e: &kube::Error) -> String {
@@ -42,21 +50,12 @@ pub fn kube_error_message(e: &kube::Error) -> String {
     }
 }
 
-/// How long in-flight admissions and reconciles get to finish at shutdown.
+/// How long in-flight admissions get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// The controller's graceful shutdown waits for in-flight reconciles, but not while it is still
-/// waiting for its first list (an unreachable API server): abort it after the grace period.
-async fn stop_refresher(mut refresher: JoinHandle<()>) {
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut refresher).await.is_err() {
-        tracing::warn!("refresher did not stop in time; aborting it");
-        refresher.abort();
-    }
-}
-
 /// Waits for a store's first full list. Polled on a short timer: the store's readiness signal
-/// wakes only its most recent waiter, and the controller waits on it too.
-async fn wait_until_ready<K>(store: &kube::runtime::reflector::Store<K>) -> bool
+/// wakes only its most recent waiter.
+async fn wait_until_ready<K>(store: &reflector::Store<K>) -> bool
 where
     K: kube::Resource + Clone + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
@@ -71,96 +70,129 @@ where
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot load TLS certificate {cert} / key {key}: {source}")]
-    Tls { cert: String, key: String, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("leaderElection: no namespace for the Lease (set leaderElection.namespace, ownNamespace or $POD_NAMESPACE)")]
+    LeaseNamespace,
 }
 
-/// A running service: the webhook server and the refresher.
+/// A running service: the webhook server, the namespace watch it reads, and the refresher
+/// (in this replica when it leads).
 pub struct Service {
     pub local_addr: SocketAddr,
     ready: Arc<AtomicBool>,
     handle: axum_server::Handle<SocketAddr>,
     stop: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
-    refresher: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Service {
     /// Loads the certificate, binds the listener and starts serving and refreshing.
     pub async fn start(config: Config, client: kube::Client) -> Result<Self, StartError> {
-        let tls = RustlsConfig::from_pem_file(&config.tls.cert_file, &config.tls.key_file).await.map_err(|source| StartError::Tls {
-            cert: config.tls.cert_file.display().to_string(),
-            key: config.tls.key_file.display().to_string(),
-            source,
-        })?;
-        let listener = std::net::TcpListener::bind(config.listen).map_err(|source| StartError::Listen { addr: config.listen, source })?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
-        listener.set_nonblocking(true).map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let cert = Arc::new(ReloadingCert::load(&config.tls.cert_file, &config.tls.key_file)?);
+        let tls = RustlsConfig::from_config(Arc::new(tls::server_config(cert)?));
+        let listen_error = |source| StartError::Listen { addr: config.listen, source };
+        let listener = std::net::TcpListener::bind(config.listen).map_err(listen_error)?;
+        let local_addr = listener.local_addr().map_err(listen_error)?;
+        listener.set_nonblocking(true).map_err(listen_error)?;
 
         let own_namespace = config.own_namespace.clone().or_else(|| std::env::var("POD_NAMESPACE").ok());
+        let election = match &config.leader_election {
+            None => None,
+            Some(le) => Some(Election {
+                lease_name: le.lease_name.clone(),
+                namespace: le.namespace.clone().or_else(|| own_namespace.clone()).ok_or(StartError::LeaseNamespace)?,
+                identity: std::env::var("POD_NAME").unwrap_or_else(|_| format!("pull-secret-injector-{:016x}", fastrand::u64(..))),
+                lease_duration: le.lease_duration,
+                renew_grace: le.renew_grace,
+            }),
+        };
         let policy = NamespacePolicy::new(config.namespace_selector.clone(), own_namespace.as_deref(), &config.excluded_namespaces);
         let provisioner = Arc::new(Provisioner::new(client.clone(), &config));
-        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
-        let refresher = Refresher::new(client.clone(), policy.clone(), provisioner.clone(), retry_rx);
+        let (stop, stopped) = watch::channel(false);
+        let mut background = Vec::new();
 
-        let ready = Arc::new(AtomicBool::new(false));
-        let (namespaces, secrets) = (refresher.namespaces.clone(), refresher.managed_secrets.clone());
-        let flag = ready.clone();
-        tokio::spawn(async move {
-            if wait_until_ready(&namespaces).await && wait_until_ready(&secrets).await {
-                flag.store(true, Ordering::Release);
-                tracing::info!("watches synced; ready");
+        // Every replica watches namespaces to answer "opted in?" without an API call.
+        let (namespaces, writer) = reflector::store();
+        let namespace_watch = reflector::reflector(writer, watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()))
+            .default_backoff()
+            .for_each(|_| futures::future::ready(()));
+        let mut until_stopped = stopped.clone();
+        background.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = namespace_watch => {}
+                _ = until_stopped.wait_for(|s| *s) => {}
             }
-        });
-
-        let webhook = webhook::Webhook::new(client, policy, refresher.namespaces.clone(), provisioner, config.admission.budget, retry_tx);
-        let state = Arc::new(server::AppState { webhook, ready: ready.clone(), max_body_bytes: config.admission.max_body_bytes });
-        let app = server::router(state);
-
-        let (stop, mut stopped) = watch::channel(false);
-        let refresher = tokio::spawn(refresher.run(async move {
-            let _ = stopped.wait_for(|s| *s).await;
         }));
+        let ready = Arc::new(AtomicBool::new(false));
+        let (flag, store) = (ready.clone(), namespaces.clone());
+        background.push(tokio::spawn(async move {
+            if wait_until_ready(&store).await {
+                flag.store(true, Ordering::Release);
+                tracing::info!("namespace watch synced; ready");
+            }
+        }));
+
+        let retry: RetrySlot = Arc::default();
+        let (c, p, pol) = (client.clone(), provisioner.clone(), policy.clone());
+        let make_refresher = move |retries| Refresher::new(c.clone(), pol.clone(), p.clone(), retries);
+        background.push(tokio::spawn(leadership::run(client.clone(), election, make_refresher, retry.clone(), stopped)));
+
+        let webhook = webhook::Webhook::new(client, policy, namespaces, provisioner, config.admission.budget, retry);
+        let state = Arc::new(server::AppState { webhook, ready: ready.clone(), max_body_bytes: config.admission.max_body_bytes });
         let handle = axum_server::Handle::new();
         let server = axum_server::from_tcp_rustls(listener, tls)
-            .map_err(|source| StartError::Listen { addr: config.listen, source })?
+            .map_err(listen_error)?
             .handle(handle.clone())
-            .serve(app.into_make_service());
+            .serve(server::router(state).into_make_service());
         let server = tokio::spawn(server);
         tracing::info!(%local_addr, "serving admission webhook over TLS");
-        Ok(Self { local_addr, ready, handle, stop, server, refresher })
+        Ok(Self { local_addr, ready, handle, stop, server, background })
     }
 
-    /// Whether `/readyz` answers 200: the watches have synced.
+    /// Whether `/readyz` answers 200: the namespace watch has synced.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Stops accepting connections, lets in-flight admissions finish, and stops the refresher.
+    /// Stops accepting connections, lets in-flight admissions finish, stops the refresher and
+    /// releases the Lease.
     pub async fn shutdown(self) {
-        self.handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
-        let _ = self.stop.send(true);
-        let _ = self.server.await;
-        stop_refresher(self.refresher).await;
+        let Self { handle, stop, server, background, .. } = self;
+        handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+        let _ = server.await;
+        Self::stop_background(stop, background).await;
     }
 
     /// Runs until the server stops by itself (an error) or `signal` resolves.
     pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
-        let Self { handle, stop, mut server, refresher, .. } = self;
-        tokio::select! {
-            result = &mut server => {
-                let _ = stop.send(true);
-                stop_refresher(refresher).await;
-                return result.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let Self { handle, stop, mut server, background, .. } = self;
+        let result = tokio::select! {
+            result = &mut server => Some(result),
+            _ = signal => None,
+        };
+        let result = match result {
+            Some(r) => r,
+            None => {
+                tracing::info!("shutting down: finishing in-flight admissions");
+                handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+                server.await
             }
-            _ = signal => {}
-        }
-        tracing::info!("shutting down: finishing in-flight admissions");
-        handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+        };
+        Self::stop_background(stop, background).await;
+        result.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+
+    async fn stop_background(stop: watch::Sender<bool>, background: Vec<JoinHandle<()>>) {
         let _ = stop.send(true);
-        stop_refresher(refresher).await;
-        server.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        for mut task in background {
+            // The refresher gets its own grace inside; this bounds everything else.
+            if tokio::time::timeout(leadership::REFRESHER_GRACE + Duration::from_secs(6), &mut task).await.is_err() {
+                task.abort();
+            }
+        }
     }
 }

@@ -27,8 +27,6 @@ use crate::selector::{Eligibility, NamespacePolicy};
 const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
 
 pub struct Refresher {
-    pub namespaces: Store<Namespace>,
-    pub managed_secrets: Store<Secret>,
     controller: Controller<Namespace>,
     context: Arc<Context>,
 }
@@ -59,8 +57,8 @@ impl Refresher {
             .with_config(ControllerConfig::default().concurrency(16))
             .watches_stream(secret_events, |s: Secret| s.namespace().map(|ns| ObjectRef::new(&ns)))
             .reconcile_on(retries);
-        let context = Arc::new(Context { policy, provisioner, managed_secrets: managed_secrets.clone(), failures: Mutex::default() });
-        Self { namespaces: controller.store(), managed_secrets, controller, context }
+        let context = Arc::new(Context { policy, provisioner, managed_secrets, failures: Mutex::default() });
+        Self { controller, context }
     }
 
     /// Runs until `shutdown` resolves.

@@ -7,9 +7,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
-use tokio::sync::mpsc;
 
 use crate::admission::{self, Review, ReviewError, Verdict};
+use crate::leadership::RetrySlot;
 use crate::provisioner::{ProvisionError, Provisioner};
 use crate::selector::{Eligibility, NamespacePolicy};
 
@@ -20,7 +20,7 @@ pub struct Webhook {
     provisioner: Arc<Provisioner>,
     budget: Duration,
     /// Namespaces whose Secret could not be made during an admission: the refresher retries.
-    retry: mpsc::UnboundedSender<String>,
+    retry: RetrySlot,
 }
 
 impl Webhook {
@@ -30,7 +30,7 @@ impl Webhook {
         namespaces: Store<Namespace>,
         provisioner: Arc<Provisioner>,
         budget: Duration,
-        retry: mpsc::UnboundedSender<String>,
+        retry: RetrySlot,
     ) -> Self {
         Self { client, policy, namespaces, provisioner, budget, retry }
     }
@@ -74,12 +74,12 @@ impl Webhook {
             }
             Ok(Ok(Err(e))) => {
                 tracing::warn!(namespace, error = %e, "pull Secret not ready at admission; retrying in the background");
-                let _ = self.retry.send(namespace.to_string());
+                self.request_retry(namespace);
                 Verdict::patched(patch).warn(format!("pull-secret-injector: Secret {secret} is not ready yet ({e}); it is retried in the background"))
             }
             Ok(Err(join_error)) => {
                 tracing::error!(namespace, error = %join_error, "provisioning task failed");
-                let _ = self.retry.send(namespace.to_string());
+                self.request_retry(namespace);
                 Verdict::patched(patch).warn(format!("pull-secret-injector: Secret {secret} is not ready yet; it is retried in the background"))
             }
             Err(_elapsed) => {
@@ -89,6 +89,14 @@ impl Webhook {
                     self.budget.as_millis()
                 ))
             }
+        }
+    }
+
+    /// Asks this replica's refresher, if it runs one, to try the namespace again soon. (Without
+    /// one, the leader's own retries and watches cover it.)
+    fn request_retry(&self, namespace: &str) {
+        if let Some(tx) = self.retry.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send(namespace.to_string());
         }
     }
 
