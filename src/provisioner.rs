@@ -141,11 +141,16 @@ impl Provisioner {
         for sa in list {
             let name = sa.metadata.name.clone().unwrap_or_default();
             let mut current = Some(sa);
+            let mut settled = false;
             for _attempt in 0..3 {
-                let Some(sa) = current.take() else { break };
+                let Some(sa) = current.take() else {
+                    settled = true; // deleted meanwhile
+                    break;
+                };
                 let value = serde_json::to_value(&sa).unwrap_or_default();
                 let mut p = make(&value, &self.secret_name);
                 if p.0.is_empty() {
+                    settled = true;
                     break;
                 }
                 p.0.insert(0, json_patch::PatchOperation::Test(json_patch::TestOperation {
@@ -155,18 +160,32 @@ impl Provisioner {
                 match api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(p)).await {
                     Ok(_) => {
                         patched += 1;
+                        settled = true;
                         break;
                     }
-                    Err(kube::Error::Api(s)) if s.code == 404 => break,
+                    Err(kube::Error::Api(s)) if s.code == 404 => {
+                        settled = true;
+                        break;
+                    }
                     // The `test` failed: the ServiceAccount changed since it was read.
                     Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
                         current = api.get_opt(&name).await.map_err(|e| self.sa_error("reading", namespace, &name, &e))?;
                     }
                     Err(e) => {
                         first_error.get_or_insert(self.sa_error("patching", namespace, &name, &e));
+                        settled = true;
                         break;
                     }
                 }
+            }
+            if !settled {
+                // Changed under us three times in a row: report it so the reconcile is retried.
+                first_error.get_or_insert(ProvisionError::Api {
+                    action: "patching",
+                    namespace: namespace.into(),
+                    name: format!("for ServiceAccount {name}"),
+                    message: "it kept changing while being patched".into(),
+                });
             }
         }
         match first_error {
