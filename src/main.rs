@@ -29,6 +29,32 @@ enum Command {
         #[arg(long, env = "PULL_SECRET_INJECTOR_CONFIG")]
         config: PathBuf,
     },
+    /// Make (or reuse) the webhook's CA and serving certificate in a Secret, set the webhook
+    /// configuration's caBundle, and write tls.crt, tls.key and ca.crt for the server. Run as an
+    /// init container; needs no cert-manager.
+    Certs {
+        /// Namespace of the Secret and the Service.
+        #[arg(long, env = "POD_NAMESPACE")]
+        namespace: String,
+        /// Secret that keeps the certificate (type kubernetes.io/tls).
+        #[arg(long, env = "PULL_SECRET_INJECTOR_TLS_SECRET", default_value = "pull-secret-injector-tls")]
+        secret: String,
+        /// Service the API server calls; the certificate covers its DNS names.
+        #[arg(long, env = "PULL_SECRET_INJECTOR_SERVICE", default_value = "pull-secret-injector")]
+        service: String,
+        /// MutatingWebhookConfiguration whose caBundle to keep current.
+        #[arg(long, env = "PULL_SECRET_INJECTOR_WEBHOOK")]
+        webhook: Option<String>,
+        /// Where to write tls.crt, tls.key and ca.crt.
+        #[arg(long, env = "PULL_SECRET_INJECTOR_CERT_DIR")]
+        out_dir: Option<PathBuf>,
+        /// Validity of a new certificate, in days.
+        #[arg(long, default_value_t = 365)]
+        validity_days: u64,
+        /// Replace the certificate when fewer days than this remain.
+        #[arg(long, default_value_t = 30)]
+        renew_within_days: u64,
+    },
     /// Check a config file and print what is wrong with it, without starting anything.
     CheckConfig {
         #[arg(long, env = "PULL_SECRET_INJECTOR_CONFIG")]
@@ -48,6 +74,21 @@ async fn main() -> anyhow::Result<()> {
         Command::CheckConfig { config } => {
             Config::from_file(&config)?;
             println!("{}: ok", config.display());
+            Ok(())
+        }
+        Command::Certs { namespace, secret, service, webhook, out_dir, validity_days, renew_within_days } => {
+            let client = kube::Client::try_default().await.context("cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment")?;
+            let day = std::time::Duration::from_secs(86400);
+            let request = pull_secret_injector::certs::CertsRequest {
+                namespace,
+                secret,
+                service,
+                webhook,
+                out_dir,
+                validity: day * validity_days as u32,
+                renew_within: day * renew_within_days as u32,
+            };
+            pull_secret_injector::certs::ensure(&client, &request).await?;
             Ok(())
         }
         Command::Serve { config } => {

@@ -48,7 +48,14 @@ impl Refresher {
         let (managed_secrets, writer) = reflector::store();
         let secret_events = reflector::reflector(
             writer,
-            watcher(Api::<Secret>::all(client.clone()), watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"))),
+            // By name as well as label: RBAC can then grant access to Secrets of this one name
+            // only (`resourceNames`), never to the other Secrets of opted-in namespaces.
+            watcher(
+                Api::<Secret>::all(client.clone()),
+                watcher::Config::default()
+                    .labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"))
+                    .fields(&format!("metadata.name={}", provisioner.secret_name())),
+            ),
         )
         .default_backoff()
         .touched_objects();
