@@ -208,6 +208,15 @@ impl Injector {
         me
     }
 
+    /// Wraps a service started by the test itself (with its own client), registering its webhook.
+    pub async fn attach(id: &str, service: Service, certs: Certs, admin: Client, config_yaml: String) -> Self {
+        let mut me = Injector { id: id.into(), service: Some(service), certs, client: admin, config_yaml, namespaces: vec![], webhooks: vec![] };
+        let selector = json!({"matchLabels": {"pull-secret-injector.io/inject": "enabled", "e2e-run": id}});
+        me.register_webhook(&format!("psi-{id}"), selector).await;
+        me.wait_webhook_active().await;
+        me
+    }
+
     /// Starts (or restarts) the service in this process.
     pub async fn run(&mut self) {
         let config = Config::from_yaml(&self.config_yaml).expect("test config is valid");
