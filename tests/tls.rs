@@ -1,0 +1,131 @@
+//! The served certificate follows its files, including kubelet's `..data` symlink swap, without
+//! dropping open connections; a broken new pair never replaces a working one.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+use rustls::pki_types::{CertificateDer, ServerName};
+
+struct Ca {
+    params: CertificateParams,
+    key: KeyPair,
+    pem: String,
+}
+
+fn ca() -> Ca {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, "reload test CA");
+    let pem = params.self_signed(&key).unwrap().pem();
+    Ca { params, key, pem }
+}
+
+/// Writes a serving certificate named `cn` into `dir/tls.crt` and `dir/tls.key`.
+fn leaf(ca: &Ca, cn: &str, dir: &Path) -> Vec<u8> {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    params.distinguished_name.push(DnType::CommonName, cn);
+    let cert = params.signed_by(&key, &Issuer::from_params(&ca.params, &ca.key)).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+    cert.der().to_vec()
+}
+
+/// Points `dir/..data` at `target` atomically, as kubelet does.
+fn swap(dir: &Path, target: &str) {
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+}
+
+struct Conn {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+}
+
+impl Conn {
+    fn open(addr: std::net::SocketAddr, ca_pem: &str) -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = rustls::pki_types::pem::PemObject::from_pem_slice(ca_pem.as_bytes()).unwrap();
+        roots.add(ca).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let conn = rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("127.0.0.1").unwrap()).unwrap();
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut me = Conn { tls: rustls::StreamOwned::new(conn, tcp) };
+        assert_eq!(me.get_healthz(), 200);
+        me
+    }
+
+    fn peer(&self) -> CertificateDer<'static> {
+        self.tls.conn.peer_certificates().unwrap()[0].clone().into_owned()
+    }
+
+    /// One keep-alive HTTP/1.1 request on this connection; returns the status.
+    fn get_healthz(&mut self) -> u16 {
+        self.tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").unwrap();
+        let mut buf = [0u8; 1024];
+        let n = self.tls.read(&mut buf).unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]);
+        head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_by_symlink_swap_is_picked_up_without_dropping_connections() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = ca();
+    let dir = tempfile::tempdir().unwrap();
+    let first = leaf(&ca, "first", &dir.path().join("..2026_01"));
+    swap(dir.path(), "..2026_01");
+    for f in ["tls.crt", "tls.key"] {
+        std::os::unix::fs::symlink(format!("..data/{f}"), dir.path().join(f)).unwrap();
+    }
+
+    // No API server is needed to serve TLS: give the service one that never answers.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let kube = kube::Client::try_from(kube::Config::new(format!("http://{}", dead.local_addr().unwrap()).parse().unwrap())).unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\ntls: {{certFile: {0}/tls.crt, keyFile: {0}/tls.key}}\nregistries: [{{host: r.example.com, kubernetes: {{audience: a}}}}]\n",
+        dir.path().display()
+    );
+    let service = pull_secret_injector::Service::start(pull_secret_injector::config::Config::from_yaml(&yaml).unwrap(), kube).await.unwrap();
+    let addr = service.local_addr;
+
+    let (ca_pem, d) = (ca.pem.clone(), dir.path().to_owned());
+    tokio::task::spawn_blocking(move || {
+        let mut old = Conn::open(addr, &ca_pem);
+        assert_eq!(old.peer().as_ref(), first.as_slice());
+
+        let second = leaf(&ca, "second", &d.join("..2026_02"));
+        swap(&d, "..2026_02");
+        std::thread::sleep(Duration::from_millis(1500));
+        let fresh = Conn::open(addr, &ca_pem);
+        assert_eq!(fresh.peer().as_ref(), second.as_slice(), "a new connection gets the new certificate");
+        assert_eq!(old.get_healthz(), 200, "the connection opened before the swap still works");
+
+        // A half-written rotation (certificate without its key) is not served.
+        let broken = d.join("..2026_03");
+        std::fs::create_dir_all(&broken).unwrap();
+        std::fs::write(broken.join("tls.crt"), "-----BEGIN CERTIFICATE-----\nnot really\n-----END CERTIFICATE-----\n").unwrap();
+        std::fs::write(broken.join("tls.key"), "").unwrap();
+        swap(&d, "..2026_03");
+        std::thread::sleep(Duration::from_millis(1500));
+        let after_broken = Conn::open(addr, &ca_pem);
+        assert_eq!(after_broken.peer().as_ref(), second.as_slice(), "the last good certificate keeps serving");
+    })
+    .await
+    .unwrap();
+    service.shutdown().await;
+}
