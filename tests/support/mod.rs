@@ -246,27 +246,7 @@ impl Injector {
 
     /// Registers (or replaces) a MutatingWebhookConfiguration for `resources` only.
     pub async fn register_webhook_for(&mut self, name: &str, namespace_selector: Value, resources: &[&str]) {
-        let ca = base64::engine::general_purpose::STANDARD.encode(&self.certs.ca_pem);
-        let webhook: MutatingWebhookConfiguration = serde_json::from_value(json!({
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": name},
-            "webhooks": [{
-                "name": "inject.pull-secret-injector.io",
-                "admissionReviewVersions": ["v1"],
-                "sideEffects": "NoneOnDryRun",
-                "failurePolicy": "Ignore",
-                "reinvocationPolicy": "IfNeeded",
-                "timeoutSeconds": 10,
-                "namespaceSelector": namespace_selector,
-                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": resources}],
-                "clientConfig": {"url": self.url(), "caBundle": ca}
-            }]
-        }))
-        .unwrap();
-        let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
-        let _ = api.delete(name, &DeleteParams::default()).await;
-        api.create(&PostParams::default(), &webhook).await.expect("register webhook");
+        register_webhook(&self.client, name, &self.url(), &self.certs.ca_pem, namespace_selector, resources).await;
         self.webhooks.push(name.into());
     }
 
@@ -317,6 +297,31 @@ impl Injector {
             let _ = nss.delete(ns, &DeleteParams::default()).await;
         }
     }
+}
+
+/// Registers (or replaces) a MutatingWebhookConfiguration calling `url`, trusting `ca_pem`.
+pub async fn register_webhook(client: &Client, name: &str, url: &str, ca_pem: &str, namespace_selector: Value, resources: &[&str]) {
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let webhook: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "inject.pull-secret-injector.io",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "NoneOnDryRun",
+            "failurePolicy": "Ignore",
+            "reinvocationPolicy": "IfNeeded",
+            "timeoutSeconds": 10,
+            "namespaceSelector": namespace_selector,
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": resources}],
+            "clientConfig": {"url": url, "caBundle": ca}
+        }]
+    }))
+    .unwrap();
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let _ = api.delete(name, &DeleteParams::default()).await;
+    api.create(&PostParams::default(), &webhook).await.expect("register webhook");
 }
 
 pub async fn create_namespace(client: &Client, name: &str, labels: BTreeMap<String, String>) {

@@ -1,0 +1,125 @@
+//! High availability with two real processes against the real API server: both answer
+//! admissions, only the Lease holder refreshes, killing it hands the work over within the lease
+//! duration, and a graceful stop releases the Lease at once.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, DeleteParams};
+use serde_json::json;
+use support::*;
+
+const LEASE_NS: &str = "psi-ha";
+
+struct Replica {
+    child: Child,
+    log: std::path::PathBuf,
+    port: u16,
+}
+
+impl Replica {
+    fn start(name: &'static str, certs: &Certs) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let yaml = config_yaml("t-ha", certs, &kubernetes_registry("default", 3600), "leaderElection: {leaseDuration: 4s, renewGrace: 2s}")
+            .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"))
+            .replace("ownNamespace: t-ha-own", &format!("ownNamespace: {LEASE_NS}"));
+        let config = certs.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&config, yaml).unwrap();
+        let log = certs.dir.path().join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_pull-secret-injector"))
+            .args(["serve", "--config", path_str(&config)])
+            .env("KUBECONFIG", ControlPlane::get().kubeconfig())
+            .env("POD_NAME", name)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Replica { child, log, port }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn holder(leases: &Api<Lease>) -> Option<String> {
+    leases.get_opt("pull-secret-injector").await.ok().flatten().and_then(|l| l.spec).and_then(|s| s.holder_identity)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_one_refresher_and_a_hand_over_when_the_leader_dies() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let c = cp.client().await;
+    let _ = Api::<Namespace>::all(c.clone()).delete(LEASE_NS, &DeleteParams::default()).await;
+    wait_for("old lease namespace gone", Duration::from_secs(60), || async {
+        Api::<Namespace>::all(c.clone()).get_opt(LEASE_NS).await.ok().flatten().is_none()
+    })
+    .await;
+    create_namespace(&c, LEASE_NS, Default::default()).await;
+    let leases: Api<Lease> = Api::namespaced(c.clone(), LEASE_NS);
+    let certs = Certs::new();
+
+    let mut a = Replica::start("replica-a", &certs);
+    wait_for("replica-a holds the Lease", Duration::from_secs(30), || async { holder(&leases).await.as_deref() == Some("replica-a") }).await;
+    let mut b = Replica::start("replica-b", &certs);
+
+    // The non-leader answers admissions too.
+    let selector = json!({"matchLabels": {"pull-secret-injector.io/inject": "enabled", "e2e-run": "t-ha"}});
+    register_webhook(&c, "psi-t-ha", &format!("https://127.0.0.1:{}/mutate", b.port), &certs.ca_pem, selector, &["pods"]).await;
+    let ns = "t-ha-team";
+    create_namespace(&c, ns, [("pull-secret-injector.io/inject".into(), "enabled".into()), ("e2e-run".into(), "t-ha".into())].into()).await;
+    let first = wait_secret(&c, ns, "made by the leader", |_| true).await;
+    wait_for("webhook active", Duration::from_secs(30), || async {
+        let pod = create_pod(&c, ns, "probe", json!({"imagePullSecrets": [{"name": "mine"}]}), true).await.pod;
+        pull_secret_names(&pod) == ["mine", "pull-secret"]
+    })
+    .await;
+    assert!(!b.log().contains("became the leader"), "replica-b must not lead yet");
+    assert!(!b.log().contains("wrote pull Secret"), "only the leader refreshes:\n{}", b.log());
+
+    // Kill the leader as a crash would: no chance to release the Lease.
+    a.signal("-KILL");
+    let _ = a.child.wait();
+    let killed = Instant::now();
+    wait_for("replica-b takes the Lease", Duration::from_secs(30), || async { holder(&leases).await.as_deref() == Some("replica-b") }).await;
+    let hand_over = killed.elapsed();
+    // Lease duration 4 s; replica-b retries on its own schedule, so allow a few seconds more.
+    assert!(hand_over < Duration::from_secs(10), "hand-over took {hand_over:?}");
+    eprintln!("hand-over after the leader was killed: {hand_over:?}");
+
+    // The new leader does the refreshing: a deleted Secret comes back.
+    Api::<Secret>::namespaced(c.clone(), ns).delete("pull-secret", &DeleteParams::default()).await.unwrap();
+    wait_secret(&c, ns, "recreated by the new leader", |s| s.metadata.uid != first.metadata.uid).await;
+    assert!(b.log().contains("wrote pull Secret"), "{}", b.log());
+
+    // A graceful stop releases the Lease at once.
+    b.signal("-TERM");
+    let status = b.child.wait().unwrap();
+    assert!(status.success(), "replica-b exit: {status:?}\n{}", b.log());
+    assert_eq!(holder(&leases).await, None, "the Lease is released on shutdown:\n{}", b.log());
+    drop((a, b));
+
+    let hooks: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> = Api::all(c.clone());
+    let _ = hooks.delete("psi-t-ha", &DeleteParams::default()).await;
+    for n in [ns, LEASE_NS] {
+        let _ = Api::<Namespace>::all(c.clone()).delete(n, &DeleteParams::default()).await;
+    }
+}
