@@ -16,21 +16,88 @@ use support::*;
 const NS: &str = "pull-secret-injector";
 const SA: &str = "pull-secret-injector";
 
-/// The objects of the kustomize base, in the order its `resources` lists them.
-fn base_objects() -> Vec<Value> {
-    let dir = repo().join("deploy/kustomize/base");
-    let kustomization: Value = serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap()).unwrap();
+fn yaml_docs(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|doc| <Value as serde::Deserialize>::deserialize(doc).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The objects a kustomization renders, for the two features this project's use: `resources`
+/// (files and other kustomizations) and JSON 6902 `patches` selected by kind and name. This is
+/// what `kubectl apply -k` computes for them.
+fn kustomize(dir: &std::path::Path) -> Vec<Value> {
+    let k: Value = serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap()).unwrap();
     let mut objects = Vec::new();
-    for file in kustomization["resources"].as_array().expect("resources") {
-        let text = std::fs::read_to_string(dir.join(file.as_str().unwrap())).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value = <Value as serde::Deserialize>::deserialize(doc).unwrap();
-            if !value.is_null() {
-                objects.push(value);
-            }
+    for entry in k["resources"].as_array().expect("resources") {
+        let path = dir.join(entry.as_str().unwrap());
+        if path.is_dir() {
+            objects.extend(kustomize(&path));
+        } else {
+            objects.extend(yaml_docs(&std::fs::read_to_string(path).unwrap()));
         }
     }
+    for p in k["patches"].as_array().into_iter().flatten() {
+        let ops: json_patch::Patch = serde_yaml::from_str(p["patch"].as_str().unwrap()).unwrap();
+        let target = &p["target"];
+        let mut hit = 0;
+        for o in objects.iter_mut().filter(|o| o["kind"] == target["kind"] && o["metadata"]["name"] == target["name"]) {
+            json_patch::patch(o, &ops).unwrap_or_else(|e| panic!("patch for {target} does not apply: {e}"));
+            hit += 1;
+        }
+        assert_eq!(hit, 1, "patch target {target} must match one object");
+    }
     objects
+}
+
+/// The objects of the kustomize base.
+fn base_objects() -> Vec<Value> {
+    kustomize(&repo().join("deploy/kustomize/base"))
+}
+
+/// The Helm chart, linted (strict) and rendered offline by Helm's own library.
+fn helm_objects(values: &str) -> Vec<Value> {
+    let out = std::process::Command::new("python3")
+        .arg(repo().join("hack/helm-render"))
+        .arg(repo().join("deploy/helm/pull-secret-injector"))
+        .arg(NS)
+        .arg(values)
+        .output()
+        .expect("run hack/helm-render");
+    assert!(out.status.success(), "helm lint/render failed: {}", String::from_utf8_lossy(&out.stderr));
+    yaml_docs(&String::from_utf8(out.stdout).unwrap())
+}
+
+/// Objects keyed by kind/namespace/name, with what legitimately differs between the two
+/// renderings normalised: Helm's config checksum annotation, and the config file's text (which
+/// is compared as parsed YAML).
+fn normalised(objects: Vec<Value>) -> std::collections::BTreeMap<String, Value> {
+    objects
+        .into_iter()
+        .map(|mut o| {
+            let key = format!("{}/{}/{}", o["kind"].as_str().unwrap(), o["metadata"]["namespace"].as_str().unwrap_or(""), o["metadata"]["name"].as_str().unwrap());
+            if let Some(t) = o.pointer_mut("/spec/template/metadata") {
+                t.as_object_mut().unwrap().remove("annotations");
+            }
+            if let Some(c) = o.pointer_mut("/data/config.yaml") {
+                let parsed: Value = serde_yaml::from_str(c.as_str().unwrap()).unwrap();
+                *c = parsed;
+            }
+            (key, o)
+        })
+        .collect()
+}
+
+#[test]
+fn the_helm_chart_renders_the_same_objects_as_kustomize() {
+    for (values, overlay) in [("{}", "base"), (r#"{"certManager": {"enabled": true}}"#, "cert-manager")] {
+        let helm = normalised(helm_objects(values));
+        let kustomize = normalised(kustomize(&repo().join("deploy/kustomize").join(overlay)));
+        assert_eq!(helm.keys().collect::<Vec<_>>(), kustomize.keys().collect::<Vec<_>>(), "{overlay}: object sets differ");
+        for (key, object) in &helm {
+            assert_eq!(object, &kustomize[key], "{overlay}: {key} differs between Helm and kustomize");
+        }
+    }
 }
 
 /// Server-side applies `object`; `None` when this API server does not serve its kind.

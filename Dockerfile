@@ -1,0 +1,17 @@
+# A minimal image: a statically linked binary on a distroless base, running as non-root.
+#   docker build -t pull-secret-injector:0.1.0 .
+FROM rust:1-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends musl-tools && rm -rf /var/lib/apt/lists/* \
+ && rustup target add x86_64-unknown-linux-musl
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY deploy/config.example.yaml ./deploy/config.example.yaml
+RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
+ && cp target/x86_64-unknown-linux-musl/release/pull-secret-injector /pull-secret-injector
+
+FROM gcr.io/distroless/static-debian12:nonroot
+COPY --from=build /pull-secret-injector /usr/local/bin/pull-secret-injector
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/pull-secret-injector"]
+CMD ["serve", "--config=/etc/pull-secret-injector/config.yaml"]
