@@ -72,6 +72,31 @@ impl Conn {
         self.tls.conn.peer_certificates().unwrap()[0].clone().into_owned()
     }
 
+    /// Sends `head` and the first half of `body`, leaving the request in flight.
+    fn start_post(&mut self, body: &[u8]) {
+        let head = format!("POST /mutate HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len());
+        self.tls.write_all(head.as_bytes()).unwrap();
+        self.tls.write_all(&body[..body.len() / 2]).unwrap();
+        self.tls.flush().unwrap();
+    }
+
+    /// Sends the rest of `body` and reads the response: (status, body).
+    fn finish_post(&mut self, body: &[u8]) -> (u16, String) {
+        self.tls.write_all(&body[body.len() / 2..]).unwrap();
+        self.tls.flush().unwrap();
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        while !text.contains("\r\n\r\n") || !text.trim_end().ends_with('}') {
+            let n = self.tls.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+    }
+
     /// One keep-alive HTTP/1.1 request on this connection; returns the status.
     fn get_healthz(&mut self) -> u16 {
         self.tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").unwrap();
@@ -128,4 +153,51 @@ async fn certificate_rotation_by_symlink_swap_is_picked_up_without_dropping_conn
     .await
     .unwrap();
     service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_admission_in_flight_finish() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = ca();
+    let dir = tempfile::tempdir().unwrap();
+    leaf(&ca, "only", dir.path());
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let kube = kube::Client::try_from(kube::Config::new(format!("http://{}", dead.local_addr().unwrap()).parse().unwrap())).unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\ntls: {{certFile: {0}/tls.crt, keyFile: {0}/tls.key}}\nregistries: [{{host: r.example.com, kubernetes: {{audience: a}}}}]\n",
+        dir.path().display()
+    );
+    let service = pull_secret_injector::Service::start(pull_secret_injector::config::Config::from_yaml(&yaml).unwrap(), kube).await.unwrap();
+    let addr = service.local_addr;
+    let body = serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "in-flight", "kind": {"group": "", "version": "v1", "kind": "ConfigMap"},
+                    "namespace": "team-a", "operation": "CREATE", "object": {}}
+    }))
+    .unwrap();
+    let ca_pem = ca.pem.clone();
+    let (b, conn) = (body.clone(), tokio::task::spawn_blocking(move || {
+        let mut c = Conn::open(addr, &ca_pem);
+        c.start_post(&body);
+        c
+    })
+    .await
+    .unwrap());
+    // Shutdown begins while the request is half sent...
+    let stopping = tokio::spawn(service.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stopping.is_finished(), "shutdown waits for the request in flight");
+    // ...and the request still completes with a proper answer.
+    let (status, answer) = tokio::task::spawn_blocking(move || {
+        let mut conn = conn;
+        conn.finish_post(&b)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["response"]["uid"], "in-flight");
+    assert_eq!(answer["response"]["allowed"], true);
+    stopping.await.unwrap();
+    assert!(std::net::TcpStream::connect(addr).is_err(), "a stopped server accepts no connections");
 }
