@@ -12,6 +12,7 @@ pub mod admission;
 pub mod certs;
 pub mod config;
 pub mod leadership;
+pub mod metrics;
 pub mod patch;
 pub mod provisioner;
 pub mod pull_secret;
@@ -112,7 +113,8 @@ impl Service {
             }),
         };
         let policy = NamespacePolicy::new(config.namespace_selector.clone(), own_namespace.as_deref(), &config.excluded_namespaces);
-        let provisioner = Arc::new(Provisioner::new(client.clone(), &config));
+        let metrics = Arc::new(metrics::Metrics::default());
+        let provisioner = Arc::new(Provisioner::new(client.clone(), &config, metrics.clone()));
         let (stop, stopped) = watch::channel(false);
         let mut background = Vec::new();
 
@@ -142,8 +144,8 @@ impl Service {
         let make_refresher = move |retries| Refresher::new(c.clone(), pol.clone(), p.clone(), retries);
         background.push(tokio::spawn(leadership::run(client.clone(), election, make_refresher, retry.clone(), stopped)));
 
-        let webhook = webhook::Webhook::new(client, policy, namespaces, provisioner, config.admission.budget, retry);
-        let state = Arc::new(server::AppState { webhook, ready: ready.clone(), max_body_bytes: config.admission.max_body_bytes });
+        let webhook = webhook::Webhook::new(client, policy, namespaces, provisioner, config.admission.budget, retry, metrics.clone());
+        let state = Arc::new(server::AppState { webhook, ready: ready.clone(), max_body_bytes: config.admission.max_body_bytes, metrics });
         let handle = axum_server::Handle::new();
         let server = axum_server::from_tcp_rustls(listener, tls)
             .map_err(listen_error)?

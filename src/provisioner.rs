@@ -19,6 +19,7 @@ use moka::future::Cache;
 use moka::Expiry;
 
 use crate::config::{Config, RegistryConfig};
+use crate::metrics::Metrics;
 use crate::pull_secret::{self, Assessment, Issued};
 use crate::token::Credential;
 use crate::{kube_error_message, patch, renewal};
@@ -47,6 +48,7 @@ pub struct Provisioner {
     renew_before: Option<Duration>,
     cache: Cache<String, Fresh>,
     recorder: Recorder,
+    metrics: Arc<Metrics>,
 }
 
 /// Cache entries live until their renewal time, so an entry that is present is fresh.
@@ -59,7 +61,7 @@ impl Expiry<String, Fresh> for UntilRenewal {
 }
 
 impl Provisioner {
-    pub fn new(client: Client, config: &Config) -> Self {
+    pub fn new(client: Client, config: &Config, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: "pull-secret-injector".into(), instance: std::env::var("POD_NAME").ok() };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
@@ -68,7 +70,12 @@ impl Provisioner {
             registries: config.registries.clone(),
             renew_before: config.refresh.renew_before,
             cache: Cache::builder().expire_after(UntilRenewal).build(),
+            metrics,
         }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn secret_name(&self) -> &str {
@@ -104,6 +111,7 @@ impl Provisioner {
     /// references this service added to ServiceAccounts.
     pub async fn release(&self, namespace: &str) -> Result<(), ProvisionError> {
         self.cache.invalidate(namespace).await;
+        self.metrics.secret_released(namespace);
         let api = self.secrets(namespace);
         if let Some(secret) = api.get_opt(&self.secret_name).await.map_err(|e| self.api_error("reading", namespace, &e))? {
             if pull_secret::is_managed(&secret) {
@@ -218,19 +226,31 @@ impl Provisioner {
             let stored = api.get_opt(&self.secret_name).await.map_err(|e| self.api_error("reading", namespace, &e))?;
             match pull_secret::assess(stored.as_ref(), self.hosts()) {
                 Assessment::Foreign => {
-                    self.report_conflict(namespace).await;
+                    let note = format!(
+                        "Secret {} exists and is not managed by pull-secret-injector (label app.kubernetes.io/managed-by); it is not overwritten and is not injected. Rename or delete it, or change secretName.",
+                        self.secret_name
+                    );
+                    self.report(namespace, "SecretNotManaged", &note).await;
                     return Err(ProvisionError::Conflict { namespace: namespace.into(), name: self.secret_name.clone() });
                 }
                 Assessment::Intact(issued) => {
                     let fresh = self.fresh(namespace, issued);
                     if Timestamp::now() < fresh.renew_at {
                         tracing::debug!(namespace, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
+                        self.metrics.secret_written(namespace, fresh.issued.expires_at);
                         return Ok(fresh);
                     }
                 }
                 Assessment::Missing | Assessment::Tampered | Assessment::Outdated => {}
             }
-            let credentials = self.mint_all(namespace).await?;
+            let credentials = match self.mint_all(namespace).await {
+                Ok(c) => c,
+                Err(e) => {
+                    // The previous Secret, if any, stays: it serves until it expires.
+                    self.report(namespace, "MintFailed", &format!("{e}; the current credentials, if any, stay in place and minting is retried")).await;
+                    return Err(e);
+                }
+            };
             let (mut secret, issued) = pull_secret::build(namespace, &self.secret_name, &credentials);
             let written = match &stored {
                 None => api.create(&PostParams::default(), &secret).await,
@@ -244,6 +264,7 @@ impl Provisioner {
             match written {
                 Ok(_) => {
                     let fresh = self.fresh(namespace, issued);
+                    self.metrics.secret_written(namespace, fresh.issued.expires_at);
                     tracing::info!(namespace, secret = %self.secret_name, expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
                     return Ok(fresh);
                 }
@@ -265,6 +286,7 @@ impl Provisioner {
         let mints = self.registries.iter().map(|r| async move {
             let started = Instant::now();
             let result = r.source.mint(&self.client, namespace).await;
+            self.metrics.mint(r.source.name(), result.is_ok(), started.elapsed().as_secs_f64());
             tracing::debug!(namespace, registry = %r.host, source = r.source.name(), ok = result.is_ok(), elapsed_ms = started.elapsed().as_millis() as u64, "minted");
             result
                 .map(|c| (r.host.clone(), c))
@@ -273,7 +295,8 @@ impl Provisioner {
         futures::future::try_join_all(mints).await
     }
 
-    async fn report_conflict(&self, namespace: &str) {
+    /// A Warning Event about the namespace's pull Secret, where `kubectl get events` shows it.
+    async fn report(&self, namespace: &str, reason: &str, note: &str) {
         let reference = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Secret".into()),
@@ -283,11 +306,8 @@ impl Provisioner {
         };
         let event = Event {
             type_: EventType::Warning,
-            reason: "SecretNotManaged".into(),
-            note: Some(format!(
-                "Secret {} exists and is not managed by pull-secret-injector (label app.kubernetes.io/managed-by); it is not overwritten and is not injected. Rename or delete it, or change secretName.",
-                self.secret_name
-            )),
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
             action: "Provision".into(),
             secondary: None,
         };

@@ -118,6 +118,7 @@ fn error_policy(ns: Arc<Namespace>, error: &ReconcileError, ctx: Arc<Context>) -
         tracing::warn!(namespace = %name, error = %error, "not managing this namespace's Secret");
         return Action::requeue(CONFLICT_RECHECK);
     }
+    ctx.provisioner.metrics().renewal_failures.inc();
     let attempt = {
         let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = failures.entry(name.clone()).or_default();

@@ -20,6 +20,7 @@ pub struct AppState {
     /// True once the watches have synced; the certificate is loaded before serving starts.
     pub ready: Arc<AtomicBool>,
     pub max_body_bytes: usize,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// An HTTP error with a JSON body: `{"error": "...", "code": 400}`.
@@ -40,7 +41,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/mutate", post(mutate))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let text = state.metrics.encode();
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {

@@ -10,6 +10,7 @@ use kube::{Api, Client};
 
 use crate::admission::{self, Review, ReviewError, Verdict};
 use crate::leadership::RetrySlot;
+use crate::metrics::Metrics;
 use crate::provisioner::{ProvisionError, Provisioner};
 use crate::selector::{Eligibility, NamespacePolicy};
 
@@ -21,6 +22,7 @@ pub struct Webhook {
     budget: Duration,
     /// Namespaces whose Secret could not be made during an admission: the refresher retries.
     retry: RetrySlot,
+    metrics: Arc<Metrics>,
 }
 
 impl Webhook {
@@ -31,33 +33,50 @@ impl Webhook {
         provisioner: Arc<Provisioner>,
         budget: Duration,
         retry: RetrySlot,
+        metrics: Arc<Metrics>,
     ) -> Self {
-        Self { client, policy, namespaces, provisioner, budget, retry }
+        Self { client, policy, namespaces, provisioner, budget, retry, metrics }
     }
 
     /// Answers one AdmissionReview body. Only an unreadable body is an error.
     pub async fn review(&self, body: &[u8]) -> Result<Vec<u8>, ReviewError> {
-        let review = admission::decode(body)?;
-        let verdict = self.decide(&review).await;
+        let started = std::time::Instant::now();
+        let review = match admission::decode(body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.admission("other", "invalid");
+                return Err(e);
+            }
+        };
+        let (verdict, outcome) = self.decide(&review).await;
+        let kind = review.request.target().map_or("other", |t| t.as_str());
+        self.metrics.admission(kind, outcome);
+        self.metrics.admission_seconds.observe(started.elapsed().as_secs_f64());
         Ok(admission::encode(&review, &verdict))
     }
 
-    async fn decide(&self, review: &Review) -> Verdict {
+    /// The answer, and the outcome word for metrics.
+    async fn decide(&self, review: &Review) -> (Verdict, &'static str) {
         let req = &review.request;
         let (Some(target), Some(namespace)) = (req.target(), req.namespace.as_deref()) else {
-            return Verdict::unchanged();
+            return (Verdict::unchanged(), "unchanged");
         };
         if !self.opted_in(namespace).await {
-            return Verdict::unchanged();
+            return (Verdict::unchanged(), "unchanged");
         }
         let Some(object) = req.object.as_ref() else {
-            return Verdict::unchanged().warn("pull-secret-injector: the request carries no object to patch");
+            return (Verdict::unchanged().warn("pull-secret-injector: the request carries no object to patch"), "invalid");
         };
         let patch = admission::patch_for(target, object, self.provisioner.secret_name());
         tracing::debug!(namespace, kind = target.as_str(), dry_run = req.is_dry_run(), ops = patch.0.len(), "admission");
         // Dry runs must have no side effects (sideEffects: NoneOnDryRun): no mint, no write.
-        if req.is_dry_run() || self.provisioner.is_fresh(namespace).await {
-            return Verdict::patched(patch);
+        if req.is_dry_run() {
+            return (Verdict::patched(patch), "patched");
+        }
+        let fresh = self.provisioner.is_fresh(namespace).await;
+        self.metrics.cache_lookup(fresh);
+        if fresh {
+            return (Verdict::patched(patch), "patched");
         }
         // Provisioning runs in its own task so that it completes even when this admission stops
         // waiting for it; concurrent admissions join the same attempt.
@@ -67,27 +86,28 @@ impl Webhook {
         let outcome = tokio::time::timeout(self.budget, attempt).await;
         let secret = self.provisioner.secret_name();
         match outcome {
-            Ok(Ok(Ok(_))) => Verdict::patched(patch),
+            Ok(Ok(Ok(_))) => (Verdict::patched(patch), "patched"),
             Ok(Ok(Err(e))) if matches!(*e, ProvisionError::Conflict { .. }) => {
                 tracing::warn!(namespace, error = %e, "not injecting");
-                Verdict::unchanged().warn(format!("pull-secret-injector: {e}"))
+                (Verdict::unchanged().warn(format!("pull-secret-injector: {e}")), "conflict")
             }
             Ok(Ok(Err(e))) => {
                 tracing::warn!(namespace, error = %e, "pull Secret not ready at admission; retrying in the background");
                 self.request_retry(namespace);
-                Verdict::patched(patch).warn(format!("pull-secret-injector: Secret {secret} is not ready yet ({e}); it is retried in the background"))
+                (Verdict::patched(patch).warn(format!("pull-secret-injector: Secret {secret} is not ready yet ({e}); it is retried in the background")), "not_ready")
             }
             Ok(Err(join_error)) => {
                 tracing::error!(namespace, error = %join_error, "provisioning task failed");
                 self.request_retry(namespace);
-                Verdict::patched(patch).warn(format!("pull-secret-injector: Secret {secret} is not ready yet; it is retried in the background"))
+                (Verdict::patched(patch).warn(format!("pull-secret-injector: Secret {secret} is not ready yet; it is retried in the background")), "not_ready")
             }
             Err(_elapsed) => {
                 tracing::warn!(namespace, budget_ms = self.budget.as_millis() as u64, "pull Secret not ready within the admission budget");
-                Verdict::patched(patch).warn(format!(
+                let warning = format!(
                     "pull-secret-injector: Secret {secret} was not ready within {}ms; it is being provisioned in the background",
                     self.budget.as_millis()
-                ))
+                );
+                (Verdict::patched(patch).warn(warning), "not_ready")
             }
         }
     }

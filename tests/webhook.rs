@@ -163,6 +163,10 @@ async fn item4_fresh_tokens_are_cached_and_a_cold_burst_mints_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(cp.token_requests(&ns), 1);
     assert_eq!(cp.secret_writes(&ns), 1);
+    let (_, metrics) = curl(&inj.certs, &[&inj.url().replace("/mutate", "/metrics")]);
+    let hits: u64 = metrics.lines().find_map(|l| l.strip_prefix(r#"pull_secret_injector_cache_lookups_total{result="hit"} "#)).unwrap().parse().unwrap();
+    assert!(hits >= 10, "warm admissions are cache hits: {hits}");
+    assert!(metrics.contains(r#"pull_secret_injector_mints_total{source="kubernetes",outcome="ok"}"#), "{metrics}");
     inj.cleanup().await;
 }
 
@@ -183,6 +187,18 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
         created.warnings
     );
     assert!(get_secret(&c, &ns).await.is_none());
+    // The failure is visible: an Event on the namespace and the metrics.
+    wait_for("MintFailed event", Duration::from_secs(30), || async {
+        let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), &ns).list(&Default::default()).await.unwrap();
+        events.items.iter().any(|e| e.reason.as_deref() == Some("MintFailed") && e.note.as_deref().unwrap_or("").contains("minter"))
+    })
+    .await;
+    let (code, metrics) = curl(&inj.certs, &[&inj.url().replace("/mutate", "/metrics")]);
+    assert_eq!(code, 200);
+    for needle in [r#"mints_total{source="kubernetes",outcome="error"}"#, r#"admissions_total{kind="Pod",outcome="not_ready"} 1"#, "renewal_failures_total"] {
+        assert!(metrics.contains(needle), "{needle} missing from /metrics:\n{metrics}");
+    }
+    assert!(!metrics.contains("renewal_failures_total 0"), "{metrics}");
     // Once the ServiceAccount exists, the refresher finishes the work on its own.
     let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "minter"}})).unwrap();
     Api::<ServiceAccount>::namespaced(c.clone(), &ns).create(&PostParams::default(), &sa).await.unwrap();

@@ -1,0 +1,171 @@
+//! Prometheus metrics, served at `/metrics`. Label values are fixed words (kinds, outcomes,
+//! source names): never a namespace's Secret, a token or anything else from a request.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use jiff::Timestamp;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    /// `Pod`, `ServiceAccount` or `other`.
+    pub kind: String,
+    /// `patched`, `unchanged`, `not_ready` (patched with a warning), `conflict`, `invalid`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MintLabels {
+    pub source: String,
+    /// `ok` or `error`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `hit` or `miss`.
+    pub result: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub admissions: Family<AdmissionLabels, Counter>,
+    pub admission_seconds: Histogram,
+    pub mints: Family<MintLabels, Counter>,
+    pub mint_seconds: Histograms<SourceLabels>,
+    pub cache: Family<CacheLabels, Counter>,
+    pub renewal_failures: Counter,
+    managed_secrets: Gauge,
+    earliest_expiry_seconds: Gauge<f64, AtomicU64>,
+    /// When each namespace's current credentials expire, as last written or adopted here.
+    expiries: Mutex<HashMap<String, Timestamp>>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to about 6.5 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("pull_secret_injector");
+        let admissions = Family::<AdmissionLabels, Counter>::default();
+        registry.register("admissions", "Admission reviews answered, by object kind and outcome", admissions.clone());
+        let admission_seconds = latency_histogram();
+        registry.register("admission_duration_seconds", "Time to answer an admission review", admission_seconds.clone());
+        let mints = Family::<MintLabels, Counter>::default();
+        registry.register("mints", "Credentials minted, by token source and outcome", mints.clone());
+        let mint_seconds: Histograms<SourceLabels> = Family::new_with_constructor(latency_histogram);
+        registry.register("mint_duration_seconds", "Time to mint one credential, by token source", mint_seconds.clone());
+        let cache = Family::<CacheLabels, Counter>::default();
+        registry.register("cache_lookups", "Admission-time lookups of a namespace's fresh Secret", cache.clone());
+        let renewal_failures = Counter::default();
+        registry.register("renewal_failures", "Background reconciles that failed (retried with backoff)", renewal_failures.clone());
+        let managed_secrets = Gauge::default();
+        registry.register("managed_secrets", "Pull Secrets this replica wrote or adopted and still manages", managed_secrets.clone());
+        let earliest_expiry_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "earliest_expiry_seconds",
+            "Seconds until the earliest managed credential expires (negative: already expired)",
+            earliest_expiry_seconds.clone(),
+        );
+        Self {
+            registry,
+            admissions,
+            admission_seconds,
+            mints,
+            mint_seconds,
+            cache,
+            renewal_failures,
+            managed_secrets,
+            earliest_expiry_seconds,
+            expiries: Mutex::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn admission(&self, kind: &str, outcome: &str) {
+        self.admissions.get_or_create(&AdmissionLabels { kind: kind.into(), outcome: outcome.into() }).inc();
+    }
+
+    pub fn cache_lookup(&self, hit: bool) {
+        self.cache.get_or_create(&CacheLabels { result: if hit { "hit" } else { "miss" }.into() }).inc();
+    }
+
+    pub fn mint(&self, source: &str, ok: bool, seconds: f64) {
+        self.mints.get_or_create(&MintLabels { source: source.into(), outcome: if ok { "ok" } else { "error" }.into() }).inc();
+        self.mint_seconds.get_or_create(&SourceLabels { source: source.into() }).observe(seconds);
+    }
+
+    pub fn secret_written(&self, namespace: &str, expires_at: Timestamp) {
+        self.expiries.lock().unwrap_or_else(|p| p.into_inner()).insert(namespace.to_string(), expires_at);
+    }
+
+    pub fn secret_released(&self, namespace: &str) {
+        self.expiries.lock().unwrap_or_else(|p| p.into_inner()).remove(namespace);
+    }
+
+    /// The Prometheus text exposition, with the gauges computed now.
+    pub fn encode(&self) -> String {
+        {
+            let expiries = self.expiries.lock().unwrap_or_else(|p| p.into_inner());
+            self.managed_secrets.set(expiries.len() as i64);
+            let now = Timestamp::now();
+            let earliest = expiries.values().min().map(|t| t.duration_since(now).as_secs_f64());
+            self.earliest_expiry_seconds.set(earliest.unwrap_or(0.0));
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_every_family_and_fixed_labels() {
+        let m = Metrics::default();
+        m.admission("Pod", "patched");
+        m.cache_lookup(true);
+        m.mint("kubernetes", true, 0.004);
+        m.secret_written("team-a", Timestamp::now() + jiff::SignedDuration::from_secs(600));
+        let text = m.encode();
+        for needle in [
+            r#"pull_secret_injector_admissions_total{kind="Pod",outcome="patched"} 1"#,
+            r#"pull_secret_injector_cache_lookups_total{result="hit"} 1"#,
+            r#"pull_secret_injector_mints_total{source="kubernetes",outcome="ok"} 1"#,
+            "pull_secret_injector_mint_duration_seconds_bucket",
+            "pull_secret_injector_admission_duration_seconds_count 0",
+            "pull_secret_injector_managed_secrets 1",
+            "pull_secret_injector_renewal_failures_total 0",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+        let earliest: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("pull_secret_injector_earliest_expiry_seconds "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((590.0..=600.0).contains(&earliest), "{earliest}");
+        assert!(!text.contains("team-a"), "no namespace names in labels");
+    }
+}
