@@ -1,0 +1,63 @@
+//! Faults with the real control plane: the API server dies and comes back, the service is
+//! stopped while namespaces change. Nothing is missed afterwards.
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams};
+use serde_json::json;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_resume_after_the_api_server_restarts() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let mut inj = Injector::start("t-f1").await;
+    let c = inj.client.clone();
+    let before = inj.namespace("before", true).await;
+    let first = wait_secret(&c, &before, "created", |_| true).await;
+
+    // Killed as a crash would, down for 3 seconds.
+    cp.restart_apiserver(3);
+
+    // A namespace opted in right after the restart is handled: the namespace watch resumed.
+    let after = inj.namespace("after", true).await;
+    wait_secret(&c, &after, "made after the restart", |_| true).await;
+    // A deleted Secret comes back: the Secret watch resumed.
+    Api::<Secret>::namespaced(c.clone(), &before).delete("pull-secret", &DeleteParams::default()).await.unwrap();
+    wait_secret(&c, &before, "recreated after the restart", |s| s.metadata.uid != first.metadata.uid).await;
+    // And the API server still reaches the webhook.
+    let pod = create_pod(&c, &after, "app", json!({"imagePullSecrets": [{"name": "mine"}]}), false).await;
+    assert_eq!(pull_secret_names(&pod.pod), ["mine", "pull-secret"]);
+    assert!(pod.warnings.is_empty(), "{:?}", pod.warnings);
+    inj.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_the_service_was_down_are_handled_when_it_returns() {
+    let _serial = serial();
+    let mut inj = Injector::start("t-f2").await;
+    let c = inj.client.clone();
+    let kept = inj.namespace("kept", true).await;
+    let leaving = inj.namespace("leaving", true).await;
+    let kept_secret = wait_secret(&c, &kept, "created", |_| true).await;
+    wait_secret(&c, &leaving, "created", |_| true).await;
+
+    inj.stop().await;
+    let joining = inj.namespace("joining", true).await;
+    inj.set_opt_in(&leaving, false).await;
+    Api::<Secret>::namespaced(c.clone(), &kept).delete("pull-secret", &DeleteParams::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(get_secret(&c, &joining).await.is_none());
+
+    inj.run().await;
+    wait_secret(&c, &joining, "made for a namespace labelled while the service was down", |_| true).await;
+    wait_secret(&c, &kept, "recreated after being deleted while the service was down", |s| s.metadata.uid != kept_secret.metadata.uid).await;
+    wait_for("cleanup of a namespace that opted out while the service was down", Duration::from_secs(30), || async {
+        get_secret(&c, &leaving).await.is_none()
+    })
+    .await;
+    inj.cleanup().await;
+}
