@@ -22,6 +22,10 @@ fn marked_lists(sa: &Value) -> Vec<&str> {
 /// Patch for a Pod: the Secret in `spec.imagePullSecrets`.
 pub fn for_pod(pod: &Value, secret: &str) -> Patch {
     let mut ops = Vec::new();
+    // Not a Pod the API server would have decoded; patching it could only fail.
+    if !pod.get("spec").is_some_and(Value::is_object) {
+        return Patch(ops);
+    }
     add_reference(&mut ops, pod.get("spec").and_then(|s| s.get("imagePullSecrets")), &["spec", "imagePullSecrets"], secret);
     Patch(ops)
 }
@@ -30,6 +34,9 @@ pub fn for_pod(pod: &Value, secret: &str) -> Patch {
 /// such as Tekton read), and the marker annotation when anything was added.
 pub fn for_service_account(sa: &Value, secret: &str) -> Patch {
     let mut ops = Vec::new();
+    if !sa.get("metadata").is_some_and(Value::is_object) {
+        return Patch(ops);
+    }
     let mut lists = marked_lists(sa);
     for list in SA_LISTS {
         let before = ops.len();
