@@ -99,12 +99,20 @@ pub struct AdmissionConfig {
     /// Request bodies larger than this are refused with 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// A client gets this long to send a request's headers, and again its body; a slower one is
+    /// disconnected (headers) or answered 408 (body), so it cannot hold a connection open.
+    #[serde(default = "default_read_timeout", deserialize_with = "duration")]
+    pub read_timeout: Duration,
 }
 
 impl Default for AdmissionConfig {
     fn default() -> Self {
-        Self { budget: default_budget(), max_body_bytes: default_max_body_bytes() }
+        Self { budget: default_budget(), max_body_bytes: default_max_body_bytes(), read_timeout: default_read_timeout() }
     }
+}
+
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// One `auths` entry of the pull Secret and the source its credential is minted from:
@@ -229,6 +237,9 @@ impl Config {
         crate::selector::validate(&self.namespace_selector, "namespaceSelector", &mut err);
         if self.admission.budget.is_zero() || self.admission.budget > Duration::from_secs(25) {
             err("admission.budget", "must be more than 0s and at most 25s (webhook timeouts are capped at 30s)".into());
+        }
+        if self.admission.read_timeout.is_zero() {
+            err("admission.readTimeout", "must be more than 0s".into());
         }
         if self.admission.max_body_bytes < 1024 {
             err("admission.maxBodyBytes", "must be at least 1024".into());

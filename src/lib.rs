@@ -145,12 +145,12 @@ impl Service {
         background.push(tokio::spawn(leadership::run(client.clone(), election, make_refresher, retry.clone(), stopped)));
 
         let webhook = webhook::Webhook::new(client, policy, namespaces, provisioner, config.admission.budget, retry, metrics.clone());
-        let state = Arc::new(server::AppState { webhook, ready: ready.clone(), max_body_bytes: config.admission.max_body_bytes, metrics });
+        let state = Arc::new(server::AppState { webhook, ready: ready.clone(), max_body_bytes: config.admission.max_body_bytes, read_timeout: config.admission.read_timeout, metrics });
         let handle = axum_server::Handle::new();
-        let server = axum_server::from_tcp_rustls(listener, tls)
-            .map_err(listen_error)?
-            .handle(handle.clone())
-            .serve(server::router(state).into_make_service());
+        let mut server = axum_server::from_tcp_rustls(listener, tls).map_err(listen_error)?.handle(handle.clone());
+        // A client that trickles its headers is cut off (HTTP/1; HTTP/2 has its own keep-alive).
+        server.http_builder().http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(config.admission.read_timeout);
+        let server = server.serve(server::router(state).into_make_service());
         let server = tokio::spawn(server);
         tracing::info!(%local_addr, "serving admission webhook over TLS");
         Ok(Self { local_addr, ready, handle, stop, server, background })

@@ -20,6 +20,7 @@ pub struct AppState {
     /// True once the watches have synced; the certificate is loaded before serving starts.
     pub ready: Arc<AtomicBool>,
     pub max_body_bytes: usize,
+    pub read_timeout: std::time::Duration,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -67,13 +68,20 @@ async fn mutate(State(state): State<Arc<AppState>>, request: Request) -> Result<
     if declared.is_some_and(|n| n > state.max_body_bytes) {
         return Err(too_large());
     }
-    let body = Limited::new(request.into_body(), state.max_body_bytes).collect().await.map_err(|e| {
-        if e.is::<LengthLimitError>() {
-            too_large()
-        } else {
-            ApiError { status: StatusCode::BAD_REQUEST, message: format!("cannot read request body: {e}") }
-        }
-    })?;
+    let collect = Limited::new(request.into_body(), state.max_body_bytes).collect();
+    let body = tokio::time::timeout(state.read_timeout, collect)
+        .await
+        .map_err(|_| ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("request body not received within {}ms", state.read_timeout.as_millis()),
+        })?
+        .map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                too_large()
+            } else {
+                ApiError { status: StatusCode::BAD_REQUEST, message: format!("cannot read request body: {e}") }
+            }
+        })?;
     let answer = state
         .webhook
         .review(&body.to_bytes())

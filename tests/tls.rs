@@ -201,3 +201,52 @@ async fn shutdown_lets_an_admission_in_flight_finish() {
     stopping.await.unwrap();
     assert!(std::net::TcpStream::connect(addr).is_err(), "a stopped server accepts no connections");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_cannot_hold_connections() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = ca();
+    let dir = tempfile::tempdir().unwrap();
+    leaf(&ca, "only", dir.path());
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let kube = kube::Client::try_from(kube::Config::new(format!("http://{}", dead.local_addr().unwrap()).parse().unwrap())).unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\ntls: {{certFile: {0}/tls.crt, keyFile: {0}/tls.key}}\nadmission: {{readTimeout: 1s}}\nregistries: [{{host: r.example.com, kubernetes: {{audience: a}}}}]\n",
+        dir.path().display()
+    );
+    let service = pull_secret_injector::Service::start(pull_secret_injector::config::Config::from_yaml(&yaml).unwrap(), kube).await.unwrap();
+    let addr = service.local_addr;
+    let ca_pem = ca.pem.clone();
+    tokio::task::spawn_blocking(move || {
+        // Headers that never finish: the connection is closed after the read timeout.
+        let mut slow_head = Conn::open(addr, &ca_pem);
+        slow_head.tls.write_all(b"POST /mutate HTTP/1.1\r\nhost: 127.0.0.1\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        let mut buf = [0u8; 512];
+        // (The socket's own read timeout is 5 s: running into it means the server kept waiting.)
+        match slow_head.tls.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => assert!(String::from_utf8_lossy(&buf[..n]).contains(" 408 "), "{}", String::from_utf8_lossy(&buf[..n])),
+            Err(e) => assert!(
+                !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+                "the server kept a connection with unfinished headers open"
+            ),
+        }
+
+        // A body that never finishes: 408 with a JSON error.
+        let mut slow_body = Conn::open(addr, &ca_pem);
+        slow_body
+            .tls
+            .write_all(b"POST /mutate HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"apiVersion\"")
+            .unwrap();
+        let started = std::time::Instant::now();
+        let n = slow_body.tls.read(&mut buf).unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("not received within 1000ms"), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(4));
+    })
+    .await
+    .unwrap();
+    service.shutdown().await;
+}
