@@ -20,6 +20,7 @@ pub mod reconciler;
 pub mod renewal;
 pub mod selector;
 pub mod server;
+pub mod status;
 pub mod tls;
 pub mod token;
 pub mod webhook;

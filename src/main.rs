@@ -55,6 +55,12 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         renew_within_days: u64,
     },
+    /// Show every opted-in namespace: its Secret, registries, time to expiry, last renewal and
+    /// last error, as the cluster records them.
+    Status {
+        #[arg(long, env = "PULL_SECRET_INJECTOR_CONFIG")]
+        config: PathBuf,
+    },
     /// Check a config file and print what is wrong with it, without starting anything.
     CheckConfig {
         #[arg(long, env = "PULL_SECRET_INJECTOR_CONFIG")]
@@ -74,6 +80,13 @@ async fn main() -> anyhow::Result<()> {
         Command::CheckConfig { config } => {
             Config::from_file(&config)?;
             println!("{}: ok", config.display());
+            Ok(())
+        }
+        Command::Status { config } => {
+            let config = Config::from_file(&config)?;
+            let client = kube::Client::try_default().await.context("cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment")?;
+            let rows = pull_secret_injector::status::collect(&client, &config).await.context("reading the cluster")?;
+            println!("{}", pull_secret_injector::status::render(&rows, jiff::Timestamp::now()));
             Ok(())
         }
         Command::Certs { namespace, secret, service, webhook, out_dir, validity_days, renew_within_days } => {

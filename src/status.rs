@@ -1,0 +1,130 @@
+//! `pull-secret-injector status`: what the cluster says about every opted-in namespace, as a
+//! table like `kubectl get`. Read from the cluster, so it works from any replica or a laptop.
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
+
+use crate::config::Config;
+use crate::pull_secret::{self, EXPIRES_AT, ISSUED_AT, REGISTRIES};
+use crate::selector::{Eligibility, NamespacePolicy};
+
+/// One opted-in namespace as the cluster shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub namespace: String,
+    /// `ok`, `missing`, `not managed` (someone else's Secret) or `unreadable`.
+    pub state: String,
+    pub registries: String,
+    pub expires_at: Option<Timestamp>,
+    pub issued_at: Option<Timestamp>,
+    pub last_error: Option<String>,
+}
+
+pub async fn collect(client: &Client, config: &Config) -> Result<Vec<Row>, kube::Error> {
+    let own = config.own_namespace.clone().or_else(|| std::env::var("POD_NAMESPACE").ok());
+    let policy = NamespacePolicy::new(config.namespace_selector.clone(), own.as_deref(), &config.excluded_namespaces);
+    let namespaces = Api::<Namespace>::all(client.clone()).list(&ListParams::default()).await?;
+    let mut rows = Vec::new();
+    for ns in namespaces.items.iter().filter(|n| policy.eligibility(&n.name_any(), n.metadata.labels.as_ref()) == Eligibility::OptedIn) {
+        let name = ns.name_any();
+        let secret = Api::<Secret>::namespaced(client.clone(), &name).get_opt(&config.secret_name).await?;
+        let annotation = |s: &Secret, k: &str| s.metadata.annotations.as_ref().and_then(|a| a.get(k)).cloned();
+        let (state, registries, expires_at, issued_at) = match &secret {
+            None => ("missing".to_string(), String::new(), None, None),
+            Some(s) if !pull_secret::is_managed(s) => ("not managed".to_string(), String::new(), None, None),
+            Some(s) => (
+                "ok".to_string(),
+                annotation(s, REGISTRIES).unwrap_or_default(),
+                annotation(s, EXPIRES_AT).and_then(|t| t.parse().ok()),
+                annotation(s, ISSUED_AT).and_then(|t| t.parse().ok()),
+            ),
+        };
+        let events = Api::<Event>::namespaced(client.clone(), &name).list(&ListParams::default()).await?;
+        let last_error = events
+            .items
+            .iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(config.secret_name.as_str()))
+            .filter(|e| e.type_.as_deref() == Some("Warning"))
+            .max_by_key(|e| e.event_time.as_ref().map(|t| t.0))
+            .map(|e| format!("{}: {}", e.reason.clone().unwrap_or_default(), e.note.clone().unwrap_or_default()));
+        rows.push(Row { namespace: name, state, registries, expires_at, issued_at, last_error });
+    }
+    Ok(rows)
+}
+
+/// `1h02m`, `14m`, `45s`, `-3m` (already expired).
+pub fn human(seconds: i64) -> String {
+    let sign = if seconds < 0 { "-" } else { "" };
+    let s = seconds.unsigned_abs();
+    match s {
+        0..=59 => format!("{sign}{s}s"),
+        60..=3599 => format!("{sign}{}m", s / 60),
+        _ => format!("{sign}{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+pub fn render(rows: &[Row], now: Timestamp) -> String {
+    let mut lines = vec![["NAMESPACE", "SECRET", "REGISTRIES", "EXPIRES IN", "RENEWED", "LAST ERROR"].map(String::from).to_vec()];
+    for r in rows {
+        lines.push(vec![
+            r.namespace.clone(),
+            r.state.clone(),
+            if r.registries.is_empty() { "-".into() } else { r.registries.clone() },
+            r.expires_at.map_or("-".into(), |t| human(t.duration_since(now).as_secs())),
+            r.issued_at.map_or("-".into(), |t| format!("{} ago", human(now.duration_since(t).as_secs()))),
+            r.last_error.as_deref().map_or("-".into(), |e| e.chars().take(80).collect()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6).map(|i| lines.iter().map(|l| l[i].chars().count()).max().unwrap_or(0)).collect();
+    lines
+        .iter()
+        .map(|l| {
+            l.iter().enumerate().map(|(i, c)| if i == 5 { c.clone() } else { format!("{c:<w$}", w = widths[i]) }).collect::<Vec<_>>().join("   ").trim_end().to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_kubectl() {
+        assert_eq!(human(45), "45s");
+        assert_eq!(human(14 * 60 + 5), "14m");
+        assert_eq!(human(3720), "1h02m");
+        assert_eq!(human(-180), "-3m");
+    }
+
+    #[test]
+    fn table() {
+        let now: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        let rows = vec![
+            Row {
+                namespace: "team-a".into(),
+                state: "ok".into(),
+                registries: "registry.example.com".into(),
+                expires_at: Some("2026-11-22T10:40:00Z".parse().unwrap()),
+                issued_at: Some("2026-11-22T09:40:00Z".parse().unwrap()),
+                last_error: None,
+            },
+            Row {
+                namespace: "team-b".into(),
+                state: "missing".into(),
+                registries: String::new(),
+                expires_at: None,
+                issued_at: None,
+                last_error: Some("MintFailed: TokenRequest for ServiceAccount team-b/default failed".into()),
+            },
+        ];
+        let text = render(&rows, now);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "NAMESPACE   SECRET    REGISTRIES             EXPIRES IN   RENEWED   LAST ERROR");
+        assert_eq!(lines[1], "team-a      ok        registry.example.com   40m          20m ago   -");
+        assert_eq!(lines[2], "team-b      missing   -                      -            -         MintFailed: TokenRequest for ServiceAccount team-b/default failed");
+    }
+}
