@@ -168,4 +168,28 @@ mod tests {
         assert!((590.0..=600.0).contains(&earliest), "{earliest}");
         assert!(!text.contains("team-a"), "no namespace names in labels");
     }
+
+    #[test]
+    fn the_grafana_dashboard_queries_only_exported_metrics() {
+        let m = Metrics::default();
+        // Families appear once they have a sample.
+        m.admission("Pod", "patched");
+        m.cache_lookup(false);
+        m.mint("kubernetes", true, 0.01);
+        let text = m.encode();
+        let exported: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_whitespace().next()).collect();
+        let dashboard: serde_json::Value = serde_json::from_str(include_str!("../deploy/grafana/pull-secret-injector.json")).unwrap();
+        let mut queried = 0;
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for word in expr.split(|c: char| !(c.is_alphanumeric() || c == '_')).filter(|w| w.starts_with("pull_secret_injector_")) {
+                    let family = ["_total", "_bucket", "_count", "_sum"].iter().fold(word, |w, s| w.strip_suffix(s).unwrap_or(w));
+                    assert!(exported.contains(&family), "dashboard queries {word}, which is not exported: {exported:?}");
+                    queried += 1;
+                }
+            }
+        }
+        assert!(queried >= 8);
+    }
 }
