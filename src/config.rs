@@ -82,12 +82,27 @@ pub struct TlsConfig {
     pub key_file: PathBuf,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RefreshConfig {
     /// Renew a credential when less than this remains. Default: a third of its lifetime.
     #[serde(default, deserialize_with = "opt_duration")]
     pub renew_before: Option<Duration>,
+    /// At most this many mints per second from this replica, so that many Secrets falling due
+    /// together (a restart after an outage, thousands of namespaces) never flood the API server
+    /// or a registry. Default 20.
+    #[serde(default = "default_max_mints_per_second")]
+    pub max_mints_per_second: f64,
+}
+
+fn default_max_mints_per_second() -> f64 {
+    20.0
+}
+
+impl Default for RefreshConfig {
+    fn default() -> Self {
+        Self { renew_before: None, max_mints_per_second: default_max_mints_per_second() }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -243,6 +258,9 @@ impl Config {
         }
         if self.admission.max_body_bytes < 1024 {
             err("admission.maxBodyBytes", "must be at least 1024".into());
+        }
+        if !(self.refresh.max_mints_per_second > 0.0 && self.refresh.max_mints_per_second.is_finite()) {
+            err("refresh.maxMintsPerSecond", "must be a number above 0".into());
         }
         if let Some(rb) = self.refresh.renew_before {
             if rb.is_zero() {

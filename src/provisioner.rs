@@ -49,6 +49,7 @@ pub struct Provisioner {
     cache: Cache<String, Fresh>,
     recorder: Recorder,
     metrics: Arc<Metrics>,
+    pacer: renewal::MintPacer,
 }
 
 /// Cache entries live until their renewal time, so an entry that is present is fresh.
@@ -71,6 +72,7 @@ impl Provisioner {
             renew_before: config.refresh.renew_before,
             cache: Cache::builder().expire_after(UntilRenewal).build(),
             metrics,
+            pacer: renewal::MintPacer::new(config.refresh.max_mints_per_second),
         }
     }
 
@@ -100,6 +102,13 @@ impl Provisioner {
             self.cache.invalidate(namespace).await;
         }
         self.ensure(namespace).await
+    }
+
+    /// Records a Secret known to be fresh (as written by another replica), without reading it.
+    pub async fn remember(&self, namespace: &str, issued: Issued) {
+        let fresh = self.fresh(namespace, issued);
+        self.metrics.secret_written(namespace, fresh.issued.expires_at);
+        self.cache.insert(namespace.to_string(), fresh).await;
     }
 
     /// Whether the namespace's entry is cached and fresh: no I/O.
@@ -243,6 +252,7 @@ impl Provisioner {
                 }
                 Assessment::Missing | Assessment::Tampered | Assessment::Outdated => {}
             }
+            self.pacer.wait().await;
             let credentials = match self.mint_all(namespace).await {
                 Ok(c) => c,
                 Err(e) => {
