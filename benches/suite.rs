@@ -1,0 +1,505 @@
+//! The benchmark suite: `hack/bench` (or `cargo bench --bench suite`). Every figure is printed
+//! beside a baseline measured in the same run, and written to `bench-results/results.{md,json}`.
+//!
+//!   1. handler    decode → decide → patch → encode, warm cache, one core; baseline: a JSON
+//!                 round trip of the same body
+//!   2. tls        wrk over keep-alive TLS at concurrency 1/16/64; baseline: a null webhook on
+//!                 the same TLS/HTTP stack
+//!   3. apiserver  500 + 500 interleaved Pod creations, with and without the webhook
+//!   4. burst      1,000 concurrent Pod creations in a namespace without a Secret
+//!   5. scale      N opted-in namespaces (BENCH_NAMESPACES, default 10000): start-up, memory,
+//!                 paced renewals, CPU per renewal
+//!
+//! BENCH_ONLY=handler,tls,... runs a subset.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use kube::api::{Api, PostParams};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
+use pull_secret_injector::config::Config;
+use pull_secret_injector::metrics::Metrics;
+use pull_secret_injector::provisioner::Provisioner;
+use pull_secret_injector::pull_secret::{self, Issued};
+use pull_secret_injector::selector::NamespacePolicy;
+use pull_secret_injector::token::{Credential, Sensitive};
+use pull_secret_injector::webhook::Webhook;
+use serde_json::{json, Value};
+use support::*;
+
+/// One measured figure and the baseline it is compared with.
+struct Figure {
+    name: String,
+    value: f64,
+    unit: &'static str,
+    baseline: Option<(String, f64)>,
+    target: &'static str,
+}
+
+impl Figure {
+    fn ratio(&self) -> Option<f64> {
+        self.baseline.as_ref().map(|(_, b)| self.value / b)
+    }
+}
+
+fn figure(name: impl Into<String>, value: f64, unit: &'static str, baseline: Option<(&str, f64)>, target: &'static str) -> Figure {
+    let f = Figure { name: name.into(), value, unit, baseline: baseline.map(|(n, v)| (n.to_string(), v)), target };
+    match (&f.baseline, f.ratio()) {
+        (Some((bn, bv)), Some(r)) => println!("  {:<48} {:>12.3} {:<6} | {bn}: {bv:.3} | ratio {r:.3}   {}", f.name, f.value, f.unit, f.target),
+        _ => println!("  {:<48} {:>12.3} {:<6}   {}", f.name, f.value, f.unit, f.target),
+    }
+    f
+}
+
+fn wanted(item: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|o| o.trim() == item))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// A realistic Pod of about 4 KB: four containers with env, resources, probes and mounts.
+fn pod_review(namespace: &str, uid: &str) -> Value {
+    let container = |name: &str, image: &str| {
+        json!({
+            "name": name, "image": format!("registry.example.com/team/{image}"),
+            "args": ["--listen=:8080", "--log-level=info", "--metrics=:9090"],
+            "env": (0..6).map(|i| json!({"name": format!("SETTING_{i}"), "value": format!("value-{i}-abcdefgh")})).collect::<Vec<_>>(),
+            "ports": [{"containerPort": 8080, "protocol": "TCP", "name": "http"}],
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}},
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 5},
+            "volumeMounts": [{"name": "config", "mountPath": "/etc/app"}, {"name": "data", "mountPath": "/var/lib/app"}],
+            "securityContext": {"runAsNonRoot": true, "readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false}
+        })
+    };
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace, "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller", "groups": ["system:serviceaccounts"]},
+            "object": {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"generateName": "app-7d9f8c-", "namespace": namespace,
+                             "labels": {"app": "app", "pod-template-hash": "7d9f8c"},
+                             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "app-7d9f8c", "uid": "a1b2c3", "controller": true}]},
+                "spec": {
+                    "containers": [container("app", "app:1.2.3"), container("sidecar", "proxy:2.0"), container("logs", "logs:0.9"), container("metrics", "exporter:1.1")],
+                    "volumes": [{"name": "config", "configMap": {"name": "app"}}, {"name": "data", "emptyDir": {}}],
+                    "serviceAccountName": "default", "restartPolicy": "Always", "terminationGracePeriodSeconds": 30
+                }
+            },
+            "dryRun": false
+        }
+    })
+}
+
+fn handler() -> Vec<Figure> {
+    println!("1. handler: decode → decide → patch → encode, warm cache, one core");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let yaml = "tls: {certFile: x, keyFile: y}\nregistries: [{host: registry.example.com, kubernetes: {audience: a}}]\n";
+        let config = Config::from_yaml(yaml).unwrap();
+        // Nothing on the warm path talks to the API server: this client points nowhere.
+        let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let mut writer = Writer::<Namespace>::default();
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "bench", "labels": {"pull-secret-injector.io/inject": "enabled"}}})).unwrap();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitApply(ns));
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let metrics = Arc::new(Metrics::default());
+        let provisioner = Arc::new(Provisioner::new(client.clone(), &config, metrics.clone()));
+        let now = Timestamp::now();
+        provisioner
+            .remember("bench", Issued { issued_at: now, expires_at: now + jiff::SignedDuration::from_hours(1), content_sha256: String::new() })
+            .await;
+        let policy = NamespacePolicy::new(config.namespace_selector.clone(), None, &[]);
+        let webhook = Webhook::new(client, policy, writer.as_reader(), provisioner, config.admission.budget, Default::default(), metrics);
+        let body = serde_json::to_vec(&pod_review("bench", "b5e1c0de-0000-4000-8000-000000000001")).unwrap();
+        let answer: Value = serde_json::from_slice(&webhook.review(&body).await.unwrap()).unwrap();
+        assert!(answer["response"]["patch"].is_string(), "the warm path patches: {answer}");
+
+        const N: u32 = 100_000;
+        let time = |f: &mut dyn FnMut()| {
+            for _ in 0..N / 10 {
+                f();
+            }
+            let start = Instant::now();
+            for _ in 0..N {
+                f();
+            }
+            start.elapsed().as_secs_f64() * 1e6 / N as f64
+        };
+        let baseline = time(&mut || {
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            std::hint::black_box(serde_json::to_vec(&v).unwrap());
+        });
+        let mut total = Duration::ZERO;
+        for _ in 0..N / 10 {
+            std::hint::black_box(webhook.review(&body).await.unwrap());
+        }
+        for _ in 0..N {
+            let start = Instant::now();
+            std::hint::black_box(webhook.review(&body).await.unwrap());
+            total += start.elapsed();
+        }
+        let ours = total.as_secs_f64() * 1e6 / N as f64;
+        vec![
+            figure(format!("admission review, {} B Pod", body.len()), ours, "µs", Some(("JSON parse+serialise of the same body", baseline)), "target < 20 µs"),
+        ]
+    })
+}
+
+/// Requests/s, p50 and p99 (ms) from `wrk --latency`.
+fn wrk(url: &str, body: &Value, connections: u32, seconds: u32) -> (f64, f64, f64) {
+    let script = std::env::temp_dir().join(format!("psi-wrk-{}.lua", std::process::id()));
+    std::fs::write(&script, format!("wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = [==[{body}]==]\n")).unwrap();
+    let threads = connections.clamp(1, 2);
+    let out = std::process::Command::new("wrk")
+        .args(["-t", &threads.to_string(), "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--latency", "-s"])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .expect("wrk (Debian package wrk) runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ms = |s: &str| -> f64 {
+        let s = s.trim();
+        if let Some(v) = s.strip_suffix("us") {
+            v.parse::<f64>().unwrap() / 1000.0
+        } else if let Some(v) = s.strip_suffix("ms") {
+            v.parse().unwrap()
+        } else if let Some(v) = s.strip_suffix('s') {
+            v.parse::<f64>().unwrap() * 1000.0
+        } else {
+            f64::NAN
+        }
+    };
+    let rps = text.lines().find_map(|l| l.trim().strip_prefix("Requests/sec:")).map(|v| v.trim().parse().unwrap()).unwrap_or(f64::NAN);
+    let pct = |p: &str| text.lines().find_map(|l| l.trim().strip_prefix(p).map(ms)).unwrap_or(f64::NAN);
+    let errors = text.lines().any(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    assert!(!errors, "wrk saw errors:\n{text}");
+    (rps, pct("50%"), pct("99%"))
+}
+
+/// A webhook that answers `allowed` without reading the request, on the service's TLS stack.
+async fn null_webhook(certs: &Certs) -> (std::net::SocketAddr, axum_server::Handle<std::net::SocketAddr>) {
+    let cert = Arc::new(pull_secret_injector::tls::ReloadingCert::load(&certs.cert(), &certs.key()).unwrap());
+    let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(pull_secret_injector::tls::server_config(cert).unwrap()));
+    let app = axum::Router::new().route(
+        "/mutate",
+        axum::routing::post(|| async {
+            ([("content-type", "application/json")], r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"","allowed":true}}"#)
+        }),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = axum_server::Handle::new();
+    let server = axum_server::from_tcp_rustls(listener, tls).unwrap().handle(handle.clone());
+    tokio::spawn(server.serve(app.into_make_service()));
+    (addr, handle)
+}
+
+async fn tls_load() -> Vec<Figure> {
+    println!("2. over TLS: wrk, keep-alive, against the service (warm) and a null webhook");
+    let mut inj = Injector::start("bench-tls").await;
+    let ns = inj.namespace("load", true).await;
+    wait_secret(&inj.client, &ns, "warm", |_| true).await;
+    let body = pod_review(&ns, "b5e1c0de-0000-4000-8000-000000000002");
+    let (null_addr, null_handle) = null_webhook(&inj.certs).await;
+    let mut figures = Vec::new();
+    for c in [1, 16, 64] {
+        let (n_rps, n_p50, n_p99) = wrk(&format!("https://{null_addr}/mutate"), &body, c, 8);
+        let (rps, p50, p99) = wrk(&inj.url(), &body, c, 8);
+        figures.push(figure(format!("c={c} throughput"), rps, "req/s", Some(("null webhook", n_rps)), "target ratio ≥ 0.85"));
+        figures.push(figure(format!("c={c} p50"), p50, "ms", Some(("null webhook", n_p50)), ""));
+        figures.push(figure(format!("c={c} p99"), p99, "ms", Some(("null webhook", n_p99)), "target ratio ≤ 1.2"));
+    }
+    null_handle.shutdown();
+    inj.cleanup().await;
+    figures
+}
+
+async fn apiserver_path() -> Vec<Figure> {
+    println!("3. through the API server: 500 + 500 interleaved Pod creations");
+    let mut inj = Injector::start("bench-api").await;
+    let c = inj.client.clone();
+    let with = inj.namespace("with", true).await;
+    let without = inj.namespace("without", false).await;
+    wait_secret(&c, &with, "warm", |_| true).await;
+    let pod = |i: usize| -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": format!("p{i}")}, "spec": {"containers": [{"name": "app", "image": "registry.example.com/app:1"}]}})).unwrap()
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..500 {
+        for (ns, out) in [(&with, &mut a), (&without, &mut b)] {
+            let start = Instant::now();
+            Api::<Pod>::namespaced(c.clone(), ns).create(&PostParams::default(), &pod(i)).await.unwrap();
+            out.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    a.sort_by(f64::total_cmp);
+    b.sort_by(f64::total_cmp);
+    let figures = vec![
+        figure("create p50, webhook on", percentile(&a, 0.5), "ms", Some(("webhook not selected", percentile(&b, 0.5))), "target ratio < 1.10"),
+        figure("create p99, webhook on", percentile(&a, 0.99), "ms", Some(("webhook not selected", percentile(&b, 0.99))), "target ratio < 1.10"),
+    ];
+    inj.cleanup().await;
+    figures
+}
+
+async fn cold_burst() -> Vec<Figure> {
+    println!("4. cold burst: 1,000 concurrent Pod creations, namespace without a Secret");
+    let cp = ControlPlane::get();
+    let admin = cp.client().await;
+    // This replica does not hold the Lease (someone else does for an hour), so no refresher
+    // makes the Secret ahead of the burst: the admissions alone must, once.
+    let lease_ns = "bench-burst-lease";
+    create_namespace(&admin, lease_ns, Default::default()).await;
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "held-elsewhere"},
+        "spec": {"holderIdentity": "another-replica", "leaseDurationSeconds": 3600, "renewTime": Timestamp::now().to_string(), "acquireTime": Timestamp::now().to_string()}
+    }))
+    .unwrap();
+    Api::<Lease>::namespaced(admin.clone(), lease_ns).create(&PostParams::default(), &lease).await.unwrap();
+    let extra = format!("leaderElection: {{leaseName: held-elsewhere, namespace: {lease_ns}, leaseDuration: 15s, renewGrace: 5s}}");
+    let mut inj = Injector::start_with("bench-burst", &kubernetes_registry("default", 3600), &extra).await;
+    let ns = inj.namespace("cold", true).await;
+    assert!(get_secret(&admin, &ns).await.is_none());
+    let start = Instant::now();
+    let retries = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let creates = (0..1000).map(|i| {
+        let (c, ns, retries) = (admin.clone(), ns.clone(), retries.clone());
+        async move {
+            let pod: Pod = serde_json::from_value(json!({"metadata": {"name": format!("b{i}")}, "spec": {"containers": [{"name": "a", "image": "registry.example.com/a"}]}})).unwrap();
+            loop {
+                match Api::<Pod>::namespaced(c.clone(), &ns).create(&PostParams::default(), &pod).await {
+                    Ok(p) => return pull_secret_names(&p).contains(&"pull-secret".to_string()),
+                    // The API server sheds load above its in-flight limit; try again.
+                    Err(kube::Error::Api(s)) if s.code == 429 => {
+                        retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => panic!("create failed: {e}"),
+                }
+            }
+        }
+    });
+    let patched = futures::stream::iter(creates).buffer_unordered(1000).collect::<Vec<bool>>().await;
+    let elapsed = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mints = cp.token_requests(&ns) as f64;
+    let writes = cp.secret_writes(&ns) as f64;
+    println!("  ({} of 1000 Pods patched, {} retries after 429)", patched.iter().filter(|p| **p).count(), retries.load(std::sync::atomic::Ordering::Relaxed));
+    let figures = vec![
+        figure("TokenRequests for the burst", mints, "", Some(("Secrets needed", 1.0)), "target exactly 1"),
+        figure("Secret writes for the burst", writes, "", Some(("Secrets needed", 1.0)), "target exactly 1"),
+        figure("time until all 1,000 admitted", elapsed, "s", None, ""),
+    ];
+    inj.cleanup().await;
+    let _ = Api::<Namespace>::all(admin).delete(lease_ns, &Default::default()).await;
+    figures
+}
+
+fn proc_status(pid: u32, field: &str) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(f64::NAN)
+}
+
+/// CPU seconds (user + system) the process used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = text.rsplit_once(") ").map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN) + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    ticks / 100.0
+}
+
+fn fake_credentials(issued: Timestamp, expires: Timestamp) -> Vec<(String, Credential)> {
+    vec![(HOST.to_string(), Credential { username: "oauth2accesstoken".into(), password: Sensitive::new("not-a-real-token"), issued_at: issued, expires_at: expires })]
+}
+
+async fn scale() -> Vec<Figure> {
+    let n: usize = std::env::var("BENCH_NAMESPACES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    println!("5. scale: {n} opted-in namespaces with fresh Secrets");
+    let cp = ControlPlane::get();
+    let admin = cp.client().await;
+    let names: Vec<String> = (0..n).map(|i| format!("bscale-{i:05}")).collect();
+    let start = Instant::now();
+    futures::stream::iter(names.iter().cloned())
+        .for_each_concurrent(32, |name| {
+            let c = admin.clone();
+            async move {
+                let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": {"pull-secret-injector.io/inject": "enabled", "e2e-run": "bench-scale"}}})).unwrap();
+                let _ = Api::<Namespace>::all(c.clone()).create(&PostParams::default(), &ns).await;
+                let now = Timestamp::now();
+                let (secret, _) = pull_secret::build(&name, "pull-secret", &fake_credentials(now, now + jiff::SignedDuration::from_hours(1)));
+                let _ = Api::<Secret>::namespaced(c, &name).create(&PostParams::default(), &secret).await;
+            }
+        })
+        .await;
+    println!("  (set-up: {n} namespaces and Secrets in {:.1}s)", start.elapsed().as_secs_f64());
+
+    let certs = Certs::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let yaml = config_yaml("bench-scale", &certs, &kubernetes_registry("default", 3600), "").replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+    let config_file = certs.dir.path().join("config.yaml");
+    std::fs::write(&config_file, &yaml).unwrap();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_pull-secret-injector"));
+    let spawn = || {
+        std::process::Command::new(binary)
+            .args(["serve", "--config", path_str(&config_file)])
+            .env("KUBECONFIG", cp.kubeconfig())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(certs.dir.path().join("scale.log")).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let managed = |certs: &Certs| -> f64 {
+        let (_, text) = curl(certs, &[&format!("https://127.0.0.1:{port}/metrics")]);
+        text.lines().find_map(|l| l.strip_prefix("pull_secret_injector_managed_secrets ")).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    };
+    let mints_in_scale = || cp.audit(|e| e["objectRef"]["subresource"] == "token" && e["objectRef"]["namespace"].as_str().is_some_and(|n| n.starts_with("bscale-"))).len();
+
+    let mints_before = mints_in_scale();
+    let started = Instant::now();
+    let mut child = spawn();
+    let pid = child.id();
+    let mut ready = None;
+    let mut adopted = None;
+    while started.elapsed() < Duration::from_secs(300) && adopted.is_none() {
+        if ready.is_none() && curl(&certs, &[&format!("https://127.0.0.1:{port}/readyz")]).0 == 200 {
+            ready = Some(started.elapsed().as_secs_f64());
+        }
+        if ready.is_some() && managed(&certs) >= n as f64 {
+            adopted = Some(started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rss_mib = proc_status(pid, "VmRSS:") / 1024.0;
+    let mints_at_start = (mints_in_scale() - mints_before) as f64;
+    let mut figures = vec![
+        figure("start → ready", ready.unwrap_or(f64::NAN), "s", None, ""),
+        figure(format!("start → all {n} Secrets adopted"), adopted.unwrap_or(f64::NAN), "s", None, "target < 10 s"),
+        figure("mints during start-up", mints_at_start, "", Some(("Secrets already fresh", 0.0)), "target 0"),
+        figure("resident memory after adoption", rss_mib, "MiB", None, "target < 128 MiB"),
+    ];
+
+    // Renewals: a fifth of the Secrets fall due at once; the pacer (20/s) spreads them out.
+    let _ = child.kill();
+    let _ = child.wait();
+    let due: Vec<&String> = names.iter().step_by(5).collect();
+    futures::stream::iter(due.iter().map(|s| s.to_string()))
+        .for_each_concurrent(32, |name| {
+            let c = admin.clone();
+            async move {
+                let now = Timestamp::now();
+                let (mut secret, _) = pull_secret::build(&name, "pull-secret", &fake_credentials(now - jiff::SignedDuration::from_mins(55), now + jiff::SignedDuration::from_mins(5)));
+                let api = Api::<Secret>::namespaced(c, &name);
+                if let Ok(Some(old)) = api.get_opt("pull-secret").await {
+                    secret.metadata.resource_version = old.metadata.resource_version;
+                    let _ = api.replace("pull-secret", &PostParams::default(), &secret).await;
+                }
+            }
+        })
+        .await;
+    let window = Duration::from_secs(30);
+    let before = mints_in_scale();
+    let mut child = spawn();
+    let pid = child.id();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu0 = cpu_seconds(pid);
+    let count0 = mints_in_scale();
+    tokio::time::sleep(window).await;
+    let cpu1 = cpu_seconds(pid);
+    let count1 = mints_in_scale();
+    let _ = child.kill();
+    let _ = child.wait();
+    // Per-second histogram of the mints in the window, from the audit log's timestamps.
+    let mut per_second: BTreeMap<i64, usize> = BTreeMap::new();
+    for e in cp.audit(|e| e["objectRef"]["subresource"] == "token" && e["objectRef"]["namespace"].as_str().is_some_and(|n| n.starts_with("bscale-"))).iter().skip(before) {
+        if let Some(t) = e["stageTimestamp"].as_str().and_then(|t| t.parse::<Timestamp>().ok()) {
+            *per_second.entry(t.as_second()).or_default() += 1;
+        }
+    }
+    let peak = per_second.values().copied().max().unwrap_or(0) as f64;
+    let renewals = (count1 - count0) as f64;
+    figures.push(figure(format!("renewals in a {}s window ({} due)", window.as_secs(), due.len()), renewals, "", None, ""));
+    figures.push(figure("renewal rate", renewals / window.as_secs_f64(), "/s", Some(("cap (refresh.maxMintsPerSecond)", 20.0)), "target ≤ cap"));
+    figures.push(figure("busiest second", peak, "mints", Some(("cap", 20.0)), "no thundering herd"));
+    figures.push(figure("CPU per renewal", (cpu1 - cpu0) * 1000.0 / renewals.max(1.0), "ms", None, ""));
+    figures
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu.lines().find_map(|l| l.strip_prefix("model name")).map(|l| l.trim_start_matches([' ', '\t', ':']).to_string()).unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().unwrap_or_default().to_string();
+    let version = |cmd: &str, arg: &str| {
+        std::process::Command::new(cmd).arg(arg).output().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_string()).unwrap_or_default()
+    };
+    json!({
+        "cpu": model, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "memory": mem,
+        "rustc": version("rustc", "--version"), "wrk": version("wrk", "--version"),
+        "kube-apiserver": "v1.20.2 (hack/control-plane)", "pull-secret-injector": env!("CARGO_PKG_VERSION"),
+        "date": Timestamp::now().to_string(),
+    })
+}
+
+fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut sections: Vec<(&str, Vec<Figure>)> = Vec::new();
+    if wanted("handler") {
+        sections.push(("1. Handler (one core)", handler()));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        if wanted("tls") {
+            sections.push(("2. Over TLS against a null webhook", tls_load().await));
+        }
+        if wanted("apiserver") {
+            sections.push(("3. Through the real API server", apiserver_path().await));
+        }
+        if wanted("burst") {
+            sections.push(("4. Cold burst", cold_burst().await));
+        }
+        if wanted("scale") {
+            sections.push(("5. Scale", scale().await));
+        }
+    });
+    let machine = machine();
+    let mut md = format!("# pull-secret-injector benchmark results\n\nMachine: `{}`\n\n", machine);
+    let mut json_sections = Vec::new();
+    for (title, figures) in &sections {
+        let _ = writeln!(md, "## {title}\n\n| figure | value | baseline (same run) | ratio | target |\n|---|---|---|---|---|");
+        for f in figures {
+            let (bn, bv) = f.baseline.clone().unwrap_or_default();
+            let base = if bn.is_empty() { "-".into() } else { format!("{bn}: {bv:.3}") };
+            let ratio = f.ratio().map_or("-".into(), |r| format!("{r:.3}"));
+            let _ = writeln!(md, "| {} | {:.3} {} | {base} | {ratio} | {} |", f.name, f.value, f.unit, f.target);
+            json_sections.push(json!({"section": title, "name": f.name, "value": f.value, "unit": f.unit, "baseline": f.baseline.as_ref().map(|(n, v)| json!({"name": n, "value": v})), "ratio": f.ratio(), "target": f.target}));
+        }
+        md.push('\n');
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-results");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("results.md"), md).unwrap();
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&json!({"machine": machine, "figures": json_sections})).unwrap()).unwrap();
+    println!("\nwrote {}", dir.join("results.md").display());
+}
