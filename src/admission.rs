@@ -32,7 +32,90 @@ pub struct AdmissionRequest {
     #[serde(default)]
     pub dry_run: Option<bool>,
     #[serde(default)]
-    pub object: Option<Value>,
+    pub object: Option<ObjectView>,
+}
+
+/// Declares a view of a JSON object that keeps only the named keys and skips the others
+/// unparsed. Written out rather than derived: a derived struct would also accept a JSON array
+/// (serde's sequence form), which no Kubernetes object is.
+macro_rules! object_view {
+    ($(#[$doc:meta])* $name:ident { $($field:ident: $ty:ty = $key:literal),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Default)]
+        pub struct $name {
+            $($field: Option<$ty>),*
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Visit;
+                impl<'de> serde::de::Visitor<'de> for Visit {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("an object")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<$name, A::Error> {
+                        let mut out = $name::default();
+                        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                            match key.as_ref() {
+                                $($key => out.$field = map.next_value()?,)*
+                                _ => {
+                                    map.next_value::<serde::de::IgnoredAny>()?;
+                                }
+                            }
+                        }
+                        Ok(out)
+                    }
+                }
+                d.deserialize_map(Visit)
+            }
+        }
+    };
+}
+
+object_view! {
+    /// The parts of the admitted object a patch depends on. Everything else (containers,
+    /// volumes, ...) is skipped while parsing rather than built into a JSON tree: reading the
+    /// object is most of the cost of an admission.
+    ObjectView {
+        spec: SpecView = "spec",
+        metadata: MetadataView = "metadata",
+        image_pull_secrets: Value = "imagePullSecrets",
+        secrets: Value = "secrets",
+    }
+}
+
+object_view! {
+    SpecView { image_pull_secrets: Value = "imagePullSecrets" }
+}
+
+object_view! {
+    MetadataView { annotations: Value = "annotations" }
+}
+
+impl ObjectView {
+    /// The object reduced to the fields the patch functions read, in their JSON shape.
+    pub fn to_value(&self) -> Value {
+        let mut object = serde_json::Map::new();
+        let put = |map: &mut serde_json::Map<String, Value>, key: &str, v: &Option<Value>| {
+            if let Some(v) = v {
+                map.insert(key.to_string(), v.clone());
+            }
+        };
+        if let Some(spec) = &self.spec {
+            let mut s = serde_json::Map::new();
+            put(&mut s, "imagePullSecrets", &spec.image_pull_secrets);
+            object.insert("spec".into(), Value::Object(s));
+        }
+        if let Some(meta) = &self.metadata {
+            let mut m = serde_json::Map::new();
+            put(&mut m, "annotations", &meta.annotations);
+            object.insert("metadata".into(), Value::Object(m));
+        }
+        put(&mut object, "imagePullSecrets", &self.image_pull_secrets);
+        put(&mut object, "secrets", &self.secrets);
+        Value::Object(object)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,10 +191,11 @@ impl AdmissionRequest {
     }
 }
 
-pub fn patch_for(target: Target, object: &Value, secret_name: &str) -> Patch {
+pub fn patch_for(target: Target, object: &ObjectView, secret_name: &str) -> Patch {
+    let object = object.to_value();
     match target {
-        Target::Pod => patch::for_pod(object, secret_name),
-        Target::ServiceAccount => patch::for_service_account(object, secret_name),
+        Target::Pod => patch::for_pod(&object, secret_name),
+        Target::ServiceAccount => patch::for_service_account(&object, secret_name),
     }
 }
 
@@ -258,6 +342,18 @@ mod tests {
         let mut body: Value = serde_json::from_slice(&review("Pod", "CREATE", json!({}))).unwrap();
         body["request"]["kind"]["group"] = json!("example.com");
         assert_eq!(decode(&serde_json::to_vec(&body).unwrap()).unwrap().request.target(), None);
+    }
+
+    #[test]
+    fn the_view_keeps_what_the_patches_read_and_nothing_else() {
+        let body = review("ServiceAccount", "CREATE", json!({
+            "metadata": {"name": "sa", "labels": {"x": "y"}, "annotations": {"a": "b"}},
+            "imagePullSecrets": [{"name": "mine"}], "secrets": null, "automountServiceAccountToken": false
+        }));
+        let view = decode(&body).unwrap().request.object.unwrap();
+        assert_eq!(view.to_value(), json!({"metadata": {"annotations": {"a": "b"}}, "imagePullSecrets": [{"name": "mine"}]}));
+        let pod = review("Pod", "CREATE", json!({"spec": {"containers": [{"name": "c"}], "imagePullSecrets": [{"name": "x"}]}}));
+        assert_eq!(decode(&pod).unwrap().request.object.unwrap().to_value(), json!({"spec": {"imagePullSecrets": [{"name": "x"}]}}));
     }
 
     #[test]

@@ -16,27 +16,27 @@ use std::sync::atomic::AtomicU64;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {
     /// `Pod`, `ServiceAccount` or `other`.
-    pub kind: String,
+    pub kind: &'static str,
     /// `patched`, `unchanged`, `not_ready` (patched with a warning), `conflict`, `invalid`.
-    pub outcome: String,
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MintLabels {
-    pub source: String,
+    pub source: &'static str,
     /// `ok` or `error`.
-    pub outcome: String,
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
-    pub source: String,
+    pub source: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
     /// `hit` or `miss`.
-    pub result: String,
+    pub result: &'static str,
 }
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -99,17 +99,18 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn admission(&self, kind: &str, outcome: &str) {
-        self.admissions.get_or_create(&AdmissionLabels { kind: kind.into(), outcome: outcome.into() }).inc();
+    // Labels are static words: no allocation on the admission path.
+    pub fn admission(&self, kind: &'static str, outcome: &'static str) {
+        self.admissions.get_or_create(&AdmissionLabels { kind, outcome }).inc();
     }
 
     pub fn cache_lookup(&self, hit: bool) {
-        self.cache.get_or_create(&CacheLabels { result: if hit { "hit" } else { "miss" }.into() }).inc();
+        self.cache.get_or_create(&CacheLabels { result: if hit { "hit" } else { "miss" } }).inc();
     }
 
-    pub fn mint(&self, source: &str, ok: bool, seconds: f64) {
-        self.mints.get_or_create(&MintLabels { source: source.into(), outcome: if ok { "ok" } else { "error" }.into() }).inc();
-        self.mint_seconds.get_or_create(&SourceLabels { source: source.into() }).observe(seconds);
+    pub fn mint(&self, source: &'static str, ok: bool, seconds: f64) {
+        self.mints.get_or_create(&MintLabels { source, outcome: if ok { "ok" } else { "error" } }).inc();
+        self.mint_seconds.get_or_create(&SourceLabels { source }).observe(seconds);
     }
 
     pub fn secret_written(&self, namespace: &str, expires_at: Timestamp) {

@@ -113,7 +113,8 @@ impl Provisioner {
 
     /// Whether the namespace's entry is cached and fresh: no I/O.
     pub async fn is_fresh(&self, namespace: &str) -> bool {
-        self.cache.get(namespace).await.is_some()
+        // contains_key honours expiry and, unlike get, clones nothing.
+        self.cache.contains_key(namespace)
     }
 
     /// Opt-out: forgets the namespace, deletes the Secret if it is ours, and takes back the

@@ -34,7 +34,8 @@ fn handle(body: &[u8]) {
     if let Some(p) = out["response"]["patch"].as_str() {
         let bytes = base64::engine::general_purpose::STANDARD.decode(p).expect("patch is base64");
         let patch: json_patch::Patch = serde_json::from_slice(&bytes).expect("patch is a JSON patch");
-        let mut object = review.request.object.clone().expect("patched requests carry an object");
+        let body: Value = serde_json::from_slice(body).expect("a decoded body is JSON");
+        let mut object = body["request"]["object"].clone();
         json_patch::patch(&mut object, &patch).expect("patch applies to the object");
     }
 }
