@@ -201,12 +201,17 @@ fn wrk(url: &str, body: &Value, connections: u32, seconds: u32) -> (f64, f64, f6
 async fn null_webhook(certs: &Certs) -> (std::net::SocketAddr, axum_server::Handle<std::net::SocketAddr>) {
     let cert = Arc::new(pull_secret_injector::tls::ReloadingCert::load(&certs.cert(), &certs.key()).unwrap());
     let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(pull_secret_injector::tls::server_config(cert).unwrap()));
-    let app = axum::Router::new().route(
-        "/mutate",
-        axum::routing::post(|| async {
-            ([("content-type", "application/json")], r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"","allowed":true}}"#)
-        }),
-    );
+    const ALLOWED: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"","allowed":true}}"#;
+    let app = axum::Router::new()
+        .route("/mutate", axum::routing::post(|| async { ([("content-type", "application/json")], ALLOWED) }))
+        // For context only: the same, but it reads the whole body first, as any real webhook must.
+        .route(
+            "/mutate-after-reading",
+            axum::routing::post(|body: axum::body::Bytes| async move {
+                std::hint::black_box(body);
+                ([("content-type", "application/json")], ALLOWED)
+            }),
+        );
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -226,8 +231,11 @@ async fn tls_load() -> Vec<Figure> {
     let mut figures = Vec::new();
     for c in [1, 16, 64] {
         let (n_rps, n_p50, n_p99) = wrk(&format!("https://{null_addr}/mutate"), &body, c, 8);
+        let (r_rps, _, r_p99) = wrk(&format!("https://{null_addr}/mutate-after-reading"), &body, c, 8);
         let (rps, p50, p99) = wrk(&inj.url(), &body, c, 8);
         figures.push(figure(format!("c={c} throughput"), rps, "req/s", Some(("null webhook", n_rps)), "target ratio ≥ 0.85"));
+        figures.push(figure(format!("c={c} throughput (context)"), rps, "req/s", Some(("null webhook that reads the body", r_rps)), ""));
+        figures.push(figure(format!("c={c} p99 (context)"), p99, "ms", Some(("null webhook that reads the body", r_p99)), ""));
         figures.push(figure(format!("c={c} p50"), p50, "ms", Some(("null webhook", n_p50)), ""));
         figures.push(figure(format!("c={c} p99"), p99, "ms", Some(("null webhook", n_p99)), "target ratio ≤ 1.2"));
     }
