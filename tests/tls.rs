@@ -46,6 +46,20 @@ fn swap(dir: &Path, target: &str) {
     std::fs::rename(&tmp, dir.join("..data")).unwrap();
 }
 
+/// The service serving certificates from `dir`, with an API server that accepts connections but
+/// never answers: serving TLS and HTTP needs none. `extra` is appended to the config.
+async fn start_offline(dir: &Path, extra: &str) -> pull_secret_injector::Service {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let kube = kube::Client::try_from(kube::Config::new(format!("http://{}", dead.local_addr().unwrap()).parse().unwrap())).unwrap();
+    // Keep the listener open for the life of the test process: a closed port would fail fast.
+    std::mem::forget(dead);
+    let yaml = format!(
+        "listen: 127.0.0.1:0\ntls: {{certFile: {0}/tls.crt, keyFile: {0}/tls.key}}\nregistries: [{{host: r.example.com, kubernetes: {{audience: a}}}}]\n{extra}",
+        dir.display()
+    );
+    pull_secret_injector::Service::start(pull_secret_injector::config::Config::from_yaml(&yaml).unwrap(), kube).await.unwrap()
+}
+
 struct Conn {
     tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
 }
@@ -118,14 +132,7 @@ async fn certificate_rotation_by_symlink_swap_is_picked_up_without_dropping_conn
         std::os::unix::fs::symlink(format!("..data/{f}"), dir.path().join(f)).unwrap();
     }
 
-    // No API server is needed to serve TLS: give the service one that never answers.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let kube = kube::Client::try_from(kube::Config::new(format!("http://{}", dead.local_addr().unwrap()).parse().unwrap())).unwrap();
-    let yaml = format!(
-        "listen: 127.0.0.1:0\ntls: {{certFile: {0}/tls.crt, keyFile: {0}/tls.key}}\nregistries: [{{host: r.example.com, kubernetes: {{audience: a}}}}]\n",
-        dir.path().display()
-    );
-    let service = pull_secret_injector::Service::start(pull_secret_injector::config::Config::from_yaml(&yaml).unwrap(), kube).await.unwrap();
+    let service = start_offline(dir.path(), "").await;
     let addr = service.local_addr;
 
     let (ca_pem, d) = (ca.pem.clone(), dir.path().to_owned());
@@ -161,13 +168,7 @@ async fn shutdown_lets_an_admission_in_flight_finish() {
     let ca = ca();
     let dir = tempfile::tempdir().unwrap();
     leaf(&ca, "only", dir.path());
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let kube = kube::Client::try_from(kube::Config::new(format!("http://{}", dead.local_addr().unwrap()).parse().unwrap())).unwrap();
-    let yaml = format!(
-        "listen: 127.0.0.1:0\ntls: {{certFile: {0}/tls.crt, keyFile: {0}/tls.key}}\nregistries: [{{host: r.example.com, kubernetes: {{audience: a}}}}]\n",
-        dir.path().display()
-    );
-    let service = pull_secret_injector::Service::start(pull_secret_injector::config::Config::from_yaml(&yaml).unwrap(), kube).await.unwrap();
+    let service = start_offline(dir.path(), "").await;
     let addr = service.local_addr;
     let body = serde_json::to_vec(&serde_json::json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
@@ -208,13 +209,7 @@ async fn slow_clients_cannot_hold_connections() {
     let ca = ca();
     let dir = tempfile::tempdir().unwrap();
     leaf(&ca, "only", dir.path());
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let kube = kube::Client::try_from(kube::Config::new(format!("http://{}", dead.local_addr().unwrap()).parse().unwrap())).unwrap();
-    let yaml = format!(
-        "listen: 127.0.0.1:0\ntls: {{certFile: {0}/tls.crt, keyFile: {0}/tls.key}}\nadmission: {{readTimeout: 1s}}\nregistries: [{{host: r.example.com, kubernetes: {{audience: a}}}}]\n",
-        dir.path().display()
-    );
-    let service = pull_secret_injector::Service::start(pull_secret_injector::config::Config::from_yaml(&yaml).unwrap(), kube).await.unwrap();
+    let service = start_offline(dir.path(), "admission: {readTimeout: 1s}\n").await;
     let addr = service.local_addr;
     let ca_pem = ca.pem.clone();
     tokio::task::spawn_blocking(move || {
