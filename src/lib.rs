@@ -121,7 +121,7 @@ impl Service {
 
         // Every replica watches namespaces to answer "opted in?" without an API call.
         let (namespaces, writer) = reflector::store();
-        let namespace_watch = reflector::reflector(writer, watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()))
+        let namespace_watch = reflector::reflector(writer, watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()).modify(reconciler::slim_namespace))
             .default_backoff()
             .for_each(|_| futures::future::ready(()));
         let mut until_stopped = stopped.clone();

@@ -48,6 +48,7 @@ impl Refresher {
         let (managed_secrets, writer) = reflector::store();
         let secret_events = reflector::reflector(
             writer,
+            // Only whether a managed Secret exists matters here: keep no data in memory.
             // By name as well as label: RBAC can then grant access to Secrets of this one name
             // only (`resourceNames`), never to the other Secrets of opted-in namespaces.
             watcher(
@@ -55,12 +56,21 @@ impl Refresher {
                 watcher::Config::default()
                     .labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"))
                     .fields(&format!("metadata.name={}", provisioner.secret_name())),
-            ),
+            )
+            .modify(|s: &mut Secret| {
+                s.data = None;
+                s.metadata.annotations = None;
+                s.metadata.managed_fields = None;
+            }),
         )
         .default_backoff()
         .touched_objects();
         let retries = tokio_stream_from(retry).map(|ns| ObjectRef::<Namespace>::new(&ns));
-        let controller = Controller::new(Api::<Namespace>::all(client), watcher::Config::default())
+        let (namespaces, ns_writer) = reflector::store();
+        let namespace_events = reflector::reflector(ns_writer, watcher(Api::<Namespace>::all(client), watcher::Config::default()).modify(slim_namespace))
+            .default_backoff()
+            .applied_objects();
+        let controller = Controller::for_stream(namespace_events, namespaces)
             .with_config(ControllerConfig::default().concurrency(16))
             .watches_stream(secret_events, |s: Secret| s.namespace().map(|ns| ObjectRef::new(&ns)))
             .reconcile_on(retries);
@@ -80,6 +90,15 @@ impl Refresher {
             })
             .await;
     }
+}
+
+/// Keeps of a Namespace only what deciding about it needs (name, labels, deletion): with
+/// thousands of namespaces, managed fields and annotations would be most of the memory.
+pub fn slim_namespace(ns: &mut Namespace) {
+    ns.metadata.managed_fields = None;
+    ns.metadata.annotations = None;
+    ns.spec = None;
+    ns.status = None;
 }
 
 fn tokio_stream_from(mut rx: mpsc::UnboundedReceiver<String>) -> impl futures::Stream<Item = String> {
