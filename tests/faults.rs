@@ -61,3 +61,42 @@ async fn changes_made_while_the_service_was_down_are_handled_when_it_returns() {
     .await;
     inj.cleanup().await;
 }
+
+/// Waits until the Secret is intact and then not rewritten for three seconds.
+async fn settle(c: &kube::Client, ns: &str, what: &str) -> Secret {
+    use pull_secret_injector::pull_secret::{assess, Assessment};
+    let first = wait_secret(c, ns, what, |s| matches!(assess(Some(s), [HOST]), Assessment::Intact(_))).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = get_secret(c, ns).await.expect("still there");
+    assert_eq!(later.metadata.resource_version, first.metadata.resource_version, "{what}: the Secret keeps changing");
+    later
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_writers_settle_without_lost_updates_or_flapping() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let mut inj = Injector::start("t-f3").await;
+    let c = inj.client.clone();
+    // A second replica with the same configuration and no leader election: both refresh, as
+    // two replicas would during a split brain.
+    let config = pull_secret_injector::config::Config::from_yaml(&inj.config_yaml).unwrap();
+    let second = pull_secret_injector::Service::start(config, c.clone()).await.unwrap();
+    let ns = inj.namespace("shared", true).await;
+    let api: Api<Secret> = Api::namespaced(c.clone(), &ns);
+    let settled = settle(&c, &ns, "two writers settle").await;
+    assert!(cp.secret_writes(&ns) <= 2, "writes: {}", cp.secret_writes(&ns));
+    assert_eq!(claims(&password(&settled))["sub"], format!("system:serviceaccount:{ns}:default"));
+
+    // A user overwrites the data three times in a row; each time it is restored, then it stays.
+    for _ in 0..3 {
+        let mut edited = api.get("pull-secret").await.unwrap();
+        edited.data.as_mut().unwrap().insert(".dockerconfigjson".into(), k8s_openapi::ByteString(br#"{"auths":{"evil.example.com":{}}}"#.to_vec()));
+        let _ = api.replace("pull-secret", &kube::api::PostParams::default(), &edited).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let restored = settle(&c, &ns, "restored after the user's edits").await;
+    assert!(docker_config(&restored)["auths"].get("evil.example.com").is_none());
+    second.shutdown().await;
+    inj.cleanup().await;
+}
