@@ -1,6 +1,9 @@
 //! Faults with the real control plane: the API server dies and comes back, the service is
 //! stopped while namespaces change. Nothing is missed afterwards.
 
+// The `serial()` guard is held across awaits on purpose: these tests take turns.
+#![allow(clippy::await_holding_lock)]
+
 mod support;
 
 use std::time::Duration;

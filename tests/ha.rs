@@ -2,6 +2,9 @@
 //! admissions, only the Lease holder refreshes, killing it hands the work over within the lease
 //! duration, and a graceful stop releases the Lease at once.
 
+// The `serial()` guard is held across awaits on purpose: these tests take turns.
+#![allow(clippy::await_holding_lock)]
+
 mod support;
 
 use std::process::{Child, Command, Stdio};

@@ -2,6 +2,9 @@
 //! accepted (server-side dry run), the RBAC grants what the code uses and nothing broader, and the
 //! service does its whole job with the deployed ServiceAccount's own token, not an admin's.
 
+// The `serial()` guard is held across awaits on purpose: these tests take turns.
+#![allow(clippy::await_holding_lock)]
+
 mod support;
 
 use std::time::Duration;

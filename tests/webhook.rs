@@ -2,6 +2,9 @@
 //! through a MutatingWebhookConfiguration, mints the tokens and stores the Secrets. Numbers in
 //! the test names refer to the numbered behaviours of the README's "What it guarantees".
 
+// The `serial()` guard is held across awaits on purpose: these tests take turns.
+#![allow(clippy::await_holding_lock)]
+
 mod support;
 
 use std::time::Duration;
