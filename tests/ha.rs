@@ -108,6 +108,19 @@ async fn two_replicas_one_refresher_and_a_hand_over_when_the_leader_dies() {
     assert!(hand_over < Duration::from_secs(10), "hand-over took {hand_over:?}");
     eprintln!("hand-over after the leader was killed: {hand_over:?}");
 
+    // The new leader adopts what the old one wrote: no needless mint, and the Secret is now
+    // scheduled for renewal here (its expiry is tracked in replica-b's metrics).
+    let mints_before_hand_over = cp.token_requests(ns);
+    wait_for("replica-b adopts the Secret", Duration::from_secs(30), || async {
+        let (_, metrics) = curl(&certs, &[&format!("https://127.0.0.1:{}/metrics", b.port)]);
+        metrics.lines().any(|l| l == "pull_secret_injector_managed_secrets 1")
+    })
+    .await;
+    let (_, metrics) = curl(&certs, &[&format!("https://127.0.0.1:{}/metrics", b.port)]);
+    let left: f64 = metrics.lines().find_map(|l| l.strip_prefix("pull_secret_injector_earliest_expiry_seconds ")).unwrap().parse().unwrap();
+    assert!(left > 3000.0, "the adopted credential has {left}s left");
+    assert_eq!(cp.token_requests(ns), mints_before_hand_over, "the new leader minted again for a fresh Secret");
+
     // The new leader does the refreshing: a deleted Secret comes back.
     Api::<Secret>::namespaced(c.clone(), ns).delete("pull-secret", &DeleteParams::default()).await.unwrap();
     wait_secret(&c, ns, "recreated by the new leader", |s| s.metadata.uid != first.metadata.uid).await;
