@@ -2,6 +2,7 @@
 //! credential; each source lives in its own module and is one variant of [`TokenSourceConfig`],
 //! so adding a source touches that enum and a new module, nothing else.
 
+pub mod jwt;
 pub mod kubernetes;
 
 use std::fmt;
