@@ -63,40 +63,198 @@ impl KubernetesSource {
     }
 
     pub async fn mint(&self, client: &kube::Client, namespace: &str) -> Result<Credential, MintError> {
-        let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-        let request = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: vec![self.audience.clone()],
-                expiration_seconds: Some(self.expiration_seconds),
-                bound_object_ref: None,
-            },
-            ..Default::default()
-        };
         let issued_at = Timestamp::now();
-        let response = api
-            .create_token_request(&self.service_account, &PostParams::default(), &request)
-            .await
-            .map_err(|e| MintError::TokenRequest {
-                namespace: namespace.to_string(),
-                service_account: self.service_account.clone(),
-                message: crate::kube_error_message(&e),
-            })?;
-        let status = response.status.ok_or_else(|| MintError::Unusable {
-            source_name: "kubernetes",
-            reason: "TokenRequest response has no status".into(),
-        })?;
-        if status.token.is_empty() {
-            return Err(MintError::Unusable { source_name: "kubernetes", reason: "TokenRequest returned an empty token".into() });
-        }
-        let expires_at = status.expiration_timestamp.0;
+        let (token, expires_at) =
+            request_token(client, namespace, &self.service_account, &self.audience, self.expiration_seconds).await?;
         if expires_at <= issued_at {
             return Err(MintError::Unusable { source_name: "kubernetes", reason: format!("token already expired at {expires_at}") });
         }
         Ok(Credential {
             username: self.username.clone().unwrap_or_else(|| self.service_account.clone()),
-            password: Sensitive::new(status.token),
+            password: token,
             issued_at,
             expires_at,
         })
+    }
+}
+
+/// A TokenRequest for `namespace/service_account` with one audience. Shared by every source
+/// that exchanges the namespace's identity; returns the token and the API server's expiry
+/// (which may differ from what was asked).
+pub async fn request_token(
+    client: &kube::Client,
+    namespace: &str,
+    service_account: &str,
+    audience: &str,
+    expiration_seconds: i64,
+) -> Result<(Sensitive, Timestamp), MintError> {
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_string()],
+            expiration_seconds: Some(expiration_seconds),
+            bound_object_ref: None,
+        },
+        ..Default::default()
+    };
+    let response = api
+        .create_token_request(service_account, &PostParams::default(), &request)
+        .await
+        .map_err(|e| MintError::TokenRequest {
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            message: crate::kube_error_message(&e),
+        })?;
+    let status = response.status.ok_or_else(|| MintError::Unusable {
+        source_name: "kubernetes",
+        reason: "TokenRequest response has no status".into(),
+    })?;
+    if status.token.is_empty() {
+        return Err(MintError::Unusable { source_name: "kubernetes", reason: "TokenRequest returned an empty token".into() });
+    }
+    Ok((Sensitive::new(status.token), status.expiration_timestamp.0))
+}
+
+/// Where an exchanging source gets the service-account token it presents:
+/// `serviceAccountToken: {fromNamespace: {serviceAccount: default}}` (a TokenRequest for the
+/// namespace's ServiceAccount, so the credential is tied to that namespace) or
+/// `serviceAccountToken: {file: /var/run/secrets/tokens/...}` (the injector's own projected token).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(try_from = "RawServiceAccountToken")]
+pub enum ServiceAccountToken {
+    FromNamespace(FromNamespace),
+    File(std::path::PathBuf),
+}
+
+/// serde_yaml 0.9 reads enums only from YAML tags; a map with exactly one key reads better.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawServiceAccountToken {
+    from_namespace: Option<FromNamespace>,
+    file: Option<std::path::PathBuf>,
+}
+
+impl TryFrom<RawServiceAccountToken> for ServiceAccountToken {
+    type Error = String;
+    fn try_from(raw: RawServiceAccountToken) -> Result<Self, String> {
+        match (raw.from_namespace, raw.file) {
+            (Some(f), None) => Ok(Self::FromNamespace(f)),
+            (None, Some(p)) => Ok(Self::File(p)),
+            _ => Err("exactly one of fromNamespace, file must be set".into()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FromNamespace {
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// Only needs to outlive the exchange; the minimum the API server accepts.
+    #[serde(default = "min_expiration_seconds")]
+    pub expiration_seconds: i64,
+}
+
+fn min_expiration_seconds() -> i64 {
+    MIN_EXPIRATION_SECONDS
+}
+
+impl Default for ServiceAccountToken {
+    fn default() -> Self {
+        Self::FromNamespace(FromNamespace { service_account: default_service_account(), expiration_seconds: MIN_EXPIRATION_SECONDS })
+    }
+}
+
+impl ServiceAccountToken {
+    pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
+        match self {
+            Self::FromNamespace(f) => {
+                if let Err(m) = crate::config::validate_dns_subdomain(&f.service_account) {
+                    err(&format!("{path}.fromNamespace.serviceAccount"), m);
+                }
+                if f.expiration_seconds < MIN_EXPIRATION_SECONDS {
+                    err(
+                        &format!("{path}.fromNamespace.expirationSeconds"),
+                        format!("{} is below the API server's minimum of {MIN_EXPIRATION_SECONDS}", f.expiration_seconds),
+                    );
+                }
+            }
+            Self::File(p) => {
+                if !p.is_absolute() {
+                    err(&format!("{path}.file"), format!("{} is not an absolute path", p.display()));
+                }
+            }
+        }
+    }
+
+    /// The token to exchange, with `audience` when it is requested here (a projected file
+    /// carries whatever audience its volume was given).
+    pub async fn fetch(&self, client: &kube::Client, namespace: &str, audience: &str) -> Result<Sensitive, MintError> {
+        match self {
+            Self::FromNamespace(f) => {
+                Ok(request_token(client, namespace, &f.service_account, audience, f.expiration_seconds).await?.0)
+            }
+            Self::File(p) => {
+                let raw = tokio::fs::read_to_string(p)
+                    .await
+                    .map_err(|e| MintError::TokenFile { path: p.display().to_string(), message: e.to_string() })?;
+                let token = raw.trim();
+                if token.is_empty() {
+                    return Err(MintError::TokenFile { path: p.display().to_string(), message: "file is empty".into() });
+                }
+                Ok(Sensitive::new(token))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(t: &ServiceAccountToken) -> Vec<String> {
+        let mut out = Vec::new();
+        t.validate("registries[0].chainguard.serviceAccountToken", &mut |p, m| out.push(format!("{p}: {m}")));
+        out
+    }
+
+    #[test]
+    fn service_account_token_shapes() {
+        let t: ServiceAccountToken = serde_yaml::from_str("fromNamespace: {serviceAccount: builder}").unwrap();
+        assert!(matches!(&t, ServiceAccountToken::FromNamespace(f) if f.service_account == "builder" && f.expiration_seconds == 600));
+        assert!(errors(&t).is_empty());
+        let t: ServiceAccountToken = serde_yaml::from_str("file: /var/run/secrets/tokens/cgr").unwrap();
+        assert!(matches!(&t, ServiceAccountToken::File(p) if p.to_str() == Some("/var/run/secrets/tokens/cgr")));
+        assert!(serde_yaml::from_str::<ServiceAccountToken>("fromNamespace: {account: x}").is_err());
+        assert!(serde_yaml::from_str::<ServiceAccountToken>("{fromNamespace: {}, file: /t}").is_err());
+        assert!(serde_yaml::from_str::<ServiceAccountToken>("{}").is_err());
+    }
+
+    #[test]
+    fn service_account_token_validation_names_the_field() {
+        let t: ServiceAccountToken = serde_yaml::from_str("fromNamespace: {serviceAccount: Bad_Name, expirationSeconds: 60}").unwrap();
+        let e = errors(&t);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].starts_with("registries[0].chainguard.serviceAccountToken.fromNamespace.serviceAccount: "), "{e:?}");
+        assert!(e[1].starts_with("registries[0].chainguard.serviceAccountToken.fromNamespace.expirationSeconds: "), "{e:?}");
+        let t: ServiceAccountToken = serde_yaml::from_str("file: relative/token").unwrap();
+        assert_eq!(errors(&t).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn file_token_is_read_trimmed_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "eyJ.secret-sa-token\n").unwrap();
+        let t = ServiceAccountToken::File(path.clone());
+        // The kube client is not used for a file source; build one that points nowhere.
+        let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let token = t.fetch(&client, "ns", "aud").await.unwrap();
+        assert_eq!(token.expose(), "eyJ.secret-sa-token");
+        assert!(!format!("{token:?}").contains("secret"));
+        std::fs::write(&path, "  \n").unwrap();
+        let e = t.fetch(&client, "ns", "aud").await.unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
     }
 }

@@ -2,6 +2,7 @@
 //! credential; each source lives in its own module and is one variant of [`TokenSourceConfig`],
 //! so adding a source touches that enum and a new module, nothing else.
 
+pub mod jwt;
 pub mod kubernetes;
 
 use std::fmt;
@@ -51,6 +52,8 @@ pub enum TokenSourceConfig {
 pub enum MintError {
     #[error("TokenRequest for ServiceAccount {namespace}/{service_account} failed: {message}")]
     TokenRequest { namespace: String, service_account: String, message: String },
+    #[error("reading the service-account token file {path} failed: {message}")]
+    TokenFile { path: String, message: String },
     #[error("{source_name} returned an unusable credential: {reason}")]
     Unusable { source_name: &'static str, reason: String },
 }
