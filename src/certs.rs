@@ -132,15 +132,7 @@ pub async fn ensure(client: &Client, req: &CertsRequest) -> Result<Bundle, Certs
             }
         }
         let fresh = generate(&names, req.validity)?;
-        let mut secret = tls_secret(req, &names, &fresh);
-        let written = match &stored {
-            None => api.create(&PostParams::default(), &secret).await,
-            Some(old) => {
-                secret.metadata.resource_version = old.metadata.resource_version.clone();
-                api.replace(&req.secret, &PostParams::default(), &secret).await
-            }
-        };
-        match written {
+        match crate::create_or_replace(&api, stored.as_ref(), tls_secret(req, &names, &fresh)).await {
             Ok(_) => {
                 tracing::info!(secret = %what, not_after = %fresh.not_after, "wrote a new webhook certificate");
                 break fresh;

@@ -53,6 +53,25 @@ pub fn kube_error_message(e: &kube::Error) -> String {
     }
 }
 
+/// Writes `secret` where `stored` was read: created if there was none, otherwise replaced at
+/// exactly the version read, so a concurrent writer makes this fail with 409 instead of being
+/// overwritten.
+pub async fn create_or_replace(
+    api: &Api<k8s_openapi::api::core::v1::Secret>,
+    stored: Option<&k8s_openapi::api::core::v1::Secret>,
+    mut secret: k8s_openapi::api::core::v1::Secret,
+) -> kube::Result<k8s_openapi::api::core::v1::Secret> {
+    let params = kube::api::PostParams::default();
+    match stored {
+        None => api.create(&params, &secret).await,
+        Some(old) => {
+            secret.metadata.resource_version = old.metadata.resource_version.clone();
+            let name = secret.metadata.name.clone().unwrap_or_default();
+            api.replace(&name, &params, &secret).await
+        }
+    }
+}
+
 /// How long in-flight admissions get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret, ServiceAccount};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Client;
 use moka::future::Cache;
@@ -107,7 +107,6 @@ impl Provisioner {
     /// Records a Secret known to be fresh (as written by another replica), without reading it.
     pub async fn remember(&self, namespace: &str, issued: Issued) {
         let fresh = self.fresh(namespace, issued);
-        self.metrics.secret_written(namespace, fresh.issued.expires_at);
         self.cache.insert(namespace.to_string(), fresh).await;
     }
 
@@ -247,7 +246,6 @@ impl Provisioner {
                     let fresh = self.fresh(namespace, issued);
                     if Timestamp::now() < fresh.renew_at {
                         tracing::debug!(namespace, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
-                        self.metrics.secret_written(namespace, fresh.issued.expires_at);
                         return Ok(fresh);
                     }
                 }
@@ -262,20 +260,10 @@ impl Provisioner {
                     return Err(e);
                 }
             };
-            let (mut secret, issued) = pull_secret::build(namespace, &self.secret_name, &credentials);
-            let written = match &stored {
-                None => api.create(&PostParams::default(), &secret).await,
-                Some(old) => {
-                    // Replace exactly the version we assessed: a concurrent writer makes this fail
-                    // with 409 instead of being overwritten.
-                    secret.metadata.resource_version = old.metadata.resource_version.clone();
-                    api.replace(&self.secret_name, &PostParams::default(), &secret).await
-                }
-            };
-            match written {
+            let (secret, issued) = pull_secret::build(namespace, &self.secret_name, &credentials);
+            match crate::create_or_replace(&api, stored.as_ref(), secret).await {
                 Ok(_) => {
                     let fresh = self.fresh(namespace, issued);
-                    self.metrics.secret_written(namespace, fresh.issued.expires_at);
                     tracing::info!(namespace, secret = %self.secret_name, expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
                     return Ok(fresh);
                 }
@@ -288,7 +276,11 @@ impl Provisioner {
         Err(ProvisionError::Api { action: "writing", namespace: namespace.into(), name: self.secret_name.clone(), message: "conflicting writers".into() })
     }
 
+    /// The renewal time of credentials now stored for `namespace`; also records their expiry for
+    /// the metrics, including when they are already due (a failing renewal then still shows
+    /// how long the stored credentials last).
     fn fresh(&self, namespace: &str, issued: Issued) -> Fresh {
+        self.metrics.secret_written(namespace, issued.expires_at);
         let renew_at = renewal::renew_at(&issued, self.renew_before, namespace);
         Fresh { issued, renew_at }
     }
