@@ -184,6 +184,9 @@ async fn shutdown_lets_an_admission_in_flight_finish() {
     })
     .await
     .unwrap());
+    // Let the server read the headers: from then on the request is in flight (a connection whose
+    // request has not begun is idle, and graceful shutdown rightly closes idle connections).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // Shutdown begins while the request is half sent...
     let stopping = tokio::spawn(service.shutdown());
     tokio::time::sleep(Duration::from_millis(300)).await;
