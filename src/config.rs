@@ -44,6 +44,9 @@ pub struct Config {
     /// always refreshes (a single replica).
     #[serde(default)]
     pub leader_election: Option<LeaderElectionConfig>,
+    /// How exchanging token sources reach their endpoints.
+    #[serde(default)]
+    pub http: crate::token::http::HttpConfig,
     pub registries: Vec<RegistryConfig>,
 }
 
@@ -281,6 +284,7 @@ impl Config {
                 err("leaderElection.namespace", "must be set when neither ownNamespace nor $POD_NAMESPACE is".into());
             }
         }
+        self.http.validate(&mut err);
         if self.registries.is_empty() {
             err("registries", "at least one registry is required".into());
         }
@@ -348,7 +352,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     parse_duration(&text).map_err(serde::de::Error::custom)
 }
@@ -394,7 +398,7 @@ registries:
         assert_eq!(c.refresh.renew_before, None);
         let labels = c.namespace_selector.match_labels.unwrap();
         assert_eq!(labels.get(OPT_IN_LABEL).map(String::as_str), Some("enabled"));
-        let TokenSourceConfig::Kubernetes(k) = &c.registries[0].source;
+        let TokenSourceConfig::Kubernetes(k) = &c.registries[0].source else { panic!("not kubernetes") };
         assert_eq!(k.service_account, "default");
         assert_eq!(k.expiration_seconds, 3600);
     }
@@ -404,7 +408,7 @@ registries:
         let c = Config::from_yaml(include_str!("../deploy/config.example.yaml")).unwrap();
         assert_eq!(c.refresh.renew_before, Some(Duration::from_secs(20 * 60)));
         assert_eq!(c.registries[0].host, "registry.example.com");
-        let TokenSourceConfig::Kubernetes(k) = &c.registries[0].source;
+        let TokenSourceConfig::Kubernetes(k) = &c.registries[0].source else { panic!("not kubernetes") };
         assert_eq!(k.username.as_deref(), Some("oauth2accesstoken"));
     }
 

@@ -98,6 +98,8 @@ pub enum StartError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("leaderElection: no namespace for the Lease (set leaderElection.namespace, ownNamespace or $POD_NAMESPACE)")]
     LeaseNamespace,
+    #[error("{0}")]
+    Http(#[from] token::http::HttpClientError),
 }
 
 /// A running service: the webhook server, the namespace watch it reads, and the refresher
@@ -134,7 +136,8 @@ impl Service {
         };
         let policy = NamespacePolicy::new(config.namespace_selector.clone(), own_namespace.as_deref(), &config.excluded_namespaces);
         let metrics = Arc::new(metrics::Metrics::default());
-        let provisioner = Arc::new(Provisioner::new(client.clone(), &config, metrics.clone()));
+        let http = token::http::HttpClient::new(&config.http)?;
+        let provisioner = Arc::new(Provisioner::new(client.clone(), http, &config, metrics.clone()));
         let (stop, stopped) = watch::channel(false);
         let mut background = Vec::new();
 

@@ -21,7 +21,8 @@ use moka::Expiry;
 use crate::config::{Config, RegistryConfig};
 use crate::metrics::Metrics;
 use crate::pull_secret::{self, Assessment, Issued};
-use crate::token::Credential;
+use crate::token::http::HttpClient;
+use crate::token::{Credential, MintContext};
 use crate::{kube_error_message, patch, renewal};
 
 /// A namespace's Secret as last written or adopted, and when it is due.
@@ -43,6 +44,7 @@ pub enum ProvisionError {
 
 pub struct Provisioner {
     client: Client,
+    http: HttpClient,
     secret_name: String,
     registries: Vec<RegistryConfig>,
     renew_before: Option<Duration>,
@@ -62,11 +64,12 @@ impl Expiry<String, Fresh> for UntilRenewal {
 }
 
 impl Provisioner {
-    pub fn new(client: Client, config: &Config, metrics: Arc<Metrics>) -> Self {
+    pub fn new(client: Client, http: HttpClient, config: &Config, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: "pull-secret-injector".into(), instance: std::env::var("POD_NAME").ok() };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            http,
             secret_name: config.secret_name.clone(),
             registries: config.registries.clone(),
             renew_before: config.refresh.renew_before,
@@ -288,7 +291,8 @@ impl Provisioner {
     async fn mint_all(&self, namespace: &str) -> Result<Vec<(String, Credential)>, ProvisionError> {
         let mints = self.registries.iter().map(|r| async move {
             let started = Instant::now();
-            let result = r.source.mint(&self.client, namespace).await;
+            let cx = MintContext { kube: &self.client, http: &self.http, namespace };
+            let result = r.source.mint(cx, &r.host).await;
             self.metrics.mint(r.source.name(), result.is_ok(), started.elapsed().as_secs_f64());
             tracing::debug!(namespace, registry = %r.host, source = r.source.name(), ok = result.is_ok(), elapsed_ms = started.elapsed().as_millis() as u64, "minted");
             result

@@ -115,6 +115,22 @@ pub async fn request_token(
     Ok((Sensitive::new(status.token), status.expiration_timestamp.0))
 }
 
+/// The annotations of `namespace/name`, where cloud sources look for ids they were not given
+/// (`eks.amazonaws.com/role-arn`, `azure.workload.identity/client-id`).
+pub async fn service_account_annotations(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<std::collections::BTreeMap<String, String>, MintError> {
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let sa = api.get(name).await.map_err(|e| MintError::TokenRequest {
+        namespace: namespace.to_string(),
+        service_account: name.to_string(),
+        message: format!("reading the ServiceAccount: {}", crate::kube_error_message(&e)),
+    })?;
+    Ok(sa.metadata.annotations.unwrap_or_default())
+}
+
 /// Where an exchanging source gets the service-account token it presents:
 /// `serviceAccountToken: {fromNamespace: {serviceAccount: default}}` (a TokenRequest for the
 /// namespace's ServiceAccount, so the credential is tied to that namespace) or

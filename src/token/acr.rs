@@ -1,0 +1,119 @@
+//! The `acr` source (Azure Container Registry): Entra workload identity. The service-account
+//! token (audience `api://AzureADTokenExchange`) is a client assertion for an Entra app or
+//! managed identity whose federated credential names the cluster's issuer and the subject;
+//! the Entra token is then exchanged at the registry for an ACR refresh token (about 3 h).
+
+use serde::Deserialize;
+
+use super::kubernetes::{self, ServiceAccountToken};
+use super::{http, Credential, MintContext, MintError, Sensitive};
+
+const NAME: &str = "acr";
+const CLIENT_ID_ANNOTATION: &str = "azure.workload.identity/client-id";
+const TENANT_ID_ANNOTATION: &str = "azure.workload.identity/tenant-id";
+/// ACR's fixed username for refresh tokens.
+const USERNAME: &str = "00000000-0000-0000-0000-000000000000";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AcrSource {
+    /// Entra tenant. Default: the ServiceAccount's `azure.workload.identity/tenant-id` annotation.
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    /// Client id of the app or managed identity. Default: the ServiceAccount's
+    /// `azure.workload.identity/client-id` annotation.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default = "default_authority")]
+    pub authority_host: String,
+    /// The registry's base URL. Default: `https://<the registry entry's host>`.
+    #[serde(default)]
+    pub registry_endpoint: Option<String>,
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    #[serde(default)]
+    pub service_account_token: ServiceAccountToken,
+}
+
+fn default_authority() -> String {
+    "https://login.microsoftonline.com".into()
+}
+
+fn default_audience() -> String {
+    "api://AzureADTokenExchange".into()
+}
+
+#[derive(Deserialize)]
+struct EntraResponse {
+    access_token: String,
+}
+
+#[derive(Deserialize)]
+struct ExchangeResponse {
+    refresh_token: String,
+}
+
+impl AcrSource {
+    pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
+        for (field, value) in [("tenantId", &self.tenant_id), ("clientId", &self.client_id)] {
+            if let Some(v) = value {
+                if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+                    err(&format!("{path}.{field}"), format!("{v:?} is not an Entra id"));
+                }
+            } else if matches!(self.service_account_token, ServiceAccountToken::File(_)) {
+                err(&format!("{path}.{field}"), "must be set when the token comes from a file (there is no ServiceAccount to read it from)".into());
+            }
+        }
+        super::validate_endpoint(&format!("{path}.authorityHost"), &self.authority_host, err);
+        if let Some(e) = &self.registry_endpoint {
+            super::validate_endpoint(&format!("{path}.registryEndpoint"), e, err);
+        }
+        self.service_account_token.validate(&format!("{path}.serviceAccountToken"), err);
+    }
+
+    /// The tenant and client ids: from the config, else from the ServiceAccount's annotations.
+    async fn ids(&self, cx: MintContext<'_>) -> Result<(String, String), MintError> {
+        if let (Some(t), Some(c)) = (&self.tenant_id, &self.client_id) {
+            return Ok((t.clone(), c.clone()));
+        }
+        let ServiceAccountToken::FromNamespace(from) = &self.service_account_token else {
+            return Err(MintError::Settings { source_name: NAME, message: "tenantId and clientId are required with a token file".into() });
+        };
+        let annotations = kubernetes::service_account_annotations(cx.kube, cx.namespace, &from.service_account).await?;
+        let pick = |configured: &Option<String>, key: &str| {
+            configured.clone().or_else(|| annotations.get(key).cloned()).ok_or_else(|| MintError::Settings {
+                source_name: NAME,
+                message: format!("ServiceAccount {}/{} has no {key} annotation and the config sets none", cx.namespace, from.service_account),
+            })
+        };
+        Ok((pick(&self.tenant_id, TENANT_ID_ANNOTATION)?, pick(&self.client_id, CLIENT_ID_ANNOTATION)?))
+    }
+
+    pub async fn mint(&self, cx: MintContext<'_>, host: &str) -> Result<Credential, MintError> {
+        let (tenant, client_id) = self.ids(cx).await?;
+        let sa_token = self.service_account_token.fetch(cx.kube, cx.namespace, &self.audience).await?;
+        let url = format!("{}/{tenant}/oauth2/v2.0/token", super::base(&self.authority_host));
+        let form = [
+            ("client_id", client_id.as_str()),
+            ("scope", "https://containerregistry.azure.net/.default"),
+            ("grant_type", "client_credentials"),
+            ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+            ("client_assertion", sa_token.expose()),
+        ];
+        let body = cx.http.send(NAME, &[&sa_token], |c| c.post(&url).form(&form)).await?;
+        let entra: EntraResponse = http::parse_json(NAME, "an Entra token response ({\"access_token\", ...})", &body)?;
+        let entra_token = Sensitive::new(entra.access_token);
+
+        let registry = self.registry_endpoint.clone().unwrap_or_else(|| format!("https://{host}"));
+        let url = format!("{}/oauth2/exchange", super::base(&registry));
+        let form = [
+            ("grant_type", "access_token"),
+            ("service", host),
+            ("tenant", tenant.as_str()),
+            ("access_token", entra_token.expose()),
+        ];
+        let body = cx.http.send(NAME, &[&sa_token, &entra_token], |c| c.post(&url).form(&form)).await?;
+        let answer: ExchangeResponse = http::parse_json(NAME, "an ACR exchange response ({\"refresh_token\"})", &body)?;
+        super::from_jwt(NAME, USERNAME.into(), answer.refresh_token)
+    }
+}
