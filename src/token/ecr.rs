@@ -153,7 +153,7 @@ impl EcrSource {
             .http
             .send(NAME, &secrets, |c| {
                 // Signed per attempt: the signature carries the time.
-                let request = SignableRequest { method: "POST", host: &host, path: "/", query: &[], headers: &headers, body: b"{}" };
+                let request = SignableRequest { method: "POST", host: &host, path: ecr_url.path(), query: &[], headers: &headers, body: b"{}" };
                 let mut builder = c.post(ecr_url.clone()).body("{}");
                 for (k, v) in headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).chain(sigv4::sign(&request, &keys, &self.region, "ecr", Timestamp::now())) {
                     builder = builder.header(k, v);

@@ -1,0 +1,503 @@
+//! Every exchanging token source against a local HTTPS stand-in of its endpoint, speaking the
+//! documented wire format (`docs/token-sources.md`): what is sent, the credential and expiry
+//! read back, and each error class (4xx with a body, 5xx, timeout, malformed JSON, 429), with a
+//! trace-level log capture that must never contain a token.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use jiff::Timestamp;
+use pull_secret_injector::config::Config;
+use pull_secret_injector::token::http::HttpClient;
+use pull_secret_injector::token::{sigv4, Credential, MintContext, MintError};
+use serde_json::json;
+use support::standin::{jwt, now, Fault, Seen, StandIn};
+
+/// The service-account token the sources exchange (read from a file, so no API server is
+/// needed here; tests/webhook.rs runs a source with a TokenRequest token end to end).
+fn sa_token(exp: i64) -> String {
+    jwt(json!({"iss": "https://kubernetes.default.svc.cluster.local", "sub": "system:serviceaccount:team-a:default", "exp": exp, "sa-marker": "sa-token-secret"}))
+}
+
+/// Everything printed at trace level while the test runs.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).to_string()
+    }
+}
+
+struct Case {
+    standin: StandIn,
+    /// The registry entry's host.
+    host: String,
+    /// The source's YAML, `{endpoint}` replaced by the stand-in's URL.
+    source: String,
+    _token_file: tempfile::NamedTempFile,
+    sa_token: String,
+    logs: Logs,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl Case {
+    async fn new(source: &str, handler: impl Fn(&Seen, &str) -> (u16, String) + Send + Sync + 'static) -> Case {
+        Self::with_sa_exp(source, now() + 3600, handler).await
+    }
+
+    async fn with_sa_exp(source: &str, sa_exp: i64, handler: impl Fn(&Seen, &str) -> (u16, String) + Send + Sync + 'static) -> Case {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        let sa = sa_token(sa_exp);
+        let expected = sa.clone();
+        let standin = StandIn::start(move |seen| handler(seen, &expected)).await;
+        let token_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(token_file.path(), &sa).unwrap();
+        let source = source.replace("{endpoint}", &standin.url).replace("{tokenFile}", token_file.path().to_str().unwrap());
+        Case { host: standin.host(), standin, source, _token_file: token_file, sa_token: sa, logs, _guard: guard }
+    }
+
+    async fn mint(&self) -> Result<Credential, MintError> {
+        let yaml = format!(
+            "tls: {{certFile: /x, keyFile: /y}}\nhttp: {{timeout: 1s, retries: 2, caFile: {}}}\nregistries:\n- host: \"{}\"\n  {}\n",
+            self.standin.certs.ca().display(),
+            self.host,
+            self.source
+        );
+        let config = Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let http = HttpClient::new(&config.http).unwrap().with_backoff(Duration::from_millis(20));
+        // Sources reading their token from a file never call the API server.
+        let kube = kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
+        let cx = MintContext { kube: &kube, http: &http, namespace: "team-a" };
+        config.registries[0].source.mint(cx, &self.host).await
+    }
+
+    /// The error text and all logs so far hold none of `secrets` and not the SA token.
+    fn assert_no_secret(&self, error: &str, secrets: &[&str]) {
+        let logs = self.logs.text();
+        for s in secrets.iter().chain([&self.sa_token.as_str(), &"sa-token-secret"]) {
+            assert!(!error.contains(s), "error text holds a secret: {error}");
+            assert!(!logs.contains(s), "logs hold a secret {s:?}:\n{logs}");
+        }
+    }
+
+    /// Runs every error class against the first endpoint the source calls (`first_path`),
+    /// then checks that nothing secret was printed. `issued` are the tokens the stand-in hands out.
+    async fn error_classes(&self, first_path: &str, issued: &[&str]) {
+        let sa = self.sa_token.clone();
+        let first = |seen: &[Seen]| seen.iter().filter(|s| s.path == first_path).count();
+
+        // 4xx with a body that even echoes the token: final at once, reported with status and text.
+        self.standin.clear();
+        self.standin.fail(403, &format!(r#"{{"error":"access_denied","error_description":"subject not allowed for {sa}"}}"#));
+        let e = self.mint().await.unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, MintError::Refused { status: 403, .. }), "{e:?}");
+        assert!(text.contains("403") && text.contains("access_denied: subject not allowed for <redacted>"), "{text}");
+        assert!(text.contains(first_path), "names the endpoint: {text}");
+        assert_eq!(first(&self.standin.seen()), 1, "a 403 is not retried");
+        self.assert_no_secret(&text, issued);
+
+        // A 5xx is retried, and the retry succeeds.
+        self.standin.clear();
+        self.standin.fail(503, "upstream unavailable");
+        self.mint().await.expect("a 503 then success mints");
+        assert_eq!(first(&self.standin.seen()), 2);
+
+        // 5xx on every attempt: the last status is reported after 1 + 2 retries.
+        self.standin.clear();
+        for _ in 0..3 {
+            self.standin.fail(500, "<html><body>internal error</body></html>");
+        }
+        let e = self.mint().await.unwrap_err();
+        assert!(matches!(e, MintError::Refused { status: 500, .. }), "{e:?}");
+        assert!(e.to_string().contains("internal error"), "{e}");
+        assert_eq!(first(&self.standin.seen()), 3);
+
+        // A hang is cut by the timeout and retried.
+        self.standin.clear();
+        self.standin.push_fault(Fault::Hang);
+        self.mint().await.expect("a timeout then success mints");
+        assert_eq!(first(&self.standin.seen()), 2);
+
+        // Hangs on every attempt: a transport error that says so.
+        self.standin.clear();
+        for _ in 0..3 {
+            self.standin.push_fault(Fault::Hang);
+        }
+        let e = self.mint().await.unwrap_err();
+        assert!(matches!(e, MintError::Transport { .. }), "{e:?}");
+        assert!(e.to_string().contains("no answer within 1s"), "{e}");
+
+        // Malformed JSON on 200: unusable, not retried (the endpoint answered, wrongly).
+        self.standin.clear();
+        self.standin.fail(200, &format!("{{\"token\": \"{sa}\" garbage"));
+        let e = self.mint().await.unwrap_err();
+        assert!(matches!(e, MintError::Unusable { .. }), "{e:?}");
+        assert_eq!(first(&self.standin.seen()), 1);
+        self.assert_no_secret(&e.to_string(), issued);
+
+        // 429 with Retry-After: 1 is honoured, then the retry succeeds.
+        self.standin.clear();
+        self.standin.push_fault(Fault::Status { status: 429, body: r#"{"error":"slow_down"}"#.into(), retry_after: Some(1) });
+        self.mint().await.expect("a 429 then success mints");
+        let seen: Vec<Seen> = self.standin.seen().into_iter().filter(|s| s.path == first_path).collect();
+        assert_eq!(seen.len(), 2);
+        let waited = seen[1].at.duration_since(seen[0].at);
+        assert!(waited >= Duration::from_millis(950), "retried after {waited:?}, before Retry-After: 1");
+
+        self.assert_no_secret("", issued);
+        // The capture works: the retries above were logged.
+        assert!(self.logs.text().contains("token endpoint failed; retrying"), "no logs captured");
+    }
+}
+
+fn assert_expiry(c: &Credential, exp: i64) {
+    assert_eq!(c.expires_at, Timestamp::from_second(exp).unwrap(), "the expiry is the source's, not assumed");
+}
+
+#[tokio::test]
+async fn chainguard() {
+    let exp = now() + 3600;
+    let issued = jwt(json!({"iss": "https://issuer.enforce.dev", "aud": "cgr.dev", "exp": exp}));
+    let answer = issued.clone();
+    let case = Case::new(
+        "chainguard: {identity: 0123abcd/89ef, issuer: \"{endpoint}\", serviceAccountToken: {file: \"{tokenFile}\"}}",
+        move |s, sa| {
+            let ok = s.method == "POST"
+                && s.path == "/sts/exchange"
+                && s.query.get("aud").map(String::as_str) == Some("cgr.dev")
+                && s.query.get("identity").map(String::as_str) == Some("0123abcd/89ef")
+                && s.bearer() == Some(sa);
+            if ok {
+                (200, json!({"token": answer}).to_string())
+            } else {
+                (401, r#"{"error":"unauthenticated"}"#.into())
+            }
+        },
+    )
+    .await;
+    let c = case.mint().await.expect("mint");
+    assert_eq!(c.username, "_token");
+    assert_eq!(c.password.expose(), issued);
+    assert_expiry(&c, exp);
+    case.error_classes("/sts/exchange", &[&issued]).await;
+}
+
+#[tokio::test]
+async fn quay() {
+    let exp = now() + 3600;
+    let issued = jwt(json!({"sub": "acme+puller", "exp": exp}));
+    let answer = issued.clone();
+    // No endpoint: Quay is reached at the registry entry's own host.
+    let case = Case::new("quay: {robot: acme+puller, audience: quay-federation, serviceAccountToken: {file: \"{tokenFile}\"}}", move |s, sa| {
+        if s.method == "GET" && s.path == "/oauth2/federation/robot/token" && s.basic() == Some(("acme+puller".into(), sa.into())) {
+            (200, json!({"token": answer}).to_string())
+        } else {
+            (401, r#"{"error":"invalid robot"}"#.into())
+        }
+    })
+    .await;
+    let c = case.mint().await.expect("mint");
+    assert_eq!(c.username, "acme+puller");
+    assert_eq!(c.password.expose(), issued);
+    assert_expiry(&c, exp);
+    case.error_classes("/oauth2/federation/robot/token", &[&issued]).await;
+}
+
+#[tokio::test]
+async fn token_exchange() {
+    let opaque = "opaque-access-token-0123456789abcdefghijklmnopqrstuvwxyz";
+    let case = Case::new(
+        "tokenExchange: {endpoint: \"{endpoint}/oauth/token\", username: robot, subjectTokenAudience: my-sts, audience: registry.example, scope: \"repo:pull\", serviceAccountToken: {file: \"{tokenFile}\"}}",
+        move |s, sa| {
+            let ok = s.method == "POST"
+                && s.path == "/oauth/token"
+                && s.header("content-type") == Some("application/x-www-form-urlencoded")
+                && s.field("grant_type").as_deref() == Some("urn:ietf:params:oauth:grant-type:token-exchange")
+                && s.field("subject_token").as_deref() == Some(sa)
+                && s.field("subject_token_type").as_deref() == Some("urn:ietf:params:oauth:token-type:jwt")
+                && s.field("audience").as_deref() == Some("registry.example")
+                && s.field("scope").as_deref() == Some("repo:pull")
+                && s.field("resource").is_none();
+            if ok {
+                (200, json!({"access_token": opaque, "issued_token_type": "urn:ietf:params:oauth:token-type:access_token", "token_type": "Bearer", "expires_in": 1800}).to_string())
+            } else {
+                (400, r#"{"error":"invalid_request"}"#.into())
+            }
+        },
+    )
+    .await;
+    let before = Timestamp::now();
+    let c = case.mint().await.expect("mint");
+    assert_eq!(c.username, "robot");
+    assert_eq!(c.password.expose(), opaque);
+    let lifetime = c.expires_at.duration_since(before).as_secs();
+    assert!((1795..=1801).contains(&lifetime), "expires_in 1800 read as {lifetime}s");
+    case.error_classes("/oauth/token", &[opaque]).await;
+}
+
+#[tokio::test]
+async fn token_exchange_without_expires_in_reads_the_jwt_or_refuses() {
+    let exp = now() + 900;
+    let issued = jwt(json!({"exp": exp}));
+    let answer = Arc::new(Mutex::new(json!({"access_token": issued, "token_type": "Bearer"})));
+    let a = answer.clone();
+    let case = Case::new(
+        "tokenExchange: {endpoint: \"{endpoint}/token\", username: u, subjectTokenAudience: a, serviceAccountToken: {file: \"{tokenFile}\"}}",
+        move |_, _| (200, a.lock().unwrap().to_string()),
+    )
+    .await;
+    assert_expiry(&case.mint().await.expect("mint"), exp);
+    *answer.lock().unwrap() = json!({"access_token": "opaque-no-lifetime", "token_type": "Bearer"});
+    let e = case.mint().await.unwrap_err();
+    assert!(e.to_string().contains("lifetime is unknown"), "{e}");
+    // Already expired: refused rather than written.
+    *answer.lock().unwrap() = json!({"access_token": "x", "expires_in": -5});
+    let e = case.mint().await.unwrap_err();
+    assert!(e.to_string().contains("expired"), "{e}");
+}
+
+const PROVIDER: &str = "projects/123456/locations/global/workloadIdentityPools/cluster/providers/k8s";
+
+fn gcp_handler(impersonated_exp: Timestamp) -> impl Fn(&Seen, &str) -> (u16, String) + Send + Sync + 'static {
+    move |s, sa| {
+        if s.path == "/v1/token" {
+            let ok = s.field("grantType").as_deref() == Some("urn:ietf:params:oauth:grant-type:token-exchange")
+                && s.field("audience").as_deref() == Some(&format!("//iam.googleapis.com/{PROVIDER}"))
+                && s.field("subjectToken").as_deref() == Some(sa)
+                && s.field("subjectTokenType").as_deref() == Some("urn:ietf:params:oauth:token-type:jwt")
+                && s.field("requestedTokenType").as_deref() == Some("urn:ietf:params:oauth:token-type:access_token")
+                && s.header("authorization").is_none();
+            if ok {
+                return (200, json!({"access_token": "ya29.federated-token-value", "expires_in": 3600, "token_type": "Bearer"}).to_string());
+            }
+            return (400, json!({"error": "invalid_grant", "error_description": "bad exchange"}).to_string());
+        }
+        if s.path == "/v1/projects/-/serviceAccounts/puller@proj.iam.gserviceaccount.com:generateAccessToken" {
+            if s.bearer() == Some("ya29.federated-token-value") {
+                return (200, json!({"accessToken": "ya29.impersonated-token-value", "expireTime": impersonated_exp.to_string()}).to_string());
+            }
+            return (401, json!({"error": {"code": 401, "message": "bad bearer", "status": "UNAUTHENTICATED"}}).to_string());
+        }
+        (404, "{}".into())
+    }
+}
+
+#[tokio::test]
+async fn gcp_with_impersonation() {
+    let exp = Timestamp::from_second(now() + 3000).unwrap();
+    let case = Case::new(
+        &format!("gcp: {{workloadIdentityProvider: {PROVIDER}, serviceAccountEmail: puller@proj.iam.gserviceaccount.com, stsEndpoint: \"{{endpoint}}\", iamCredentialsEndpoint: \"{{endpoint}}\", serviceAccountToken: {{file: \"{{tokenFile}}\"}}}}"),
+        gcp_handler(exp),
+    )
+    .await;
+    let c = case.mint().await.expect("mint");
+    assert_eq!(c.username, "oauth2accesstoken");
+    assert_eq!(c.password.expose(), "ya29.impersonated-token-value");
+    assert_eq!(c.expires_at, exp);
+    let seen = case.standin.seen();
+    assert_eq!(seen.iter().map(|s| s.path.as_str()).collect::<Vec<_>>(), ["/v1/token", "/v1/projects/-/serviceAccounts/puller@proj.iam.gserviceaccount.com:generateAccessToken"]);
+    assert!(seen[1].body.contains("\"lifetime\":\"3600s\""), "{}", seen[1].body);
+    case.error_classes("/v1/token", &["ya29.federated-token-value", "ya29.impersonated-token-value"]).await;
+
+    // The second step failing is reported with Google's error text, and the federated token
+    // it carried is not printed.
+    case.standin.clear();
+    let e = {
+        // Let the STS answer, then fail generateAccessToken.
+        let c2 = Case::new(
+            &format!("gcp: {{workloadIdentityProvider: {PROVIDER}, serviceAccountEmail: nobody@proj.iam.gserviceaccount.com, stsEndpoint: \"{{endpoint}}\", iamCredentialsEndpoint: \"{{endpoint}}\", serviceAccountToken: {{file: \"{{tokenFile}}\"}}}}"),
+            gcp_handler(exp),
+        )
+        .await;
+        let e = c2.mint().await.unwrap_err();
+        c2.assert_no_secret(&e.to_string(), &["ya29.federated-token-value"]);
+        e
+    };
+    assert!(matches!(e, MintError::Refused { status: 404, .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn gcp_federated_token_does_not_outlive_the_service_account_token() {
+    // The SA token expires in 20 minutes; STS says 3600 s: the credential lasts 20 minutes.
+    let sa_exp = now() + 1200;
+    let case = Case::with_sa_exp(
+        &format!("gcp: {{workloadIdentityProvider: \"//iam.googleapis.com/{PROVIDER}\", stsEndpoint: \"{{endpoint}}\", serviceAccountToken: {{file: \"{{tokenFile}}\"}}}}"),
+        sa_exp,
+        gcp_handler(Timestamp::now()),
+    )
+    .await;
+    let c = case.mint().await.expect("mint");
+    assert_eq!(c.password.expose(), "ya29.federated-token-value");
+    assert_expiry(&c, sa_exp);
+}
+
+#[tokio::test]
+async fn acr() {
+    let exp = now() + 3 * 3600;
+    let refresh = jwt(json!({"aud": "myregistry.azurecr.io", "exp": exp}));
+    let answer = refresh.clone();
+    let case = Case::new(
+        "acr: {tenantId: tenant-1, clientId: client-1, authorityHost: \"{endpoint}\", registryEndpoint: \"{endpoint}\", serviceAccountToken: {file: \"{tokenFile}\"}}",
+        move |s, sa| match s.path.as_str() {
+            "/tenant-1/oauth2/v2.0/token" => {
+                let ok = s.field("client_id").as_deref() == Some("client-1")
+                    && s.field("grant_type").as_deref() == Some("client_credentials")
+                    && s.field("scope").as_deref() == Some("https://containerregistry.azure.net/.default")
+                    && s.field("client_assertion_type").as_deref() == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+                    && s.field("client_assertion").as_deref() == Some(sa);
+                if ok {
+                    (200, json!({"token_type": "Bearer", "expires_in": 3599, "access_token": "entra-access-token-value"}).to_string())
+                } else {
+                    (400, json!({"error": "invalid_client", "error_description": "AADSTS700213: No matching federated identity record found"}).to_string())
+                }
+            }
+            "/oauth2/exchange" => {
+                let ok = s.field("grant_type").as_deref() == Some("access_token")
+                    && s.field("access_token").as_deref() == Some("entra-access-token-value")
+                    && s.field("tenant").as_deref() == Some("tenant-1")
+                    && s.field("service").is_some();
+                if ok {
+                    (200, json!({"refresh_token": answer}).to_string())
+                } else {
+                    (401, json!({"errors": [{"code": "UNAUTHORIZED"}]}).to_string())
+                }
+            }
+            _ => (404, "{}".into()),
+        },
+    )
+    .await;
+    let c = case.mint().await.expect("mint");
+    assert_eq!(c.username, "00000000-0000-0000-0000-000000000000");
+    assert_eq!(c.password.expose(), refresh);
+    assert_expiry(&c, exp);
+    let seen = case.standin.seen();
+    assert_eq!(seen[1].field("service").as_deref(), Some(case.host.as_str()), "service is the registry host");
+    case.error_classes("/tenant-1/oauth2/v2.0/token", &["entra-access-token-value", &refresh]).await;
+}
+
+/// Checks a GetAuthorizationToken request's SigV4 signature by signing what arrived again:
+/// proves the signed headers, host (with port) and body are the ones sent on the wire.
+fn signature_matches(s: &Seen, secret: &str) -> bool {
+    let Some(date) = s.header("x-amz-date") else { return false };
+    let Ok(at) = jiff::civil::DateTime::strptime("%Y%m%dT%H%M%SZ", date).and_then(|d| d.to_zoned(jiff::tz::TimeZone::UTC)) else {
+        return false;
+    };
+    let keys = sigv4::AwsKeys { access_key_id: "ASIAEXAMPLE", secret_access_key: secret, session_token: s.header("x-amz-security-token") };
+    let headers = [
+        ("content-type", s.header("content-type").unwrap_or("")),
+        ("x-amz-target", s.header("x-amz-target").unwrap_or("")),
+    ];
+    let request = sigv4::SignableRequest { method: &s.method, host: s.header("host").unwrap_or(""), path: &s.path, query: &[], headers: &headers, body: s.body.as_bytes() };
+    let expected = sigv4::sign(&request, &keys, "eu-west-1", "ecr", at.timestamp());
+    expected.iter().any(|(k, v)| k == "authorization" && Some(v.as_str()) == s.header("authorization"))
+}
+
+#[tokio::test]
+async fn ecr() {
+    let exp = now() + 12 * 3600;
+    let password = "ecr-password-value-0123456789";
+    let case = Case::new(
+        "ecr: {region: eu-west-1, roleArn: \"arn:aws:iam::123456789012:role/puller\", stsEndpoint: \"{endpoint}/sts\", ecrEndpoint: \"{endpoint}/ecr\", serviceAccountToken: {file: \"{tokenFile}\"}}",
+        move |s, sa| match s.path.as_str() {
+            "/sts/" => {
+                let ok = s.field("Action").as_deref() == Some("AssumeRoleWithWebIdentity")
+                    && s.field("RoleArn").as_deref() == Some("arn:aws:iam::123456789012:role/puller")
+                    && s.field("RoleSessionName").as_deref() == Some("pull-secret-injector-team-a")
+                    && s.field("WebIdentityToken").as_deref() == Some(sa)
+                    && s.field("DurationSeconds").as_deref() == Some("900");
+                if ok {
+                    (200, "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleWithWebIdentityResult><Credentials><AccessKeyId>ASIAEXAMPLE</AccessKeyId><SecretAccessKey>aws-secret-key-value</SecretAccessKey><SessionToken>aws-session-token-value</SessionToken><Expiration>2030-01-01T00:00:00Z</Expiration></Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>".into())
+                } else {
+                    (400, "<ErrorResponse><Error><Type>Sender</Type><Code>InvalidIdentityToken</Code><Message>Couldn't retrieve verification key</Message></Error></ErrorResponse>".into())
+                }
+            }
+            "/ecr/" => {
+                let ok = s.header("x-amz-target") == Some("AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken")
+                    && s.header("x-amz-security-token") == Some("aws-session-token-value")
+                    && s.header("authorization").is_some_and(|a| a.contains("/eu-west-1/ecr/aws4_request"))
+                    && signature_matches(s, "aws-secret-key-value");
+                if ok {
+                    let token = base64::engine::general_purpose::STANDARD.encode(format!("AWS:{password}"));
+                    (200, json!({"authorizationData": [{"authorizationToken": token, "expiresAt": exp as f64 + 0.25, "proxyEndpoint": "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com"}]}).to_string())
+                } else {
+                    (403, json!({"__type": "InvalidSignatureException", "message": "The request signature we calculated does not match"}).to_string())
+                }
+            }
+            _ => (404, "{}".into()),
+        },
+    )
+    .await;
+    let c = case.mint().await.expect("mint");
+    assert_eq!(c.username, "AWS");
+    assert_eq!(c.password.expose(), password);
+    assert_expiry(&c, exp);
+    case.error_classes("/sts/", &[password, "aws-secret-key-value", "aws-session-token-value"]).await;
+}
+
+#[tokio::test]
+async fn untrusted_certificates_are_refused() {
+    let case = Case::new("chainguard: {identity: abc, issuer: \"{endpoint}\", serviceAccountToken: {file: \"{tokenFile}\"}}", |_, _| (200, "{}".into())).await;
+    // Same stand-in, but the client trusts only the system roots.
+    let yaml = format!(
+        "tls: {{certFile: /x, keyFile: /y}}\nhttp: {{timeout: 1s, retries: 0}}\nregistries:\n- host: \"{}\"\n  {}\n",
+        case.host, case.source
+    );
+    let config = Config::from_yaml(&yaml).unwrap();
+    let http = HttpClient::new(&config.http).unwrap();
+    let kube = kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
+    let e = config.registries[0].source.mint(MintContext { kube: &kube, http: &http, namespace: "team-a" }, &case.host).await.unwrap_err();
+    assert!(matches!(e, MintError::Transport { .. }), "{e:?}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    assert!(case.standin.seen().is_empty());
+}
+
+#[test]
+fn bad_source_settings_name_the_field() {
+    let yaml = "tls: {certFile: /x, keyFile: /y}\nregistries:\n\
+        - {host: cgr.dev, chainguard: {identity: \"not a uid\", issuer: \"http://issuer.example\"}}\n\
+        - {host: quay.io, quay: {robot: norobot, audience: \"\"}}\n\
+        - {host: 1.dkr.ecr.eu-west-1.amazonaws.com, ecr: {region: EU, serviceAccountToken: {file: /t}}}\n\
+        - {host: europe-docker.pkg.dev, gcp: {workloadIdentityProvider: projects/1/pools/x}}\n\
+        - {host: x.azurecr.io, acr: {serviceAccountToken: {file: /t}}}\n\
+        - {host: r.example, tokenExchange: {endpoint: \"ftp://x\", username: \"\", subjectTokenAudience: a}}\n";
+    let e = Config::from_yaml(yaml).unwrap_err().to_string();
+    for path in [
+        "registries[0].chainguard.identity",
+        "registries[0].chainguard.issuer",
+        "registries[1].quay.robot",
+        "registries[1].quay.audience",
+        "registries[2].ecr.region",
+        "registries[2].ecr.roleArn",
+        "registries[3].gcp.workloadIdentityProvider",
+        "registries[4].acr.tenantId",
+        "registries[4].acr.clientId",
+        "registries[5].tokenExchange.endpoint",
+        "registries[5].tokenExchange.username",
+    ] {
+        assert!(e.contains(&format!("{path}: ")), "missing {path} in:\n{e}");
+    }
+    let e = Config::from_yaml("tls: {certFile: /x, keyFile: /y}\nregistries: [{host: cgr.dev, chainguard: {identity: ab, issuer: x, extra: 1}}]\n").unwrap_err();
+    assert!(e.to_string().contains("registries[0].chainguard"), "{e}");
+}

@@ -1,0 +1,201 @@
+//! Local HTTPS stand-ins for token endpoints that cannot be reached from here (Chainguard, Quay,
+//! AWS, Google, Entra, ACR). Each speaks the documented wire format through a handler the test
+//! gives; a script of faults (status, hang, garbage) can be queued in front of it. Every request
+//! is recorded, so tests check what was sent.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+
+use super::Certs;
+
+/// One request as the stand-in saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub at: Instant,
+    pub method: String,
+    pub path: String,
+    pub query: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+impl Seen {
+    /// `application/x-www-form-urlencoded` or JSON body fields.
+    pub fn field(&self, name: &str) -> Option<String> {
+        if let Ok(serde_json::Value::Object(m)) = serde_json::from_str(&self.body) {
+            return m.get(name).and_then(|v| v.as_str()).map(str::to_string);
+        }
+        form_urlencoded(&self.body).remove(name)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    pub fn bearer(&self) -> Option<&str> {
+        self.header("authorization")?.strip_prefix("Bearer ")
+    }
+
+    /// The user and password of a Basic Authorization header.
+    pub fn basic(&self) -> Option<(String, String)> {
+        let b64 = self.header("authorization")?.strip_prefix("Basic ")?;
+        let raw = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).ok()?).ok()?;
+        let (u, p) = raw.split_once(':')?;
+        Some((u.to_string(), p.to_string()))
+    }
+}
+
+/// A queued fault, used for the next request instead of the handler.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    Status { status: u16, body: String, retry_after: Option<u64> },
+    /// Never answers (until the client gives up).
+    Hang,
+}
+
+type Handler = dyn Fn(&Seen) -> (u16, String) + Send + Sync;
+
+pub struct StandIn {
+    pub url: String,
+    pub certs: Certs,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    faults: Arc<Mutex<VecDeque<Fault>>>,
+    handle: axum_server::Handle<std::net::SocketAddr>,
+}
+
+impl StandIn {
+    /// Serves `handler` over HTTPS on loopback with a fresh test CA (`certs.ca()`).
+    pub async fn start(handler: impl Fn(&Seen) -> (u16, String) + Send + Sync + 'static) -> StandIn {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let certs = Certs::new();
+        let cert = Arc::new(pull_secret_injector::tls::ReloadingCert::load(&certs.cert(), &certs.key()).unwrap());
+        let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(pull_secret_injector::tls::server_config(cert).unwrap()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let faults = Arc::new(Mutex::new(VecDeque::new()));
+        let handler: Arc<Handler> = Arc::new(handler);
+        let (s, f) = (seen.clone(), faults.clone());
+        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let (seen, faults, handler) = (s.clone(), f.clone(), handler.clone());
+            async move { serve(seen, faults, handler, method, uri, headers, body).await }
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = axum_server::Handle::new();
+        let server = axum_server::from_tcp_rustls(listener, tls).unwrap().handle(handle.clone());
+        tokio::spawn(server.serve(app.into_make_service()));
+        StandIn { url: format!("https://{addr}"), certs, seen, faults, handle }
+    }
+
+    /// `127.0.0.1:PORT`, for sources that build the URL from the registry host.
+    pub fn host(&self) -> String {
+        self.url.trim_start_matches("https://").to_string()
+    }
+
+    pub fn push_fault(&self, fault: Fault) {
+        self.faults.lock().unwrap().push_back(fault);
+    }
+
+    pub fn fail(&self, status: u16, body: &str) {
+        self.push_fault(Fault::Status { status, body: body.into(), retry_after: None });
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn clear(&self) {
+        self.seen.lock().unwrap().clear();
+        self.faults.lock().unwrap().clear();
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+    }
+}
+
+async fn serve(
+    seen: Arc<Mutex<Vec<Seen>>>,
+    faults: Arc<Mutex<VecDeque<Fault>>>,
+    handler: Arc<Handler>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request = Seen {
+        at: Instant::now(),
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        query: form_urlencoded(uri.query().unwrap_or("")),
+        headers: headers.iter().map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())).collect(),
+        body: String::from_utf8_lossy(&body).to_string(),
+    };
+    seen.lock().unwrap().push(request.clone());
+    let fault = faults.lock().unwrap().pop_front();
+    match fault {
+        Some(Fault::Hang) => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
+        Some(Fault::Status { status, body, retry_after }) => {
+            let mut response = (StatusCode::from_u16(status).unwrap(), body).into_response();
+            if let Some(s) = retry_after {
+                response.headers_mut().insert("retry-after", s.to_string().parse().unwrap());
+            }
+            response
+        }
+        None => {
+            let (status, body) = handler(&request);
+            let content_type = if body.starts_with('<') { "text/xml" } else { "application/json" };
+            (StatusCode::from_u16(status).unwrap(), [("content-type", content_type)], body).into_response()
+        }
+    }
+}
+
+fn form_urlencoded(s: &str) -> BTreeMap<String, String> {
+    let decode = |v: &str| {
+        let v = v.replace('+', " ");
+        let bytes = v.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                if let Ok(b) = u8::from_str_radix(&v[i + 1..i + 3], 16) {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(bytes[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).to_string()
+    };
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// An unsigned JWT with the given claims: what a registry's STS hands back, as far as the
+/// service can tell (it reads `exp`, never verifies).
+pub fn jwt(claims: serde_json::Value) -> String {
+    let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!("{}.{}.{}", b(r#"{"alg":"RS256","typ":"JWT"}"#), b(&claims.to_string()), b("signature-of-the-stand-in"))
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
