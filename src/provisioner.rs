@@ -52,6 +52,8 @@ pub struct Provisioner {
     recorder: Recorder,
     metrics: Arc<Metrics>,
     pacer: renewal::MintPacer,
+    /// Consecutive failed provisions per namespace, for the retry backoff of partial writes.
+    failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 /// Cache entries live until their renewal time, so an entry that is present is fresh.
@@ -76,6 +78,7 @@ impl Provisioner {
             cache: Cache::builder().expire_after(UntilRenewal).build(),
             metrics,
             pacer: renewal::MintPacer::new(config.refresh.max_mints_per_second),
+            failures: Default::default(),
         }
     }
 
@@ -98,7 +101,7 @@ impl Provisioner {
     pub async fn ensure_verified(&self, namespace: &str) -> Result<Fresh, Arc<ProvisionError>> {
         if let Some(cached) = self.cache.get(namespace).await {
             let stored = self.secrets(namespace).get_opt(&self.secret_name).await.map_err(|e| self.api_error("reading", namespace, &e))?;
-            match pull_secret::assess(stored.as_ref(), self.hosts()) {
+            match pull_secret::assess(stored.as_ref()) {
                 Assessment::Intact(i) if i == cached.issued => return Ok(cached),
                 found => tracing::info!(namespace, ?found, "stored Secret differs from the one written; restoring"),
             }
@@ -230,13 +233,18 @@ impl Provisioner {
         ProvisionError::Api { action, namespace: namespace.into(), name: format!("for ServiceAccount {name}"), message: kube_error_message(e) }
     }
 
-    /// Reads what is stored; adopts it if it is ours, intact and not yet due; otherwise mints and
-    /// writes. A write that loses a race with another writer reads again once.
+    /// Reads what is stored and works out, registry by registry, what is still good and what
+    /// must be minted (`renewal::plan`); adopts the Secret when nothing is due, otherwise mints
+    /// what is due and writes the next version. A registry whose source fails keeps its previous
+    /// credential while that is unexpired, and does not hold back the others: the Secret is
+    /// written with what could be had and retried soon. A write that loses a race with another
+    /// writer reads again once.
     async fn provision(&self, namespace: &str) -> Result<Fresh, ProvisionError> {
         let api = self.secrets(namespace);
+        let configured: Vec<&str> = self.hosts().collect();
         for attempt in 0..2 {
             let stored = api.get_opt(&self.secret_name).await.map_err(|e| self.api_error("reading", namespace, &e))?;
-            match pull_secret::assess(stored.as_ref(), self.hosts()) {
+            let previous = match pull_secret::assess(stored.as_ref()) {
                 Assessment::Foreign => {
                     let note = format!(
                         "Secret {} exists and is not managed by pull-secret-injector (label app.kubernetes.io/managed-by); it is not overwritten and is not injected. Rename or delete it, or change secretName.",
@@ -245,29 +253,63 @@ impl Provisioner {
                     self.report(namespace, "SecretNotManaged", &note).await;
                     return Err(ProvisionError::Conflict { namespace: namespace.into(), name: self.secret_name.clone() });
                 }
-                Assessment::Intact(issued) => {
-                    let fresh = self.fresh(namespace, issued);
-                    if Timestamp::now() < fresh.renew_at {
-                        tracing::debug!(namespace, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
-                        return Ok(fresh);
-                    }
-                }
-                Assessment::Missing | Assessment::Tampered | Assessment::Outdated => {}
-            }
-            self.pacer.wait().await;
-            let credentials = match self.mint_all(namespace).await {
-                Ok(c) => c,
-                Err(e) => {
-                    // The previous Secret, if any, stays: it serves until it expires.
-                    self.report(namespace, "MintFailed", &format!("{e}; the current credentials, if any, stay in place and minting is retried")).await;
-                    return Err(e);
-                }
+                Assessment::Intact(issued) => Some(issued),
+                Assessment::Missing | Assessment::Tampered | Assessment::Outdated => None,
             };
+            let now = Timestamp::now();
+            let plan = renewal::plan(previous.as_ref(), &configured, self.renew_before, namespace, now);
+            if let Some(issued) = previous.as_ref().filter(|_| plan.is_nothing()) {
+                let fresh = self.fresh(namespace, issued.clone());
+                if now < fresh.renew_at {
+                    tracing::debug!(namespace, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
+                    return Ok(fresh);
+                }
+            }
+            let mut carried = match (&stored, &previous) {
+                (Some(secret), Some(issued)) => pull_secret::stored_credentials(secret, issued),
+                _ => Default::default(),
+            };
+            if !plan.mint.is_empty() {
+                self.pacer.wait().await;
+            }
+            let (minted, failures) = self.mint_some(namespace, &plan.mint).await;
+            if !failures.is_empty() {
+                let kept: Vec<&str> = failures.iter().filter(|(h, _)| carried.get(h).is_some_and(|c| c.expires_at > now)).map(|(h, _)| h.as_str()).collect();
+                let summary = failures.iter().map(|(_, e)| e.to_string()).collect::<Vec<_>>().join("; ");
+                let note = if kept.is_empty() {
+                    format!("{summary}; minting is retried")
+                } else {
+                    format!("{summary}; the current credentials for {} stay in place until they expire, and minting is retried", kept.join(", "))
+                };
+                self.report(namespace, "MintFailed", &note).await;
+                if minted.is_empty() && plan.drop.is_empty() {
+                    // Nothing new to write: the stored Secret, if any, stays as it is.
+                    self.bump_failures(namespace);
+                    return Err(failures.into_iter().next().map(|(_, e)| e).expect("failures is not empty"));
+                }
+            }
+            let mut credentials: Vec<(String, Credential)> = Vec::new();
+            for host in &configured {
+                if let Some(c) = minted.iter().find(|(h, _)| h == host).map(|(_, c)| c.clone()) {
+                    credentials.push((host.to_string(), c));
+                } else if let Some(c) = carried.remove(*host).filter(|c| c.expires_at > now) {
+                    credentials.push((host.to_string(), c));
+                }
+            }
+            if credentials.is_empty() {
+                self.bump_failures(namespace);
+                return Err(ProvisionError::Mint { registry: configured.join(", "), message: "no registry has a usable credential".into() });
+            }
             let (secret, issued) = pull_secret::build(namespace, &self.secret_name, &credentials);
             match crate::create_or_replace(&api, stored.as_ref(), secret).await {
                 Ok(_) => {
+                    if failures.is_empty() {
+                        self.clear_failures(namespace);
+                    } else {
+                        self.bump_failures(namespace);
+                    }
                     let fresh = self.fresh(namespace, issued);
-                    tracing::info!(namespace, secret = %self.secret_name, expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
+                    tracing::info!(namespace, secret = %self.secret_name, minted = ?plan.mint, failed = failures.len(), expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
                     return Ok(fresh);
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 && attempt == 0 => {
@@ -284,22 +326,45 @@ impl Provisioner {
     /// how long the stored credentials last).
     fn fresh(&self, namespace: &str, issued: Issued) -> Fresh {
         self.metrics.secret_written(namespace, issued.expires_at);
-        let renew_at = renewal::renew_at(&issued, self.renew_before, namespace);
+        let configured: Vec<&str> = self.hosts().collect();
+        let failures = self.failures.lock().map(|f| f.get(namespace).copied().unwrap_or(0)).unwrap_or(0);
+        let retry = renewal::retry_delay(failures.max(1), 0.5 + fastrand::f64());
+        let renew_at = renewal::next_renewal(&issued, &configured, self.renew_before, namespace, Timestamp::now(), retry);
         Fresh { issued, renew_at }
     }
 
-    async fn mint_all(&self, namespace: &str) -> Result<Vec<(String, Credential)>, ProvisionError> {
-        let mints = self.registries.iter().map(|r| async move {
+    fn bump_failures(&self, namespace: &str) {
+        if let Ok(mut f) = self.failures.lock() {
+            *f.entry(namespace.to_string()).or_default() += 1;
+        }
+    }
+
+    fn clear_failures(&self, namespace: &str) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(namespace);
+        }
+    }
+
+    /// Mints the credentials of `hosts` concurrently; returns what was minted and what failed.
+    async fn mint_some(&self, namespace: &str, hosts: &[String]) -> (Vec<(String, Credential)>, Vec<(String, ProvisionError)>) {
+        let mints = self.registries.iter().filter(|r| hosts.contains(&r.host)).map(|r| async move {
             let started = Instant::now();
             let cx = MintContext { kube: &self.client, http: &self.http, namespace };
             let result = r.source.mint(cx, &r.host).await;
             self.metrics.mint(r.source.name(), result.is_ok(), started.elapsed().as_secs_f64());
             tracing::debug!(namespace, registry = %r.host, source = r.source.name(), ok = result.is_ok(), elapsed_ms = started.elapsed().as_millis() as u64, "minted");
-            result
-                .map(|c| (r.host.clone(), c))
-                .map_err(|e| ProvisionError::Mint { registry: r.host.clone(), message: e.to_string() })
+            let result = result.map_err(|e| ProvisionError::Mint { registry: r.host.clone(), message: e.to_string() });
+            (r.host.clone(), result)
         });
-        futures::future::try_join_all(mints).await
+        let mut minted = Vec::new();
+        let mut failures = Vec::new();
+        for (host, result) in futures::future::join_all(mints).await {
+            match result {
+                Ok(c) => minted.push((host, c)),
+                Err(e) => failures.push((host, e)),
+            }
+        }
+        (minted, failures)
     }
 
     /// A Warning Event about the namespace's pull Secret, where `kubectl get events` shows it.

@@ -12,7 +12,7 @@ use k8s_openapi::ByteString;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::token::Credential;
+use crate::token::{Credential, Sensitive};
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGER: &str = "pull-secret-injector";
@@ -22,8 +22,11 @@ pub const EXPIRES_AT: &str = "pull-secret-injector.io/expires-at";
 pub const ISSUED_AT: &str = "pull-secret-injector.io/issued-at";
 /// SHA-256 of `.dockerconfigjson` as written, to notice when someone else changed it.
 pub const CONTENT_HASH: &str = "pull-secret-injector.io/content-sha256";
-/// The registry hosts the Secret holds, to notice when the configuration changed.
+/// The registry hosts the Secret holds (for people and `status`).
 pub const REGISTRIES: &str = "pull-secret-injector.io/registries";
+/// Per registry host, when its credential was minted and when it expires (JSON), so each is
+/// renewed on its own schedule and one failing source does not cost the others theirs.
+pub const CREDENTIALS: &str = "pull-secret-injector.io/credentials";
 
 pub const DOCKER_CONFIG_TYPE: &str = "kubernetes.io/dockerconfigjson";
 pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
@@ -31,9 +34,28 @@ pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
 /// What a usable Secret holds, as far as renewal needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Issued {
+    /// The earliest `issued_at` of its credentials.
     pub issued_at: Timestamp,
+    /// The earliest expiry of its credentials.
     pub expires_at: Timestamp,
     pub content_sha256: String,
+    /// Each registry host's credential lifetime.
+    pub registries: BTreeMap<String, Lifetime>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lifetime {
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+impl Issued {
+    /// One registry's lifetime for all of the Secret (tests, benchmarks).
+    pub fn single(host: &str, issued_at: Timestamp, expires_at: Timestamp) -> Self {
+        let registries = BTreeMap::from([(host.to_string(), Lifetime { issued_at, expires_at })]);
+        Issued { issued_at, expires_at, content_sha256: String::new(), registries }
+    }
 }
 
 /// The state of the Secret found under the configured name.
@@ -44,7 +66,7 @@ pub enum Assessment {
     Foreign,
     /// Ours, but its data no longer matches what we wrote.
     Tampered,
-    /// Ours, but for a different set of registries than configured now, or unreadable annotations.
+    /// Ours, but its annotations are unreadable (or written by an older version).
     Outdated,
     /// Ours and intact; whether it is due for renewal is `renewal`'s call.
     Intact(Issued),
@@ -82,16 +104,23 @@ fn hosts_annotation<'a>(hosts: impl IntoIterator<Item = &'a str>) -> String {
 /// The Secret to store for these credentials, and what it records about them.
 pub fn build(namespace: &str, name: &str, credentials: &[(String, Credential)]) -> (Secret, Issued) {
     let data = docker_config_json(credentials);
+    let registries: BTreeMap<String, Lifetime> = credentials
+        .iter()
+        .map(|(h, c)| (h.clone(), Lifetime { issued_at: c.issued_at, expires_at: c.expires_at }))
+        .collect();
     let issued = Issued {
         issued_at: credentials.iter().map(|(_, c)| c.issued_at).min().unwrap_or_else(Timestamp::now),
         expires_at: credentials.iter().map(|(_, c)| c.expires_at).min().unwrap_or_else(Timestamp::now),
         content_sha256: sha256_hex(&data),
+        registries,
     };
     let annotations = BTreeMap::from([
         (ISSUED_AT.to_string(), issued.issued_at.to_string()),
         (EXPIRES_AT.to_string(), issued.expires_at.to_string()),
         (CONTENT_HASH.to_string(), issued.content_sha256.clone()),
         (REGISTRIES.to_string(), hosts_annotation(credentials.iter().map(|(h, _)| h.as_str()))),
+        // A map of timestamps always serialises.
+        (CREDENTIALS.to_string(), serde_json::to_string(&issued.registries).unwrap_or_default()),
     ]);
     let secret = Secret {
         metadata: ObjectMeta {
@@ -108,9 +137,9 @@ pub fn build(namespace: &str, name: &str, credentials: &[(String, Credential)]) 
     (secret, issued)
 }
 
-/// Reads back what [`build`] recorded, checking that the data is still what was written and
-/// that it covers the registries configured now.
-pub fn assess<'a>(secret: Option<&Secret>, hosts: impl IntoIterator<Item = &'a str>) -> Assessment {
+/// Reads back what [`build`] recorded, checking that the data is still what was written.
+/// Whether it covers the registries configured now, and which are due, is `renewal::plan`'s call.
+pub fn assess(secret: Option<&Secret>) -> Assessment {
     let Some(secret) = secret else { return Assessment::Missing };
     if !is_managed(secret) {
         return Assessment::Foreign;
@@ -123,16 +152,40 @@ pub fn assess<'a>(secret: Option<&Secret>, hosts: impl IntoIterator<Item = &'a s
         Some(d) if sha256_hex(&d.0) == recorded_hash && secret.type_.as_deref() == Some(DOCKER_CONFIG_TYPE) => {}
         _ => return Assessment::Tampered,
     }
-    if get(REGISTRIES) != Some(hosts_annotation(hosts).as_str()) {
-        return Assessment::Outdated;
-    }
-    let parse = |k| get(k).and_then(|v| v.parse::<Timestamp>().ok());
-    match (parse(ISSUED_AT), parse(EXPIRES_AT)) {
+    let registries: Option<BTreeMap<String, Lifetime>> = get(CREDENTIALS).and_then(|v| serde_json::from_str(v).ok());
+    let Some(registries) = registries.filter(|r| !r.is_empty()) else { return Assessment::Outdated };
+    let issued_at = registries.values().map(|l| l.issued_at).min();
+    let expires_at = registries.values().map(|l| l.expires_at).min();
+    match (issued_at, expires_at) {
         (Some(issued_at), Some(expires_at)) if issued_at < expires_at => {
-            Assessment::Intact(Issued { issued_at, expires_at, content_sha256: recorded_hash.to_string() })
+            Assessment::Intact(Issued { issued_at, expires_at, content_sha256: recorded_hash.to_string(), registries })
         }
         _ => Assessment::Outdated,
     }
+}
+
+/// The credentials an intact Secret holds, for the hosts in `issued`, to carry over into the
+/// next version when they are not renewed (not due, or their source failed).
+pub fn stored_credentials(secret: &Secret, issued: &Issued) -> BTreeMap<String, Credential> {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        username: String,
+        password: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        auths: BTreeMap<String, Entry>,
+    }
+    let Some(data) = secret.data.as_ref().and_then(|d| d.get(DOCKER_CONFIG_KEY)) else { return BTreeMap::new() };
+    let Ok(doc) = serde_json::from_slice::<Doc>(&data.0) else { return BTreeMap::new() };
+    doc.auths
+        .into_iter()
+        .filter_map(|(host, e)| {
+            let l = issued.registries.get(&host)?;
+            let c = Credential { username: e.username, password: Sensitive::new(e.password), issued_at: l.issued_at, expires_at: l.expires_at };
+            Some((host, c))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -176,31 +229,38 @@ mod tests {
         let a = s.metadata.annotations.as_ref().unwrap();
         assert_eq!(a[EXPIRES_AT], "1970-01-01T00:33:20Z");
         assert_eq!(a[REGISTRIES], "ghcr.io,registry.example.com");
-        assert_eq!(assess(Some(&s), ["registry.example.com", "ghcr.io"]), Assessment::Intact(issued));
+        assert_eq!(issued.registries["ghcr.io"].expires_at, Timestamp::from_second(2000).unwrap());
+        assert_eq!(issued.registries["registry.example.com"].expires_at, Timestamp::from_second(4600).unwrap());
+        assert_eq!(assess(Some(&s)), Assessment::Intact(issued.clone()));
+        let stored = stored_credentials(&s, &issued);
+        assert_eq!(stored["ghcr.io"].password.expose(), "tok-b");
+        assert_eq!(stored["registry.example.com"].username, "oauth2accesstoken");
+        assert_eq!(stored["registry.example.com"].expires_at, Timestamp::from_second(4600).unwrap());
     }
 
     #[test]
     fn assessment_of_what_is_found() {
-        let hosts = ["registry.example.com", "ghcr.io"];
-        assert_eq!(assess(None, hosts), Assessment::Missing);
+        assert_eq!(assess(None), Assessment::Missing);
 
         let (mut foreign, _) = build("ns", "pull-secret", &creds());
         foreign.metadata.labels = None;
-        assert_eq!(assess(Some(&foreign), hosts), Assessment::Foreign);
+        assert_eq!(assess(Some(&foreign)), Assessment::Foreign);
 
         let (mut tampered, _) = build("ns", "pull-secret", &creds());
         tampered.data.as_mut().unwrap().insert(DOCKER_CONFIG_KEY.into(), ByteString(b"{}".to_vec()));
-        assert_eq!(assess(Some(&tampered), hosts), Assessment::Tampered);
+        assert_eq!(assess(Some(&tampered)), Assessment::Tampered);
 
         let (mut emptied, _) = build("ns", "pull-secret", &creds());
         emptied.data = None;
-        assert_eq!(assess(Some(&emptied), hosts), Assessment::Tampered);
-
-        let (s, _) = build("ns", "pull-secret", &creds());
-        assert_eq!(assess(Some(&s), ["registry.example.com"]), Assessment::Outdated);
+        assert_eq!(assess(Some(&emptied)), Assessment::Tampered);
 
         let (mut garbled, _) = build("ns", "pull-secret", &creds());
-        garbled.metadata.annotations.as_mut().unwrap().insert(EXPIRES_AT.into(), "soon".into());
-        assert_eq!(assess(Some(&garbled), hosts), Assessment::Outdated);
+        garbled.metadata.annotations.as_mut().unwrap().insert(CREDENTIALS.into(), "soon".into());
+        assert_eq!(assess(Some(&garbled)), Assessment::Outdated);
+
+        // Written by a version that kept no per-registry lifetimes: renewed in full.
+        let (mut older, _) = build("ns", "pull-secret", &creds());
+        older.metadata.annotations.as_mut().unwrap().remove(CREDENTIALS);
+        assert_eq!(assess(Some(&older)), Assessment::Outdated);
     }
 }

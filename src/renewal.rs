@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-use crate::pull_secret::Issued;
+use crate::pull_secret::{Issued, Lifetime};
 
 /// The share of the renewal margin that jitter may add.
 const JITTER_SHARE: f64 = 0.25;
 
-pub fn renew_at(issued: &Issued, renew_before: Option<Duration>, key: &str) -> Timestamp {
+pub fn renew_at(issued: &Lifetime, renew_before: Option<Duration>, key: &str) -> Timestamp {
     let lifetime = issued.expires_at.duration_since(issued.issued_at);
     if lifetime <= SignedDuration::ZERO {
         return issued.issued_at;
@@ -29,6 +29,58 @@ pub fn renew_at(issued: &Issued, renew_before: Option<Duration>, key: &str) -> T
     let jitter = margin.mul_f64(JITTER_SHARE * unit_fraction(key, issued.expires_at));
     let at = issued.expires_at - margin - jitter;
     at.max(issued.issued_at)
+}
+
+/// What to do with a namespace's Secret now, registry by registry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Configured, stored and not yet due: carried over as they are.
+    pub keep: Vec<String>,
+    /// Configured and missing or due: minted now.
+    pub mint: Vec<String>,
+    /// Stored but no longer configured: left out of the next version.
+    pub drop: Vec<String>,
+}
+
+impl Plan {
+    /// Nothing to mint and nothing to remove: the stored Secret is adopted as it is.
+    pub fn is_nothing(&self) -> bool {
+        self.mint.is_empty() && self.drop.is_empty()
+    }
+}
+
+/// Which registries of the stored Secret (if usable) are kept, which minted, which dropped.
+pub fn plan(stored: Option<&Issued>, configured: &[&str], renew_before: Option<Duration>, key: &str, now: Timestamp) -> Plan {
+    let mut plan = Plan::default();
+    for host in configured {
+        match stored.and_then(|i| i.registries.get(*host)) {
+            Some(l) if now < renew_at(l, renew_before, key) => plan.keep.push(host.to_string()),
+            _ => plan.mint.push(host.to_string()),
+        }
+    }
+    if let Some(i) = stored {
+        plan.drop = i.registries.keys().filter(|h| !configured.contains(&h.as_str())).cloned().collect();
+    }
+    plan
+}
+
+/// When the Secret next needs work: the earliest renewal among its configured credentials, or
+/// `now + retry` if that is sooner and a configured registry is missing from it (its source
+/// failed; the others were written meanwhile).
+pub fn next_renewal(issued: &Issued, configured: &[&str], renew_before: Option<Duration>, key: &str, now: Timestamp, retry: Duration) -> Timestamp {
+    let earliest = configured
+        .iter()
+        .filter_map(|h| issued.registries.get(*h))
+        .map(|l| renew_at(l, renew_before, key))
+        .min()
+        .unwrap_or(now);
+    let incomplete = configured.iter().any(|h| !issued.registries.contains_key(*h));
+    if incomplete {
+        let soon = now.checked_add(SignedDuration::try_from(retry).unwrap_or(SignedDuration::ZERO)).unwrap_or(now);
+        earliest.min(soon)
+    } else {
+        earliest
+    }
 }
 
 /// How long until `at`, or zero if it has passed.
@@ -85,12 +137,54 @@ fn unit_fraction(key: &str, expires_at: Timestamp) -> f64 {
 mod tests {
     use super::*;
 
-    fn issued(issued: i64, expires: i64) -> Issued {
+    fn issued(issued: i64, expires: i64) -> Lifetime {
+        Lifetime { issued_at: Timestamp::from_second(issued).unwrap(), expires_at: Timestamp::from_second(expires).unwrap() }
+    }
+
+    fn secret(registries: &[(&str, i64, i64)]) -> Issued {
+        let registries: std::collections::BTreeMap<String, Lifetime> =
+            registries.iter().map(|(h, i, e)| (h.to_string(), issued(*i, *e))).collect();
         Issued {
-            issued_at: Timestamp::from_second(issued).unwrap(),
-            expires_at: Timestamp::from_second(expires).unwrap(),
+            issued_at: registries.values().map(|l| l.issued_at).min().unwrap(),
+            expires_at: registries.values().map(|l| l.expires_at).min().unwrap(),
             content_sha256: String::new(),
+            registries,
         }
+    }
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn plan_mints_only_what_is_missing_or_due_and_drops_what_is_no_longer_configured() {
+        let rb = Some(Duration::from_secs(600));
+        let stored = secret(&[("a.example", 0, 3600), ("b.example", 0, 1200), ("old.example", 0, 3600)]);
+        // At 500 s: b is due from 600 s minus jitter (≤ 150 s), a from 3000 s minus jitter.
+        let p = plan(Some(&stored), &["a.example", "b.example", "c.example"], rb, "ns", at(300));
+        assert_eq!(p.keep, ["a.example", "b.example"]);
+        assert_eq!(p.mint, ["c.example"]);
+        assert_eq!(p.drop, ["old.example"]);
+        let p = plan(Some(&stored), &["a.example", "b.example"], rb, "ns", at(700));
+        assert_eq!((p.keep, p.mint), (vec!["a.example".to_string()], vec!["b.example".to_string()]));
+        let p = plan(None, &["a.example", "b.example"], rb, "ns", at(0));
+        assert_eq!(p.mint.len(), 2);
+        assert!(p.keep.is_empty() && p.drop.is_empty());
+        let p = plan(Some(&secret(&[("a.example", 0, 3600)])), &["a.example"], rb, "ns", at(10));
+        assert!(p.is_nothing());
+    }
+
+    #[test]
+    fn next_renewal_is_the_earliest_due_or_a_retry_when_a_registry_is_missing() {
+        let rb = Some(Duration::from_secs(600));
+        let stored = secret(&[("a.example", 0, 3600), ("b.example", 0, 1200)]);
+        let both = next_renewal(&stored, &["a.example", "b.example"], rb, "ns", at(10), Duration::from_secs(30));
+        assert!((450..=600).contains(&secs(both)), "{both}");
+        let missing = next_renewal(&stored, &["a.example", "b.example", "c.example"], rb, "ns", at(10), Duration::from_secs(30));
+        assert_eq!(secs(missing), 40);
+        // Only configured registries count: b is no longer configured.
+        let only_a = next_renewal(&stored, &["a.example"], rb, "ns", at(10), Duration::from_secs(30));
+        assert!((2850..=3000).contains(&secs(only_a)), "{only_a}");
     }
 
     fn secs(t: Timestamp) -> i64 {

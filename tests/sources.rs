@@ -501,3 +501,153 @@ fn bad_source_settings_name_the_field() {
     let e = Config::from_yaml("tls: {certFile: /x, keyFile: /y}\nregistries: [{host: cgr.dev, chainguard: {identity: ab, issuer: x, extra: 1}}]\n").unwrap_err();
     assert!(e.to_string().contains("registries[0].chainguard"), "{e}");
 }
+
+// ---- Through the real API server -------------------------------------------------------------
+
+mod end_to_end {
+    #![allow(clippy::await_holding_lock)]
+
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use k8s_openapi::api::authentication::v1::TokenReview;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use kube::api::{Api, PostParams};
+    use serde_json::{json, Value};
+
+    use super::support::standin::{jwt, now, StandIn};
+    use super::support::*;
+
+    const CGR: &str = "cgr.example.test";
+
+    /// A Chainguard STS stand-in that issues a distinct token per exchange, lasting `lifetime`
+    /// seconds, and refuses while `failing` is set. Remembers every bearer it was shown.
+    struct Sts {
+        standin: StandIn,
+        failing: Arc<AtomicBool>,
+        issued: Arc<AtomicU64>,
+    }
+
+    async fn sts(lifetime: i64) -> Sts {
+        let failing = Arc::new(AtomicBool::new(false));
+        let issued = Arc::new(AtomicU64::new(0));
+        let (f, n) = (failing.clone(), issued.clone());
+        let standin = StandIn::start(move |s| {
+            if f.load(Ordering::SeqCst) {
+                return (403, json!({"error": "identity not bound"}).to_string());
+            }
+            if s.path != "/sts/exchange" || s.query.get("identity").map(String::as_str) != Some("0123abcd") || s.bearer().is_none() {
+                return (400, "{}".into());
+            }
+            let jti = n.fetch_add(1, Ordering::SeqCst);
+            (200, json!({"token": jwt(json!({"aud": "cgr.dev", "exp": now() + lifetime, "jti": jti}))}).to_string())
+        })
+        .await;
+        Sts { standin, failing, issued }
+    }
+
+    fn registries(sts: &Sts) -> String {
+        format!(
+            "{}  - host: {CGR}\n    chainguard: {{identity: \"0123abcd\", issuer: \"{}\"}}\n",
+            kubernetes_registry("default", 3600),
+            sts.standin.url
+        )
+    }
+
+    fn extra(sts: &Sts) -> String {
+        format!("http: {{timeout: 2s, retries: 0, caFile: {}}}\n", sts.standin.certs.ca().display())
+    }
+
+    fn auths(secret: &k8s_openapi::api::core::v1::Secret) -> Value {
+        docker_config(secret)["auths"].clone()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chainguard_exchange_with_the_namespace_identity() {
+        let _serial = serial();
+        let sts = sts(3600).await;
+        let mut inj = Injector::start_with("src1", &registries(&sts), &extra(&sts)).await;
+        let c = inj.client.clone();
+        let ns = inj.namespace("cg", true).await;
+
+        let pod = create_pod(&c, &ns, "app", json!({}), false).await.pod;
+        assert!(pull_secret_names(&pod).contains(&"pull-secret".to_string()), "{:?}", pull_secret_names(&pod));
+        let secret = wait_secret(&c, &ns, "both registries", |s| auths(s).get(CGR).is_some() && auths(s).get(HOST).is_some()).await;
+        let entry = &auths(&secret)[CGR];
+        assert_eq!(entry["username"], "_token");
+        let password = entry["password"].as_str().unwrap();
+        assert_eq!(claims(password)["aud"], "cgr.dev", "the stand-in's token is what was stored");
+
+        // What the STS was shown is a real service-account token of this namespace, minted by
+        // the API server for Chainguard's audience, not for the API server.
+        let seen = sts.standin.seen();
+        let subject = format!("system:serviceaccount:{ns}:default");
+        let bearer = seen
+            .iter()
+            .filter_map(|s| s.bearer().map(str::to_string))
+            .find(|b| claims(b)["sub"] == subject.as_str())
+            .expect("the STS was shown this namespace's token");
+        let reviews: Api<TokenReview> = Api::all(c.clone());
+        let review: TokenReview = serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": bearer, "audiences": ["issuer.enforce.dev"]}})).unwrap();
+        let status = reviews.create(&PostParams::default(), &review).await.unwrap().status.unwrap();
+        assert_eq!(status.authenticated, Some(true), "{status:?}");
+        assert_eq!(status.user.unwrap().username.as_deref(), Some(subject.as_str()));
+        assert_eq!(claims(&bearer)["aud"], json!(["issuer.enforce.dev"]));
+
+        // Attached to the namespace's ServiceAccount like any pull Secret.
+        wait_for("default ServiceAccount patched", Duration::from_secs(30), || async {
+            let sa = Api::<ServiceAccount>::namespaced(c.clone(), &ns).get("default").await.unwrap();
+            sa.image_pull_secrets.unwrap_or_default().iter().any(|r| r.name == "pull-secret")
+        })
+        .await;
+        inj.cleanup().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_failing_registry_does_not_cost_the_others_their_credentials() {
+        let _serial = serial();
+        let cp = ControlPlane::get();
+        // Chainguard tokens of 30 s: renewed after about 20 s (a third before expiry).
+        let sts = sts(30).await;
+        sts.failing.store(true, Ordering::SeqCst);
+        let mut inj = Injector::start_with("src2", &registries(&sts), &extra(&sts)).await;
+        let c = inj.client.clone();
+        let ns = inj.namespace("partial", true).await;
+
+        // The STS refuses: the Secret is written with the registry that works, and pods get it.
+        let secret = wait_secret(&c, &ns, "the kubernetes registry", |s| auths(s).get(HOST).is_some()).await;
+        assert!(auths(&secret).get(CGR).is_none(), "no credential for the failing registry");
+        let pod = create_pod(&c, &ns, "app", json!({}), true).await.pod;
+        assert!(pull_secret_names(&pod).contains(&"pull-secret".to_string()));
+        let k8s_password = password(&secret);
+
+        // It recovers: the missing registry is retried and added; the other is not re-minted.
+        let minted_before = cp.token_requests(&ns);
+        sts.failing.store(false, Ordering::SeqCst);
+        let secret = wait_secret(&c, &ns, "the chainguard registry after recovery", |s| auths(s).get(CGR).is_some()).await;
+        assert_eq!(password(&secret), k8s_password, "the working registry's credential is carried over");
+        let first_cgr = auths(&secret)[CGR]["password"].as_str().unwrap().to_string();
+        // One TokenRequest for the exchange itself; none for the kubernetes registry.
+        assert_eq!(cp.token_requests(&ns) - minted_before, 1, "only the missing registry was minted");
+
+        // The STS fails again when that token is due: its credential stays until it expires.
+        sts.failing.store(true, Ordering::SeqCst);
+        let refused_before = sts.standin.seen().len();
+        wait_for("a refused renewal", Duration::from_secs(40), || async { sts.standin.seen().len() > refused_before }).await;
+        let secret = get_secret(&c, &ns).await.unwrap();
+        assert_eq!(auths(&secret)[CGR]["password"].as_str(), Some(first_cgr.as_str()), "the last good credential stays");
+        assert_eq!(password(&secret), k8s_password);
+
+        // Recovery: renewed with a new token, the kubernetes credential still untouched.
+        let issued_before = sts.issued.load(Ordering::SeqCst);
+        sts.failing.store(false, Ordering::SeqCst);
+        let secret = wait_secret(&c, &ns, "a renewed chainguard token", |s| {
+            auths(s)[CGR]["password"].as_str().is_some_and(|p| p != first_cgr)
+        })
+        .await;
+        assert!(sts.issued.load(Ordering::SeqCst) > issued_before);
+        assert_eq!(password(&secret), k8s_password);
+        inj.cleanup().await;
+    }
+}
