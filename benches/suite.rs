@@ -126,7 +126,7 @@ fn handler() -> Vec<Figure> {
         writer.apply_watcher_event(&watcher::Event::InitApply(ns));
         writer.apply_watcher_event(&watcher::Event::InitDone);
         let metrics = Arc::new(Metrics::default());
-        let provisioner = Arc::new(Provisioner::new(client.clone(), pull_secret_injector::token::http::HttpClient::new(&config.http).expect("http client"), &config, metrics.clone()));
+        let provisioner = Arc::new(Provisioner::new(client.clone(), pull_secret_injector::token::http::HttpClient::new(&config.http).expect("http client"), kube::runtime::reflector::store().0, &config, metrics.clone()));
         let now = Timestamp::now();
         provisioner
             .remember("bench", Issued::single("registry.example.com", now, now + jiff::SignedDuration::from_hours(1)))

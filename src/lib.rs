@@ -136,13 +136,13 @@ impl Service {
         };
         let policy = NamespacePolicy::new(config.namespace_selector.clone(), own_namespace.as_deref(), &config.excluded_namespaces);
         let metrics = Arc::new(metrics::Metrics::default());
-        let http = token::http::HttpClient::new(&config.http)?;
-        let provisioner = Arc::new(Provisioner::new(client.clone(), http, &config, metrics.clone()));
         let (stop, stopped) = watch::channel(false);
         let mut background = Vec::new();
 
         // Every replica watches namespaces to answer "opted in?" without an API call.
         let (namespaces, writer) = reflector::store();
+        let http = token::http::HttpClient::new(&config.http)?;
+        let provisioner = Arc::new(Provisioner::new(client.clone(), http, namespaces.clone(), &config, metrics.clone()));
         let namespace_watch = reflector::reflector(writer, watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()).modify(reconciler::slim_namespace))
             .default_backoff()
             .for_each(|_| futures::future::ready(()));

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{ObjectReference, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::Client;
 use moka::future::Cache;
 use moka::Expiry;
@@ -21,6 +22,7 @@ use moka::Expiry;
 use crate::config::{Config, RegistryConfig};
 use crate::metrics::Metrics;
 use crate::pull_secret::{self, Assessment, Issued};
+use crate::selector::{self, Selection};
 use crate::token::http::HttpClient;
 use crate::token::{Credential, MintContext};
 use crate::{kube_error_message, patch, renewal};
@@ -38,12 +40,16 @@ pub enum ProvisionError {
     Conflict { namespace: String, name: String },
     #[error("minting a credential for {registry} failed: {message}")]
     Mint { registry: String, message: String },
+    #[error("namespace {namespace} selects no configured registry (annotation {annotation}: {value:?})")]
+    NothingSelected { namespace: String, annotation: &'static str, value: String },
     #[error("{action} Secret {namespace}/{name} failed: {message}")]
     Api { action: &'static str, namespace: String, name: String, message: String },
 }
 
 pub struct Provisioner {
     client: Client,
+    /// The watched namespaces, for their registry selection annotation.
+    namespaces: Store<Namespace>,
     http: HttpClient,
     secret_name: String,
     registries: Vec<RegistryConfig>,
@@ -66,11 +72,12 @@ impl Expiry<String, Fresh> for UntilRenewal {
 }
 
 impl Provisioner {
-    pub fn new(client: Client, http: HttpClient, config: &Config, metrics: Arc<Metrics>) -> Self {
+    pub fn new(client: Client, http: HttpClient, namespaces: Store<Namespace>, config: &Config, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: "pull-secret-injector".into(), instance: std::env::var("POD_NAME").ok() };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            namespaces,
             http,
             secret_name: config.secret_name.clone(),
             registries: config.registries.clone(),
@@ -101,8 +108,12 @@ impl Provisioner {
     pub async fn ensure_verified(&self, namespace: &str) -> Result<Fresh, Arc<ProvisionError>> {
         if let Some(cached) = self.cache.get(namespace).await {
             let stored = self.secrets(namespace).get_opt(&self.secret_name).await.map_err(|e| self.api_error("reading", namespace, &e))?;
+            let selection = self.selection(namespace).await?;
+            let selected_as_cached = cached.issued.registries.keys().all(|h| selection.hosts.contains(h))
+                && selection.hosts.iter().all(|h| cached.issued.registries.contains_key(h));
             match pull_secret::assess(stored.as_ref()) {
-                Assessment::Intact(i) if i == cached.issued => return Ok(cached),
+                Assessment::Intact(i) if i == cached.issued && selected_as_cached => return Ok(cached),
+                Assessment::Intact(i) if i == cached.issued => tracing::info!(namespace, registries = ?selection.hosts, "registry selection changed"),
                 found => tracing::info!(namespace, ?found, "stored Secret differs from the one written; restoring"),
             }
             self.cache.invalidate(namespace).await;
@@ -112,7 +123,8 @@ impl Provisioner {
 
     /// Records a Secret known to be fresh (as written by another replica), without reading it.
     pub async fn remember(&self, namespace: &str, issued: Issued) {
-        let fresh = self.fresh(namespace, issued);
+        let selection = self.selection_from_store(namespace);
+        let fresh = self.fresh(namespace, issued, &selection.hosts);
         self.cache.insert(namespace.to_string(), fresh).await;
     }
 
@@ -221,6 +233,28 @@ impl Provisioner {
         self.registries.iter().map(|r| r.host.as_str())
     }
 
+    /// The registries `namespace` gets, from its annotation as the watch last saw it; a
+    /// namespace the watch has not seen yet (just created) is read from the API server.
+    async fn selection(&self, namespace: &str) -> Result<Selection, ProvisionError> {
+        let configured: Vec<&str> = self.hosts().collect();
+        if let Some(ns) = self.namespaces.get(&ObjectRef::new(namespace)) {
+            return Ok(selector::registries_for(annotation_of(&ns), &configured));
+        }
+        let ns = Api::<Namespace>::all(self.client.clone()).get_opt(namespace).await.map_err(|e| ProvisionError::Api {
+            action: "reading namespace for",
+            namespace: namespace.into(),
+            name: self.secret_name.clone(),
+            message: kube_error_message(&e),
+        })?;
+        Ok(selector::registries_for(ns.as_ref().and_then(annotation_of), &configured))
+    }
+
+    fn selection_from_store(&self, namespace: &str) -> Selection {
+        let configured: Vec<&str> = self.hosts().collect();
+        let ns = self.namespaces.get(&ObjectRef::new(namespace));
+        selector::registries_for(ns.as_deref().and_then(annotation_of), &configured)
+    }
+
     fn secrets(&self, namespace: &str) -> Api<Secret> {
         Api::namespaced(self.client.clone(), namespace)
     }
@@ -241,7 +275,18 @@ impl Provisioner {
     /// writer reads again once.
     async fn provision(&self, namespace: &str) -> Result<Fresh, ProvisionError> {
         let api = self.secrets(namespace);
-        let configured: Vec<&str> = self.hosts().collect();
+        let selection = self.selection(namespace).await?;
+        if !selection.unknown.is_empty() {
+            let note = format!("annotation {} names registries that are not configured: {}; they are ignored", selector::REGISTRIES_ANNOTATION, selection.unknown.join(", "));
+            self.report_on_namespace(namespace, "UnknownRegistry", &note).await;
+        }
+        if selection.hosts.is_empty() {
+            let value = self.namespaces.get(&ObjectRef::new(namespace)).as_deref().and_then(annotation_of).unwrap_or_default().to_string();
+            let e = ProvisionError::NothingSelected { namespace: namespace.into(), annotation: selector::REGISTRIES_ANNOTATION, value };
+            self.report_on_namespace(namespace, "NoRegistrySelected", &e.to_string()).await;
+            return Err(e);
+        }
+        let configured: Vec<&str> = selection.hosts.iter().map(String::as_str).collect();
         for attempt in 0..2 {
             let stored = api.get_opt(&self.secret_name).await.map_err(|e| self.api_error("reading", namespace, &e))?;
             let previous = match pull_secret::assess(stored.as_ref()) {
@@ -259,7 +304,7 @@ impl Provisioner {
             let now = Timestamp::now();
             let plan = renewal::plan(previous.as_ref(), &configured, self.renew_before, namespace, now);
             if let Some(issued) = previous.as_ref().filter(|_| plan.is_nothing()) {
-                let fresh = self.fresh(namespace, issued.clone());
+                let fresh = self.fresh(namespace, issued.clone(), &configured);
                 if now < fresh.renew_at {
                     tracing::debug!(namespace, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
                     return Ok(fresh);
@@ -308,7 +353,7 @@ impl Provisioner {
                     } else {
                         self.bump_failures(namespace);
                     }
-                    let fresh = self.fresh(namespace, issued);
+                    let fresh = self.fresh(namespace, issued, &configured);
                     tracing::info!(namespace, secret = %self.secret_name, minted = ?plan.mint, failed = failures.len(), expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
                     return Ok(fresh);
                 }
@@ -324,9 +369,9 @@ impl Provisioner {
     /// The renewal time of credentials now stored for `namespace`; also records their expiry for
     /// the metrics, including when they are already due (a failing renewal then still shows
     /// how long the stored credentials last).
-    fn fresh(&self, namespace: &str, issued: Issued) -> Fresh {
+    fn fresh(&self, namespace: &str, issued: Issued, configured: &[impl AsRef<str>]) -> Fresh {
         self.metrics.secret_written(namespace, issued.expires_at);
-        let configured: Vec<&str> = self.hosts().collect();
+        let configured: Vec<&str> = configured.iter().map(AsRef::as_ref).collect();
         let failures = self.failures.lock().map(|f| f.get(namespace).copied().unwrap_or(0)).unwrap_or(0);
         let retry = renewal::retry_delay(failures.max(1), 0.5 + fastrand::f64());
         let renew_at = renewal::next_renewal(&issued, &configured, self.renew_before, namespace, Timestamp::now(), retry);
@@ -376,6 +421,16 @@ impl Provisioner {
             name: Some(self.secret_name.clone()),
             ..Default::default()
         };
+        self.publish(namespace, reference, reason, note).await;
+    }
+
+    /// A Warning Event about the Namespace itself (its annotation).
+    async fn report_on_namespace(&self, namespace: &str, reason: &str, note: &str) {
+        let reference = ObjectReference { api_version: Some("v1".into()), kind: Some("Namespace".into()), name: Some(namespace.into()), ..Default::default() };
+        self.publish(namespace, reference, reason, note).await;
+    }
+
+    async fn publish(&self, namespace: &str, reference: ObjectReference, reason: &str, note: &str) {
         let event = Event {
             type_: EventType::Warning,
             reason: reason.into(),
@@ -387,4 +442,8 @@ impl Provisioner {
             tracing::warn!(namespace, error = %kube_error_message(&e), "could not record event");
         }
     }
+}
+
+fn annotation_of(ns: &Namespace) -> Option<&str> {
+    ns.metadata.annotations.as_ref()?.get(selector::REGISTRIES_ANNOTATION).map(String::as_str)
 }

@@ -92,11 +92,17 @@ impl Refresher {
     }
 }
 
-/// Keeps of a Namespace only what deciding about it needs (name, labels, deletion): with
-/// thousands of namespaces, managed fields and annotations would be most of the memory.
+/// Keeps of a Namespace only what deciding about it needs (name, labels, deletion, its registry
+/// selection): with thousands of namespaces, managed fields and annotations would be most of
+/// the memory.
 pub fn slim_namespace(ns: &mut Namespace) {
     ns.metadata.managed_fields = None;
-    ns.metadata.annotations = None;
+    ns.metadata.annotations = ns
+        .metadata
+        .annotations
+        .take()
+        .and_then(|mut a| a.remove(crate::selector::REGISTRIES_ANNOTATION))
+        .map(|v| [(crate::selector::REGISTRIES_ANNOTATION.to_string(), v)].into());
     ns.spec = None;
     ns.status = None;
 }
@@ -121,7 +127,15 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
             return Ok(Action::await_change());
         }
     }
-    let fresh = ctx.provisioner.ensure_verified(&name).await?;
+    let fresh = match ctx.provisioner.ensure_verified(&name).await {
+        Ok(fresh) => fresh,
+        // Its annotation selects no registry: like an opt-out until the annotation changes.
+        Err(e) if matches!(*e, ProvisionError::NothingSelected { .. }) => {
+            ctx.provisioner.release(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let patched = ctx.provisioner.attach_to_service_accounts(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
     if patched > 0 {
         tracing::info!(namespace = %name, service_accounts = patched, "attached the pull Secret to existing ServiceAccounts");

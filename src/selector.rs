@@ -5,6 +5,31 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
+/// A namespace annotation that picks which configured registries its Secret holds
+/// (comma-separated hosts). Absent: all of them.
+pub const REGISTRIES_ANNOTATION: &str = "pull-secret-injector.io/registries";
+
+/// The registries a namespace's Secret holds, as its annotation picks them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    /// Configured hosts the namespace gets, in configuration order.
+    pub hosts: Vec<String>,
+    /// Hosts the annotation names that are not configured (reported, otherwise ignored).
+    pub unknown: Vec<String>,
+}
+
+/// `configured` hosts narrowed by the namespace's annotation value, if it has one.
+pub fn registries_for(annotation: Option<&str>, configured: &[&str]) -> Selection {
+    let Some(value) = annotation else {
+        return Selection { hosts: configured.iter().map(|h| h.to_string()).collect(), unknown: vec![] };
+    };
+    let named: Vec<&str> = value.split(',').map(str::trim).filter(|h| !h.is_empty()).collect();
+    Selection {
+        hosts: configured.iter().filter(|h| named.contains(h)).map(|h| h.to_string()).collect(),
+        unknown: named.iter().filter(|h| !configured.contains(h)).map(|h| h.to_string()).collect(),
+    }
+}
+
 /// Namespaces that are never injected, whatever their labels.
 pub const ALWAYS_EXCLUDED: &[&str] = &["kube-system"];
 
@@ -95,6 +120,17 @@ pub fn validate(selector: &LabelSelector, path: &str, err: &mut impl FnMut(&str,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn annotation_narrows_the_registries() {
+        let configured = ["cgr.dev", "ghcr.io", "quay.io"];
+        assert_eq!(registries_for(None, &configured).hosts, configured);
+        let s = registries_for(Some(" quay.io,cgr.dev ,, nowhere.example"), &configured);
+        assert_eq!(s.hosts, ["cgr.dev", "quay.io"], "configuration order, not the annotation's");
+        assert_eq!(s.unknown, ["nowhere.example"]);
+        let s = registries_for(Some(""), &configured);
+        assert!(s.hosts.is_empty() && s.unknown.is_empty());
+    }
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

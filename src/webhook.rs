@@ -87,7 +87,7 @@ impl Webhook {
         let secret = self.provisioner.secret_name();
         match outcome {
             Ok(Ok(Ok(_))) => (Verdict::patched(patch), "patched"),
-            Ok(Ok(Err(e))) if matches!(*e, ProvisionError::Conflict { .. }) => {
+            Ok(Ok(Err(e))) if matches!(*e, ProvisionError::Conflict { .. } | ProvisionError::NothingSelected { .. }) => {
                 tracing::warn!(namespace, error = %e, "not injecting");
                 (Verdict::unchanged().warn(format!("pull-secret-injector: {e}")), "conflict")
             }
