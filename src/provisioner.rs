@@ -249,7 +249,8 @@ impl Provisioner {
         Ok(selector::registries_for(ns.as_ref().and_then(annotation_of), &configured))
     }
 
-    fn selection_from_store(&self, namespace: &str) -> Selection {
+    /// The registries `namespace` gets, as the watch last saw its annotation (no I/O).
+    pub fn selection_from_store(&self, namespace: &str) -> Selection {
         let configured: Vec<&str> = self.hosts().collect();
         let ns = self.namespaces.get(&ObjectRef::new(namespace));
         selector::registries_for(ns.as_deref().and_then(annotation_of), &configured)
@@ -426,7 +427,14 @@ impl Provisioner {
 
     /// A Warning Event about the Namespace itself (its annotation).
     async fn report_on_namespace(&self, namespace: &str, reason: &str, note: &str) {
-        let reference = ObjectReference { api_version: Some("v1".into()), kind: Some("Namespace".into()), name: Some(namespace.into()), ..Default::default() };
+        // Recorded inside the namespace (not in `default`), where its users look.
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Namespace".into()),
+            name: Some(namespace.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        };
         self.publish(namespace, reference, reason, note).await;
     }
 

@@ -64,6 +64,10 @@ impl Webhook {
         if !self.opted_in(namespace).await {
             return (Verdict::unchanged(), "unchanged");
         }
+        if self.provisioner.selection_from_store(namespace).hosts.is_empty() {
+            let warning = format!("pull-secret-injector: namespace {namespace} selects no configured registry (annotation {}); nothing injected", crate::selector::REGISTRIES_ANNOTATION);
+            return (Verdict::unchanged().warn(warning), "unchanged");
+        }
         let Some(object) = req.object.as_ref() else {
             return (Verdict::unchanged().warn("pull-secret-injector: the request carries no object to patch"), "invalid");
         };

@@ -651,3 +651,66 @@ mod end_to_end {
         inj.cleanup().await;
     }
 }
+
+mod selection {
+    #![allow(clippy::await_holding_lock)]
+
+    use std::time::Duration;
+
+    use k8s_openapi::api::core::v1::{Event, Namespace};
+    use kube::api::{Api, ListParams, Patch, PatchParams};
+    use serde_json::{json, Value};
+
+    use super::support::standin::{jwt, now, StandIn};
+    use super::support::*;
+
+    const CGR: &str = "cgr.example.test";
+
+    fn hosts(secret: &k8s_openapi::api::core::v1::Secret) -> Vec<String> {
+        docker_config(secret)["auths"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    async fn annotate(c: &kube::Client, ns: &str, value: Value) {
+        Api::<Namespace>::all(c.clone())
+            .patch(ns, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"pull-secret-injector.io/registries": value}}})))
+            .await
+            .expect("annotate namespace");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_namespace_annotation_picks_the_registries() {
+        let _serial = serial();
+        let standin = StandIn::start(|_| (200, json!({"token": jwt(json!({"exp": now() + 3600}))}).to_string())).await;
+        let registries = format!("{}  - host: {CGR}\n    chainguard: {{identity: \"0123abcd\", issuer: \"{}\"}}\n", kubernetes_registry("default", 3600), standin.url);
+        let extra = format!("http: {{caFile: {}}}\n", standin.certs.ca().display());
+        let mut inj = Injector::start_with("sel1", &registries, &extra).await;
+        let c = inj.client.clone();
+        let ns = inj.namespace("picky", true).await;
+        wait_secret(&c, &ns, "both registries by default", |s| hosts(s).len() == 2).await;
+
+        annotate(&c, &ns, json!(CGR)).await;
+        let s = wait_secret(&c, &ns, "only chainguard", |s| hosts(s) == [CGR]).await;
+        assert_eq!(annotation(&s, "pull-secret-injector.io/registries"), CGR);
+
+        annotate(&c, &ns, json!(format!("{HOST}, nowhere.example"))).await;
+        wait_secret(&c, &ns, "only the kubernetes registry", |s| hosts(s) == [HOST]).await;
+        let events: Api<Event> = Api::namespaced(c.clone(), &ns);
+        wait_for("an UnknownRegistry event", Duration::from_secs(30), || async {
+            events.list(&ListParams::default()).await.unwrap().items.iter().any(|e| {
+                e.reason.as_deref() == Some("UnknownRegistry") && e.message.as_deref().unwrap_or("").contains("nowhere.example")
+            })
+        })
+        .await;
+
+        // Selecting nothing configured is an opt-out: the Secret goes, and pods are not patched.
+        annotate(&c, &ns, json!("nowhere.example")).await;
+        wait_for("the Secret removed", Duration::from_secs(30), || async { get_secret(&c, &ns).await.is_none() }).await;
+        let pod = create_pod(&c, &ns, "app", json!({}), true).await;
+        assert!(!pull_secret_names(&pod.pod).contains(&"pull-secret".to_string()), "{:?}", pull_secret_names(&pod.pod));
+        assert!(pod.warnings.iter().any(|w| w.contains("selects no configured registry")), "{:?}", pod.warnings);
+
+        annotate(&c, &ns, Value::Null).await;
+        wait_secret(&c, &ns, "both registries again", |s| hosts(s).len() == 2).await;
+        inj.cleanup().await;
+    }
+}
