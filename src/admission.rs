@@ -86,7 +86,17 @@ object_view! {
 }
 
 object_view! {
-    SpecView { image_pull_secrets: Value = "imagePullSecrets" }
+    SpecView {
+        image_pull_secrets: Value = "imagePullSecrets",
+        containers: Vec<ContainerView> = "containers",
+        init_containers: Vec<ContainerView> = "initContainers",
+        ephemeral_containers: Vec<ContainerView> = "ephemeralContainers",
+    }
+}
+
+object_view! {
+    /// Of a container, only its image (for `inject: matchingImages`).
+    ContainerView { image: String = "image" }
 }
 
 object_view! {
@@ -94,6 +104,16 @@ object_view! {
 }
 
 impl ObjectView {
+    /// The images of a Pod's containers, init containers and ephemeral containers.
+    pub fn images(&self) -> impl Iterator<Item = &str> {
+        let spec = self.spec.as_ref();
+        [spec.and_then(|s| s.containers.as_ref()), spec.and_then(|s| s.init_containers.as_ref()), spec.and_then(|s| s.ephemeral_containers.as_ref())]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|c| c.image.as_deref())
+    }
+
     /// The object reduced to the fields the patch functions read, in their JSON shape.
     pub fn to_value(&self) -> Value {
         let mut object = serde_json::Map::new();
@@ -330,6 +350,21 @@ mod tests {
         let r = decode(&serde_json::to_vec(&body).unwrap()).unwrap();
         let out: Value = serde_json::from_slice(&encode(&r, &Verdict::unchanged())).unwrap();
         assert_eq!(out["apiVersion"], V1BETA1);
+    }
+
+    #[test]
+    fn images_of_every_kind_of_container_are_read() {
+        let r = decode(&review("Pod", "CREATE", json!({"spec": {
+            "containers": [{"name": "a", "image": "ghcr.io/a"}, {"name": "no-image"}],
+            "initContainers": [{"name": "i", "image": "cgr.dev/i"}],
+            "ephemeralContainers": [{"name": "d", "image": "busybox"}],
+            "volumes": [{"name": "v"}]
+        }})))
+        .unwrap();
+        let images: Vec<&str> = r.request.object.as_ref().unwrap().images().collect();
+        assert_eq!(images, ["ghcr.io/a", "cgr.dev/i", "busybox"]);
+        // A container list that is not a list is a malformed review, not a panic.
+        assert!(decode(&review("Pod", "CREATE", json!({"spec": {"containers": {"image": "x"}}}))).is_err());
     }
 
     #[test]

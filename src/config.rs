@@ -44,10 +44,23 @@ pub struct Config {
     /// always refreshes (a single replica).
     #[serde(default)]
     pub leader_election: Option<LeaderElectionConfig>,
+    /// Which Pods get the Secret: `always` (every Pod, and ServiceAccounts) or `matchingImages`
+    /// (only Pods with an image on a registry the namespace gets; ServiceAccounts are left alone,
+    /// since the API server would copy their list into every Pod).
+    #[serde(default)]
+    pub inject: InjectMode,
     /// How exchanging token sources reach their endpoints.
     #[serde(default)]
     pub http: crate::token::http::HttpConfig,
     pub registries: Vec<RegistryConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum InjectMode {
+    #[default]
+    Always,
+    MatchingImages,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -236,7 +249,10 @@ impl Config {
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { "(top level)".to_string() } else { path };
-            ConfigError::Parse(FieldError { path, message: e.into_inner().to_string() })
+            let message = e.into_inner().to_string();
+            // serde_yaml may already start its message with the path.
+            let message = message.strip_prefix(&format!("{path}: ")).map(str::to_string).unwrap_or(message);
+            ConfigError::Parse(FieldError { path, message })
         })?;
         config.validate()?;
         Ok(config)
@@ -474,6 +490,15 @@ registries:
         let c = Config::from_yaml(&format!("{MINIMAL}ownNamespace: psi\nleaderElection: {{}}\n")).unwrap();
         let le = c.leader_election.unwrap();
         assert_eq!((le.lease_name.as_str(), le.lease_duration.as_secs(), le.renew_grace.as_secs()), ("pull-secret-injector", 15, 5));
+    }
+
+    #[test]
+    fn inject_mode_parses() {
+        let base = "tls: {certFile: a, keyFile: b}\nregistries: [{host: r.example, kubernetes: {audience: a}}]\n";
+        assert_eq!(Config::from_yaml(base).unwrap().inject, InjectMode::Always);
+        assert_eq!(Config::from_yaml(&format!("{base}inject: matchingImages\n")).unwrap().inject, InjectMode::MatchingImages);
+        let e = Config::from_yaml(&format!("{base}inject: sometimes\n")).unwrap_err();
+        assert!(e.to_string().starts_with("config: inject: unknown variant `sometimes`"), "{e}");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod admission;
 pub mod certs;
 pub mod config;
+pub mod images;
 pub mod leadership;
 pub mod metrics;
 pub mod patch;

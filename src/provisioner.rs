@@ -19,7 +19,7 @@ use kube::Client;
 use moka::future::Cache;
 use moka::Expiry;
 
-use crate::config::{Config, RegistryConfig};
+use crate::config::{Config, InjectMode, RegistryConfig};
 use crate::metrics::Metrics;
 use crate::pull_secret::{self, Assessment, Issued};
 use crate::selector::{self, Selection};
@@ -58,6 +58,7 @@ pub struct Provisioner {
     recorder: Recorder,
     metrics: Arc<Metrics>,
     pacer: renewal::MintPacer,
+    inject: InjectMode,
     /// Consecutive failed provisions per namespace, for the retry backoff of partial writes.
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
@@ -86,6 +87,7 @@ impl Provisioner {
             metrics,
             pacer: renewal::MintPacer::new(config.refresh.max_mints_per_second),
             failures: Default::default(),
+            inject: config.inject,
         }
     }
 
@@ -95,6 +97,10 @@ impl Provisioner {
 
     pub fn secret_name(&self) -> &str {
         &self.secret_name
+    }
+
+    pub fn inject_mode(&self) -> InjectMode {
+        self.inject
     }
 
     /// The namespace's Secret, fresh. Answers from the cache when it can (no I/O); otherwise one

@@ -18,6 +18,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
 
+use crate::config::InjectMode;
 use crate::provisioner::{ProvisionError, Provisioner};
 use crate::pull_secret::{MANAGED_BY_LABEL, MANAGER};
 use crate::renewal;
@@ -136,7 +137,12 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
         }
         Err(e) => return Err(e.into()),
     };
-    let patched = ctx.provisioner.attach_to_service_accounts(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
+    // With `inject: matchingImages` ServiceAccounts are left alone: the API server would copy
+    // their list into every Pod, matching or not.
+    let patched = match ctx.provisioner.inject_mode() {
+        InjectMode::Always => ctx.provisioner.attach_to_service_accounts(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?,
+        InjectMode::MatchingImages => 0,
+    };
     if patched > 0 {
         tracing::info!(namespace = %name, service_accounts = patched, "attached the pull Secret to existing ServiceAccounts");
     }

@@ -8,7 +8,9 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 
-use crate::admission::{self, Review, ReviewError, Verdict};
+use crate::admission::{self, Review, ReviewError, Target, Verdict};
+use crate::config::InjectMode;
+use crate::images;
 use crate::leadership::RetrySlot;
 use crate::metrics::Metrics;
 use crate::provisioner::{ProvisionError, Provisioner};
@@ -64,13 +66,20 @@ impl Webhook {
         if !self.opted_in(namespace).await {
             return (Verdict::unchanged(), "unchanged");
         }
-        if self.provisioner.selection_from_store(namespace).hosts.is_empty() {
+        let selection = self.provisioner.selection_from_store(namespace);
+        if selection.hosts.is_empty() {
             let warning = format!("pull-secret-injector: namespace {namespace} selects no configured registry (annotation {}); nothing injected", crate::selector::REGISTRIES_ANNOTATION);
             return (Verdict::unchanged().warn(warning), "unchanged");
         }
         let Some(object) = req.object.as_ref() else {
             return (Verdict::unchanged().warn("pull-secret-injector: the request carries no object to patch"), "invalid");
         };
+        if self.provisioner.inject_mode() == InjectMode::MatchingImages {
+            let matches = target == Target::Pod && images::any_on(object.images(), &selection.hosts);
+            if !matches {
+                return (Verdict::unchanged(), "unchanged");
+            }
+        }
         let patch = admission::patch_for(target, object, self.provisioner.secret_name());
         tracing::debug!(namespace, kind = target.as_str(), dry_run = req.is_dry_run(), ops = patch.0.len(), "admission");
         // Dry runs must have no side effects (sideEffects: NoneOnDryRun): no mint, no write.

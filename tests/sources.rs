@@ -713,4 +713,34 @@ mod selection {
         wait_secret(&c, &ns, "both registries again", |s| hosts(s).len() == 2).await;
         inj.cleanup().await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn matching_images_patches_only_pods_that_pull_from_a_configured_registry() {
+        let _serial = serial();
+        let mut inj = Injector::start_with("img1", &kubernetes_registry("default", 3600), "inject: matchingImages\n").await;
+        let c = inj.client.clone();
+        let ns = inj.namespace("images", true).await;
+        wait_secret(&c, &ns, "the namespace's Secret", |_| true).await;
+
+        let hub = create_pod(&c, &ns, "hub", json!({"containers": [{"name": "a", "image": "nginx:1.27"}]}), false).await.pod;
+        assert!(pull_secret_names(&hub).is_empty(), "{:?}", pull_secret_names(&hub));
+        let init = create_pod(
+            &c,
+            &ns,
+            "init",
+            json!({"containers": [{"name": "a", "image": "nginx"}], "initContainers": [{"name": "i", "image": format!("{HOST}/tools/init:1")}]}),
+            false,
+        )
+        .await
+        .pod;
+        assert_eq!(pull_secret_names(&init), ["pull-secret"]);
+        let lookalike = create_pod(&c, &ns, "lookalike", json!({"containers": [{"name": "a", "image": format!("{HOST}.evil.example/app")}]}), false).await.pod;
+        assert!(pull_secret_names(&lookalike).is_empty());
+
+        // ServiceAccounts are left alone, so Pods that pull elsewhere do not inherit the Secret.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let sa = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(c.clone(), &ns).get("default").await.unwrap();
+        assert!(sa.image_pull_secrets.unwrap_or_default().is_empty());
+        inj.cleanup().await;
+    }
 }
