@@ -49,6 +49,9 @@ pub struct Config {
     /// since the API server would copy their list into every Pod).
     #[serde(default)]
     pub inject: InjectMode,
+    /// Compatibility with chainguard's pull-secret-updater (annotated Secrets in any namespace).
+    #[serde(default)]
+    pub pull_secret_updater: Option<crate::updater::UpdaterConfig>,
     /// How exchanging token sources reach their endpoints.
     #[serde(default)]
     pub http: crate::token::http::HttpConfig,
@@ -301,6 +304,9 @@ impl Config {
             }
         }
         self.http.validate(&mut err);
+        if let Some(u) = &self.pull_secret_updater {
+            u.validate(&mut err);
+        }
         if self.registries.is_empty() {
             err("registries", "at least one registry is required".into());
         }

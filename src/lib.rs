@@ -24,6 +24,7 @@ pub mod server;
 pub mod status;
 pub mod tls;
 pub mod token;
+pub mod updater;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -164,8 +165,11 @@ impl Service {
         }));
 
         let retry: RetrySlot = Arc::default();
-        let (c, p, pol) = (client.clone(), provisioner.clone(), policy.clone());
-        let make_refresher = move |retries| Refresher::new(c.clone(), pol.clone(), p.clone(), retries);
+        let (c, p, pol, upd, m) = (client.clone(), provisioner.clone(), policy.clone(), config.pull_secret_updater.clone(), metrics.clone());
+        let make_refresher = move |retries| {
+            let updater = upd.clone().map(|u| updater::Updater::new(c.clone(), p.http().clone(), u, m.clone()));
+            Refresher::new(c.clone(), pol.clone(), p.clone(), retries, updater)
+        };
         background.push(tokio::spawn(leadership::run(client.clone(), election, make_refresher, retry.clone(), stopped)));
 
         let webhook = webhook::Webhook::new(client, policy, namespaces, provisioner, config.admission.budget, retry, metrics.clone());

@@ -99,6 +99,10 @@ impl Provisioner {
         &self.secret_name
     }
 
+    pub fn http(&self) -> &HttpClient {
+        &self.http
+    }
+
     pub fn inject_mode(&self) -> InjectMode {
         self.inject
     }

@@ -30,6 +30,8 @@ const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
 pub struct Refresher {
     controller: Controller<Namespace>,
     context: Arc<Context>,
+    /// The pull-secret-updater compatibility controller, when configured: leader-only too.
+    updater: Option<crate::updater::Updater>,
 }
 
 struct Context {
@@ -45,7 +47,13 @@ struct Context {
 pub struct ReconcileError(#[from] Arc<ProvisionError>);
 
 impl Refresher {
-    pub fn new(client: Client, policy: NamespacePolicy, provisioner: Arc<Provisioner>, retry: mpsc::UnboundedReceiver<String>) -> Self {
+    pub fn new(
+        client: Client,
+        policy: NamespacePolicy,
+        provisioner: Arc<Provisioner>,
+        retry: mpsc::UnboundedReceiver<String>,
+        updater: Option<crate::updater::Updater>,
+    ) -> Self {
         let (managed_secrets, writer) = reflector::store();
         let secret_events = reflector::reflector(
             writer,
@@ -76,20 +84,28 @@ impl Refresher {
             .watches_stream(secret_events, |s: Secret| s.namespace().map(|ns| ObjectRef::new(&ns)))
             .reconcile_on(retries);
         let context = Arc::new(Context { policy, provisioner, managed_secrets, failures: Mutex::default() });
-        Self { controller, context }
+        Self { controller, context, updater }
     }
 
     /// Runs until `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
-        self.controller
-            .graceful_shutdown_on(shutdown)
+        use futures::FutureExt;
+        let shutdown = shutdown.shared();
+        let namespaces = self
+            .controller
+            .graceful_shutdown_on(shutdown.clone())
             .run(reconcile, error_policy, self.context)
             .for_each(|result| async move {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "reconcile did not complete");
                 }
-            })
-            .await;
+            });
+        match self.updater {
+            Some(updater) => {
+                tokio::join!(namespaces, updater.run(shutdown));
+            }
+            None => namespaces.await,
+        }
     }
 }
 

@@ -744,3 +744,101 @@ mod selection {
         inj.cleanup().await;
     }
 }
+
+mod pull_secret_updater {
+    #![allow(clippy::await_holding_lock)]
+
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use k8s_openapi::api::core::v1::{Event, Secret};
+    use k8s_openapi::ByteString;
+    use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+    use serde_json::{json, Value};
+
+    use super::support::standin::{jwt, now, StandIn};
+    use super::support::*;
+
+    async fn user_secret(c: &kube::Client, ns: &str, name: &str, type_: &str, annotations: &[(&str, &str)]) {
+        let doc = json!({"auths": {"other.example": {"auth": "eDp5"}}});
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                annotations: Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                ..Default::default()
+            },
+            type_: Some(type_.into()),
+            data: Some(BTreeMap::from([(".dockerconfigjson".to_string(), ByteString(serde_json::to_vec(&doc).unwrap()))])),
+            ..Default::default()
+        };
+        Api::<Secret>::namespaced(c.clone(), ns).create(&PostParams::default(), &secret).await.expect("create user Secret");
+    }
+
+    async fn auths(c: &kube::Client, ns: &str, name: &str) -> Value {
+        let s = Api::<Secret>::namespaced(c.clone(), ns).get(name).await.unwrap();
+        docker_config(&s)["auths"].clone()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn annotated_secrets_are_kept_filled_in_any_namespace() {
+        let _serial = serial();
+        // Tokens of 10 minutes and 5 seconds: due 5 s after minting (renewed 10 min before exp).
+        let standin = StandIn::start(|s| {
+            let identity = s.query.get("identity").cloned().unwrap_or_default();
+            (200, json!({"token": jwt(json!({"sub": identity, "aud": "cgr.dev", "exp": now() + 605, "n": fastrand::u64(..)}))}).to_string())
+        })
+        .await;
+        let extra = format!(
+            "http: {{caFile: {}}}\npullSecretUpdater: {{issuer: \"{}\", serviceAccountToken: {{fromNamespace: {{serviceAccount: default}}}}}}\n",
+            standin.certs.ca().display(),
+            standin.url
+        );
+        let mut inj = Injector::start_with("upd1", &kubernetes_registry("default", 3600), &extra).await;
+        let c = inj.client.clone();
+        let ns = inj.namespace("plain", false).await; // not opted in: the annotation is what counts
+        wait_for("default ServiceAccount", Duration::from_secs(30), || async {
+            Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(c.clone(), &ns).get_opt("default").await.unwrap().is_some()
+        })
+        .await;
+        user_secret(&c, &ns, "cgr", "kubernetes.io/dockerconfigjson", &[("pull-secret-updater.chainguard.dev/identity", "0123abcd")]).await;
+        user_secret(&c, &ns, "unrelated", "kubernetes.io/dockerconfigjson", &[]).await;
+        user_secret(&c, &ns, "opaque", "Opaque", &[("pull-secret-updater.chainguard.dev/identity", "0123abcd")]).await;
+
+        wait_for("the annotated Secret filled", Duration::from_secs(30), || async { auths(&c, &ns, "cgr").await.get("cgr.dev").is_some() }).await;
+        let a = auths(&c, &ns, "cgr").await;
+        assert_eq!(a["cgr.dev"]["username"], "_token");
+        assert_eq!(a["other.example"], json!({"auth": "eDp5"}), "the user's other entries stay");
+        let first = a["cgr.dev"]["password"].as_str().unwrap().to_string();
+        assert_eq!(claims(&first)["sub"], "0123abcd");
+        // Exchanged with a token of the Secret's namespace.
+        let seen = standin.seen();
+        let bearer = seen.iter().find_map(|s| s.bearer()).expect("STS called");
+        assert_eq!(claims(bearer)["sub"], format!("system:serviceaccount:{ns}:default"));
+
+        // Renewed ten minutes before exp.
+        wait_for("a renewed token", Duration::from_secs(40), || async {
+            auths(&c, &ns, "cgr").await["cgr.dev"]["password"].as_str().is_some_and(|p| p != first)
+        })
+        .await;
+
+        // A new identity gets a token of its own at once.
+        Api::<Secret>::namespaced(c.clone(), &ns)
+            .patch("cgr", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"pull-secret-updater.chainguard.dev/identity": "fedcba98"}}})))
+            .await
+            .unwrap();
+        wait_for("a token for the new identity", Duration::from_secs(30), || async {
+            auths(&c, &ns, "cgr").await["cgr.dev"]["password"].as_str().is_some_and(|p| claims(p)["sub"] == "fedcba98")
+        })
+        .await;
+
+        // Unannotated and non-docker-config Secrets are not touched; the latter is reported.
+        let events: Api<Event> = Api::namespaced(c.clone(), &ns);
+        wait_for("a NotDockerConfig event", Duration::from_secs(30), || async {
+            events.list(&ListParams::default()).await.unwrap().items.iter().any(|e| e.reason.as_deref() == Some("NotDockerConfig"))
+        })
+        .await;
+        assert!(auths(&c, &ns, "unrelated").await.get("cgr.dev").is_none());
+        assert!(auths(&c, &ns, "opaque").await.get("cgr.dev").is_none());
+        inj.cleanup().await;
+    }
+}

@@ -1,0 +1,309 @@
+//! Compatibility with chainguard's pull-secret-updater: a Secret that users created and
+//! annotated `pull-secret-updater.chainguard.dev/identity: <UID>`, in any namespace, is kept
+//! filled with a cgr.dev token for that identity and renewed ten minutes before it expires, so
+//! manifests written for pull-secret-updater work unchanged.
+//!
+//! The decision (mint now, or when) is [`next_step`], free of I/O; the controller around it
+//! watches Secret metadata only (annotations are not selectable server-side, and Secret data
+//! must not sit in memory), reads the one Secret it acts on, and replaces it at the version read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use k8s_openapi::ByteString;
+use kube::api::{Api, PostParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::{Client, ResourceExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::metrics::Metrics;
+use crate::pull_secret::{DOCKER_CONFIG_KEY, DOCKER_CONFIG_TYPE};
+use crate::token::chainguard::ChainguardSource;
+use crate::token::http::HttpClient;
+use crate::token::kubernetes::ServiceAccountToken;
+use crate::token::{jwt, MintContext};
+use crate::{kube_error_message, renewal};
+
+pub const IDENTITY_ANNOTATION: &str = "pull-secret-updater.chainguard.dev/identity";
+/// The identity the stored token was minted for: a changed annotation means a new token.
+pub const MINTED_FOR_ANNOTATION: &str = "pull-secret-injector.io/minted-for-identity";
+const USERNAME: &str = "_token";
+
+/// `pullSecretUpdater:` in the config file. Present: the compatibility controller runs (it needs
+/// cluster-wide read and update of Secrets; see deploy/).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdaterConfig {
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    /// The `auths` key filled, and the `aud` asked of the STS.
+    #[serde(default = "default_registry")]
+    pub registry: String,
+    /// The `aud` of the service-account token presented to the STS.
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// Whose token is exchanged: the injector's own (a projected file, as pull-secret-updater
+    /// does) or a ServiceAccount of each Secret's namespace.
+    pub service_account_token: ServiceAccountToken,
+    #[serde(default = "default_renew_before", deserialize_with = "crate::config::duration")]
+    pub renew_before: Duration,
+}
+
+fn default_issuer() -> String {
+    "https://issuer.enforce.dev".into()
+}
+
+fn default_registry() -> String {
+    "cgr.dev".into()
+}
+
+fn default_audience() -> String {
+    "issuer.enforce.dev".into()
+}
+
+fn default_renew_before() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl UpdaterConfig {
+    pub fn validate(&self, err: &mut impl FnMut(&str, String)) {
+        crate::token::validate_endpoint("pullSecretUpdater.issuer", &self.issuer, err);
+        if self.registry.is_empty() || self.registry.contains("://") {
+            err("pullSecretUpdater.registry", format!("{:?} must be a registry host such as cgr.dev", self.registry));
+        }
+        if self.renew_before.is_zero() {
+            err("pullSecretUpdater.renewBefore", "must be more than 0s".into());
+        }
+        self.service_account_token.validate("pullSecretUpdater.serviceAccountToken", err);
+    }
+
+    fn source(&self, identity: &str) -> ChainguardSource {
+        ChainguardSource {
+            identity: identity.to_string(),
+            issuer: self.issuer.clone(),
+            registry_audience: self.registry.clone(),
+            audience: self.audience.clone(),
+            service_account_token: self.service_account_token.clone(),
+        }
+    }
+}
+
+/// What the stored token is, as far as renewal needs to know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub minted_for: Option<String>,
+    pub expires_at: Option<Timestamp>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    Mint,
+    WaitUntil(Timestamp),
+}
+
+/// Mint when there is no readable token, it was minted for another identity, or less than
+/// `renew_before` of it remains; otherwise wait until then.
+pub fn next_step(stored: &Stored, identity: &str, renew_before: Duration, now: Timestamp) -> Step {
+    let (Some(minted_for), Some(expires_at)) = (&stored.minted_for, stored.expires_at) else { return Step::Mint };
+    if minted_for != identity {
+        return Step::Mint;
+    }
+    let due = expires_at - jiff::SignedDuration::try_from(renew_before).unwrap_or(jiff::SignedDuration::ZERO);
+    if now >= due {
+        Step::Mint
+    } else {
+        Step::WaitUntil(due)
+    }
+}
+
+/// The stored token of `registry` in a `.dockerconfigjson`, with its expiry read from the JWT.
+pub fn stored(secret: &Secret, registry: &str) -> Stored {
+    let minted_for = secret.annotations().get(MINTED_FOR_ANNOTATION).cloned();
+    let expires_at = docker_config(secret)
+        .and_then(|doc| doc["auths"][registry]["password"].as_str().map(str::to_string))
+        .and_then(|token| jwt::expiry(&token).ok());
+    Stored { minted_for, expires_at }
+}
+
+fn docker_config(secret: &Secret) -> Option<Value> {
+    let data = secret.data.as_ref()?.get(DOCKER_CONFIG_KEY)?;
+    serde_json::from_slice::<Value>(&data.0).ok().filter(Value::is_object)
+}
+
+/// The Secret's `.dockerconfigjson` with `registry`'s entry set; other registries' entries stay.
+pub fn with_token(secret: &Secret, registry: &str, token: &str) -> Vec<u8> {
+    use base64::Engine;
+    let mut doc = docker_config(secret).unwrap_or_else(|| json!({}));
+    if !doc["auths"].is_object() {
+        doc["auths"] = json!({});
+    }
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USERNAME}:{token}"));
+    doc["auths"][registry] = json!({"username": USERNAME, "password": token, "auth": auth});
+    serde_json::to_vec(&doc).unwrap_or_default()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error("minting for identity {identity} failed: {message}")]
+    Mint { identity: String, message: String },
+    #[error("{action} Secret failed: {message}")]
+    Api { action: &'static str, message: String },
+}
+
+struct Context {
+    client: Client,
+    http: HttpClient,
+    config: UpdaterConfig,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+}
+
+pub struct Updater {
+    controller: Controller<PartialObjectMeta<Secret>>,
+    context: Arc<Context>,
+}
+
+impl Updater {
+    pub fn new(client: Client, http: HttpClient, config: UpdaterConfig, metrics: Arc<Metrics>) -> Self {
+        let (store, writer) = reflector::store();
+        let events = reflector::reflector(
+            writer,
+            watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), watcher::Config::default()).modify(|m: &mut PartialObjectMeta<Secret>| {
+                // Only the annotations that matter are kept: with every Secret of the cluster
+                // watched, the rest would be most of the memory.
+                m.metadata.managed_fields = None;
+                let kept = m.metadata.annotations.take().map(|mut a| {
+                    let mut keep = std::collections::BTreeMap::new();
+                    for k in [IDENTITY_ANNOTATION, MINTED_FOR_ANNOTATION] {
+                        if let Some(v) = a.remove(k) {
+                            keep.insert(k.to_string(), v);
+                        }
+                    }
+                    keep
+                });
+                m.metadata.annotations = kept.filter(|a| !a.is_empty());
+            }),
+        )
+        .default_backoff()
+        .applied_objects()
+        .try_filter(|m| futures::future::ready(m.annotations().contains_key(IDENTITY_ANNOTATION)));
+        let reporter = Reporter { controller: "pull-secret-injector".into(), instance: std::env::var("POD_NAME").ok() };
+        let context = Arc::new(Context { recorder: Recorder::new(client.clone(), reporter), client, http, config, metrics });
+        Self { controller: Controller::for_stream(events, store), context }
+    }
+
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+        tracing::info!("pull-secret-updater compatibility: keeping annotated Secrets filled");
+        self.controller
+            .graceful_shutdown_on(shutdown)
+            .run(reconcile, error_policy, self.context)
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "pull-secret-updater reconcile did not complete");
+                }
+            })
+            .await;
+    }
+}
+
+async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, ctx: Arc<Context>) -> Result<Action, UpdateError> {
+    let (Some(namespace), name) = (meta.namespace(), meta.name_any()) else { return Ok(Action::await_change()) };
+    let Some(identity) = meta.annotations().get(IDENTITY_ANNOTATION).cloned() else { return Ok(Action::await_change()) };
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let api_error = |action, e: kube::Error| UpdateError::Api { action, message: kube_error_message(&e) };
+    let Some(secret) = api.get_opt(&name).await.map_err(|e| api_error("reading", e))? else { return Ok(Action::await_change()) };
+    if secret.type_.as_deref() != Some(DOCKER_CONFIG_TYPE) {
+        let note = format!("the Secret is annotated {IDENTITY_ANNOTATION} but its type is not {DOCKER_CONFIG_TYPE}; it is not filled");
+        report(&ctx, &secret, "NotDockerConfig", &note).await;
+        return Ok(Action::await_change());
+    }
+    let now = Timestamp::now();
+    if let Step::WaitUntil(at) = next_step(&stored(&secret, &ctx.config.registry), &identity, ctx.config.renew_before, now) {
+        return Ok(Action::requeue(renewal::until(at, now).max(Duration::from_secs(1))));
+    }
+    let started = std::time::Instant::now();
+    let cx = MintContext { kube: &ctx.client, http: &ctx.http, namespace: &namespace };
+    let minted = ctx.config.source(&identity).mint(cx).await;
+    ctx.metrics.mint("chainguard", minted.is_ok(), started.elapsed().as_secs_f64());
+    let credential = match minted {
+        Ok(c) => c,
+        Err(e) => {
+            let e = UpdateError::Mint { identity, message: e.to_string() };
+            report(&ctx, &secret, "MintFailed", &format!("{e}; the current token, if any, stays in place")).await;
+            return Err(e);
+        }
+    };
+    let mut next = secret.clone();
+    next.data.get_or_insert_default().insert(DOCKER_CONFIG_KEY.into(), ByteString(with_token(&secret, &ctx.config.registry, credential.password.expose())));
+    next.metadata.annotations.get_or_insert_default().insert(MINTED_FOR_ANNOTATION.into(), identity.clone());
+    next.metadata.managed_fields = None;
+    // Replaced at the version read: a concurrent edit makes this fail and be retried.
+    api.replace(&name, &PostParams::default(), &next).await.map_err(|e| api_error("replacing", e))?;
+    tracing::info!(namespace, secret = %name, identity, expires_at = %credential.expires_at, "filled pull-secret-updater Secret");
+    let at = credential.expires_at - jiff::SignedDuration::try_from(ctx.config.renew_before).unwrap_or(jiff::SignedDuration::ZERO);
+    Ok(Action::requeue(renewal::until(at, Timestamp::now()).max(Duration::from_secs(1))))
+}
+
+fn error_policy(meta: Arc<PartialObjectMeta<Secret>>, error: &UpdateError, _ctx: Arc<Context>) -> Action {
+    let wait = renewal::retry_delay(3, 0.5 + fastrand::f64());
+    tracing::warn!(namespace = meta.namespace().unwrap_or_default(), secret = %meta.name_any(), error = %error, retry_in_ms = wait.as_millis() as u64, "pull-secret-updater Secret not filled; retrying");
+    Action::requeue(wait)
+}
+
+async fn report(ctx: &Context, secret: &Secret, reason: &str, note: &str) {
+    let reference = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Secret".into()),
+        namespace: secret.namespace(),
+        name: Some(secret.name_any()),
+        uid: secret.uid(),
+        ..Default::default()
+    };
+    let event = Event { type_: EventType::Warning, reason: reason.into(), note: Some(note.chars().take(1000).collect()), action: "Update".into(), secondary: None };
+    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        tracing::warn!(error = %kube_error_message(&e), "could not record event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn mints_when_missing_foreign_or_due_and_waits_otherwise() {
+        let rb = Duration::from_secs(600);
+        let ok = Stored { minted_for: Some("abc".into()), expires_at: Some(at(3600)) };
+        assert_eq!(next_step(&ok, "abc", rb, at(0)), Step::WaitUntil(at(3000)));
+        assert_eq!(next_step(&ok, "abc", rb, at(3000)), Step::Mint, "ten minutes before exp");
+        assert_eq!(next_step(&ok, "def", rb, at(0)), Step::Mint, "another identity");
+        assert_eq!(next_step(&Stored { minted_for: None, expires_at: Some(at(3600)) }, "abc", rb, at(0)), Step::Mint);
+        assert_eq!(next_step(&Stored { minted_for: Some("abc".into()), expires_at: None }, "abc", rb, at(0)), Step::Mint);
+    }
+
+    #[test]
+    fn the_token_is_added_beside_other_registries() {
+        let doc = json!({"auths": {"ghcr.io": {"auth": "eDp5"}}});
+        let secret = Secret {
+            data: Some(BTreeMap::from([(DOCKER_CONFIG_KEY.to_string(), ByteString(serde_json::to_vec(&doc).unwrap()))])),
+            ..Default::default()
+        };
+        let out: Value = serde_json::from_slice(&with_token(&secret, "cgr.dev", "tok")).unwrap();
+        assert_eq!(out["auths"]["ghcr.io"], json!({"auth": "eDp5"}));
+        assert_eq!(out["auths"]["cgr.dev"], json!({"username": "_token", "password": "tok", "auth": "X3Rva2VuOnRvaw=="}));
+        // Empty or unreadable data is replaced by a fresh document.
+        let out: Value = serde_json::from_slice(&with_token(&Secret::default(), "cgr.dev", "tok")).unwrap();
+        assert_eq!(out["auths"].as_object().unwrap().len(), 1);
+    }
+}
