@@ -93,7 +93,11 @@ fn normalised(objects: Vec<Value>) -> std::collections::BTreeMap<String, Value> 
 
 #[test]
 fn the_helm_chart_renders_the_same_objects_as_kustomize() {
-    for (values, overlay) in [("{}", "base"), (r#"{"certManager": {"enabled": true}}"#, "cert-manager")] {
+    for (values, overlay) in [
+        ("{}", "base"),
+        (r#"{"certManager": {"enabled": true}}"#, "cert-manager"),
+        (r#"{"pullSecretUpdater": {"enabled": true}}"#, "pull-secret-updater"),
+    ] {
         let helm = normalised(helm_objects(values));
         let kustomize = normalised(kustomize(&repo().join("deploy/kustomize").join(overlay)));
         assert_eq!(helm.keys().collect::<Vec<_>>(), kustomize.keys().collect::<Vec<_>>(), "{overlay}: object sets differ");
