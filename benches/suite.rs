@@ -129,7 +129,7 @@ fn handler() -> Vec<Figure> {
         let provisioner = Arc::new(Provisioner::new(client.clone(), pull_secret_injector::token::http::HttpClient::new(&config.http).expect("http client"), kube::runtime::reflector::store().0, &config, metrics.clone()));
         let now = Timestamp::now();
         provisioner
-            .remember("bench", Issued::single("registry.example.com", now, now + jiff::SignedDuration::from_hours(1)))
+            .remember(&pull_secret_injector::subject::Subject::namespace("bench"), Issued::single("registry.example.com", now, now + jiff::SignedDuration::from_hours(1)))
             .await;
         let policy = NamespacePolicy::new(config.namespace_selector.clone(), None, &[]);
         let webhook = Webhook::new(client, policy, writer.as_reader(), provisioner, config.admission.budget, Default::default(), metrics);

@@ -88,6 +88,7 @@ object_view! {
 object_view! {
     SpecView {
         image_pull_secrets: Value = "imagePullSecrets",
+        service_account_name: String = "serviceAccountName",
         containers: Vec<ContainerView> = "containers",
         init_containers: Vec<ContainerView> = "initContainers",
         ephemeral_containers: Vec<ContainerView> = "ephemeralContainers",
@@ -100,10 +101,20 @@ object_view! {
 }
 
 object_view! {
-    MetadataView { annotations: Value = "annotations" }
+    MetadataView { name: String = "name", annotations: Value = "annotations" }
 }
 
 impl ObjectView {
+    /// The ServiceAccount a Pod runs as (the API server sets `default` before webhooks run).
+    pub fn pod_service_account(&self) -> &str {
+        self.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).filter(|n| !n.is_empty()).unwrap_or("default")
+    }
+
+    /// `metadata.name`, empty when the object is named by `generateName`.
+    pub fn name(&self) -> &str {
+        self.metadata.as_ref().and_then(|m| m.name.as_deref()).unwrap_or("")
+    }
+
     /// The images of a Pod's containers, init containers and ephemeral containers.
     pub fn images(&self) -> impl Iterator<Item = &str> {
         let spec = self.spec.as_ref();

@@ -49,6 +49,10 @@ pub struct Config {
     /// since the API server would copy their list into every Pod).
     #[serde(default)]
     pub inject: InjectMode,
+    /// `namespace` (one Secret per namespace, minted for the configured ServiceAccount) or
+    /// `serviceAccount` (one Secret per ServiceAccount, `<sa>-<secretName>`, minted for it).
+    #[serde(default)]
+    pub identity_scope: crate::subject::IdentityScope,
     /// Compatibility with chainguard's pull-secret-updater (annotated Secrets in any namespace).
     #[serde(default)]
     pub pull_secret_updater: Option<crate::updater::UpdaterConfig>,
@@ -304,6 +308,16 @@ impl Config {
             }
         }
         self.http.validate(&mut err);
+        if self.identity_scope == crate::subject::IdentityScope::ServiceAccount {
+            for (i, r) in self.registries.iter().enumerate() {
+                if r.source.uses_token_file() {
+                    err(
+                        &format!("registries[{i}].{}.serviceAccountToken", r.source.name()),
+                        "identityScope serviceAccount mints for each ServiceAccount: use fromNamespace, not a token file".into(),
+                    );
+                }
+            }
+        }
         if let Some(u) = &self.pull_secret_updater {
             u.validate(&mut err);
         }

@@ -22,6 +22,7 @@ pub mod renewal;
 pub mod selector;
 pub mod server;
 pub mod status;
+pub mod subject;
 pub mod tls;
 pub mod token;
 pub mod updater;

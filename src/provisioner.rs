@@ -23,6 +23,7 @@ use crate::config::{Config, InjectMode, RegistryConfig};
 use crate::metrics::Metrics;
 use crate::pull_secret::{self, Assessment, Issued};
 use crate::selector::{self, Selection};
+use crate::subject::{IdentityScope, Subject};
 use crate::token::http::HttpClient;
 use crate::token::{Credential, MintContext};
 use crate::{kube_error_message, patch, renewal};
@@ -59,6 +60,7 @@ pub struct Provisioner {
     metrics: Arc<Metrics>,
     pacer: renewal::MintPacer,
     inject: InjectMode,
+    scope: IdentityScope,
     /// Consecutive failed provisions per namespace, for the retry backoff of partial writes.
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
@@ -88,6 +90,7 @@ impl Provisioner {
             pacer: renewal::MintPacer::new(config.refresh.max_mints_per_second),
             failures: Default::default(),
             inject: config.inject,
+            scope: config.identity_scope,
         }
     }
 
@@ -107,60 +110,99 @@ impl Provisioner {
         self.inject
     }
 
-    /// The namespace's Secret, fresh. Answers from the cache when it can (no I/O); otherwise one
-    /// caller per namespace provisions and the others wait for its result.
-    pub async fn ensure(&self, namespace: &str) -> Result<Fresh, Arc<ProvisionError>> {
-        self.cache.try_get_with(namespace.to_string(), self.provision(namespace)).await
+    pub fn scope(&self) -> IdentityScope {
+        self.scope
+    }
+
+    /// Whose Secret a workload running as `service_account` in `namespace` uses.
+    pub fn subject_for(&self, namespace: &str, service_account: &str) -> Subject {
+        Subject::for_workload(self.scope, namespace, service_account)
+    }
+
+    /// The subject's Secret, fresh. Answers from the cache when it can (no I/O); otherwise one
+    /// caller per subject provisions and the others wait for its result.
+    pub async fn ensure(&self, subject: &Subject) -> Result<Fresh, Arc<ProvisionError>> {
+        self.cache.try_get_with(subject.key(), self.provision(subject)).await
     }
 
     /// Like [`ensure`](Self::ensure), but first checks the stored Secret against the cache, so a
     /// Secret that was deleted or edited since it was written is noticed and restored.
-    pub async fn ensure_verified(&self, namespace: &str) -> Result<Fresh, Arc<ProvisionError>> {
-        if let Some(cached) = self.cache.get(namespace).await {
-            let stored = self.secrets(namespace).get_opt(&self.secret_name).await.map_err(|e| self.api_error("reading", namespace, &e))?;
+    pub async fn ensure_verified(&self, subject: &Subject) -> Result<Fresh, Arc<ProvisionError>> {
+        let namespace = subject.namespace.as_str();
+        let key = subject.key();
+        if let Some(cached) = self.cache.get(&key).await {
+            let name = subject.secret_name(&self.secret_name);
+            let stored = self.secrets(namespace).get_opt(&name).await.map_err(|e| self.api_error("reading", namespace, &name, &e))?;
             let selection = self.selection(namespace).await?;
             let selected_as_cached = cached.issued.registries.keys().all(|h| selection.hosts.contains(h))
                 && selection.hosts.iter().all(|h| cached.issued.registries.contains_key(h));
             match pull_secret::assess(stored.as_ref()) {
                 Assessment::Intact(i) if i == cached.issued && selected_as_cached => return Ok(cached),
                 Assessment::Intact(i) if i == cached.issued => tracing::info!(namespace, registries = ?selection.hosts, "registry selection changed"),
-                found => tracing::info!(namespace, ?found, "stored Secret differs from the one written; restoring"),
+                found => tracing::info!(%subject, ?found, "stored Secret differs from the one written; restoring"),
             }
-            self.cache.invalidate(namespace).await;
+            self.cache.invalidate(&key).await;
         }
-        self.ensure(namespace).await
+        self.ensure(subject).await
     }
 
     /// Records a Secret known to be fresh (as written by another replica), without reading it.
-    pub async fn remember(&self, namespace: &str, issued: Issued) {
-        let selection = self.selection_from_store(namespace);
-        let fresh = self.fresh(namespace, issued, &selection.hosts);
-        self.cache.insert(namespace.to_string(), fresh).await;
+    pub async fn remember(&self, subject: &Subject, issued: Issued) {
+        let selection = self.selection_from_store(&subject.namespace);
+        let fresh = self.fresh(subject, issued, &selection.hosts);
+        self.cache.insert(subject.key(), fresh).await;
     }
 
-    /// Whether the namespace's entry is cached and fresh: no I/O.
-    pub async fn is_fresh(&self, namespace: &str) -> bool {
+    /// Whether the subject's entry is cached and fresh: no I/O.
+    pub async fn is_fresh(&self, subject: &Subject) -> bool {
         // contains_key honours expiry and, unlike get, clones nothing.
-        self.cache.contains_key(namespace)
+        self.cache.contains_key(&subject.key())
     }
 
-    /// Opt-out: forgets the namespace, deletes the Secret if it is ours, and takes back the
+    /// Whether any Secret of the namespace is cached (it has been served).
+    pub fn has_any(&self, namespace: &str) -> bool {
+        let prefix = format!("{namespace}/");
+        self.cache.iter().any(|(k, _)| k.as_str() == namespace || k.starts_with(&prefix))
+    }
+
+    /// The names of the namespace's ServiceAccounts.
+    pub async fn service_accounts(&self, namespace: &str) -> Result<Vec<String>, ProvisionError> {
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let list = api.list_metadata(&ListParams::default()).await.map_err(|e| self.sa_error("listing", namespace, "*", &e))?;
+        Ok(list.items.into_iter().filter_map(|m| m.metadata.name).collect())
+    }
+
+    /// Opt-out: forgets the namespace, deletes its Secrets that are ours, and takes back the
     /// references this service added to ServiceAccounts.
     pub async fn release(&self, namespace: &str) -> Result<(), ProvisionError> {
-        self.cache.invalidate(namespace).await;
+        let prefix = format!("{namespace}/");
+        let keys: Vec<String> = self.cache.iter().map(|(k, _)| k.to_string()).filter(|k| k == namespace || k.starts_with(&prefix)).collect();
+        for key in keys {
+            self.cache.invalidate(&key).await;
+            self.metrics.secret_released(&key);
+        }
         self.metrics.secret_released(namespace);
         let api = self.secrets(namespace);
-        if let Some(secret) = api.get_opt(&self.secret_name).await.map_err(|e| self.api_error("reading", namespace, &e))? {
+        let names = match self.scope {
+            IdentityScope::Namespace => vec![self.secret_name.clone()],
+            IdentityScope::ServiceAccount => {
+                let lp = ListParams::default().labels(&format!("{}={}", pull_secret::MANAGED_BY_LABEL, pull_secret::MANAGER));
+                let list = api.list_metadata(&lp).await.map_err(|e| self.api_error("listing", namespace, "*", &e))?;
+                list.items.into_iter().filter_map(|m| m.metadata.name).collect()
+            }
+        };
+        for name in names {
+            let Some(secret) = api.get_opt(&name).await.map_err(|e| self.api_error("reading", namespace, &name, &e))? else { continue };
             if pull_secret::is_managed(&secret) {
                 // Preconditioned on the object we looked at: never delete a Secret replaced since.
                 let dp = DeleteParams {
                     preconditions: Some(Preconditions { uid: secret.metadata.uid.clone(), resource_version: secret.metadata.resource_version.clone() }),
                     ..Default::default()
                 };
-                match api.delete(&self.secret_name, &dp).await {
-                    Ok(_) => tracing::info!(namespace, secret = %self.secret_name, "namespace opted out; deleted its pull Secret"),
+                match api.delete(&name, &dp).await {
+                    Ok(_) => tracing::info!(namespace, secret = %name, "namespace opted out; deleted its pull Secret"),
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    Err(e) => return Err(self.api_error("deleting", namespace, &e)),
+                    Err(e) => return Err(self.api_error("deleting", namespace, &name, &e)),
                 }
             }
         }
@@ -193,7 +235,7 @@ impl Provisioner {
                     break;
                 };
                 let value = serde_json::to_value(&sa).unwrap_or_default();
-                let mut p = make(&value, &self.secret_name);
+                let mut p = make(&value, &self.subject_for(namespace, &name).secret_name(&self.secret_name));
                 if p.0.is_empty() {
                     settled = true;
                     break;
@@ -270,8 +312,8 @@ impl Provisioner {
         Api::namespaced(self.client.clone(), namespace)
     }
 
-    fn api_error(&self, action: &'static str, namespace: &str, e: &kube::Error) -> ProvisionError {
-        ProvisionError::Api { action, namespace: namespace.into(), name: self.secret_name.clone(), message: kube_error_message(e) }
+    fn api_error(&self, action: &'static str, namespace: &str, name: &str, e: &kube::Error) -> ProvisionError {
+        ProvisionError::Api { action, namespace: namespace.into(), name: name.into(), message: kube_error_message(e) }
     }
 
     fn sa_error(&self, action: &'static str, namespace: &str, name: &str, e: &kube::Error) -> ProvisionError {
@@ -284,7 +326,9 @@ impl Provisioner {
     /// credential while that is unexpired, and does not hold back the others: the Secret is
     /// written with what could be had and retried soon. A write that loses a race with another
     /// writer reads again once.
-    async fn provision(&self, namespace: &str) -> Result<Fresh, ProvisionError> {
+    async fn provision(&self, subject: &Subject) -> Result<Fresh, ProvisionError> {
+        let namespace = subject.namespace.as_str();
+        let name = subject.secret_name(&self.secret_name);
         let api = self.secrets(namespace);
         let selection = self.selection(namespace).await?;
         if !selection.unknown.is_empty() {
@@ -299,15 +343,14 @@ impl Provisioner {
         }
         let configured: Vec<&str> = selection.hosts.iter().map(String::as_str).collect();
         for attempt in 0..2 {
-            let stored = api.get_opt(&self.secret_name).await.map_err(|e| self.api_error("reading", namespace, &e))?;
+            let stored = api.get_opt(&name).await.map_err(|e| self.api_error("reading", namespace, &name, &e))?;
             let previous = match pull_secret::assess(stored.as_ref()) {
                 Assessment::Foreign => {
                     let note = format!(
-                        "Secret {} exists and is not managed by pull-secret-injector (label app.kubernetes.io/managed-by); it is not overwritten and is not injected. Rename or delete it, or change secretName.",
-                        self.secret_name
+                        "Secret {name} exists and is not managed by pull-secret-injector (label app.kubernetes.io/managed-by); it is not overwritten and is not injected. Rename or delete it, or change secretName."
                     );
-                    self.report(namespace, "SecretNotManaged", &note).await;
-                    return Err(ProvisionError::Conflict { namespace: namespace.into(), name: self.secret_name.clone() });
+                    self.report(namespace, &name, "SecretNotManaged", &note).await;
+                    return Err(ProvisionError::Conflict { namespace: namespace.into(), name });
                 }
                 Assessment::Intact(issued) => Some(issued),
                 Assessment::Missing | Assessment::Tampered | Assessment::Outdated => None,
@@ -315,9 +358,9 @@ impl Provisioner {
             let now = Timestamp::now();
             let plan = renewal::plan(previous.as_ref(), &configured, self.renew_before, namespace, now);
             if let Some(issued) = previous.as_ref().filter(|_| plan.is_nothing()) {
-                let fresh = self.fresh(namespace, issued.clone(), &configured);
+                let fresh = self.fresh(subject, issued.clone(), &configured);
                 if now < fresh.renew_at {
-                    tracing::debug!(namespace, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
+                    tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
                     return Ok(fresh);
                 }
             }
@@ -328,7 +371,7 @@ impl Provisioner {
             if !plan.mint.is_empty() {
                 self.pacer.wait().await;
             }
-            let (minted, failures) = self.mint_some(namespace, &plan.mint).await;
+            let (minted, failures) = self.mint_some(subject, &plan.mint).await;
             if !failures.is_empty() {
                 let kept: Vec<&str> = failures.iter().filter(|(h, _)| carried.get(h).is_some_and(|c| c.expires_at > now)).map(|(h, _)| h.as_str()).collect();
                 let summary = failures.iter().map(|(_, e)| e.to_string()).collect::<Vec<_>>().join("; ");
@@ -337,10 +380,10 @@ impl Provisioner {
                 } else {
                     format!("{summary}; the current credentials for {} stay in place until they expire, and minting is retried", kept.join(", "))
                 };
-                self.report(namespace, "MintFailed", &note).await;
+                self.report(namespace, &name, "MintFailed", &note).await;
                 if minted.is_empty() && plan.drop.is_empty() {
                     // Nothing new to write: the stored Secret, if any, stays as it is.
-                    self.bump_failures(namespace);
+                    self.bump_failures(&subject.key());
                     return Err(failures.into_iter().next().map(|(_, e)| e).expect("failures is not empty"));
                 }
             }
@@ -353,39 +396,57 @@ impl Provisioner {
                 }
             }
             if credentials.is_empty() {
-                self.bump_failures(namespace);
+                self.bump_failures(&subject.key());
                 return Err(ProvisionError::Mint { registry: configured.join(", "), message: "no registry has a usable credential".into() });
             }
-            let (secret, issued) = pull_secret::build(namespace, &self.secret_name, &credentials);
+            let (mut secret, issued) = pull_secret::build(namespace, &name, &credentials);
+            if let Some(sa) = &subject.service_account {
+                // Owned by its ServiceAccount: deleting the ServiceAccount deletes the Secret.
+                secret.metadata.owner_references = Some(vec![self.owner(namespace, sa).await?]);
+            }
             match crate::create_or_replace(&api, stored.as_ref(), secret).await {
                 Ok(_) => {
                     if failures.is_empty() {
-                        self.clear_failures(namespace);
+                        self.clear_failures(&subject.key());
                     } else {
-                        self.bump_failures(namespace);
+                        self.bump_failures(&subject.key());
                     }
-                    let fresh = self.fresh(namespace, issued, &configured);
-                    tracing::info!(namespace, secret = %self.secret_name, minted = ?plan.mint, failed = failures.len(), expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
+                    let fresh = self.fresh(subject, issued, &configured);
+                    tracing::info!(%subject, secret = %name, minted = ?plan.mint, failed = failures.len(), expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
                     return Ok(fresh);
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 && attempt == 0 => {
                     tracing::debug!(namespace, "pull Secret was written concurrently; reading it again");
                 }
-                Err(e) => return Err(self.api_error(if stored.is_some() { "replacing" } else { "creating" }, namespace, &e)),
+                Err(e) => return Err(self.api_error(if stored.is_some() { "replacing" } else { "creating" }, namespace, &name, &e)),
             }
         }
-        Err(ProvisionError::Api { action: "writing", namespace: namespace.into(), name: self.secret_name.clone(), message: "conflicting writers".into() })
+        Err(ProvisionError::Api { action: "writing", namespace: namespace.into(), name, message: "conflicting writers".into() })
+    }
+
+    /// An owner reference to ServiceAccount `namespace/name`.
+    async fn owner(&self, namespace: &str, name: &str) -> Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference, ProvisionError> {
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let sa = api.get(name).await.map_err(|e| self.sa_error("reading", namespace, name, &e))?;
+        Ok(k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: "v1".into(),
+            kind: "ServiceAccount".into(),
+            name: name.into(),
+            uid: sa.metadata.uid.unwrap_or_default(),
+            ..Default::default()
+        })
     }
 
     /// The renewal time of credentials now stored for `namespace`; also records their expiry for
     /// the metrics, including when they are already due (a failing renewal then still shows
     /// how long the stored credentials last).
-    fn fresh(&self, namespace: &str, issued: Issued, configured: &[impl AsRef<str>]) -> Fresh {
-        self.metrics.secret_written(namespace, issued.expires_at);
+    fn fresh(&self, subject: &Subject, issued: Issued, configured: &[impl AsRef<str>]) -> Fresh {
+        let key = subject.key();
+        self.metrics.secret_written(&key, issued.expires_at);
         let configured: Vec<&str> = configured.iter().map(AsRef::as_ref).collect();
-        let failures = self.failures.lock().map(|f| f.get(namespace).copied().unwrap_or(0)).unwrap_or(0);
+        let failures = self.failures.lock().map(|f| f.get(&key).copied().unwrap_or(0)).unwrap_or(0);
         let retry = renewal::retry_delay(failures.max(1), 0.5 + fastrand::f64());
-        let renew_at = renewal::next_renewal(&issued, &configured, self.renew_before, namespace, Timestamp::now(), retry);
+        let renew_at = renewal::next_renewal(&issued, &configured, self.renew_before, &key, Timestamp::now(), retry);
         Fresh { issued, renew_at }
     }
 
@@ -402,10 +463,11 @@ impl Provisioner {
     }
 
     /// Mints the credentials of `hosts` concurrently; returns what was minted and what failed.
-    async fn mint_some(&self, namespace: &str, hosts: &[String]) -> (Vec<(String, Credential)>, Vec<(String, ProvisionError)>) {
+    async fn mint_some(&self, subject: &Subject, hosts: &[String]) -> (Vec<(String, Credential)>, Vec<(String, ProvisionError)>) {
+        let namespace = subject.namespace.as_str();
         let mints = self.registries.iter().filter(|r| hosts.contains(&r.host)).map(|r| async move {
             let started = Instant::now();
-            let cx = MintContext { kube: &self.client, http: &self.http, namespace };
+            let cx = MintContext { kube: &self.client, http: &self.http, namespace, service_account: subject.service_account.as_deref() };
             let result = r.source.mint(cx, &r.host).await;
             self.metrics.mint(r.source.name(), result.is_ok(), started.elapsed().as_secs_f64());
             tracing::debug!(namespace, registry = %r.host, source = r.source.name(), ok = result.is_ok(), elapsed_ms = started.elapsed().as_millis() as u64, "minted");
@@ -424,12 +486,12 @@ impl Provisioner {
     }
 
     /// A Warning Event about the namespace's pull Secret, where `kubectl get events` shows it.
-    async fn report(&self, namespace: &str, reason: &str, note: &str) {
+    async fn report(&self, namespace: &str, secret: &str, reason: &str, note: &str) {
         let reference = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Secret".into()),
             namespace: Some(namespace.into()),
-            name: Some(self.secret_name.clone()),
+            name: Some(secret.into()),
             ..Default::default()
         };
         self.publish(namespace, reference, reason, note).await;

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -19,6 +20,7 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
 
 use crate::config::InjectMode;
+use crate::subject::{IdentityScope, Subject};
 use crate::provisioner::{ProvisionError, Provisioner};
 use crate::pull_secret::{MANAGED_BY_LABEL, MANAGER};
 use crate::renewal;
@@ -60,12 +62,14 @@ impl Refresher {
             // Only whether a managed Secret exists matters here: keep no data in memory.
             // By name as well as label: RBAC can then grant access to Secrets of this one name
             // only (`resourceNames`), never to the other Secrets of opted-in namespaces.
-            watcher(
-                Api::<Secret>::all(client.clone()),
-                watcher::Config::default()
-                    .labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"))
-                    .fields(&format!("metadata.name={}", provisioner.secret_name())),
-            )
+            watcher(Api::<Secret>::all(client.clone()), {
+                let by_label = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
+                match provisioner.scope() {
+                    IdentityScope::Namespace => by_label.fields(&format!("metadata.name={}", provisioner.secret_name())),
+                    // One Secret per ServiceAccount: names vary, so by label only.
+                    IdentityScope::ServiceAccount => by_label,
+                }
+            })
             .modify(|s: &mut Secret| {
                 s.data = None;
                 s.metadata.annotations = None;
@@ -76,13 +80,21 @@ impl Refresher {
         .touched_objects();
         let retries = tokio_stream_from(retry).map(|ns| ObjectRef::<Namespace>::new(&ns));
         let (namespaces, ns_writer) = reflector::store();
+        let client_for_accounts = client.clone();
         let namespace_events = reflector::reflector(ns_writer, watcher(Api::<Namespace>::all(client), watcher::Config::default()).modify(slim_namespace))
             .default_backoff()
             .applied_objects();
-        let controller = Controller::for_stream(namespace_events, namespaces)
+        let mut controller = Controller::for_stream(namespace_events, namespaces)
             .with_config(ControllerConfig::default().concurrency(16))
             .watches_stream(secret_events, |s: Secret| s.namespace().map(|ns| ObjectRef::new(&ns)))
             .reconcile_on(retries);
+        if provisioner.scope() == IdentityScope::ServiceAccount {
+            // A new ServiceAccount needs its own Secret: reconcile its namespace.
+            let accounts = watcher(Api::<PartialObjectMeta<ServiceAccount>>::all(client_for_accounts), watcher::Config::default())
+                .default_backoff()
+                .touched_objects();
+            controller = controller.watches_stream(accounts, |sa: PartialObjectMeta<ServiceAccount>| sa.namespace().map(|ns| ObjectRef::new(&ns)));
+        }
         let context = Arc::new(Context { policy, provisioner, managed_secrets, failures: Mutex::default() });
         Self { controller, context, updater }
     }
@@ -137,22 +149,39 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     match ctx.policy.eligibility(&name, ns.metadata.labels.as_ref()) {
         Eligibility::OptedIn => {}
         Eligibility::NotSelected | Eligibility::Excluded => {
-            let secret_ref = ObjectRef::<Secret>::new(ctx.provisioner.secret_name()).within(&name);
-            if ctx.managed_secrets.get(&secret_ref).is_some() || ctx.provisioner.is_fresh(&name).await {
+            let has_managed = match ctx.provisioner.scope() {
+                IdentityScope::Namespace => ctx.managed_secrets.get(&ObjectRef::<Secret>::new(ctx.provisioner.secret_name()).within(&name)).is_some(),
+                IdentityScope::ServiceAccount => ctx.managed_secrets.state().iter().any(|s| s.namespace().as_deref() == Some(name.as_str())),
+            };
+            if has_managed || ctx.provisioner.has_any(&name) {
                 ctx.provisioner.release(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
             }
             return Ok(Action::await_change());
         }
     }
-    let fresh = match ctx.provisioner.ensure_verified(&name).await {
-        Ok(fresh) => fresh,
-        // Its annotation selects no registry: like an opt-out until the annotation changes.
-        Err(e) if matches!(*e, ProvisionError::NothingSelected { .. }) => {
-            ctx.provisioner.release(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
-            return Ok(Action::await_change());
+    let subjects = match ctx.provisioner.scope() {
+        IdentityScope::Namespace => vec![Subject::namespace(&name)],
+        IdentityScope::ServiceAccount => {
+            let accounts = ctx.provisioner.service_accounts(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
+            accounts.iter().map(|sa| Subject::service_account(&name, sa)).collect()
         }
-        Err(e) => return Err(e.into()),
     };
+    // One failing ServiceAccount does not hold back the others; the first error is retried.
+    let mut next_renewal: Option<jiff::Timestamp> = None;
+    let mut first_error = None;
+    for subject in &subjects {
+        match ctx.provisioner.ensure_verified(subject).await {
+            Ok(fresh) => next_renewal = Some(next_renewal.map_or(fresh.renew_at, |t| t.min(fresh.renew_at))),
+            // Its annotation selects no registry: like an opt-out until the annotation changes.
+            Err(e) if matches!(*e, ProvisionError::NothingSelected { .. }) => {
+                ctx.provisioner.release(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
+                return Ok(Action::await_change());
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
     // With `inject: matchingImages` ServiceAccounts are left alone: the API server would copy
     // their list into every Pod, matching or not.
     let patched = match ctx.provisioner.inject_mode() {
@@ -162,8 +191,11 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     if patched > 0 {
         tracing::info!(namespace = %name, service_accounts = patched, "attached the pull Secret to existing ServiceAccounts");
     }
+    if let Some(e) = first_error {
+        return Err(e.into());
+    }
     ctx.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
-    let wait = renewal::until(fresh.renew_at, jiff::Timestamp::now());
+    let wait = next_renewal.map_or(Duration::from_secs(3600), |at| renewal::until(at, jiff::Timestamp::now()));
     Ok(Action::requeue(wait.max(Duration::from_secs(1))))
 }
 

@@ -229,7 +229,7 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, ctx: Arc<Context>) -> R
         return Ok(Action::requeue(renewal::until(at, now).max(Duration::from_secs(1))));
     }
     let started = std::time::Instant::now();
-    let cx = MintContext { kube: &ctx.client, http: &ctx.http, namespace: &namespace };
+    let cx = MintContext { kube: &ctx.client, http: &ctx.http, namespace: &namespace, service_account: None };
     let minted = ctx.config.source(&identity).mint(cx).await;
     ctx.metrics.mint("chainguard", minted.is_ok(), started.elapsed().as_secs_f64());
     let credential = match minted {

@@ -10,6 +10,7 @@ use kube::{Api, Client};
 
 use crate::admission::{self, Review, ReviewError, Target, Verdict};
 use crate::config::InjectMode;
+use crate::subject::IdentityScope;
 use crate::images;
 use crate::leadership::RetrySlot;
 use crate::metrics::Metrics;
@@ -80,13 +81,28 @@ impl Webhook {
                 return (Verdict::unchanged(), "unchanged");
             }
         }
-        let patch = admission::patch_for(target, object, self.provisioner.secret_name());
+        let service_account = match target {
+            Target::Pod => object.pod_service_account(),
+            Target::ServiceAccount => object.name(),
+        };
+        let scope = self.provisioner.scope();
+        if scope == IdentityScope::ServiceAccount && service_account.is_empty() {
+            return (Verdict::unchanged().warn("pull-secret-injector: a ServiceAccount without a name cannot get its own Secret"), "unchanged");
+        }
+        let subject = self.provisioner.subject_for(namespace, service_account);
+        let secret = subject.secret_name(self.provisioner.secret_name());
+        let patch = admission::patch_for(target, object, &secret);
         tracing::debug!(namespace, kind = target.as_str(), dry_run = req.is_dry_run(), ops = patch.0.len(), "admission");
         // Dry runs must have no side effects (sideEffects: NoneOnDryRun): no mint, no write.
         if req.is_dry_run() {
             return (Verdict::patched(patch), "patched");
         }
-        let fresh = self.provisioner.is_fresh(namespace).await;
+        // Per ServiceAccount, a ServiceAccount being created cannot have a token minted for it
+        // yet: the refresher provisions its Secret once it exists.
+        if scope == IdentityScope::ServiceAccount && target == Target::ServiceAccount {
+            return (Verdict::patched(patch), "patched");
+        }
+        let fresh = self.provisioner.is_fresh(&subject).await;
         self.metrics.cache_lookup(fresh);
         if fresh {
             return (Verdict::patched(patch), "patched");
@@ -94,10 +110,9 @@ impl Webhook {
         // Provisioning runs in its own task so that it completes even when this admission stops
         // waiting for it; concurrent admissions join the same attempt.
         let provisioner = self.provisioner.clone();
-        let ns = namespace.to_string();
-        let attempt = tokio::spawn(async move { provisioner.ensure(&ns).await });
+        let s = subject.clone();
+        let attempt = tokio::spawn(async move { provisioner.ensure(&s).await });
         let outcome = tokio::time::timeout(self.budget, attempt).await;
-        let secret = self.provisioner.secret_name();
         match outcome {
             Ok(Ok(Ok(_))) => (Verdict::patched(patch), "patched"),
             Ok(Ok(Err(e))) if matches!(*e, ProvisionError::Conflict { .. } | ProvisionError::NothingSelected { .. }) => {

@@ -88,7 +88,7 @@ impl Case {
         let http = HttpClient::new(&config.http).unwrap().with_backoff(Duration::from_millis(20));
         // Sources reading their token from a file never call the API server.
         let kube = kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
-        let cx = MintContext { kube: &kube, http: &http, namespace: "team-a" };
+        let cx = MintContext { kube: &kube, http: &http, namespace: "team-a", service_account: None };
         config.registries[0].source.mint(cx, &self.host).await
     }
 
@@ -467,7 +467,7 @@ async fn untrusted_certificates_are_refused() {
     let config = Config::from_yaml(&yaml).unwrap();
     let http = HttpClient::new(&config.http).unwrap();
     let kube = kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
-    let e = config.registries[0].source.mint(MintContext { kube: &kube, http: &http, namespace: "team-a" }, &case.host).await.unwrap_err();
+    let e = config.registries[0].source.mint(MintContext { kube: &kube, http: &http, namespace: "team-a", service_account: None }, &case.host).await.unwrap_err();
     assert!(matches!(e, MintError::Transport { .. }), "{e:?}");
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
     assert!(case.standin.seen().is_empty());

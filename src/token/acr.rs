@@ -79,11 +79,12 @@ impl AcrSource {
         let ServiceAccountToken::FromNamespace(from) = &self.service_account_token else {
             return Err(MintError::Settings { source_name: NAME, message: "tenantId and clientId are required with a token file".into() });
         };
-        let annotations = kubernetes::service_account_annotations(cx.kube, cx.namespace, &from.service_account).await?;
+        let service_account = cx.service_account.unwrap_or(&from.service_account);
+        let annotations = kubernetes::service_account_annotations(cx.kube, cx.namespace, service_account).await?;
         let pick = |configured: &Option<String>, key: &str| {
             configured.clone().or_else(|| annotations.get(key).cloned()).ok_or_else(|| MintError::Settings {
                 source_name: NAME,
-                message: format!("ServiceAccount {}/{} has no {key} annotation and the config sets none", cx.namespace, from.service_account),
+                message: format!("ServiceAccount {}/{} has no {key} annotation and the config sets none", cx.namespace, service_account),
             })
         };
         Ok((pick(&self.tenant_id, TENANT_ID_ANNOTATION)?, pick(&self.client_id, CLIENT_ID_ANNOTATION)?))
@@ -91,7 +92,7 @@ impl AcrSource {
 
     pub async fn mint(&self, cx: MintContext<'_>, host: &str) -> Result<Credential, MintError> {
         let (tenant, client_id) = self.ids(cx).await?;
-        let sa_token = self.service_account_token.fetch(cx.kube, cx.namespace, &self.audience).await?;
+        let sa_token = self.service_account_token.fetch(cx, &self.audience).await?;
         let url = format!("{}/{tenant}/oauth2/v2.0/token", super::base(&self.authority_host));
         let form = [
             ("client_id", client_id.as_str()),

@@ -60,7 +60,7 @@ impl ChainguardSource {
     }
 
     pub async fn mint(&self, cx: MintContext<'_>) -> Result<Credential, MintError> {
-        let sa_token = self.service_account_token.fetch(cx.kube, cx.namespace, &self.audience).await?;
+        let sa_token = self.service_account_token.fetch(cx, &self.audience).await?;
         let url = format!("{}/sts/exchange", super::base(&self.issuer));
         let body = cx
             .http

@@ -100,16 +100,17 @@ impl EcrSource {
         let ServiceAccountToken::FromNamespace(from) = &self.service_account_token else {
             return Err(MintError::Settings { source_name: NAME, message: "roleArn is required with a token file".into() });
         };
-        let annotations = kubernetes::service_account_annotations(cx.kube, cx.namespace, &from.service_account).await?;
+        let service_account = cx.service_account.unwrap_or(&from.service_account);
+        let annotations = kubernetes::service_account_annotations(cx.kube, cx.namespace, service_account).await?;
         annotations.get(ROLE_ANNOTATION).cloned().ok_or_else(|| MintError::Settings {
             source_name: NAME,
-            message: format!("ServiceAccount {}/{} has no {ROLE_ANNOTATION} annotation and the config sets no roleArn", cx.namespace, from.service_account),
+            message: format!("ServiceAccount {}/{} has no {ROLE_ANNOTATION} annotation and the config sets no roleArn", cx.namespace, service_account),
         })
     }
 
     pub async fn mint(&self, cx: MintContext<'_>) -> Result<Credential, MintError> {
         let role_arn = self.role_arn(cx).await?;
-        let sa_token = self.service_account_token.fetch(cx.kube, cx.namespace, &self.audience).await?;
+        let sa_token = self.service_account_token.fetch(cx, &self.audience).await?;
 
         // AssumeRoleWithWebIdentity is not signed: the web identity token is the credential.
         let session_name = session_name(cx.namespace);

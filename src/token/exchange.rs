@@ -56,7 +56,7 @@ impl TokenExchangeSource {
     }
 
     pub async fn mint(&self, cx: MintContext<'_>) -> Result<Credential, MintError> {
-        let sa_token = self.service_account_token.fetch(cx.kube, cx.namespace, &self.subject_token_audience).await?;
+        let sa_token = self.service_account_token.fetch(cx, &self.subject_token_audience).await?;
         let mut form: Vec<(&str, &str)> = vec![
             ("grant_type", GRANT_TYPE),
             ("subject_token", sa_token.expose()),

@@ -96,7 +96,7 @@ impl GcpSource {
 
     pub async fn mint(&self, cx: MintContext<'_>) -> Result<Credential, MintError> {
         let audience = self.audience.clone().unwrap_or_else(|| format!("https://iam.googleapis.com/{}", self.provider()));
-        let sa_token = self.service_account_token.fetch(cx.kube, cx.namespace, &audience).await?;
+        let sa_token = self.service_account_token.fetch(cx, &audience).await?;
         let url = format!("{}/v1/token", super::base(&self.sts_endpoint));
         let request = json!({
             "grantType": "urn:ietf:params:oauth:grant-type:token-exchange",

@@ -62,15 +62,17 @@ impl KubernetesSource {
         }
     }
 
-    pub async fn mint(&self, client: &kube::Client, namespace: &str) -> Result<Credential, MintError> {
+    /// Mints for `service_account` when given (identity scope `serviceAccount`), else for the
+    /// configured one.
+    pub async fn mint(&self, client: &kube::Client, namespace: &str, service_account: Option<&str>) -> Result<Credential, MintError> {
         let issued_at = Timestamp::now();
-        let (token, expires_at) =
-            request_token(client, namespace, &self.service_account, &self.audience, self.expiration_seconds).await?;
+        let service_account = service_account.unwrap_or(&self.service_account);
+        let (token, expires_at) = request_token(client, namespace, service_account, &self.audience, self.expiration_seconds).await?;
         if expires_at <= issued_at {
             return Err(MintError::Unusable { source_name: "kubernetes", reason: format!("token already expired at {expires_at}") });
         }
         Ok(Credential {
-            username: self.username.clone().unwrap_or_else(|| self.service_account.clone()),
+            username: self.username.clone().unwrap_or_else(|| service_account.to_string()),
             password: token,
             issued_at,
             expires_at,
@@ -205,10 +207,11 @@ impl ServiceAccountToken {
 
     /// The token to exchange, with `audience` when it is requested here (a projected file
     /// carries whatever audience its volume was given).
-    pub async fn fetch(&self, client: &kube::Client, namespace: &str, audience: &str) -> Result<Sensitive, MintError> {
+    pub async fn fetch(&self, cx: super::MintContext<'_>, audience: &str) -> Result<Sensitive, MintError> {
         match self {
             Self::FromNamespace(f) => {
-                Ok(request_token(client, namespace, &f.service_account, audience, f.expiration_seconds).await?.0)
+                let service_account = cx.service_account.unwrap_or(&f.service_account);
+                Ok(request_token(cx.kube, cx.namespace, service_account, audience, f.expiration_seconds).await?.0)
             }
             Self::File(p) => {
                 let raw = tokio::fs::read_to_string(p)
@@ -266,11 +269,13 @@ mod tests {
         // The kube client is not used for a file source; build one that points nowhere.
         let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
         let client = kube::Client::try_from(config).unwrap();
-        let token = t.fetch(&client, "ns", "aud").await.unwrap();
+        let http = crate::token::http::HttpClient::new(&Default::default()).unwrap();
+        let cx = crate::token::MintContext { kube: &client, http: &http, namespace: "ns", service_account: None };
+        let token = t.fetch(cx, "aud").await.unwrap();
         assert_eq!(token.expose(), "eyJ.secret-sa-token");
         assert!(!format!("{token:?}").contains("secret"));
         std::fs::write(&path, "  \n").unwrap();
-        let e = t.fetch(&client, "ns", "aud").await.unwrap_err();
+        let e = t.fetch(cx, "aud").await.unwrap_err();
         assert!(e.to_string().contains("empty"), "{e}");
     }
 }

@@ -94,6 +94,9 @@ pub struct MintContext<'a> {
     pub kube: &'a kube::Client,
     pub http: &'a http::HttpClient,
     pub namespace: &'a str,
+    /// With `identityScope: serviceAccount`: the ServiceAccount minted for, instead of the one
+    /// the source's config names.
+    pub service_account: Option<&'a str>,
 }
 
 impl TokenSourceConfig {
@@ -112,6 +115,21 @@ impl TokenSourceConfig {
             "tokenExchange" => Ok(Self::TokenExchange(map.next_value()?)),
             other => Err(serde::de::Error::unknown_field(other, Self::NAMES)),
         }
+    }
+
+    /// Whether the exchanged token comes from the injector's own token file (one identity for
+    /// all) rather than from each namespace's ServiceAccount.
+    pub fn uses_token_file(&self) -> bool {
+        let token = match self {
+            Self::Kubernetes(_) => return false,
+            Self::Chainguard(s) => &s.service_account_token,
+            Self::Quay(s) => &s.service_account_token,
+            Self::Ecr(s) => &s.service_account_token,
+            Self::Gcp(s) => &s.service_account_token,
+            Self::Acr(s) => &s.service_account_token,
+            Self::TokenExchange(s) => &s.service_account_token,
+        };
+        matches!(token, kubernetes::ServiceAccountToken::File(_))
     }
 
     /// The name used in logs, metrics and errors.
@@ -142,7 +160,7 @@ impl TokenSourceConfig {
     /// Mints a fresh credential for the context's namespace; `host` is the registry entry's.
     pub async fn mint(&self, cx: MintContext<'_>, host: &str) -> Result<Credential, MintError> {
         match self {
-            Self::Kubernetes(k) => k.mint(cx.kube, cx.namespace).await,
+            Self::Kubernetes(k) => k.mint(cx.kube, cx.namespace, cx.service_account).await,
             Self::Chainguard(s) => s.mint(cx).await,
             Self::Quay(s) => s.mint(cx, host).await,
             Self::Ecr(s) => s.mint(cx).await,

@@ -45,7 +45,7 @@ impl QuaySource {
     }
 
     pub async fn mint(&self, cx: MintContext<'_>, host: &str) -> Result<Credential, MintError> {
-        let sa_token = self.service_account_token.fetch(cx.kube, cx.namespace, &self.audience).await?;
+        let sa_token = self.service_account_token.fetch(cx, &self.audience).await?;
         let base = self.endpoint.clone().unwrap_or_else(|| format!("https://{host}"));
         let url = format!("{}/oauth2/federation/robot/token", super::base(&base));
         let body = cx
