@@ -842,3 +842,62 @@ mod pull_secret_updater {
         inj.cleanup().await;
     }
 }
+
+mod service_account_scope {
+    #![allow(clippy::await_holding_lock)]
+
+    use std::time::Duration;
+
+    use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+    use kube::api::{Api, DeleteParams, PostParams};
+    use serde_json::json;
+
+    use super::support::*;
+
+    async fn secret(c: &kube::Client, ns: &str, name: &str) -> Option<Secret> {
+        Api::<Secret>::namespaced(c.clone(), ns).get_opt(name).await.unwrap()
+    }
+
+    fn subject_of(s: &Secret) -> String {
+        claims(docker_config(s)["auths"][HOST]["password"].as_str().unwrap())["sub"].as_str().unwrap().to_string()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_service_account_gets_its_own_secret_minted_for_it() {
+        let _serial = serial();
+        let mut inj = Injector::start_with("sas1", &kubernetes_registry("default", 3600), "identityScope: serviceAccount\n").await;
+        let c = inj.client.clone();
+        let ns = inj.namespace("workloads", true).await;
+        let accounts: Api<ServiceAccount> = Api::namespaced(c.clone(), &ns);
+        let created = accounts.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "builder"}})).unwrap()).await.unwrap();
+        let names: Vec<String> = created.image_pull_secrets.unwrap_or_default().into_iter().map(|r| r.name).collect();
+        assert_eq!(names, ["builder-pull-secret"], "patched at admission with its own Secret");
+
+        // The refresher makes one Secret per ServiceAccount, each minted for that account.
+        wait_for("builder-pull-secret and default-pull-secret", Duration::from_secs(30), || async {
+            secret(&c, &ns, "builder-pull-secret").await.is_some() && secret(&c, &ns, "default-pull-secret").await.is_some()
+        })
+        .await;
+        let builder = secret(&c, &ns, "builder-pull-secret").await.unwrap();
+        assert_eq!(subject_of(&builder), format!("system:serviceaccount:{ns}:builder"));
+        assert_eq!(subject_of(&secret(&c, &ns, "default-pull-secret").await.unwrap()), format!("system:serviceaccount:{ns}:default"));
+        assert!(secret(&c, &ns, "pull-secret").await.is_none(), "no per-namespace Secret in this scope");
+        let owner = &builder.metadata.owner_references.as_ref().expect("owned")[0];
+        assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("ServiceAccount", "builder"));
+
+        // A Pod running as builder gets builder's Secret, after its own entries.
+        let pod = create_pod(&c, &ns, "build", json!({"serviceAccountName": "builder", "imagePullSecrets": [{"name": "mine"}]}), false).await.pod;
+        assert_eq!(pull_secret_names(&pod), ["mine", "builder-pull-secret"]);
+        let pod = create_pod(&c, &ns, "plain", json!({"imagePullSecrets": [{"name": "mine"}]}), false).await.pod;
+        assert_eq!(pull_secret_names(&pod), ["mine", "default-pull-secret"]);
+
+        // Deleting the ServiceAccount deletes its Secret (garbage collection of the owner).
+        accounts.delete("builder", &DeleteParams::default()).await.unwrap();
+        wait_for("builder-pull-secret collected", Duration::from_secs(60), || async { secret(&c, &ns, "builder-pull-secret").await.is_none() }).await;
+
+        // Opting out removes the namespace's Secrets.
+        inj.set_opt_in(&ns, false).await;
+        wait_for("default-pull-secret removed", Duration::from_secs(30), || async { secret(&c, &ns, "default-pull-secret").await.is_none() }).await;
+        inj.cleanup().await;
+    }
+}

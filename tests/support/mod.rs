@@ -259,7 +259,8 @@ impl Injector {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let pod = create_pod(&self.client, &ns, "probe", json!({"imagePullSecrets": [{"name": "x"}]}), true).await.pod;
-            if pull_secret_names(&pod).contains(&"pull-secret".to_string()) {
+            // `pull-secret`, or `<sa>-pull-secret` with identityScope serviceAccount.
+            if pull_secret_names(&pod).iter().any(|n| n.ends_with("pull-secret")) {
                 return;
             }
             assert!(Instant::now() < deadline, "webhook never became active");
