@@ -89,11 +89,13 @@ pub fn until(at: Timestamp, now: Timestamp) -> Duration {
 }
 
 /// How long to wait before retry number `attempt` (1 for the first) of a failed renewal:
-/// exponential from 1 s, capped at 5 minutes, scaled by `spread` (drawn from [0.5, 1.5)) so
-/// that namespaces failing together do not retry together.
+/// exponential from 1 s, capped at 1 minute, scaled by `spread` (drawn from [0.5, 1.5)) so
+/// that namespaces failing together do not retry together. The cap bounds how stale a Secret
+/// stays after a token endpoint recovers; the mint pacer, not the cap, protects the endpoint
+/// when many Secrets fail together.
 pub fn retry_delay(attempt: u32, spread: f64) -> Duration {
     const FIRST: f64 = 1.0;
-    const CAP: f64 = 300.0;
+    const CAP: f64 = 60.0;
     let base = (FIRST * 2f64.powi(attempt.saturating_sub(1).min(16) as i32)).min(CAP);
     Duration::from_secs_f64(base * spread.clamp(0.5, 1.5))
 }
@@ -231,9 +233,9 @@ mod tests {
     fn retries_back_off_exponentially_up_to_a_cap() {
         let d = |n| retry_delay(n, 1.0).as_secs_f64();
         assert_eq!((d(1), d(2), d(3), d(4)), (1.0, 2.0, 4.0, 8.0));
-        assert_eq!(d(9), 256.0);
-        assert_eq!(d(10), 300.0);
-        assert_eq!(d(1000), 300.0);
+        assert_eq!(d(6), 32.0);
+        assert_eq!(d(7), 60.0);
+        assert_eq!(d(1000), 60.0);
         assert_eq!(retry_delay(3, 0.5).as_secs_f64(), 2.0);
         assert_eq!(retry_delay(3, 9.0).as_secs_f64(), 6.0, "spread is clamped");
     }

@@ -26,7 +26,14 @@ pub struct Webhook {
     /// Namespaces whose Secret could not be made during an admission: the refresher retries.
     retry: RetrySlot,
     metrics: Arc<Metrics>,
+    /// Secrets whose provisioning failed at admission in the last few seconds: during a token
+    /// endpoint outage, admissions answer at once instead of each trying (and waiting) again.
+    /// The refresher keeps retrying with its own backoff.
+    failed_recently: moka::future::Cache<String, ()>,
 }
+
+/// How long an admission-time failure stops further admission-time attempts for that Secret.
+const FAILURE_HOLD: Duration = Duration::from_secs(5);
 
 impl Webhook {
     pub fn new(
@@ -38,7 +45,8 @@ impl Webhook {
         retry: RetrySlot,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { client, policy, namespaces, provisioner, budget, retry, metrics }
+        let failed_recently = moka::future::Cache::builder().time_to_live(FAILURE_HOLD).build();
+        Self { client, policy, namespaces, provisioner, budget, retry, metrics, failed_recently }
     }
 
     /// Answers one AdmissionReview body. Only an unreadable body is an error.
@@ -107,6 +115,10 @@ impl Webhook {
         if fresh {
             return (Verdict::patched(patch), "patched");
         }
+        if self.failed_recently.contains_key(&subject.key()) {
+            let warning = format!("pull-secret-injector: Secret {secret} is not ready yet (provisioning failed moments ago); it is retried in the background");
+            return (Verdict::patched(patch).warn(warning), "not_ready");
+        }
         // Provisioning runs in its own task so that it completes even when this admission stops
         // waiting for it; concurrent admissions join the same attempt.
         let provisioner = self.provisioner.clone();
@@ -120,6 +132,7 @@ impl Webhook {
                 (Verdict::unchanged().warn(format!("pull-secret-injector: {e}")), "conflict")
             }
             Ok(Ok(Err(e))) => {
+                self.failed_recently.insert(subject.key(), ()).await;
                 tracing::warn!(namespace, error = %e, "pull Secret not ready at admission; retrying in the background");
                 self.request_retry(namespace);
                 (Verdict::patched(patch).warn(format!("pull-secret-injector: Secret {secret} is not ready yet ({e}); it is retried in the background")), "not_ready")

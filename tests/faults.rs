@@ -103,3 +103,112 @@ async fn conflicting_writers_settle_without_lost_updates_or_flapping() {
     second.shutdown().await;
     inj.cleanup().await;
 }
+
+/// The token endpoint (a Chainguard STS stand-in) is refused, answers 500s, hangs and answers
+/// garbage, one after another, for longer than a credential's lifetime. Admissions keep being
+/// answered, stored credentials are not replaced by nothing, retries back off, and after
+/// recovery every Secret is fresh again; the time that took is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_outage_longer_than_a_credential_lifetime() {
+    use std::time::Instant;
+
+    use support::standin::{jwt, now, Fault, StandIn};
+
+    const CGR: &str = "cgr.example.test";
+    const LIFETIME: i64 = 30;
+    let _serial = serial();
+    let sts = StandIn::start(|s| {
+        let ns = s.bearer().map(|b| claims(b)["kubernetes.io"]["namespace"].as_str().unwrap_or("").to_string()).unwrap_or_default();
+        (200, json!({"token": jwt(json!({"aud": "cgr.dev", "exp": now() + LIFETIME, "ns": ns, "n": fastrand::u64(..)}))}).to_string())
+    })
+    .await;
+    let registry = format!("  - host: {CGR}\n    chainguard: {{identity: \"0123abcd\", issuer: \"{}\"}}\n", sts.url);
+    let extra = format!("http: {{timeout: 1s, retries: 1, caFile: {}}}\nadmission: {{budget: 2s}}\n", sts.certs.ca().display());
+    let mut inj = Injector::start_with("t-f4", &registry, &extra).await;
+    let c = inj.client.clone();
+    let mut namespaces = Vec::new();
+    for n in 0..3 {
+        namespaces.push(inj.namespace(&format!("ns{n}"), true).await);
+    }
+    let cgr = |s: &Secret| docker_config(s)["auths"][CGR]["password"].as_str().map(str::to_string);
+    let mut last_good = Vec::new();
+    for ns in &namespaces {
+        let s = wait_secret(&c, ns, "a first credential", |s| cgr(s).is_some()).await;
+        last_good.push(cgr(&s).unwrap());
+    }
+
+    // Outage: 4 phases of 10 s, longer than the 30 s lifetime together.
+    let outage_started = Instant::now();
+    let attempts_before = sts.seen().len();
+    let phases: [(&str, Option<Fault>); 4] = [
+        ("refused", None),
+        ("500s", Some(Fault::Status { status: 500, body: "internal error".into(), retry_after: None })),
+        ("hanging", Some(Fault::Hang)),
+        ("garbage", Some(Fault::Status { status: 200, body: "<html>not json".into(), retry_after: None })),
+    ];
+    let late = inj.namespace("late", true).await; // opted in during the outage
+    let mut admissions = Vec::new();
+    for (i, (name, fault)) in phases.into_iter().enumerate() {
+        match fault {
+            None => sts.stop(),
+            Some(f) => {
+                if i == 1 {
+                    sts.restart().await;
+                }
+                sts.outage(f);
+            }
+        }
+        let phase_started = Instant::now();
+        while phase_started.elapsed() < Duration::from_secs(10) {
+            // Admissions are answered, with the patch: had the webhook not answered within the
+            // API server's timeout, `failurePolicy: Ignore` would admit the Pod unpatched.
+            for ns in [&namespaces[0], &late] {
+                let started = Instant::now();
+                let pod = create_pod(&c, ns, &format!("p{}", fastrand::u32(..)), json!({}), false).await;
+                admissions.push(started.elapsed());
+                assert!(pull_secret_names(&pod.pod).contains(&"pull-secret".to_string()), "{name}: {:?}", pod.warnings);
+            }
+            // Nothing replaces a stored credential while the endpoint is down.
+            for (ns, good) in namespaces.iter().zip(&last_good) {
+                let s = get_secret(&c, ns).await.expect("the Secret stays");
+                assert_eq!(cgr(&s).as_ref(), Some(good), "{name}: {ns} lost its last good credential");
+            }
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
+    }
+    let outage = outage_started.elapsed();
+    let during: Vec<_> = sts.seen().into_iter().skip(attempts_before).collect();
+    let attempts = during.len();
+    // Requests that reached the stand-in, per namespace (from the presented token's claims).
+    let per_namespace = |ns: &str| during.iter().filter(|s| s.bearer().is_some_and(|b| claims(b)["kubernetes.io"]["namespace"] == ns)).count();
+    let slowest = admissions.iter().max().copied().unwrap_or_default();
+
+    // Recovery.
+    sts.recover();
+    let recovered = Instant::now();
+    for ns in namespaces.iter().chain([&late]) {
+        wait_for(&format!("{ns} fresh after recovery"), Duration::from_secs(120), || async {
+            get_secret(&c, ns).await.and_then(|s| cgr(&s)).is_some_and(|p| claims(&p)["exp"].as_i64().unwrap_or(0) > now())
+        })
+        .await;
+    }
+    let recovery = recovered.elapsed();
+    println!(
+        "token endpoint outage of {:.0} s: {} requests reached the endpoint ({} and {} from the refresher alone for two idle namespaces), {} admissions, slowest {:.2} s, all Secrets fresh {:.1} s after recovery",
+        outage.as_secs_f64(),
+        attempts,
+        per_namespace(&namespaces[1]),
+        per_namespace(&namespaces[2]),
+        admissions.len(),
+        slowest.as_secs_f64(),
+        recovery.as_secs_f64()
+    );
+    // Idle namespaces are retried by the refresher alone: with backoff (1, 2, 4, 8, 16 s, with
+    // jitter) that is a handful of attempts (each at most 2 requests) in 40 s, not a tight loop;
+    // and it does keep trying.
+    for ns in &namespaces[1..] {
+        let n = per_namespace(ns);
+        assert!((2..=16).contains(&n), "{ns}: {n} requests during the outage");
+    }
+    inj.cleanup().await;
+}

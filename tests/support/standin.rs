@@ -66,7 +66,11 @@ pub struct StandIn {
     pub certs: Certs,
     seen: Arc<Mutex<Vec<Seen>>>,
     faults: Arc<Mutex<VecDeque<Fault>>>,
-    handle: axum_server::Handle<std::net::SocketAddr>,
+    /// Applied to every request while set (an outage), after the queued faults.
+    persistent: Arc<Mutex<Option<Fault>>>,
+    app: axum::Router,
+    addr: std::net::SocketAddr,
+    handle: Mutex<axum_server::Handle<std::net::SocketAddr>>,
 }
 
 impl StandIn {
@@ -74,23 +78,49 @@ impl StandIn {
     pub async fn start(handler: impl Fn(&Seen) -> (u16, String) + Send + Sync + 'static) -> StandIn {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let certs = Certs::new();
-        let cert = Arc::new(pull_secret_injector::tls::ReloadingCert::load(&certs.cert(), &certs.key()).unwrap());
-        let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(pull_secret_injector::tls::server_config(cert).unwrap()));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let faults = Arc::new(Mutex::new(VecDeque::new()));
+        let persistent = Arc::new(Mutex::new(None));
         let handler: Arc<Handler> = Arc::new(handler);
-        let (s, f) = (seen.clone(), faults.clone());
+        let (s, f, p) = (seen.clone(), faults.clone(), persistent.clone());
         let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-            let (seen, faults, handler) = (s.clone(), f.clone(), handler.clone());
-            async move { serve(seen, faults, handler, method, uri, headers, body).await }
+            let (seen, faults, persistent, handler) = (s.clone(), f.clone(), p.clone(), handler.clone());
+            async move { serve(seen, faults, persistent, handler, method, uri, headers, body).await }
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let handle = axum_server::Handle::new();
-        let server = axum_server::from_tcp_rustls(listener, tls).unwrap().handle(handle.clone());
-        tokio::spawn(server.serve(app.into_make_service()));
-        StandIn { url: format!("https://{addr}"), certs, seen, faults, handle }
+        let handle = serve_on(listener, &certs, app.clone());
+        StandIn { url: format!("https://{addr}"), certs, seen, faults, persistent, app, addr, handle: Mutex::new(handle) }
+    }
+
+    /// Every request gets `fault` until [`recover`](Self::recover).
+    pub fn outage(&self, fault: Fault) {
+        *self.persistent.lock().unwrap() = Some(fault);
+    }
+
+    pub fn recover(&self) {
+        *self.persistent.lock().unwrap() = None;
+    }
+
+    /// Stops listening: connections are refused.
+    pub fn stop(&self) {
+        self.handle.lock().unwrap().shutdown();
+    }
+
+    /// Listens again on the same address.
+    pub async fn restart(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match std::net::TcpListener::bind(self.addr) {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("rebinding {}: {e}", self.addr),
+            }
+        };
+        *self.handle.lock().unwrap() = serve_on(listener, &self.certs, self.app.clone());
     }
 
     /// `127.0.0.1:PORT`, for sources that build the URL from the registry host.
@@ -118,13 +148,24 @@ impl StandIn {
 
 impl Drop for StandIn {
     fn drop(&mut self) {
-        self.handle.shutdown();
+        self.handle.lock().unwrap().shutdown();
     }
+}
+
+fn serve_on(listener: std::net::TcpListener, certs: &Certs, app: axum::Router) -> axum_server::Handle<std::net::SocketAddr> {
+    listener.set_nonblocking(true).unwrap();
+    let cert = Arc::new(pull_secret_injector::tls::ReloadingCert::load(&certs.cert(), &certs.key()).unwrap());
+    let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(pull_secret_injector::tls::server_config(cert).unwrap()));
+    let handle = axum_server::Handle::new();
+    let server = axum_server::from_tcp_rustls(listener, tls).unwrap().handle(handle.clone());
+    tokio::spawn(server.serve(app.into_make_service()));
+    handle
 }
 
 async fn serve(
     seen: Arc<Mutex<Vec<Seen>>>,
     faults: Arc<Mutex<VecDeque<Fault>>>,
+    persistent: Arc<Mutex<Option<Fault>>>,
     handler: Arc<Handler>,
     method: Method,
     uri: Uri,
@@ -140,7 +181,7 @@ async fn serve(
         body: String::from_utf8_lossy(&body).to_string(),
     };
     seen.lock().unwrap().push(request.clone());
-    let fault = faults.lock().unwrap().pop_front();
+    let fault = faults.lock().unwrap().pop_front().or_else(|| persistent.lock().unwrap().clone());
     match fault {
         Some(Fault::Hang) => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
