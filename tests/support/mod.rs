@@ -353,7 +353,19 @@ pub async fn create_pod(client: &Client, ns: &str, name: &str, spec: Value, dry_
     }
     let body = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": full_spec});
     let query = if dry_run { "?dryRun=All" } else { "" };
-    let (status, warnings, text) = post(client, &format!("/api/v1/namespaces/{ns}/pods{query}"), &body).await;
+    let mut attempt = 0;
+    let (status, warnings, text) = loop {
+        let (status, warnings, text) = post(client, &format!("/api/v1/namespaces/{ns}/pods{query}"), &body).await;
+        // In a namespace created moments ago the API server (1.20) may refuse Pods until the
+        // token controller has given `default` its legacy token ("No API token found ...,
+        // retry after"): that is the API server's own race, retried as it asks.
+        if status.as_u16() == 500 && text.contains("No API token found") && attempt < 20 {
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        }
+        break (status, warnings, text);
+    };
     assert!(status.is_success(), "creating pod {ns}/{name}: {status} {text}");
     Created { pod: serde_json::from_str(&text).expect("pod"), warnings }
 }
