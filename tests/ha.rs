@@ -19,15 +19,21 @@ use support::*;
 const LEASE_NS: &str = "psi-ha";
 
 struct Replica {
+    name: String,
     child: Child,
     log: std::path::PathBuf,
     port: u16,
 }
 
 impl Replica {
-    fn start(name: &'static str, certs: &Certs) -> Self {
+    fn start(name: &str, certs: &Certs) -> Self {
+        Self::start_with(name, certs, &kubernetes_registry("default", 3600), "")
+    }
+
+    fn start_with(name: &str, certs: &Certs, registry: &str, extra: &str) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let yaml = config_yaml("t-ha", certs, &kubernetes_registry("default", 3600), "leaderElection: {leaseDuration: 4s, renewGrace: 2s}")
+        let extra = format!("leaderElection: {{leaseDuration: 4s, renewGrace: 2s}}\n{extra}");
+        let yaml = config_yaml("t-ha", certs, registry, &extra)
             .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"))
             .replace("ownNamespace: t-ha-own", &format!("ownNamespace: {LEASE_NS}"));
         let config = certs.dir.path().join(format!("{name}.yaml"));
@@ -42,7 +48,7 @@ impl Replica {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        Replica { child, log, port }
+        Replica { name: name.to_string(), child, log, port }
     }
 
     fn log(&self) -> String {
@@ -66,17 +72,22 @@ async fn holder(leases: &Api<Lease>) -> Option<String> {
     leases.get_opt("pull-secret-injector").await.ok().flatten().and_then(|l| l.spec).and_then(|s| s.holder_identity)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_one_refresher_and_a_hand_over_when_the_leader_dies() {
-    let _serial = serial();
-    let cp = ControlPlane::get();
-    let c = cp.client().await;
+/// A fresh namespace for the Lease (one left by an earlier test is removed first).
+async fn lease_namespace(c: &kube::Client) {
     let _ = Api::<Namespace>::all(c.clone()).delete(LEASE_NS, &DeleteParams::default()).await;
     wait_for("old lease namespace gone", Duration::from_secs(60), || async {
         Api::<Namespace>::all(c.clone()).get_opt(LEASE_NS).await.ok().flatten().is_none()
     })
     .await;
-    create_namespace(&c, LEASE_NS, Default::default()).await;
+    create_namespace(c, LEASE_NS, Default::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_one_refresher_and_a_hand_over_when_the_leader_dies() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let c = cp.client().await;
+    lease_namespace(&c).await;
     let leases: Api<Lease> = Api::namespaced(c.clone(), LEASE_NS);
     let certs = Certs::new();
 
@@ -138,4 +149,65 @@ async fn two_replicas_one_refresher_and_a_hand_over_when_the_leader_dies() {
     for n in [ns, LEASE_NS] {
         let _ = Api::<Namespace>::all(c.clone()).delete(n, &DeleteParams::default()).await;
     }
+}
+
+/// Leaders killed one after another while credentials of 30 s are renewed: the stored credential
+/// never expires, and every exchange made is written (no mint thrown away or repeated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_expires_unrenewed_while_leaders_are_killed() {
+    use support::standin::{jwt, now, StandIn};
+
+    const CGR: &str = "cgr.example.test";
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let c = cp.client().await;
+    lease_namespace(&c).await;
+    let leases: Api<Lease> = Api::namespaced(c.clone(), LEASE_NS);
+    let sts = StandIn::start(|_| (200, json!({"token": jwt(json!({"aud": "cgr.dev", "exp": now() + 30, "n": fastrand::u64(..)}))}).to_string())).await;
+    let certs = Certs::new();
+    let registry = format!("  - host: {CGR}\n    chainguard: {{identity: \"0123abcd\", issuer: \"{}\"}}\n", sts.url);
+    // Renewed 15 s (plus jitter) before expiry: more than a hand-over takes.
+    let extra = format!("http: {{caFile: {}}}\nrefresh: {{renewBefore: 15s}}\n", sts.certs.ca().display());
+    let start = |name: String| Replica::start_with(&name, &certs, &registry, &extra);
+
+    let mut replicas = vec![start("ha2-0".into()), start("ha2-1".into())];
+    wait_for("a leader", Duration::from_secs(30), || async { holder(&leases).await.is_some() }).await;
+    let ns = "t-ha-renew";
+    create_namespace(&c, ns, [("pull-secret-injector.io/inject".into(), "enabled".into()), ("e2e-run".into(), "t-ha".into())].into()).await;
+    let password = |s: &Secret| docker_config(s)["auths"][CGR]["password"].as_str().map(str::to_string);
+    wait_secret(&c, ns, "a first credential", |s| password(s).is_some()).await;
+    let requests_before = sts.seen().len();
+    let writes_before = cp.secret_writes(ns);
+
+    let mut tokens = std::collections::BTreeSet::new();
+    let mut least_left = i64::MAX;
+    const ROUNDS: usize = 3;
+    for round in 0..ROUNDS {
+        let sample_until = Instant::now() + Duration::from_secs(18);
+        while Instant::now() < sample_until {
+            let s = get_secret(&c, ns).await.expect("the Secret stays");
+            let p = password(&s).expect("a chainguard credential");
+            let left = claims(&p)["exp"].as_i64().unwrap() - now();
+            assert!(left > 0, "round {round}: the stored credential expired {}s ago", -left);
+            least_left = least_left.min(left);
+            tokens.insert(p);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // Kill the leader as a crash would, and start a replacement replica.
+        let leader = holder(&leases).await.expect("a leader");
+        let i = replicas.iter().position(|r| r.name == leader).expect("the leader is one of ours");
+        let mut dead = replicas.remove(i);
+        dead.signal("-KILL");
+        let _ = dead.child.wait();
+        replicas.push(start(format!("ha2-{}", round + 2)));
+    }
+    let requests = sts.seen().len() - requests_before;
+    let writes = cp.secret_writes(ns) - writes_before;
+    eprintln!("{ROUNDS} leaders killed over {} distinct credentials: least time left on a stored credential {least_left} s; {requests} exchanges, {writes} Secret writes", tokens.len());
+    assert!(tokens.len() >= 3, "credentials were renewed: {}", tokens.len());
+    // Each exchange is written once; a leader killed between its exchange and its write may
+    // waste one.
+    assert!(requests <= writes + ROUNDS, "{requests} exchanges for {writes} writes");
+    drop(replicas);
+    let _ = Api::<Namespace>::all(c.clone()).delete(ns, &DeleteParams::default()).await;
 }
