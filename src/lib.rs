@@ -25,6 +25,7 @@ pub mod status;
 pub mod subject;
 pub mod tls;
 pub mod token;
+pub mod token_server;
 pub mod updater;
 pub mod webhook;
 

@@ -61,6 +61,12 @@ enum Command {
         #[arg(long, env = "PULL_SECRET_INJECTOR_CONFIG")]
         config: PathBuf,
     },
+    /// Serve registry tokens (Docker Registry v2 "token" auth) to clients that present a
+    /// service-account token of this cluster; see the README's token server walk-through.
+    TokenServer {
+        #[arg(long, env = "PULL_SECRET_INJECTOR_TOKEN_SERVER_CONFIG")]
+        config: PathBuf,
+    },
     /// Check a config file and print what is wrong with it, without starting anything.
     CheckConfig {
         #[arg(long, env = "PULL_SECRET_INJECTOR_CONFIG")]
@@ -102,6 +108,13 @@ async fn main() -> anyhow::Result<()> {
                 renew_within: day * renew_within_days as u32,
             };
             pull_secret_injector::certs::ensure(&client, &request).await?;
+            Ok(())
+        }
+        Command::TokenServer { config } => {
+            let config = pull_secret_injector::token_server::TokenServerConfig::from_file(&config)?;
+            let clock: pull_secret_injector::token_server::server::Clock = std::sync::Arc::new(jiff::Timestamp::now);
+            let server = pull_secret_injector::token_server::server::TokenServer::start(config, clock).await?;
+            server.run_until(shutdown_signal()).await.context("token server failed")?;
             Ok(())
         }
         Command::Serve { config } => {

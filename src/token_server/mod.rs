@@ -1,0 +1,152 @@
+//! `pull-secret-injector token-server`: a Docker Registry v2 token service (the "token" auth
+//! scheme of distribution/registry, Harbor and Zot) that trusts the cluster's service-account
+//! tokens, so the `kubernetes` source's credentials pull from a registry you run.
+//!
+//! A request goes `server` (HTTP, Basic auth) → `oidc` (verify the JWT against the cluster's
+//! issuer) → `rules` (which of the requested scopes this identity gets) → `issue` (sign a
+//! short-lived registry token).
+
+pub mod issue;
+pub mod oidc;
+pub mod rules;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{ConfigError, FieldError, TlsConfig};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The HTTPS certificate clients (docker, containerd, skopeo) see.
+    pub tls: TlsConfig,
+    pub issuer: oidc::IssuerConfig,
+    /// The registry's `service` (its `auth.token.service`); tokens carry it as `aud`.
+    pub service: String,
+    pub signing: SigningConfig,
+    /// How long an issued registry token lasts.
+    #[serde(default = "default_lifetime", deserialize_with = "crate::config::duration")]
+    pub token_lifetime: Duration,
+    /// Clock skew tolerated on `exp` and `nbf` of service-account tokens.
+    #[serde(default = "default_leeway", deserialize_with = "crate::config::duration")]
+    pub leeway: Duration,
+    pub rules: Vec<rules::Rule>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SigningConfig {
+    /// PEM certificate chain the registry trusts (`rootcertbundle`), leaf first.
+    pub cert_file: PathBuf,
+    /// The leaf's P-256 key, PEM PKCS#8.
+    pub key_file: PathBuf,
+    /// `iss` of the tokens: the registry's `auth.token.issuer`.
+    #[serde(default = "default_token_issuer")]
+    pub issuer: String,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 5001))
+}
+
+fn default_lifetime() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_token_issuer() -> String {
+    "pull-secret-injector".into()
+}
+
+impl TokenServerConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_yaml(&text)
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.into_inner().to_string();
+            let message = message.strip_prefix(&format!("{path}: ")).map(str::to_string).unwrap_or(message);
+            ConfigError::Parse(FieldError { path, message })
+        })?;
+        let mut errors = Vec::new();
+        let mut err = |path: &str, message: String| errors.push(FieldError { path: path.into(), message });
+        if config.issuer.audiences.iter().all(|a| a.trim().is_empty()) {
+            err("issuer.audiences", "at least one audience is required".into());
+        }
+        crate::token::validate_endpoint("issuer.url", &config.issuer.url, &mut err);
+        if let Some(u) = &config.issuer.jwks_uri {
+            crate::token::validate_endpoint("issuer.jwksUri", u, &mut err);
+        }
+        if config.service.trim().is_empty() {
+            err("service", "must not be empty".into());
+        }
+        if config.token_lifetime < Duration::from_secs(30) || config.token_lifetime > Duration::from_secs(3600) {
+            err("tokenLifetime", "must be between 30s and 1h".into());
+        }
+        if config.leeway > Duration::from_secs(300) {
+            err("leeway", "must be at most 5m".into());
+        }
+        for (i, r) in config.rules.iter().enumerate() {
+            if r.repositories.is_empty() {
+                err(&format!("rules[{i}].repositories"), "must list at least one repository pattern".into());
+            }
+            for p in &r.repositories {
+                if p.is_empty() || (p.contains('*') && p != "*" && !(p.ends_with("/*") && !p[..p.len() - 2].contains('*'))) {
+                    err(&format!("rules[{i}].repositories"), format!("{p:?}: use `name`, `prefix/*` or `*`"));
+                }
+            }
+            for a in &r.actions {
+                if !["pull", "push", "delete", "*"].contains(&a.as_str()) {
+                    err(&format!("rules[{i}].actions"), format!("{a:?} is not pull, push, delete or *"));
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+tls: {certFile: t.crt, keyFile: t.key}
+issuer: {url: "https://kubernetes.default.svc.cluster.local", audiences: [registry.test]}
+service: registry.test
+signing: {certFile: s.crt, keyFile: s.key}
+rules:
+  - {namespace: team-a, repositories: ["team-a/*", "shared/*"]}
+"#;
+
+    #[test]
+    fn defaults_and_errors_with_paths() {
+        let c = TokenServerConfig::from_yaml(GOOD).unwrap();
+        assert_eq!(c.token_lifetime, Duration::from_secs(300));
+        assert_eq!(c.signing.issuer, "pull-secret-injector");
+        assert_eq!(c.rules[0].actions, ["pull"]);
+        let bad = GOOD.replace("[registry.test]", "[]").replace("\"team-a/*\"", "\"te*m\"") + "tokenLifetime: 2h\n";
+        let e = TokenServerConfig::from_yaml(&bad).unwrap_err().to_string();
+        for path in ["issuer.audiences: ", "tokenLifetime: ", "rules[0].repositories: "] {
+            assert!(e.contains(path), "{path} in {e}");
+        }
+        let e = TokenServerConfig::from_yaml(&GOOD.replace("service:", "servce:")).unwrap_err().to_string();
+        assert!(e.contains("servce"), "{e}");
+    }
+}

@@ -1,0 +1,290 @@
+//! Verifies Kubernetes service-account tokens against the cluster's OIDC issuer: keys from the
+//! issuer's discovery document (or a configured JWKS URL), cached and fetched again when a token
+//! names a key not seen yet (the API server rotated its key); RS256 only (the algorithm is
+//! pinned, so `none` or an HMAC "signed" with the public key cannot pass); `iss`, `aud`, `exp`
+//! and `nbf` checked with a small leeway. Errors say what failed, never echo the token.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use jiff::Timestamp;
+use serde::Deserialize;
+
+use super::rules::Identity;
+use crate::token::http::{HttpClient, HttpConfig};
+use crate::token::Sensitive;
+
+/// `issuer:` in the token server's config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The cluster's issuer, exactly as in the tokens' `iss`
+    /// (`kubectl get --raw /.well-known/openid-configuration`).
+    pub url: String,
+    /// Where the keys are, when the issuer URL is not reachable from here (the API server's own
+    /// `/openid/v1/jwks`). Default: `jwks_uri` of `<url>/.well-known/openid-configuration`.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// Trusted besides the system's roots for those requests (the API server's CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// A bearer token file for those requests, where the API server serves discovery only to
+    /// authenticated clients (a projected token of the token server's own ServiceAccount).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Accepted `aud` values: what the `kubernetes` source's `audience` is set to.
+    pub audiences: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("not a JWT: {0}")]
+    Malformed(&'static str),
+    #[error("algorithm {0:?} is not accepted (RS256 only)")]
+    Algorithm(String),
+    #[error("signed with an unknown key")]
+    UnknownKey,
+    #[error("bad signature")]
+    Signature,
+    #[error("issuer is not the configured one")]
+    Issuer,
+    #[error("audience is not accepted")]
+    Audience,
+    #[error("expired at {0}")]
+    Expired(Timestamp),
+    #[error("not valid before {0}")]
+    NotYetValid(Timestamp),
+    #[error("subject is not a ServiceAccount")]
+    Subject,
+    #[error("cannot fetch the issuer's keys: {0}")]
+    Keys(String),
+}
+
+/// What a verified token says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub subject: String,
+    pub identity: Identity,
+    pub expires_at: Timestamp,
+}
+
+struct RsaKey {
+    n: Vec<u8>,
+    e: Vec<u8>,
+}
+
+pub struct Verifier {
+    config: IssuerConfig,
+    http: HttpClient,
+    leeway: Duration,
+    keys: tokio::sync::RwLock<HashMap<String, RsaKey>>,
+    /// Fetches are at most this often: a stream of tokens with made-up key ids must not turn
+    /// into a stream of requests to the API server.
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+}
+
+const MIN_REFETCH: Duration = Duration::from_secs(10);
+
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    iss: String,
+    sub: String,
+    aud: Audience,
+    exp: i64,
+    #[serde(default)]
+    nbf: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct Discovery {
+    jwks_uri: String,
+}
+
+#[derive(Deserialize)]
+struct Jwks {
+    keys: Vec<Jwk>,
+}
+
+#[derive(Deserialize)]
+struct Jwk {
+    kty: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    n: Option<String>,
+    #[serde(default)]
+    e: Option<String>,
+}
+
+fn b64url(s: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s.trim_end_matches('=')).ok()
+}
+
+impl Verifier {
+    pub fn new(config: IssuerConfig, leeway: Duration) -> Result<Self, crate::token::http::HttpClientError> {
+        let http = HttpClient::new(&HttpConfig { ca_file: config.ca_file.clone(), ..Default::default() })?;
+        Ok(Self { config, http, leeway, keys: Default::default(), last_fetch: Default::default() })
+    }
+
+    /// Checks `token` at time `now`.
+    pub async fn verify(&self, token: &str, now: Timestamp) -> Result<Verified, VerifyError> {
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(VerifyError::Malformed("expected three dot-separated parts"));
+        };
+        let header: Header = b64url(h).and_then(|b| serde_json::from_slice(&b).ok()).ok_or(VerifyError::Malformed("unreadable header"))?;
+        if header.alg != "RS256" {
+            return Err(VerifyError::Algorithm(header.alg.chars().take(16).collect()));
+        }
+        let signature = b64url(s).ok_or(VerifyError::Malformed("signature is not base64url"))?;
+        let kid = header.kid.unwrap_or_default();
+        if !self.keys.read().await.contains_key(&kid) {
+            self.refresh().await?;
+        }
+        {
+            let keys = self.keys.read().await;
+            let key = keys.get(&kid).ok_or(VerifyError::UnknownKey)?;
+            let public = ring::signature::RsaPublicKeyComponents { n: &key.n, e: &key.e };
+            let signed = &token[..h.len() + 1 + p.len()];
+            public.verify(&ring::signature::RSA_PKCS1_2048_8192_SHA256, signed.as_bytes(), &signature).map_err(|_| VerifyError::Signature)?;
+        }
+        // Only a correctly signed payload is parsed.
+        let claims: Claims = b64url(p).and_then(|b| serde_json::from_slice(&b).ok()).ok_or(VerifyError::Malformed("unreadable claims"))?;
+        if claims.iss != self.config.url {
+            return Err(VerifyError::Issuer);
+        }
+        let audiences = match claims.aud {
+            Audience::One(a) => vec![a],
+            Audience::Many(a) => a,
+        };
+        if !audiences.iter().any(|a| self.config.audiences.contains(a)) {
+            return Err(VerifyError::Audience);
+        }
+        let leeway = jiff::SignedDuration::try_from(self.leeway).unwrap_or(jiff::SignedDuration::ZERO);
+        let expires_at = Timestamp::from_second(claims.exp).map_err(|_| VerifyError::Malformed("exp out of range"))?;
+        if now >= expires_at + leeway {
+            return Err(VerifyError::Expired(expires_at));
+        }
+        if let Some(nbf) = claims.nbf {
+            let not_before = Timestamp::from_second(nbf).map_err(|_| VerifyError::Malformed("nbf out of range"))?;
+            if now + leeway < not_before {
+                return Err(VerifyError::NotYetValid(not_before));
+            }
+        }
+        let identity = Identity::from_subject(&claims.sub).ok_or(VerifyError::Subject)?;
+        Ok(Verified { subject: claims.sub, identity, expires_at })
+    }
+
+    /// Fetches the keys again, unless that was done moments ago.
+    async fn refresh(&self) -> Result<(), VerifyError> {
+        let mut last = self.last_fetch.lock().await;
+        if last.is_some_and(|t| t.elapsed() < MIN_REFETCH) {
+            return Ok(());
+        }
+        *last = Some(Instant::now());
+        let keys = self.fetch().await?;
+        tracing::info!(keys = keys.len(), "fetched the issuer's signing keys");
+        *self.keys.write().await = keys;
+        Ok(())
+    }
+
+    async fn fetch(&self) -> Result<HashMap<String, RsaKey>, VerifyError> {
+        let bearer = match &self.config.token_file {
+            Some(path) => Some(Sensitive::new(
+                std::fs::read_to_string(path).map_err(|e| VerifyError::Keys(format!("reading {}: {e}", path.display())))?.trim(),
+            )),
+            None => None,
+        };
+        let get = |url: String| {
+            let bearer = bearer.clone();
+            async move {
+                let secrets: Vec<&Sensitive> = bearer.iter().collect();
+                self.http
+                    .send("oidc", &secrets, |c| {
+                        let r = c.get(&url);
+                        match &bearer {
+                            Some(b) => r.bearer_auth(b.expose()),
+                            None => r,
+                        }
+                    })
+                    .await
+                    .map_err(|e| VerifyError::Keys(e.to_string()))
+            }
+        };
+        let jwks_uri = match &self.config.jwks_uri {
+            Some(u) => u.clone(),
+            None => {
+                let body = get(format!("{}/.well-known/openid-configuration", self.config.url.trim_end_matches('/'))).await?;
+                serde_json::from_slice::<Discovery>(&body).map_err(|_| VerifyError::Keys("the discovery document has no jwks_uri".into()))?.jwks_uri
+            }
+        };
+        let body = get(jwks_uri).await?;
+        let jwks: Jwks = serde_json::from_slice(&body).map_err(|_| VerifyError::Keys("the JWKS is not a key set".into()))?;
+        Ok(jwks
+            .keys
+            .into_iter()
+            .filter(|k| k.kty == "RSA")
+            .filter_map(|k| Some((k.kid.unwrap_or_default(), RsaKey { n: b64url(k.n.as_deref()?)?, e: b64url(k.e.as_deref()?)? })))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verifier() -> Verifier {
+        let config = IssuerConfig {
+            url: "https://issuer.example".into(),
+            jwks_uri: Some("https://127.0.0.1:1/jwks".into()),
+            ca_file: None,
+            token_file: None,
+            audiences: vec!["registry.test".into()],
+        };
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Verifier::new(config, Duration::from_secs(10)).unwrap()
+    }
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    }
+
+    #[tokio::test]
+    async fn unsigned_and_hmac_tokens_are_refused_before_any_key_lookup() {
+        let v = verifier();
+        let claims = b64(r#"{"iss":"https://issuer.example","sub":"system:serviceaccount:a:b","aud":"registry.test","exp":9999999999}"#);
+        for alg in ["none", "HS256", "RS512", "ES256"] {
+            let token = format!("{}.{claims}.", b64(&format!(r#"{{"alg":"{alg}"}}"#)));
+            assert_eq!(v.verify(&token, Timestamp::now()).await, Err(VerifyError::Algorithm(alg.into())));
+        }
+        assert!(matches!(v.verify("garbage", Timestamp::now()).await, Err(VerifyError::Malformed(_))));
+        assert!(matches!(v.verify("a.b.c", Timestamp::now()).await, Err(VerifyError::Malformed(_))));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_key_that_cannot_be_fetched_is_a_key_error_without_the_token() {
+        let v = verifier();
+        let token = format!("{}.{}.{}", b64(r#"{"alg":"RS256","kid":"k1"}"#), b64(r#"{"sub":"secret-claims"}"#), b64("sig"));
+        let e = v.verify(&token, Timestamp::now()).await.unwrap_err();
+        assert!(matches!(e, VerifyError::Keys(_)), "{e:?}");
+        assert!(!e.to_string().contains(&token), "{e}");
+        // Within MIN_REFETCH the keys are not fetched again: the answer is an unknown key.
+        assert_eq!(v.verify(&token, Timestamp::now()).await, Err(VerifyError::UnknownKey));
+    }
+}
