@@ -136,6 +136,13 @@ rules:
 "#;
 
     #[test]
+    fn the_documented_example_parses() {
+        let c = TokenServerConfig::from_yaml(include_str!("../../deploy/token-server.example.yaml")).unwrap();
+        assert_eq!(c.rules.len(), 2);
+        assert_eq!(c.rules[1].actions, ["pull", "push"]);
+    }
+
+    #[test]
     fn defaults_and_errors_with_paths() {
         let c = TokenServerConfig::from_yaml(GOOD).unwrap();
         assert_eq!(c.token_lifetime, Duration::from_secs(300));
