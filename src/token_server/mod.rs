@@ -104,7 +104,7 @@ impl TokenServerConfig {
                 err(&format!("rules[{i}].repositories"), "must list at least one repository pattern".into());
             }
             for p in &r.repositories {
-                if p.is_empty() || (p.contains('*') && p != "*" && !(p.ends_with("/*") && !p[..p.len() - 2].contains('*'))) {
+                if !valid_pattern(p) {
                     err(&format!("rules[{i}].repositories"), format!("{p:?}: use `name`, `prefix/*` or `*`"));
                 }
             }
@@ -119,6 +119,15 @@ impl TokenServerConfig {
         } else {
             Err(ConfigError::Invalid(errors))
         }
+    }
+}
+
+/// `name`, `prefix/*` or `*`: a `*` only as a whole last segment.
+fn valid_pattern(p: &str) -> bool {
+    match p.strip_suffix("/*") {
+        _ if p == "*" => true,
+        Some(prefix) => !prefix.is_empty() && !prefix.contains('*'),
+        None => !p.is_empty() && !p.contains('*'),
     }
 }
 

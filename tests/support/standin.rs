@@ -82,10 +82,10 @@ impl StandIn {
         let faults = Arc::new(Mutex::new(VecDeque::new()));
         let persistent = Arc::new(Mutex::new(None));
         let handler: Arc<Handler> = Arc::new(handler);
-        let (s, f, p) = (seen.clone(), faults.clone(), persistent.clone());
+        let shared = Shared { seen: seen.clone(), faults: faults.clone(), persistent: persistent.clone(), handler };
         let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-            let (seen, faults, persistent, handler) = (s.clone(), f.clone(), p.clone(), handler.clone());
-            async move { serve(seen, faults, persistent, handler, method, uri, headers, body).await }
+            let shared = shared.clone();
+            async move { serve(shared, method, uri, headers, body).await }
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -162,16 +162,16 @@ fn serve_on(listener: std::net::TcpListener, certs: &Certs, app: axum::Router) -
     handle
 }
 
-async fn serve(
+#[derive(Clone)]
+struct Shared {
     seen: Arc<Mutex<Vec<Seen>>>,
     faults: Arc<Mutex<VecDeque<Fault>>>,
     persistent: Arc<Mutex<Option<Fault>>>,
     handler: Arc<Handler>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+}
+
+async fn serve(shared: Shared, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let Shared { seen, faults, persistent, handler } = shared;
     let request = Seen {
         at: Instant::now(),
         method: method.to_string(),
