@@ -161,8 +161,15 @@ impl Provisioner {
 
     /// Whether any Secret of the namespace is cached (it has been served).
     pub fn has_any(&self, namespace: &str) -> bool {
-        let prefix = format!("{namespace}/");
-        self.cache.iter().any(|(k, _)| k.as_str() == namespace || k.starts_with(&prefix))
+        match self.scope {
+            // One key per namespace: a lookup, not a scan (this runs for every namespace that
+            // is not selected, at every resync).
+            IdentityScope::Namespace => self.cache.contains_key(namespace),
+            IdentityScope::ServiceAccount => {
+                let prefix = format!("{namespace}/");
+                self.cache.iter().any(|(k, _)| k.starts_with(&prefix))
+            }
+        }
     }
 
     /// The names of the namespace's ServiceAccounts.

@@ -42,6 +42,9 @@ struct Context {
     managed_secrets: Store<Secret>,
     /// Consecutive failures per namespace, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Reconciles to run now: when a failing namespace recovers, the others failing are tried
+    /// at once instead of at the end of their backoff (a token endpoint came back).
+    nudge: mpsc::UnboundedSender<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +81,8 @@ impl Refresher {
         )
         .default_backoff()
         .touched_objects();
-        let retries = tokio_stream_from(retry).map(|ns| ObjectRef::<Namespace>::new(&ns));
+        let (nudge, nudged) = mpsc::unbounded_channel();
+        let retries = futures::stream::select(tokio_stream_from(retry), tokio_stream_from(nudged)).map(|ns| ObjectRef::<Namespace>::new(&ns));
         let (namespaces, ns_writer) = reflector::store();
         let client_for_accounts = client.clone();
         let namespace_events = reflector::reflector(ns_writer, watcher(Api::<Namespace>::all(client), watcher::Config::default()).modify(slim_namespace))
@@ -95,7 +99,7 @@ impl Refresher {
                 .touched_objects();
             controller = controller.watches_stream(accounts, |sa: PartialObjectMeta<ServiceAccount>| sa.namespace().map(|ns| ObjectRef::new(&ns)));
         }
-        let context = Arc::new(Context { policy, provisioner, managed_secrets, failures: Mutex::default() });
+        let context = Arc::new(Context { policy, provisioner, managed_secrets, failures: Mutex::default(), nudge });
         Self { controller, context, updater }
     }
 
@@ -194,7 +198,19 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     if let Some(e) = first_error {
         return Err(e.into());
     }
-    ctx.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+    let others_failing: Vec<String> = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let recovered = failures.remove(&name).is_some();
+        // Only a recovery nudges the others: a namespace that fails for its own reasons is not
+        // retried every time some other namespace renews.
+        if recovered { failures.keys().cloned().collect() } else { Vec::new() }
+    };
+    if !others_failing.is_empty() {
+        tracing::info!(namespace = %name, others = others_failing.len(), "recovered; retrying the other failing namespaces now");
+        for other in others_failing {
+            let _ = ctx.nudge.send(other);
+        }
+    }
     let wait = next_renewal.map_or(Duration::from_secs(3600), |at| renewal::until(at, jiff::Timestamp::now()));
     Ok(Action::requeue(wait.max(Duration::from_secs(1))))
 }

@@ -26,14 +26,17 @@ pub struct Webhook {
     /// Namespaces whose Secret could not be made during an admission: the refresher retries.
     retry: RetrySlot,
     metrics: Arc<Metrics>,
-    /// Secrets whose provisioning failed at admission in the last few seconds: during a token
-    /// endpoint outage, admissions answer at once instead of each trying (and waiting) again.
-    /// The refresher keeps retrying with its own backoff.
+    /// Secrets whose provisioning was slow to fail, or outlasted the budget, in the last few
+    /// seconds: while a token endpoint hangs, admissions answer at once instead of each waiting
+    /// the budget again. Quick failures (a ServiceAccount not created yet) are not held: the
+    /// next admission simply tries again. The refresher keeps retrying with its own backoff.
     failed_recently: moka::future::Cache<String, ()>,
 }
 
-/// How long an admission-time failure stops further admission-time attempts for that Secret.
+/// How long a slow admission-time failure stops further admission-time attempts for that Secret.
 const FAILURE_HOLD: Duration = Duration::from_secs(5);
+/// A failure that took this long is an endpoint worth not waiting on again at once.
+const SLOW_FAILURE: Duration = Duration::from_secs(1);
 
 impl Webhook {
     pub fn new(
@@ -123,6 +126,7 @@ impl Webhook {
         // waiting for it; concurrent admissions join the same attempt.
         let provisioner = self.provisioner.clone();
         let s = subject.clone();
+        let started = std::time::Instant::now();
         let attempt = tokio::spawn(async move { provisioner.ensure(&s).await });
         let outcome = tokio::time::timeout(self.budget, attempt).await;
         match outcome {
@@ -132,7 +136,9 @@ impl Webhook {
                 (Verdict::unchanged().warn(format!("pull-secret-injector: {e}")), "conflict")
             }
             Ok(Ok(Err(e))) => {
-                self.failed_recently.insert(subject.key(), ()).await;
+                if started.elapsed() >= SLOW_FAILURE {
+                    self.failed_recently.insert(subject.key(), ()).await;
+                }
                 tracing::warn!(namespace, error = %e, "pull Secret not ready at admission; retrying in the background");
                 self.request_retry(namespace);
                 (Verdict::patched(patch).warn(format!("pull-secret-injector: Secret {secret} is not ready yet ({e}); it is retried in the background")), "not_ready")
@@ -143,6 +149,7 @@ impl Webhook {
                 (Verdict::patched(patch).warn(format!("pull-secret-injector: Secret {secret} is not ready yet; it is retried in the background")), "not_ready")
             }
             Err(_elapsed) => {
+                self.failed_recently.insert(subject.key(), ()).await;
                 tracing::warn!(namespace, budget_ms = self.budget.as_millis() as u64, "pull Secret not ready within the admission budget");
                 let warning = format!(
                     "pull-secret-injector: Secret {secret} was not ready within {}ms; it is being provisioned in the background",

@@ -212,3 +212,37 @@ async fn token_endpoint_outage_longer_than_a_credential_lifetime() {
     }
     inj.cleanup().await;
 }
+
+/// Without a refresher here (another replica holds the Lease), admissions alone provision a new
+/// namespace, even when the first attempt fails because its ServiceAccount does not exist yet:
+/// a quick failure is not held against the next admission.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admissions_alone_provision_a_new_namespace_after_a_quick_failure() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kube::api::PostParams;
+
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let admin = cp.client().await;
+    let lease_ns = "t-f5-lease";
+    create_namespace(&admin, lease_ns, Default::default()).await;
+    let now = jiff::Timestamp::now().to_string();
+    let lease: Lease = serde_json::from_value(json!({"metadata": {"name": "held"}, "spec": {"holderIdentity": "another-replica", "leaseDurationSeconds": 3600, "renewTime": now, "acquireTime": now}})).unwrap();
+    Api::<Lease>::namespaced(admin.clone(), lease_ns).create(&PostParams::default(), &lease).await.unwrap();
+    let extra = format!("leaderElection: {{leaseName: held, namespace: {lease_ns}, leaseDuration: 15s, renewGrace: 5s}}");
+    let mut inj = Injector::start_with("t-f5", &kubernetes_registry("default", 3600), &extra).await;
+    let ns = inj.namespace("cold", true).await;
+    // Pods right away: the first admission may come before the namespace's `default`
+    // ServiceAccount exists, and its TokenRequest fails.
+    for i in 0..10 {
+        create_pod(&admin, &ns, &format!("p{i}"), json!({}), false).await;
+        if get_secret(&admin, &ns).await.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(get_secret(&admin, &ns).await.is_some(), "admissions made the Secret ({} TokenRequest attempts)", cp.token_attempts(&ns));
+    assert_eq!(cp.token_requests(&ns), 1, "one successful mint");
+    inj.cleanup().await;
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin).delete(lease_ns, &Default::default()).await;
+}
