@@ -10,6 +10,7 @@ use kube::{Client, ResourceExt};
 use crate::config::Config;
 use crate::pull_secret::{self, EXPIRES_AT, ISSUED_AT, REGISTRIES};
 use crate::selector::{Eligibility, NamespacePolicy};
+use crate::subject::IdentityScope;
 
 /// One opted-in namespace as the cluster shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,27 +31,45 @@ pub async fn collect(client: &Client, config: &Config) -> Result<Vec<Row>, kube:
     let mut rows = Vec::new();
     for ns in namespaces.items.iter().filter(|n| policy.eligibility(&n.name_any(), n.metadata.labels.as_ref()) == Eligibility::OptedIn) {
         let name = ns.name_any();
-        let secret = Api::<Secret>::namespaced(client.clone(), &name).get_opt(&config.secret_name).await?;
-        let annotation = |s: &Secret, k: &str| s.metadata.annotations.as_ref().and_then(|a| a.get(k)).cloned();
-        let (state, registries, expires_at, issued_at) = match &secret {
-            None => ("missing".to_string(), String::new(), None, None),
-            Some(s) if !pull_secret::is_managed(s) => ("not managed".to_string(), String::new(), None, None),
-            Some(s) => (
-                "ok".to_string(),
-                annotation(s, REGISTRIES).unwrap_or_default(),
-                annotation(s, EXPIRES_AT).and_then(|t| t.parse().ok()),
-                annotation(s, ISSUED_AT).and_then(|t| t.parse().ok()),
-            ),
+        let api = Api::<Secret>::namespaced(client.clone(), &name);
+        // One Secret per namespace, or one per ServiceAccount (`<sa>-<secretName>`).
+        let secrets: Vec<(String, Option<Secret>)> = match config.identity_scope {
+            IdentityScope::Namespace => vec![(config.secret_name.clone(), api.get_opt(&config.secret_name).await?)],
+            IdentityScope::ServiceAccount => {
+                let managed = api.list(&ListParams::default().labels(&format!("{}={}", pull_secret::MANAGED_BY_LABEL, pull_secret::MANAGER))).await?;
+                let mut found: Vec<(String, Option<Secret>)> = managed.items.into_iter().map(|s| (s.name_any(), Some(s))).collect();
+                if found.is_empty() {
+                    found.push((format!("<sa>-{}", config.secret_name), None));
+                }
+                found
+            }
         };
         let events = Api::<Event>::namespaced(client.clone(), &name).list(&ListParams::default()).await?;
-        let last_error = events
-            .items
-            .iter()
-            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(config.secret_name.as_str()))
-            .filter(|e| e.type_.as_deref() == Some("Warning"))
-            .max_by_key(|e| e.event_time.as_ref().map(|t| t.0))
-            .map(|e| format!("{}: {}", e.reason.clone().unwrap_or_default(), e.note.clone().unwrap_or_default()));
-        rows.push(Row { namespace: name, state, registries, expires_at, issued_at, last_error });
+        for (secret_name, secret) in secrets {
+            let annotation = |s: &Secret, k: &str| s.metadata.annotations.as_ref().and_then(|a| a.get(k)).cloned();
+            let (state, registries, expires_at, issued_at) = match &secret {
+                None => ("missing".to_string(), String::new(), None, None),
+                Some(s) if !pull_secret::is_managed(s) => ("not managed".to_string(), String::new(), None, None),
+                Some(s) => (
+                    "ok".to_string(),
+                    annotation(s, REGISTRIES).unwrap_or_default(),
+                    annotation(s, EXPIRES_AT).and_then(|t| t.parse().ok()),
+                    annotation(s, ISSUED_AT).and_then(|t| t.parse().ok()),
+                ),
+            };
+            let state = match config.identity_scope {
+                IdentityScope::Namespace => state,
+                IdentityScope::ServiceAccount => format!("{state} ({secret_name})"),
+            };
+            let last_error = events
+                .items
+                .iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(secret_name.as_str()))
+                .filter(|e| e.type_.as_deref() == Some("Warning"))
+                .max_by_key(|e| e.event_time.as_ref().map(|t| t.0))
+                .map(|e| format!("{}: {}", e.reason.clone().unwrap_or_default(), e.note.clone().unwrap_or_default()));
+            rows.push(Row { namespace: name.clone(), state, registries, expires_at, issued_at, last_error });
+        }
     }
     Ok(rows)
 }

@@ -891,6 +891,20 @@ mod service_account_scope {
         let pod = create_pod(&c, &ns, "plain", json!({"imagePullSecrets": [{"name": "mine"}]}), false).await.pod;
         assert_eq!(pull_secret_names(&pod), ["mine", "default-pull-secret"]);
 
+        // `status` lists each ServiceAccount's Secret.
+        let config_file = inj.certs.dir.path().join("config.yaml");
+        std::fs::write(&config_file, &inj.config_yaml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pull-secret-injector"))
+            .args(["status", "--config", path_str(&config_file)])
+            .env("KUBECONFIG", ControlPlane::get().kubeconfig())
+            .output()
+            .unwrap();
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for secret in ["builder-pull-secret", "default-pull-secret"] {
+            assert!(table.lines().any(|l| l.starts_with(&ns) && l.contains(&format!("ok ({secret})"))), "{secret} missing from:\n{table}");
+        }
+
         // Deleting the ServiceAccount deletes its Secret (garbage collection of the owner).
         accounts.delete("builder", &DeleteParams::default()).await.unwrap();
         wait_for("builder-pull-secret collected", Duration::from_secs(60), || async { secret(&c, &ns, "builder-pull-secret").await.is_none() }).await;
