@@ -283,3 +283,21 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
     assert!(lease.spec.unwrap().holder_identity.is_some(), "the Lease was taken with the ServiceAccount's rights");
     inj.cleanup().await;
 }
+
+/// The token server's manifests are accepted by the API server, and the config they carry is a
+/// valid token-server config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_server_manifests_are_valid() {
+    let _serial = serial();
+    let admin = ControlPlane::get().client().await;
+    for object in kustomize(&repo().join("deploy/kustomize/token-server")) {
+        let kind = object["kind"].as_str().unwrap().to_string();
+        // The namespace for real (the same object as the base's), the rest as dry runs.
+        let dry_run = kind != "Namespace";
+        apply(&admin, &object, dry_run).await.expect("served").unwrap_or_else(|e| panic!("{kind} refused by the API server: {e}"));
+        if kind == "ConfigMap" {
+            let text = object["data"]["token-server.yaml"].as_str().expect("config");
+            pull_secret_injector::token_server::TokenServerConfig::from_yaml(text).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
