@@ -333,3 +333,49 @@ fn api_server_url(cp: &ControlPlane) -> String {
     let start = text.find("server: \"").unwrap() + "server: \"".len();
     text[start..].split('"').next().unwrap().to_string()
 }
+
+/// Keys found through the issuer's discovery document, fetched again for a key id not seen
+/// before: against a stand-in issuer serving the API server's own key set (the API server's
+/// discovery names an in-cluster URL that is not reachable from here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_come_from_discovery_and_are_refetched_for_an_unknown_key() {
+    use pull_secret_injector::token_server::oidc::{IssuerConfig, VerifyError, Verifier};
+    use std::sync::Mutex;
+    use support::standin::StandIn;
+
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let c = cp.client().await;
+    let request = http::Request::get("/openid/v1/jwks").body(Vec::new()).unwrap();
+    let jwks: Value = c.request(request).await.expect("the API server's key set");
+    let served = Arc::new(Mutex::new(json!({"keys": []})));
+    let s = served.clone();
+    let issuer = StandIn::start(move |req| match req.path.as_str() {
+        "/.well-known/openid-configuration" => (200, json!({"issuer": "x", "jwks_uri": format!("https://{}/jwks", req.header("host").unwrap_or(""))}).to_string()),
+        "/jwks" => (200, s.lock().unwrap().to_string()),
+        _ => (404, "{}".into()),
+    })
+    .await;
+    let config = IssuerConfig {
+        url: issuer.url.clone(),
+        jwks_uri: None,
+        ca_file: Some(issuer.certs.ca()),
+        token_file: None,
+        audiences: vec![SERVICE.into()],
+    };
+    let verifier = Verifier::new(config, Duration::from_secs(10)).unwrap();
+    create_namespace(&c, "reg-keys", Default::default()).await;
+    let token = service_account_token(&c, "reg-keys", "default", vec![SERVICE.into()]).await;
+
+    // The key set is empty at first: the token's key is unknown.
+    assert_eq!(verifier.verify(&token, jiff::Timestamp::now()).await, Err(VerifyError::UnknownKey));
+    // The issuer publishes the key (a rotation); after the refetch interval it is found: the
+    // signature verifies, and what fails is the issuer check (this stand-in is not the
+    // tokens' `iss`), which comes only after a verified signature.
+    *served.lock().unwrap() = jwks;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(verifier.verify(&token, jiff::Timestamp::now()).await, Err(VerifyError::Issuer));
+    let paths: Vec<String> = issuer.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, ["/.well-known/openid-configuration", "/jwks", "/.well-known/openid-configuration", "/jwks"]);
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone()).delete("reg-keys", &Default::default()).await;
+}
