@@ -892,15 +892,7 @@ mod service_account_scope {
         assert_eq!(pull_secret_names(&pod), ["mine", "default-pull-secret"]);
 
         // `status` lists each ServiceAccount's Secret.
-        let config_file = inj.certs.dir.path().join("config.yaml");
-        std::fs::write(&config_file, &inj.config_yaml).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pull-secret-injector"))
-            .args(["status", "--config", path_str(&config_file)])
-            .env("KUBECONFIG", ControlPlane::get().kubeconfig())
-            .output()
-            .unwrap();
-        let table = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let table = inj.status_table();
         for secret in ["builder-pull-secret", "default-pull-secret"] {
             assert!(table.lines().any(|l| l.starts_with(&ns) && l.contains(&format!("ok ({secret})"))), "{secret} missing from:\n{table}");
         }

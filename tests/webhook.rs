@@ -203,15 +203,7 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
     }
     assert!(!metrics.contains("renewal_failures_total 0"), "{metrics}");
     // `status` shows it from the cluster's records.
-    let config_file = inj.certs.dir.path().join("config.yaml");
-    std::fs::write(&config_file, &inj.config_yaml).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pull-secret-injector"))
-        .args(["status", "--config", path_str(&config_file)])
-        .env("KUBECONFIG", ControlPlane::get().kubeconfig())
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = inj.status_table();
     let line = table.lines().find(|l| l.starts_with(&ns)).unwrap_or_else(|| panic!("{ns} missing from:\n{table}"));
     assert!(line.contains("missing") && line.contains("MintFailed"), "{table}");
     // Once the ServiceAccount exists, the refresher finishes the work on its own.

@@ -288,6 +288,19 @@ impl Injector {
             .expect("label namespace");
     }
 
+    /// The table `pull-secret-injector status` prints for this instance's config.
+    pub fn status_table(&self) -> String {
+        let config_file = self.certs.dir.path().join("config.yaml");
+        std::fs::write(&config_file, &self.config_yaml).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_pull-secret-injector"))
+            .args(["status", "--config", path_str(&config_file)])
+            .env("KUBECONFIG", ControlPlane::get().kubeconfig())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Stops the service, removes the webhook configurations and deletes the namespaces.
     pub async fn cleanup(mut self) {
         self.stop().await;
