@@ -215,13 +215,12 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
 
     // Slow: a budget far shorter than a mint takes. The refresher is kept out of the way as
     // above (it backs off after a failed attempt), so the admission meets a cold namespace.
-    let mut inj = Injector::start_with("t5b", &kubernetes_registry("minter", 3600), "admission: {budget: 1ms}").await;
+    // No ServiceAccount admission may reach the webhook (the namespace's `default` or `minter`
+    // would start the mint, or time out and hold back the Pod's): register it for Pods only,
+    // before the namespace exists.
+    let mut inj = Injector::start_for("t5b", &kubernetes_registry("minter", 3600), "admission: {budget: 1ms}", &["pods"]).await;
     let cp = ControlPlane::get();
     let ns = inj.namespace("slow", true).await;
-    // Creating the ServiceAccount must not itself reach the webhook (its admission would start
-    // the mint): register the webhook for Pods only.
-    inj.register_webhook_for("psi-t5b", json!({"matchLabels": {"e2e-run": "t5b"}}), &["pods"]).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     refresher_backing_off(cp, &ns).await;
     let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "minter"}})).unwrap();
     Api::<ServiceAccount>::namespaced(c.clone(), &ns).create(&PostParams::default(), &sa).await.unwrap();

@@ -198,6 +198,12 @@ impl Injector {
     }
 
     pub async fn start_with(id: &str, registry: &str, extra: &str) -> Self {
+        Self::start_for(id, registry, extra, &["pods", "serviceaccounts"]).await
+    }
+
+    /// As `start_with`, with the webhook registered for `resources` only, from the start: no
+    /// admission of another kind reaches this instance.
+    pub async fn start_for(id: &str, registry: &str, extra: &str, resources: &[&str]) -> Self {
         let cp = ControlPlane::get();
         let client = cp.client().await;
         let certs = Certs::new();
@@ -205,7 +211,7 @@ impl Injector {
         let mut me = Injector { id: id.into(), service: None, certs, client, config_yaml, namespaces: vec![], webhooks: vec![] };
         me.run().await;
         let selector = json!({"matchLabels": {"pull-secret-injector.io/inject": "enabled", "e2e-run": id}});
-        me.register_webhook(&format!("psi-{id}"), selector).await;
+        me.register_webhook_for(&format!("psi-{id}"), selector, resources).await;
         me.wait_webhook_active().await;
         me
     }
