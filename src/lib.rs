@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod certs;
+pub mod coarse_timer;
 pub mod config;
 pub mod images;
 pub mod leadership;
@@ -175,11 +176,20 @@ impl Service {
         background.push(tokio::spawn(leadership::run(client.clone(), election, make_refresher, retry.clone(), stopped)));
 
         let webhook = webhook::Webhook::new(client, policy, namespaces, provisioner, config.admission.budget, retry, metrics.clone());
-        let state = Arc::new(server::AppState { webhook, ready: ready.clone(), max_body_bytes: config.admission.max_body_bytes, read_timeout: config.admission.read_timeout, metrics });
+        // Client read deadlines are armed for every request, so they run on a cheap, coarse timer.
+        let timer = coarse_timer::CoarseTimer::start(Duration::from_millis(100));
+        let state = Arc::new(server::AppState {
+            webhook,
+            ready: ready.clone(),
+            max_body_bytes: config.admission.max_body_bytes,
+            read_timeout: config.admission.read_timeout,
+            timer: timer.clone(),
+            metrics,
+        });
         let handle = axum_server::Handle::new();
         let mut server = axum_server::from_tcp_rustls(listener, tls).map_err(listen_error)?.handle(handle.clone());
         // A client that trickles its headers is cut off (HTTP/1; HTTP/2 has its own keep-alive).
-        server.http_builder().http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(config.admission.read_timeout);
+        server.http_builder().http1().timer(timer).header_read_timeout(config.admission.read_timeout);
         let server = server.serve(server::router(state).into_make_service());
         let server = tokio::spawn(server);
         tracing::info!(%local_addr, "serving admission webhook over TLS");

@@ -21,6 +21,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     pub max_body_bytes: usize,
     pub read_timeout: std::time::Duration,
+    /// Times the body read: armed for every request, so coarse and cheap (see `coarse_timer`).
+    pub timer: crate::coarse_timer::CoarseTimer,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -69,9 +71,14 @@ async fn mutate(State(state): State<Arc<AppState>>, request: Request) -> Result<
         return Err(too_large());
     }
     let collect = Limited::new(request.into_body(), state.max_body_bytes).collect();
-    let body = tokio::time::timeout(state.read_timeout, collect)
-        .await
-        .map_err(|_| ApiError {
+    let deadline = hyper::rt::Timer::sleep(&state.timer, state.read_timeout);
+    let body = tokio::select! {
+        biased;
+        body = collect => Ok(body),
+        () = deadline => Err(()),
+    };
+    let body = body
+        .map_err(|()| ApiError {
             status: StatusCode::REQUEST_TIMEOUT,
             message: format!("request body not received within {}ms", state.read_timeout.as_millis()),
         })?

@@ -87,9 +87,13 @@ impl Webhook {
             return (Verdict::unchanged().warn("pull-secret-injector: the request carries no object to patch"), "invalid");
         };
         if self.provisioner.inject_mode() == InjectMode::MatchingImages {
-            let matches = target == Target::Pod && images::any_on(object.images(), &selection.hosts);
-            if !matches {
+            if target != Target::Pod {
                 return (Verdict::unchanged(), "unchanged");
+            }
+            match object.images() {
+                Ok(found) if images::any_on(found.iter().map(String::as_str), &selection.hosts) => {}
+                Ok(_) => return (Verdict::unchanged(), "unchanged"),
+                Err(e) => return (Verdict::unchanged().warn(format!("pull-secret-injector: {e}; nothing injected")), "invalid"),
             }
         }
         let service_account = match target {
