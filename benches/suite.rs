@@ -17,7 +17,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-
 // The service runs in this process with the allocator its binary uses (src/main.rs).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

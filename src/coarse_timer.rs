@@ -1,12 +1,14 @@
-//! A coarse timer for hyper's header-read timeout.
+//! A coarse timer for the webhook server's client read deadlines (hyper's header-read timeout
+//! and the body-read timeout in `server`).
 //!
-//! hyper arms that timeout every time a keep-alive connection waits for its next request. With
-//! tokio's timer each arming registers with the runtime's time driver, and when another worker
-//! is parked on the driver, that worker is woken to take the new deadline: at one request in
-//! flight this cost a quarter of the throughput (hack/bench, bench-results/HISTORY.md). A slow
-//! client does not need a precise deadline, so here a sleeper only records its deadline and
-//! waker in a shared table, and one task sweeps the table every tick: a deadline fires at most
-//! one tick late, and arming or dropping a sleeper wakes no thread.
+//! Both are armed for every request (hyper's each time a keep-alive connection waits for its
+//! next request). With tokio's timer each arming registers with the runtime's time driver, and
+//! when another worker is parked on the driver, that worker is woken to take the new deadline:
+//! at one request in flight this cost a quarter of the throughput (hack/bench,
+//! bench-results/HISTORY.md). A slow client does not need a precise deadline, so here a sleeper
+//! only records its deadline and waker in a shared table, and one task sweeps the table every
+//! tick: a deadline fires at most one tick late, and arming or dropping a sleeper wakes no
+//! thread.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -33,13 +35,17 @@ impl Table {
         self.sleepers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Wakes and forgets every sleeper whose deadline has passed.
+    /// Wakes and forgets every sleeper whose deadline has passed. The wakers run after the
+    /// lock is released: a woken task may poll its sleeper at once.
     fn sweep(&self, now: Instant) {
-        let due: Vec<Waker> = {
-            let mut sleepers = self.sleepers();
-            let ids: Vec<u64> = sleepers.iter().filter(|(_, (deadline, _))| *deadline <= now).map(|(id, _)| *id).collect();
-            ids.iter().filter_map(|id| sleepers.remove(id)).map(|(_, waker)| waker).collect()
-        };
+        let mut due = Vec::new();
+        self.sleepers().retain(|_, (deadline, waker)| {
+            let keep = *deadline > now;
+            if !keep {
+                due.push(waker.clone());
+            }
+            keep
+        });
         due.into_iter().for_each(Waker::wake);
     }
 }

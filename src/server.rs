@@ -74,21 +74,21 @@ async fn mutate(State(state): State<Arc<AppState>>, request: Request) -> Result<
     let deadline = hyper::rt::Timer::sleep(&state.timer, state.read_timeout);
     let body = tokio::select! {
         biased;
-        body = collect => Ok(body),
-        () = deadline => Err(()),
+        body = collect => body,
+        () = deadline => {
+            return Err(ApiError {
+                status: StatusCode::REQUEST_TIMEOUT,
+                message: format!("request body not received within {}ms", state.read_timeout.as_millis()),
+            })
+        }
     };
-    let body = body
-        .map_err(|()| ApiError {
-            status: StatusCode::REQUEST_TIMEOUT,
-            message: format!("request body not received within {}ms", state.read_timeout.as_millis()),
-        })?
-        .map_err(|e| {
-            if e.is::<LengthLimitError>() {
-                too_large()
-            } else {
-                ApiError { status: StatusCode::BAD_REQUEST, message: format!("cannot read request body: {e}") }
-            }
-        })?;
+    let body = body.map_err(|e| {
+        if e.is::<LengthLimitError>() {
+            too_large()
+        } else {
+            ApiError { status: StatusCode::BAD_REQUEST, message: format!("cannot read request body: {e}") }
+        }
+    })?;
     let answer = state
         .webhook
         .review(&body.to_bytes())
