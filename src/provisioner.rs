@@ -65,6 +65,16 @@ pub struct Provisioner {
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
+/// ServiceAccount lists are served from the API server's watch cache (`resourceVersion=0`)
+/// instead of a quorum read from etcd: the refresher lists every opted-in namespace's
+/// ServiceAccounts, 10,000 lists at a start-up. Such a list can lag a little. A patch computed
+/// from an older version fails its `resourceVersion` test and is redone; a ServiceAccount
+/// created moments ago and missing from the list was patched at its admission, or is picked up
+/// by the namespace's next reconcile.
+fn service_account_list() -> ListParams {
+    ListParams::default().match_any()
+}
+
 /// Cache entries live until their renewal time, so an entry that is present is fresh.
 struct UntilRenewal;
 
@@ -127,21 +137,46 @@ impl Provisioner {
 
     /// Like [`ensure`](Self::ensure), but first checks the stored Secret against the cache, so a
     /// Secret that was deleted or edited since it was written is noticed and restored.
-    pub async fn ensure_verified(&self, subject: &Subject) -> Result<Fresh, Arc<ProvisionError>> {
+    /// `watched` is the Secret as the refresher's watch last saw it (`watched_secrets`): when it
+    /// confirms the cache, or can be adopted as it is, the Secret is not read again.
+    pub async fn ensure_verified(&self, subject: &Subject, watched: Option<Assessment>) -> Result<Fresh, Arc<ProvisionError>> {
         let namespace = subject.namespace.as_str();
         let key = subject.key();
+        let watched = match watched {
+            Some(Assessment::Intact(issued)) => Some(issued),
+            _ => None,
+        };
         if let Some(cached) = self.cache.get(&key).await {
-            let name = subject.secret_name(&self.secret_name);
-            let stored = self.secrets(namespace).get_opt(&name).await.map_err(|e| self.api_error("reading", namespace, &name, &e))?;
+            let found = match watched {
+                Some(issued) if issued == cached.issued => Assessment::Intact(issued),
+                // Not seen, or not as written: the watch may lag, so ask the API server.
+                _ => {
+                    let name = subject.secret_name(&self.secret_name);
+                    let stored = self.secrets(namespace).get_opt(&name).await.map_err(|e| self.api_error("reading", namespace, &name, &e))?;
+                    pull_secret::assess(stored.as_ref())
+                }
+            };
             let selection = self.selection(namespace).await?;
             let selected_as_cached = cached.issued.registries.keys().all(|h| selection.hosts.contains(h))
                 && selection.hosts.iter().all(|h| cached.issued.registries.contains_key(h));
-            match pull_secret::assess(stored.as_ref()) {
+            match found {
                 Assessment::Intact(i) if i == cached.issued && selected_as_cached => return Ok(cached),
                 Assessment::Intact(i) if i == cached.issued => tracing::info!(namespace, registries = ?selection.hosts, "registry selection changed"),
                 found => tracing::info!(%subject, ?found, "stored Secret differs from the one written; restoring"),
             }
             self.cache.invalidate(&key).await;
+        } else if let Some(issued) = watched {
+            // Adoption (after a restart or a change of leader) straight from the watch.
+            let selection = self.selection(namespace).await?;
+            // Unknown or no registries are for `provision` to report.
+            if selection.unknown.is_empty() && !selection.hosts.is_empty() {
+                let configured: Vec<&str> = selection.hosts.iter().map(String::as_str).collect();
+                if let (_, Some(fresh)) = self.plan_for(subject, Some(&issued), &configured, Timestamp::now()) {
+                    tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret as watched");
+                    self.cache.insert(key, fresh.clone()).await;
+                    return Ok(fresh);
+                }
+            }
         }
         self.ensure(subject).await
     }
@@ -175,7 +210,7 @@ impl Provisioner {
     /// The names of the namespace's ServiceAccounts.
     pub async fn service_accounts(&self, namespace: &str) -> Result<Vec<String>, ProvisionError> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let list = api.list_metadata(&ListParams::default()).await.map_err(|e| self.sa_error("listing", namespace, "*", &e))?;
+        let list = api.list_metadata(&service_account_list()).await.map_err(|e| self.sa_error("listing", namespace, "*", &e))?;
         Ok(list.items.into_iter().filter_map(|m| m.metadata.name).collect())
     }
 
@@ -229,7 +264,7 @@ impl Provisioner {
     /// again and patched anew. One failing ServiceAccount does not stop the others.
     async fn for_each_service_account(&self, namespace: &str, make: fn(&serde_json::Value, &str) -> json_patch::Patch) -> Result<usize, ProvisionError> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let list = api.list(&ListParams::default()).await.map_err(|e| self.sa_error("listing", namespace, "*", &e))?;
+        let list = api.list(&service_account_list()).await.map_err(|e| self.sa_error("listing", namespace, "*", &e))?;
         let mut patched = 0;
         let mut first_error = None;
         for sa in list {
@@ -363,13 +398,10 @@ impl Provisioner {
                 Assessment::Missing | Assessment::Tampered | Assessment::Outdated => None,
             };
             let now = Timestamp::now();
-            let plan = renewal::plan(previous.as_ref(), &configured, self.renew_before, namespace, now);
-            if let Some(issued) = previous.as_ref().filter(|_| plan.is_nothing()) {
-                let fresh = self.fresh(subject, issued.clone(), &configured);
-                if now < fresh.renew_at {
-                    tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
-                    return Ok(fresh);
-                }
+            let (plan, keep) = self.plan_for(subject, previous.as_ref(), &configured, now);
+            if let Some(fresh) = keep {
+                tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
+                return Ok(fresh);
             }
             let mut carried = match (&stored, &previous) {
                 (Some(secret), Some(issued)) => pull_secret::stored_credentials(secret, issued),
@@ -442,6 +474,14 @@ impl Provisioner {
             uid: sa.metadata.uid.unwrap_or_default(),
             ..Default::default()
         })
+    }
+
+    /// What to do about a stored Secret: the plan, and its cache entry when the plan is to do
+    /// nothing (it covers exactly the configured registries and none is due yet).
+    fn plan_for(&self, subject: &Subject, stored: Option<&Issued>, configured: &[&str], now: Timestamp) -> (renewal::Plan, Option<Fresh>) {
+        let plan = renewal::plan(stored, configured, self.renew_before, &subject.namespace, now);
+        let keep = stored.filter(|_| plan.is_nothing()).map(|issued| self.fresh(subject, issued.clone(), configured)).filter(|fresh| now < fresh.renew_at);
+        (plan, keep)
     }
 
     /// The renewal time of credentials now stored for `namespace`; also records their expiry for

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
@@ -24,6 +24,7 @@ use crate::subject::{IdentityScope, Subject};
 use crate::provisioner::{ProvisionError, Provisioner};
 use crate::pull_secret::{MANAGED_BY_LABEL, MANAGER};
 use crate::renewal;
+use crate::watched_secrets::WatchedSecrets;
 use crate::selector::{Eligibility, NamespacePolicy};
 
 /// How long to wait before looking again at a namespace whose Secret belongs to someone else.
@@ -34,12 +35,15 @@ pub struct Refresher {
     context: Arc<Context>,
     /// The pull-secret-updater compatibility controller, when configured: leader-only too.
     updater: Option<crate::updater::Updater>,
+    /// Feeds `Context::secrets` and wakes the namespaces whose Secrets change.
+    secret_watch: futures::future::BoxFuture<'static, ()>,
 }
 
 struct Context {
     policy: NamespacePolicy,
     provisioner: Arc<Provisioner>,
-    managed_secrets: Store<Secret>,
+    /// The managed Secrets as last watched: what adoption and renewal checks read.
+    secrets: Arc<WatchedSecrets>,
     /// Consecutive failures per namespace, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Reconciles to run now: when a failing namespace recovers, the others failing are tried
@@ -59,30 +63,15 @@ impl Refresher {
         retry: mpsc::UnboundedReceiver<String>,
         updater: Option<crate::updater::Updater>,
     ) -> Self {
-        let (managed_secrets, writer) = reflector::store();
-        let secret_events = reflector::reflector(
-            writer,
-            // Only whether a managed Secret exists matters here: keep no data in memory.
-            // By name as well as label: RBAC can then grant access to Secrets of this one name
-            // only (`resourceNames`), never to the other Secrets of opted-in namespaces.
-            watcher(Api::<Secret>::all(client.clone()), {
-                let by_label = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
-                match provisioner.scope() {
-                    IdentityScope::Namespace => by_label.fields(&format!("metadata.name={}", provisioner.secret_name())),
-                    // One Secret per ServiceAccount: names vary, so by label only.
-                    IdentityScope::ServiceAccount => by_label,
-                }
-            })
-            .modify(|s: &mut Secret| {
-                s.data = None;
-                s.metadata.annotations = None;
-                s.metadata.managed_fields = None;
-            }),
-        )
-        .default_backoff()
-        .touched_objects();
+        // The managed Secrets are watched in a task of their own (see `run`): the controller
+        // stops polling its triggers while all its reconciles are busy, and the reconciles wait
+        // for the first full list of Secrets.
+        let secrets = Arc::new(WatchedSecrets::default());
+        let (touched, touched_namespaces) = mpsc::unbounded_channel();
+        let secret_watch = watch_secrets(client.clone(), &provisioner, secrets.clone(), touched);
         let (nudge, nudged) = mpsc::unbounded_channel();
-        let retries = futures::stream::select(tokio_stream_from(retry), tokio_stream_from(nudged)).map(|ns| ObjectRef::<Namespace>::new(&ns));
+        let retries = futures::stream::select(tokio_stream_from(retry), tokio_stream_from(nudged));
+        let retries = futures::stream::select(retries, tokio_stream_from(touched_namespaces)).map(|ns| ObjectRef::<Namespace>::new(&ns));
         let (namespaces, ns_writer) = reflector::store();
         let client_for_accounts = client.clone();
         let namespace_events = reflector::reflector(ns_writer, watcher(Api::<Namespace>::all(client), watcher::Config::default()).modify(slim_namespace))
@@ -90,7 +79,6 @@ impl Refresher {
             .applied_objects();
         let mut controller = Controller::for_stream(namespace_events, namespaces)
             .with_config(ControllerConfig::default().concurrency(16))
-            .watches_stream(secret_events, |s: Secret| s.namespace().map(|ns| ObjectRef::new(&ns)))
             .reconcile_on(retries);
         if provisioner.scope() == IdentityScope::ServiceAccount {
             // A new ServiceAccount needs its own Secret: reconcile its namespace.
@@ -99,14 +87,15 @@ impl Refresher {
                 .touched_objects();
             controller = controller.watches_stream(accounts, |sa: PartialObjectMeta<ServiceAccount>| sa.namespace().map(|ns| ObjectRef::new(&ns)));
         }
-        let context = Arc::new(Context { policy, provisioner, managed_secrets, failures: Mutex::default(), nudge });
-        Self { controller, context, updater }
+        let context = Arc::new(Context { policy, provisioner, secrets, failures: Mutex::default(), nudge });
+        Self { controller, context, updater, secret_watch: Box::pin(secret_watch) }
     }
 
     /// Runs until `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
         use futures::FutureExt;
         let shutdown = shutdown.shared();
+        let secret_watch = tokio::spawn(self.secret_watch);
         let namespaces = self
             .controller
             .graceful_shutdown_on(shutdown.clone())
@@ -122,7 +111,40 @@ impl Refresher {
             }
             None => namespaces.await,
         }
+        secret_watch.abort();
     }
+}
+
+/// Watches the managed Secrets into `secrets`, and names each touched Secret's namespace on
+/// `touched` (after `secrets` shows the change).
+fn watch_secrets(
+    client: Client,
+    provisioner: &Provisioner,
+    secrets: Arc<WatchedSecrets>,
+    touched: mpsc::UnboundedSender<String>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    // By name as well as label: RBAC can then grant access to Secrets of this one name only
+    // (`resourceNames`), never to the other Secrets of opted-in namespaces.
+    let by_label = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
+    let config = match provisioner.scope() {
+        IdentityScope::Namespace => by_label.fields(&format!("metadata.name={}", provisioner.secret_name())),
+        // One Secret per ServiceAccount: names vary, so by label only.
+        IdentityScope::ServiceAccount => by_label,
+    };
+    watcher(Api::<Secret>::all(client), config).default_backoff().for_each(move |event| {
+        match event {
+            Ok(event) => {
+                secrets.apply(&event);
+                if let watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s) = &event {
+                    if let Some(ns) = s.namespace() {
+                        let _ = touched.send(ns);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "watching managed Secrets; retrying"),
+        }
+        futures::future::ready(())
+    })
 }
 
 /// Keeps of a Namespace only what deciding about it needs (name, labels, deletion, its registry
@@ -144,6 +166,24 @@ fn tokio_stream_from(mut rx: mpsc::UnboundedReceiver<String>) -> impl futures::S
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
+/// How long a reconcile waits for the first full list of managed Secrets before it reads its
+/// Secret from the API server instead.
+const SECRETS_LIST_WAIT: Duration = Duration::from_secs(30);
+
+impl Context {
+    /// The subject's Secret as watched. Until the first list of Secrets completes, a Secret not
+    /// seen yet may simply not be listed yet: wait for the list rather than read each one.
+    async fn watched(&self, subject: &Subject) -> Option<crate::pull_secret::Assessment> {
+        let name = subject.secret_name(self.provisioner.secret_name());
+        let seen = self.secrets.get(&subject.namespace, &name);
+        if seen.is_some() || self.secrets.is_synced() {
+            return seen;
+        }
+        let _ = tokio::time::timeout(SECRETS_LIST_WAIT, self.secrets.synced()).await;
+        self.secrets.get(&subject.namespace, &name)
+    }
+}
+
 async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let name = ns.name_any();
     if ns.metadata.deletion_timestamp.is_some() {
@@ -153,11 +193,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     match ctx.policy.eligibility(&name, ns.metadata.labels.as_ref()) {
         Eligibility::OptedIn => {}
         Eligibility::NotSelected | Eligibility::Excluded => {
-            let has_managed = match ctx.provisioner.scope() {
-                IdentityScope::Namespace => ctx.managed_secrets.get(&ObjectRef::<Secret>::new(ctx.provisioner.secret_name()).within(&name)).is_some(),
-                IdentityScope::ServiceAccount => ctx.managed_secrets.state().iter().any(|s| s.namespace().as_deref() == Some(name.as_str())),
-            };
-            if has_managed || ctx.provisioner.has_any(&name) {
+            if ctx.secrets.any_in(&name) || ctx.provisioner.has_any(&name) {
                 ctx.provisioner.release(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
             }
             return Ok(Action::await_change());
@@ -174,7 +210,8 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     let mut next_renewal: Option<jiff::Timestamp> = None;
     let mut first_error = None;
     for subject in &subjects {
-        match ctx.provisioner.ensure_verified(subject).await {
+        let watched = ctx.watched(subject).await;
+        match ctx.provisioner.ensure_verified(subject, watched).await {
             Ok(fresh) => next_renewal = Some(next_renewal.map_or(fresh.renew_at, |t| t.min(fresh.renew_at))),
             // Its annotation selects no registry: like an opt-out until the annotation changes.
             Err(e) if matches!(*e, ProvisionError::NothingSelected { .. }) => {
