@@ -5,8 +5,8 @@
 //! Follow a request: [`server`] (HTTP) → [`webhook`] (namespace check, budget) → [`admission`]
 //! (wire format, decision) → [`patch`]. Follow a token: [`token`] (sources) → [`provisioner`]
 //! (cache, single flight, writes) → [`pull_secret`] (the Secret's layout) → [`renewal`] (when
-//! to renew) ← [`reconciler`] (the background refresher, which reads the Secrets through
-//! [`watched_secrets`]).
+//! to renew) ← [`reconciler`] (the background refresher, which reads Secrets and ServiceAccounts
+//! through [`watched`] views).
 #![forbid(unsafe_code)]
 
 pub mod admission;
@@ -29,7 +29,7 @@ pub mod tls;
 pub mod token;
 pub mod token_server;
 pub mod updater;
-pub mod watched_secrets;
+pub mod watched;
 pub mod webhook;
 
 use std::net::SocketAddr;

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -22,9 +21,9 @@ use tokio::sync::mpsc;
 use crate::config::InjectMode;
 use crate::subject::{IdentityScope, Subject};
 use crate::provisioner::{ProvisionError, Provisioner};
-use crate::pull_secret::{MANAGED_BY_LABEL, MANAGER};
-use crate::renewal;
-use crate::watched_secrets::WatchedSecrets;
+use crate::pull_secret::{self, Assessment, MANAGED_BY_LABEL, MANAGER};
+use crate::{patch, renewal};
+use crate::watched::Watched;
 use crate::selector::{Eligibility, NamespacePolicy};
 
 /// How long to wait before looking again at a namespace whose Secret belongs to someone else.
@@ -35,15 +34,22 @@ pub struct Refresher {
     context: Arc<Context>,
     /// The pull-secret-updater compatibility controller, when configured: leader-only too.
     updater: Option<crate::updater::Updater>,
-    /// Feeds `Context::secrets` and wakes the namespaces whose Secrets change.
-    secret_watch: futures::future::BoxFuture<'static, ()>,
+    /// The watches that feed `Context::secrets` and `Context::accounts`, and wake the
+    /// namespaces whose objects change. Each runs in a task of its own (see `run`): the
+    /// controller stops polling its triggers while all its reconciles are busy, and the
+    /// reconciles wait for the first full lists.
+    watches: Vec<futures::future::BoxFuture<'static, ()>>,
 }
 
 struct Context {
     policy: NamespacePolicy,
     provisioner: Arc<Provisioner>,
-    /// The managed Secrets as last watched: what adoption and renewal checks read.
-    secrets: Arc<WatchedSecrets>,
+    /// The managed Secrets as last watched.
+    secrets: Arc<Watched<Assessment>>,
+    /// Every ServiceAccount as last watched: whether it references its pull Secret. `None`
+    /// when ServiceAccounts are never needed (`inject: matchingImages`, one Secret per
+    /// namespace).
+    accounts: Option<Arc<Watched<bool>>>,
     /// Consecutive failures per namespace, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Reconciles to run now: when a failing namespace recovers, the others failing are tried
@@ -63,39 +69,51 @@ impl Refresher {
         retry: mpsc::UnboundedReceiver<String>,
         updater: Option<crate::updater::Updater>,
     ) -> Self {
-        // The managed Secrets are watched in a task of their own (see `run`): the controller
-        // stops polling its triggers while all its reconciles are busy, and the reconciles wait
-        // for the first full list of Secrets.
-        let secrets = Arc::new(WatchedSecrets::default());
         let (touched, touched_namespaces) = mpsc::unbounded_channel();
-        let secret_watch = watch_secrets(client.clone(), &provisioner, secrets.clone(), touched);
+        let secrets = Arc::new(Watched::default());
+        // By name as well as label: RBAC can then grant access to Secrets of this one name only
+        // (`resourceNames`), never to the other Secrets of opted-in namespaces.
+        let by_label = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
+        let secret_config = match provisioner.scope() {
+            IdentityScope::Namespace => by_label.fields(&format!("metadata.name={}", provisioner.secret_name())),
+            // One Secret per ServiceAccount: names vary, so by label only.
+            IdentityScope::ServiceAccount => by_label,
+        };
+        let mut watches = vec![follow(Api::all(client.clone()), secret_config, secrets.clone(), |s: &Secret| pull_secret::assess(Some(s)), Some(touched.clone()))];
+        // ServiceAccounts: which ones lack the Secret (created before the namespace opted in,
+        // or while the webhook was down), and per ServiceAccount, whose Secrets to keep. Only
+        // then does a new ServiceAccount start a reconcile; otherwise they are attached when
+        // their namespace is reconciled, as they were when they were listed each time.
+        let accounts = (provisioner.scope() == IdentityScope::ServiceAccount || provisioner.inject_mode() == InjectMode::Always).then(|| {
+            let accounts = Arc::new(Watched::default());
+            let (scope, secret_name) = (provisioner.scope(), provisioner.secret_name().to_string());
+            let attached = move |sa: &ServiceAccount| {
+                let secret = Subject::for_workload(scope, &sa.namespace().unwrap_or_default(), &sa.name_any()).secret_name(&secret_name);
+                patch::for_service_account(&serde_json::to_value(sa).unwrap_or_default(), &secret).0.is_empty()
+            };
+            let wake = (scope == IdentityScope::ServiceAccount).then_some(touched);
+            watches.push(follow(Api::all(client.clone()), watcher::Config::default(), accounts.clone(), attached, wake));
+            accounts
+        });
         let (nudge, nudged) = mpsc::unbounded_channel();
         let retries = futures::stream::select(tokio_stream_from(retry), tokio_stream_from(nudged));
-        let retries = futures::stream::select(retries, tokio_stream_from(touched_namespaces)).map(|ns| ObjectRef::<Namespace>::new(&ns));
+        let triggers = futures::stream::select(retries, tokio_stream_from(touched_namespaces)).map(|ns| ObjectRef::<Namespace>::new(&ns));
         let (namespaces, ns_writer) = reflector::store();
-        let client_for_accounts = client.clone();
         let namespace_events = reflector::reflector(ns_writer, watcher(Api::<Namespace>::all(client), watcher::Config::default()).modify(slim_namespace))
             .default_backoff()
             .applied_objects();
-        let mut controller = Controller::for_stream(namespace_events, namespaces)
+        let controller = Controller::for_stream(namespace_events, namespaces)
             .with_config(ControllerConfig::default().concurrency(16))
-            .reconcile_on(retries);
-        if provisioner.scope() == IdentityScope::ServiceAccount {
-            // A new ServiceAccount needs its own Secret: reconcile its namespace.
-            let accounts = watcher(Api::<PartialObjectMeta<ServiceAccount>>::all(client_for_accounts), watcher::Config::default())
-                .default_backoff()
-                .touched_objects();
-            controller = controller.watches_stream(accounts, |sa: PartialObjectMeta<ServiceAccount>| sa.namespace().map(|ns| ObjectRef::new(&ns)));
-        }
-        let context = Arc::new(Context { policy, provisioner, secrets, failures: Mutex::default(), nudge });
-        Self { controller, context, updater, secret_watch: Box::pin(secret_watch) }
+            .reconcile_on(triggers);
+        let context = Arc::new(Context { policy, provisioner, secrets, accounts, failures: Mutex::default(), nudge });
+        Self { controller, context, updater, watches }
     }
 
     /// Runs until `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
         use futures::FutureExt;
         let shutdown = shutdown.shared();
-        let secret_watch = tokio::spawn(self.secret_watch);
+        let watches: Vec<_> = self.watches.into_iter().map(tokio::spawn).collect();
         let namespaces = self
             .controller
             .graceful_shutdown_on(shutdown.clone())
@@ -111,40 +129,42 @@ impl Refresher {
             }
             None => namespaces.await,
         }
-        secret_watch.abort();
+        watches.iter().for_each(|w| w.abort());
     }
 }
 
-/// Watches the managed Secrets into `secrets`, and names each touched Secret's namespace on
-/// `touched` (after `secrets` shows the change).
-fn watch_secrets(
-    client: Client,
-    provisioner: &Provisioner,
-    secrets: Arc<WatchedSecrets>,
-    touched: mpsc::UnboundedSender<String>,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    // By name as well as label: RBAC can then grant access to Secrets of this one name only
-    // (`resourceNames`), never to the other Secrets of opted-in namespaces.
-    let by_label = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
-    let config = match provisioner.scope() {
-        IdentityScope::Namespace => by_label.fields(&format!("metadata.name={}", provisioner.secret_name())),
-        // One Secret per ServiceAccount: names vary, so by label only.
-        IdentityScope::ServiceAccount => by_label,
-    };
-    watcher(Api::<Secret>::all(client), config).default_backoff().for_each(move |event| {
-        match event {
-            Ok(event) => {
-                secrets.apply(&event);
-                if let watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s) = &event {
-                    if let Some(ns) = s.namespace() {
-                        let _ = touched.send(ns);
+/// Folds a watch of `K` into `view`, and names each touched object's namespace on `touched`, if
+/// given (after `view` shows the change).
+fn follow<K, S>(
+    api: Api<K>,
+    config: watcher::Config,
+    view: Arc<Watched<S>>,
+    summarise: impl Fn(&K) -> S + Send + 'static,
+    touched: Option<mpsc::UnboundedSender<String>>,
+) -> futures::future::BoxFuture<'static, ()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+    S: Clone + Send + Sync + 'static,
+{
+    use futures::FutureExt;
+    watcher(api, config)
+        .default_backoff()
+        .for_each(move |event| {
+            match event {
+                Ok(event) => {
+                    view.apply(&event, &summarise);
+                    if let (Some(touched), watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o)) = (&touched, &event) {
+                        if let Some(ns) = o.namespace() {
+                            let _ = touched.send(ns);
+                        }
                     }
                 }
+                Err(e) => tracing::debug!(error = %e, kind = %K::kind(&Default::default()), "watch failed; retrying"),
             }
-            Err(e) => tracing::debug!(error = %e, "watching managed Secrets; retrying"),
-        }
-        futures::future::ready(())
-    })
+            futures::future::ready(())
+        })
+        .boxed()
 }
 
 /// Keeps of a Namespace only what deciding about it needs (name, labels, deletion, its registry
@@ -166,21 +186,45 @@ fn tokio_stream_from(mut rx: mpsc::UnboundedReceiver<String>) -> impl futures::S
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-/// How long a reconcile waits for the first full list of managed Secrets before it reads its
-/// Secret from the API server instead.
-const SECRETS_LIST_WAIT: Duration = Duration::from_secs(30);
+/// How long a reconcile waits for a watch's first full list before it asks the API server
+/// itself.
+const FIRST_LIST_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether `view` holds a full list, waiting for the first one if need be.
+async fn listed<S: Clone>(view: &Watched<S>) -> bool {
+    if !view.is_synced() {
+        let _ = tokio::time::timeout(FIRST_LIST_WAIT, view.synced()).await;
+    }
+    view.is_synced()
+}
 
 impl Context {
-    /// The subject's Secret as watched. Until the first list of Secrets completes, a Secret not
-    /// seen yet may simply not be listed yet: wait for the list rather than read each one.
-    async fn watched(&self, subject: &Subject) -> Option<crate::pull_secret::Assessment> {
+    /// The subject's Secret as watched. A Secret not seen before the first list completes may
+    /// simply not be listed yet: wait for the list rather than read each one.
+    async fn watched(&self, subject: &Subject) -> Option<Assessment> {
         let name = subject.secret_name(self.provisioner.secret_name());
-        let seen = self.secrets.get(&subject.namespace, &name);
-        if seen.is_some() || self.secrets.is_synced() {
-            return seen;
+        match self.secrets.get(&subject.namespace, &name) {
+            Some(seen) => Some(seen),
+            None if listed(&self.secrets).await => self.secrets.get(&subject.namespace, &name),
+            None => None,
         }
-        let _ = tokio::time::timeout(SECRETS_LIST_WAIT, self.secrets.synced()).await;
-        self.secrets.get(&subject.namespace, &name)
+    }
+
+    /// Whether every ServiceAccount of the namespace references its Secret, as watched: then
+    /// there is nothing to list or patch.
+    async fn accounts_attached(&self, namespace: &str) -> bool {
+        match &self.accounts {
+            Some(accounts) => listed(accounts).await && accounts.all_in(namespace, |attached| *attached),
+            None => false,
+        }
+    }
+
+    /// The namespace's ServiceAccounts, as watched when the watch has listed them.
+    async fn service_accounts(&self, namespace: &str) -> Result<Vec<String>, ProvisionError> {
+        match &self.accounts {
+            Some(accounts) if listed(accounts).await => Ok(accounts.names_in(namespace)),
+            _ => self.provisioner.service_accounts(namespace).await,
+        }
     }
 }
 
@@ -202,7 +246,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     let subjects = match ctx.provisioner.scope() {
         IdentityScope::Namespace => vec![Subject::namespace(&name)],
         IdentityScope::ServiceAccount => {
-            let accounts = ctx.provisioner.service_accounts(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
+            let accounts = ctx.service_accounts(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
             accounts.iter().map(|sa| Subject::service_account(&name, sa)).collect()
         }
     };
@@ -226,6 +270,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     // With `inject: matchingImages` ServiceAccounts are left alone: the API server would copy
     // their list into every Pod, matching or not.
     let patched = match ctx.provisioner.inject_mode() {
+        InjectMode::Always if ctx.accounts_attached(&name).await => 0,
         InjectMode::Always => ctx.provisioner.attach_to_service_accounts(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?,
         InjectMode::MatchingImages => 0,
     };

@@ -195,6 +195,8 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         ("update", "", "secrets", ns, Some("pull-secret")),
         ("delete", "", "secrets", ns, Some("pull-secret")),
         ("list", "", "serviceaccounts", ns, None),
+        ("list", "", "serviceaccounts", None, None),
+        ("watch", "", "serviceaccounts", None, None),
         ("patch", "", "serviceaccounts", ns, Some("default")),
         ("create", "", "serviceaccounts/token", ns, Some("default")),
         ("create", "events.k8s.io", "events", ns, None),

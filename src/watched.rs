@@ -1,0 +1,197 @@
+//! Objects as the refresher's watches last saw them, each reduced to a small summary: a managed
+//! Secret to what it says about itself (`pull_secret::assess`), a ServiceAccount to whether it
+//! references its pull Secret. The refresher reads these instead of asking the API server:
+//! adopting 10,000 namespaces at start-up then costs a few paged LISTs instead of a GET and a
+//! LIST per namespace, and checking a namespace at renewal costs no read at all. Credentials
+//! are not kept.
+//!
+//! A view from a watch can lag behind the API server. So it only ever confirms what the
+//! refresher already believes, or that nothing needs doing; anything else (absent, different,
+//! damaged) sends the caller to the API server, as without the view.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use kube::runtime::watcher::Event;
+use kube::{Resource, ResourceExt};
+
+/// Summaries by namespace, then name.
+type ByNamespace<S> = HashMap<String, HashMap<String, S>>;
+
+pub struct Watched<S> {
+    state: RwLock<State<S>>,
+    /// True once a first complete list has been folded in.
+    synced: tokio::sync::watch::Sender<bool>,
+}
+
+struct State<S> {
+    current: ByNamespace<S>,
+    /// During a (re)list: the objects listed so far. When the list completes they replace
+    /// `current`, which drops the objects deleted while the watch was down.
+    relisting: Option<ByNamespace<S>>,
+}
+
+impl<S> Default for Watched<S> {
+    fn default() -> Self {
+        Self { state: RwLock::new(State { current: HashMap::new(), relisting: None }), synced: tokio::sync::watch::Sender::new(false) }
+    }
+}
+
+impl<S: Clone> Watched<S> {
+    /// Folds one watch event in. Listed objects are visible at once, before their list
+    /// completes: start-up adoption need not wait for the last page.
+    pub fn apply<K: Resource>(&self, event: &Event<K>, summarise: impl Fn(&K) -> S) {
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
+        match event {
+            Event::Init => state.relisting = Some(HashMap::new()),
+            Event::InitApply(object) => {
+                let ((namespace, name), summary) = (key(object), summarise(object));
+                if let Some(listed) = state.relisting.as_mut() {
+                    listed.entry(namespace.clone()).or_default().insert(name.clone(), summary.clone());
+                }
+                state.current.entry(namespace).or_default().insert(name, summary);
+            }
+            Event::InitDone => {
+                if let Some(listed) = state.relisting.take() {
+                    state.current = listed;
+                }
+                self.synced.send_replace(true);
+            }
+            Event::Apply(object) => {
+                let ((namespace, name), summary) = (key(object), summarise(object));
+                state.current.entry(namespace).or_default().insert(name, summary);
+            }
+            Event::Delete(object) => {
+                let (namespace, name) = key(object);
+                if let Some(names) = state.current.get_mut(&namespace) {
+                    names.remove(&name);
+                    if names.is_empty() {
+                        state.current.remove(&namespace);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The object's summary as last seen; `None` when the watch has not seen it (yet).
+    pub fn get(&self, namespace: &str, name: &str) -> Option<S> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        state.current.get(namespace)?.get(name).cloned()
+    }
+
+    /// Whether the namespace holds any object.
+    pub fn any_in(&self, namespace: &str) -> bool {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).current.contains_key(namespace)
+    }
+
+    /// Whether every object of the namespace (none at all included) passes `check`.
+    pub fn all_in(&self, namespace: &str, check: impl Fn(&S) -> bool) -> bool {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        state.current.get(namespace).is_none_or(|names| names.values().all(check))
+    }
+
+    /// The names of the namespace's objects.
+    pub fn names_in(&self, namespace: &str) -> Vec<String> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        state.current.get(namespace).map(|names| names.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Whether the first complete list has been folded in.
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Resolves once the first complete list has been folded in.
+    pub async fn synced(&self) {
+        let _ = self.synced.subscribe().wait_for(|synced| *synced).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pull_secret::{self, Assessment};
+    use k8s_openapi::api::core::v1::Secret;
+    use crate::token::{Credential, Sensitive};
+    use jiff::{SignedDuration, Timestamp};
+
+    fn secret(namespace: &str, password: &str) -> Secret {
+        let now = Timestamp::now();
+        let credential = Credential {
+            username: "u".into(),
+            password: Sensitive::new(password),
+            issued_at: now,
+            expires_at: now + SignedDuration::from_hours(1),
+        };
+        pull_secret::build(namespace, "pull-secret", &[("registry.example.com".into(), credential)]).0
+    }
+
+    type WatchedSecrets = Watched<Assessment>;
+
+    fn apply(w: &WatchedSecrets, event: Event<Secret>) {
+        w.apply(&event, |s| pull_secret::assess(Some(s)));
+    }
+
+    fn is_intact(w: &WatchedSecrets, namespace: &str) -> bool {
+        matches!(w.get(namespace, "pull-secret"), Some(Assessment::Intact(_)))
+    }
+
+    #[test]
+    fn a_listed_secret_is_visible_before_its_list_completes() {
+        let w = WatchedSecrets::default();
+        apply(&w, Event::Init);
+        apply(&w, Event::InitApply(secret("a", "p")));
+        assert!(is_intact(&w, "a"));
+        assert!(!w.is_synced());
+        apply(&w, Event::InitDone);
+        assert!(is_intact(&w, "a") && w.is_synced());
+        assert_eq!(w.get("b", "pull-secret"), None);
+    }
+
+    #[test]
+    fn a_relist_drops_the_secrets_deleted_while_the_watch_was_down() {
+        let w = WatchedSecrets::default();
+        for event in [Event::Init, Event::InitApply(secret("a", "p")), Event::InitApply(secret("b", "p")), Event::InitDone] {
+            apply(&w, event);
+        }
+        for event in [Event::Init, Event::InitApply(secret("b", "p")), Event::InitDone] {
+            apply(&w, event);
+        }
+        assert!(!w.any_in("a"));
+        assert!(is_intact(&w, "b"));
+    }
+
+    #[test]
+    fn edits_and_deletions_are_followed() {
+        let w = WatchedSecrets::default();
+        apply(&w, Event::Apply(secret("a", "p")));
+        let mut edited = secret("a", "p");
+        edited.data.as_mut().unwrap().values_mut().for_each(|v| v.0 = b"{}".to_vec());
+        apply(&w, Event::Apply(edited.clone()));
+        assert_eq!(w.get("a", "pull-secret"), Some(Assessment::Tampered));
+        apply(&w, Event::Delete(edited));
+        assert_eq!(w.get("a", "pull-secret"), None);
+        assert!(!w.any_in("a"));
+    }
+
+    #[test]
+    fn a_namespace_without_objects_passes_every_check() {
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let w: Watched<bool> = Watched::default();
+        let account = |name: &str| {
+            let mut sa = ServiceAccount::default();
+            sa.metadata.namespace = Some("a".into());
+            sa.metadata.name = Some(name.into());
+            sa
+        };
+        assert!(w.all_in("a", |attached| *attached));
+        w.apply(&Event::Apply(account("default")), |_| true);
+        assert!(w.all_in("a", |attached| *attached));
+        w.apply(&Event::Apply(account("builder")), |_| false);
+        assert!(!w.all_in("a", |attached| *attached));
+        let mut names = w.names_in("a");
+        names.sort();
+        assert_eq!(names, ["builder", "default"]);
+    }
+}
