@@ -3,8 +3,8 @@
 //!
 //!   1. handler    decode → decide → patch → encode, warm cache, one core; baseline: a JSON
 //!                 round trip of the same body
-//!   2. tls        wrk over keep-alive TLS at concurrency 1/16/64; baseline: a null webhook on
-//!                 the same TLS/HTTP stack
+//!   2. tls        wrk over keep-alive TLS at concurrency 1/16/64, three alternating rounds of
+//!                 4 s, best round each; baseline: a null webhook on the same TLS/HTTP stack
 //!   3. apiserver  500 + 500 interleaved Pod creations, with and without the webhook
 //!   4. burst      1,000 concurrent Pod creations in a namespace without a Secret
 //!   6. soak       at least 50,000 admissions at concurrency 64 in five rounds: errors, and
@@ -251,12 +251,28 @@ async fn tls_load() -> Vec<Figure> {
     wait_secret(&inj.client, &ns, "warm", |_| true).await;
     let body = pod_review(&ns, "b5e1c0de-0000-4000-8000-000000000002");
     let (null_addr, null_handle) = null_webhook(&inj.certs).await;
+    let urls = [
+        format!("https://{null_addr}/mutate"),
+        format!("https://{null_addr}/mutate-after-reading"),
+        format!("https://{null_addr}/mutate-parse"),
+        inj.url(),
+    ];
     let mut figures = Vec::new();
     for c in [1, 16, 64] {
-        let (n_rps, n_p50, n_p99) = wrk(&format!("https://{null_addr}/mutate"), &body, c, 8);
-        let (r_rps, _, r_p99) = wrk(&format!("https://{null_addr}/mutate-after-reading"), &body, c, 8);
-        let (p_rps, _, p_p99) = wrk(&format!("https://{null_addr}/mutate-parse"), &body, c, 8);
-        let (rps, p50, p99) = wrk(&inj.url(), &body, c, 8);
+        // Rounds run every endpoint in turn, and each endpoint keeps its best round (highest
+        // throughput, with that round's latencies): this machine's speed drifts within
+        // seconds, and a drift must not land on one side only.
+        const ROUNDS: usize = 3;
+        let mut best = [(0.0_f64, f64::NAN, f64::NAN); 4];
+        for _ in 0..ROUNDS {
+            for (slot, url) in best.iter_mut().zip(&urls) {
+                let round = wrk(url, &body, c, 4);
+                if round.0 > slot.0 {
+                    *slot = round;
+                }
+            }
+        }
+        let [(n_rps, n_p50, n_p99), (r_rps, _, r_p99), (p_rps, _, p_p99), (rps, p50, p99)] = best;
         figures.push(figure(format!("c={c} throughput"), rps, "req/s", Some(("null webhook", n_rps)), "target ratio ≥ 0.85"));
         figures.push(figure(format!("c={c} throughput (context)"), rps, "req/s", Some(("null webhook that reads the body", r_rps)), ""));
         figures.push(figure(format!("c={c} p99 (context)"), p99, "ms", Some(("null webhook that reads the body", r_p99)), ""));

@@ -4,8 +4,7 @@
 
 use base64::Engine;
 use json_patch::Patch;
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::patch;
@@ -87,21 +86,49 @@ object_view! {
 }
 
 object_view! {
-    /// Container lists are kept as raw JSON and read only when images matter
-    /// (`inject: matchingImages`): walking every key of every container costs more than
-    /// skipping over them, and most admissions never look.
+    /// Container lists are not read here (see [`images`]): walking every key of every container
+    /// costs more than skipping over them, and most admissions never look.
     SpecView {
         image_pull_secrets: Value = "imagePullSecrets",
         service_account_name: String = "serviceAccountName",
-        containers: Box<RawValue> = "containers",
-        init_containers: Box<RawValue> = "initContainers",
-        ephemeral_containers: Box<RawValue> = "ephemeralContainers",
     }
 }
 
 object_view! {
     /// Of a container, only its image (for `inject: matchingImages`).
     ContainerView { image: String = "image" }
+}
+
+object_view! {
+    /// `request.object.spec`'s container lists, for [`images`].
+    ImagesReview { request: ImagesRequest = "request" }
+}
+
+object_view! {
+    ImagesRequest { object: ImagesObject = "object" }
+}
+
+object_view! {
+    ImagesObject { spec: ImagesSpec = "spec" }
+}
+
+object_view! {
+    ImagesSpec {
+        containers: Vec<ContainerView> = "containers",
+        init_containers: Vec<ContainerView> = "initContainers",
+        ephemeral_containers: Vec<ContainerView> = "ephemeralContainers",
+    }
+}
+
+/// The images of a Pod's containers, init containers and ephemeral containers. Read from the
+/// review's body a second time, and only when images matter (`inject: matchingImages`): the
+/// common case skips the container lists unread. A list that is not a list of objects is a
+/// malformed review.
+pub fn images(body: &[u8]) -> Result<Vec<String>, ReviewError> {
+    let review: ImagesReview = serde_json::from_slice(body).map_err(|e| ReviewError::Malformed(format!("container list: {e}")))?;
+    let Some(spec) = review.request.and_then(|r| r.object).and_then(|o| o.spec) else { return Ok(Vec::new()) };
+    let lists = [spec.containers, spec.init_containers, spec.ephemeral_containers];
+    Ok(lists.into_iter().flatten().flatten().filter_map(|c| c.image).collect())
 }
 
 object_view! {
@@ -117,18 +144,6 @@ impl ObjectView {
     /// `metadata.name`, empty when the object is named by `generateName`.
     pub fn name(&self) -> &str {
         self.metadata.as_ref().and_then(|m| m.name.as_deref()).unwrap_or("")
-    }
-
-    /// The images of a Pod's containers, init containers and ephemeral containers. A list that
-    /// is not a list of objects is a malformed review.
-    pub fn images(&self) -> Result<Vec<String>, ReviewError> {
-        let Some(spec) = self.spec.as_ref() else { return Ok(Vec::new()) };
-        let mut images = Vec::new();
-        for raw in [&spec.containers, &spec.init_containers, &spec.ephemeral_containers].into_iter().flatten() {
-            let containers: Vec<ContainerView> = serde_json::from_str(raw.get()).map_err(|e| ReviewError::Malformed(format!("container list: {e}")))?;
-            images.extend(containers.into_iter().filter_map(|c| c.image));
-        }
-        Ok(images)
     }
 
     /// The object reduced to the fields the patch functions read, in their JSON shape.
@@ -258,46 +273,39 @@ impl Verdict {
     }
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct WireResponseReview<'a> {
-    api_version: &'a str,
-    kind: &'static str,
-    response: WireResponse<'a>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct WireResponse<'a> {
-    uid: &'a str,
-    allowed: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch_type: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch: Option<String>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    warnings: &'a [String],
-}
-
-/// The AdmissionReview response body for `review`.
+/// The AdmissionReview response body for `review`. Written out by hand rather than through a
+/// serialised struct: it is a handful of fields, and this runs for every admission. Strings
+/// that come from the request or from a message are escaped by `serde_json`; the patch is
+/// base64, which needs no escaping.
 pub fn encode(review: &Review, verdict: &Verdict) -> Vec<u8> {
-    let patch = verdict.patch.as_ref().map(|p| {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"{\"apiVersion\":");
+    push_json_str(&mut out, &review.api_version);
+    out.extend_from_slice(b",\"kind\":\"AdmissionReview\",\"response\":{\"uid\":");
+    push_json_str(&mut out, &review.request.uid);
+    out.extend_from_slice(b",\"allowed\":true");
+    if let Some(patch) = &verdict.patch {
         // A Patch is a list of operations with string paths and JSON values: it always serialises.
-        let json = serde_json::to_vec(p).unwrap_or_default();
-        base64::engine::general_purpose::STANDARD.encode(json)
-    });
-    let body = WireResponseReview {
-        api_version: &review.api_version,
-        kind: "AdmissionReview",
-        response: WireResponse {
-            uid: &review.request.uid,
-            allowed: true,
-            patch_type: patch.as_ref().map(|_| "JSONPatch"),
-            patch,
-            warnings: &verdict.warnings,
-        },
-    };
-    serde_json::to_vec(&body).unwrap_or_default()
+        let json = serde_json::to_vec(patch).unwrap_or_default();
+        out.extend_from_slice(b",\"patchType\":\"JSONPatch\",\"patch\":\"");
+        let start = out.len();
+        out.resize(start + base64::encoded_len(json.len(), true).unwrap_or(0), 0);
+        let written = base64::engine::general_purpose::STANDARD.encode_slice(&json, &mut out[start..]).unwrap_or(0);
+        out.truncate(start + written);
+        out.push(b'"');
+    }
+    if !verdict.warnings.is_empty() {
+        out.extend_from_slice(b",\"warnings\":");
+        // A list of strings always serialises.
+        let _ = serde_json::to_writer(&mut out, &verdict.warnings);
+    }
+    out.extend_from_slice(b"}}");
+    out
+}
+
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 #[cfg(test)]
@@ -356,6 +364,18 @@ mod tests {
     }
 
     #[test]
+    fn strings_from_the_request_and_warnings_are_escaped() {
+        let mut body: Value = serde_json::from_slice(&review("Pod", "CREATE", json!({"spec": {}}))).unwrap();
+        body["request"]["uid"] = json!("a\"b\\c\n\u{1}");
+        let r = decode(&serde_json::to_vec(&body).unwrap()).unwrap();
+        let verdict = Verdict::patched(patch_for(Target::Pod, r.request.object.as_ref().unwrap(), "s")).warn("say \"hi\"\n");
+        let out: Value = serde_json::from_slice(&encode(&r, &verdict)).expect("the answer is JSON");
+        assert_eq!(out["response"]["uid"], "a\"b\\c\n\u{1}");
+        assert_eq!(out["response"]["warnings"], json!(["say \"hi\"\n"]));
+        assert_eq!(out["response"]["patchType"], "JSONPatch");
+    }
+
+    #[test]
     fn empty_patch_is_sent_as_no_patch() {
         assert!(Verdict::patched(Patch(vec![])).patch.is_none());
     }
@@ -371,18 +391,19 @@ mod tests {
 
     #[test]
     fn images_of_every_kind_of_container_are_read() {
-        let r = decode(&review("Pod", "CREATE", json!({"spec": {
+        let body = review("Pod", "CREATE", json!({"spec": {
             "containers": [{"name": "a", "image": "ghcr.io/a"}, {"name": "no-image"}],
             "initContainers": [{"name": "i", "image": "cgr.dev/i"}],
             "ephemeralContainers": [{"name": "d", "image": "busybox"}],
             "volumes": [{"name": "v"}]
-        }})))
-        .unwrap();
-        let images = r.request.object.as_ref().unwrap().images().unwrap();
-        assert_eq!(images, ["ghcr.io/a", "cgr.dev/i", "busybox"]);
-        // A container list that is not a list is named as malformed, not a panic.
-        let r = decode(&review("Pod", "CREATE", json!({"spec": {"containers": {"image": "x"}}}))).unwrap();
-        let e = r.request.object.as_ref().unwrap().images().unwrap_err();
+        }}));
+        assert!(decode(&body).is_ok());
+        assert_eq!(images(&body).unwrap(), ["ghcr.io/a", "cgr.dev/i", "busybox"]);
+        // A container list that is not a list is named as malformed, not a panic; the review
+        // itself still decodes (the list is skipped there).
+        let body = review("Pod", "CREATE", json!({"spec": {"containers": {"image": "x"}}}));
+        assert!(decode(&body).is_ok());
+        let e = images(&body).unwrap_err();
         assert!(e.to_string().contains("container list"), "{e}");
     }
 

@@ -62,15 +62,16 @@ impl Webhook {
                 return Err(e);
             }
         };
-        let (verdict, outcome) = self.decide(&review).await;
+        let (verdict, outcome) = self.decide(&review, body).await;
         let kind = review.request.target().map_or("other", |t| t.as_str());
         self.metrics.admission(kind, outcome);
         self.metrics.admission_seconds.observe(started.elapsed().as_secs_f64());
         Ok(admission::encode(&review, &verdict))
     }
 
-    /// The answer, and the outcome word for metrics.
-    async fn decide(&self, review: &Review) -> (Verdict, &'static str) {
+    /// The answer, and the outcome word for metrics. `body` is the review as received, for
+    /// what `review` does not hold (container images).
+    async fn decide(&self, review: &Review, body: &[u8]) -> (Verdict, &'static str) {
         let req = &review.request;
         let (Some(target), Some(namespace)) = (req.target(), req.namespace.as_deref()) else {
             return (Verdict::unchanged(), "unchanged");
@@ -90,7 +91,7 @@ impl Webhook {
             if target != Target::Pod {
                 return (Verdict::unchanged(), "unchanged");
             }
-            match object.images() {
+            match admission::images(body) {
                 Ok(found) if images::any_on(found.iter().map(String::as_str), &selection.hosts) => {}
                 Ok(_) => return (Verdict::unchanged(), "unchanged"),
                 Err(e) => return (Verdict::unchanged().warn(format!("pull-secret-injector: {e}; nothing injected")), "invalid"),
