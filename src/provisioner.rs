@@ -66,8 +66,9 @@ pub struct Provisioner {
 }
 
 /// ServiceAccount lists are served from the API server's watch cache (`resourceVersion=0`)
-/// instead of a quorum read from etcd: the refresher lists every opted-in namespace's
-/// ServiceAccounts, 10,000 lists at a start-up. Such a list can lag a little. A patch computed
+/// instead of a quorum read from etcd: with many namespaces opting in at once, or ServiceAccounts
+/// created while the webhook was down, these lists come by the thousand. Such a list can lag a
+/// little. A patch computed
 /// from an older version fails its `resourceVersion` test and is redone; a ServiceAccount
 /// created moments ago and missing from the list was patched at its admission, or is picked up
 /// by the namespace's next reconcile.
@@ -137,7 +138,7 @@ impl Provisioner {
 
     /// Like [`ensure`](Self::ensure), but first checks the stored Secret against the cache, so a
     /// Secret that was deleted or edited since it was written is noticed and restored.
-    /// `watched` is the Secret as the refresher's watch last saw it (`watched_secrets`): when it
+    /// `watched` is the Secret as the refresher's watch last saw it (`watched`): when it
     /// confirms the cache, or can be adopted as it is, the Secret is not read again.
     pub async fn ensure_verified(&self, subject: &Subject, watched: Option<Assessment>) -> Result<Fresh, Arc<ProvisionError>> {
         let namespace = subject.namespace.as_str();

@@ -35,9 +35,9 @@ pub struct Refresher {
     /// The pull-secret-updater compatibility controller, when configured: leader-only too.
     updater: Option<crate::updater::Updater>,
     /// The watches that feed `Context::secrets` and `Context::accounts`, and wake the
-    /// namespaces whose objects change. Each runs in a task of its own (see `run`): the
-    /// controller stops polling its triggers while all its reconciles are busy, and the
-    /// reconciles wait for the first full lists.
+    /// namespaces whose objects change. They run beside the controller rather than as its
+    /// trigger streams: the controller stops polling its triggers while all its reconciles are
+    /// busy, and the reconciles wait for the first full lists.
     watches: Vec<futures::future::BoxFuture<'static, ()>>,
 }
 
@@ -81,9 +81,9 @@ impl Refresher {
         };
         let mut watches = vec![follow(Api::all(client.clone()), secret_config, secrets.clone(), |s: &Secret| pull_secret::assess(Some(s)), Some(touched.clone()))];
         // ServiceAccounts: which ones lack the Secret (created before the namespace opted in,
-        // or while the webhook was down), and per ServiceAccount, whose Secrets to keep. Only
-        // then does a new ServiceAccount start a reconcile; otherwise they are attached when
-        // their namespace is reconciled, as they were when they were listed each time.
+        // or while the webhook was down), and per ServiceAccount, whose Secrets to keep. In
+        // that scope a new ServiceAccount starts a reconcile (it needs a Secret of its own);
+        // otherwise ServiceAccounts are attached when their namespace is next reconciled.
         let accounts = (provisioner.scope() == IdentityScope::ServiceAccount || provisioner.inject_mode() == InjectMode::Always).then(|| {
             let accounts = Arc::new(Watched::default());
             let (scope, secret_name) = (provisioner.scope(), provisioner.secret_name().to_string());
@@ -113,7 +113,6 @@ impl Refresher {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
         use futures::FutureExt;
         let shutdown = shutdown.shared();
-        let watches: Vec<_> = self.watches.into_iter().map(tokio::spawn).collect();
         let namespaces = self
             .controller
             .graceful_shutdown_on(shutdown.clone())
@@ -123,13 +122,20 @@ impl Refresher {
                     tracing::debug!(error = %e, "reconcile did not complete");
                 }
             });
-        match self.updater {
-            Some(updater) => {
-                tokio::join!(namespaces, updater.run(shutdown));
+        let refresh = async move {
+            match self.updater {
+                Some(updater) => {
+                    tokio::join!(namespaces, updater.run(shutdown));
+                }
+                None => namespaces.await,
             }
-            None => namespaces.await,
+        };
+        // The watches never end by themselves: they stop when the refresher does, or with it
+        // when it is aborted.
+        tokio::select! {
+            () = refresh => {}
+            _ = futures::future::join_all(self.watches) => {}
         }
-        watches.iter().for_each(|w| w.abort());
     }
 }
 
