@@ -166,7 +166,9 @@ where
                         }
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, kind = %K::kind(&Default::default()), "watch failed; retrying"),
+                // Reconciles read from the API server meanwhile; a lasting failure here is
+                // most likely a missing RBAC rule, so it is worth a warning.
+                Err(e) => tracing::warn!(error = %e, kind = %K::kind(&Default::default()), "watch failed; retrying"),
             }
             futures::future::ready(())
         })
@@ -192,16 +194,13 @@ fn tokio_stream_from(mut rx: mpsc::UnboundedReceiver<String>) -> impl futures::S
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-/// How long a reconcile waits for a watch's first full list before it asks the API server
-/// itself.
+/// How long after the refresher starts reconciles wait for a watch's first full list; after
+/// that they ask the API server themselves.
 const FIRST_LIST_WAIT: Duration = Duration::from_secs(30);
 
 /// Whether `view` holds a full list, waiting for the first one if need be.
 async fn listed<S: Clone>(view: &Watched<S>) -> bool {
-    if !view.is_synced() {
-        let _ = tokio::time::timeout(FIRST_LIST_WAIT, view.synced()).await;
-    }
-    view.is_synced()
+    view.synced_within(FIRST_LIST_WAIT).await
 }
 
 impl Context {

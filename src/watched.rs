@@ -22,6 +22,7 @@ pub struct Watched<S> {
     state: RwLock<State<S>>,
     /// True once a first complete list has been folded in.
     synced: tokio::sync::watch::Sender<bool>,
+    created: std::time::Instant,
 }
 
 struct State<S> {
@@ -33,7 +34,11 @@ struct State<S> {
 
 impl<S> Default for Watched<S> {
     fn default() -> Self {
-        Self { state: RwLock::new(State { current: HashMap::new(), relisting: None }), synced: tokio::sync::watch::Sender::new(false) }
+        Self {
+            state: RwLock::new(State { current: HashMap::new(), relisting: None }),
+            synced: tokio::sync::watch::Sender::new(false),
+            created: std::time::Instant::now(),
+        }
     }
 }
 
@@ -102,9 +107,15 @@ impl<S: Clone> Watched<S> {
         *self.synced.borrow()
     }
 
-    /// Resolves once the first complete list has been folded in.
-    pub async fn synced(&self) {
-        let _ = self.synced.subscribe().wait_for(|synced| *synced).await;
+    /// Whether the first complete list has been folded in, waiting for it until `limit` after
+    /// the view was made. The limit is shared by all callers: when the watch cannot list (an
+    /// RBAC rule missing after an upgrade), only the first ones wait, not every caller in turn.
+    pub async fn synced_within(&self, limit: std::time::Duration) -> bool {
+        if !self.is_synced() {
+            let rest = limit.saturating_sub(self.created.elapsed());
+            let _ = tokio::time::timeout(rest, self.synced.subscribe().wait_for(|synced| *synced)).await;
+        }
+        self.is_synced()
     }
 }
 
@@ -193,5 +204,15 @@ mod tests {
         let mut names = w.names_in("a");
         names.sort();
         assert_eq!(names, ["builder", "default"]);
+    }
+
+    #[tokio::test]
+    async fn callers_wait_for_the_first_list_only_until_one_deadline() {
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let w: Watched<bool> = Watched::default();
+        // A watch that cannot list: the caller gets `false` and reads from the API server.
+        assert!(!w.synced_within(std::time::Duration::from_millis(20)).await);
+        w.apply(&Event::<ServiceAccount>::InitDone, |_| true);
+        assert!(w.synced_within(std::time::Duration::ZERO).await);
     }
 }
