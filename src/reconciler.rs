@@ -159,9 +159,13 @@ where
         .for_each(move |event| {
             match event {
                 Ok(event) => {
-                    view.apply(&event, &summarise);
-                    if let (Some(touched), watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o)) = (&touched, &event) {
-                        if let Some(ns) = o.namespace() {
+                    let gone = view.apply(&event, &summarise);
+                    if let Some(touched) = &touched {
+                        let changed = match &event {
+                            watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) => o.namespace(),
+                            watcher::Event::Init | watcher::Event::InitDone => None,
+                        };
+                        for ns in changed.into_iter().chain(gone) {
                             let _ = touched.send(ns);
                         }
                     }

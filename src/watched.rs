@@ -44,8 +44,10 @@ impl<S> Default for Watched<S> {
 
 impl<S: Clone> Watched<S> {
     /// Folds one watch event in. Listed objects are visible at once, before their list
-    /// completes: start-up adoption need not wait for the last page.
-    pub fn apply<K: Resource>(&self, event: &Event<K>, summarise: impl Fn(&K) -> S) {
+    /// completes: start-up adoption need not wait for the last page. Returns the namespaces
+    /// whose objects a completed relist found gone: no Delete event comes for those, and their
+    /// owners should look again.
+    pub fn apply<K: Resource>(&self, event: &Event<K>, summarise: impl Fn(&K) -> S) -> Vec<String> {
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
         match event {
@@ -58,10 +60,17 @@ impl<S: Clone> Watched<S> {
                 state.current.entry(namespace).or_default().insert(name, summary);
             }
             Event::InitDone => {
+                let mut gone = Vec::new();
                 if let Some(listed) = state.relisting.take() {
+                    for (namespace, names) in &state.current {
+                        if names.keys().any(|name| listed.get(namespace).is_none_or(|l| !l.contains_key(name))) {
+                            gone.push(namespace.clone());
+                        }
+                    }
                     state.current = listed;
                 }
                 self.synced.send_replace(true);
+                return gone;
             }
             Event::Apply(object) => {
                 let ((namespace, name), summary) = (key(object), summarise(object));
@@ -77,12 +86,15 @@ impl<S: Clone> Watched<S> {
                 }
             }
         }
+        Vec::new()
     }
 
-    /// The object's summary as last seen; `None` when the watch has not seen it (yet).
+    /// The object's summary as last seen; `None` when the watch has not seen it (yet). During a
+    /// relist, only what this list has shown counts: the object may have gone meanwhile.
     pub fn get(&self, namespace: &str, name: &str) -> Option<S> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        state.current.get(namespace)?.get(name).cloned()
+        let seen = state.relisting.as_ref().unwrap_or(&state.current);
+        seen.get(namespace)?.get(name).cloned()
     }
 
     /// Whether the namespace holds any object.
@@ -102,13 +114,14 @@ impl<S: Clone> Watched<S> {
         state.current.get(namespace).map(|names| names.keys().cloned().collect()).unwrap_or_default()
     }
 
-    /// Whether the first complete list has been folded in.
+    /// Whether the view is complete: its first list has been folded in, and no relist (after
+    /// the watch was down) is under way.
     pub fn is_synced(&self) -> bool {
-        *self.synced.borrow()
+        *self.synced.borrow() && self.state.read().unwrap_or_else(|p| p.into_inner()).relisting.is_none()
     }
 
-    /// Whether the first complete list has been folded in, waiting for it until `limit` after
-    /// the view was made. The limit is shared by all callers: when the watch cannot list (an
+    /// Whether the view is complete, waiting for the first list until `limit` after the view
+    /// was made. The limit is shared by all callers: when the watch cannot list (an
     /// RBAC rule missing after an upgrade), only the first ones wait, not every caller in turn.
     pub async fn synced_within(&self, limit: std::time::Duration) -> bool {
         if !self.is_synced() {
@@ -140,8 +153,8 @@ mod tests {
 
     type WatchedSecrets = Watched<Assessment>;
 
-    fn apply(w: &WatchedSecrets, event: Event<Secret>) {
-        w.apply(&event, |s| pull_secret::assess(Some(s)));
+    fn apply(w: &WatchedSecrets, event: Event<Secret>) -> Vec<String> {
+        w.apply(&event, |s| pull_secret::assess(Some(s)))
     }
 
     fn is_intact(w: &WatchedSecrets, namespace: &str) -> bool {
@@ -164,13 +177,17 @@ mod tests {
     fn a_relist_drops_the_secrets_deleted_while_the_watch_was_down() {
         let w = WatchedSecrets::default();
         for event in [Event::Init, Event::InitApply(secret("a", "p")), Event::InitApply(secret("b", "p")), Event::InitDone] {
-            apply(&w, event);
+            assert!(apply(&w, event).is_empty());
         }
-        for event in [Event::Init, Event::InitApply(secret("b", "p")), Event::InitDone] {
-            apply(&w, event);
-        }
+        apply(&w, Event::Init);
+        apply(&w, Event::InitApply(secret("b", "p")));
+        // Mid-relist, "a" may be gone: it is not vouched for, and the view is not complete.
+        assert_eq!(w.get("a", "pull-secret"), None);
+        assert!(is_intact(&w, "b") && w.any_in("a") && !w.is_synced());
+        // The completed relist names the namespace whose Secret went, so that it is looked at.
+        assert_eq!(apply(&w, Event::InitDone), ["a"]);
         assert!(!w.any_in("a"));
-        assert!(is_intact(&w, "b"));
+        assert!(is_intact(&w, "b") && w.is_synced());
     }
 
     #[test]
