@@ -43,21 +43,25 @@ impl<S> Default for Watched<S> {
 }
 
 impl<S: Clone> Watched<S> {
-    /// Folds one watch event in. Listed objects are visible at once, before their list
-    /// completes: start-up adoption need not wait for the last page. Returns the namespaces
+    /// Folds one watch event in. Objects of the first list are visible at once, before the
+    /// list completes: start-up adoption need not wait for the last page. Returns the namespaces
     /// whose objects a completed relist found gone: no Delete event comes for those, and their
     /// owners should look again.
     pub fn apply<K: Resource>(&self, event: &Event<K>, summarise: impl Fn(&K) -> S) -> Vec<String> {
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
         match event {
-            Event::Init => state.relisting = Some(HashMap::new()),
+            // The first list fills the view directly (nothing to keep apart from it, and no
+            // second copy of 10,000 entries); a relist fills a buffer beside the old view.
+            Event::Init if *self.synced.borrow() => state.relisting = Some(HashMap::new()),
+            Event::Init => state.current.clear(),
             Event::InitApply(object) => {
                 let ((namespace, name), summary) = (key(object), summarise(object));
-                if let Some(listed) = state.relisting.as_mut() {
-                    listed.entry(namespace.clone()).or_default().insert(name.clone(), summary.clone());
-                }
-                state.current.entry(namespace).or_default().insert(name, summary);
+                let into = match state.relisting.as_mut() {
+                    Some(listed) => listed,
+                    None => &mut state.current,
+                };
+                into.entry(namespace).or_default().insert(name, summary);
             }
             Event::InitDone => {
                 let mut gone = Vec::new();
