@@ -323,13 +323,19 @@ impl Injector {
 
 /// Registers (or replaces) a MutatingWebhookConfiguration calling `url`, trusting `ca_pem`.
 pub async fn register_webhook(client: &Client, name: &str, url: &str, ca_pem: &str, namespace_selector: Value, resources: &[&str]) {
+    register_webhook_named(client, name, "inject.pull-secret-injector.io", url, ca_pem, namespace_selector, resources).await
+}
+
+/// As `register_webhook`, with the webhook itself named `webhook_name` (the name the API
+/// server's admission metrics carry).
+pub async fn register_webhook_named(client: &Client, name: &str, webhook_name: &str, url: &str, ca_pem: &str, namespace_selector: Value, resources: &[&str]) {
     let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     let webhook: MutatingWebhookConfiguration = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": name},
         "webhooks": [{
-            "name": "inject.pull-secret-injector.io",
+            "name": webhook_name,
             "admissionReviewVersions": ["v1"],
             "sideEffects": "NoneOnDryRun",
             "failurePolicy": "Ignore",
