@@ -127,7 +127,7 @@ impl EcrSource {
         let body = cx.http.send(NAME, &[&sa_token], |c| c.post(&sts_url).form(&form)).await?;
         let text = String::from_utf8_lossy(&body);
         let field = |tag: &str| {
-            xml_text(&text, tag).ok_or_else(|| MintError::Unusable { source_name: NAME, reason: format!("the STS answer has no <{tag}>") })
+            http::xml_text(&text, tag).ok_or_else(|| MintError::Unusable { source_name: NAME, reason: format!("the STS answer has no <{tag}>") })
         };
         let access_key_id = field("AccessKeyId")?;
         let secret_access_key = Sensitive::new(field("SecretAccessKey")?);
@@ -189,15 +189,6 @@ fn session_name(namespace: &str) -> String {
     name.chars().take(64).collect()
 }
 
-/// The text of the first `<tag>` element, XML entities decoded. STS answers are small and flat.
-fn xml_text(doc: &str, tag: &str) -> Option<String> {
-    let open = format!("<{tag}>");
-    let start = doc.find(&open)? + open.len();
-    let end = start + doc[start..].find(&format!("</{tag}>"))?;
-    let text = doc[start..end].trim();
-    Some(text.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&apos;", "'").replace("&amp;", "&"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,9 +196,9 @@ mod tests {
     #[test]
     fn reads_sts_xml() {
         let doc = "<AssumeRoleWithWebIdentityResponse><AssumeRoleWithWebIdentityResult><Credentials>\n<AccessKeyId>ASIAEXAMPLE</AccessKeyId><SecretAccessKey>s&amp;k</SecretAccessKey></Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>";
-        assert_eq!(xml_text(doc, "AccessKeyId").as_deref(), Some("ASIAEXAMPLE"));
-        assert_eq!(xml_text(doc, "SecretAccessKey").as_deref(), Some("s&k"));
-        assert_eq!(xml_text(doc, "SessionToken"), None);
+        assert_eq!(http::xml_text(doc, "AccessKeyId").as_deref(), Some("ASIAEXAMPLE"));
+        assert_eq!(http::xml_text(doc, "SecretAccessKey").as_deref(), Some("s&k"));
+        assert_eq!(http::xml_text(doc, "SessionToken"), None);
     }
 
     #[test]

@@ -303,13 +303,18 @@ fn summarise_json(json: &serde_json::Value) -> Option<String> {
 
 /// AWS query APIs (STS) answer errors as `<Error><Code>…</Code><Message>…</Message></Error>`.
 fn summarise_xml(text: &str) -> Option<String> {
-    let inner = |tag: &str| {
-        let start = text.find(&format!("<{tag}>"))? + tag.len() + 2;
-        let end = start + text[start..].find(&format!("</{tag}>"))?;
-        Some(text[start..end].trim().to_string())
-    };
-    let parts: Vec<String> = [inner("Code"), inner("Message")].into_iter().flatten().collect();
+    let parts: Vec<String> = [xml_text(text, "Code"), xml_text(text, "Message")].into_iter().flatten().collect();
     (!parts.is_empty()).then(|| parts.join(": "))
+}
+
+/// The text of the first `<tag>` element, XML entities decoded. STS answers, the only XML any
+/// token source reads, are small and flat.
+pub fn xml_text(doc: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let start = doc.find(&open)? + open.len();
+    let end = start + doc[start..].find(&format!("</{tag}>"))?;
+    let text = doc[start..end].trim();
+    Some(text.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&apos;", "'").replace("&amp;", "&"))
 }
 
 /// A JWT (three base64url parts, the first starting `eyJ`) or a long run of token characters
@@ -344,6 +349,10 @@ mod tests {
         assert_eq!(describe_body(b"  ", &[]), "(empty answer)");
         let xml = b"<ErrorResponse><Error><Type>Sender</Type><Code>InvalidIdentityToken</Code><Message>No OpenIDConnect provider found</Message></Error></ErrorResponse>";
         assert_eq!(describe_body(xml, &[]), "InvalidIdentityToken: No OpenIDConnect provider found");
+        // Entities are decoded before redaction, so a secret the answer escaped is still caught.
+        let escaped = Sensitive::new("s3cr&t");
+        let xml = b"<Error><Code>AccessDenied</Code><Message>key s3cr&amp;t &lt;revoked&gt;</Message></Error>";
+        assert_eq!(describe_body(xml, &[&escaped]), "AccessDenied: key <redacted> <revoked>");
         let long = "word ".repeat(200);
         let d = describe_body(long.as_bytes(), &[]);
         assert_eq!(d.chars().count(), DETAIL_CHARS + 1, "{d}");
