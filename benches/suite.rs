@@ -1,6 +1,7 @@
 //! The benchmark suite: `hack/bench` (or `cargo bench --bench suite`). Every figure is printed
 //! beside a baseline measured in the same run, and written to `bench-results/results.{md,json}`.
 //!
+//! ```text
 //!   1. handler    decode → decide → patch → encode, warm cache, one core; baseline: a JSON
 //!                 round trip of the same body
 //!   2. tls        wrk over keep-alive TLS at concurrency 1/16/64, three alternating rounds of
@@ -13,6 +14,7 @@
 //!                 resident memory after the first and the last round
 //!   5. scale      N opted-in namespaces (BENCH_NAMESPACES, default 10000): start-up, memory,
 //!                 paced renewals, CPU per renewal
+//! ```
 //!
 //! BENCH_ONLY=handler,tls,... runs a subset.
 
