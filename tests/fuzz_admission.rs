@@ -44,7 +44,7 @@ fn junk() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(|n| Value::from(n)),
+        any::<i64>().prop_map(Value::from),
         "[a-zA-Z0-9/_.-]{0,12}".prop_map(Value::String),
     ];
     leaf.prop_recursive(3, 16, 4, |inner| {

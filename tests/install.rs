@@ -184,7 +184,9 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
 
     // 2. Exactly the verbs the code uses are granted.
     let ns = Some("some-team");
-    let needed: &[(&str, &str, &str, Option<&str>, Option<&str>)] = &[
+    // (verb, API group, resource, namespace, name)
+    type Access<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, Option<&'a str>);
+    let needed: &[Access] = &[
         ("list", "", "namespaces", None, None),
         ("watch", "", "namespaces", None, None),
         ("get", "", "namespaces", None, Some("some-team")),
@@ -211,7 +213,7 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         assert!(can(&admin, verb, group, resource, namespace, name).await, "needs {verb} {group}/{resource} {namespace:?} {name:?}");
     }
     // And nothing broader.
-    let refused: &[(&str, &str, &str, Option<&str>, Option<&str>)] = &[
+    let refused: &[Access] = &[
         ("get", "", "secrets", ns, Some("database-password")),
         ("list", "", "secrets", ns, None),
         ("list", "", "secrets", None, None),

@@ -304,7 +304,7 @@ async fn item7_labelling_opts_in_and_unlabelling_cleans_up() {
     })
     .await;
     let ci = get_sa(&c, &ns, "ci").await;
-    assert!(ci.metadata.annotations.unwrap_or_default().get(pull_secret_injector::patch::INJECTED_ANNOTATION).is_none());
+    assert!(!ci.metadata.annotations.unwrap_or_default().contains_key(pull_secret_injector::patch::INJECTED_ANNOTATION));
     // A reference the user wrote is theirs: it stays.
     let (pulls, _) = sa_refs(&get_sa(&c, &ns, "user-ref").await);
     assert_eq!(pulls, ["pull-secret"]);
