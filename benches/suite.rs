@@ -459,39 +459,42 @@ const NULL_WEBHOOK: &str = "null.bench.pull-secret-injector.io";
 /// Per webhook name: the API server's total seconds in calls to it, and the number of calls
 /// (`apiserver_admission_webhook_admission_duration_seconds`, all operations).
 async fn webhook_calls(client: &kube::Client) -> BTreeMap<String, (f64, f64)> {
-    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
-    let text = client.request_text(request).await.unwrap_or_default();
+    let text = apiserver_metrics(client).await;
     let mut calls: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_admission_webhook_admission_duration_seconds_") else { continue };
-        let (is_sum, rest) = match (rest.strip_prefix("sum{"), rest.strip_prefix("count{")) {
-            (Some(r), _) => (true, r),
-            (_, Some(r)) => (false, r),
-            _ => continue,
-        };
-        let Some(name) = rest.split("name=\"").nth(1).and_then(|r| r.split('"').next()) else { continue };
-        let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
-        let entry = calls.entry(name.to_string()).or_default();
-        if is_sum {
-            entry.0 += value;
-        } else {
-            entry.1 += value;
-        }
+    for (line, seconds) in samples(&text, "apiserver_admission_webhook_admission_duration_seconds_sum") {
+        calls.entry(label(line, "name")).or_default().0 += seconds;
+    }
+    for (line, count) in samples(&text, "apiserver_admission_webhook_admission_duration_seconds_count") {
+        calls.entry(label(line, "name")).or_default().1 += count;
     }
     calls
 }
 
 /// The API server's request counters (`apiserver_request_total`) by resource and verb.
 async fn apiserver_requests(client: &kube::Client) -> BTreeMap<(String, String), f64> {
-    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
-    let text = client.request_text(request).await.unwrap_or_default();
-    let label = |line: &str, name: &str| line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("").to_string();
+    let text = apiserver_metrics(client).await;
     let mut counts = BTreeMap::new();
-    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
-        let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    for (line, value) in samples(&text, "apiserver_request_total") {
         *counts.entry((label(line, "resource"), label(line, "verb"))).or_default() += value;
     }
     counts
+}
+
+/// The API server's `/metrics` text.
+async fn apiserver_metrics(client: &kube::Client) -> String {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    client.request_text(request).await.unwrap_or_default()
+}
+
+/// The samples of one metric with labels: each line, and its value.
+fn samples<'a>(text: &'a str, metric: &str) -> impl Iterator<Item = (&'a str, f64)> {
+    let prefix = format!("{metric}{{");
+    text.lines().filter(move |l| l.starts_with(&prefix)).map(|l| (l, l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0)))
+}
+
+/// A label's value in a sample line; empty when the line has no such label.
+fn label(line: &str, name: &str) -> String {
+    line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("").to_string()
 }
 
 async fn scale() -> Vec<Figure> {
