@@ -68,10 +68,9 @@ pub struct Provisioner {
 /// ServiceAccount lists are served from the API server's watch cache (`resourceVersion=0`)
 /// instead of a quorum read from etcd: with many namespaces opting in at once, or ServiceAccounts
 /// created while the webhook was down, these lists come by the thousand. Such a list can lag a
-/// little. A patch computed
-/// from an older version fails its `resourceVersion` test and is redone; a ServiceAccount
-/// created moments ago and missing from the list was patched at its admission, or is picked up
-/// by the namespace's next reconcile.
+/// little. A patch computed from an older version fails its `resourceVersion` test and is
+/// redone; a ServiceAccount created moments ago and missing from the list was patched at its
+/// admission, or is picked up by the namespace's next reconcile.
 fn service_account_list() -> ListParams {
     ListParams::default().match_any()
 }
@@ -138,8 +137,8 @@ impl Provisioner {
 
     /// Like [`ensure`](Self::ensure), but first checks the stored Secret against the cache, so a
     /// Secret that was deleted or edited since it was written is noticed and restored.
-    /// `watched` is the Secret as the refresher's watch last saw it (`watched`): when it
-    /// confirms the cache, or can be adopted as it is, the Secret is not read again.
+    /// `watched` is the Secret as the refresher's watch last saw it: when it confirms the cache,
+    /// or can be adopted as it is, the Secret is not read again.
     pub async fn ensure_verified(&self, subject: &Subject, watched: Option<Assessment>) -> Result<Fresh, Arc<ProvisionError>> {
         let namespace = subject.namespace.as_str();
         let key = subject.key();
