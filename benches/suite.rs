@@ -62,11 +62,29 @@ impl Figure {
     }
 }
 
-fn figure(name: impl Into<String>, value: f64, unit: &'static str, baseline: Option<(&str, f64)>, target: &'static str) -> Figure {
-    let f = Figure { name: name.into(), value, unit, baseline: baseline.map(|(n, v)| (n.to_string(), v)), target };
+fn figure(
+    name: impl Into<String>,
+    value: f64,
+    unit: &'static str,
+    baseline: Option<(&str, f64)>,
+    target: &'static str,
+) -> Figure {
+    let f = Figure {
+        name: name.into(),
+        value,
+        unit,
+        baseline: baseline.map(|(n, v)| (n.to_string(), v)),
+        target,
+    };
     match (&f.baseline, f.ratio()) {
-        (Some((bn, bv)), Some(r)) => println!("  {:<48} {:>12.3} {:<6} | {bn}: {bv:.3} | ratio {r:.3}   {}", f.name, f.value, f.unit, f.target),
-        _ => println!("  {:<48} {:>12.3} {:<6}   {}", f.name, f.value, f.unit, f.target),
+        (Some((bn, bv)), Some(r)) => println!(
+            "  {:<48} {:>12.3} {:<6} | {bn}: {bv:.3} | ratio {r:.3}   {}",
+            f.name, f.value, f.unit, f.target
+        ),
+        _ => println!(
+            "  {:<48} {:>12.3} {:<6}   {}",
+            f.name, f.value, f.unit, f.target
+        ),
     }
     f
 }
@@ -122,7 +140,10 @@ fn pod_review(namespace: &str, uid: &str) -> Value {
 
 fn handler() -> Vec<Figure> {
     println!("1. handler: decode → decide → patch → encode, warm cache, one core");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let yaml = "tls: {certFile: x, keyFile: y}\nregistries: [{host: registry.example.com, kubernetes: {audience: a}}]\n";
         let config = Config::from_yaml(yaml).unwrap();
@@ -177,7 +198,16 @@ fn wrk(url: &str, body: &Value, connections: u32, seconds: u32) -> (f64, f64, f6
     std::fs::write(&script, format!("wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = [==[{body}]==]\n")).unwrap();
     let threads = connections.clamp(1, 2);
     let out = std::process::Command::new("wrk")
-        .args(["-t", &threads.to_string(), "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--latency", "-s"])
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{seconds}s"),
+            "--latency",
+            "-s",
+        ])
         .arg(&script)
         .arg(url)
         .output()
@@ -195,17 +225,36 @@ fn wrk(url: &str, body: &Value, connections: u32, seconds: u32) -> (f64, f64, f6
             f64::NAN
         }
     };
-    let rps = text.lines().find_map(|l| l.trim().strip_prefix("Requests/sec:")).map(|v| v.trim().parse().unwrap()).unwrap_or(f64::NAN);
-    let pct = |p: &str| text.lines().find_map(|l| l.trim().strip_prefix(p).map(ms)).unwrap_or(f64::NAN);
-    let errors = text.lines().any(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(f64::NAN);
+    let pct = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p).map(ms))
+            .unwrap_or(f64::NAN)
+    };
+    let errors = text
+        .lines()
+        .any(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
     assert!(!errors, "wrk saw errors:\n{text}");
     (rps, pct("50%"), pct("99%"))
 }
 
 /// A webhook that answers `allowed` without reading the request, on the service's TLS stack.
-async fn null_webhook(certs: &Certs) -> (std::net::SocketAddr, axum_server::Handle<std::net::SocketAddr>) {
-    let cert = Arc::new(pull_secret_injector::tls::ReloadingCert::load(&certs.cert(), &certs.key()).unwrap());
-    let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(pull_secret_injector::tls::server_config(cert).unwrap()));
+async fn null_webhook(
+    certs: &Certs,
+) -> (
+    std::net::SocketAddr,
+    axum_server::Handle<std::net::SocketAddr>,
+) {
+    let cert = Arc::new(
+        pull_secret_injector::tls::ReloadingCert::load(&certs.cert(), &certs.key()).unwrap(),
+    );
+    let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(
+        pull_secret_injector::tls::server_config(cert).unwrap(),
+    ));
     const ALLOWED: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"","allowed":true}}"#;
     let app = axum::Router::new()
         .route("/mutate", axum::routing::post(|| async { ([("content-type", "application/json")], ALLOWED) }))
@@ -252,7 +301,9 @@ async fn null_webhook(certs: &Certs) -> (std::net::SocketAddr, axum_server::Hand
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     let handle = axum_server::Handle::new();
-    let server = axum_server::from_tcp_rustls(listener, tls).unwrap().handle(handle.clone());
+    let server = axum_server::from_tcp_rustls(listener, tls)
+        .unwrap()
+        .handle(handle.clone());
     tokio::spawn(server.serve(app.into_make_service()));
     (addr, handle)
 }
@@ -286,16 +337,77 @@ async fn tls_load() -> Vec<Figure> {
                 }
             }
         }
-        let [(n_rps, n_p50, n_p99), (r_rps, _, r_p99), (p_rps, _, p_p99), (v_rps, _, v_p99), (rps, p50, p99)] = best;
-        figures.push(figure(format!("c={c} throughput"), rps, "req/s", Some(("null webhook", n_rps)), "target ratio ≥ 0.85"));
-        figures.push(figure(format!("c={c} throughput (context)"), rps, "req/s", Some(("null webhook that reads the body", r_rps)), ""));
-        figures.push(figure(format!("c={c} p99 (context)"), p99, "ms", Some(("null webhook that reads the body", r_p99)), ""));
-        figures.push(figure(format!("c={c} throughput (context 2)"), rps, "req/s", Some(("null webhook that parses the review into a JSON tree", p_rps)), ""));
-        figures.push(figure(format!("c={c} p99 (context 2)"), p99, "ms", Some(("null webhook that parses the review into a JSON tree", p_p99)), ""));
-        figures.push(figure(format!("c={c} throughput (context 3)"), rps, "req/s", Some(("null webhook that only checks the body is JSON", v_rps)), ""));
-        figures.push(figure(format!("c={c} p99 (context 3)"), p99, "ms", Some(("null webhook that only checks the body is JSON", v_p99)), ""));
-        figures.push(figure(format!("c={c} p50"), p50, "ms", Some(("null webhook", n_p50)), ""));
-        figures.push(figure(format!("c={c} p99"), p99, "ms", Some(("null webhook", n_p99)), "target ratio ≤ 1.2"));
+        let [(n_rps, n_p50, n_p99), (r_rps, _, r_p99), (p_rps, _, p_p99), (v_rps, _, v_p99), (rps, p50, p99)] =
+            best;
+        figures.push(figure(
+            format!("c={c} throughput"),
+            rps,
+            "req/s",
+            Some(("null webhook", n_rps)),
+            "target ratio ≥ 0.85",
+        ));
+        figures.push(figure(
+            format!("c={c} throughput (context)"),
+            rps,
+            "req/s",
+            Some(("null webhook that reads the body", r_rps)),
+            "",
+        ));
+        figures.push(figure(
+            format!("c={c} p99 (context)"),
+            p99,
+            "ms",
+            Some(("null webhook that reads the body", r_p99)),
+            "",
+        ));
+        figures.push(figure(
+            format!("c={c} throughput (context 2)"),
+            rps,
+            "req/s",
+            Some((
+                "null webhook that parses the review into a JSON tree",
+                p_rps,
+            )),
+            "",
+        ));
+        figures.push(figure(
+            format!("c={c} p99 (context 2)"),
+            p99,
+            "ms",
+            Some((
+                "null webhook that parses the review into a JSON tree",
+                p_p99,
+            )),
+            "",
+        ));
+        figures.push(figure(
+            format!("c={c} throughput (context 3)"),
+            rps,
+            "req/s",
+            Some(("null webhook that only checks the body is JSON", v_rps)),
+            "",
+        ));
+        figures.push(figure(
+            format!("c={c} p99 (context 3)"),
+            p99,
+            "ms",
+            Some(("null webhook that only checks the body is JSON", v_p99)),
+            "",
+        ));
+        figures.push(figure(
+            format!("c={c} p50"),
+            p50,
+            "ms",
+            Some(("null webhook", n_p50)),
+            "",
+        ));
+        figures.push(figure(
+            format!("c={c} p99"),
+            p99,
+            "ms",
+            Some(("null webhook", n_p99)),
+            "target ratio ≤ 1.2",
+        ));
     }
     null_handle.shutdown();
     inj.cleanup().await;
@@ -319,8 +431,20 @@ async fn soak() -> Vec<Figure> {
     }
     inj.cleanup().await;
     vec![
-        figure("admissions answered (5 rounds, c=64)", total, "", None, "target ≥ 50,000, zero errors"),
-        figure("resident memory (service, in the benchmark process) after the last round", rss[4], "MiB", Some(("after the first round", rss[0])), "flat: ratio ≈ 1"),
+        figure(
+            "admissions answered (5 rounds, c=64)",
+            total,
+            "",
+            None,
+            "target ≥ 50,000, zero errors",
+        ),
+        figure(
+            "resident memory (service, in the benchmark process) after the last round",
+            rss[4],
+            "MiB",
+            Some(("after the first round", rss[0])),
+            "flat: ratio ≈ 1",
+        ),
     ]
 }
 
@@ -336,11 +460,26 @@ async fn apiserver_path() -> Vec<Figure> {
     let null_ns = inj.namespace("null", false).await;
     let (null_addr, null_handle) = null_webhook(&inj.certs).await;
     Api::<Namespace>::all(c.clone())
-        .patch(&null_ns, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(json!({"metadata": {"labels": {"psi-bench": "null-webhook"}}})))
+        .patch(
+            &null_ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"metadata": {"labels": {"psi-bench": "null-webhook"}}}),
+            ),
+        )
         .await
         .unwrap();
     let null_selector = json!({"matchLabels": {"psi-bench": "null-webhook"}});
-    register_webhook_named(&c, "psi-bench-null", NULL_WEBHOOK, &format!("https://{null_addr}/mutate-echo-uid"), &inj.certs.ca_pem, null_selector, &["pods"]).await;
+    register_webhook_named(
+        &c,
+        "psi-bench-null",
+        NULL_WEBHOOK,
+        &format!("https://{null_addr}/mutate-echo-uid"),
+        &inj.certs.ca_pem,
+        null_selector,
+        &["pods"],
+    )
+    .await;
     wait_secret(&c, &with, "warm", |_| true).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // the API server loads the new configuration
     let pod = |i: usize| -> Pod {
@@ -351,7 +490,10 @@ async fn apiserver_path() -> Vec<Figure> {
     for i in 0..500 {
         for (ns, out) in [(&with, &mut a), (&without, &mut b), (&null_ns, &mut n)] {
             let start = Instant::now();
-            Api::<Pod>::namespaced(c.clone(), ns).create(&PostParams::default(), &pod(i)).await.unwrap();
+            Api::<Pod>::namespaced(c.clone(), ns)
+                .create(&PostParams::default(), &pod(i))
+                .await
+                .unwrap();
             out.push(start.elapsed().as_secs_f64() * 1000.0);
         }
     }
@@ -368,15 +510,52 @@ async fn apiserver_path() -> Vec<Figure> {
         v.sort_by(f64::total_cmp);
     }
     let figures = vec![
-        figure("create p50, webhook on", percentile(&a, 0.5), "ms", Some(("webhook not selected", percentile(&b, 0.5))), "target ratio < 1.10"),
-        figure("create p99, webhook on", percentile(&a, 0.99), "ms", Some(("webhook not selected", percentile(&b, 0.99))), "target ratio < 1.10"),
-        figure("create p50, webhook on (context)", percentile(&a, 0.5), "ms", Some(("a null webhook selected", percentile(&n, 0.5))), ""),
-        figure("create p99, webhook on (context)", percentile(&a, 0.99), "ms", Some(("a null webhook selected", percentile(&n, 0.99))), ""),
-        figure("API server's time per webhook call, mean (its own metric)", ours_call, "ms", Some(("the same for the null webhook", null_call)), ""),
-        figure("the null webhook's call alone (context)", null_call, "ms", Some(("create p50, webhook not selected", percentile(&b, 0.5))), "a ratio ≥ 0.10 here: no webhook meets target 3 on this API server"),
+        figure(
+            "create p50, webhook on",
+            percentile(&a, 0.5),
+            "ms",
+            Some(("webhook not selected", percentile(&b, 0.5))),
+            "target ratio < 1.10",
+        ),
+        figure(
+            "create p99, webhook on",
+            percentile(&a, 0.99),
+            "ms",
+            Some(("webhook not selected", percentile(&b, 0.99))),
+            "target ratio < 1.10",
+        ),
+        figure(
+            "create p50, webhook on (context)",
+            percentile(&a, 0.5),
+            "ms",
+            Some(("a null webhook selected", percentile(&n, 0.5))),
+            "",
+        ),
+        figure(
+            "create p99, webhook on (context)",
+            percentile(&a, 0.99),
+            "ms",
+            Some(("a null webhook selected", percentile(&n, 0.99))),
+            "",
+        ),
+        figure(
+            "API server's time per webhook call, mean (its own metric)",
+            ours_call,
+            "ms",
+            Some(("the same for the null webhook", null_call)),
+            "",
+        ),
+        figure(
+            "the null webhook's call alone (context)",
+            null_call,
+            "ms",
+            Some(("create p50, webhook not selected", percentile(&b, 0.5))),
+            "a ratio ≥ 0.10 here: no webhook meets target 3 on this API server",
+        ),
     ];
     null_handle.shutdown();
-    let hooks: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> = Api::all(c.clone());
+    let hooks: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
+        Api::all(c.clone());
     let _ = hooks.delete("psi-bench-null", &Default::default()).await;
     inj.cleanup().await;
     figures
@@ -395,9 +574,13 @@ async fn cold_burst() -> Vec<Figure> {
         "spec": {"holderIdentity": "another-replica", "leaseDurationSeconds": 3600, "renewTime": Timestamp::now().to_string(), "acquireTime": Timestamp::now().to_string()}
     }))
     .unwrap();
-    Api::<Lease>::namespaced(admin.clone(), lease_ns).create(&PostParams::default(), &lease).await.unwrap();
+    Api::<Lease>::namespaced(admin.clone(), lease_ns)
+        .create(&PostParams::default(), &lease)
+        .await
+        .unwrap();
     let extra = format!("leaderElection: {{leaseName: held-elsewhere, namespace: {lease_ns}, leaseDuration: 15s, renewGrace: 5s}}");
-    let mut inj = Injector::start_with("bench-burst", &kubernetes_registry("default", 3600), &extra).await;
+    let mut inj =
+        Injector::start_with("bench-burst", &kubernetes_registry("default", 3600), &extra).await;
     let ns = inj.namespace("cold", true).await;
     assert!(get_secret(&admin, &ns).await.is_none());
     let start = Instant::now();
@@ -419,37 +602,79 @@ async fn cold_burst() -> Vec<Figure> {
             }
         }
     });
-    let patched = futures::stream::iter(creates).buffer_unordered(1000).collect::<Vec<bool>>().await;
+    let patched = futures::stream::iter(creates)
+        .buffer_unordered(1000)
+        .collect::<Vec<bool>>()
+        .await;
     let elapsed = start.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mints = cp.token_requests(&ns) as f64;
     let writes = cp.secret_writes(&ns) as f64;
-    println!("  ({} of 1000 Pods patched, {} retries after 429)", patched.iter().filter(|p| **p).count(), retries.load(std::sync::atomic::Ordering::Relaxed));
+    println!(
+        "  ({} of 1000 Pods patched, {} retries after 429)",
+        patched.iter().filter(|p| **p).count(),
+        retries.load(std::sync::atomic::Ordering::Relaxed)
+    );
     let figures = vec![
-        figure("TokenRequests for the burst", mints, "", Some(("Secrets needed", 1.0)), "target exactly 1"),
-        figure("Secret writes for the burst", writes, "", Some(("Secrets needed", 1.0)), "target exactly 1"),
+        figure(
+            "TokenRequests for the burst",
+            mints,
+            "",
+            Some(("Secrets needed", 1.0)),
+            "target exactly 1",
+        ),
+        figure(
+            "Secret writes for the burst",
+            writes,
+            "",
+            Some(("Secrets needed", 1.0)),
+            "target exactly 1",
+        ),
         figure("time until all 1,000 admitted", elapsed, "s", None, ""),
     ];
     inj.cleanup().await;
-    let _ = Api::<Namespace>::all(admin).delete(lease_ns, &Default::default()).await;
+    let _ = Api::<Namespace>::all(admin)
+        .delete(lease_ns, &Default::default())
+        .await;
     figures
 }
 
 fn proc_status(pid: u32, field: &str) -> f64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(f64::NAN)
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// CPU seconds (user + system) the process used so far.
 fn cpu_seconds(pid: u32) -> f64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = text.rsplit_once(") ").map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN) + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    let fields: Vec<&str> = text
+        .rsplit_once(") ")
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN);
     ticks / 100.0
 }
 
 fn fake_credentials(issued: Timestamp, expires: Timestamp) -> Vec<(String, Credential)> {
-    vec![(HOST.to_string(), Credential { username: "oauth2accesstoken".into(), password: Sensitive::new("not-a-real-token"), issued_at: issued, expires_at: expires })]
+    vec![(
+        HOST.to_string(),
+        Credential {
+            username: "oauth2accesstoken".into(),
+            password: Sensitive::new("not-a-real-token"),
+            issued_at: issued,
+            expires_at: expires,
+        },
+    )]
 }
 
 /// The name the test harness gives this service's webhook, and the null webhook's.
@@ -461,10 +686,16 @@ const NULL_WEBHOOK: &str = "null.bench.pull-secret-injector.io";
 async fn webhook_calls(client: &kube::Client) -> BTreeMap<String, (f64, f64)> {
     let text = apiserver_metrics(client).await;
     let mut calls: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    for (line, seconds) in samples(&text, "apiserver_admission_webhook_admission_duration_seconds_sum") {
+    for (line, seconds) in samples(
+        &text,
+        "apiserver_admission_webhook_admission_duration_seconds_sum",
+    ) {
         calls.entry(label(line, "name")).or_default().0 += seconds;
     }
-    for (line, count) in samples(&text, "apiserver_admission_webhook_admission_duration_seconds_count") {
+    for (line, count) in samples(
+        &text,
+        "apiserver_admission_webhook_admission_duration_seconds_count",
+    ) {
         calls.entry(label(line, "name")).or_default().1 += count;
     }
     calls
@@ -475,7 +706,9 @@ async fn apiserver_requests(client: &kube::Client) -> BTreeMap<(String, String),
     let text = apiserver_metrics(client).await;
     let mut counts = BTreeMap::new();
     for (line, value) in samples(&text, "apiserver_request_total") {
-        *counts.entry((label(line, "resource"), label(line, "verb"))).or_default() += value;
+        *counts
+            .entry((label(line, "resource"), label(line, "verb")))
+            .or_default() += value;
     }
     counts
 }
@@ -489,16 +722,33 @@ async fn apiserver_metrics(client: &kube::Client) -> String {
 /// The samples of one metric with labels: each line, and its value.
 fn samples<'a>(text: &'a str, metric: &str) -> impl Iterator<Item = (&'a str, f64)> {
     let prefix = format!("{metric}{{");
-    text.lines().filter(move |l| l.starts_with(&prefix)).map(|l| (l, l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0)))
+    text.lines()
+        .filter(move |l| l.starts_with(&prefix))
+        .map(|l| {
+            (
+                l,
+                l.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0),
+            )
+        })
 }
 
 /// A label's value in a sample line; empty when the line has no such label.
 fn label(line: &str, name: &str) -> String {
-    line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("").to_string()
+    line.split(&format!("{name}=\""))
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or("")
+        .to_string()
 }
 
 async fn scale() -> Vec<Figure> {
-    let n: usize = std::env::var("BENCH_NAMESPACES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let n: usize = std::env::var("BENCH_NAMESPACES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
     println!("5. scale: {n} opted-in namespaces with fresh Secrets");
     let cp = ControlPlane::get();
     let admin = cp.client().await;
@@ -516,11 +766,24 @@ async fn scale() -> Vec<Figure> {
             }
         })
         .await;
-    println!("  (set-up: {n} namespaces and Secrets in {:.1}s)", start.elapsed().as_secs_f64());
+    println!(
+        "  (set-up: {n} namespaces and Secrets in {:.1}s)",
+        start.elapsed().as_secs_f64()
+    );
 
     let certs = Certs::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let yaml = config_yaml("bench-scale", &certs, &kubernetes_registry("default", 3600), "").replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = config_yaml(
+        "bench-scale",
+        &certs,
+        &kubernetes_registry("default", 3600),
+        "",
+    )
+    .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
     let config_file = certs.dir.path().join("config.yaml");
     std::fs::write(&config_file, &yaml).unwrap();
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_pull-secret-injector"));
@@ -536,9 +799,20 @@ async fn scale() -> Vec<Figure> {
     };
     let managed = |certs: &Certs| -> f64 {
         let (_, text) = curl(certs, &[&format!("https://127.0.0.1:{port}/metrics")]);
-        text.lines().find_map(|l| l.strip_prefix("pull_secret_injector_managed_secrets ")).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        text.lines()
+            .find_map(|l| l.strip_prefix("pull_secret_injector_managed_secrets "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
     };
-    let mints_in_scale = || cp.audit(|e| e["objectRef"]["subresource"] == "token" && e["objectRef"]["namespace"].as_str().is_some_and(|n| n.starts_with("bscale-"))).len();
+    let mints_in_scale = || {
+        cp.audit(|e| {
+            e["objectRef"]["subresource"] == "token"
+                && e["objectRef"]["namespace"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("bscale-"))
+        })
+        .len()
+    };
 
     let mints_before = mints_in_scale();
     let requests_before = apiserver_requests(&admin).await;
@@ -548,7 +822,8 @@ async fn scale() -> Vec<Figure> {
     let mut ready = None;
     let mut adopted = None;
     while started.elapsed() < Duration::from_secs(300) && adopted.is_none() {
-        if ready.is_none() && curl(&certs, &[&format!("https://127.0.0.1:{port}/readyz")]).0 == 200 {
+        if ready.is_none() && curl(&certs, &[&format!("https://127.0.0.1:{port}/readyz")]).0 == 200
+        {
             ready = Some(started.elapsed().as_secs_f64());
         }
         if ready.is_some() && managed(&certs) >= n as f64 {
@@ -560,18 +835,55 @@ async fn scale() -> Vec<Figure> {
     let requests_after = apiserver_requests(&admin).await;
     let requests = |resource: &str, verb: &str| {
         let key = (resource.to_string(), verb.to_string());
-        requests_after.get(&key).copied().unwrap_or(0.0) - requests_before.get(&key).copied().unwrap_or(0.0)
+        requests_after.get(&key).copied().unwrap_or(0.0)
+            - requests_before.get(&key).copied().unwrap_or(0.0)
     };
     let mints_at_start = (mints_in_scale() - mints_before) as f64;
     let mut figures = vec![
         figure("start → ready", ready.unwrap_or(f64::NAN), "s", None, ""),
-        figure(format!("start → all {n} Secrets adopted"), adopted.unwrap_or(f64::NAN), "s", None, "target < 10 s"),
-        figure("mints during start-up", mints_at_start, "", Some(("Secrets already fresh", 0.0)), "target 0"),
+        figure(
+            format!("start → all {n} Secrets adopted"),
+            adopted.unwrap_or(f64::NAN),
+            "s",
+            None,
+            "target < 10 s",
+        ),
+        figure(
+            "mints during start-up",
+            mints_at_start,
+            "",
+            Some(("Secrets already fresh", 0.0)),
+            "target 0",
+        ),
         // What adoption asks of the API server, by the time the last Secret is adopted.
-        figure("Secret reads (GET) until adopted", requests("secrets", "GET"), "", Some(("namespaces", n as f64)), ""),
-        figure("Secret lists (pages) until adopted", requests("secrets", "LIST"), "", Some(("namespaces", n as f64)), ""),
-        figure("ServiceAccount lists until adopted", requests("serviceaccounts", "LIST"), "", Some(("namespaces", n as f64)), ""),
-        figure("resident memory after adoption", rss_mib, "MiB", None, "target < 128 MiB"),
+        figure(
+            "Secret reads (GET) until adopted",
+            requests("secrets", "GET"),
+            "",
+            Some(("namespaces", n as f64)),
+            "",
+        ),
+        figure(
+            "Secret lists (pages) until adopted",
+            requests("secrets", "LIST"),
+            "",
+            Some(("namespaces", n as f64)),
+            "",
+        ),
+        figure(
+            "ServiceAccount lists until adopted",
+            requests("serviceaccounts", "LIST"),
+            "",
+            Some(("namespaces", n as f64)),
+            "",
+        ),
+        figure(
+            "resident memory after adoption",
+            rss_mib,
+            "MiB",
+            None,
+            "target < 128 MiB",
+        ),
     ];
 
     // Renewals: a fifth of the Secrets fall due at once; the pacer (20/s) spreads them out.
@@ -583,11 +895,20 @@ async fn scale() -> Vec<Figure> {
             let c = admin.clone();
             async move {
                 let now = Timestamp::now();
-                let (mut secret, _) = pull_secret::build(&name, "pull-secret", &fake_credentials(now - jiff::SignedDuration::from_mins(55), now + jiff::SignedDuration::from_mins(5)));
+                let (mut secret, _) = pull_secret::build(
+                    &name,
+                    "pull-secret",
+                    &fake_credentials(
+                        now - jiff::SignedDuration::from_mins(55),
+                        now + jiff::SignedDuration::from_mins(5),
+                    ),
+                );
                 let api = Api::<Secret>::namespaced(c, &name);
                 if let Ok(Some(old)) = api.get_opt("pull-secret").await {
                     secret.metadata.resource_version = old.metadata.resource_version;
-                    let _ = api.replace("pull-secret", &PostParams::default(), &secret).await;
+                    let _ = api
+                        .replace("pull-secret", &PostParams::default(), &secret)
+                        .await;
                 }
             }
         })
@@ -606,26 +927,85 @@ async fn scale() -> Vec<Figure> {
     let _ = child.wait();
     // Per-second histogram of the mints in the window, from the audit log's timestamps.
     let mut per_second: BTreeMap<i64, usize> = BTreeMap::new();
-    for e in cp.audit(|e| e["objectRef"]["subresource"] == "token" && e["objectRef"]["namespace"].as_str().is_some_and(|n| n.starts_with("bscale-"))).iter().skip(before) {
-        if let Some(t) = e["stageTimestamp"].as_str().and_then(|t| t.parse::<Timestamp>().ok()) {
+    for e in cp
+        .audit(|e| {
+            e["objectRef"]["subresource"] == "token"
+                && e["objectRef"]["namespace"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("bscale-"))
+        })
+        .iter()
+        .skip(before)
+    {
+        if let Some(t) = e["stageTimestamp"]
+            .as_str()
+            .and_then(|t| t.parse::<Timestamp>().ok())
+        {
             *per_second.entry(t.as_second()).or_default() += 1;
         }
     }
     let peak = per_second.values().copied().max().unwrap_or(0) as f64;
     let renewals = (count1 - count0) as f64;
-    figures.push(figure(format!("renewals in a {}s window ({} due)", window.as_secs(), due.len()), renewals, "", None, ""));
-    figures.push(figure("renewal rate", renewals / window.as_secs_f64(), "/s", Some(("cap (refresh.maxMintsPerSecond)", 20.0)), "target ≤ cap"));
-    figures.push(figure("busiest second", peak, "mints", Some(("cap", 20.0)), "no thundering herd"));
-    figures.push(figure("CPU per renewal", (cpu1 - cpu0) * 1000.0 / renewals.max(1.0), "ms", None, ""));
+    figures.push(figure(
+        format!(
+            "renewals in a {}s window ({} due)",
+            window.as_secs(),
+            due.len()
+        ),
+        renewals,
+        "",
+        None,
+        "",
+    ));
+    figures.push(figure(
+        "renewal rate",
+        renewals / window.as_secs_f64(),
+        "/s",
+        Some(("cap (refresh.maxMintsPerSecond)", 20.0)),
+        "target ≤ cap",
+    ));
+    figures.push(figure(
+        "busiest second",
+        peak,
+        "mints",
+        Some(("cap", 20.0)),
+        "no thundering herd",
+    ));
+    figures.push(figure(
+        "CPU per renewal",
+        (cpu1 - cpu0) * 1000.0 / renewals.max(1.0),
+        "ms",
+        None,
+        "",
+    ));
     figures
 }
 
 fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpu.lines().find_map(|l| l.strip_prefix("model name")).map(|l| l.trim_start_matches([' ', '\t', ':']).to_string()).unwrap_or_default();
-    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().unwrap_or_default().to_string();
+    let model = cpu
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let version = |cmd: &str, arg: &str| {
-        std::process::Command::new(cmd).arg(arg).output().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_string()).unwrap_or_default()
+        std::process::Command::new(cmd)
+            .arg(arg)
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .unwrap_or_default()
     };
     json!({
         "cpu": model, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "memory": mem,
@@ -641,7 +1021,11 @@ fn main() {
     if wanted("handler") {
         sections.push(("1. Handler (one core)", handler()));
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         if wanted("tls") {
             sections.push(("2. Over TLS against a null webhook", tls_load().await));
@@ -660,15 +1044,26 @@ fn main() {
         }
     });
     let machine = machine();
-    let mut md = format!("# pull-secret-injector benchmark results\n\nMachine: `{}`\n\n", machine);
+    let mut md = format!(
+        "# pull-secret-injector benchmark results\n\nMachine: `{}`\n\n",
+        machine
+    );
     let mut json_sections = Vec::new();
     for (title, figures) in &sections {
         let _ = writeln!(md, "## {title}\n\n| figure | value | baseline (same run) | ratio | target |\n|---|---|---|---|---|");
         for f in figures {
             let (bn, bv) = f.baseline.clone().unwrap_or_default();
-            let base = if bn.is_empty() { "-".into() } else { format!("{bn}: {bv:.3}") };
+            let base = if bn.is_empty() {
+                "-".into()
+            } else {
+                format!("{bn}: {bv:.3}")
+            };
             let ratio = f.ratio().map_or("-".into(), |r| format!("{r:.3}"));
-            let _ = writeln!(md, "| {} | {:.3} {} | {base} | {ratio} | {} |", f.name, f.value, f.unit, f.target);
+            let _ = writeln!(
+                md,
+                "| {} | {:.3} {} | {base} | {ratio} | {} |",
+                f.name, f.value, f.unit, f.target
+            );
             json_sections.push(json!({"section": title, "name": f.name, "value": f.value, "unit": f.unit, "baseline": f.baseline.as_ref().map(|(n, v)| json!({"name": n, "value": v})), "ratio": f.ratio(), "target": f.target}));
         }
         md.push('\n');
@@ -676,6 +1071,11 @@ fn main() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-results");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("results.md"), md).unwrap();
-    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&json!({"machine": machine, "figures": json_sections})).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&json!({"machine": machine, "figures": json_sections}))
+            .unwrap(),
+    )
+    .unwrap();
     println!("\nwrote {}", dir.join("results.md").display());
 }

@@ -125,10 +125,22 @@ object_view! {
 /// common case skips the container lists unread. A list that is not a list of objects is a
 /// malformed review.
 pub fn images(body: &[u8]) -> Result<Vec<String>, ReviewError> {
-    let review: ImagesReview = serde_json::from_slice(body).map_err(|e| ReviewError::Malformed(format!("container list: {e}")))?;
-    let Some(spec) = review.request.and_then(|r| r.object).and_then(|o| o.spec) else { return Ok(Vec::new()) };
-    let lists = [spec.containers, spec.init_containers, spec.ephemeral_containers];
-    Ok(lists.into_iter().flatten().flatten().filter_map(|c| c.image).collect())
+    let review: ImagesReview = serde_json::from_slice(body)
+        .map_err(|e| ReviewError::Malformed(format!("container list: {e}")))?;
+    let Some(spec) = review.request.and_then(|r| r.object).and_then(|o| o.spec) else {
+        return Ok(Vec::new());
+    };
+    let lists = [
+        spec.containers,
+        spec.init_containers,
+        spec.ephemeral_containers,
+    ];
+    Ok(lists
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|c| c.image)
+        .collect())
 }
 
 object_view! {
@@ -138,12 +150,19 @@ object_view! {
 impl ObjectView {
     /// The ServiceAccount a Pod runs as (the API server sets `default` before webhooks run).
     pub fn pod_service_account(&self) -> &str {
-        self.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).filter(|n| !n.is_empty()).unwrap_or("default")
+        self.spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default")
     }
 
     /// `metadata.name`, empty when the object is named by `generateName`.
     pub fn name(&self) -> &str {
-        self.metadata.as_ref().and_then(|m| m.name.as_deref()).unwrap_or("")
+        self.metadata
+            .as_ref()
+            .and_then(|m| m.name.as_deref())
+            .unwrap_or("")
     }
 
     /// The object reduced to the fields the patch functions read, in their JSON shape.
@@ -214,7 +233,8 @@ impl Target {
 }
 
 pub fn decode(body: &[u8]) -> Result<Review, ReviewError> {
-    let wire: WireReview = serde_json::from_slice(body).map_err(|e| ReviewError::Malformed(e.to_string()))?;
+    let wire: WireReview =
+        serde_json::from_slice(body).map_err(|e| ReviewError::Malformed(e.to_string()))?;
     if wire.api_version != V1 && wire.api_version != V1BETA1 {
         return Err(ReviewError::UnsupportedVersion(wire.api_version));
     }
@@ -222,7 +242,10 @@ pub fn decode(body: &[u8]) -> Result<Review, ReviewError> {
         return Err(ReviewError::WrongKind(wire.kind));
     }
     let request = wire.request.ok_or(ReviewError::NoRequest)?;
-    Ok(Review { api_version: wire.api_version, request })
+    Ok(Review {
+        api_version: wire.api_version,
+        request,
+    })
 }
 
 impl AdmissionRequest {
@@ -264,7 +287,10 @@ impl Verdict {
     }
 
     pub fn patched(patch: Patch) -> Self {
-        Self { patch: (!patch.0.is_empty()).then_some(patch), warnings: Vec::new() }
+        Self {
+            patch: (!patch.0.is_empty()).then_some(patch),
+            warnings: Vec::new(),
+        }
     }
 
     pub fn warn(mut self, warning: impl Into<String>) -> Self {
@@ -289,8 +315,13 @@ pub fn encode(review: &Review, verdict: &Verdict) -> Vec<u8> {
         let json = serde_json::to_vec(patch).unwrap_or_default();
         out.extend_from_slice(b",\"patchType\":\"JSONPatch\",\"patch\":\"");
         let start = out.len();
-        out.resize(start + base64::encoded_len(json.len(), true).unwrap_or(0), 0);
-        let written = base64::engine::general_purpose::STANDARD.encode_slice(&json, &mut out[start..]).unwrap_or(0);
+        out.resize(
+            start + base64::encoded_len(json.len(), true).unwrap_or(0),
+            0,
+        );
+        let written = base64::engine::general_purpose::STANDARD
+            .encode_slice(&json, &mut out[start..])
+            .unwrap_or(0);
         out.truncate(start + written);
         out.push(b'"');
     }
@@ -333,9 +364,18 @@ mod tests {
 
     #[test]
     fn response_json_is_exactly_what_the_api_server_expects() {
-        let r = decode(&review("Pod", "CREATE", json!({"spec": {"containers": []}}))).unwrap();
+        let r = decode(&review(
+            "Pod",
+            "CREATE",
+            json!({"spec": {"containers": []}}),
+        ))
+        .unwrap();
         let target = r.request.target().unwrap();
-        let verdict = Verdict::patched(patch_for(target, r.request.object.as_ref().unwrap(), "pull-secret"));
+        let verdict = Verdict::patched(patch_for(
+            target,
+            r.request.object.as_ref().unwrap(),
+            "pull-secret",
+        ));
         let body: Value = serde_json::from_slice(&encode(&r, &verdict)).unwrap();
         assert_eq!(
             body,
@@ -356,7 +396,8 @@ mod tests {
     #[test]
     fn unchanged_response_with_a_warning_has_no_patch() {
         let r = decode(&review("Pod", "CREATE", json!({}))).unwrap();
-        let body: Value = serde_json::from_slice(&encode(&r, &Verdict::unchanged().warn("careful"))).unwrap();
+        let body: Value =
+            serde_json::from_slice(&encode(&r, &Verdict::unchanged().warn("careful"))).unwrap();
         assert_eq!(
             body["response"],
             json!({"uid": "705ab4f5-6393-11e8-b7cc-42010a800002", "allowed": true, "warnings": ["careful"]})
@@ -365,10 +406,16 @@ mod tests {
 
     #[test]
     fn strings_from_the_request_and_warnings_are_escaped() {
-        let mut body: Value = serde_json::from_slice(&review("Pod", "CREATE", json!({"spec": {}}))).unwrap();
+        let mut body: Value =
+            serde_json::from_slice(&review("Pod", "CREATE", json!({"spec": {}}))).unwrap();
         body["request"]["uid"] = json!("a\"b\\c\n\u{1}");
         let r = decode(&serde_json::to_vec(&body).unwrap()).unwrap();
-        let verdict = Verdict::patched(patch_for(Target::Pod, r.request.object.as_ref().unwrap(), "s")).warn("say \"hi\"\n");
+        let verdict = Verdict::patched(patch_for(
+            Target::Pod,
+            r.request.object.as_ref().unwrap(),
+            "s",
+        ))
+        .warn("say \"hi\"\n");
         let out: Value = serde_json::from_slice(&encode(&r, &verdict)).expect("the answer is JSON");
         assert_eq!(out["response"]["uid"], "a\"b\\c\n\u{1}");
         assert_eq!(out["response"]["warnings"], json!(["say \"hi\"\n"]));
@@ -391,17 +438,28 @@ mod tests {
 
     #[test]
     fn images_of_every_kind_of_container_are_read() {
-        let body = review("Pod", "CREATE", json!({"spec": {
-            "containers": [{"name": "a", "image": "ghcr.io/a"}, {"name": "no-image"}],
-            "initContainers": [{"name": "i", "image": "cgr.dev/i"}],
-            "ephemeralContainers": [{"name": "d", "image": "busybox"}],
-            "volumes": [{"name": "v"}]
-        }}));
+        let body = review(
+            "Pod",
+            "CREATE",
+            json!({"spec": {
+                "containers": [{"name": "a", "image": "ghcr.io/a"}, {"name": "no-image"}],
+                "initContainers": [{"name": "i", "image": "cgr.dev/i"}],
+                "ephemeralContainers": [{"name": "d", "image": "busybox"}],
+                "volumes": [{"name": "v"}]
+            }}),
+        );
         assert!(decode(&body).is_ok());
-        assert_eq!(images(&body).unwrap(), ["ghcr.io/a", "cgr.dev/i", "busybox"]);
+        assert_eq!(
+            images(&body).unwrap(),
+            ["ghcr.io/a", "cgr.dev/i", "busybox"]
+        );
         // A container list that is not a list is named as malformed, not a panic; the review
         // itself still decodes (the list is skipped there).
-        let body = review("Pod", "CREATE", json!({"spec": {"containers": {"image": "x"}}}));
+        let body = review(
+            "Pod",
+            "CREATE",
+            json!({"spec": {"containers": {"image": "x"}}}),
+        );
         assert!(decode(&body).is_ok());
         let e = images(&body).unwrap_err();
         assert!(e.to_string().contains("container list"), "{e}");
@@ -409,35 +467,78 @@ mod tests {
 
     #[test]
     fn only_creates_of_pods_and_service_accounts_are_targets() {
-        let target = |kind, op| decode(&review(kind, op, json!({}))).unwrap().request.target();
+        let target = |kind, op| {
+            decode(&review(kind, op, json!({})))
+                .unwrap()
+                .request
+                .target()
+        };
         assert_eq!(target("Pod", "CREATE"), Some(Target::Pod));
-        assert_eq!(target("ServiceAccount", "CREATE"), Some(Target::ServiceAccount));
+        assert_eq!(
+            target("ServiceAccount", "CREATE"),
+            Some(Target::ServiceAccount)
+        );
         assert_eq!(target("Pod", "UPDATE"), None);
         assert_eq!(target("ConfigMap", "CREATE"), None);
         let mut body: Value = serde_json::from_slice(&review("Pod", "CREATE", json!({}))).unwrap();
         body["request"]["kind"]["group"] = json!("example.com");
-        assert_eq!(decode(&serde_json::to_vec(&body).unwrap()).unwrap().request.target(), None);
+        assert_eq!(
+            decode(&serde_json::to_vec(&body).unwrap())
+                .unwrap()
+                .request
+                .target(),
+            None
+        );
     }
 
     #[test]
     fn the_view_keeps_what_the_patches_read_and_nothing_else() {
-        let body = review("ServiceAccount", "CREATE", json!({
-            "metadata": {"name": "sa", "labels": {"x": "y"}, "annotations": {"a": "b"}},
-            "imagePullSecrets": [{"name": "mine"}], "secrets": null, "automountServiceAccountToken": false
-        }));
+        let body = review(
+            "ServiceAccount",
+            "CREATE",
+            json!({
+                "metadata": {"name": "sa", "labels": {"x": "y"}, "annotations": {"a": "b"}},
+                "imagePullSecrets": [{"name": "mine"}], "secrets": null, "automountServiceAccountToken": false
+            }),
+        );
         let view = decode(&body).unwrap().request.object.unwrap();
-        assert_eq!(view.to_value(), json!({"metadata": {"annotations": {"a": "b"}}, "imagePullSecrets": [{"name": "mine"}]}));
-        let pod = review("Pod", "CREATE", json!({"spec": {"containers": [{"name": "c"}], "imagePullSecrets": [{"name": "x"}]}}));
-        assert_eq!(decode(&pod).unwrap().request.object.unwrap().to_value(), json!({"spec": {"imagePullSecrets": [{"name": "x"}]}}));
+        assert_eq!(
+            view.to_value(),
+            json!({"metadata": {"annotations": {"a": "b"}}, "imagePullSecrets": [{"name": "mine"}]})
+        );
+        let pod = review(
+            "Pod",
+            "CREATE",
+            json!({"spec": {"containers": [{"name": "c"}], "imagePullSecrets": [{"name": "x"}]}}),
+        );
+        assert_eq!(
+            decode(&pod).unwrap().request.object.unwrap().to_value(),
+            json!({"spec": {"imagePullSecrets": [{"name": "x"}]}})
+        );
     }
 
     #[test]
     fn bad_bodies_are_named() {
-        assert!(matches!(decode(b"{not json"), Err(ReviewError::Malformed(_))));
-        assert!(matches!(decode(br#"{"apiVersion":"v1","kind":"AdmissionReview"}"#), Err(ReviewError::UnsupportedVersion(_))));
-        assert!(matches!(decode(br#"{"apiVersion":"admission.k8s.io/v1","kind":"Pod"}"#), Err(ReviewError::WrongKind(_))));
-        assert!(matches!(decode(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#), Err(ReviewError::NoRequest)));
-        let e = decode(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":1}}"#).unwrap_err();
+        assert!(matches!(
+            decode(b"{not json"),
+            Err(ReviewError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode(br#"{"apiVersion":"v1","kind":"AdmissionReview"}"#),
+            Err(ReviewError::UnsupportedVersion(_))
+        ));
+        assert!(matches!(
+            decode(br#"{"apiVersion":"admission.k8s.io/v1","kind":"Pod"}"#),
+            Err(ReviewError::WrongKind(_))
+        ));
+        assert!(matches!(
+            decode(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#),
+            Err(ReviewError::NoRequest)
+        ));
+        let e = decode(
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":1}}"#,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("invalid type"), "{e}");
     }
 }

@@ -42,9 +42,16 @@ pub enum CertsError {
     #[error("generating the certificate failed: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("{action} {what} failed: {message}")]
-    Api { action: &'static str, what: String, message: String },
+    Api {
+        action: &'static str,
+        what: String,
+        message: String,
+    },
     #[error("writing {path} failed: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("Secret {0} exists but is not a certificate made by pull-secret-injector; delete it or choose another --secret")]
     Foreign(String),
 }
@@ -69,24 +76,40 @@ pub fn service_dns_names(service: &str, namespace: &str) -> Vec<String> {
 }
 
 /// Whether a stored certificate must be replaced: unknown, for other names, or expiring soon.
-pub fn needs_replacement(annotations: &BTreeMap<String, String>, dns_names: &[String], now: Timestamp, renew_within: Duration) -> bool {
-    let names_match = annotations.get(DNS_NAMES).is_some_and(|n| *n == dns_names.join(","));
-    let not_after = annotations.get(NOT_AFTER).and_then(|t| t.parse::<Timestamp>().ok());
+pub fn needs_replacement(
+    annotations: &BTreeMap<String, String>,
+    dns_names: &[String],
+    now: Timestamp,
+    renew_within: Duration,
+) -> bool {
+    let names_match = annotations
+        .get(DNS_NAMES)
+        .is_some_and(|n| *n == dns_names.join(","));
+    let not_after = annotations
+        .get(NOT_AFTER)
+        .and_then(|t| t.parse::<Timestamp>().ok());
     let remaining = not_after.map(|t| t.duration_since(now));
-    let fresh = remaining.is_some_and(|r| r.as_secs() > 0 && r.as_secs() as u64 > renew_within.as_secs());
+    let fresh =
+        remaining.is_some_and(|r| r.as_secs() > 0 && r.as_secs() as u64 > renew_within.as_secs());
     !(names_match && fresh)
 }
 
 /// A new CA and serving certificate for `dns_names`, valid for `validity`.
 pub fn generate(dns_names: &[String], validity: Duration) -> Result<Bundle, CertsError> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
     let now = Timestamp::now();
-    let not_after = now + jiff::SignedDuration::try_from(validity).unwrap_or(jiff::SignedDuration::from_hours(24 * 365));
+    let not_after = now
+        + jiff::SignedDuration::try_from(validity)
+            .unwrap_or(jiff::SignedDuration::from_hours(24 * 365));
     let to_offset = |t: Timestamp| time_from_unix(t.as_second());
 
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.distinguished_name.push(DnType::CommonName, "pull-secret-injector webhook CA");
+    ca.distinguished_name
+        .push(DnType::CommonName, "pull-secret-injector webhook CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     ca.not_before = to_offset(now - jiff::SignedDuration::from_mins(5));
@@ -95,13 +118,24 @@ pub fn generate(dns_names: &[String], validity: Duration) -> Result<Bundle, Cert
 
     let key = KeyPair::generate()?;
     let mut leaf = CertificateParams::new(dns_names.to_vec())?;
-    leaf.distinguished_name.push(DnType::CommonName, dns_names.first().cloned().unwrap_or_default());
+    leaf.distinguished_name.push(
+        DnType::CommonName,
+        dns_names.first().cloned().unwrap_or_default(),
+    );
     leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    leaf.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     leaf.not_before = ca.not_before;
     leaf.not_after = ca.not_after;
     let cert = leaf.signed_by(&key, &Issuer::from_params(&ca, &ca_key))?;
-    Ok(Bundle { ca_pem: ca_cert.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem(), not_after })
+    Ok(Bundle {
+        ca_pem: ca_cert.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        not_after,
+    })
 }
 
 fn time_from_unix(seconds: i64) -> time::OffsetDateTime {
@@ -112,13 +146,26 @@ fn time_from_unix(seconds: i64) -> time::OffsetDateTime {
 pub async fn ensure(client: &Client, req: &CertsRequest) -> Result<Bundle, CertsError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), &req.namespace);
     let what = format!("Secret {}/{}", req.namespace, req.secret);
-    let api_err = |action, e: kube::Error| CertsError::Api { action, what: what.clone(), message: kube_error_message(&e) };
+    let api_err = |action, e: kube::Error| CertsError::Api {
+        action,
+        what: what.clone(),
+        message: kube_error_message(&e),
+    };
     let names = service_dns_names(&req.service, &req.namespace);
     let mut previous_ca = None;
     let bundle = loop {
-        let stored = api.get_opt(&req.secret).await.map_err(|e| api_err("reading", e))?;
+        let stored = api
+            .get_opt(&req.secret)
+            .await
+            .map_err(|e| api_err("reading", e))?;
         if let Some(s) = &stored {
-            let managed = s.metadata.labels.as_ref().and_then(|l| l.get(MANAGED_BY_LABEL)).map(String::as_str) == Some(MANAGER);
+            let managed = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(MANAGED_BY_LABEL))
+                .map(String::as_str)
+                == Some(MANAGER);
             if !managed {
                 return Err(CertsError::Foreign(what));
             }
@@ -132,7 +179,8 @@ pub async fn ensure(client: &Client, req: &CertsRequest) -> Result<Bundle, Certs
             }
         }
         let fresh = generate(&names, req.validity)?;
-        match crate::create_or_replace(&api, stored.as_ref(), tls_secret(req, &names, &fresh)).await {
+        match crate::create_or_replace(&api, stored.as_ref(), tls_secret(req, &names, &fresh)).await
+        {
             Ok(_) => {
                 tracing::info!(secret = %what, not_after = %fresh.not_after, "wrote a new webhook certificate");
                 break fresh;
@@ -153,9 +201,23 @@ pub async fn ensure(client: &Client, req: &CertsRequest) -> Result<Bundle, Certs
 
 fn bundle_from(s: &Secret) -> Option<Bundle> {
     let data = s.data.as_ref()?;
-    let text = |k: &str| data.get(k).and_then(|b| String::from_utf8(b.0.clone()).ok());
-    let not_after = s.metadata.annotations.as_ref()?.get(NOT_AFTER)?.parse().ok()?;
-    Some(Bundle { ca_pem: text("ca.crt")?, cert_pem: text("tls.crt")?, key_pem: text("tls.key")?, not_after })
+    let text = |k: &str| {
+        data.get(k)
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+    };
+    let not_after = s
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(NOT_AFTER)?
+        .parse()
+        .ok()?;
+    Some(Bundle {
+        ca_pem: text("ca.crt")?,
+        cert_pem: text("tls.crt")?,
+        key_pem: text("tls.key")?,
+        not_after,
+    })
 }
 
 fn tls_secret(req: &CertsRequest, names: &[String], b: &Bundle) -> Secret {
@@ -164,7 +226,10 @@ fn tls_secret(req: &CertsRequest, names: &[String], b: &Bundle) -> Secret {
         metadata: ObjectMeta {
             name: Some(req.secret.clone()),
             namespace: Some(req.namespace.clone()),
-            labels: Some(BTreeMap::from([(MANAGED_BY_LABEL.to_string(), MANAGER.to_string())])),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY_LABEL.to_string(),
+                MANAGER.to_string(),
+            )])),
             annotations: Some(BTreeMap::from([
                 (NOT_AFTER.to_string(), b.not_after.to_string()),
                 (DNS_NAMES.to_string(), names.join(",")),
@@ -182,10 +247,19 @@ fn tls_secret(req: &CertsRequest, names: &[String], b: &Bundle) -> Secret {
 }
 
 /// Sets every webhook's `caBundle` to the current CA, followed by the previous one if any.
-pub async fn set_ca_bundle(client: &Client, webhook: &str, ca_pem: &str, previous_ca: Option<&str>) -> Result<(), CertsError> {
+pub async fn set_ca_bundle(
+    client: &Client,
+    webhook: &str,
+    ca_pem: &str,
+    previous_ca: Option<&str>,
+) -> Result<(), CertsError> {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let what = format!("MutatingWebhookConfiguration {webhook}");
-    let api_err = |action, e: kube::Error| CertsError::Api { action, what: what.clone(), message: kube_error_message(&e) };
+    let api_err = |action, e: kube::Error| CertsError::Api {
+        action,
+        what: what.clone(),
+        message: kube_error_message(&e),
+    };
     let mut pem = ca_pem.to_string();
     if let Some(prev) = previous_ca.filter(|p| *p != ca_pem) {
         pem.push_str(prev);
@@ -212,13 +286,18 @@ pub async fn set_ca_bundle(client: &Client, webhook: &str, ca_pem: &str, previou
             Err(e) => return Err(api_err("updating", e)),
         }
     }
-    Err(CertsError::Api { action: "updating", what, message: "kept changing; try again".into() })
+    Err(CertsError::Api {
+        action: "updating",
+        what,
+        message: "kept changing; try again".into(),
+    })
 }
 
 fn write_files(dir: &Path, b: &Bundle) -> Result<(), CertsError> {
     let write = |name: &str, text: &str, private: bool| {
         let path = dir.join(name);
-        write_file(&path, text.as_bytes(), private).map_err(|source| CertsError::Write { path, source })
+        write_file(&path, text.as_bytes(), private)
+            .map_err(|source| CertsError::Write { path, source })
     };
     write("ca.crt", &b.ca_pem, false)?;
     write("tls.key", &b.key_pem, true)?;
@@ -248,7 +327,10 @@ mod tests {
     use super::*;
 
     fn annotations(names: &[String], not_after: &str) -> BTreeMap<String, String> {
-        BTreeMap::from([(DNS_NAMES.to_string(), names.join(",")), (NOT_AFTER.to_string(), not_after.to_string())])
+        BTreeMap::from([
+            (DNS_NAMES.to_string(), names.join(",")),
+            (NOT_AFTER.to_string(), not_after.to_string()),
+        ])
     }
 
     #[test]
@@ -264,12 +346,37 @@ mod tests {
         let names = service_dns_names("psi", "ns");
         let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let month = Duration::from_secs(30 * 86400);
-        assert!(!needs_replacement(&annotations(&names, "2026-12-01T00:00:00Z"), &names, now, month));
-        assert!(needs_replacement(&annotations(&names, "2026-01-15T00:00:00Z"), &names, now, month));
-        assert!(needs_replacement(&annotations(&names, "2025-12-01T00:00:00Z"), &names, now, month));
-        assert!(needs_replacement(&annotations(&names[..2], "2026-12-01T00:00:00Z"), &names, now, month));
+        assert!(!needs_replacement(
+            &annotations(&names, "2026-12-01T00:00:00Z"),
+            &names,
+            now,
+            month
+        ));
+        assert!(needs_replacement(
+            &annotations(&names, "2026-01-15T00:00:00Z"),
+            &names,
+            now,
+            month
+        ));
+        assert!(needs_replacement(
+            &annotations(&names, "2025-12-01T00:00:00Z"),
+            &names,
+            now,
+            month
+        ));
+        assert!(needs_replacement(
+            &annotations(&names[..2], "2026-12-01T00:00:00Z"),
+            &names,
+            now,
+            month
+        ));
         assert!(needs_replacement(&BTreeMap::new(), &names, now, month));
-        assert!(needs_replacement(&annotations(&names, "garbage"), &names, now, month));
+        assert!(needs_replacement(
+            &annotations(&names, "garbage"),
+            &names,
+            now,
+            month
+        ));
     }
 
     #[test]
@@ -281,11 +388,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_files(dir.path(), &b).unwrap();
         // The server's loader accepts it (key matches certificate).
-        crate::tls::ReloadingCert::load(&dir.path().join("tls.crt"), &dir.path().join("tls.key")).unwrap();
+        crate::tls::ReloadingCert::load(&dir.path().join("tls.crt"), &dir.path().join("tls.key"))
+            .unwrap();
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("tls.key")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join("tls.key"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }

@@ -32,7 +32,9 @@ struct Table {
 impl Table {
     fn sleepers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Instant, Waker)>> {
         // The table holds no invariant a panicking holder could break halfway.
-        self.sleepers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.sleepers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Wakes and forgets every sleeper whose deadline has passed. The wakers run after the
@@ -69,7 +71,12 @@ impl CoarseTimer {
     }
 
     fn sleeper(&self, deadline: Instant) -> CoarseSleep {
-        CoarseSleep { deadline, id: self.table.next_id.fetch_add(1, Ordering::Relaxed), registered: false, table: self.table.clone() }
+        CoarseSleep {
+            deadline,
+            id: self.table.next_id.fetch_add(1, Ordering::Relaxed),
+            registered: false,
+            table: self.table.clone(),
+        }
     }
 }
 
@@ -134,10 +141,18 @@ mod tests {
     async fn a_sleeper_fires_within_a_tick_of_its_deadline_and_not_before() {
         let timer = CoarseTimer::start(Duration::from_millis(20));
         let started = Instant::now();
-        tokio::time::timeout(Duration::from_secs(10), timer.sleep(Duration::from_millis(100))).await.expect("the sleeper fires");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            timer.sleep(Duration::from_millis(100)),
+        )
+        .await
+        .expect("the sleeper fires");
         let slept = started.elapsed();
         assert!(slept >= Duration::from_millis(100), "woke early: {slept:?}");
-        assert!(timer.table.sleepers().is_empty(), "a fired sleeper is forgotten");
+        assert!(
+            timer.table.sleepers().is_empty(),
+            "a fired sleeper is forgotten"
+        );
     }
 
     #[tokio::test]
@@ -145,7 +160,10 @@ mod tests {
         let timer = CoarseTimer::start(Duration::from_millis(20));
         let mut sleep = timer.sleep(Duration::from_secs(60));
         let waker = futures::task::noop_waker();
-        assert!(sleep.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+        assert!(sleep
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
         assert_eq!(timer.table.sleepers().len(), 1);
         drop(sleep);
         assert!(timer.table.sleepers().is_empty());
@@ -156,8 +174,12 @@ mod tests {
         let table = Table::default();
         let now = Instant::now();
         let waker = futures::task::noop_waker();
-        table.sleepers().insert(1, (now - Duration::from_millis(1), waker.clone()));
-        table.sleepers().insert(2, (now + Duration::from_secs(5), waker));
+        table
+            .sleepers()
+            .insert(1, (now - Duration::from_millis(1), waker.clone()));
+        table
+            .sleepers()
+            .insert(2, (now + Duration::from_secs(5), waker));
         table.sweep(now);
         assert_eq!(table.sleepers().keys().copied().collect::<Vec<_>>(), [2]);
     }

@@ -124,7 +124,10 @@ fn default_max_mints_per_second() -> f64 {
 
 impl Default for RefreshConfig {
     fn default() -> Self {
-        Self { renew_before: None, max_mints_per_second: default_max_mints_per_second() }
+        Self {
+            renew_before: None,
+            max_mints_per_second: default_max_mints_per_second(),
+        }
     }
 }
 
@@ -145,7 +148,11 @@ pub struct AdmissionConfig {
 
 impl Default for AdmissionConfig {
     fn default() -> Self {
-        Self { budget: default_budget(), max_body_bytes: default_max_body_bytes(), read_timeout: default_read_timeout() }
+        Self {
+            budget: default_budget(),
+            max_body_bytes: default_max_body_bytes(),
+            read_timeout: default_read_timeout(),
+        }
     }
 }
 
@@ -172,14 +179,19 @@ impl<'de> Deserialize<'de> for RegistryConfig {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a registry: {host: ..., <token source>: {...}}")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RegistryConfig, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RegistryConfig, A::Error> {
                 use serde::de::Error;
                 let (mut host, mut source) = (None, None);
                 while let Some(key) = map.next_key::<String>()? {
                     if key == "host" {
                         host = Some(map.next_value()?);
                     } else if source.is_some() {
-                        return Err(A::Error::custom(format!("{key:?}: a registry takes exactly one token source")));
+                        return Err(A::Error::custom(format!(
+                            "{key:?}: a registry takes exactly one token source"
+                        )));
                     } else {
                         source = Some(TokenSourceConfig::from_entry(&key, &mut map)?);
                     }
@@ -187,7 +199,10 @@ impl<'de> Deserialize<'de> for RegistryConfig {
                 Ok(RegistryConfig {
                     host: host.ok_or_else(|| A::Error::missing_field("host"))?,
                     source: source.ok_or_else(|| {
-                        A::Error::custom(format!("no token source: expected one of {}", TokenSourceConfig::NAMES.join(", ")))
+                        A::Error::custom(format!(
+                            "no token source: expected one of {}",
+                            TokenSourceConfig::NAMES.join(", ")
+                        ))
                     })?,
                 })
             }
@@ -236,7 +251,10 @@ impl fmt::Display for FieldError {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config: {0}")]
     Parse(FieldError),
     #[error("config is invalid:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
@@ -245,8 +263,10 @@ pub enum ConfigError {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_yaml(&text)
     }
 
@@ -255,10 +275,17 @@ impl Config {
         let de = serde_yaml::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            let path = if path == "." { "(top level)".to_string() } else { path };
+            let path = if path == "." {
+                "(top level)".to_string()
+            } else {
+                path
+            };
             let message = e.into_inner().to_string();
             // serde_yaml may already start its message with the path.
-            let message = message.strip_prefix(&format!("{path}: ")).map(str::to_string).unwrap_or(message);
+            let message = message
+                .strip_prefix(&format!("{path}: "))
+                .map(str::to_string)
+                .unwrap_or(message);
             ConfigError::Parse(FieldError { path, message })
         })?;
         config.validate()?;
@@ -269,7 +296,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
         let mut err = |path: &str, message: String| {
-            errors.push(FieldError { path: path.to_string(), message })
+            errors.push(FieldError {
+                path: path.to_string(),
+                message,
+            })
         };
 
         if let Err(m) = validate_dns_subdomain(&self.secret_name) {
@@ -277,7 +307,10 @@ impl Config {
         }
         crate::selector::validate(&self.namespace_selector, "namespaceSelector", &mut err);
         if self.admission.budget.is_zero() || self.admission.budget > Duration::from_secs(25) {
-            err("admission.budget", "must be more than 0s and at most 25s (webhook timeouts are capped at 30s)".into());
+            err(
+                "admission.budget",
+                "must be more than 0s and at most 25s (webhook timeouts are capped at 30s)".into(),
+            );
         }
         if self.admission.read_timeout.is_zero() {
             err("admission.readTimeout", "must be more than 0s".into());
@@ -285,8 +318,13 @@ impl Config {
         if self.admission.max_body_bytes < 1024 {
             err("admission.maxBodyBytes", "must be at least 1024".into());
         }
-        if !(self.refresh.max_mints_per_second > 0.0 && self.refresh.max_mints_per_second.is_finite()) {
-            err("refresh.maxMintsPerSecond", "must be a number above 0".into());
+        if !(self.refresh.max_mints_per_second > 0.0
+            && self.refresh.max_mints_per_second.is_finite())
+        {
+            err(
+                "refresh.maxMintsPerSecond",
+                "must be a number above 0".into(),
+            );
         }
         if let Some(rb) = self.refresh.renew_before {
             if rb.is_zero() {
@@ -301,10 +339,19 @@ impl Config {
                 err("leaderElection.leaseDuration", "must be at least 2s".into());
             }
             if le.renew_grace.as_secs() < 1 || le.renew_grace >= le.lease_duration {
-                err("leaderElection.renewGrace", "must be at least 1s and shorter than leaseDuration".into());
+                err(
+                    "leaderElection.renewGrace",
+                    "must be at least 1s and shorter than leaseDuration".into(),
+                );
             }
-            if le.namespace.is_none() && self.own_namespace.is_none() && std::env::var_os("POD_NAMESPACE").is_none() {
-                err("leaderElection.namespace", "must be set when neither ownNamespace nor $POD_NAMESPACE is".into());
+            if le.namespace.is_none()
+                && self.own_namespace.is_none()
+                && std::env::var_os("POD_NAMESPACE").is_none()
+            {
+                err(
+                    "leaderElection.namespace",
+                    "must be set when neither ownNamespace nor $POD_NAMESPACE is".into(),
+                );
             }
         }
         self.http.validate(&mut err);
@@ -330,9 +377,13 @@ impl Config {
             if r.host.is_empty() || r.host.contains("://") || r.host.contains(char::is_whitespace) {
                 err(&format!("{path}.host"), format!("{:?} must be a registry host such as registry.example.com, without a scheme", r.host));
             } else if !hosts.insert(r.host.as_str()) {
-                err(&format!("{path}.host"), format!("{:?} is listed twice", r.host));
+                err(
+                    &format!("{path}.host"),
+                    format!("{:?} is listed twice", r.host),
+                );
             }
-            r.source.validate(&path, self.refresh.renew_before, &mut err);
+            r.source
+                .validate(&path, self.refresh.renew_before, &mut err);
         }
         if errors.is_empty() {
             Ok(())
@@ -348,7 +399,9 @@ pub fn validate_dns_subdomain(name: &str) -> Result<(), String> {
         && name.len() <= 253
         && name.split('.').all(|part| {
             !part.is_empty()
-                && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !part.starts_with('-')
                 && !part.ends_with('-')
         });
@@ -433,8 +486,13 @@ registries:
         assert_eq!(c.admission.budget, Duration::from_secs(2));
         assert_eq!(c.refresh.renew_before, None);
         let labels = c.namespace_selector.match_labels.unwrap();
-        assert_eq!(labels.get(OPT_IN_LABEL).map(String::as_str), Some("enabled"));
-        let TokenSourceConfig::Kubernetes(k) = &c.registries[0].source else { panic!("not kubernetes") };
+        assert_eq!(
+            labels.get(OPT_IN_LABEL).map(String::as_str),
+            Some("enabled")
+        );
+        let TokenSourceConfig::Kubernetes(k) = &c.registries[0].source else {
+            panic!("not kubernetes")
+        };
         assert_eq!(k.service_account, "default");
         assert_eq!(k.expiration_seconds, 3600);
     }
@@ -444,7 +502,9 @@ registries:
         let c = Config::from_yaml(include_str!("../deploy/config.example.yaml")).unwrap();
         assert_eq!(c.refresh.renew_before, Some(Duration::from_secs(20 * 60)));
         assert_eq!(c.registries[0].host, "registry.example.com");
-        let TokenSourceConfig::Kubernetes(k) = &c.registries[0].source else { panic!("not kubernetes") };
+        let TokenSourceConfig::Kubernetes(k) = &c.registries[0].source else {
+            panic!("not kubernetes")
+        };
         assert_eq!(k.username.as_deref(), Some("oauth2accesstoken"));
     }
 
@@ -463,7 +523,10 @@ registries:
         let e = parse_error(&format!("{MINIMAL}refresh: {{renewBefore: soon}}\n"));
         assert_eq!(e.path, "refresh.renewBefore");
         assert!(e.message.contains("not a duration"), "{e}");
-        let e = parse_error(&MINIMAL.replace("audience: https://registry.example.com", "audience: x\n      expirationSeconds: many"));
+        let e = parse_error(&MINIMAL.replace(
+            "audience: https://registry.example.com",
+            "audience: x\n      expirationSeconds: many",
+        ));
         assert_eq!(e.path, "registries[0].kubernetes.expirationSeconds");
     }
 
@@ -498,27 +561,51 @@ registries:
             "registries[1].kubernetes.expirationSeconds",
             "registries[2].host",
         ] {
-            assert!(paths.iter().any(|p| p == expected), "{expected} missing from {paths:?}");
+            assert!(
+                paths.iter().any(|p| p == expected),
+                "{expected} missing from {paths:?}"
+            );
         }
     }
 
     #[test]
     fn leader_election_is_checked() {
-        let yaml = format!("{MINIMAL}ownNamespace: psi\nleaderElection: {{leaseDuration: 5s, renewGrace: 5s}}\n");
+        let yaml = format!(
+            "{MINIMAL}ownNamespace: psi\nleaderElection: {{leaseDuration: 5s, renewGrace: 5s}}\n"
+        );
         let paths: Vec<_> = invalid(&yaml).into_iter().map(|e| e.path).collect();
         assert_eq!(paths, ["leaderElection.renewGrace"]);
-        let c = Config::from_yaml(&format!("{MINIMAL}ownNamespace: psi\nleaderElection: {{}}\n")).unwrap();
+        let c = Config::from_yaml(&format!(
+            "{MINIMAL}ownNamespace: psi\nleaderElection: {{}}\n"
+        ))
+        .unwrap();
         let le = c.leader_election.unwrap();
-        assert_eq!((le.lease_name.as_str(), le.lease_duration.as_secs(), le.renew_grace.as_secs()), ("pull-secret-injector", 15, 5));
+        assert_eq!(
+            (
+                le.lease_name.as_str(),
+                le.lease_duration.as_secs(),
+                le.renew_grace.as_secs()
+            ),
+            ("pull-secret-injector", 15, 5)
+        );
     }
 
     #[test]
     fn inject_mode_parses() {
         let base = "tls: {certFile: a, keyFile: b}\nregistries: [{host: r.example, kubernetes: {audience: a}}]\n";
         assert_eq!(Config::from_yaml(base).unwrap().inject, InjectMode::Always);
-        assert_eq!(Config::from_yaml(&format!("{base}inject: matchingImages\n")).unwrap().inject, InjectMode::MatchingImages);
+        assert_eq!(
+            Config::from_yaml(&format!("{base}inject: matchingImages\n"))
+                .unwrap()
+                .inject,
+            InjectMode::MatchingImages
+        );
         let e = Config::from_yaml(&format!("{base}inject: sometimes\n")).unwrap_err();
-        assert!(e.to_string().starts_with("config: inject: unknown variant `sometimes`"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("config: inject: unknown variant `sometimes`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -4,12 +4,19 @@
 //! a configured registry.
 
 /// Docker Hub's names as they appear in image references and in `auths` keys.
-const DOCKER_HUB: &[&str] = &["docker.io", "index.docker.io", "registry-1.docker.io", "https://index.docker.io/v1/"];
+const DOCKER_HUB: &[&str] = &[
+    "docker.io",
+    "index.docker.io",
+    "registry-1.docker.io",
+    "https://index.docker.io/v1/",
+];
 
 /// The registry host of `image` (`ghcr.io`, `127.0.0.1:5000`, `docker.io`).
 pub fn registry_of(image: &str) -> &str {
     match image.split_once('/') {
-        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => first,
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            first
+        }
         _ => "docker.io",
     }
 }
@@ -22,7 +29,9 @@ pub fn is_on(image: &str, host: &str) -> bool {
 
 /// Whether any of `images` pulls from any of `hosts`.
 pub fn any_on<'a>(images: impl IntoIterator<Item = &'a str>, hosts: &[impl AsRef<str>]) -> bool {
-    images.into_iter().any(|i| hosts.iter().any(|h| is_on(i, h.as_ref())))
+    images
+        .into_iter()
+        .any(|i| hosts.iter().any(|h| is_on(i, h.as_ref())))
 }
 
 #[cfg(test)]
@@ -40,7 +49,10 @@ mod tests {
             ("cgr.dev/chainguard/static@sha256:0123", "cgr.dev"),
             ("127.0.0.1:5000/team-a/app", "127.0.0.1:5000"),
             ("localhost/app", "localhost"),
-            ("registry.example.com:443/a/b/c:tag", "registry.example.com:443"),
+            (
+                "registry.example.com:443/a/b/c:tag",
+                "registry.example.com:443",
+            ),
         ] {
             assert_eq!(registry_of(image), registry, "{image}");
         }
@@ -49,7 +61,10 @@ mod tests {
     #[test]
     fn matching_is_by_host_with_docker_hub_aliases() {
         assert!(is_on("ghcr.io/acme/app", "ghcr.io"));
-        assert!(!is_on("ghcr.io/acme/app", "ghcr.io:443"), "a different auths key is a different registry");
+        assert!(
+            !is_on("ghcr.io/acme/app", "ghcr.io:443"),
+            "a different auths key is a different registry"
+        );
         assert!(!is_on("ghcr.io.evil.example/app", "ghcr.io"));
         assert!(is_on("nginx", "https://index.docker.io/v1/"));
         assert!(is_on("docker.io/library/nginx", "index.docker.io"));

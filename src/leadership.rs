@@ -86,7 +86,9 @@ pub async fn run(
     drop(leading);
     match tokio::time::timeout(Duration::from_secs(5), lease_task).await {
         Ok(Ok(Ok(_))) => tracing::info!(lease = %election.lease_name, "released the lease"),
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "could not release the lease; it expires by itself"),
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(error = %e, "could not release the lease; it expires by itself")
+        }
         _ => tracing::warn!("lease task did not finish; the lease expires by itself"),
     }
 }
@@ -98,7 +100,10 @@ struct Term {
 }
 
 impl Term {
-    fn start(make: &impl Fn(mpsc::UnboundedReceiver<String>) -> Refresher, retry: &RetrySlot) -> Self {
+    fn start(
+        make: &impl Fn(mpsc::UnboundedReceiver<String>) -> Refresher,
+        retry: &RetrySlot,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         *retry.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         let (stop, mut stopped) = watch::channel(false);
@@ -114,7 +119,10 @@ impl Term {
     async fn end(mut self, retry: &RetrySlot) {
         *retry.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let _ = self.stop.send(true);
-        if tokio::time::timeout(REFRESHER_GRACE, &mut self.task).await.is_err() {
+        if tokio::time::timeout(REFRESHER_GRACE, &mut self.task)
+            .await
+            .is_err()
+        {
             tracing::warn!("refresher did not stop in time; aborting it");
             self.task.abort();
         }

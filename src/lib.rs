@@ -102,7 +102,10 @@ pub enum StartError {
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("leaderElection: no namespace for the Lease (set leaderElection.namespace, ownNamespace or $POD_NAMESPACE)")]
     LeaseNamespace,
     #[error("{0}")]
@@ -123,25 +126,43 @@ pub struct Service {
 impl Service {
     /// Loads the certificate, binds the listener and starts serving and refreshing.
     pub async fn start(config: Config, client: kube::Client) -> Result<Self, StartError> {
-        let cert = Arc::new(ReloadingCert::load(&config.tls.cert_file, &config.tls.key_file)?);
+        let cert = Arc::new(ReloadingCert::load(
+            &config.tls.cert_file,
+            &config.tls.key_file,
+        )?);
         let tls = RustlsConfig::from_config(Arc::new(tls::server_config(cert)?));
-        let listen_error = |source| StartError::Listen { addr: config.listen, source };
+        let listen_error = |source| StartError::Listen {
+            addr: config.listen,
+            source,
+        };
         let listener = std::net::TcpListener::bind(config.listen).map_err(listen_error)?;
         let local_addr = listener.local_addr().map_err(listen_error)?;
         listener.set_nonblocking(true).map_err(listen_error)?;
 
-        let own_namespace = config.own_namespace.clone().or_else(|| std::env::var("POD_NAMESPACE").ok());
+        let own_namespace = config
+            .own_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok());
         let election = match &config.leader_election {
             None => None,
             Some(le) => Some(Election {
                 lease_name: le.lease_name.clone(),
-                namespace: le.namespace.clone().or_else(|| own_namespace.clone()).ok_or(StartError::LeaseNamespace)?,
-                identity: std::env::var("POD_NAME").unwrap_or_else(|_| format!("pull-secret-injector-{:016x}", fastrand::u64(..))),
+                namespace: le
+                    .namespace
+                    .clone()
+                    .or_else(|| own_namespace.clone())
+                    .ok_or(StartError::LeaseNamespace)?,
+                identity: std::env::var("POD_NAME")
+                    .unwrap_or_else(|_| format!("pull-secret-injector-{:016x}", fastrand::u64(..))),
                 lease_duration: le.lease_duration,
                 renew_grace: le.renew_grace,
             }),
         };
-        let policy = NamespacePolicy::new(config.namespace_selector.clone(), own_namespace.as_deref(), &config.excluded_namespaces);
+        let policy = NamespacePolicy::new(
+            config.namespace_selector.clone(),
+            own_namespace.as_deref(),
+            &config.excluded_namespaces,
+        );
         let metrics = Arc::new(metrics::Metrics::default());
         let (stop, stopped) = watch::channel(false);
         let mut background = Vec::new();
@@ -149,10 +170,23 @@ impl Service {
         // Every replica watches namespaces to answer "opted in?" without an API call.
         let (namespaces, writer) = reflector::store();
         let http = token::http::HttpClient::new(&config.http)?;
-        let provisioner = Arc::new(Provisioner::new(client.clone(), http, namespaces.clone(), &config, metrics.clone()));
-        let namespace_watch = reflector::reflector(writer, watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()).modify(reconciler::slim_namespace))
-            .default_backoff()
-            .for_each(|_| futures::future::ready(()));
+        let provisioner = Arc::new(Provisioner::new(
+            client.clone(),
+            http,
+            namespaces.clone(),
+            &config,
+            metrics.clone(),
+        ));
+        let namespace_watch = reflector::reflector(
+            writer,
+            watcher(
+                Api::<Namespace>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .modify(reconciler::slim_namespace),
+        )
+        .default_backoff()
+        .for_each(|_| futures::future::ready(()));
         let mut until_stopped = stopped.clone();
         background.push(tokio::spawn(async move {
             tokio::select! {
@@ -170,14 +204,36 @@ impl Service {
         }));
 
         let retry: RetrySlot = Arc::default();
-        let (c, p, pol, upd, m) = (client.clone(), provisioner.clone(), policy.clone(), config.pull_secret_updater.clone(), metrics.clone());
+        let (c, p, pol, upd, m) = (
+            client.clone(),
+            provisioner.clone(),
+            policy.clone(),
+            config.pull_secret_updater.clone(),
+            metrics.clone(),
+        );
         let make_refresher = move |retries| {
-            let updater = upd.clone().map(|u| updater::Updater::new(c.clone(), p.http().clone(), u, m.clone()));
+            let updater = upd
+                .clone()
+                .map(|u| updater::Updater::new(c.clone(), p.http().clone(), u, m.clone()));
             Refresher::new(c.clone(), pol.clone(), p.clone(), retries, updater)
         };
-        background.push(tokio::spawn(leadership::run(client.clone(), election, make_refresher, retry.clone(), stopped)));
+        background.push(tokio::spawn(leadership::run(
+            client.clone(),
+            election,
+            make_refresher,
+            retry.clone(),
+            stopped,
+        )));
 
-        let webhook = webhook::Webhook::new(client, policy, namespaces, provisioner, config.admission.budget, retry, metrics.clone());
+        let webhook = webhook::Webhook::new(
+            client,
+            policy,
+            namespaces,
+            provisioner,
+            config.admission.budget,
+            retry,
+            metrics.clone(),
+        );
         // Client read deadlines are armed for every request, so they run on a cheap, coarse timer.
         let timer = coarse_timer::CoarseTimer::start(Duration::from_millis(100));
         let state = Arc::new(server::AppState {
@@ -189,13 +245,26 @@ impl Service {
             metrics,
         });
         let handle = axum_server::Handle::new();
-        let mut server = axum_server::from_tcp_rustls(listener, tls).map_err(listen_error)?.handle(handle.clone());
+        let mut server = axum_server::from_tcp_rustls(listener, tls)
+            .map_err(listen_error)?
+            .handle(handle.clone());
         // A client that trickles its headers is cut off (HTTP/1; HTTP/2 has its own keep-alive).
-        server.http_builder().http1().timer(timer).header_read_timeout(config.admission.read_timeout);
+        server
+            .http_builder()
+            .http1()
+            .timer(timer)
+            .header_read_timeout(config.admission.read_timeout);
         let server = server.serve(server::router(state).into_make_service());
         let server = tokio::spawn(server);
         tracing::info!(%local_addr, "serving admission webhook over TLS");
-        Ok(Self { local_addr, ready, handle, stop, server, background })
+        Ok(Self {
+            local_addr,
+            ready,
+            handle,
+            stop,
+            server,
+            background,
+        })
     }
 
     /// Whether `/readyz` answers 200: the namespace watch has synced.
@@ -206,15 +275,30 @@ impl Service {
     /// Stops accepting connections, lets in-flight admissions finish, stops the refresher and
     /// releases the Lease.
     pub async fn shutdown(self) {
-        let Self { handle, stop, server, background, .. } = self;
+        let Self {
+            handle,
+            stop,
+            server,
+            background,
+            ..
+        } = self;
         handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
         let _ = server.await;
         Self::stop_background(stop, background).await;
     }
 
     /// Runs until the server stops by itself (an error) or `signal` resolves.
-    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
-        let Self { handle, stop, mut server, background, .. } = self;
+    pub async fn run_until(
+        self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let Self {
+            handle,
+            stop,
+            mut server,
+            background,
+            ..
+        } = self;
         let result = tokio::select! {
             result = &mut server => Some(result),
             _ = signal => None,
@@ -235,7 +319,13 @@ impl Service {
         let _ = stop.send(true);
         for mut task in background {
             // The refresher gets its own grace inside; this bounds everything else.
-            if tokio::time::timeout(leadership::REFRESHER_GRACE + Duration::from_secs(6), &mut task).await.is_err() {
+            if tokio::time::timeout(
+                leadership::REFRESHER_GRACE + Duration::from_secs(6),
+                &mut task,
+            )
+            .await
+            .is_err()
+            {
                 task.abort();
             }
         }

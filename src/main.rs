@@ -11,7 +11,11 @@ use pull_secret_injector::Service;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "pull-secret-injector", version, about = "Short-lived registry pull Secrets, injected into opted-in namespaces")]
+#[command(
+    name = "pull-secret-injector",
+    version,
+    about = "Short-lived registry pull Secrets, injected into opted-in namespaces"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -42,10 +46,18 @@ enum Command {
         #[arg(long, env = "POD_NAMESPACE")]
         namespace: String,
         /// Secret that keeps the certificate (type kubernetes.io/tls).
-        #[arg(long, env = "PULL_SECRET_INJECTOR_TLS_SECRET", default_value = "pull-secret-injector-tls")]
+        #[arg(
+            long,
+            env = "PULL_SECRET_INJECTOR_TLS_SECRET",
+            default_value = "pull-secret-injector-tls"
+        )]
         secret: String,
         /// Service the API server calls; the certificate covers its DNS names.
-        #[arg(long, env = "PULL_SECRET_INJECTOR_SERVICE", default_value = "pull-secret-injector")]
+        #[arg(
+            long,
+            env = "PULL_SECRET_INJECTOR_SERVICE",
+            default_value = "pull-secret-injector"
+        )]
         service: String,
         /// MutatingWebhookConfiguration whose caBundle to keep current.
         #[arg(long, env = "PULL_SECRET_INJECTOR_WEBHOOK")]
@@ -95,13 +107,30 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Status { config } => {
             let config = Config::from_file(&config)?;
-            let client = kube::Client::try_default().await.context("cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment")?;
-            let rows = pull_secret_injector::status::collect(&client, &config).await.context("reading the cluster")?;
-            println!("{}", pull_secret_injector::status::render(&rows, jiff::Timestamp::now()));
+            let client = kube::Client::try_default().await.context(
+                "cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment",
+            )?;
+            let rows = pull_secret_injector::status::collect(&client, &config)
+                .await
+                .context("reading the cluster")?;
+            println!(
+                "{}",
+                pull_secret_injector::status::render(&rows, jiff::Timestamp::now())
+            );
             Ok(())
         }
-        Command::Certs { namespace, secret, service, webhook, out_dir, validity_days, renew_within_days } => {
-            let client = kube::Client::try_default().await.context("cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment")?;
+        Command::Certs {
+            namespace,
+            secret,
+            service,
+            webhook,
+            out_dir,
+            validity_days,
+            renew_within_days,
+        } => {
+            let client = kube::Client::try_default().await.context(
+                "cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment",
+            )?;
             let day = std::time::Duration::from_secs(86400);
             let request = pull_secret_injector::certs::CertsRequest {
                 namespace,
@@ -117,24 +146,38 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::TokenServer { config } => {
             let config = pull_secret_injector::token_server::TokenServerConfig::from_file(&config)?;
-            let clock: pull_secret_injector::token_server::server::Clock = std::sync::Arc::new(jiff::Timestamp::now);
-            let server = pull_secret_injector::token_server::server::TokenServer::start(config, clock).await?;
-            server.run_until(shutdown_signal()).await.context("token server failed")?;
+            let clock: pull_secret_injector::token_server::server::Clock =
+                std::sync::Arc::new(jiff::Timestamp::now);
+            let server =
+                pull_secret_injector::token_server::server::TokenServer::start(config, clock)
+                    .await?;
+            server
+                .run_until(shutdown_signal())
+                .await
+                .context("token server failed")?;
             Ok(())
         }
         Command::Serve { config } => {
             let config = Config::from_file(&config)?;
-            let client = kube::Client::try_default().await.context("cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment")?;
+            let client = kube::Client::try_default().await.context(
+                "cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment",
+            )?;
             let service = Service::start(config, client).await?;
-            service.run_until(shutdown_signal()).await.context("webhook server failed")?;
+            service
+                .run_until(shutdown_signal())
+                .await
+                .context("webhook server failed")?;
             Ok(())
         }
     }
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,hyper=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn,hyper=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -145,10 +188,11 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

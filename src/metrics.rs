@@ -64,19 +64,48 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("pull_secret_injector");
         let admissions = Family::<AdmissionLabels, Counter>::default();
-        registry.register("admissions", "Admission reviews answered, by object kind and outcome", admissions.clone());
+        registry.register(
+            "admissions",
+            "Admission reviews answered, by object kind and outcome",
+            admissions.clone(),
+        );
         let admission_seconds = latency_histogram();
-        registry.register("admission_duration_seconds", "Time to answer an admission review", admission_seconds.clone());
+        registry.register(
+            "admission_duration_seconds",
+            "Time to answer an admission review",
+            admission_seconds.clone(),
+        );
         let mints = Family::<MintLabels, Counter>::default();
-        registry.register("mints", "Credentials minted, by token source and outcome", mints.clone());
-        let mint_seconds: Histograms<SourceLabels> = Family::new_with_constructor(latency_histogram);
-        registry.register("mint_duration_seconds", "Time to mint one credential, by token source", mint_seconds.clone());
+        registry.register(
+            "mints",
+            "Credentials minted, by token source and outcome",
+            mints.clone(),
+        );
+        let mint_seconds: Histograms<SourceLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "mint_duration_seconds",
+            "Time to mint one credential, by token source",
+            mint_seconds.clone(),
+        );
         let cache = Family::<CacheLabels, Counter>::default();
-        registry.register("cache_lookups", "Admission-time lookups of a namespace's fresh Secret", cache.clone());
+        registry.register(
+            "cache_lookups",
+            "Admission-time lookups of a namespace's fresh Secret",
+            cache.clone(),
+        );
         let renewal_failures = Counter::default();
-        registry.register("renewal_failures", "Background reconciles that failed (retried with backoff)", renewal_failures.clone());
+        registry.register(
+            "renewal_failures",
+            "Background reconciles that failed (retried with backoff)",
+            renewal_failures.clone(),
+        );
         let managed_secrets = Gauge::default();
-        registry.register("managed_secrets", "Pull Secrets this replica wrote or adopted and still manages", managed_secrets.clone());
+        registry.register(
+            "managed_secrets",
+            "Pull Secrets this replica wrote or adopted and still manages",
+            managed_secrets.clone(),
+        );
         let earliest_expiry_seconds = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "earliest_expiry_seconds",
@@ -101,24 +130,43 @@ impl Default for Metrics {
 impl Metrics {
     // Labels are static words: no allocation on the admission path.
     pub fn admission(&self, kind: &'static str, outcome: &'static str) {
-        self.admissions.get_or_create(&AdmissionLabels { kind, outcome }).inc();
+        self.admissions
+            .get_or_create(&AdmissionLabels { kind, outcome })
+            .inc();
     }
 
     pub fn cache_lookup(&self, hit: bool) {
-        self.cache.get_or_create(&CacheLabels { result: if hit { "hit" } else { "miss" } }).inc();
+        self.cache
+            .get_or_create(&CacheLabels {
+                result: if hit { "hit" } else { "miss" },
+            })
+            .inc();
     }
 
     pub fn mint(&self, source: &'static str, ok: bool, seconds: f64) {
-        self.mints.get_or_create(&MintLabels { source, outcome: if ok { "ok" } else { "error" } }).inc();
-        self.mint_seconds.get_or_create(&SourceLabels { source }).observe(seconds);
+        self.mints
+            .get_or_create(&MintLabels {
+                source,
+                outcome: if ok { "ok" } else { "error" },
+            })
+            .inc();
+        self.mint_seconds
+            .get_or_create(&SourceLabels { source })
+            .observe(seconds);
     }
 
     pub fn secret_written(&self, namespace: &str, expires_at: Timestamp) {
-        self.expiries.lock().unwrap_or_else(|p| p.into_inner()).insert(namespace.to_string(), expires_at);
+        self.expiries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(namespace.to_string(), expires_at);
     }
 
     pub fn secret_released(&self, namespace: &str) {
-        self.expiries.lock().unwrap_or_else(|p| p.into_inner()).remove(namespace);
+        self.expiries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(namespace);
     }
 
     /// The Prometheus text exposition, with the gauges computed now.
@@ -127,7 +175,10 @@ impl Metrics {
             let expiries = self.expiries.lock().unwrap_or_else(|p| p.into_inner());
             self.managed_secrets.set(expiries.len() as i64);
             let now = Timestamp::now();
-            let earliest = expiries.values().min().map(|t| t.duration_since(now).as_secs_f64());
+            let earliest = expiries
+                .values()
+                .min()
+                .map(|t| t.duration_since(now).as_secs_f64());
             self.earliest_expiry_seconds.set(earliest.unwrap_or(0.0));
         }
         let mut out = String::new();
@@ -147,7 +198,10 @@ mod tests {
         m.admission("Pod", "patched");
         m.cache_lookup(true);
         m.mint("kubernetes", true, 0.004);
-        m.secret_written("team-a", Timestamp::now() + jiff::SignedDuration::from_secs(600));
+        m.secret_written(
+            "team-a",
+            Timestamp::now() + jiff::SignedDuration::from_secs(600),
+        );
         let text = m.encode();
         for needle in [
             r#"pull_secret_injector_admissions_total{kind="Pod",outcome="patched"} 1"#,
@@ -178,15 +232,29 @@ mod tests {
         m.cache_lookup(false);
         m.mint("kubernetes", true, 0.01);
         let text = m.encode();
-        let exported: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_whitespace().next()).collect();
-        let dashboard: serde_json::Value = serde_json::from_str(include_str!("../deploy/grafana/pull-secret-injector.json")).unwrap();
+        let exported: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../deploy/grafana/pull-secret-injector.json"))
+                .unwrap();
         let mut queried = 0;
         for panel in dashboard["panels"].as_array().unwrap() {
             for target in panel["targets"].as_array().unwrap() {
                 let expr = target["expr"].as_str().unwrap();
-                for word in expr.split(|c: char| !(c.is_alphanumeric() || c == '_')).filter(|w| w.starts_with("pull_secret_injector_")) {
-                    let family = ["_total", "_bucket", "_count", "_sum"].iter().fold(word, |w, s| w.strip_suffix(s).unwrap_or(w));
-                    assert!(exported.contains(&family), "dashboard queries {word}, which is not exported: {exported:?}");
+                for word in expr
+                    .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .filter(|w| w.starts_with("pull_secret_injector_"))
+                {
+                    let family = ["_total", "_bucket", "_count", "_sum"]
+                        .iter()
+                        .fold(word, |w, s| w.strip_suffix(s).unwrap_or(w));
+                    assert!(
+                        exported.contains(&family),
+                        "dashboard queries {word}, which is not exported: {exported:?}"
+                    );
                     queried += 1;
                 }
             }

@@ -15,8 +15,14 @@ pub const INJECTED_ANNOTATION: &str = "pull-secret-injector.io/injected-into";
 const SA_LISTS: [&str; 2] = ["imagePullSecrets", "secrets"];
 
 fn marked_lists(sa: &Value) -> Vec<&str> {
-    let marker = sa.get("metadata").and_then(|m| m.get("annotations")).and_then(|a| a.get(INJECTED_ANNOTATION));
-    marker.and_then(Value::as_str).map(|v| v.split(',').filter(|f| SA_LISTS.contains(f)).collect()).unwrap_or_default()
+    let marker = sa
+        .get("metadata")
+        .and_then(|m| m.get("annotations"))
+        .and_then(|a| a.get(INJECTED_ANNOTATION));
+    marker
+        .and_then(Value::as_str)
+        .map(|v| v.split(',').filter(|f| SA_LISTS.contains(f)).collect())
+        .unwrap_or_default()
 }
 
 /// Patch for a Pod: the Secret in `spec.imagePullSecrets`.
@@ -26,7 +32,12 @@ pub fn for_pod(pod: &Value, secret: &str) -> Patch {
     if !pod.get("spec").is_some_and(Value::is_object) {
         return Patch(ops);
     }
-    add_reference(&mut ops, pod.get("spec").and_then(|s| s.get("imagePullSecrets")), &["spec", "imagePullSecrets"], secret);
+    add_reference(
+        &mut ops,
+        pod.get("spec").and_then(|s| s.get("imagePullSecrets")),
+        &["spec", "imagePullSecrets"],
+        secret,
+    );
     Patch(ops)
 }
 
@@ -49,9 +60,15 @@ pub fn for_service_account(sa: &Value, secret: &str) -> Patch {
         let marker = json!(lists.join(","));
         let annotations = sa.get("metadata").and_then(|m| m.get("annotations"));
         if annotations.is_some_and(Value::is_object) {
-            ops.push(add(&["metadata", "annotations", INJECTED_ANNOTATION], marker));
+            ops.push(add(
+                &["metadata", "annotations", INJECTED_ANNOTATION],
+                marker,
+            ));
         } else {
-            ops.push(add(&["metadata", "annotations"], json!({ INJECTED_ANNOTATION: marker })));
+            ops.push(add(
+                &["metadata", "annotations"],
+                json!({ INJECTED_ANNOTATION: marker }),
+            ));
         }
     }
     Patch(ops)
@@ -67,23 +84,35 @@ pub fn remove_from_service_account(sa: &Value, secret: &str) -> Patch {
     }
     let mut ops = Vec::new();
     for field in lists {
-        let Some(entries) = sa.get(field).and_then(Value::as_array) else { continue };
+        let Some(entries) = sa.get(field).and_then(Value::as_array) else {
+            continue;
+        };
         // From the back, so that earlier indices stay valid.
         for (i, entry) in entries.iter().enumerate().rev() {
             if entry.get("name").and_then(Value::as_str) == Some(secret) {
                 let path = pointer(&[field, &i.to_string(), "name"]);
-                ops.push(PatchOperation::Test(TestOperation { path, value: json!(secret) }));
-                ops.push(PatchOperation::Remove(RemoveOperation { path: pointer(&[field, &i.to_string()]) }));
+                ops.push(PatchOperation::Test(TestOperation {
+                    path,
+                    value: json!(secret),
+                }));
+                ops.push(PatchOperation::Remove(RemoveOperation {
+                    path: pointer(&[field, &i.to_string()]),
+                }));
             }
         }
     }
-    ops.push(PatchOperation::Remove(RemoveOperation { path: pointer(&["metadata", "annotations", INJECTED_ANNOTATION]) }));
+    ops.push(PatchOperation::Remove(RemoveOperation {
+        path: pointer(&["metadata", "annotations", INJECTED_ANNOTATION]),
+    }));
     Patch(ops)
 }
 
 fn add_reference(ops: &mut Vec<PatchOperation>, list: Option<&Value>, path: &[&str], secret: &str) {
     match list.and_then(Value::as_array) {
-        Some(entries) if entries.iter().any(|e| e.get("name").and_then(Value::as_str) == Some(secret)) => {}
+        Some(entries)
+            if entries
+                .iter()
+                .any(|e| e.get("name").and_then(Value::as_str) == Some(secret)) => {}
         Some(_) => ops.push(add(&[path, &["-"]].concat(), json!({ "name": secret }))),
         // Absent or null: create the list with our entry.
         None => ops.push(add(path, json!([{ "name": secret }]))),
@@ -91,7 +120,10 @@ fn add_reference(ops: &mut Vec<PatchOperation>, list: Option<&Value>, path: &[&s
 }
 
 fn add(path: &[&str], value: Value) -> PatchOperation {
-    PatchOperation::Add(AddOperation { path: pointer(path), value })
+    PatchOperation::Add(AddOperation {
+        path: pointer(path),
+        value,
+    })
 }
 
 fn pointer(tokens: &[&str]) -> PointerBuf {
@@ -109,7 +141,8 @@ mod tests {
     }
 
     fn pod(pull_secrets: Option<Value>) -> Value {
-        let mut spec = json!({"containers": [{"name": "app", "image": "registry.example.com/app:1"}]});
+        let mut spec =
+            json!({"containers": [{"name": "app", "image": "registry.example.com/app:1"}]});
         if let Some(p) = pull_secrets {
             spec["imagePullSecrets"] = p;
         }
@@ -119,16 +152,28 @@ mod tests {
     #[test]
     fn pod_without_pull_secrets_gets_the_list() {
         let p = for_pod(&pod(None), "pull-secret");
-        assert_eq!(serde_json::to_value(&p).unwrap(), json!([{"op": "add", "path": "/spec/imagePullSecrets", "value": [{"name": "pull-secret"}]}]));
-        assert_eq!(apply(&pod(None), &p)["spec"]["imagePullSecrets"], json!([{"name": "pull-secret"}]));
+        assert_eq!(
+            serde_json::to_value(&p).unwrap(),
+            json!([{"op": "add", "path": "/spec/imagePullSecrets", "value": [{"name": "pull-secret"}]}])
+        );
+        assert_eq!(
+            apply(&pod(None), &p)["spec"]["imagePullSecrets"],
+            json!([{"name": "pull-secret"}])
+        );
     }
 
     #[test]
     fn pod_with_other_pull_secrets_gets_ours_appended() {
         let before = pod(Some(json!([{"name": "mine"}])));
         let p = for_pod(&before, "pull-secret");
-        assert_eq!(serde_json::to_value(&p).unwrap(), json!([{"op": "add", "path": "/spec/imagePullSecrets/-", "value": {"name": "pull-secret"}}]));
-        assert_eq!(apply(&before, &p)["spec"]["imagePullSecrets"], json!([{"name": "mine"}, {"name": "pull-secret"}]));
+        assert_eq!(
+            serde_json::to_value(&p).unwrap(),
+            json!([{"op": "add", "path": "/spec/imagePullSecrets/-", "value": {"name": "pull-secret"}}])
+        );
+        assert_eq!(
+            apply(&before, &p)["spec"]["imagePullSecrets"],
+            json!([{"name": "mine"}, {"name": "pull-secret"}])
+        );
     }
 
     #[test]
@@ -140,7 +185,10 @@ mod tests {
     #[test]
     fn null_list_is_treated_as_absent() {
         let p = for_pod(&pod(Some(Value::Null)), "s");
-        assert_eq!(apply(&pod(Some(Value::Null)), &p)["spec"]["imagePullSecrets"], json!([{"name": "s"}]));
+        assert_eq!(
+            apply(&pod(Some(Value::Null)), &p)["spec"]["imagePullSecrets"],
+            json!([{"name": "s"}])
+        );
     }
 
     #[test]
@@ -159,15 +207,24 @@ mod tests {
         let sa = json!({"metadata": {"name": "default", "annotations": {"keep": "me"}}, "secrets": [{"name": "default-token-abc"}]});
         let after = apply(&sa, &for_service_account(&sa, "pull-secret"));
         assert_eq!(after["imagePullSecrets"], json!([{"name": "pull-secret"}]));
-        assert_eq!(after["secrets"], json!([{"name": "default-token-abc"}, {"name": "pull-secret"}]));
-        assert_eq!(after["metadata"]["annotations"], json!({"keep": "me", INJECTED_ANNOTATION: "imagePullSecrets,secrets"}));
+        assert_eq!(
+            after["secrets"],
+            json!([{"name": "default-token-abc"}, {"name": "pull-secret"}])
+        );
+        assert_eq!(
+            after["metadata"]["annotations"],
+            json!({"keep": "me", INJECTED_ANNOTATION: "imagePullSecrets,secrets"})
+        );
     }
 
     #[test]
     fn service_account_without_annotations_gets_the_map() {
         let sa = json!({"metadata": {"name": "default"}});
         let after = apply(&sa, &for_service_account(&sa, "s"));
-        assert_eq!(after["metadata"]["annotations"], json!({INJECTED_ANNOTATION: "imagePullSecrets,secrets"}));
+        assert_eq!(
+            after["metadata"]["annotations"],
+            json!({INJECTED_ANNOTATION: "imagePullSecrets,secrets"})
+        );
     }
 
     #[test]
@@ -186,7 +243,10 @@ mod tests {
         assert!(remove_from_service_account(&sa, "s").0.is_empty());
         // The user wrote it in imagePullSecrets; this service added it to secrets only.
         let injected = apply(&sa, &for_service_account(&sa, "s"));
-        assert_eq!(injected["metadata"]["annotations"][INJECTED_ANNOTATION], "secrets");
+        assert_eq!(
+            injected["metadata"]["annotations"][INJECTED_ANNOTATION],
+            "secrets"
+        );
         let removed = apply(&injected, &remove_from_service_account(&injected, "s"));
         assert_eq!(removed["imagePullSecrets"], json!([{"name": "s"}]));
         assert_eq!(removed["secrets"], json!([]));

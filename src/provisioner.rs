@@ -41,10 +41,21 @@ pub enum ProvisionError {
     Conflict { namespace: String, name: String },
     #[error("minting a credential for {registry} failed: {message}")]
     Mint { registry: String, message: String },
-    #[error("namespace {namespace} selects no configured registry (annotation {annotation}: {value:?})")]
-    NothingSelected { namespace: String, annotation: &'static str, value: String },
+    #[error(
+        "namespace {namespace} selects no configured registry (annotation {annotation}: {value:?})"
+    )]
+    NothingSelected {
+        namespace: String,
+        annotation: &'static str,
+        value: String,
+    },
     #[error("{action} Secret {namespace}/{name} failed: {message}")]
-    Api { action: &'static str, namespace: String, name: String, message: String },
+    Api {
+        action: &'static str,
+        namespace: String,
+        name: String,
+        message: String,
+    },
 }
 
 pub struct Provisioner {
@@ -85,8 +96,17 @@ impl Expiry<String, Fresh> for UntilRenewal {
 }
 
 impl Provisioner {
-    pub fn new(client: Client, http: HttpClient, namespaces: Store<Namespace>, config: &Config, metrics: Arc<Metrics>) -> Self {
-        let reporter = Reporter { controller: "pull-secret-injector".into(), instance: std::env::var("POD_NAME").ok() };
+    pub fn new(
+        client: Client,
+        http: HttpClient,
+        namespaces: Store<Namespace>,
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: "pull-secret-injector".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -132,14 +152,20 @@ impl Provisioner {
     /// The subject's Secret, fresh. Answers from the cache when it can (no I/O); otherwise one
     /// caller per subject provisions and the others wait for its result.
     pub async fn ensure(&self, subject: &Subject) -> Result<Fresh, Arc<ProvisionError>> {
-        self.cache.try_get_with(subject.key(), self.provision(subject)).await
+        self.cache
+            .try_get_with(subject.key(), self.provision(subject))
+            .await
     }
 
     /// Like [`ensure`](Self::ensure), but first checks the stored Secret against the cache, so a
     /// Secret that was deleted or edited since it was written is noticed and restored.
     /// `watched` is the Secret as the refresher's watch last saw it: when it confirms the cache,
     /// or can be adopted as it is, the Secret is not read again.
-    pub async fn ensure_verified(&self, subject: &Subject, watched: Option<Assessment>) -> Result<Fresh, Arc<ProvisionError>> {
+    pub async fn ensure_verified(
+        &self,
+        subject: &Subject,
+        watched: Option<Assessment>,
+    ) -> Result<Fresh, Arc<ProvisionError>> {
         let namespace = subject.namespace.as_str();
         let key = subject.key();
         let watched = match watched {
@@ -152,17 +178,34 @@ impl Provisioner {
                 // Not seen, or not as written: the watch may lag, so ask the API server.
                 _ => {
                     let name = subject.secret_name(&self.secret_name);
-                    let stored = self.secrets(namespace).get_opt(&name).await.map_err(|e| self.api_error("reading", namespace, &name, &e))?;
+                    let stored = self
+                        .secrets(namespace)
+                        .get_opt(&name)
+                        .await
+                        .map_err(|e| self.api_error("reading", namespace, &name, &e))?;
                     pull_secret::assess(stored.as_ref())
                 }
             };
             let selection = self.selection(namespace).await?;
-            let selected_as_cached = cached.issued.registries.keys().all(|h| selection.hosts.contains(h))
-                && selection.hosts.iter().all(|h| cached.issued.registries.contains_key(h));
+            let selected_as_cached = cached
+                .issued
+                .registries
+                .keys()
+                .all(|h| selection.hosts.contains(h))
+                && selection
+                    .hosts
+                    .iter()
+                    .all(|h| cached.issued.registries.contains_key(h));
             match found {
-                Assessment::Intact(i) if i == cached.issued && selected_as_cached => return Ok(cached),
-                Assessment::Intact(i) if i == cached.issued => tracing::info!(namespace, registries = ?selection.hosts, "registry selection changed"),
-                found => tracing::info!(%subject, ?found, "stored Secret differs from the one written; restoring"),
+                Assessment::Intact(i) if i == cached.issued && selected_as_cached => {
+                    return Ok(cached)
+                }
+                Assessment::Intact(i) if i == cached.issued => {
+                    tracing::info!(namespace, registries = ?selection.hosts, "registry selection changed")
+                }
+                found => {
+                    tracing::info!(%subject, ?found, "stored Secret differs from the one written; restoring")
+                }
             }
             self.cache.invalidate(&key).await;
         } else if let Some(issued) = watched {
@@ -171,7 +214,9 @@ impl Provisioner {
             // Unknown or no registries are for `provision` to report.
             if selection.unknown.is_empty() && !selection.hosts.is_empty() {
                 let configured: Vec<&str> = selection.hosts.iter().map(String::as_str).collect();
-                if let (_, Some(fresh)) = self.plan_for(subject, Some(&issued), &configured, Timestamp::now()) {
+                if let (_, Some(fresh)) =
+                    self.plan_for(subject, Some(&issued), &configured, Timestamp::now())
+                {
                     tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret as watched");
                     self.cache.insert(key, fresh.clone()).await;
                     return Ok(fresh);
@@ -210,15 +255,27 @@ impl Provisioner {
     /// The names of the namespace's ServiceAccounts.
     pub async fn service_accounts(&self, namespace: &str) -> Result<Vec<String>, ProvisionError> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let list = api.list_metadata(&service_account_list()).await.map_err(|e| self.sa_error("listing", namespace, "*", &e))?;
-        Ok(list.items.into_iter().filter_map(|m| m.metadata.name).collect())
+        let list = api
+            .list_metadata(&service_account_list())
+            .await
+            .map_err(|e| self.sa_error("listing", namespace, "*", &e))?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|m| m.metadata.name)
+            .collect())
     }
 
     /// Opt-out: forgets the namespace, deletes its Secrets that are ours, and takes back the
     /// references this service added to ServiceAccounts.
     pub async fn release(&self, namespace: &str) -> Result<(), ProvisionError> {
         let prefix = format!("{namespace}/");
-        let keys: Vec<String> = self.cache.iter().map(|(k, _)| k.to_string()).filter(|k| k == namespace || k.starts_with(&prefix)).collect();
+        let keys: Vec<String> = self
+            .cache
+            .iter()
+            .map(|(k, _)| k.to_string())
+            .filter(|k| k == namespace || k.starts_with(&prefix))
+            .collect();
         for key in keys {
             self.cache.invalidate(&key).await;
             self.metrics.secret_released(&key);
@@ -228,43 +285,76 @@ impl Provisioner {
         let names = match self.scope {
             IdentityScope::Namespace => vec![self.secret_name.clone()],
             IdentityScope::ServiceAccount => {
-                let lp = ListParams::default().labels(&format!("{}={}", pull_secret::MANAGED_BY_LABEL, pull_secret::MANAGER));
-                let list = api.list_metadata(&lp).await.map_err(|e| self.api_error("listing", namespace, "*", &e))?;
-                list.items.into_iter().filter_map(|m| m.metadata.name).collect()
+                let lp = ListParams::default().labels(&format!(
+                    "{}={}",
+                    pull_secret::MANAGED_BY_LABEL,
+                    pull_secret::MANAGER
+                ));
+                let list = api
+                    .list_metadata(&lp)
+                    .await
+                    .map_err(|e| self.api_error("listing", namespace, "*", &e))?;
+                list.items
+                    .into_iter()
+                    .filter_map(|m| m.metadata.name)
+                    .collect()
             }
         };
         for name in names {
-            let Some(secret) = api.get_opt(&name).await.map_err(|e| self.api_error("reading", namespace, &name, &e))? else { continue };
+            let Some(secret) = api
+                .get_opt(&name)
+                .await
+                .map_err(|e| self.api_error("reading", namespace, &name, &e))?
+            else {
+                continue;
+            };
             if pull_secret::is_managed(&secret) {
                 // Preconditioned on the object we looked at: never delete a Secret replaced since.
                 let dp = DeleteParams {
-                    preconditions: Some(Preconditions { uid: secret.metadata.uid.clone(), resource_version: secret.metadata.resource_version.clone() }),
+                    preconditions: Some(Preconditions {
+                        uid: secret.metadata.uid.clone(),
+                        resource_version: secret.metadata.resource_version.clone(),
+                    }),
                     ..Default::default()
                 };
                 match api.delete(&name, &dp).await {
-                    Ok(_) => tracing::info!(namespace, secret = %name, "namespace opted out; deleted its pull Secret"),
+                    Ok(_) => {
+                        tracing::info!(namespace, secret = %name, "namespace opted out; deleted its pull Secret")
+                    }
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
                     Err(e) => return Err(self.api_error("deleting", namespace, &name, &e)),
                 }
             }
         }
-        self.for_each_service_account(namespace, patch::remove_from_service_account).await?;
+        self.for_each_service_account(namespace, patch::remove_from_service_account)
+            .await?;
         Ok(())
     }
 
     /// Adds the Secret to every existing ServiceAccount of the namespace that lacks it (those
     /// created later are patched at admission). Returns how many were patched.
-    pub async fn attach_to_service_accounts(&self, namespace: &str) -> Result<usize, ProvisionError> {
-        self.for_each_service_account(namespace, patch::for_service_account).await
+    pub async fn attach_to_service_accounts(
+        &self,
+        namespace: &str,
+    ) -> Result<usize, ProvisionError> {
+        self.for_each_service_account(namespace, patch::for_service_account)
+            .await
     }
 
     /// Applies `make`'s patch to every ServiceAccount of the namespace. Each patch is tied to the
     /// version it was computed from (a `test` of `resourceVersion`), so an edit in between (the
     /// token controller adds to `secrets`) is never overwritten: that ServiceAccount is read
     /// again and patched anew. One failing ServiceAccount does not stop the others.
-    async fn for_each_service_account(&self, namespace: &str, make: fn(&serde_json::Value, &str) -> json_patch::Patch) -> Result<usize, ProvisionError> {
+    async fn for_each_service_account(
+        &self,
+        namespace: &str,
+        make: fn(&serde_json::Value, &str) -> json_patch::Patch,
+    ) -> Result<usize, ProvisionError> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let list = api.list(&service_account_list()).await.map_err(|e| self.sa_error("listing", namespace, "*", &e))?;
+        let list = api
+            .list(&service_account_list())
+            .await
+            .map_err(|e| self.sa_error("listing", namespace, "*", &e))?;
         let mut patched = 0;
         let mut first_error = None;
         for sa in list {
@@ -277,16 +367,30 @@ impl Provisioner {
                     break;
                 };
                 let value = serde_json::to_value(&sa).unwrap_or_default();
-                let mut p = make(&value, &self.subject_for(namespace, &name).secret_name(&self.secret_name));
+                let mut p = make(
+                    &value,
+                    &self
+                        .subject_for(namespace, &name)
+                        .secret_name(&self.secret_name),
+                );
                 if p.0.is_empty() {
                     settled = true;
                     break;
                 }
-                p.0.insert(0, json_patch::PatchOperation::Test(json_patch::TestOperation {
-                    path: json_patch::jsonptr::PointerBuf::from_tokens(["metadata", "resourceVersion"]),
-                    value: serde_json::json!(sa.metadata.resource_version),
-                }));
-                match api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(p)).await {
+                p.0.insert(
+                    0,
+                    json_patch::PatchOperation::Test(json_patch::TestOperation {
+                        path: json_patch::jsonptr::PointerBuf::from_tokens([
+                            "metadata",
+                            "resourceVersion",
+                        ]),
+                        value: serde_json::json!(sa.metadata.resource_version),
+                    }),
+                );
+                match api
+                    .patch(&name, &PatchParams::default(), &Patch::<()>::Json(p))
+                    .await
+                {
                     Ok(_) => {
                         patched += 1;
                         settled = true;
@@ -298,7 +402,10 @@ impl Provisioner {
                     }
                     // The `test` failed: the ServiceAccount changed since it was read.
                     Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
-                        current = api.get_opt(&name).await.map_err(|e| self.sa_error("reading", namespace, &name, &e))?;
+                        current = api
+                            .get_opt(&name)
+                            .await
+                            .map_err(|e| self.sa_error("reading", namespace, &name, &e))?;
                     }
                     Err(e) => {
                         first_error.get_or_insert(self.sa_error("patching", namespace, &name, &e));
@@ -334,13 +441,19 @@ impl Provisioner {
         if let Some(ns) = self.namespaces.get(&ObjectRef::new(namespace)) {
             return Ok(selector::registries_for(annotation_of(&ns), &configured));
         }
-        let ns = Api::<Namespace>::all(self.client.clone()).get_opt(namespace).await.map_err(|e| ProvisionError::Api {
-            action: "reading namespace for",
-            namespace: namespace.into(),
-            name: self.secret_name.clone(),
-            message: kube_error_message(&e),
-        })?;
-        Ok(selector::registries_for(ns.as_ref().and_then(annotation_of), &configured))
+        let ns = Api::<Namespace>::all(self.client.clone())
+            .get_opt(namespace)
+            .await
+            .map_err(|e| ProvisionError::Api {
+                action: "reading namespace for",
+                namespace: namespace.into(),
+                name: self.secret_name.clone(),
+                message: kube_error_message(&e),
+            })?;
+        Ok(selector::registries_for(
+            ns.as_ref().and_then(annotation_of),
+            &configured,
+        ))
     }
 
     /// The registries `namespace` gets, as the watch last saw its annotation (no I/O).
@@ -354,12 +467,34 @@ impl Provisioner {
         Api::namespaced(self.client.clone(), namespace)
     }
 
-    fn api_error(&self, action: &'static str, namespace: &str, name: &str, e: &kube::Error) -> ProvisionError {
-        ProvisionError::Api { action, namespace: namespace.into(), name: name.into(), message: kube_error_message(e) }
+    fn api_error(
+        &self,
+        action: &'static str,
+        namespace: &str,
+        name: &str,
+        e: &kube::Error,
+    ) -> ProvisionError {
+        ProvisionError::Api {
+            action,
+            namespace: namespace.into(),
+            name: name.into(),
+            message: kube_error_message(e),
+        }
     }
 
-    fn sa_error(&self, action: &'static str, namespace: &str, name: &str, e: &kube::Error) -> ProvisionError {
-        ProvisionError::Api { action, namespace: namespace.into(), name: format!("for ServiceAccount {name}"), message: kube_error_message(e) }
+    fn sa_error(
+        &self,
+        action: &'static str,
+        namespace: &str,
+        name: &str,
+        e: &kube::Error,
+    ) -> ProvisionError {
+        ProvisionError::Api {
+            action,
+            namespace: namespace.into(),
+            name: format!("for ServiceAccount {name}"),
+            message: kube_error_message(e),
+        }
     }
 
     /// Reads what is stored and works out, registry by registry, what is still good and what
@@ -374,25 +509,48 @@ impl Provisioner {
         let api = self.secrets(namespace);
         let selection = self.selection(namespace).await?;
         if !selection.unknown.is_empty() {
-            let note = format!("annotation {} names registries that are not configured: {}; they are ignored", selector::REGISTRIES_ANNOTATION, selection.unknown.join(", "));
-            self.report_on_namespace(namespace, "UnknownRegistry", &note).await;
+            let note = format!(
+                "annotation {} names registries that are not configured: {}; they are ignored",
+                selector::REGISTRIES_ANNOTATION,
+                selection.unknown.join(", ")
+            );
+            self.report_on_namespace(namespace, "UnknownRegistry", &note)
+                .await;
         }
         if selection.hosts.is_empty() {
-            let value = self.namespaces.get(&ObjectRef::new(namespace)).as_deref().and_then(annotation_of).unwrap_or_default().to_string();
-            let e = ProvisionError::NothingSelected { namespace: namespace.into(), annotation: selector::REGISTRIES_ANNOTATION, value };
-            self.report_on_namespace(namespace, "NoRegistrySelected", &e.to_string()).await;
+            let value = self
+                .namespaces
+                .get(&ObjectRef::new(namespace))
+                .as_deref()
+                .and_then(annotation_of)
+                .unwrap_or_default()
+                .to_string();
+            let e = ProvisionError::NothingSelected {
+                namespace: namespace.into(),
+                annotation: selector::REGISTRIES_ANNOTATION,
+                value,
+            };
+            self.report_on_namespace(namespace, "NoRegistrySelected", &e.to_string())
+                .await;
             return Err(e);
         }
         let configured: Vec<&str> = selection.hosts.iter().map(String::as_str).collect();
         for attempt in 0..2 {
-            let stored = api.get_opt(&name).await.map_err(|e| self.api_error("reading", namespace, &name, &e))?;
+            let stored = api
+                .get_opt(&name)
+                .await
+                .map_err(|e| self.api_error("reading", namespace, &name, &e))?;
             let previous = match pull_secret::assess(stored.as_ref()) {
                 Assessment::Foreign => {
                     let note = format!(
                         "Secret {name} exists and is not managed by pull-secret-injector (label app.kubernetes.io/managed-by); it is not overwritten and is not injected. Rename or delete it, or change secretName."
                     );
-                    self.report(namespace, &name, "SecretNotManaged", &note).await;
-                    return Err(ProvisionError::Conflict { namespace: namespace.into(), name });
+                    self.report(namespace, &name, "SecretNotManaged", &note)
+                        .await;
+                    return Err(ProvisionError::Conflict {
+                        namespace: namespace.into(),
+                        name,
+                    });
                 }
                 Assessment::Intact(issued) => Some(issued),
                 Assessment::Missing | Assessment::Tampered | Assessment::Outdated => None,
@@ -412,8 +570,16 @@ impl Provisioner {
             }
             let (minted, failures) = self.mint_some(subject, &plan.mint).await;
             if !failures.is_empty() {
-                let kept: Vec<&str> = failures.iter().filter(|(h, _)| carried.get(h).is_some_and(|c| c.expires_at > now)).map(|(h, _)| h.as_str()).collect();
-                let summary = failures.iter().map(|(_, e)| e.to_string()).collect::<Vec<_>>().join("; ");
+                let kept: Vec<&str> = failures
+                    .iter()
+                    .filter(|(h, _)| carried.get(h).is_some_and(|c| c.expires_at > now))
+                    .map(|(h, _)| h.as_str())
+                    .collect();
+                let summary = failures
+                    .iter()
+                    .map(|(_, e)| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 let note = if kept.is_empty() {
                     format!("{summary}; minting is retried")
                 } else {
@@ -423,12 +589,20 @@ impl Provisioner {
                 if minted.is_empty() && plan.drop.is_empty() {
                     // Nothing new to write: the stored Secret, if any, stays as it is.
                     self.bump_failures(&subject.key());
-                    return Err(failures.into_iter().next().map(|(_, e)| e).expect("failures is not empty"));
+                    return Err(failures
+                        .into_iter()
+                        .next()
+                        .map(|(_, e)| e)
+                        .expect("failures is not empty"));
                 }
             }
             let mut credentials: Vec<(String, Credential)> = Vec::new();
             for host in &configured {
-                if let Some(c) = minted.iter().find(|(h, _)| h == host).map(|(_, c)| c.clone()) {
+                if let Some(c) = minted
+                    .iter()
+                    .find(|(h, _)| h == host)
+                    .map(|(_, c)| c.clone())
+                {
                     credentials.push((host.to_string(), c));
                 } else if let Some(c) = carried.remove(*host).filter(|c| c.expires_at > now) {
                     credentials.push((host.to_string(), c));
@@ -436,7 +610,10 @@ impl Provisioner {
             }
             if credentials.is_empty() {
                 self.bump_failures(&subject.key());
-                return Err(ProvisionError::Mint { registry: configured.join(", "), message: "no registry has a usable credential".into() });
+                return Err(ProvisionError::Mint {
+                    registry: configured.join(", "),
+                    message: "no registry has a usable credential".into(),
+                });
             }
             let (mut secret, issued) = pull_secret::build(namespace, &name, &credentials);
             if let Some(sa) = &subject.service_account {
@@ -455,32 +632,76 @@ impl Provisioner {
                     return Ok(fresh);
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 && attempt == 0 => {
-                    tracing::debug!(namespace, "pull Secret was written concurrently; reading it again");
+                    tracing::debug!(
+                        namespace,
+                        "pull Secret was written concurrently; reading it again"
+                    );
                 }
-                Err(e) => return Err(self.api_error(if stored.is_some() { "replacing" } else { "creating" }, namespace, &name, &e)),
+                Err(e) => {
+                    return Err(self.api_error(
+                        if stored.is_some() {
+                            "replacing"
+                        } else {
+                            "creating"
+                        },
+                        namespace,
+                        &name,
+                        &e,
+                    ))
+                }
             }
         }
-        Err(ProvisionError::Api { action: "writing", namespace: namespace.into(), name, message: "conflicting writers".into() })
+        Err(ProvisionError::Api {
+            action: "writing",
+            namespace: namespace.into(),
+            name,
+            message: "conflicting writers".into(),
+        })
     }
 
     /// An owner reference to ServiceAccount `namespace/name`.
-    async fn owner(&self, namespace: &str, name: &str) -> Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference, ProvisionError> {
+    async fn owner(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference, ProvisionError>
+    {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let sa = api.get(name).await.map_err(|e| self.sa_error("reading", namespace, name, &e))?;
-        Ok(k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
-            api_version: "v1".into(),
-            kind: "ServiceAccount".into(),
-            name: name.into(),
-            uid: sa.metadata.uid.unwrap_or_default(),
-            ..Default::default()
-        })
+        let sa = api
+            .get(name)
+            .await
+            .map_err(|e| self.sa_error("reading", namespace, name, &e))?;
+        Ok(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "v1".into(),
+                kind: "ServiceAccount".into(),
+                name: name.into(),
+                uid: sa.metadata.uid.unwrap_or_default(),
+                ..Default::default()
+            },
+        )
     }
 
     /// What to do about a stored Secret: the plan, and its cache entry when the plan is to do
     /// nothing (it covers exactly the configured registries and none is due yet).
-    fn plan_for(&self, subject: &Subject, stored: Option<&Issued>, configured: &[&str], now: Timestamp) -> (renewal::Plan, Option<Fresh>) {
-        let plan = renewal::plan(stored, configured, self.renew_before, &subject.namespace, now);
-        let keep = stored.filter(|_| plan.is_nothing()).map(|issued| self.fresh(subject, issued.clone(), configured)).filter(|fresh| now < fresh.renew_at);
+    fn plan_for(
+        &self,
+        subject: &Subject,
+        stored: Option<&Issued>,
+        configured: &[&str],
+        now: Timestamp,
+    ) -> (renewal::Plan, Option<Fresh>) {
+        let plan = renewal::plan(
+            stored,
+            configured,
+            self.renew_before,
+            &subject.namespace,
+            now,
+        );
+        let keep = stored
+            .filter(|_| plan.is_nothing())
+            .map(|issued| self.fresh(subject, issued.clone(), configured))
+            .filter(|fresh| now < fresh.renew_at);
         (plan, keep)
     }
 
@@ -491,9 +712,20 @@ impl Provisioner {
         let key = subject.key();
         self.metrics.secret_written(&key, issued.expires_at);
         let configured: Vec<&str> = configured.iter().map(AsRef::as_ref).collect();
-        let failures = self.failures.lock().map(|f| f.get(&key).copied().unwrap_or(0)).unwrap_or(0);
+        let failures = self
+            .failures
+            .lock()
+            .map(|f| f.get(&key).copied().unwrap_or(0))
+            .unwrap_or(0);
         let retry = renewal::retry_delay(failures.max(1), 0.5 + fastrand::f64());
-        let renew_at = renewal::next_renewal(&issued, &configured, self.renew_before, &key, Timestamp::now(), retry);
+        let renew_at = renewal::next_renewal(
+            &issued,
+            &configured,
+            self.renew_before,
+            &key,
+            Timestamp::now(),
+            retry,
+        );
         Fresh { issued, renew_at }
     }
 
@@ -510,7 +742,11 @@ impl Provisioner {
     }
 
     /// Mints the credentials of `hosts` concurrently; returns what was minted and what failed.
-    async fn mint_some(&self, subject: &Subject, hosts: &[String]) -> (Vec<(String, Credential)>, Vec<(String, ProvisionError)>) {
+    async fn mint_some(
+        &self,
+        subject: &Subject,
+        hosts: &[String],
+    ) -> (Vec<(String, Credential)>, Vec<(String, ProvisionError)>) {
         let namespace = subject.namespace.as_str();
         let mints = self.registries.iter().filter(|r| hosts.contains(&r.host)).map(|r| async move {
             let started = Instant::now();
@@ -572,5 +808,9 @@ impl Provisioner {
 }
 
 fn annotation_of(ns: &Namespace) -> Option<&str> {
-    ns.metadata.annotations.as_ref()?.get(selector::REGISTRIES_ANNOTATION).map(String::as_str)
+    ns.metadata
+        .annotations
+        .as_ref()?
+        .get(selector::REGISTRIES_ANNOTATION)
+        .map(String::as_str)
 }

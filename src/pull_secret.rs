@@ -53,8 +53,19 @@ pub struct Lifetime {
 impl Issued {
     /// One registry's lifetime for all of the Secret (tests, benchmarks).
     pub fn single(host: &str, issued_at: Timestamp, expires_at: Timestamp) -> Self {
-        let registries = BTreeMap::from([(host.to_string(), Lifetime { issued_at, expires_at })]);
-        Issued { issued_at, expires_at, content_sha256: String::new(), registries }
+        let registries = BTreeMap::from([(
+            host.to_string(),
+            Lifetime {
+                issued_at,
+                expires_at,
+            },
+        )]);
+        Issued {
+            issued_at,
+            expires_at,
+            content_sha256: String::new(),
+            registries,
+        }
     }
 }
 
@@ -73,7 +84,13 @@ pub enum Assessment {
 }
 
 pub fn is_managed(secret: &Secret) -> bool {
-    secret.metadata.labels.as_ref().and_then(|l| l.get(MANAGED_BY_LABEL)).map(String::as_str) == Some(MANAGER)
+    secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .map(String::as_str)
+        == Some(MANAGER)
 }
 
 /// The `.dockerconfigjson` document for one credential per registry host.
@@ -84,7 +101,10 @@ pub fn docker_config_json(credentials: &[(String, Credential)]) -> Vec<u8> {
         .map(|(host, c)| {
             let password = c.password.expose();
             let auth = b64.encode(format!("{}:{password}", c.username));
-            (host.clone(), json!({"username": c.username, "password": password, "auth": auth}))
+            (
+                host.clone(),
+                json!({"username": c.username, "password": password, "auth": auth}),
+            )
         })
         .collect();
     // A map of strings always serialises.
@@ -92,7 +112,10 @@ pub fn docker_config_json(credentials: &[(String, Credential)]) -> Vec<u8> {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn hosts_annotation<'a>(hosts: impl IntoIterator<Item = &'a str>) -> String {
@@ -102,15 +125,35 @@ fn hosts_annotation<'a>(hosts: impl IntoIterator<Item = &'a str>) -> String {
 }
 
 /// The Secret to store for these credentials, and what it records about them.
-pub fn build(namespace: &str, name: &str, credentials: &[(String, Credential)]) -> (Secret, Issued) {
+pub fn build(
+    namespace: &str,
+    name: &str,
+    credentials: &[(String, Credential)],
+) -> (Secret, Issued) {
     let data = docker_config_json(credentials);
     let registries: BTreeMap<String, Lifetime> = credentials
         .iter()
-        .map(|(h, c)| (h.clone(), Lifetime { issued_at: c.issued_at, expires_at: c.expires_at }))
+        .map(|(h, c)| {
+            (
+                h.clone(),
+                Lifetime {
+                    issued_at: c.issued_at,
+                    expires_at: c.expires_at,
+                },
+            )
+        })
         .collect();
     let issued = Issued {
-        issued_at: credentials.iter().map(|(_, c)| c.issued_at).min().unwrap_or_else(Timestamp::now),
-        expires_at: credentials.iter().map(|(_, c)| c.expires_at).min().unwrap_or_else(Timestamp::now),
+        issued_at: credentials
+            .iter()
+            .map(|(_, c)| c.issued_at)
+            .min()
+            .unwrap_or_else(Timestamp::now),
+        expires_at: credentials
+            .iter()
+            .map(|(_, c)| c.expires_at)
+            .min()
+            .unwrap_or_else(Timestamp::now),
         content_sha256: sha256_hex(&data),
         registries,
     };
@@ -118,20 +161,32 @@ pub fn build(namespace: &str, name: &str, credentials: &[(String, Credential)]) 
         (ISSUED_AT.to_string(), issued.issued_at.to_string()),
         (EXPIRES_AT.to_string(), issued.expires_at.to_string()),
         (CONTENT_HASH.to_string(), issued.content_sha256.clone()),
-        (REGISTRIES.to_string(), hosts_annotation(credentials.iter().map(|(h, _)| h.as_str()))),
+        (
+            REGISTRIES.to_string(),
+            hosts_annotation(credentials.iter().map(|(h, _)| h.as_str())),
+        ),
         // A map of timestamps always serialises.
-        (CREDENTIALS.to_string(), serde_json::to_string(&issued.registries).unwrap_or_default()),
+        (
+            CREDENTIALS.to_string(),
+            serde_json::to_string(&issued.registries).unwrap_or_default(),
+        ),
     ]);
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             namespace: Some(namespace.to_string()),
-            labels: Some(BTreeMap::from([(MANAGED_BY_LABEL.to_string(), MANAGER.to_string())])),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY_LABEL.to_string(),
+                MANAGER.to_string(),
+            )])),
             annotations: Some(annotations),
             ..Default::default()
         },
         type_: Some(DOCKER_CONFIG_TYPE.to_string()),
-        data: Some(BTreeMap::from([(DOCKER_CONFIG_KEY.to_string(), ByteString(data))])),
+        data: Some(BTreeMap::from([(
+            DOCKER_CONFIG_KEY.to_string(),
+            ByteString(data),
+        )])),
         ..Default::default()
     };
     (secret, issued)
@@ -140,25 +195,39 @@ pub fn build(namespace: &str, name: &str, credentials: &[(String, Credential)]) 
 /// Reads back what [`build`] recorded, checking that the data is still what was written.
 /// Whether it covers the registries configured now, and which are due, is `renewal::plan`'s call.
 pub fn assess(secret: Option<&Secret>) -> Assessment {
-    let Some(secret) = secret else { return Assessment::Missing };
+    let Some(secret) = secret else {
+        return Assessment::Missing;
+    };
     if !is_managed(secret) {
         return Assessment::Foreign;
     }
     let annotations = secret.metadata.annotations.clone().unwrap_or_default();
     let get = |k: &str| annotations.get(k).map(String::as_str);
     let data = secret.data.as_ref().and_then(|d| d.get(DOCKER_CONFIG_KEY));
-    let Some(recorded_hash) = get(CONTENT_HASH) else { return Assessment::Outdated };
+    let Some(recorded_hash) = get(CONTENT_HASH) else {
+        return Assessment::Outdated;
+    };
     match data {
-        Some(d) if sha256_hex(&d.0) == recorded_hash && secret.type_.as_deref() == Some(DOCKER_CONFIG_TYPE) => {}
+        Some(d)
+            if sha256_hex(&d.0) == recorded_hash
+                && secret.type_.as_deref() == Some(DOCKER_CONFIG_TYPE) => {}
         _ => return Assessment::Tampered,
     }
-    let registries: Option<BTreeMap<String, Lifetime>> = get(CREDENTIALS).and_then(|v| serde_json::from_str(v).ok());
-    let Some(registries) = registries.filter(|r| !r.is_empty()) else { return Assessment::Outdated };
+    let registries: Option<BTreeMap<String, Lifetime>> =
+        get(CREDENTIALS).and_then(|v| serde_json::from_str(v).ok());
+    let Some(registries) = registries.filter(|r| !r.is_empty()) else {
+        return Assessment::Outdated;
+    };
     let issued_at = registries.values().map(|l| l.issued_at).min();
     let expires_at = registries.values().map(|l| l.expires_at).min();
     match (issued_at, expires_at) {
         (Some(issued_at), Some(expires_at)) if issued_at < expires_at => {
-            Assessment::Intact(Issued { issued_at, expires_at, content_sha256: recorded_hash.to_string(), registries })
+            Assessment::Intact(Issued {
+                issued_at,
+                expires_at,
+                content_sha256: recorded_hash.to_string(),
+                registries,
+            })
         }
         _ => Assessment::Outdated,
     }
@@ -176,13 +245,22 @@ pub fn stored_credentials(secret: &Secret, issued: &Issued) -> BTreeMap<String, 
     struct Doc {
         auths: BTreeMap<String, Entry>,
     }
-    let Some(data) = secret.data.as_ref().and_then(|d| d.get(DOCKER_CONFIG_KEY)) else { return BTreeMap::new() };
-    let Ok(doc) = serde_json::from_slice::<Doc>(&data.0) else { return BTreeMap::new() };
+    let Some(data) = secret.data.as_ref().and_then(|d| d.get(DOCKER_CONFIG_KEY)) else {
+        return BTreeMap::new();
+    };
+    let Ok(doc) = serde_json::from_slice::<Doc>(&data.0) else {
+        return BTreeMap::new();
+    };
     doc.auths
         .into_iter()
         .filter_map(|(host, e)| {
             let l = issued.registries.get(&host)?;
-            let c = Credential { username: e.username, password: Sensitive::new(e.password), issued_at: l.issued_at, expires_at: l.expires_at };
+            let c = Credential {
+                username: e.username,
+                password: Sensitive::new(e.password),
+                issued_at: l.issued_at,
+                expires_at: l.expires_at,
+            };
             Some((host, c))
         })
         .collect()
@@ -204,7 +282,10 @@ mod tests {
 
     fn creds() -> Vec<(String, Credential)> {
         vec![
-            ("registry.example.com".into(), cred("oauth2accesstoken", "tok-a", 1000, 4600)),
+            (
+                "registry.example.com".into(),
+                cred("oauth2accesstoken", "tok-a", 1000, 4600),
+            ),
             ("ghcr.io".into(), cred("default", "tok-b", 1001, 2000)),
         ]
     }
@@ -229,13 +310,22 @@ mod tests {
         let a = s.metadata.annotations.as_ref().unwrap();
         assert_eq!(a[EXPIRES_AT], "1970-01-01T00:33:20Z");
         assert_eq!(a[REGISTRIES], "ghcr.io,registry.example.com");
-        assert_eq!(issued.registries["ghcr.io"].expires_at, Timestamp::from_second(2000).unwrap());
-        assert_eq!(issued.registries["registry.example.com"].expires_at, Timestamp::from_second(4600).unwrap());
+        assert_eq!(
+            issued.registries["ghcr.io"].expires_at,
+            Timestamp::from_second(2000).unwrap()
+        );
+        assert_eq!(
+            issued.registries["registry.example.com"].expires_at,
+            Timestamp::from_second(4600).unwrap()
+        );
         assert_eq!(assess(Some(&s)), Assessment::Intact(issued.clone()));
         let stored = stored_credentials(&s, &issued);
         assert_eq!(stored["ghcr.io"].password.expose(), "tok-b");
         assert_eq!(stored["registry.example.com"].username, "oauth2accesstoken");
-        assert_eq!(stored["registry.example.com"].expires_at, Timestamp::from_second(4600).unwrap());
+        assert_eq!(
+            stored["registry.example.com"].expires_at,
+            Timestamp::from_second(4600).unwrap()
+        );
     }
 
     #[test]
@@ -247,7 +337,11 @@ mod tests {
         assert_eq!(assess(Some(&foreign)), Assessment::Foreign);
 
         let (mut tampered, _) = build("ns", "pull-secret", &creds());
-        tampered.data.as_mut().unwrap().insert(DOCKER_CONFIG_KEY.into(), ByteString(b"{}".to_vec()));
+        tampered
+            .data
+            .as_mut()
+            .unwrap()
+            .insert(DOCKER_CONFIG_KEY.into(), ByteString(b"{}".to_vec()));
         assert_eq!(assess(Some(&tampered)), Assessment::Tampered);
 
         let (mut emptied, _) = build("ns", "pull-secret", &creds());
@@ -255,12 +349,22 @@ mod tests {
         assert_eq!(assess(Some(&emptied)), Assessment::Tampered);
 
         let (mut garbled, _) = build("ns", "pull-secret", &creds());
-        garbled.metadata.annotations.as_mut().unwrap().insert(CREDENTIALS.into(), "soon".into());
+        garbled
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(CREDENTIALS.into(), "soon".into());
         assert_eq!(assess(Some(&garbled)), Assessment::Outdated);
 
         // Written by a version that kept no per-registry lifetimes: renewed in full.
         let (mut older, _) = build("ns", "pull-secret", &creds());
-        older.metadata.annotations.as_mut().unwrap().remove(CREDENTIALS);
+        older
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(CREDENTIALS);
         assert_eq!(assess(Some(&older)), Assessment::Outdated);
     }
 }

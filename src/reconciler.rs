@@ -19,12 +19,12 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
 
 use crate::config::InjectMode;
-use crate::subject::{IdentityScope, Subject};
 use crate::provisioner::{ProvisionError, Provisioner};
 use crate::pull_secret::{self, Assessment, MANAGED_BY_LABEL, MANAGER};
-use crate::{patch, renewal};
-use crate::watched::Watched;
 use crate::selector::{Eligibility, NamespacePolicy};
+use crate::subject::{IdentityScope, Subject};
+use crate::watched::Watched;
+use crate::{patch, renewal};
 
 /// How long to wait before looking again at a namespace whose Secret belongs to someone else.
 const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
@@ -75,42 +75,89 @@ impl Refresher {
         // (`resourceNames`), never to the other Secrets of opted-in namespaces.
         let by_label = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
         let secret_config = match provisioner.scope() {
-            IdentityScope::Namespace => by_label.fields(&format!("metadata.name={}", provisioner.secret_name())),
+            IdentityScope::Namespace => {
+                by_label.fields(&format!("metadata.name={}", provisioner.secret_name()))
+            }
             // One Secret per ServiceAccount: names vary, so by label only.
             IdentityScope::ServiceAccount => by_label,
         };
-        let mut watches = vec![follow(Api::all(client.clone()), secret_config, secrets.clone(), |s: &Secret| pull_secret::assess(Some(s)), Some(touched.clone()))];
+        let mut watches = vec![follow(
+            Api::all(client.clone()),
+            secret_config,
+            secrets.clone(),
+            |s: &Secret| pull_secret::assess(Some(s)),
+            Some(touched.clone()),
+        )];
         // ServiceAccounts: which ones lack the Secret (created before the namespace opted in,
         // or while the webhook was down), and per ServiceAccount, whose Secrets to keep. In
         // that scope a new ServiceAccount starts a reconcile (it needs a Secret of its own);
         // otherwise ServiceAccounts are attached when their namespace is next reconciled.
-        let accounts = (provisioner.scope() == IdentityScope::ServiceAccount || provisioner.inject_mode() == InjectMode::Always).then(|| {
-            let accounts = Arc::new(Watched::default());
-            let (scope, secret_name) = (provisioner.scope(), provisioner.secret_name().to_string());
-            let attached = move |sa: &ServiceAccount| {
-                let secret = Subject::for_workload(scope, &sa.namespace().unwrap_or_default(), &sa.name_any()).secret_name(&secret_name);
-                patch::for_service_account(&serde_json::to_value(sa).unwrap_or_default(), &secret).0.is_empty()
-            };
-            let wake = (scope == IdentityScope::ServiceAccount).then_some(touched);
-            watches.push(follow(Api::all(client.clone()), watcher::Config::default(), accounts.clone(), attached, wake));
-            accounts
-        });
+        let accounts = (provisioner.scope() == IdentityScope::ServiceAccount
+            || provisioner.inject_mode() == InjectMode::Always)
+            .then(|| {
+                let accounts = Arc::new(Watched::default());
+                let (scope, secret_name) =
+                    (provisioner.scope(), provisioner.secret_name().to_string());
+                let attached = move |sa: &ServiceAccount| {
+                    let secret = Subject::for_workload(
+                        scope,
+                        &sa.namespace().unwrap_or_default(),
+                        &sa.name_any(),
+                    )
+                    .secret_name(&secret_name);
+                    patch::for_service_account(
+                        &serde_json::to_value(sa).unwrap_or_default(),
+                        &secret,
+                    )
+                    .0
+                    .is_empty()
+                };
+                let wake = (scope == IdentityScope::ServiceAccount).then_some(touched);
+                watches.push(follow(
+                    Api::all(client.clone()),
+                    watcher::Config::default(),
+                    accounts.clone(),
+                    attached,
+                    wake,
+                ));
+                accounts
+            });
         let (nudge, nudged) = mpsc::unbounded_channel();
         let retries = futures::stream::select(tokio_stream_from(retry), tokio_stream_from(nudged));
-        let triggers = futures::stream::select(retries, tokio_stream_from(touched_namespaces)).map(|ns| ObjectRef::<Namespace>::new(&ns));
+        let triggers = futures::stream::select(retries, tokio_stream_from(touched_namespaces))
+            .map(|ns| ObjectRef::<Namespace>::new(&ns));
         let (namespaces, ns_writer) = reflector::store();
-        let namespace_events = reflector::reflector(ns_writer, watcher(Api::<Namespace>::all(client), watcher::Config::default()).modify(slim_namespace))
-            .default_backoff()
-            .applied_objects();
+        let namespace_events = reflector::reflector(
+            ns_writer,
+            watcher(Api::<Namespace>::all(client), watcher::Config::default())
+                .modify(slim_namespace),
+        )
+        .default_backoff()
+        .applied_objects();
         let controller = Controller::for_stream(namespace_events, namespaces)
             .with_config(ControllerConfig::default().concurrency(16))
             .reconcile_on(triggers);
-        let context = Arc::new(Context { policy, provisioner, secrets, accounts, failures: Mutex::default(), nudge });
-        Self { controller, context, updater, watches }
+        let context = Arc::new(Context {
+            policy,
+            provisioner,
+            secrets,
+            accounts,
+            failures: Mutex::default(),
+            nudge,
+        });
+        Self {
+            controller,
+            context,
+            updater,
+            watches,
+        }
     }
 
     /// Runs until `shutdown` resolves.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    ) {
         use futures::FutureExt;
         let shutdown = shutdown.shared();
         let namespaces = self
@@ -194,7 +241,9 @@ pub fn slim_namespace(ns: &mut Namespace) {
     ns.status = None;
 }
 
-fn tokio_stream_from(mut rx: mpsc::UnboundedReceiver<String>) -> impl futures::Stream<Item = String> {
+fn tokio_stream_from(
+    mut rx: mpsc::UnboundedReceiver<String>,
+) -> impl futures::Stream<Item = String> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -223,7 +272,9 @@ impl Context {
     /// there is nothing to list or patch.
     async fn accounts_attached(&self, namespace: &str) -> bool {
         match &self.accounts {
-            Some(accounts) => listed(accounts).await && accounts.all_in(namespace, |attached| *attached),
+            Some(accounts) => {
+                listed(accounts).await && accounts.all_in(namespace, |attached| *attached)
+            }
             None => false,
         }
     }
@@ -247,7 +298,10 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
         Eligibility::OptedIn => {}
         Eligibility::NotSelected | Eligibility::Excluded => {
             if ctx.secrets.any_in(&name) || ctx.provisioner.has_any(&name) {
-                ctx.provisioner.release(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
+                ctx.provisioner
+                    .release(&name)
+                    .await
+                    .map_err(|e| ReconcileError(Arc::new(e)))?;
             }
             return Ok(Action::await_change());
         }
@@ -255,8 +309,14 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     let subjects = match ctx.provisioner.scope() {
         IdentityScope::Namespace => vec![Subject::namespace(&name)],
         IdentityScope::ServiceAccount => {
-            let accounts = ctx.service_accounts(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
-            accounts.iter().map(|sa| Subject::service_account(&name, sa)).collect()
+            let accounts = ctx
+                .service_accounts(&name)
+                .await
+                .map_err(|e| ReconcileError(Arc::new(e)))?;
+            accounts
+                .iter()
+                .map(|sa| Subject::service_account(&name, sa))
+                .collect()
         }
     };
     // One failing ServiceAccount does not hold back the others; the first error is retried.
@@ -265,10 +325,15 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     for subject in &subjects {
         let watched = ctx.watched(subject).await;
         match ctx.provisioner.ensure_verified(subject, watched).await {
-            Ok(fresh) => next_renewal = Some(next_renewal.map_or(fresh.renew_at, |t| t.min(fresh.renew_at))),
+            Ok(fresh) => {
+                next_renewal = Some(next_renewal.map_or(fresh.renew_at, |t| t.min(fresh.renew_at)))
+            }
             // Its annotation selects no registry: like an opt-out until the annotation changes.
             Err(e) if matches!(*e, ProvisionError::NothingSelected { .. }) => {
-                ctx.provisioner.release(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?;
+                ctx.provisioner
+                    .release(&name)
+                    .await
+                    .map_err(|e| ReconcileError(Arc::new(e)))?;
                 return Ok(Action::await_change());
             }
             Err(e) => {
@@ -280,7 +345,11 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     // their list into every Pod, matching or not.
     let patched = match ctx.provisioner.inject_mode() {
         InjectMode::Always if ctx.accounts_attached(&name).await => 0,
-        InjectMode::Always => ctx.provisioner.attach_to_service_accounts(&name).await.map_err(|e| ReconcileError(Arc::new(e)))?,
+        InjectMode::Always => ctx
+            .provisioner
+            .attach_to_service_accounts(&name)
+            .await
+            .map_err(|e| ReconcileError(Arc::new(e)))?,
         InjectMode::MatchingImages => 0,
     };
     if patched > 0 {
@@ -294,7 +363,11 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
         let recovered = failures.remove(&name).is_some();
         // Only a recovery nudges the others: a namespace that fails for its own reasons is not
         // retried every time some other namespace renews.
-        if recovered { failures.keys().cloned().collect() } else { Vec::new() }
+        if recovered {
+            failures.keys().cloned().collect()
+        } else {
+            Vec::new()
+        }
     };
     if !others_failing.is_empty() {
         tracing::info!(namespace = %name, others = others_failing.len(), "recovered; retrying the other failing namespaces now");
@@ -302,7 +375,9 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
             let _ = ctx.nudge.send(other);
         }
     }
-    let wait = next_renewal.map_or(Duration::from_secs(3600), |at| renewal::until(at, jiff::Timestamp::now()));
+    let wait = next_renewal.map_or(Duration::from_secs(3600), |at| {
+        renewal::until(at, jiff::Timestamp::now())
+    });
     Ok(Action::requeue(wait.max(Duration::from_secs(1))))
 }
 

@@ -50,7 +50,13 @@ impl Plan {
 }
 
 /// Which registries of the stored Secret (if usable) are kept, which minted, which dropped.
-pub fn plan(stored: Option<&Issued>, configured: &[&str], renew_before: Option<Duration>, key: &str, now: Timestamp) -> Plan {
+pub fn plan(
+    stored: Option<&Issued>,
+    configured: &[&str],
+    renew_before: Option<Duration>,
+    key: &str,
+    now: Timestamp,
+) -> Plan {
     let mut plan = Plan::default();
     for host in configured {
         match stored.and_then(|i| i.registries.get(*host)) {
@@ -59,7 +65,12 @@ pub fn plan(stored: Option<&Issued>, configured: &[&str], renew_before: Option<D
         }
     }
     if let Some(i) = stored {
-        plan.drop = i.registries.keys().filter(|h| !configured.contains(&h.as_str())).cloned().collect();
+        plan.drop = i
+            .registries
+            .keys()
+            .filter(|h| !configured.contains(&h.as_str()))
+            .cloned()
+            .collect();
     }
     plan
 }
@@ -67,16 +78,27 @@ pub fn plan(stored: Option<&Issued>, configured: &[&str], renew_before: Option<D
 /// When the Secret next needs work: the earliest renewal among its configured credentials, or
 /// `now + retry` if that is sooner and a configured registry is missing from it (its source
 /// failed; the others were written meanwhile).
-pub fn next_renewal(issued: &Issued, configured: &[&str], renew_before: Option<Duration>, key: &str, now: Timestamp, retry: Duration) -> Timestamp {
+pub fn next_renewal(
+    issued: &Issued,
+    configured: &[&str],
+    renew_before: Option<Duration>,
+    key: &str,
+    now: Timestamp,
+    retry: Duration,
+) -> Timestamp {
     let earliest = configured
         .iter()
         .filter_map(|h| issued.registries.get(*h))
         .map(|l| renew_at(l, renew_before, key))
         .min()
         .unwrap_or(now);
-    let incomplete = configured.iter().any(|h| !issued.registries.contains_key(*h));
+    let incomplete = configured
+        .iter()
+        .any(|h| !issued.registries.contains_key(*h));
     if incomplete {
-        let soon = now.checked_add(SignedDuration::try_from(retry).unwrap_or(SignedDuration::ZERO)).unwrap_or(now);
+        let soon = now
+            .checked_add(SignedDuration::try_from(retry).unwrap_or(SignedDuration::ZERO))
+            .unwrap_or(now);
         earliest.min(soon)
     } else {
         earliest
@@ -110,7 +132,10 @@ pub struct MintPacer {
 impl MintPacer {
     pub fn new(per_second: f64) -> Self {
         let interval = Duration::from_secs_f64(1.0 / per_second.max(0.001));
-        Self { interval, next: tokio::sync::Mutex::new(tokio::time::Instant::now()) }
+        Self {
+            interval,
+            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        }
     }
 
     /// Waits for this caller's slot.
@@ -140,12 +165,17 @@ mod tests {
     use super::*;
 
     fn issued(issued: i64, expires: i64) -> Lifetime {
-        Lifetime { issued_at: Timestamp::from_second(issued).unwrap(), expires_at: Timestamp::from_second(expires).unwrap() }
+        Lifetime {
+            issued_at: Timestamp::from_second(issued).unwrap(),
+            expires_at: Timestamp::from_second(expires).unwrap(),
+        }
     }
 
     fn secret(registries: &[(&str, i64, i64)]) -> Issued {
-        let registries: std::collections::BTreeMap<String, Lifetime> =
-            registries.iter().map(|(h, i, e)| (h.to_string(), issued(*i, *e))).collect();
+        let registries: std::collections::BTreeMap<String, Lifetime> = registries
+            .iter()
+            .map(|(h, i, e)| (h.to_string(), issued(*i, *e)))
+            .collect();
         Issued {
             issued_at: registries.values().map(|l| l.issued_at).min().unwrap(),
             expires_at: registries.values().map(|l| l.expires_at).min().unwrap(),
@@ -161,18 +191,43 @@ mod tests {
     #[test]
     fn plan_mints_only_what_is_missing_or_due_and_drops_what_is_no_longer_configured() {
         let rb = Some(Duration::from_secs(600));
-        let stored = secret(&[("a.example", 0, 3600), ("b.example", 0, 1200), ("old.example", 0, 3600)]);
+        let stored = secret(&[
+            ("a.example", 0, 3600),
+            ("b.example", 0, 1200),
+            ("old.example", 0, 3600),
+        ]);
         // At 500 s: b is due from 600 s minus jitter (≤ 150 s), a from 3000 s minus jitter.
-        let p = plan(Some(&stored), &["a.example", "b.example", "c.example"], rb, "ns", at(300));
+        let p = plan(
+            Some(&stored),
+            &["a.example", "b.example", "c.example"],
+            rb,
+            "ns",
+            at(300),
+        );
         assert_eq!(p.keep, ["a.example", "b.example"]);
         assert_eq!(p.mint, ["c.example"]);
         assert_eq!(p.drop, ["old.example"]);
-        let p = plan(Some(&stored), &["a.example", "b.example"], rb, "ns", at(700));
-        assert_eq!((p.keep, p.mint), (vec!["a.example".to_string()], vec!["b.example".to_string()]));
+        let p = plan(
+            Some(&stored),
+            &["a.example", "b.example"],
+            rb,
+            "ns",
+            at(700),
+        );
+        assert_eq!(
+            (p.keep, p.mint),
+            (vec!["a.example".to_string()], vec!["b.example".to_string()])
+        );
         let p = plan(None, &["a.example", "b.example"], rb, "ns", at(0));
         assert_eq!(p.mint.len(), 2);
         assert!(p.keep.is_empty() && p.drop.is_empty());
-        let p = plan(Some(&secret(&[("a.example", 0, 3600)])), &["a.example"], rb, "ns", at(10));
+        let p = plan(
+            Some(&secret(&[("a.example", 0, 3600)])),
+            &["a.example"],
+            rb,
+            "ns",
+            at(10),
+        );
         assert!(p.is_nothing());
     }
 
@@ -180,12 +235,33 @@ mod tests {
     fn next_renewal_is_the_earliest_due_or_a_retry_when_a_registry_is_missing() {
         let rb = Some(Duration::from_secs(600));
         let stored = secret(&[("a.example", 0, 3600), ("b.example", 0, 1200)]);
-        let both = next_renewal(&stored, &["a.example", "b.example"], rb, "ns", at(10), Duration::from_secs(30));
+        let both = next_renewal(
+            &stored,
+            &["a.example", "b.example"],
+            rb,
+            "ns",
+            at(10),
+            Duration::from_secs(30),
+        );
         assert!((450..=600).contains(&secs(both)), "{both}");
-        let missing = next_renewal(&stored, &["a.example", "b.example", "c.example"], rb, "ns", at(10), Duration::from_secs(30));
+        let missing = next_renewal(
+            &stored,
+            &["a.example", "b.example", "c.example"],
+            rb,
+            "ns",
+            at(10),
+            Duration::from_secs(30),
+        );
         assert_eq!(secs(missing), 40);
         // Only configured registries count: b is no longer configured.
-        let only_a = next_renewal(&stored, &["a.example"], rb, "ns", at(10), Duration::from_secs(30));
+        let only_a = next_renewal(
+            &stored,
+            &["a.example"],
+            rb,
+            "ns",
+            at(10),
+            Duration::from_secs(30),
+        );
         assert!((2850..=3000).contains(&secs(only_a)), "{only_a}");
     }
 
@@ -199,7 +275,10 @@ mod tests {
         for ns in ["a", "b", "c", "team-a", "team-b"] {
             let at = secs(renew_at(&i, None, ns));
             // 1200 s margin, up to 300 s jitter
-            assert!((3600 - 1200 - 300..=3600 - 1200).contains(&at), "{ns}: {at}");
+            assert!(
+                (3600 - 1200 - 300..=3600 - 1200).contains(&at),
+                "{ns}: {at}"
+            );
         }
     }
 
@@ -222,9 +301,14 @@ mod tests {
     fn jitter_is_stable_and_spreads_namespaces() {
         let i = issued(0, 3600);
         assert_eq!(renew_at(&i, None, "team-a"), renew_at(&i, None, "team-a"));
-        let distinct: std::collections::BTreeSet<_> =
-            (0..200).map(|n| secs(renew_at(&i, None, &format!("ns-{n}")))).collect();
-        assert!(distinct.len() > 120, "only {} distinct renewal times", distinct.len());
+        let distinct: std::collections::BTreeSet<_> = (0..200)
+            .map(|n| secs(renew_at(&i, None, &format!("ns-{n}"))))
+            .collect();
+        assert!(
+            distinct.len() > 120,
+            "only {} distinct renewal times",
+            distinct.len()
+        );
         let spread = distinct.last().unwrap() - distinct.first().unwrap();
         assert!(spread > 250, "renewals spread over only {spread}s of 300s");
     }
@@ -251,7 +335,11 @@ mod tests {
                 start.elapsed()
             })
         });
-        let mut at: Vec<Duration> = futures::future::join_all(waits).await.into_iter().map(Result::unwrap).collect();
+        let mut at: Vec<Duration> = futures::future::join_all(waits)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
         at.sort();
         // 9 callers at 4 per second: slots at 0, 0.25, ..., 2.0 seconds.
         assert_eq!(at.first(), Some(&Duration::ZERO));
@@ -264,7 +352,13 @@ mod tests {
     #[test]
     fn until_is_never_negative() {
         let now = Timestamp::from_second(100).unwrap();
-        assert_eq!(until(Timestamp::from_second(40).unwrap(), now), Duration::ZERO);
-        assert_eq!(until(Timestamp::from_second(160).unwrap(), now), Duration::from_secs(60));
+        assert_eq!(
+            until(Timestamp::from_second(40).unwrap(), now),
+            Duration::ZERO
+        );
+        assert_eq!(
+            until(Timestamp::from_second(160).unwrap(), now),
+            Duration::from_secs(60)
+        );
     }
 }

@@ -21,12 +21,27 @@ pub struct Selection {
 /// `configured` hosts narrowed by the namespace's annotation value, if it has one.
 pub fn registries_for(annotation: Option<&str>, configured: &[&str]) -> Selection {
     let Some(value) = annotation else {
-        return Selection { hosts: configured.iter().map(|h| h.to_string()).collect(), unknown: vec![] };
+        return Selection {
+            hosts: configured.iter().map(|h| h.to_string()).collect(),
+            unknown: vec![],
+        };
     };
-    let named: Vec<&str> = value.split(',').map(str::trim).filter(|h| !h.is_empty()).collect();
+    let named: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .collect();
     Selection {
-        hosts: configured.iter().filter(|h| named.contains(h)).map(|h| h.to_string()).collect(),
-        unknown: named.iter().filter(|h| !configured.contains(h)).map(|h| h.to_string()).collect(),
+        hosts: configured
+            .iter()
+            .filter(|h| named.contains(h))
+            .map(|h| h.to_string())
+            .collect(),
+        unknown: named
+            .iter()
+            .filter(|h| !configured.contains(h))
+            .map(|h| h.to_string())
+            .collect(),
     }
 }
 
@@ -48,14 +63,23 @@ pub enum Eligibility {
 }
 
 impl NamespacePolicy {
-    pub fn new(selector: LabelSelector, own_namespace: Option<&str>, extra_excluded: &[String]) -> Self {
-        let mut excluded: BTreeSet<String> = ALWAYS_EXCLUDED.iter().map(|s| s.to_string()).collect();
+    pub fn new(
+        selector: LabelSelector,
+        own_namespace: Option<&str>,
+        extra_excluded: &[String],
+    ) -> Self {
+        let mut excluded: BTreeSet<String> =
+            ALWAYS_EXCLUDED.iter().map(|s| s.to_string()).collect();
         excluded.extend(own_namespace.map(str::to_string));
         excluded.extend(extra_excluded.iter().cloned());
         Self { selector, excluded }
     }
 
-    pub fn eligibility(&self, name: &str, labels: Option<&BTreeMap<String, String>>) -> Eligibility {
+    pub fn eligibility(
+        &self,
+        name: &str,
+        labels: Option<&BTreeMap<String, String>>,
+    ) -> Eligibility {
         if self.excluded.contains(name) {
             Eligibility::Excluded
         } else if matches(&self.selector, labels.unwrap_or(&BTreeMap::new())) {
@@ -103,16 +127,28 @@ pub fn validate(selector: &LabelSelector, path: &str, err: &mut impl FnMut(&str,
     let labels = selector.match_labels.as_ref().map_or(0, BTreeMap::len);
     let exprs = selector.match_expressions.as_deref().unwrap_or_default();
     if labels == 0 && exprs.is_empty() {
-        err(path, "must not be empty: an empty selector would opt in every namespace".into());
+        err(
+            path,
+            "must not be empty: an empty selector would opt in every namespace".into(),
+        );
     }
     for (i, e) in exprs.iter().enumerate() {
         let here = format!("{path}.matchExpressions[{i}]");
         let n = e.values.as_ref().map_or(0, Vec::len);
         match e.operator.as_str() {
-            "In" | "NotIn" if n == 0 => err(&format!("{here}.values"), format!("must not be empty for operator {}", e.operator)),
-            "Exists" | "DoesNotExist" if n > 0 => err(&format!("{here}.values"), format!("must be empty for operator {}", e.operator)),
+            "In" | "NotIn" if n == 0 => err(
+                &format!("{here}.values"),
+                format!("must not be empty for operator {}", e.operator),
+            ),
+            "Exists" | "DoesNotExist" if n > 0 => err(
+                &format!("{here}.values"),
+                format!("must be empty for operator {}", e.operator),
+            ),
             "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
-            other => err(&format!("{here}.operator"), format!("{other:?} is not one of In, NotIn, Exists, DoesNotExist")),
+            other => err(
+                &format!("{here}.operator"),
+                format!("{other:?} is not one of In, NotIn, Exists, DoesNotExist"),
+            ),
         }
     }
 }
@@ -126,7 +162,11 @@ mod tests {
         let configured = ["cgr.dev", "ghcr.io", "quay.io"];
         assert_eq!(registries_for(None, &configured).hosts, configured);
         let s = registries_for(Some(" quay.io,cgr.dev ,, nowhere.example"), &configured);
-        assert_eq!(s.hosts, ["cgr.dev", "quay.io"], "configuration order, not the annotation's");
+        assert_eq!(
+            s.hosts,
+            ["cgr.dev", "quay.io"],
+            "configuration order, not the annotation's"
+        );
         assert_eq!(s.unknown, ["nowhere.example"]);
         let s = registries_for(Some(""), &configured);
         assert!(s.hosts.is_empty() && s.unknown.is_empty());
@@ -134,7 +174,10 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
@@ -146,7 +189,10 @@ mod tests {
     }
 
     fn opt_in() -> LabelSelector {
-        LabelSelector { match_labels: Some(labels(&[("inject", "enabled")])), match_expressions: None }
+        LabelSelector {
+            match_labels: Some(labels(&[("inject", "enabled")])),
+            match_expressions: None,
+        }
     }
 
     #[test]
@@ -169,10 +215,19 @@ mod tests {
             ]),
         };
         assert!(matches(&s, &labels(&[("tier", "a"), ("team", "x")])));
-        assert!(matches(&s, &labels(&[("tier", "b"), ("team", "x"), ("env", "dev")])));
+        assert!(matches(
+            &s,
+            &labels(&[("tier", "b"), ("team", "x"), ("env", "dev")])
+        ));
         assert!(!matches(&s, &labels(&[("tier", "c"), ("team", "x")])));
-        assert!(!matches(&s, &labels(&[("tier", "a"), ("team", "x"), ("legacy", "1")])));
-        assert!(!matches(&s, &labels(&[("tier", "a"), ("team", "x"), ("env", "prod")])));
+        assert!(!matches(
+            &s,
+            &labels(&[("tier", "a"), ("team", "x"), ("legacy", "1")])
+        ));
+        assert!(!matches(
+            &s,
+            &labels(&[("tier", "a"), ("team", "x"), ("env", "prod")])
+        ));
         assert!(!matches(&s, &labels(&[("tier", "a")])));
     }
 
@@ -195,15 +250,28 @@ mod tests {
         validate(
             &LabelSelector {
                 match_labels: None,
-                match_expressions: Some(vec![expr("a", "In", &[]), expr("b", "Exists", &["x"]), expr("c", "Like", &["x"])]),
+                match_expressions: Some(vec![
+                    expr("a", "In", &[]),
+                    expr("b", "Exists", &["x"]),
+                    expr("c", "Like", &["x"]),
+                ]),
             },
             "sel",
             &mut err,
         );
         assert!(found[0].starts_with("sel: must not be empty"), "{found:?}");
-        assert!(found[1].starts_with("sel.matchExpressions[0].values"), "{found:?}");
-        assert!(found[2].starts_with("sel.matchExpressions[1].values"), "{found:?}");
-        assert!(found[3].starts_with("sel.matchExpressions[2].operator"), "{found:?}");
+        assert!(
+            found[1].starts_with("sel.matchExpressions[0].values"),
+            "{found:?}"
+        );
+        assert!(
+            found[2].starts_with("sel.matchExpressions[1].values"),
+            "{found:?}"
+        );
+        assert!(
+            found[3].starts_with("sel.matchExpressions[2].operator"),
+            "{found:?}"
+        );
         let mut none = 0;
         validate(&opt_in(), "sel", &mut |_: &str, _| none += 1);
         assert_eq!(none, 0);

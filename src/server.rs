@@ -35,7 +35,11 @@ pub struct ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": self.message, "code": self.status.as_u16()}))).into_response()
+        (
+            self.status,
+            Json(json!({"error": self.message, "code": self.status.as_u16()})),
+        )
+            .into_response()
     }
 }
 
@@ -50,23 +54,40 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let text = state.metrics.encode();
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.ready.load(Ordering::Acquire) {
         "ok".into_response()
     } else {
-        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: "watches have not synced yet".into() }.into_response()
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "watches have not synced yet".into(),
+        }
+        .into_response()
     }
 }
 
-async fn mutate(State(state): State<Arc<AppState>>, request: Request) -> Result<Response, ApiError> {
+async fn mutate(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+) -> Result<Response, ApiError> {
     let too_large = || ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
         message: format!("request body exceeds {} bytes", state.max_body_bytes),
     };
-    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if declared.is_some_and(|n| n > state.max_body_bytes) {
         return Err(too_large());
     }
@@ -86,13 +107,23 @@ async fn mutate(State(state): State<Arc<AppState>>, request: Request) -> Result<
         if e.is::<LengthLimitError>() {
             too_large()
         } else {
-            ApiError { status: StatusCode::BAD_REQUEST, message: format!("cannot read request body: {e}") }
+            ApiError {
+                status: StatusCode::BAD_REQUEST,
+                message: format!("cannot read request body: {e}"),
+            }
         }
     })?;
     let answer = state
         .webhook
         .review(&body.to_bytes())
         .await
-        .map_err(|e| ApiError { status: StatusCode::BAD_REQUEST, message: e.to_string() })?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], Body::from(answer)).into_response())
+        .map_err(|e| ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: e.to_string(),
+        })?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(answer),
+    )
+        .into_response())
 }

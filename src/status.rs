@@ -25,31 +25,65 @@ pub struct Row {
 }
 
 pub async fn collect(client: &Client, config: &Config) -> Result<Vec<Row>, kube::Error> {
-    let own = config.own_namespace.clone().or_else(|| std::env::var("POD_NAMESPACE").ok());
-    let policy = NamespacePolicy::new(config.namespace_selector.clone(), own.as_deref(), &config.excluded_namespaces);
-    let namespaces = Api::<Namespace>::all(client.clone()).list(&ListParams::default()).await?;
+    let own = config
+        .own_namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok());
+    let policy = NamespacePolicy::new(
+        config.namespace_selector.clone(),
+        own.as_deref(),
+        &config.excluded_namespaces,
+    );
+    let namespaces = Api::<Namespace>::all(client.clone())
+        .list(&ListParams::default())
+        .await?;
     let mut rows = Vec::new();
-    for ns in namespaces.items.iter().filter(|n| policy.eligibility(&n.name_any(), n.metadata.labels.as_ref()) == Eligibility::OptedIn) {
+    for ns in namespaces.items.iter().filter(|n| {
+        policy.eligibility(&n.name_any(), n.metadata.labels.as_ref()) == Eligibility::OptedIn
+    }) {
         let name = ns.name_any();
         let api = Api::<Secret>::namespaced(client.clone(), &name);
         // One Secret per namespace, or one per ServiceAccount (`<sa>-<secretName>`).
         let secrets: Vec<(String, Option<Secret>)> = match config.identity_scope {
-            IdentityScope::Namespace => vec![(config.secret_name.clone(), api.get_opt(&config.secret_name).await?)],
+            IdentityScope::Namespace => vec![(
+                config.secret_name.clone(),
+                api.get_opt(&config.secret_name).await?,
+            )],
             IdentityScope::ServiceAccount => {
-                let managed = api.list(&ListParams::default().labels(&format!("{}={}", pull_secret::MANAGED_BY_LABEL, pull_secret::MANAGER))).await?;
-                let mut found: Vec<(String, Option<Secret>)> = managed.items.into_iter().map(|s| (s.name_any(), Some(s))).collect();
+                let managed = api
+                    .list(&ListParams::default().labels(&format!(
+                        "{}={}",
+                        pull_secret::MANAGED_BY_LABEL,
+                        pull_secret::MANAGER
+                    )))
+                    .await?;
+                let mut found: Vec<(String, Option<Secret>)> = managed
+                    .items
+                    .into_iter()
+                    .map(|s| (s.name_any(), Some(s)))
+                    .collect();
                 if found.is_empty() {
                     found.push((format!("<sa>-{}", config.secret_name), None));
                 }
                 found
             }
         };
-        let events = Api::<Event>::namespaced(client.clone(), &name).list(&ListParams::default()).await?;
+        let events = Api::<Event>::namespaced(client.clone(), &name)
+            .list(&ListParams::default())
+            .await?;
         for (secret_name, secret) in secrets {
-            let annotation = |s: &Secret, k: &str| s.metadata.annotations.as_ref().and_then(|a| a.get(k)).cloned();
+            let annotation = |s: &Secret, k: &str| {
+                s.metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(k))
+                    .cloned()
+            };
             let (state, registries, expires_at, issued_at) = match &secret {
                 None => ("missing".to_string(), String::new(), None, None),
-                Some(s) if !pull_secret::is_managed(s) => ("not managed".to_string(), String::new(), None, None),
+                Some(s) if !pull_secret::is_managed(s) => {
+                    ("not managed".to_string(), String::new(), None, None)
+                }
                 Some(s) => (
                     "ok".to_string(),
                     annotation(s, REGISTRIES).unwrap_or_default(),
@@ -64,11 +98,27 @@ pub async fn collect(client: &Client, config: &Config) -> Result<Vec<Row>, kube:
             let last_error = events
                 .items
                 .iter()
-                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(secret_name.as_str()))
+                .filter(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                        == Some(secret_name.as_str())
+                })
                 .filter(|e| e.type_.as_deref() == Some("Warning"))
                 .max_by_key(|e| e.event_time.as_ref().map(|t| t.0))
-                .map(|e| format!("{}: {}", e.reason.clone().unwrap_or_default(), e.note.clone().unwrap_or_default()));
-            rows.push(Row { namespace: name.clone(), state, registries, expires_at, issued_at, last_error });
+                .map(|e| {
+                    format!(
+                        "{}: {}",
+                        e.reason.clone().unwrap_or_default(),
+                        e.note.clone().unwrap_or_default()
+                    )
+                });
+            rows.push(Row {
+                namespace: name.clone(),
+                state,
+                registries,
+                expires_at,
+                issued_at,
+                last_error,
+            });
         }
     }
     Ok(rows)
@@ -86,22 +136,60 @@ pub fn human(seconds: i64) -> String {
 }
 
 pub fn render(rows: &[Row], now: Timestamp) -> String {
-    let mut lines = vec![["NAMESPACE", "SECRET", "REGISTRIES", "EXPIRES IN", "RENEWED", "LAST ERROR"].map(String::from).to_vec()];
+    let mut lines = vec![[
+        "NAMESPACE",
+        "SECRET",
+        "REGISTRIES",
+        "EXPIRES IN",
+        "RENEWED",
+        "LAST ERROR",
+    ]
+    .map(String::from)
+    .to_vec()];
     for r in rows {
         lines.push(vec![
             r.namespace.clone(),
             r.state.clone(),
-            if r.registries.is_empty() { "-".into() } else { r.registries.clone() },
-            r.expires_at.map_or("-".into(), |t| human(t.duration_since(now).as_secs())),
-            r.issued_at.map_or("-".into(), |t| format!("{} ago", human(now.duration_since(t).as_secs()))),
-            r.last_error.as_deref().map_or("-".into(), |e| e.chars().take(80).collect()),
+            if r.registries.is_empty() {
+                "-".into()
+            } else {
+                r.registries.clone()
+            },
+            r.expires_at
+                .map_or("-".into(), |t| human(t.duration_since(now).as_secs())),
+            r.issued_at.map_or("-".into(), |t| {
+                format!("{} ago", human(now.duration_since(t).as_secs()))
+            }),
+            r.last_error
+                .as_deref()
+                .map_or("-".into(), |e| e.chars().take(80).collect()),
         ]);
     }
-    let widths: Vec<usize> = (0..6).map(|i| lines.iter().map(|l| l[i].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..6)
+        .map(|i| {
+            lines
+                .iter()
+                .map(|l| l[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     lines
         .iter()
         .map(|l| {
-            l.iter().enumerate().map(|(i, c)| if i == 5 { c.clone() } else { format!("{c:<w$}", w = widths[i]) }).collect::<Vec<_>>().join("   ").trim_end().to_string()
+            l.iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    if i == 5 {
+                        c.clone()
+                    } else {
+                        format!("{c:<w$}", w = widths[i])
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("   ")
+                .trim_end()
+                .to_string()
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -137,13 +225,21 @@ mod tests {
                 registries: String::new(),
                 expires_at: None,
                 issued_at: None,
-                last_error: Some("MintFailed: TokenRequest for ServiceAccount team-b/default failed".into()),
+                last_error: Some(
+                    "MintFailed: TokenRequest for ServiceAccount team-b/default failed".into(),
+                ),
             },
         ];
         let text = render(&rows, now);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], "NAMESPACE   SECRET    REGISTRIES             EXPIRES IN   RENEWED   LAST ERROR");
-        assert_eq!(lines[1], "team-a      ok        registry.example.com   40m          20m ago   -");
+        assert_eq!(
+            lines[0],
+            "NAMESPACE   SECRET    REGISTRIES             EXPIRES IN   RENEWED   LAST ERROR"
+        );
+        assert_eq!(
+            lines[1],
+            "team-a      ok        registry.example.com   40m          20m ago   -"
+        );
         assert_eq!(lines[2], "team-b      missing   -                      -            -         MintFailed: TokenRequest for ServiceAccount team-b/default failed");
     }
 }

@@ -24,11 +24,17 @@ pub struct Subject {
 
 impl Subject {
     pub fn namespace(namespace: &str) -> Self {
-        Self { namespace: namespace.to_string(), service_account: None }
+        Self {
+            namespace: namespace.to_string(),
+            service_account: None,
+        }
     }
 
     pub fn service_account(namespace: &str, service_account: &str) -> Self {
-        Self { namespace: namespace.to_string(), service_account: Some(service_account.to_string()) }
+        Self {
+            namespace: namespace.to_string(),
+            service_account: Some(service_account.to_string()),
+        }
     }
 
     /// The subject of a workload running as `service_account` under `scope`.
@@ -69,8 +75,14 @@ mod tests {
     #[test]
     fn keys_and_names_per_scope() {
         let ns = Subject::for_workload(IdentityScope::Namespace, "team-a", "builder");
-        assert_eq!((ns.key(), ns.secret_name("pull-secret")), ("team-a".into(), "pull-secret".into()));
+        assert_eq!(
+            (ns.key(), ns.secret_name("pull-secret")),
+            ("team-a".into(), "pull-secret".into())
+        );
         let sa = Subject::for_workload(IdentityScope::ServiceAccount, "team-a", "builder");
-        assert_eq!((sa.key(), sa.secret_name("pull-secret")), ("team-a/builder".into(), "builder-pull-secret".into()));
+        assert_eq!(
+            (sa.key(), sa.secret_name("pull-secret")),
+            ("team-a/builder".into(), "builder-pull-secret".into())
+        );
     }
 }

@@ -20,7 +20,10 @@ const RECHECK_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
     #[error("{path} holds no usable PEM private key: {reason}")]
@@ -45,7 +48,10 @@ struct Loaded {
 
 impl fmt::Debug for ReloadingCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReloadingCert").field("cert_file", &self.cert_file).field("key_file", &self.key_file).finish_non_exhaustive()
+        f.debug_struct("ReloadingCert")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
     }
 }
 
@@ -62,7 +68,10 @@ impl ReloadingCert {
 
     /// Reloads if the files changed. Returns whether a new certificate is now served.
     pub fn refresh(&self) -> bool {
-        let (Ok(cert), Ok(key)) = (std::fs::read(&self.cert_file), std::fs::read(&self.key_file)) else {
+        let (Ok(cert), Ok(key)) = (
+            std::fs::read(&self.cert_file),
+            std::fs::read(&self.key_file),
+        ) else {
             tracing::warn!(cert = %self.cert_file.display(), "cannot read the TLS files; serving the previous certificate");
             return false;
         };
@@ -88,7 +97,11 @@ impl ReloadingCert {
     }
 
     fn current(&self) -> Arc<CertifiedKey> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).key.clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .key
+            .clone()
     }
 }
 
@@ -121,18 +134,39 @@ pub fn server_config(cert: Arc<ReloadingCert>) -> Result<ServerConfig, TlsError>
 }
 
 fn load(cert_file: &Path, key_file: &Path) -> Result<Loaded, TlsError> {
-    let read = |p: &Path| std::fs::read(p).map_err(|source| TlsError::Read { path: p.to_owned(), source });
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| TlsError::Read {
+            path: p.to_owned(),
+            source,
+        })
+    };
     parse(cert_file, &read(cert_file)?, key_file, &read(key_file)?)
 }
 
-fn parse(cert_file: &Path, cert_pem: &[u8], key_file: &Path, key_pem: &[u8]) -> Result<Loaded, TlsError> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem).filter_map(Result::ok).collect();
+fn parse(
+    cert_file: &Path,
+    cert_pem: &[u8],
+    key_file: &Path,
+    key_pem: &[u8],
+) -> Result<Loaded, TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .filter_map(Result::ok)
+        .collect();
     if chain.is_empty() {
-        return Err(TlsError::NoCertificate { path: cert_file.to_owned() });
+        return Err(TlsError::NoCertificate {
+            path: cert_file.to_owned(),
+        });
     }
-    let bad_key = |reason: String| TlsError::BadKey { path: key_file.to_owned(), reason };
+    let bad_key = |reason: String| TlsError::BadKey {
+        path: key_file.to_owned(),
+        reason,
+    };
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad_key(e.to_string()))?;
     let provider = rustls::crypto::ring::default_provider();
-    let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| bad_key(e.to_string()))?;
-    Ok(Loaded { key: Arc::new(certified), fingerprint: (cert_pem.to_vec(), key_pem.to_vec()) })
+    let certified =
+        CertifiedKey::from_der(chain, key, &provider).map_err(|e| bad_key(e.to_string()))?;
+    Ok(Loaded {
+        key: Arc::new(certified),
+        fingerprint: (cert_pem.to_vec(), key_pem.to_vec()),
+    })
 }

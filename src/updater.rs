@@ -52,7 +52,10 @@ pub struct UpdaterConfig {
     /// Whose token is exchanged: the injector's own (a projected file, as pull-secret-updater
     /// does) or a ServiceAccount of each Secret's namespace.
     pub service_account_token: ServiceAccountToken,
-    #[serde(default = "default_renew_before", deserialize_with = "crate::config::duration")]
+    #[serde(
+        default = "default_renew_before",
+        deserialize_with = "crate::config::duration"
+    )]
     pub renew_before: Duration,
 }
 
@@ -76,12 +79,22 @@ impl UpdaterConfig {
     pub fn validate(&self, err: &mut impl FnMut(&str, String)) {
         crate::token::validate_endpoint("pullSecretUpdater.issuer", &self.issuer, err);
         if self.registry.is_empty() || self.registry.contains("://") {
-            err("pullSecretUpdater.registry", format!("{:?} must be a registry host such as cgr.dev", self.registry));
+            err(
+                "pullSecretUpdater.registry",
+                format!(
+                    "{:?} must be a registry host such as cgr.dev",
+                    self.registry
+                ),
+            );
         }
         if self.renew_before.is_zero() {
-            err("pullSecretUpdater.renewBefore", "must be more than 0s".into());
+            err(
+                "pullSecretUpdater.renewBefore",
+                "must be more than 0s".into(),
+            );
         }
-        self.service_account_token.validate("pullSecretUpdater.serviceAccountToken", err);
+        self.service_account_token
+            .validate("pullSecretUpdater.serviceAccountToken", err);
     }
 
     fn source(&self, identity: &str) -> ChainguardSource {
@@ -111,11 +124,14 @@ pub enum Step {
 /// Mint when there is no readable token, it was minted for another identity, or less than
 /// `renew_before` of it remains; otherwise wait until then.
 pub fn next_step(stored: &Stored, identity: &str, renew_before: Duration, now: Timestamp) -> Step {
-    let (Some(minted_for), Some(expires_at)) = (&stored.minted_for, stored.expires_at) else { return Step::Mint };
+    let (Some(minted_for), Some(expires_at)) = (&stored.minted_for, stored.expires_at) else {
+        return Step::Mint;
+    };
     if minted_for != identity {
         return Step::Mint;
     }
-    let due = expires_at - jiff::SignedDuration::try_from(renew_before).unwrap_or(jiff::SignedDuration::ZERO);
+    let due = expires_at
+        - jiff::SignedDuration::try_from(renew_before).unwrap_or(jiff::SignedDuration::ZERO);
     if now >= due {
         Step::Mint
     } else {
@@ -127,14 +143,23 @@ pub fn next_step(stored: &Stored, identity: &str, renew_before: Duration, now: T
 pub fn stored(secret: &Secret, registry: &str) -> Stored {
     let minted_for = secret.annotations().get(MINTED_FOR_ANNOTATION).cloned();
     let expires_at = docker_config(secret)
-        .and_then(|doc| doc["auths"][registry]["password"].as_str().map(str::to_string))
+        .and_then(|doc| {
+            doc["auths"][registry]["password"]
+                .as_str()
+                .map(str::to_string)
+        })
         .and_then(|token| jwt::expiry(&token).ok());
-    Stored { minted_for, expires_at }
+    Stored {
+        minted_for,
+        expires_at,
+    }
 }
 
 fn docker_config(secret: &Secret) -> Option<Value> {
     let data = secret.data.as_ref()?.get(DOCKER_CONFIG_KEY)?;
-    serde_json::from_slice::<Value>(&data.0).ok().filter(Value::is_object)
+    serde_json::from_slice::<Value>(&data.0)
+        .ok()
+        .filter(Value::is_object)
 }
 
 /// The Secret's `.dockerconfigjson` with `registry`'s entry set; other registries' entries stay.
@@ -154,7 +179,10 @@ pub enum UpdateError {
     #[error("minting for identity {identity} failed: {message}")]
     Mint { identity: String, message: String },
     #[error("{action} Secret failed: {message}")]
-    Api { action: &'static str, message: String },
+    Api {
+        action: &'static str,
+        message: String,
+    },
 }
 
 struct Context {
@@ -171,11 +199,20 @@ pub struct Updater {
 }
 
 impl Updater {
-    pub fn new(client: Client, http: HttpClient, config: UpdaterConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        http: HttpClient,
+        config: UpdaterConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (store, writer) = reflector::store();
         let events = reflector::reflector(
             writer,
-            watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), watcher::Config::default()).modify(|m: &mut PartialObjectMeta<Secret>| {
+            watcher(
+                Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .modify(|m: &mut PartialObjectMeta<Secret>| {
                 // Only the annotations that matter are kept: with every Secret of the cluster
                 // watched, the rest would be most of the memory.
                 m.metadata.managed_fields = None;
@@ -194,12 +231,27 @@ impl Updater {
         .default_backoff()
         .applied_objects()
         .try_filter(|m| futures::future::ready(m.annotations().contains_key(IDENTITY_ANNOTATION)));
-        let reporter = Reporter { controller: "pull-secret-injector".into(), instance: std::env::var("POD_NAME").ok() };
-        let context = Arc::new(Context { recorder: Recorder::new(client.clone(), reporter), client, http, config, metrics });
-        Self { controller: Controller::for_stream(events, store), context }
+        let reporter = Reporter {
+            controller: "pull-secret-injector".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        let context = Arc::new(Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            http,
+            config,
+            metrics,
+        });
+        Self {
+            controller: Controller::for_stream(events, store),
+            context,
+        }
     }
 
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    ) {
         tracing::info!("pull-secret-updater compatibility: keeping annotated Secrets filled");
         self.controller
             .graceful_shutdown_on(shutdown)
@@ -213,45 +265,106 @@ impl Updater {
     }
 }
 
-async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, ctx: Arc<Context>) -> Result<Action, UpdateError> {
-    let (Some(namespace), name) = (meta.namespace(), meta.name_any()) else { return Ok(Action::await_change()) };
-    let Some(identity) = meta.annotations().get(IDENTITY_ANNOTATION).cloned() else { return Ok(Action::await_change()) };
+async fn reconcile(
+    meta: Arc<PartialObjectMeta<Secret>>,
+    ctx: Arc<Context>,
+) -> Result<Action, UpdateError> {
+    let (Some(namespace), name) = (meta.namespace(), meta.name_any()) else {
+        return Ok(Action::await_change());
+    };
+    let Some(identity) = meta.annotations().get(IDENTITY_ANNOTATION).cloned() else {
+        return Ok(Action::await_change());
+    };
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let api_error = |action, e: kube::Error| UpdateError::Api { action, message: kube_error_message(&e) };
-    let Some(secret) = api.get_opt(&name).await.map_err(|e| api_error("reading", e))? else { return Ok(Action::await_change()) };
+    let api_error = |action, e: kube::Error| UpdateError::Api {
+        action,
+        message: kube_error_message(&e),
+    };
+    let Some(secret) = api
+        .get_opt(&name)
+        .await
+        .map_err(|e| api_error("reading", e))?
+    else {
+        return Ok(Action::await_change());
+    };
     if secret.type_.as_deref() != Some(DOCKER_CONFIG_TYPE) {
         let note = format!("the Secret is annotated {IDENTITY_ANNOTATION} but its type is not {DOCKER_CONFIG_TYPE}; it is not filled");
         report(&ctx, &secret, "NotDockerConfig", &note).await;
         return Ok(Action::await_change());
     }
     let now = Timestamp::now();
-    if let Step::WaitUntil(at) = next_step(&stored(&secret, &ctx.config.registry), &identity, ctx.config.renew_before, now) {
-        return Ok(Action::requeue(renewal::until(at, now).max(Duration::from_secs(1))));
+    if let Step::WaitUntil(at) = next_step(
+        &stored(&secret, &ctx.config.registry),
+        &identity,
+        ctx.config.renew_before,
+        now,
+    ) {
+        return Ok(Action::requeue(
+            renewal::until(at, now).max(Duration::from_secs(1)),
+        ));
     }
     let started = std::time::Instant::now();
-    let cx = MintContext { kube: &ctx.client, http: &ctx.http, namespace: &namespace, service_account: None };
+    let cx = MintContext {
+        kube: &ctx.client,
+        http: &ctx.http,
+        namespace: &namespace,
+        service_account: None,
+    };
     let minted = ctx.config.source(&identity).mint(cx).await;
-    ctx.metrics.mint("chainguard", minted.is_ok(), started.elapsed().as_secs_f64());
+    ctx.metrics.mint(
+        "chainguard",
+        minted.is_ok(),
+        started.elapsed().as_secs_f64(),
+    );
     let credential = match minted {
         Ok(c) => c,
         Err(e) => {
-            let e = UpdateError::Mint { identity, message: e.to_string() };
-            report(&ctx, &secret, "MintFailed", &format!("{e}; the current token, if any, stays in place")).await;
+            let e = UpdateError::Mint {
+                identity,
+                message: e.to_string(),
+            };
+            report(
+                &ctx,
+                &secret,
+                "MintFailed",
+                &format!("{e}; the current token, if any, stays in place"),
+            )
+            .await;
             return Err(e);
         }
     };
     let mut next = secret.clone();
-    next.data.get_or_insert_default().insert(DOCKER_CONFIG_KEY.into(), ByteString(with_token(&secret, &ctx.config.registry, credential.password.expose())));
-    next.metadata.annotations.get_or_insert_default().insert(MINTED_FOR_ANNOTATION.into(), identity.clone());
+    next.data.get_or_insert_default().insert(
+        DOCKER_CONFIG_KEY.into(),
+        ByteString(with_token(
+            &secret,
+            &ctx.config.registry,
+            credential.password.expose(),
+        )),
+    );
+    next.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(MINTED_FOR_ANNOTATION.into(), identity.clone());
     next.metadata.managed_fields = None;
     // Replaced at the version read: a concurrent edit makes this fail and be retried.
-    api.replace(&name, &PostParams::default(), &next).await.map_err(|e| api_error("replacing", e))?;
+    api.replace(&name, &PostParams::default(), &next)
+        .await
+        .map_err(|e| api_error("replacing", e))?;
     tracing::info!(namespace, secret = %name, identity, expires_at = %credential.expires_at, "filled pull-secret-updater Secret");
-    let at = credential.expires_at - jiff::SignedDuration::try_from(ctx.config.renew_before).unwrap_or(jiff::SignedDuration::ZERO);
-    Ok(Action::requeue(renewal::until(at, Timestamp::now()).max(Duration::from_secs(1))))
+    let at = credential.expires_at
+        - jiff::SignedDuration::try_from(ctx.config.renew_before)
+            .unwrap_or(jiff::SignedDuration::ZERO);
+    Ok(Action::requeue(
+        renewal::until(at, Timestamp::now()).max(Duration::from_secs(1)),
+    ))
 }
 
-fn error_policy(meta: Arc<PartialObjectMeta<Secret>>, error: &UpdateError, _ctx: Arc<Context>) -> Action {
+fn error_policy(
+    meta: Arc<PartialObjectMeta<Secret>>,
+    error: &UpdateError,
+    _ctx: Arc<Context>,
+) -> Action {
     let wait = renewal::retry_delay(3, 0.5 + fastrand::f64());
     tracing::warn!(namespace = meta.namespace().unwrap_or_default(), secret = %meta.name_any(), error = %error, retry_in_ms = wait.as_millis() as u64, "pull-secret-updater Secret not filled; retrying");
     Action::requeue(wait)
@@ -266,7 +379,13 @@ async fn report(ctx: &Context, secret: &Secret, reason: &str, note: &str) {
         uid: secret.uid(),
         ..Default::default()
     };
-    let event = Event { type_: EventType::Warning, reason: reason.into(), note: Some(note.chars().take(1000).collect()), action: "Update".into(), secondary: None };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Update".into(),
+        secondary: None,
+    };
     if let Err(e) = ctx.recorder.publish(&event, &reference).await {
         tracing::warn!(error = %kube_error_message(&e), "could not record event");
     }
@@ -284,26 +403,66 @@ mod tests {
     #[test]
     fn mints_when_missing_foreign_or_due_and_waits_otherwise() {
         let rb = Duration::from_secs(600);
-        let ok = Stored { minted_for: Some("abc".into()), expires_at: Some(at(3600)) };
+        let ok = Stored {
+            minted_for: Some("abc".into()),
+            expires_at: Some(at(3600)),
+        };
         assert_eq!(next_step(&ok, "abc", rb, at(0)), Step::WaitUntil(at(3000)));
-        assert_eq!(next_step(&ok, "abc", rb, at(3000)), Step::Mint, "ten minutes before exp");
-        assert_eq!(next_step(&ok, "def", rb, at(0)), Step::Mint, "another identity");
-        assert_eq!(next_step(&Stored { minted_for: None, expires_at: Some(at(3600)) }, "abc", rb, at(0)), Step::Mint);
-        assert_eq!(next_step(&Stored { minted_for: Some("abc".into()), expires_at: None }, "abc", rb, at(0)), Step::Mint);
+        assert_eq!(
+            next_step(&ok, "abc", rb, at(3000)),
+            Step::Mint,
+            "ten minutes before exp"
+        );
+        assert_eq!(
+            next_step(&ok, "def", rb, at(0)),
+            Step::Mint,
+            "another identity"
+        );
+        assert_eq!(
+            next_step(
+                &Stored {
+                    minted_for: None,
+                    expires_at: Some(at(3600))
+                },
+                "abc",
+                rb,
+                at(0)
+            ),
+            Step::Mint
+        );
+        assert_eq!(
+            next_step(
+                &Stored {
+                    minted_for: Some("abc".into()),
+                    expires_at: None
+                },
+                "abc",
+                rb,
+                at(0)
+            ),
+            Step::Mint
+        );
     }
 
     #[test]
     fn the_token_is_added_beside_other_registries() {
         let doc = json!({"auths": {"ghcr.io": {"auth": "eDp5"}}});
         let secret = Secret {
-            data: Some(BTreeMap::from([(DOCKER_CONFIG_KEY.to_string(), ByteString(serde_json::to_vec(&doc).unwrap()))])),
+            data: Some(BTreeMap::from([(
+                DOCKER_CONFIG_KEY.to_string(),
+                ByteString(serde_json::to_vec(&doc).unwrap()),
+            )])),
             ..Default::default()
         };
         let out: Value = serde_json::from_slice(&with_token(&secret, "cgr.dev", "tok")).unwrap();
         assert_eq!(out["auths"]["ghcr.io"], json!({"auth": "eDp5"}));
-        assert_eq!(out["auths"]["cgr.dev"], json!({"username": "_token", "password": "tok", "auth": "X3Rva2VuOnRvaw=="}));
+        assert_eq!(
+            out["auths"]["cgr.dev"],
+            json!({"username": "_token", "password": "tok", "auth": "X3Rva2VuOnRvaw=="})
+        );
         // Empty or unreadable data is replaced by a fresh document.
-        let out: Value = serde_json::from_slice(&with_token(&Secret::default(), "cgr.dev", "tok")).unwrap();
+        let out: Value =
+            serde_json::from_slice(&with_token(&Secret::default(), "cgr.dev", "tok")).unwrap();
         assert_eq!(out["auths"].as_object().unwrap().len(), 1);
     }
 }

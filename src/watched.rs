@@ -35,7 +35,10 @@ struct State<S> {
 impl<S> Default for Watched<S> {
     fn default() -> Self {
         Self {
-            state: RwLock::new(State { current: HashMap::new(), relisting: None }),
+            state: RwLock::new(State {
+                current: HashMap::new(),
+                relisting: None,
+            }),
             synced: tokio::sync::watch::Sender::new(false),
             created: std::time::Instant::now(),
         }
@@ -67,7 +70,10 @@ impl<S: Clone> Watched<S> {
                 let mut gone = Vec::new();
                 if let Some(listed) = state.relisting.take() {
                     for (namespace, names) in &state.current {
-                        if names.keys().any(|name| listed.get(namespace).is_none_or(|l| !l.contains_key(name))) {
+                        if names
+                            .keys()
+                            .any(|name| listed.get(namespace).is_none_or(|l| !l.contains_key(name)))
+                        {
                             gone.push(namespace.clone());
                         }
                     }
@@ -78,7 +84,11 @@ impl<S: Clone> Watched<S> {
             }
             Event::Apply(object) => {
                 let ((namespace, name), summary) = (key(object), summarise(object));
-                state.current.entry(namespace).or_default().insert(name, summary);
+                state
+                    .current
+                    .entry(namespace)
+                    .or_default()
+                    .insert(name, summary);
             }
             Event::Delete(object) => {
                 let (namespace, name) = key(object);
@@ -103,25 +113,42 @@ impl<S: Clone> Watched<S> {
 
     /// Whether the namespace holds any object.
     pub fn any_in(&self, namespace: &str) -> bool {
-        self.state.read().unwrap_or_else(|p| p.into_inner()).current.contains_key(namespace)
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .current
+            .contains_key(namespace)
     }
 
     /// Whether every object of the namespace (none at all included) passes `check`.
     pub fn all_in(&self, namespace: &str, check: impl Fn(&S) -> bool) -> bool {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        state.current.get(namespace).is_none_or(|names| names.values().all(check))
+        state
+            .current
+            .get(namespace)
+            .is_none_or(|names| names.values().all(check))
     }
 
     /// The names of the namespace's objects.
     pub fn names_in(&self, namespace: &str) -> Vec<String> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        state.current.get(namespace).map(|names| names.keys().cloned().collect()).unwrap_or_default()
+        state
+            .current
+            .get(namespace)
+            .map(|names| names.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Whether the view is complete: its first list has been folded in, and no relist (after
     /// the watch was down) is under way.
     pub fn is_synced(&self) -> bool {
-        *self.synced.borrow() && self.state.read().unwrap_or_else(|p| p.into_inner()).relisting.is_none()
+        *self.synced.borrow()
+            && self
+                .state
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .relisting
+                .is_none()
     }
 
     /// Whether the view is complete, waiting for the first list until `limit` after the view
@@ -130,7 +157,8 @@ impl<S: Clone> Watched<S> {
     pub async fn synced_within(&self, limit: std::time::Duration) -> bool {
         if !self.is_synced() {
             let rest = limit.saturating_sub(self.created.elapsed());
-            let _ = tokio::time::timeout(rest, self.synced.subscribe().wait_for(|synced| *synced)).await;
+            let _ = tokio::time::timeout(rest, self.synced.subscribe().wait_for(|synced| *synced))
+                .await;
         }
         self.is_synced()
     }
@@ -140,9 +168,9 @@ impl<S: Clone> Watched<S> {
 mod tests {
     use super::*;
     use crate::pull_secret::{self, Assessment};
-    use k8s_openapi::api::core::v1::Secret;
     use crate::token::{Credential, Sensitive};
     use jiff::{SignedDuration, Timestamp};
+    use k8s_openapi::api::core::v1::Secret;
 
     fn secret(namespace: &str, password: &str) -> Secret {
         let now = Timestamp::now();
@@ -152,7 +180,12 @@ mod tests {
             issued_at: now,
             expires_at: now + SignedDuration::from_hours(1),
         };
-        pull_secret::build(namespace, "pull-secret", &[("registry.example.com".into(), credential)]).0
+        pull_secret::build(
+            namespace,
+            "pull-secret",
+            &[("registry.example.com".into(), credential)],
+        )
+        .0
     }
 
     type WatchedSecrets = Watched<Assessment>;
@@ -180,7 +213,12 @@ mod tests {
     #[test]
     fn a_relist_drops_the_secrets_deleted_while_the_watch_was_down() {
         let w = WatchedSecrets::default();
-        for event in [Event::Init, Event::InitApply(secret("a", "p")), Event::InitApply(secret("b", "p")), Event::InitDone] {
+        for event in [
+            Event::Init,
+            Event::InitApply(secret("a", "p")),
+            Event::InitApply(secret("b", "p")),
+            Event::InitDone,
+        ] {
             assert!(apply(&w, event).is_empty());
         }
         apply(&w, Event::Init);
@@ -199,7 +237,12 @@ mod tests {
         let w = WatchedSecrets::default();
         apply(&w, Event::Apply(secret("a", "p")));
         let mut edited = secret("a", "p");
-        edited.data.as_mut().unwrap().values_mut().for_each(|v| v.0 = b"{}".to_vec());
+        edited
+            .data
+            .as_mut()
+            .unwrap()
+            .values_mut()
+            .for_each(|v| v.0 = b"{}".to_vec());
         apply(&w, Event::Apply(edited.clone()));
         assert_eq!(w.get("a", "pull-secret"), Some(Assessment::Tampered));
         apply(&w, Event::Delete(edited));

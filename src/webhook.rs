@@ -10,12 +10,12 @@ use kube::{Api, Client};
 
 use crate::admission::{self, Review, ReviewError, Target, Verdict};
 use crate::config::InjectMode;
-use crate::subject::IdentityScope;
 use crate::images;
 use crate::leadership::RetrySlot;
 use crate::metrics::Metrics;
 use crate::provisioner::{ProvisionError, Provisioner};
 use crate::selector::{Eligibility, NamespacePolicy};
+use crate::subject::IdentityScope;
 
 pub struct Webhook {
     client: Client,
@@ -48,8 +48,19 @@ impl Webhook {
         retry: RetrySlot,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let failed_recently = moka::future::Cache::builder().time_to_live(FAILURE_HOLD).build();
-        Self { client, policy, namespaces, provisioner, budget, retry, metrics, failed_recently }
+        let failed_recently = moka::future::Cache::builder()
+            .time_to_live(FAILURE_HOLD)
+            .build();
+        Self {
+            client,
+            policy,
+            namespaces,
+            provisioner,
+            budget,
+            retry,
+            metrics,
+            failed_recently,
+        }
     }
 
     /// Answers one AdmissionReview body. Only an unreadable body is an error.
@@ -65,7 +76,9 @@ impl Webhook {
         let (verdict, outcome) = self.decide(&review, body).await;
         let kind = review.request.target().map_or("other", |t| t.as_str());
         self.metrics.admission(kind, outcome);
-        self.metrics.admission_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .admission_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(admission::encode(&review, &verdict))
     }
 
@@ -85,16 +98,27 @@ impl Webhook {
             return (Verdict::unchanged().warn(warning), "unchanged");
         }
         let Some(object) = req.object.as_ref() else {
-            return (Verdict::unchanged().warn("pull-secret-injector: the request carries no object to patch"), "invalid");
+            return (
+                Verdict::unchanged()
+                    .warn("pull-secret-injector: the request carries no object to patch"),
+                "invalid",
+            );
         };
         if self.provisioner.inject_mode() == InjectMode::MatchingImages {
             if target != Target::Pod {
                 return (Verdict::unchanged(), "unchanged");
             }
             match admission::images(body) {
-                Ok(found) if images::any_on(found.iter().map(String::as_str), &selection.hosts) => {}
+                Ok(found) if images::any_on(found.iter().map(String::as_str), &selection.hosts) => {
+                }
                 Ok(_) => return (Verdict::unchanged(), "unchanged"),
-                Err(e) => return (Verdict::unchanged().warn(format!("pull-secret-injector: {e}; nothing injected")), "invalid"),
+                Err(e) => {
+                    return (
+                        Verdict::unchanged()
+                            .warn(format!("pull-secret-injector: {e}; nothing injected")),
+                        "invalid",
+                    )
+                }
             }
         }
         let service_account = match target {
@@ -108,7 +132,13 @@ impl Webhook {
         let subject = self.provisioner.subject_for(namespace, service_account);
         let secret = subject.secret_name(self.provisioner.secret_name());
         let patch = admission::patch_for(target, object, &secret);
-        tracing::debug!(namespace, kind = target.as_str(), dry_run = req.is_dry_run(), ops = patch.0.len(), "admission");
+        tracing::debug!(
+            namespace,
+            kind = target.as_str(),
+            dry_run = req.is_dry_run(),
+            ops = patch.0.len(),
+            "admission"
+        );
         // Dry runs must have no side effects (sideEffects: NoneOnDryRun): no mint, no write.
         if req.is_dry_run() {
             return (Verdict::patched(patch), "patched");
@@ -136,9 +166,17 @@ impl Webhook {
         let outcome = tokio::time::timeout(self.budget, attempt).await;
         match outcome {
             Ok(Ok(Ok(_))) => (Verdict::patched(patch), "patched"),
-            Ok(Ok(Err(e))) if matches!(*e, ProvisionError::Conflict { .. } | ProvisionError::NothingSelected { .. }) => {
+            Ok(Ok(Err(e)))
+                if matches!(
+                    *e,
+                    ProvisionError::Conflict { .. } | ProvisionError::NothingSelected { .. }
+                ) =>
+            {
                 tracing::warn!(namespace, error = %e, "not injecting");
-                (Verdict::unchanged().warn(format!("pull-secret-injector: {e}")), "conflict")
+                (
+                    Verdict::unchanged().warn(format!("pull-secret-injector: {e}")),
+                    "conflict",
+                )
             }
             Ok(Ok(Err(e))) => {
                 if started.elapsed() >= SLOW_FAILURE {
@@ -155,7 +193,11 @@ impl Webhook {
             }
             Err(_elapsed) => {
                 self.failed_recently.insert(subject.key(), ()).await;
-                tracing::warn!(namespace, budget_ms = self.budget.as_millis() as u64, "pull Secret not ready within the admission budget");
+                tracing::warn!(
+                    namespace,
+                    budget_ms = self.budget.as_millis() as u64,
+                    "pull Secret not ready within the admission budget"
+                );
                 let warning = format!(
                     "pull-secret-injector: Secret {secret} was not ready within {}ms; it is being provisioned in the background",
                     self.budget.as_millis()
@@ -168,7 +210,12 @@ impl Webhook {
     /// Asks this replica's refresher, if it runs one, to try the namespace again soon. (Without
     /// one, the leader's own retries and watches cover it.)
     fn request_retry(&self, namespace: &str) {
-        if let Some(tx) = self.retry.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(tx) = self
+            .retry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             let _ = tx.send(namespace.to_string());
         }
     }
@@ -179,13 +226,19 @@ impl Webhook {
         if self.policy.is_excluded(namespace) {
             return false;
         }
-        let labels_of = |ns: &Namespace| self.policy.eligibility(namespace, ns.metadata.labels.as_ref());
+        let labels_of = |ns: &Namespace| {
+            self.policy
+                .eligibility(namespace, ns.metadata.labels.as_ref())
+        };
         if let Some(ns) = self.namespaces.get(&ObjectRef::new(namespace)) {
             if labels_of(&ns) == Eligibility::OptedIn {
                 return true;
             }
         }
-        match Api::<Namespace>::all(self.client.clone()).get_opt(namespace).await {
+        match Api::<Namespace>::all(self.client.clone())
+            .get_opt(namespace)
+            .await
+        {
             Ok(Some(ns)) => labels_of(&ns) == Eligibility::OptedIn,
             Ok(None) => false,
             Err(e) => {

@@ -29,10 +29,23 @@ async fn watches_resume_after_the_api_server_restarts() {
     let after = inj.namespace("after", true).await;
     wait_secret(&c, &after, "made after the restart", |_| true).await;
     // A deleted Secret comes back: the Secret watch resumed.
-    Api::<Secret>::namespaced(c.clone(), &before).delete("pull-secret", &DeleteParams::default()).await.unwrap();
-    wait_secret(&c, &before, "recreated after the restart", |s| s.metadata.uid != first.metadata.uid).await;
+    Api::<Secret>::namespaced(c.clone(), &before)
+        .delete("pull-secret", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_secret(&c, &before, "recreated after the restart", |s| {
+        s.metadata.uid != first.metadata.uid
+    })
+    .await;
     // And the API server still reaches the webhook.
-    let pod = create_pod(&c, &after, "app", json!({"imagePullSecrets": [{"name": "mine"}]}), false).await;
+    let pod = create_pod(
+        &c,
+        &after,
+        "app",
+        json!({"imagePullSecrets": [{"name": "mine"}]}),
+        false,
+    )
+    .await;
     assert_eq!(pull_secret_names(&pod.pod), ["mine", "pull-secret"]);
     assert!(pod.warnings.is_empty(), "{:?}", pod.warnings);
     inj.cleanup().await;
@@ -51,16 +64,33 @@ async fn changes_made_while_the_service_was_down_are_handled_when_it_returns() {
     inj.stop().await;
     let joining = inj.namespace("joining", true).await;
     inj.set_opt_in(&leaving, false).await;
-    Api::<Secret>::namespaced(c.clone(), &kept).delete("pull-secret", &DeleteParams::default()).await.unwrap();
+    Api::<Secret>::namespaced(c.clone(), &kept)
+        .delete("pull-secret", &DeleteParams::default())
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(get_secret(&c, &joining).await.is_none());
 
     inj.run().await;
-    wait_secret(&c, &joining, "made for a namespace labelled while the service was down", |_| true).await;
-    wait_secret(&c, &kept, "recreated after being deleted while the service was down", |s| s.metadata.uid != kept_secret.metadata.uid).await;
-    wait_for("cleanup of a namespace that opted out while the service was down", Duration::from_secs(30), || async {
-        get_secret(&c, &leaving).await.is_none()
-    })
+    wait_secret(
+        &c,
+        &joining,
+        "made for a namespace labelled while the service was down",
+        |_| true,
+    )
+    .await;
+    wait_secret(
+        &c,
+        &kept,
+        "recreated after being deleted while the service was down",
+        |s| s.metadata.uid != kept_secret.metadata.uid,
+    )
+    .await;
+    wait_for(
+        "cleanup of a namespace that opted out while the service was down",
+        Duration::from_secs(30),
+        || async { get_secret(&c, &leaving).await.is_none() },
+    )
     .await;
     inj.cleanup().await;
 }
@@ -68,10 +98,16 @@ async fn changes_made_while_the_service_was_down_are_handled_when_it_returns() {
 /// Waits until the Secret is intact and then not rewritten for three seconds.
 async fn settle(c: &kube::Client, ns: &str, what: &str) -> Secret {
     use pull_secret_injector::pull_secret::{assess, Assessment};
-    let first = wait_secret(c, ns, what, |s| matches!(assess(Some(s)), Assessment::Intact(_))).await;
+    let first = wait_secret(c, ns, what, |s| {
+        matches!(assess(Some(s)), Assessment::Intact(_))
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let later = get_secret(c, ns).await.expect("still there");
-    assert_eq!(later.metadata.resource_version, first.metadata.resource_version, "{what}: the Secret keeps changing");
+    assert_eq!(
+        later.metadata.resource_version, first.metadata.resource_version,
+        "{what}: the Secret keeps changing"
+    );
     later
 }
 
@@ -84,22 +120,38 @@ async fn conflicting_writers_settle_without_lost_updates_or_flapping() {
     // A second replica with the same configuration and no leader election: both refresh, as
     // two replicas would during a split brain.
     let config = pull_secret_injector::config::Config::from_yaml(&inj.config_yaml).unwrap();
-    let second = pull_secret_injector::Service::start(config, c.clone()).await.unwrap();
+    let second = pull_secret_injector::Service::start(config, c.clone())
+        .await
+        .unwrap();
     let ns = inj.namespace("shared", true).await;
     let api: Api<Secret> = Api::namespaced(c.clone(), &ns);
     let settled = settle(&c, &ns, "two writers settle").await;
-    assert!(cp.secret_writes(&ns) <= 2, "writes: {}", cp.secret_writes(&ns));
-    assert_eq!(claims(&password(&settled))["sub"], format!("system:serviceaccount:{ns}:default"));
+    assert!(
+        cp.secret_writes(&ns) <= 2,
+        "writes: {}",
+        cp.secret_writes(&ns)
+    );
+    assert_eq!(
+        claims(&password(&settled))["sub"],
+        format!("system:serviceaccount:{ns}:default")
+    );
 
     // A user overwrites the data three times in a row; each time it is restored, then it stays.
     for _ in 0..3 {
         let mut edited = api.get("pull-secret").await.unwrap();
-        edited.data.as_mut().unwrap().insert(".dockerconfigjson".into(), k8s_openapi::ByteString(br#"{"auths":{"evil.example.com":{}}}"#.to_vec()));
-        let _ = api.replace("pull-secret", &kube::api::PostParams::default(), &edited).await;
+        edited.data.as_mut().unwrap().insert(
+            ".dockerconfigjson".into(),
+            k8s_openapi::ByteString(br#"{"auths":{"evil.example.com":{}}}"#.to_vec()),
+        );
+        let _ = api
+            .replace("pull-secret", &kube::api::PostParams::default(), &edited)
+            .await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let restored = settle(&c, &ns, "restored after the user's edits").await;
-    assert!(docker_config(&restored)["auths"].get("evil.example.com").is_none());
+    assert!(docker_config(&restored)["auths"]
+        .get("evil.example.com")
+        .is_none());
     second.shutdown().await;
     inj.cleanup().await;
 }
@@ -122,15 +174,25 @@ async fn token_endpoint_outage_longer_than_a_credential_lifetime() {
         (200, json!({"token": jwt(json!({"aud": "cgr.dev", "exp": now() + LIFETIME, "ns": ns, "n": fastrand::u64(..)}))}).to_string())
     })
     .await;
-    let registry = format!("  - host: {CGR}\n    chainguard: {{identity: \"0123abcd\", issuer: \"{}\"}}\n", sts.url);
-    let extra = format!("http: {{timeout: 1s, retries: 1, caFile: {}}}\nadmission: {{budget: 2s}}\n", sts.certs.ca().display());
+    let registry = format!(
+        "  - host: {CGR}\n    chainguard: {{identity: \"0123abcd\", issuer: \"{}\"}}\n",
+        sts.url
+    );
+    let extra = format!(
+        "http: {{timeout: 1s, retries: 1, caFile: {}}}\nadmission: {{budget: 2s}}\n",
+        sts.certs.ca().display()
+    );
     let mut inj = Injector::start_with("t-f4", &registry, &extra).await;
     let c = inj.client.clone();
     let mut namespaces = Vec::new();
     for n in 0..3 {
         namespaces.push(inj.namespace(&format!("ns{n}"), true).await);
     }
-    let cgr = |s: &Secret| docker_config(s)["auths"][CGR]["password"].as_str().map(str::to_string);
+    let cgr = |s: &Secret| {
+        docker_config(s)["auths"][CGR]["password"]
+            .as_str()
+            .map(str::to_string)
+    };
     let mut last_good = Vec::new();
     for ns in &namespaces {
         let s = wait_secret(&c, ns, "a first credential", |s| cgr(s).is_some()).await;
@@ -142,9 +204,23 @@ async fn token_endpoint_outage_longer_than_a_credential_lifetime() {
     let attempts_before = sts.seen().len();
     let phases: [(&str, Option<Fault>); 4] = [
         ("refused", None),
-        ("500s", Some(Fault::Status { status: 500, body: "internal error".into(), retry_after: None })),
+        (
+            "500s",
+            Some(Fault::Status {
+                status: 500,
+                body: "internal error".into(),
+                retry_after: None,
+            }),
+        ),
         ("hanging", Some(Fault::Hang)),
-        ("garbage", Some(Fault::Status { status: 200, body: "<html>not json".into(), retry_after: None })),
+        (
+            "garbage",
+            Some(Fault::Status {
+                status: 200,
+                body: "<html>not json".into(),
+                retry_after: None,
+            }),
+        ),
     ];
     let late = inj.namespace("late", true).await; // opted in during the outage
     let mut admissions = Vec::new();
@@ -164,14 +240,23 @@ async fn token_endpoint_outage_longer_than_a_credential_lifetime() {
             // API server's timeout, `failurePolicy: Ignore` would admit the Pod unpatched.
             for ns in [&namespaces[0], &late] {
                 let started = Instant::now();
-                let pod = create_pod(&c, ns, &format!("p{}", fastrand::u32(..)), json!({}), false).await;
+                let pod =
+                    create_pod(&c, ns, &format!("p{}", fastrand::u32(..)), json!({}), false).await;
                 admissions.push(started.elapsed());
-                assert!(pull_secret_names(&pod.pod).contains(&"pull-secret".to_string()), "{name}: {:?}", pod.warnings);
+                assert!(
+                    pull_secret_names(&pod.pod).contains(&"pull-secret".to_string()),
+                    "{name}: {:?}",
+                    pod.warnings
+                );
             }
             // Nothing replaces a stored credential while the endpoint is down.
             for (ns, good) in namespaces.iter().zip(&last_good) {
                 let s = get_secret(&c, ns).await.expect("the Secret stays");
-                assert_eq!(cgr(&s).as_ref(), Some(good), "{name}: {ns} lost its last good credential");
+                assert_eq!(
+                    cgr(&s).as_ref(),
+                    Some(good),
+                    "{name}: {ns} lost its last good credential"
+                );
             }
             tokio::time::sleep(Duration::from_millis(1000)).await;
         }
@@ -180,16 +265,31 @@ async fn token_endpoint_outage_longer_than_a_credential_lifetime() {
     let during: Vec<_> = sts.seen().into_iter().skip(attempts_before).collect();
     let attempts = during.len();
     // Requests that reached the stand-in, per namespace (from the presented token's claims).
-    let per_namespace = |ns: &str| during.iter().filter(|s| s.bearer().is_some_and(|b| claims(b)["kubernetes.io"]["namespace"] == ns)).count();
+    let per_namespace = |ns: &str| {
+        during
+            .iter()
+            .filter(|s| {
+                s.bearer()
+                    .is_some_and(|b| claims(b)["kubernetes.io"]["namespace"] == ns)
+            })
+            .count()
+    };
     let slowest = admissions.iter().max().copied().unwrap_or_default();
 
     // Recovery.
     sts.recover();
     let recovered = Instant::now();
     for ns in namespaces.iter().chain([&late]) {
-        wait_for(&format!("{ns} fresh after recovery"), Duration::from_secs(120), || async {
-            get_secret(&c, ns).await.and_then(|s| cgr(&s)).is_some_and(|p| claims(&p)["exp"].as_i64().unwrap_or(0) > now())
-        })
+        wait_for(
+            &format!("{ns} fresh after recovery"),
+            Duration::from_secs(120),
+            || async {
+                get_secret(&c, ns)
+                    .await
+                    .and_then(|s| cgr(&s))
+                    .is_some_and(|p| claims(&p)["exp"].as_i64().unwrap_or(0) > now())
+            },
+        )
         .await;
     }
     let recovery = recovered.elapsed();
@@ -208,7 +308,10 @@ async fn token_endpoint_outage_longer_than_a_credential_lifetime() {
     // and it does keep trying.
     for ns in &namespaces[1..] {
         let n = per_namespace(ns);
-        assert!((2..=16).contains(&n), "{ns}: {n} requests during the outage");
+        assert!(
+            (2..=16).contains(&n),
+            "{ns}: {n} requests during the outage"
+        );
     }
     inj.cleanup().await;
 }
@@ -228,7 +331,10 @@ async fn admissions_alone_provision_a_new_namespace_after_a_quick_failure() {
     create_namespace(&admin, lease_ns, Default::default()).await;
     let now = jiff::Timestamp::now().to_string();
     let lease: Lease = serde_json::from_value(json!({"metadata": {"name": "held"}, "spec": {"holderIdentity": "another-replica", "leaseDurationSeconds": 3600, "renewTime": now, "acquireTime": now}})).unwrap();
-    Api::<Lease>::namespaced(admin.clone(), lease_ns).create(&PostParams::default(), &lease).await.unwrap();
+    Api::<Lease>::namespaced(admin.clone(), lease_ns)
+        .create(&PostParams::default(), &lease)
+        .await
+        .unwrap();
     let extra = format!("leaderElection: {{leaseName: held, namespace: {lease_ns}, leaseDuration: 15s, renewGrace: 5s}}");
     let mut inj = Injector::start_with("t-f5", &kubernetes_registry("default", 3600), &extra).await;
     let ns = inj.namespace("cold", true).await;
@@ -241,8 +347,14 @@ async fn admissions_alone_provision_a_new_namespace_after_a_quick_failure() {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert!(get_secret(&admin, &ns).await.is_some(), "admissions made the Secret ({} TokenRequest attempts)", cp.token_attempts(&ns));
+    assert!(
+        get_secret(&admin, &ns).await.is_some(),
+        "admissions made the Secret ({} TokenRequest attempts)",
+        cp.token_attempts(&ns)
+    );
     assert_eq!(cp.token_requests(&ns), 1, "one successful mint");
     inj.cleanup().await;
-    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin).delete(lease_ns, &Default::default()).await;
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin)
+        .delete(lease_ns, &Default::default())
+        .await;
 }

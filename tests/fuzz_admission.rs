@@ -23,17 +23,23 @@ fn corpus() -> Vec<Value> {
 
 /// The handler's pure path, as `webhook::Webhook::review` runs it for an opted-in namespace.
 fn handle(body: &[u8]) {
-    let Ok(review) = admission::decode(body) else { return };
+    let Ok(review) = admission::decode(body) else {
+        return;
+    };
     let verdict = match (review.request.target(), review.request.object.as_ref()) {
         (Some(t), Some(object)) => Verdict::patched(admission::patch_for(t, object, "pull-secret")),
         _ => Verdict::unchanged(),
     };
-    let out: Value = serde_json::from_slice(&admission::encode(&review, &verdict)).expect("response is JSON");
+    let out: Value =
+        serde_json::from_slice(&admission::encode(&review, &verdict)).expect("response is JSON");
     assert_eq!(out["response"]["uid"], review.request.uid.as_str());
     assert_eq!(out["response"]["allowed"], true);
     if let Some(p) = out["response"]["patch"].as_str() {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(p).expect("patch is base64");
-        let patch: json_patch::Patch = serde_json::from_slice(&bytes).expect("patch is a JSON patch");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(p)
+            .expect("patch is base64");
+        let patch: json_patch::Patch =
+            serde_json::from_slice(&bytes).expect("patch is a JSON patch");
         let body: Value = serde_json::from_slice(body).expect("a decoded body is JSON");
         let mut object = body["request"]["object"].clone();
         json_patch::patch(&mut object, &patch).expect("patch applies to the object");
@@ -50,7 +56,8 @@ fn junk() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(3, 16, 4, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            prop::collection::btree_map("[a-zA-Z]{1,8}", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map("[a-zA-Z]{1,8}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -59,8 +66,17 @@ fn junk() -> impl Strategy<Value = Value> {
 fn pointers(doc: &Value, at: String, out: &mut Vec<String>) {
     out.push(at.clone());
     match doc {
-        Value::Object(m) => m.iter().for_each(|(k, v)| pointers(v, format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")), out)),
-        Value::Array(a) => a.iter().enumerate().for_each(|(i, v)| pointers(v, format!("{at}/{i}"), out)),
+        Value::Object(m) => m.iter().for_each(|(k, v)| {
+            pointers(
+                v,
+                format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")),
+                out,
+            )
+        }),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, v)| pointers(v, format!("{at}/{i}"), out)),
         _ => {}
     }
 }
@@ -101,5 +117,10 @@ fn the_corpus_itself_is_answered() {
     for doc in corpus() {
         handle(&serde_json::to_vec(&doc).unwrap());
     }
-    handle(&std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/truncated.json")).unwrap());
+    handle(
+        &std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/truncated.json"),
+        )
+        .unwrap(),
+    );
 }

@@ -31,11 +31,18 @@ impl Replica {
     }
 
     fn start_with(name: &str, certs: &Certs, registry: &str, extra: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let extra = format!("leaderElection: {{leaseDuration: 4s, renewGrace: 2s}}\n{extra}");
         let yaml = config_yaml("t-ha", certs, registry, &extra)
             .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"))
-            .replace("ownNamespace: t-ha-own", &format!("ownNamespace: {LEASE_NS}"));
+            .replace(
+                "ownNamespace: t-ha-own",
+                &format!("ownNamespace: {LEASE_NS}"),
+            );
         let config = certs.dir.path().join(format!("{name}.yaml"));
         std::fs::write(&config, yaml).unwrap();
         let log = certs.dir.path().join(format!("{name}.log"));
@@ -48,7 +55,12 @@ impl Replica {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        Replica { name: name.to_string(), child, log, port }
+        Replica {
+            name: name.to_string(),
+            child,
+            log,
+            port,
+        }
     }
 
     fn log(&self) -> String {
@@ -56,7 +68,10 @@ impl Replica {
     }
 
     fn signal(&self, signal: &str) {
-        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 }
@@ -69,15 +84,32 @@ impl Drop for Replica {
 }
 
 async fn holder(leases: &Api<Lease>) -> Option<String> {
-    leases.get_opt("pull-secret-injector").await.ok().flatten().and_then(|l| l.spec).and_then(|s| s.holder_identity)
+    leases
+        .get_opt("pull-secret-injector")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
 }
 
 /// A fresh namespace for the Lease (one left by an earlier test is removed first).
 async fn lease_namespace(c: &kube::Client) {
-    let _ = Api::<Namespace>::all(c.clone()).delete(LEASE_NS, &DeleteParams::default()).await;
-    wait_for("old lease namespace gone", Duration::from_secs(60), || async {
-        Api::<Namespace>::all(c.clone()).get_opt(LEASE_NS).await.ok().flatten().is_none()
-    })
+    let _ = Api::<Namespace>::all(c.clone())
+        .delete(LEASE_NS, &DeleteParams::default())
+        .await;
+    wait_for(
+        "old lease namespace gone",
+        Duration::from_secs(60),
+        || async {
+            Api::<Namespace>::all(c.clone())
+                .get_opt(LEASE_NS)
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+        },
+    )
     .await;
     create_namespace(c, LEASE_NS, Default::default()).await;
 }
@@ -92,62 +124,137 @@ async fn two_replicas_one_refresher_and_a_hand_over_when_the_leader_dies() {
     let certs = Certs::new();
 
     let mut a = Replica::start("replica-a", &certs);
-    wait_for("replica-a holds the Lease", Duration::from_secs(30), || async { holder(&leases).await.as_deref() == Some("replica-a") }).await;
+    wait_for(
+        "replica-a holds the Lease",
+        Duration::from_secs(30),
+        || async { holder(&leases).await.as_deref() == Some("replica-a") },
+    )
+    .await;
     let mut b = Replica::start("replica-b", &certs);
 
     // The non-leader answers admissions too.
-    let selector = json!({"matchLabels": {"pull-secret-injector.io/inject": "enabled", "e2e-run": "t-ha"}});
-    register_webhook(&c, "psi-t-ha", &format!("https://127.0.0.1:{}/mutate", b.port), &certs.ca_pem, selector, &["pods"]).await;
+    let selector =
+        json!({"matchLabels": {"pull-secret-injector.io/inject": "enabled", "e2e-run": "t-ha"}});
+    register_webhook(
+        &c,
+        "psi-t-ha",
+        &format!("https://127.0.0.1:{}/mutate", b.port),
+        &certs.ca_pem,
+        selector,
+        &["pods"],
+    )
+    .await;
     let ns = "t-ha-team";
-    create_namespace(&c, ns, [("pull-secret-injector.io/inject".into(), "enabled".into()), ("e2e-run".into(), "t-ha".into())].into()).await;
+    create_namespace(
+        &c,
+        ns,
+        [
+            ("pull-secret-injector.io/inject".into(), "enabled".into()),
+            ("e2e-run".into(), "t-ha".into()),
+        ]
+        .into(),
+    )
+    .await;
     let first = wait_secret(&c, ns, "made by the leader", |_| true).await;
     wait_for("webhook active", Duration::from_secs(30), || async {
-        let pod = create_pod(&c, ns, "probe", json!({"imagePullSecrets": [{"name": "mine"}]}), true).await.pod;
+        let pod = create_pod(
+            &c,
+            ns,
+            "probe",
+            json!({"imagePullSecrets": [{"name": "mine"}]}),
+            true,
+        )
+        .await
+        .pod;
         pull_secret_names(&pod) == ["mine", "pull-secret"]
     })
     .await;
-    assert!(!b.log().contains("became the leader"), "replica-b must not lead yet");
-    assert!(!b.log().contains("wrote pull Secret"), "only the leader refreshes:\n{}", b.log());
+    assert!(
+        !b.log().contains("became the leader"),
+        "replica-b must not lead yet"
+    );
+    assert!(
+        !b.log().contains("wrote pull Secret"),
+        "only the leader refreshes:\n{}",
+        b.log()
+    );
 
     // Kill the leader as a crash would: no chance to release the Lease.
     a.signal("-KILL");
     let _ = a.child.wait();
     let killed = Instant::now();
-    wait_for("replica-b takes the Lease", Duration::from_secs(30), || async { holder(&leases).await.as_deref() == Some("replica-b") }).await;
+    wait_for(
+        "replica-b takes the Lease",
+        Duration::from_secs(30),
+        || async { holder(&leases).await.as_deref() == Some("replica-b") },
+    )
+    .await;
     let hand_over = killed.elapsed();
     // Lease duration 4 s; replica-b retries on its own schedule, so allow a few seconds more.
-    assert!(hand_over < Duration::from_secs(10), "hand-over took {hand_over:?}");
+    assert!(
+        hand_over < Duration::from_secs(10),
+        "hand-over took {hand_over:?}"
+    );
     eprintln!("hand-over after the leader was killed: {hand_over:?}");
 
     // The new leader adopts what the old one wrote: no needless mint, and the Secret is now
     // scheduled for renewal here (its expiry is tracked in replica-b's metrics).
     let mints_before_hand_over = cp.token_requests(ns);
-    wait_for("replica-b adopts the Secret", Duration::from_secs(30), || async {
-        let (_, metrics) = curl(&certs, &[&format!("https://127.0.0.1:{}/metrics", b.port)]);
-        metrics.lines().any(|l| l == "pull_secret_injector_managed_secrets 1")
-    })
+    wait_for(
+        "replica-b adopts the Secret",
+        Duration::from_secs(30),
+        || async {
+            let (_, metrics) = curl(&certs, &[&format!("https://127.0.0.1:{}/metrics", b.port)]);
+            metrics
+                .lines()
+                .any(|l| l == "pull_secret_injector_managed_secrets 1")
+        },
+    )
     .await;
     let (_, metrics) = curl(&certs, &[&format!("https://127.0.0.1:{}/metrics", b.port)]);
-    let left: f64 = metrics.lines().find_map(|l| l.strip_prefix("pull_secret_injector_earliest_expiry_seconds ")).unwrap().parse().unwrap();
+    let left: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pull_secret_injector_earliest_expiry_seconds "))
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(left > 3000.0, "the adopted credential has {left}s left");
-    assert_eq!(cp.token_requests(ns), mints_before_hand_over, "the new leader minted again for a fresh Secret");
+    assert_eq!(
+        cp.token_requests(ns),
+        mints_before_hand_over,
+        "the new leader minted again for a fresh Secret"
+    );
 
     // The new leader does the refreshing: a deleted Secret comes back.
-    Api::<Secret>::namespaced(c.clone(), ns).delete("pull-secret", &DeleteParams::default()).await.unwrap();
-    wait_secret(&c, ns, "recreated by the new leader", |s| s.metadata.uid != first.metadata.uid).await;
+    Api::<Secret>::namespaced(c.clone(), ns)
+        .delete("pull-secret", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_secret(&c, ns, "recreated by the new leader", |s| {
+        s.metadata.uid != first.metadata.uid
+    })
+    .await;
     assert!(b.log().contains("wrote pull Secret"), "{}", b.log());
 
     // A graceful stop releases the Lease at once.
     b.signal("-TERM");
     let status = b.child.wait().unwrap();
     assert!(status.success(), "replica-b exit: {status:?}\n{}", b.log());
-    assert_eq!(holder(&leases).await, None, "the Lease is released on shutdown:\n{}", b.log());
+    assert_eq!(
+        holder(&leases).await,
+        None,
+        "the Lease is released on shutdown:\n{}",
+        b.log()
+    );
     drop((a, b));
 
-    let hooks: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> = Api::all(c.clone());
+    let hooks: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
+        Api::all(c.clone());
     let _ = hooks.delete("psi-t-ha", &DeleteParams::default()).await;
     for n in [ns, LEASE_NS] {
-        let _ = Api::<Namespace>::all(c.clone()).delete(n, &DeleteParams::default()).await;
+        let _ = Api::<Namespace>::all(c.clone())
+            .delete(n, &DeleteParams::default())
+            .await;
     }
 }
 
@@ -165,16 +272,38 @@ async fn no_secret_expires_unrenewed_while_leaders_are_killed() {
     let leases: Api<Lease> = Api::namespaced(c.clone(), LEASE_NS);
     let sts = StandIn::start(|_| (200, json!({"token": jwt(json!({"aud": "cgr.dev", "exp": now() + 30, "n": fastrand::u64(..)}))}).to_string())).await;
     let certs = Certs::new();
-    let registry = format!("  - host: {CGR}\n    chainguard: {{identity: \"0123abcd\", issuer: \"{}\"}}\n", sts.url);
+    let registry = format!(
+        "  - host: {CGR}\n    chainguard: {{identity: \"0123abcd\", issuer: \"{}\"}}\n",
+        sts.url
+    );
     // Renewed 15 s (plus jitter) before expiry: more than a hand-over takes.
-    let extra = format!("http: {{caFile: {}}}\nrefresh: {{renewBefore: 15s}}\n", sts.certs.ca().display());
+    let extra = format!(
+        "http: {{caFile: {}}}\nrefresh: {{renewBefore: 15s}}\n",
+        sts.certs.ca().display()
+    );
     let start = |name: String| Replica::start_with(&name, &certs, &registry, &extra);
 
     let mut replicas = vec![start("ha2-0".into()), start("ha2-1".into())];
-    wait_for("a leader", Duration::from_secs(30), || async { holder(&leases).await.is_some() }).await;
+    wait_for("a leader", Duration::from_secs(30), || async {
+        holder(&leases).await.is_some()
+    })
+    .await;
     let ns = "t-ha-renew";
-    create_namespace(&c, ns, [("pull-secret-injector.io/inject".into(), "enabled".into()), ("e2e-run".into(), "t-ha".into())].into()).await;
-    let password = |s: &Secret| docker_config(s)["auths"][CGR]["password"].as_str().map(str::to_string);
+    create_namespace(
+        &c,
+        ns,
+        [
+            ("pull-secret-injector.io/inject".into(), "enabled".into()),
+            ("e2e-run".into(), "t-ha".into()),
+        ]
+        .into(),
+    )
+    .await;
+    let password = |s: &Secret| {
+        docker_config(s)["auths"][CGR]["password"]
+            .as_str()
+            .map(str::to_string)
+    };
     wait_secret(&c, ns, "a first credential", |s| password(s).is_some()).await;
     let requests_before = sts.seen().len();
     let writes_before = cp.secret_writes(ns);
@@ -188,14 +317,21 @@ async fn no_secret_expires_unrenewed_while_leaders_are_killed() {
             let s = get_secret(&c, ns).await.expect("the Secret stays");
             let p = password(&s).expect("a chainguard credential");
             let left = claims(&p)["exp"].as_i64().unwrap() - now();
-            assert!(left > 0, "round {round}: the stored credential expired {}s ago", -left);
+            assert!(
+                left > 0,
+                "round {round}: the stored credential expired {}s ago",
+                -left
+            );
             least_left = least_left.min(left);
             tokens.insert(p);
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         // Kill the leader as a crash would, and start a replacement replica.
         let leader = holder(&leases).await.expect("a leader");
-        let i = replicas.iter().position(|r| r.name == leader).expect("the leader is one of ours");
+        let i = replicas
+            .iter()
+            .position(|r| r.name == leader)
+            .expect("the leader is one of ours");
         let mut dead = replicas.remove(i);
         dead.signal("-KILL");
         let _ = dead.child.wait();
@@ -204,10 +340,19 @@ async fn no_secret_expires_unrenewed_while_leaders_are_killed() {
     let requests = sts.seen().len() - requests_before;
     let writes = cp.secret_writes(ns) - writes_before;
     eprintln!("{ROUNDS} leaders killed over {} distinct credentials: least time left on a stored credential {least_left} s; {requests} exchanges, {writes} Secret writes", tokens.len());
-    assert!(tokens.len() >= 3, "credentials were renewed: {}", tokens.len());
+    assert!(
+        tokens.len() >= 3,
+        "credentials were renewed: {}",
+        tokens.len()
+    );
     // Each exchange is written once; a leader killed between its exchange and its write may
     // waste one.
-    assert!(requests <= writes + ROUNDS, "{requests} exchanges for {writes} writes");
+    assert!(
+        requests <= writes + ROUNDS,
+        "{requests} exchanges for {writes} writes"
+    );
     drop(replicas);
-    let _ = Api::<Namespace>::all(c.clone()).delete(ns, &DeleteParams::default()).await;
+    let _ = Api::<Namespace>::all(c.clone())
+        .delete(ns, &DeleteParams::default())
+        .await;
 }

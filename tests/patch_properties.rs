@@ -10,7 +10,8 @@ const SECRET: &str = "pull-secret";
 
 fn entry() -> impl Strategy<Value = Value> {
     prop_oneof![
-        prop::sample::select(vec!["a", "b", SECRET, "pull-secret-2", ""]).prop_map(|n| json!({ "name": n })),
+        prop::sample::select(vec!["a", "b", SECRET, "pull-secret-2", ""])
+            .prop_map(|n| json!({ "name": n })),
         Just(json!({})),
         Just(json!({"name": null})),
     ]
@@ -28,14 +29,20 @@ fn list() -> impl Strategy<Value = Option<Value>> {
 }
 
 fn annotations() -> impl Strategy<Value = Option<Value>> {
-    prop_oneof![Just(None), Just(Some(Value::Null)), Just(Some(json!({"team": "a"}))), Just(Some(json!({})))]
+    prop_oneof![
+        Just(None),
+        Just(Some(Value::Null)),
+        Just(Some(json!({"team": "a"}))),
+        Just(Some(json!({})))
+    ]
 }
 
 fn pod() -> impl Strategy<Value = Value> {
     (list(), any::<bool>()).prop_map(|(pulls, has_spec)| {
         let mut pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}});
         if has_spec {
-            pod["spec"] = json!({"containers": [{"name": "c", "image": "registry.example.com/app"}]});
+            pod["spec"] =
+                json!({"containers": [{"name": "c", "image": "registry.example.com/app"}]});
             if let Some(p) = pulls {
                 pod["spec"]["imagePullSecrets"] = p;
             }
@@ -46,7 +53,8 @@ fn pod() -> impl Strategy<Value = Value> {
 
 fn service_account() -> impl Strategy<Value = Value> {
     (list(), list(), annotations()).prop_map(|(pulls, secrets, ann)| {
-        let mut sa = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "sa"}});
+        let mut sa =
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "sa"}});
         if let Some(p) = pulls {
             sa["imagePullSecrets"] = p;
         }
@@ -62,7 +70,8 @@ fn service_account() -> impl Strategy<Value = Value> {
 
 fn apply(doc: &Value, p: &json_patch::Patch) -> Value {
     let mut out = doc.clone();
-    json_patch::patch(&mut out, p).unwrap_or_else(|e| panic!("patch {p:?} does not apply to {doc}: {e}"));
+    json_patch::patch(&mut out, p)
+        .unwrap_or_else(|e| panic!("patch {p:?} does not apply to {doc}: {e}"));
     out
 }
 
@@ -71,7 +80,8 @@ fn names(list: &Value) -> Vec<Value> {
 }
 
 fn has(list: &Value) -> bool {
-    list.as_array().is_some_and(|l| l.iter().any(|e| e["name"] == SECRET))
+    list.as_array()
+        .is_some_and(|l| l.iter().any(|e| e["name"] == SECRET))
 }
 
 /// The list after patching keeps the user's entries, in order, at its start.

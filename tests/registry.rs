@@ -28,16 +28,28 @@ const SERVICE: &str = "registry.test";
 /// The registry and skopeo come from Debian packages (`hack/test` installs them). Outside CI a
 /// machine without them skips this test loudly; in CI their absence is a failure.
 fn tools_present() -> bool {
-    let present = ["docker-registry", "skopeo"].iter().all(|t| Command::new("sh").args(["-c", &format!("command -v {t}")]).output().is_ok_and(|o| o.status.success()));
+    let present = ["docker-registry", "skopeo"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
     if !present {
-        assert!(std::env::var_os("CI").is_none(), "docker-registry and skopeo are required in CI (hack/test installs them)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "docker-registry and skopeo are required in CI (hack/test installs them)"
+        );
         eprintln!("SKIPPED: docker-registry or skopeo is not installed (apt-get install docker-registry skopeo)");
     }
     present
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Registry {
@@ -79,35 +91,79 @@ async fn start_registry(dir: &Path, certs: &Certs, realm: &str, signing_cert: &P
         .spawn()
         .expect("start docker-registry");
     let host = format!("127.0.0.1:{port}");
-    wait_for("the registry listening", Duration::from_secs(30), || async { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() }).await;
+    wait_for(
+        "the registry listening",
+        Duration::from_secs(30),
+        || async { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() },
+    )
+    .await;
     Registry { child, log, host }
 }
 
 /// Runs skopeo with the test CA trusted (for the registry and the token realm alike).
 fn skopeo(certs_dir: &Path, args: &[&str]) -> Output {
     let policy = certs_dir.parent().unwrap().join("policy.json");
-    std::fs::write(&policy, r#"{"default": [{"type": "insecureAcceptAnything"}]}"#).unwrap();
+    std::fs::write(
+        &policy,
+        r#"{"default": [{"type": "insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
     let mut cmd = Command::new("skopeo");
-    cmd.arg("--policy").arg(&policy).args(args).env("HOME", certs_dir.parent().unwrap());
+    cmd.arg("--policy")
+        .arg(&policy)
+        .args(args)
+        .env("HOME", certs_dir.parent().unwrap());
     let out = cmd.output().expect("run skopeo");
-    eprintln!("skopeo {}: {}\n{}", args.iter().filter(|a| a.len() < 80).cloned().collect::<Vec<_>>().join(" "), out.status, String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "skopeo {}: {}\n{}",
+        args.iter()
+            .filter(|a| a.len() < 80)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
 fn sha256(bytes: &[u8]) -> String {
-    format!("sha256:{}", Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect::<String>())
+    format!(
+        "sha256:{}",
+        Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
 }
 
 /// A one-layer OCI image layout in `dir` (tag `v1`); returns the layer's digest.
 fn build_image(dir: &Path) -> String {
     let content = dir.join("content");
     std::fs::create_dir_all(&content).unwrap();
-    std::fs::write(content.join("hello.txt"), "pulled with a short-lived service-account credential\n").unwrap();
+    std::fs::write(
+        content.join("hello.txt"),
+        "pulled with a short-lived service-account credential\n",
+    )
+    .unwrap();
     let tar = dir.join("layer.tar");
-    let ok = Command::new("tar").arg("--sort=name").arg("--mtime=@0").arg("-cf").arg(&tar).arg("-C").arg(&content).arg("hello.txt").status().unwrap();
+    let ok = Command::new("tar")
+        .arg("--sort=name")
+        .arg("--mtime=@0")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&content)
+        .arg("hello.txt")
+        .status()
+        .unwrap();
     assert!(ok.success());
     let tar_bytes = std::fs::read(&tar).unwrap();
-    let gz = Command::new("gzip").args(["-n", "-c"]).arg(&tar).output().unwrap();
+    let gz = Command::new("gzip")
+        .args(["-n", "-c"])
+        .arg(&tar)
+        .output()
+        .unwrap();
     assert!(gz.status.success());
     let layer = gz.stdout;
     let config = serde_json::to_vec(&json!({
@@ -128,22 +184,48 @@ fn build_image(dir: &Path) -> String {
     for blob in [&config, &layer, &manifest] {
         std::fs::write(blobs.join(sha256(blob).trim_start_matches("sha256:")), blob).unwrap();
     }
-    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion": "1.0.0"}"#).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion": "1.0.0"}"#,
+    )
+    .unwrap();
     let index = json!({"schemaVersion": 2, "manifests": [{
         "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha256(&manifest), "size": manifest.len(),
         "annotations": {"org.opencontainers.image.ref.name": "v1"}
     }]});
-    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
     sha256(&layer)
 }
 
-async fn service_account_token(c: &kube::Client, ns: &str, sa: &str, audiences: Vec<String>) -> String {
+async fn service_account_token(
+    c: &kube::Client,
+    ns: &str,
+    sa: &str,
+    audiences: Vec<String>,
+) -> String {
     let api: Api<ServiceAccount> = Api::namespaced(c.clone(), ns);
     if api.get_opt(sa).await.unwrap().is_none() {
-        api.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap()).await.unwrap();
+        api.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap(),
+        )
+        .await
+        .unwrap();
     }
-    let request: TokenRequest = serde_json::from_value(json!({"spec": {"audiences": audiences, "expirationSeconds": 3600}})).unwrap();
-    api.create_token_request(sa, &PostParams::default(), &request).await.unwrap().status.unwrap().token
+    let request: TokenRequest = serde_json::from_value(
+        json!({"spec": {"audiences": audiences, "expirationSeconds": 3600}}),
+    )
+    .unwrap();
+    api.create_token_request(sa, &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
 }
 
 /// The `.dockerconfigjson` of a namespace's pull Secret, written to a file skopeo reads.
@@ -158,7 +240,10 @@ async fn authfile(c: &kube::Client, ns: &str, dir: &Path) -> (PathBuf, String) {
 fn password_of(secret: &k8s_openapi::api::core::v1::Secret) -> String {
     let doc = docker_config(secret);
     let auths = doc["auths"].as_object().unwrap();
-    auths.values().next().unwrap()["password"].as_str().unwrap().to_string()
+    auths.values().next().unwrap()["password"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,9 +264,15 @@ async fn pods_pull_with_the_secret_the_webhook_made_and_nothing_else_does() {
     // The token server's signing certificate, which the registry trusts.
     let signing_key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(rcgen::DnType::CommonName, "pull-secret-injector token signing");
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        "pull-secret-injector token signing",
+    );
     let signing_cert = params.self_signed(&signing_key).unwrap();
-    let (signing_crt, signing_pem) = (work.path().join("signing.crt"), work.path().join("signing.key"));
+    let (signing_crt, signing_pem) = (
+        work.path().join("signing.crt"),
+        work.path().join("signing.key"),
+    );
     std::fs::write(&signing_crt, signing_cert.pem()).unwrap();
     std::fs::write(&signing_pem, signing_key.serialize_pem()).unwrap();
 
@@ -220,8 +311,12 @@ rules:
     .unwrap();
     let offset = Arc::new(AtomicI64::new(0));
     let o = offset.clone();
-    let clock: Clock = Arc::new(move || jiff::Timestamp::now() + jiff::SignedDuration::from_secs(o.load(Ordering::SeqCst)));
-    let token_server = TokenServer::start(ts_config, clock).await.expect("token server starts");
+    let clock: Clock = Arc::new(move || {
+        jiff::Timestamp::now() + jiff::SignedDuration::from_secs(o.load(Ordering::SeqCst))
+    });
+    let token_server = TokenServer::start(ts_config, clock)
+        .await
+        .expect("token server starts");
     let realm = format!("https://127.0.0.1:{ts_port}/token");
     let registry = start_registry(work.path(), &certs, &realm, &signing_crt).await;
     let host = registry.host.clone();
@@ -231,27 +326,58 @@ rules:
     create_namespace(&c, "reg-ci", Default::default()).await;
     let pusher = service_account_token(&c, "reg-ci", "pusher", vec![SERVICE.into()]).await;
     let layout = format!("oci:{}:v1", work.path().join("layout").display());
-    let out = skopeo(&cert_dir, &["copy", "--dest-cert-dir", cert_dir.to_str().unwrap(), "--dest-creds", &format!("pusher:{pusher}"), &layout, &format!("docker://{host}/team-a/app:v1")]);
-    assert!(out.status.success(), "push failed; registry log:\n{}", std::fs::read_to_string(&registry.log).unwrap_or_default());
+    let out = skopeo(
+        &cert_dir,
+        &[
+            "copy",
+            "--dest-cert-dir",
+            cert_dir.to_str().unwrap(),
+            "--dest-creds",
+            &format!("pusher:{pusher}"),
+            &layout,
+            &format!("docker://{host}/team-a/app:v1"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "push failed; registry log:\n{}",
+        std::fs::read_to_string(&registry.log).unwrap_or_default()
+    );
 
     // 2. The webhook, with the `kubernetes` source for this registry; a Pod with no annotation.
     let registry_entry = format!("  - host: \"{host}\"\n    kubernetes: {{serviceAccount: default, audience: {SERVICE}, expirationSeconds: 600, username: k8s}}\n");
-    let mut inj = Injector::start_with("reg", &registry_entry, "refresh: {renewBefore: 9m55s}\n").await;
+    let mut inj =
+        Injector::start_with("reg", &registry_entry, "refresh: {renewBefore: 9m55s}\n").await;
     let team_a = inj.namespace("team-a", true).await;
     let team_b = inj.namespace("team-b", true).await;
-    let pod = create_pod(&c, &team_a, "app", json!({"containers": [{"name": "app", "image": format!("{host}/team-a/app:v1")}]}), false).await.pod;
+    let pod = create_pod(
+        &c,
+        &team_a,
+        "app",
+        json!({"containers": [{"name": "app", "image": format!("{host}/team-a/app:v1")}]}),
+        false,
+    )
+    .await
+    .pod;
     assert!(pull_secret_names(&pod).contains(&"pull-secret".to_string()));
     wait_secret(&c, &team_a, "team-a's Secret", |_| true).await;
     let (auth_a, first_password) = authfile(&c, &team_a, work.path()).await;
     let image = format!("docker://{host}/team-a/app:v1");
     let inspect = |auth: Option<&Path>| {
-        let mut args = vec!["inspect".to_string(), "--cert-dir".into(), cert_dir.to_str().unwrap().into()];
+        let mut args = vec![
+            "inspect".to_string(),
+            "--cert-dir".into(),
+            cert_dir.to_str().unwrap().into(),
+        ];
         match auth {
             Some(a) => args.extend(["--authfile".to_string(), a.to_str().unwrap().to_string()]),
             None => args.push("--no-creds".into()),
         }
         args.push(image.clone());
-        skopeo(&cert_dir, &args.iter().map(String::as_str).collect::<Vec<_>>())
+        skopeo(
+            &cert_dir,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
     };
     let out = inspect(Some(&auth_a));
     assert!(out.status.success(), "team-a's Secret must pull");
@@ -259,9 +385,26 @@ rules:
     assert_eq!(info["Layers"][0], layer_digest.as_str());
     // And the image itself comes down.
     let pulled = work.path().join("pulled");
-    let out = skopeo(&cert_dir, &["copy", "--src-cert-dir", cert_dir.to_str().unwrap(), "--authfile", auth_a.to_str().unwrap(), &image, &format!("oci:{}:v1", pulled.display())]);
+    let out = skopeo(
+        &cert_dir,
+        &[
+            "copy",
+            "--src-cert-dir",
+            cert_dir.to_str().unwrap(),
+            "--authfile",
+            auth_a.to_str().unwrap(),
+            &image,
+            &format!("oci:{}:v1", pulled.display()),
+        ],
+    );
     assert!(out.status.success(), "copy with team-a's Secret");
-    assert!(pulled.join("blobs/sha256").join(layer_digest.trim_start_matches("sha256:")).exists(), "the layer was pulled");
+    assert!(
+        pulled
+            .join("blobs/sha256")
+            .join(layer_digest.trim_start_matches("sha256:"))
+            .exists(),
+        "the layer was pulled"
+    );
 
     // 3. Refused: team-b's Secret, no credentials, a token past its expiry.
     wait_secret(&c, &team_b, "team-b's Secret", |_| true).await;
@@ -269,28 +412,53 @@ rules:
     let refused = |out: Output, why: &str| {
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(stderr.contains(why), "refused for another reason than {why:?}: {stderr}");
+        assert!(
+            stderr.contains(why),
+            "refused for another reason than {why:?}: {stderr}"
+        );
     };
     // The token server grants team-b nothing on team-a/*: the registry denies.
-    refused(inspect(Some(&auth_b)), "requested access to the resource is denied");
+    refused(
+        inspect(Some(&auth_b)),
+        "requested access to the resource is denied",
+    );
     refused(inspect(None), "credentials required");
     // The API server mints at least 10-minute tokens: the token server's clock is moved past
     // the stored token's expiry instead of waiting.
     offset.store(3600, Ordering::SeqCst);
-    refused(inspect(Some(&auth_a)), "service-account token refused: expired at");
+    refused(
+        inspect(Some(&auth_a)),
+        "service-account token refused: expired at",
+    );
     offset.store(0, Ordering::SeqCst);
 
     // After the refresher renews the Secret, the new credential works.
-    wait_secret(&c, &team_a, "a renewed credential", |s| password_of(s) != first_password).await;
+    wait_secret(&c, &team_a, "a renewed credential", |s| {
+        password_of(s) != first_password
+    })
+    .await;
     let (auth_a2, second_password) = authfile(&c, &team_a, work.path()).await;
     assert_ne!(second_password, first_password);
-    assert!(inspect(Some(&auth_a2)).status.success(), "the renewed credential pulls");
+    assert!(
+        inspect(Some(&auth_a2)).status.success(),
+        "the renewed credential pulls"
+    );
 
     // Every decision was logged, with who and what, and no token.
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
-    assert!(logs.contains(&format!("namespace={team_a}")) && logs.contains("granted=repository:team-a/app:pull"), "{logs}");
-    assert!(logs.contains(&format!("namespace={team_b}")) && logs.contains("granted=nothing"), "{logs}");
-    assert!(logs.contains("token refused") && logs.contains("reason=\"no credentials\""), "{logs}");
+    assert!(
+        logs.contains(&format!("namespace={team_a}"))
+            && logs.contains("granted=repository:team-a/app:pull"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains(&format!("namespace={team_b}")) && logs.contains("granted=nothing"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("token refused") && logs.contains("reason=\"no credentials\""),
+        "{logs}"
+    );
     for secret in [&pusher, &first_password, &second_password] {
         assert!(!logs.contains(secret.as_str()), "a token reached the logs");
     }
@@ -299,7 +467,9 @@ rules:
     token_server.shutdown().await;
     drop(registry);
     for ns in ["reg-infra", "reg-ci"] {
-        let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone()).delete(ns, &Default::default()).await;
+        let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone())
+            .delete(ns, &Default::default())
+            .await;
     }
 }
 
@@ -339,14 +509,16 @@ fn api_server_url(cp: &ControlPlane) -> String {
 /// discovery names an in-cluster URL that is not reachable from here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_come_from_discovery_and_are_refetched_for_an_unknown_key() {
-    use pull_secret_injector::token_server::oidc::{IssuerConfig, VerifyError, Verifier};
+    use pull_secret_injector::token_server::oidc::{IssuerConfig, Verifier, VerifyError};
     use std::sync::Mutex;
     use support::standin::StandIn;
 
     let _serial = serial();
     let cp = ControlPlane::get();
     let c = cp.client().await;
-    let request = http::Request::get("/openid/v1/jwks").body(Vec::new()).unwrap();
+    let request = http::Request::get("/openid/v1/jwks")
+        .body(Vec::new())
+        .unwrap();
     let jwks: Value = c.request(request).await.expect("the API server's key set");
     let served = Arc::new(Mutex::new(json!({"keys": []})));
     let s = served.clone();
@@ -368,14 +540,30 @@ async fn keys_come_from_discovery_and_are_refetched_for_an_unknown_key() {
     let token = service_account_token(&c, "reg-keys", "default", vec![SERVICE.into()]).await;
 
     // The key set is empty at first: the token's key is unknown.
-    assert_eq!(verifier.verify(&token, jiff::Timestamp::now()).await, Err(VerifyError::UnknownKey));
+    assert_eq!(
+        verifier.verify(&token, jiff::Timestamp::now()).await,
+        Err(VerifyError::UnknownKey)
+    );
     // The issuer publishes the key (a rotation); after the refetch interval it is found: the
     // signature verifies, and what fails is the issuer check (this stand-in is not the
     // tokens' `iss`), which comes only after a verified signature.
     *served.lock().unwrap() = jwks;
     tokio::time::sleep(Duration::from_secs(11)).await;
-    assert_eq!(verifier.verify(&token, jiff::Timestamp::now()).await, Err(VerifyError::Issuer));
+    assert_eq!(
+        verifier.verify(&token, jiff::Timestamp::now()).await,
+        Err(VerifyError::Issuer)
+    );
     let paths: Vec<String> = issuer.seen().into_iter().map(|s| s.path).collect();
-    assert_eq!(paths, ["/.well-known/openid-configuration", "/jwks", "/.well-known/openid-configuration", "/jwks"]);
-    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone()).delete("reg-keys", &Default::default()).await;
+    assert_eq!(
+        paths,
+        [
+            "/.well-known/openid-configuration",
+            "/jwks",
+            "/.well-known/openid-configuration",
+            "/jwks"
+        ]
+    );
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone())
+        .delete("reg-keys", &Default::default())
+        .await;
 }

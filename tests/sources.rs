@@ -19,7 +19,9 @@ use support::standin::{jwt, now, Fault, Seen, StandIn};
 /// The service-account token the sources exchange (read from a file, so no API server is
 /// needed here; tests/webhook.rs runs a source with a TokenRequest token end to end).
 fn sa_token(exp: i64) -> String {
-    jwt(json!({"iss": "https://kubernetes.default.svc.cluster.local", "sub": "system:serviceaccount:team-a:default", "exp": exp, "sa-marker": "sa-token-secret"}))
+    jwt(
+        json!({"iss": "https://kubernetes.default.svc.cluster.local", "sub": "system:serviceaccount:team-a:default", "exp": exp, "sa-marker": "sa-token-secret"}),
+    )
 }
 
 /// Everything printed at trace level while the test runs.
@@ -55,11 +57,18 @@ struct Case {
 }
 
 impl Case {
-    async fn new(source: &str, handler: impl Fn(&Seen, &str) -> (u16, String) + Send + Sync + 'static) -> Case {
+    async fn new(
+        source: &str,
+        handler: impl Fn(&Seen, &str) -> (u16, String) + Send + Sync + 'static,
+    ) -> Case {
         Self::with_sa_exp(source, now() + 3600, handler).await
     }
 
-    async fn with_sa_exp(source: &str, sa_exp: i64, handler: impl Fn(&Seen, &str) -> (u16, String) + Send + Sync + 'static) -> Case {
+    async fn with_sa_exp(
+        source: &str,
+        sa_exp: i64,
+        handler: impl Fn(&Seen, &str) -> (u16, String) + Send + Sync + 'static,
+    ) -> Case {
         let logs = Logs::default();
         let writer = logs.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -73,8 +82,18 @@ impl Case {
         let standin = StandIn::start(move |seen| handler(seen, &expected)).await;
         let token_file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(token_file.path(), &sa).unwrap();
-        let source = source.replace("{endpoint}", &standin.url).replace("{tokenFile}", token_file.path().to_str().unwrap());
-        Case { host: standin.host(), standin, source, _token_file: token_file, sa_token: sa, logs, _guard: guard }
+        let source = source
+            .replace("{endpoint}", &standin.url)
+            .replace("{tokenFile}", token_file.path().to_str().unwrap());
+        Case {
+            host: standin.host(),
+            standin,
+            source,
+            _token_file: token_file,
+            sa_token: sa,
+            logs,
+            _guard: guard,
+        }
     }
 
     async fn mint(&self) -> Result<Credential, MintError> {
@@ -85,17 +104,29 @@ impl Case {
             self.source
         );
         let config = Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-        let http = HttpClient::new(&config.http).unwrap().with_backoff(Duration::from_millis(20));
+        let http = HttpClient::new(&config.http)
+            .unwrap()
+            .with_backoff(Duration::from_millis(20));
         // Sources reading their token from a file never call the API server.
-        let kube = kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
-        let cx = MintContext { kube: &kube, http: &http, namespace: "team-a", service_account: None };
+        let kube =
+            kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap()))
+                .unwrap();
+        let cx = MintContext {
+            kube: &kube,
+            http: &http,
+            namespace: "team-a",
+            service_account: None,
+        };
         config.registries[0].source.mint(cx, &self.host).await
     }
 
     /// The error text and all logs so far hold none of `secrets` and not the SA token.
     fn assert_no_secret(&self, error: &str, secrets: &[&str]) {
         let logs = self.logs.text();
-        for s in secrets.iter().chain([&self.sa_token.as_str(), &"sa-token-secret"]) {
+        for s in secrets
+            .iter()
+            .chain([&self.sa_token.as_str(), &"sa-token-secret"])
+        {
             assert!(!error.contains(s), "error text holds a secret: {error}");
             assert!(!logs.contains(s), "logs hold a secret {s:?}:\n{logs}");
         }
@@ -109,11 +140,20 @@ impl Case {
 
         // 4xx with a body that even echoes the token: final at once, reported with status and text.
         self.standin.clear();
-        self.standin.fail(403, &format!(r#"{{"error":"access_denied","error_description":"subject not allowed for {sa}"}}"#));
+        self.standin.fail(
+            403,
+            &format!(
+                r#"{{"error":"access_denied","error_description":"subject not allowed for {sa}"}}"#
+            ),
+        );
         let e = self.mint().await.unwrap_err();
         let text = e.to_string();
         assert!(matches!(e, MintError::Refused { status: 403, .. }), "{e:?}");
-        assert!(text.contains("403") && text.contains("access_denied: subject not allowed for <redacted>"), "{text}");
+        assert!(
+            text.contains("403")
+                && text.contains("access_denied: subject not allowed for <redacted>"),
+            "{text}"
+        );
         assert!(text.contains(first_path), "names the endpoint: {text}");
         assert_eq!(first(&self.standin.seen()), 1, "a 403 is not retried");
         self.assert_no_secret(&text, issued);
@@ -127,7 +167,8 @@ impl Case {
         // 5xx on every attempt: the last status is reported after 1 + 2 retries.
         self.standin.clear();
         for _ in 0..3 {
-            self.standin.fail(500, "<html><body>internal error</body></html>");
+            self.standin
+                .fail(500, "<html><body>internal error</body></html>");
         }
         let e = self.mint().await.unwrap_err();
         assert!(matches!(e, MintError::Refused { status: 500, .. }), "{e:?}");
@@ -151,7 +192,8 @@ impl Case {
 
         // Malformed JSON on 200: unusable, not retried (the endpoint answered, wrongly).
         self.standin.clear();
-        self.standin.fail(200, &format!("{{\"token\": \"{sa}\" garbage"));
+        self.standin
+            .fail(200, &format!("{{\"token\": \"{sa}\" garbage"));
         let e = self.mint().await.unwrap_err();
         assert!(matches!(e, MintError::Unusable { .. }), "{e:?}");
         assert_eq!(first(&self.standin.seen()), 1);
@@ -159,21 +201,40 @@ impl Case {
 
         // 429 with Retry-After: 1 is honoured, then the retry succeeds.
         self.standin.clear();
-        self.standin.push_fault(Fault::Status { status: 429, body: r#"{"error":"slow_down"}"#.into(), retry_after: Some(1) });
+        self.standin.push_fault(Fault::Status {
+            status: 429,
+            body: r#"{"error":"slow_down"}"#.into(),
+            retry_after: Some(1),
+        });
         self.mint().await.expect("a 429 then success mints");
-        let seen: Vec<Seen> = self.standin.seen().into_iter().filter(|s| s.path == first_path).collect();
+        let seen: Vec<Seen> = self
+            .standin
+            .seen()
+            .into_iter()
+            .filter(|s| s.path == first_path)
+            .collect();
         assert_eq!(seen.len(), 2);
         let waited = seen[1].at.duration_since(seen[0].at);
-        assert!(waited >= Duration::from_millis(950), "retried after {waited:?}, before Retry-After: 1");
+        assert!(
+            waited >= Duration::from_millis(950),
+            "retried after {waited:?}, before Retry-After: 1"
+        );
 
         self.assert_no_secret("", issued);
         // The capture works: the retries above were logged.
-        assert!(self.logs.text().contains("token endpoint failed; retrying"), "no logs captured");
+        assert!(
+            self.logs.text().contains("token endpoint failed; retrying"),
+            "no logs captured"
+        );
     }
 }
 
 fn assert_expiry(c: &Credential, exp: i64) {
-    assert_eq!(c.expires_at, Timestamp::from_second(exp).unwrap(), "the expiry is the source's, not assumed");
+    assert_eq!(
+        c.expires_at,
+        Timestamp::from_second(exp).unwrap(),
+        "the expiry is the source's, not assumed"
+    );
 }
 
 #[tokio::test]
@@ -222,7 +283,8 @@ async fn quay() {
     assert_eq!(c.username, "acme+puller");
     assert_eq!(c.password.expose(), issued);
     assert_expiry(&c, exp);
-    case.error_classes("/oauth2/federation/robot/token", &[&issued]).await;
+    case.error_classes("/oauth2/federation/robot/token", &[&issued])
+        .await;
 }
 
 #[tokio::test]
@@ -253,7 +315,10 @@ async fn token_exchange() {
     assert_eq!(c.username, "robot");
     assert_eq!(c.password.expose(), opaque);
     let lifetime = c.expires_at.duration_since(before).as_secs();
-    assert!((1795..=1801).contains(&lifetime), "expires_in 1800 read as {lifetime}s");
+    assert!(
+        (1795..=1801).contains(&lifetime),
+        "expires_in 1800 read as {lifetime}s"
+    );
     case.error_classes("/oauth/token", &[opaque]).await;
 }
 
@@ -261,7 +326,9 @@ async fn token_exchange() {
 async fn token_exchange_without_expires_in_reads_the_jwt_or_refuses() {
     let exp = now() + 900;
     let issued = jwt(json!({"exp": exp}));
-    let answer = Arc::new(Mutex::new(json!({"access_token": issued, "token_type": "Bearer"})));
+    let answer = Arc::new(Mutex::new(
+        json!({"access_token": issued, "token_type": "Bearer"}),
+    ));
     let a = answer.clone();
     let case = Case::new(
         "tokenExchange: {endpoint: \"{endpoint}/token\", username: u, subjectTokenAudience: a, serviceAccountToken: {file: \"{tokenFile}\"}}",
@@ -278,21 +345,31 @@ async fn token_exchange_without_expires_in_reads_the_jwt_or_refuses() {
     assert!(e.to_string().contains("expired"), "{e}");
 }
 
-const PROVIDER: &str = "projects/123456/locations/global/workloadIdentityPools/cluster/providers/k8s";
+const PROVIDER: &str =
+    "projects/123456/locations/global/workloadIdentityPools/cluster/providers/k8s";
 
-fn gcp_handler(impersonated_exp: Timestamp) -> impl Fn(&Seen, &str) -> (u16, String) + Send + Sync + 'static {
+fn gcp_handler(
+    impersonated_exp: Timestamp,
+) -> impl Fn(&Seen, &str) -> (u16, String) + Send + Sync + 'static {
     move |s, sa| {
         if s.path == "/v1/token" {
-            let ok = s.field("grantType").as_deref() == Some("urn:ietf:params:oauth:grant-type:token-exchange")
-                && s.field("audience").as_deref() == Some(&format!("//iam.googleapis.com/{PROVIDER}"))
+            let ok = s.field("grantType").as_deref()
+                == Some("urn:ietf:params:oauth:grant-type:token-exchange")
+                && s.field("audience").as_deref()
+                    == Some(&format!("//iam.googleapis.com/{PROVIDER}"))
                 && s.field("subjectToken").as_deref() == Some(sa)
-                && s.field("subjectTokenType").as_deref() == Some("urn:ietf:params:oauth:token-type:jwt")
-                && s.field("requestedTokenType").as_deref() == Some("urn:ietf:params:oauth:token-type:access_token")
+                && s.field("subjectTokenType").as_deref()
+                    == Some("urn:ietf:params:oauth:token-type:jwt")
+                && s.field("requestedTokenType").as_deref()
+                    == Some("urn:ietf:params:oauth:token-type:access_token")
                 && s.header("authorization").is_none();
             if ok {
                 return (200, json!({"access_token": "ya29.federated-token-value", "expires_in": 3600, "token_type": "Bearer"}).to_string());
             }
-            return (400, json!({"error": "invalid_grant", "error_description": "bad exchange"}).to_string());
+            return (
+                400,
+                json!({"error": "invalid_grant", "error_description": "bad exchange"}).to_string(),
+            );
         }
         if s.path == "/v1/projects/-/serviceAccounts/puller@proj.iam.gserviceaccount.com:generateAccessToken" {
             if s.bearer() == Some("ya29.federated-token-value") {
@@ -318,8 +395,19 @@ async fn gcp_with_impersonation() {
     assert_eq!(c.expires_at, exp);
     let seen = case.standin.seen();
     assert_eq!(seen.iter().map(|s| s.path.as_str()).collect::<Vec<_>>(), ["/v1/token", "/v1/projects/-/serviceAccounts/puller@proj.iam.gserviceaccount.com:generateAccessToken"]);
-    assert!(seen[1].body.contains("\"lifetime\":\"3600s\""), "{}", seen[1].body);
-    case.error_classes("/v1/token", &["ya29.federated-token-value", "ya29.impersonated-token-value"]).await;
+    assert!(
+        seen[1].body.contains("\"lifetime\":\"3600s\""),
+        "{}",
+        seen[1].body
+    );
+    case.error_classes(
+        "/v1/token",
+        &[
+            "ya29.federated-token-value",
+            "ya29.impersonated-token-value",
+        ],
+    )
+    .await;
 
     // The second step failing is reported with Google's error text, and the federated token
     // it carried is not printed.
@@ -393,25 +481,50 @@ async fn acr() {
     assert_eq!(c.password.expose(), refresh);
     assert_expiry(&c, exp);
     let seen = case.standin.seen();
-    assert_eq!(seen[1].field("service").as_deref(), Some(case.host.as_str()), "service is the registry host");
-    case.error_classes("/tenant-1/oauth2/v2.0/token", &["entra-access-token-value", &refresh]).await;
+    assert_eq!(
+        seen[1].field("service").as_deref(),
+        Some(case.host.as_str()),
+        "service is the registry host"
+    );
+    case.error_classes(
+        "/tenant-1/oauth2/v2.0/token",
+        &["entra-access-token-value", &refresh],
+    )
+    .await;
 }
 
 /// Checks a GetAuthorizationToken request's SigV4 signature by signing what arrived again:
 /// proves the signed headers, host (with port) and body are the ones sent on the wire.
 fn signature_matches(s: &Seen, secret: &str) -> bool {
-    let Some(date) = s.header("x-amz-date") else { return false };
-    let Ok(at) = jiff::civil::DateTime::strptime("%Y%m%dT%H%M%SZ", date).and_then(|d| d.to_zoned(jiff::tz::TimeZone::UTC)) else {
+    let Some(date) = s.header("x-amz-date") else {
         return false;
     };
-    let keys = sigv4::AwsKeys { access_key_id: "ASIAEXAMPLE", secret_access_key: secret, session_token: s.header("x-amz-security-token") };
+    let Ok(at) = jiff::civil::DateTime::strptime("%Y%m%dT%H%M%SZ", date)
+        .and_then(|d| d.to_zoned(jiff::tz::TimeZone::UTC))
+    else {
+        return false;
+    };
+    let keys = sigv4::AwsKeys {
+        access_key_id: "ASIAEXAMPLE",
+        secret_access_key: secret,
+        session_token: s.header("x-amz-security-token"),
+    };
     let headers = [
         ("content-type", s.header("content-type").unwrap_or("")),
         ("x-amz-target", s.header("x-amz-target").unwrap_or("")),
     ];
-    let request = sigv4::SignableRequest { method: &s.method, host: s.header("host").unwrap_or(""), path: &s.path, query: &[], headers: &headers, body: s.body.as_bytes() };
+    let request = sigv4::SignableRequest {
+        method: &s.method,
+        host: s.header("host").unwrap_or(""),
+        path: &s.path,
+        query: &[],
+        headers: &headers,
+        body: s.body.as_bytes(),
+    };
     let expected = sigv4::sign(&request, &keys, "eu-west-1", "ecr", at.timestamp());
-    expected.iter().any(|(k, v)| k == "authorization" && Some(v.as_str()) == s.header("authorization"))
+    expected
+        .iter()
+        .any(|(k, v)| k == "authorization" && Some(v.as_str()) == s.header("authorization"))
 }
 
 #[tokio::test]
@@ -453,7 +566,11 @@ async fn ecr() {
     assert_eq!(c.username, "AWS");
     assert_eq!(c.password.expose(), password);
     assert_expiry(&c, exp);
-    case.error_classes("/sts/", &[password, "aws-secret-key-value", "aws-session-token-value"]).await;
+    case.error_classes(
+        "/sts/",
+        &[password, "aws-secret-key-value", "aws-session-token-value"],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -466,8 +583,21 @@ async fn untrusted_certificates_are_refused() {
     );
     let config = Config::from_yaml(&yaml).unwrap();
     let http = HttpClient::new(&config.http).unwrap();
-    let kube = kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
-    let e = config.registries[0].source.mint(MintContext { kube: &kube, http: &http, namespace: "team-a", service_account: None }, &case.host).await.unwrap_err();
+    let kube =
+        kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
+    let e = config.registries[0]
+        .source
+        .mint(
+            MintContext {
+                kube: &kube,
+                http: &http,
+                namespace: "team-a",
+                service_account: None,
+            },
+            &case.host,
+        )
+        .await
+        .unwrap_err();
     assert!(matches!(e, MintError::Transport { .. }), "{e:?}");
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
     assert!(case.standin.seen().is_empty());
@@ -544,7 +674,11 @@ mod end_to_end {
             (200, json!({"token": jwt(json!({"aud": "cgr.dev", "exp": now() + lifetime, "jti": jti}))}).to_string())
         })
         .await;
-        Sts { standin, failing, issued }
+        Sts {
+            standin,
+            failing,
+            issued,
+        }
     }
 
     fn registries(sts: &Sts) -> String {
@@ -556,7 +690,10 @@ mod end_to_end {
     }
 
     fn extra(sts: &Sts) -> String {
-        format!("http: {{timeout: 2s, retries: 0, caFile: {}}}\n", sts.standin.certs.ca().display())
+        format!(
+            "http: {{timeout: 2s, retries: 0, caFile: {}}}\n",
+            sts.standin.certs.ca().display()
+        )
     }
 
     fn auths(secret: &k8s_openapi::api::core::v1::Secret) -> Value {
@@ -572,12 +709,23 @@ mod end_to_end {
         let ns = inj.namespace("cg", true).await;
 
         let pod = create_pod(&c, &ns, "app", json!({}), false).await.pod;
-        assert!(pull_secret_names(&pod).contains(&"pull-secret".to_string()), "{:?}", pull_secret_names(&pod));
-        let secret = wait_secret(&c, &ns, "both registries", |s| auths(s).get(CGR).is_some() && auths(s).get(HOST).is_some()).await;
+        assert!(
+            pull_secret_names(&pod).contains(&"pull-secret".to_string()),
+            "{:?}",
+            pull_secret_names(&pod)
+        );
+        let secret = wait_secret(&c, &ns, "both registries", |s| {
+            auths(s).get(CGR).is_some() && auths(s).get(HOST).is_some()
+        })
+        .await;
         let entry = &auths(&secret)[CGR];
         assert_eq!(entry["username"], "_token");
         let password = entry["password"].as_str().unwrap();
-        assert_eq!(claims(password)["aud"], "cgr.dev", "the stand-in's token is what was stored");
+        assert_eq!(
+            claims(password)["aud"],
+            "cgr.dev",
+            "the stand-in's token is what was stored"
+        );
 
         // What the STS was shown is a real service-account token of this namespace, minted by
         // the API server for Chainguard's audience, not for the API server.
@@ -590,16 +738,34 @@ mod end_to_end {
             .expect("the STS was shown this namespace's token");
         let reviews: Api<TokenReview> = Api::all(c.clone());
         let review: TokenReview = serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": bearer, "audiences": ["issuer.enforce.dev"]}})).unwrap();
-        let status = reviews.create(&PostParams::default(), &review).await.unwrap().status.unwrap();
+        let status = reviews
+            .create(&PostParams::default(), &review)
+            .await
+            .unwrap()
+            .status
+            .unwrap();
         assert_eq!(status.authenticated, Some(true), "{status:?}");
-        assert_eq!(status.user.unwrap().username.as_deref(), Some(subject.as_str()));
+        assert_eq!(
+            status.user.unwrap().username.as_deref(),
+            Some(subject.as_str())
+        );
         assert_eq!(claims(&bearer)["aud"], json!(["issuer.enforce.dev"]));
 
         // Attached to the namespace's ServiceAccount like any pull Secret.
-        wait_for("default ServiceAccount patched", Duration::from_secs(30), || async {
-            let sa = Api::<ServiceAccount>::namespaced(c.clone(), &ns).get("default").await.unwrap();
-            sa.image_pull_secrets.unwrap_or_default().iter().any(|r| r.name == "pull-secret")
-        })
+        wait_for(
+            "default ServiceAccount patched",
+            Duration::from_secs(30),
+            || async {
+                let sa = Api::<ServiceAccount>::namespaced(c.clone(), &ns)
+                    .get("default")
+                    .await
+                    .unwrap();
+                sa.image_pull_secrets
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|r| r.name == "pull-secret")
+            },
+        )
         .await;
         inj.cleanup().await;
     }
@@ -616,8 +782,14 @@ mod end_to_end {
         let ns = inj.namespace("partial", true).await;
 
         // The STS refuses: the Secret is written with the registry that works, and pods get it.
-        let secret = wait_secret(&c, &ns, "the kubernetes registry", |s| auths(s).get(HOST).is_some()).await;
-        assert!(auths(&secret).get(CGR).is_none(), "no credential for the failing registry");
+        let secret = wait_secret(&c, &ns, "the kubernetes registry", |s| {
+            auths(s).get(HOST).is_some()
+        })
+        .await;
+        assert!(
+            auths(&secret).get(CGR).is_none(),
+            "no credential for the failing registry"
+        );
         let pod = create_pod(&c, &ns, "app", json!({}), true).await.pod;
         assert!(pull_secret_names(&pod).contains(&"pull-secret".to_string()));
         let k8s_password = password(&secret);
@@ -625,25 +797,48 @@ mod end_to_end {
         // It recovers: the missing registry is retried and added; the other is not re-minted.
         let minted_before = cp.token_requests(&ns);
         sts.failing.store(false, Ordering::SeqCst);
-        let secret = wait_secret(&c, &ns, "the chainguard registry after recovery", |s| auths(s).get(CGR).is_some()).await;
-        assert_eq!(password(&secret), k8s_password, "the working registry's credential is carried over");
-        let first_cgr = auths(&secret)[CGR]["password"].as_str().unwrap().to_string();
+        let secret = wait_secret(&c, &ns, "the chainguard registry after recovery", |s| {
+            auths(s).get(CGR).is_some()
+        })
+        .await;
+        assert_eq!(
+            password(&secret),
+            k8s_password,
+            "the working registry's credential is carried over"
+        );
+        let first_cgr = auths(&secret)[CGR]["password"]
+            .as_str()
+            .unwrap()
+            .to_string();
         // One TokenRequest for the exchange itself; none for the kubernetes registry.
-        assert_eq!(cp.token_requests(&ns) - minted_before, 1, "only the missing registry was minted");
+        assert_eq!(
+            cp.token_requests(&ns) - minted_before,
+            1,
+            "only the missing registry was minted"
+        );
 
         // The STS fails again when that token is due: its credential stays until it expires.
         sts.failing.store(true, Ordering::SeqCst);
         let refused_before = sts.standin.seen().len();
-        wait_for("a refused renewal", Duration::from_secs(40), || async { sts.standin.seen().len() > refused_before }).await;
+        wait_for("a refused renewal", Duration::from_secs(40), || async {
+            sts.standin.seen().len() > refused_before
+        })
+        .await;
         let secret = get_secret(&c, &ns).await.unwrap();
-        assert_eq!(auths(&secret)[CGR]["password"].as_str(), Some(first_cgr.as_str()), "the last good credential stays");
+        assert_eq!(
+            auths(&secret)[CGR]["password"].as_str(),
+            Some(first_cgr.as_str()),
+            "the last good credential stays"
+        );
         assert_eq!(password(&secret), k8s_password);
 
         // Recovery: renewed with a new token, the kubernetes credential still untouched.
         let issued_before = sts.issued.load(Ordering::SeqCst);
         sts.failing.store(false, Ordering::SeqCst);
         let secret = wait_secret(&c, &ns, "a renewed chainguard token", |s| {
-            auths(s)[CGR]["password"].as_str().is_some_and(|p| p != first_cgr)
+            auths(s)[CGR]["password"]
+                .as_str()
+                .is_some_and(|p| p != first_cgr)
         })
         .await;
         assert!(sts.issued.load(Ordering::SeqCst) > issued_before);
@@ -667,7 +862,10 @@ mod selection {
     const CGR: &str = "cgr.example.test";
 
     fn hosts(secret: &k8s_openapi::api::core::v1::Secret) -> Vec<String> {
-        docker_config(secret)["auths"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+        docker_config(secret)["auths"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     async fn annotate(c: &kube::Client, ns: &str, value: Value) {
@@ -680,34 +878,77 @@ mod selection {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_namespace_annotation_picks_the_registries() {
         let _serial = serial();
-        let standin = StandIn::start(|_| (200, json!({"token": jwt(json!({"exp": now() + 3600}))}).to_string())).await;
-        let registries = format!("{}  - host: {CGR}\n    chainguard: {{identity: \"0123abcd\", issuer: \"{}\"}}\n", kubernetes_registry("default", 3600), standin.url);
+        let standin = StandIn::start(|_| {
+            (
+                200,
+                json!({"token": jwt(json!({"exp": now() + 3600}))}).to_string(),
+            )
+        })
+        .await;
+        let registries = format!(
+            "{}  - host: {CGR}\n    chainguard: {{identity: \"0123abcd\", issuer: \"{}\"}}\n",
+            kubernetes_registry("default", 3600),
+            standin.url
+        );
         let extra = format!("http: {{caFile: {}}}\n", standin.certs.ca().display());
         let mut inj = Injector::start_with("sel1", &registries, &extra).await;
         let c = inj.client.clone();
         let ns = inj.namespace("picky", true).await;
-        wait_secret(&c, &ns, "both registries by default", |s| hosts(s).len() == 2).await;
+        wait_secret(&c, &ns, "both registries by default", |s| {
+            hosts(s).len() == 2
+        })
+        .await;
 
         annotate(&c, &ns, json!(CGR)).await;
         let s = wait_secret(&c, &ns, "only chainguard", |s| hosts(s) == [CGR]).await;
         assert_eq!(annotation(&s, "pull-secret-injector.io/registries"), CGR);
 
         annotate(&c, &ns, json!(format!("{HOST}, nowhere.example"))).await;
-        wait_secret(&c, &ns, "only the kubernetes registry", |s| hosts(s) == [HOST]).await;
-        let events: Api<Event> = Api::namespaced(c.clone(), &ns);
-        wait_for("an UnknownRegistry event", Duration::from_secs(30), || async {
-            events.list(&ListParams::default()).await.unwrap().items.iter().any(|e| {
-                e.reason.as_deref() == Some("UnknownRegistry") && e.message.as_deref().unwrap_or("").contains("nowhere.example")
-            })
+        wait_secret(&c, &ns, "only the kubernetes registry", |s| {
+            hosts(s) == [HOST]
         })
+        .await;
+        let events: Api<Event> = Api::namespaced(c.clone(), &ns);
+        wait_for(
+            "an UnknownRegistry event",
+            Duration::from_secs(30),
+            || async {
+                events
+                    .list(&ListParams::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .iter()
+                    .any(|e| {
+                        e.reason.as_deref() == Some("UnknownRegistry")
+                            && e.message
+                                .as_deref()
+                                .unwrap_or("")
+                                .contains("nowhere.example")
+                    })
+            },
+        )
         .await;
 
         // Selecting nothing configured is an opt-out: the Secret goes, and pods are not patched.
         annotate(&c, &ns, json!("nowhere.example")).await;
-        wait_for("the Secret removed", Duration::from_secs(30), || async { get_secret(&c, &ns).await.is_none() }).await;
+        wait_for("the Secret removed", Duration::from_secs(30), || async {
+            get_secret(&c, &ns).await.is_none()
+        })
+        .await;
         let pod = create_pod(&c, &ns, "app", json!({}), true).await;
-        assert!(!pull_secret_names(&pod.pod).contains(&"pull-secret".to_string()), "{:?}", pull_secret_names(&pod.pod));
-        assert!(pod.warnings.iter().any(|w| w.contains("selects no configured registry")), "{:?}", pod.warnings);
+        assert!(
+            !pull_secret_names(&pod.pod).contains(&"pull-secret".to_string()),
+            "{:?}",
+            pull_secret_names(&pod.pod)
+        );
+        assert!(
+            pod.warnings
+                .iter()
+                .any(|w| w.contains("selects no configured registry")),
+            "{:?}",
+            pod.warnings
+        );
 
         annotate(&c, &ns, Value::Null).await;
         wait_secret(&c, &ns, "both registries again", |s| hosts(s).len() == 2).await;
@@ -717,13 +958,30 @@ mod selection {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn matching_images_patches_only_pods_that_pull_from_a_configured_registry() {
         let _serial = serial();
-        let mut inj = Injector::start_with("img1", &kubernetes_registry("default", 3600), "inject: matchingImages\n").await;
+        let mut inj = Injector::start_with(
+            "img1",
+            &kubernetes_registry("default", 3600),
+            "inject: matchingImages\n",
+        )
+        .await;
         let c = inj.client.clone();
         let ns = inj.namespace("images", true).await;
         wait_secret(&c, &ns, "the namespace's Secret", |_| true).await;
 
-        let hub = create_pod(&c, &ns, "hub", json!({"containers": [{"name": "a", "image": "nginx:1.27"}]}), false).await.pod;
-        assert!(pull_secret_names(&hub).is_empty(), "{:?}", pull_secret_names(&hub));
+        let hub = create_pod(
+            &c,
+            &ns,
+            "hub",
+            json!({"containers": [{"name": "a", "image": "nginx:1.27"}]}),
+            false,
+        )
+        .await
+        .pod;
+        assert!(
+            pull_secret_names(&hub).is_empty(),
+            "{:?}",
+            pull_secret_names(&hub)
+        );
         let init = create_pod(
             &c,
             &ns,
@@ -734,12 +992,23 @@ mod selection {
         .await
         .pod;
         assert_eq!(pull_secret_names(&init), ["pull-secret"]);
-        let lookalike = create_pod(&c, &ns, "lookalike", json!({"containers": [{"name": "a", "image": format!("{HOST}.evil.example/app")}]}), false).await.pod;
+        let lookalike = create_pod(
+            &c,
+            &ns,
+            "lookalike",
+            json!({"containers": [{"name": "a", "image": format!("{HOST}.evil.example/app")}]}),
+            false,
+        )
+        .await
+        .pod;
         assert!(pull_secret_names(&lookalike).is_empty());
 
         // ServiceAccounts are left alone, so Pods that pull elsewhere do not inherit the Secret.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let sa = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(c.clone(), &ns).get("default").await.unwrap();
+        let sa = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(c.clone(), &ns)
+            .get("default")
+            .await
+            .unwrap();
         assert!(sa.image_pull_secrets.unwrap_or_default().is_empty());
         inj.cleanup().await;
     }
@@ -759,23 +1028,43 @@ mod pull_secret_updater {
     use super::support::standin::{jwt, now, StandIn};
     use super::support::*;
 
-    async fn user_secret(c: &kube::Client, ns: &str, name: &str, type_: &str, annotations: &[(&str, &str)]) {
+    async fn user_secret(
+        c: &kube::Client,
+        ns: &str,
+        name: &str,
+        type_: &str,
+        annotations: &[(&str, &str)],
+    ) {
         let doc = json!({"auths": {"other.example": {"auth": "eDp5"}}});
         let secret = Secret {
             metadata: kube::api::ObjectMeta {
                 name: Some(name.into()),
-                annotations: Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
                 ..Default::default()
             },
             type_: Some(type_.into()),
-            data: Some(BTreeMap::from([(".dockerconfigjson".to_string(), ByteString(serde_json::to_vec(&doc).unwrap()))])),
+            data: Some(BTreeMap::from([(
+                ".dockerconfigjson".to_string(),
+                ByteString(serde_json::to_vec(&doc).unwrap()),
+            )])),
             ..Default::default()
         };
-        Api::<Secret>::namespaced(c.clone(), ns).create(&PostParams::default(), &secret).await.expect("create user Secret");
+        Api::<Secret>::namespaced(c.clone(), ns)
+            .create(&PostParams::default(), &secret)
+            .await
+            .expect("create user Secret");
     }
 
     async fn auths(c: &kube::Client, ns: &str, name: &str) -> Value {
-        let s = Api::<Secret>::namespaced(c.clone(), ns).get(name).await.unwrap();
+        let s = Api::<Secret>::namespaced(c.clone(), ns)
+            .get(name)
+            .await
+            .unwrap();
         docker_config(&s)["auths"].clone()
     }
 
@@ -793,31 +1082,68 @@ mod pull_secret_updater {
             standin.certs.ca().display(),
             standin.url
         );
-        let mut inj = Injector::start_with("upd1", &kubernetes_registry("default", 3600), &extra).await;
+        let mut inj =
+            Injector::start_with("upd1", &kubernetes_registry("default", 3600), &extra).await;
         let c = inj.client.clone();
         let ns = inj.namespace("plain", false).await; // not opted in: the annotation is what counts
-        wait_for("default ServiceAccount", Duration::from_secs(30), || async {
-            Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(c.clone(), &ns).get_opt("default").await.unwrap().is_some()
-        })
+        wait_for(
+            "default ServiceAccount",
+            Duration::from_secs(30),
+            || async {
+                Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(c.clone(), &ns)
+                    .get_opt("default")
+                    .await
+                    .unwrap()
+                    .is_some()
+            },
+        )
         .await;
-        user_secret(&c, &ns, "cgr", "kubernetes.io/dockerconfigjson", &[("pull-secret-updater.chainguard.dev/identity", "0123abcd")]).await;
+        user_secret(
+            &c,
+            &ns,
+            "cgr",
+            "kubernetes.io/dockerconfigjson",
+            &[("pull-secret-updater.chainguard.dev/identity", "0123abcd")],
+        )
+        .await;
         user_secret(&c, &ns, "unrelated", "kubernetes.io/dockerconfigjson", &[]).await;
-        user_secret(&c, &ns, "opaque", "Opaque", &[("pull-secret-updater.chainguard.dev/identity", "0123abcd")]).await;
+        user_secret(
+            &c,
+            &ns,
+            "opaque",
+            "Opaque",
+            &[("pull-secret-updater.chainguard.dev/identity", "0123abcd")],
+        )
+        .await;
 
-        wait_for("the annotated Secret filled", Duration::from_secs(30), || async { auths(&c, &ns, "cgr").await.get("cgr.dev").is_some() }).await;
+        wait_for(
+            "the annotated Secret filled",
+            Duration::from_secs(30),
+            || async { auths(&c, &ns, "cgr").await.get("cgr.dev").is_some() },
+        )
+        .await;
         let a = auths(&c, &ns, "cgr").await;
         assert_eq!(a["cgr.dev"]["username"], "_token");
-        assert_eq!(a["other.example"], json!({"auth": "eDp5"}), "the user's other entries stay");
+        assert_eq!(
+            a["other.example"],
+            json!({"auth": "eDp5"}),
+            "the user's other entries stay"
+        );
         let first = a["cgr.dev"]["password"].as_str().unwrap().to_string();
         assert_eq!(claims(&first)["sub"], "0123abcd");
         // Exchanged with a token of the Secret's namespace.
         let seen = standin.seen();
         let bearer = seen.iter().find_map(|s| s.bearer()).expect("STS called");
-        assert_eq!(claims(bearer)["sub"], format!("system:serviceaccount:{ns}:default"));
+        assert_eq!(
+            claims(bearer)["sub"],
+            format!("system:serviceaccount:{ns}:default")
+        );
 
         // Renewed ten minutes before exp.
         wait_for("a renewed token", Duration::from_secs(40), || async {
-            auths(&c, &ns, "cgr").await["cgr.dev"]["password"].as_str().is_some_and(|p| p != first)
+            auths(&c, &ns, "cgr").await["cgr.dev"]["password"]
+                .as_str()
+                .is_some_and(|p| p != first)
         })
         .await;
 
@@ -826,16 +1152,32 @@ mod pull_secret_updater {
             .patch("cgr", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"pull-secret-updater.chainguard.dev/identity": "fedcba98"}}})))
             .await
             .unwrap();
-        wait_for("a token for the new identity", Duration::from_secs(30), || async {
-            auths(&c, &ns, "cgr").await["cgr.dev"]["password"].as_str().is_some_and(|p| claims(p)["sub"] == "fedcba98")
-        })
+        wait_for(
+            "a token for the new identity",
+            Duration::from_secs(30),
+            || async {
+                auths(&c, &ns, "cgr").await["cgr.dev"]["password"]
+                    .as_str()
+                    .is_some_and(|p| claims(p)["sub"] == "fedcba98")
+            },
+        )
         .await;
 
         // Unannotated and non-docker-config Secrets are not touched; the latter is reported.
         let events: Api<Event> = Api::namespaced(c.clone(), &ns);
-        wait_for("a NotDockerConfig event", Duration::from_secs(30), || async {
-            events.list(&ListParams::default()).await.unwrap().items.iter().any(|e| e.reason.as_deref() == Some("NotDockerConfig"))
-        })
+        wait_for(
+            "a NotDockerConfig event",
+            Duration::from_secs(30),
+            || async {
+                events
+                    .list(&ListParams::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .iter()
+                    .any(|e| e.reason.as_deref() == Some("NotDockerConfig"))
+            },
+        )
         .await;
         assert!(auths(&c, &ns, "unrelated").await.get("cgr.dev").is_none());
         assert!(auths(&c, &ns, "opaque").await.get("cgr.dev").is_none());
@@ -855,55 +1197,136 @@ mod service_account_scope {
     use super::support::*;
 
     async fn secret(c: &kube::Client, ns: &str, name: &str) -> Option<Secret> {
-        Api::<Secret>::namespaced(c.clone(), ns).get_opt(name).await.unwrap()
+        Api::<Secret>::namespaced(c.clone(), ns)
+            .get_opt(name)
+            .await
+            .unwrap()
     }
 
     fn subject_of(s: &Secret) -> String {
-        claims(docker_config(s)["auths"][HOST]["password"].as_str().unwrap())["sub"].as_str().unwrap().to_string()
+        claims(
+            docker_config(s)["auths"][HOST]["password"]
+                .as_str()
+                .unwrap(),
+        )["sub"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn each_service_account_gets_its_own_secret_minted_for_it() {
         let _serial = serial();
-        let mut inj = Injector::start_with("sas1", &kubernetes_registry("default", 3600), "identityScope: serviceAccount\n").await;
+        let mut inj = Injector::start_with(
+            "sas1",
+            &kubernetes_registry("default", 3600),
+            "identityScope: serviceAccount\n",
+        )
+        .await;
         let c = inj.client.clone();
         let ns = inj.namespace("workloads", true).await;
         let accounts: Api<ServiceAccount> = Api::namespaced(c.clone(), &ns);
-        let created = accounts.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "builder"}})).unwrap()).await.unwrap();
-        let names: Vec<String> = created.image_pull_secrets.unwrap_or_default().into_iter().map(|r| r.name).collect();
-        assert_eq!(names, ["builder-pull-secret"], "patched at admission with its own Secret");
+        let created = accounts
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "builder"}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        let names: Vec<String> = created
+            .image_pull_secrets
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(
+            names,
+            ["builder-pull-secret"],
+            "patched at admission with its own Secret"
+        );
 
         // The refresher makes one Secret per ServiceAccount, each minted for that account.
-        wait_for("builder-pull-secret and default-pull-secret", Duration::from_secs(30), || async {
-            secret(&c, &ns, "builder-pull-secret").await.is_some() && secret(&c, &ns, "default-pull-secret").await.is_some()
-        })
+        wait_for(
+            "builder-pull-secret and default-pull-secret",
+            Duration::from_secs(30),
+            || async {
+                secret(&c, &ns, "builder-pull-secret").await.is_some()
+                    && secret(&c, &ns, "default-pull-secret").await.is_some()
+            },
+        )
         .await;
         let builder = secret(&c, &ns, "builder-pull-secret").await.unwrap();
-        assert_eq!(subject_of(&builder), format!("system:serviceaccount:{ns}:builder"));
-        assert_eq!(subject_of(&secret(&c, &ns, "default-pull-secret").await.unwrap()), format!("system:serviceaccount:{ns}:default"));
-        assert!(secret(&c, &ns, "pull-secret").await.is_none(), "no per-namespace Secret in this scope");
+        assert_eq!(
+            subject_of(&builder),
+            format!("system:serviceaccount:{ns}:builder")
+        );
+        assert_eq!(
+            subject_of(&secret(&c, &ns, "default-pull-secret").await.unwrap()),
+            format!("system:serviceaccount:{ns}:default")
+        );
+        assert!(
+            secret(&c, &ns, "pull-secret").await.is_none(),
+            "no per-namespace Secret in this scope"
+        );
         let owner = &builder.metadata.owner_references.as_ref().expect("owned")[0];
-        assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("ServiceAccount", "builder"));
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("ServiceAccount", "builder")
+        );
 
         // A Pod running as builder gets builder's Secret, after its own entries.
-        let pod = create_pod(&c, &ns, "build", json!({"serviceAccountName": "builder", "imagePullSecrets": [{"name": "mine"}]}), false).await.pod;
+        let pod = create_pod(
+            &c,
+            &ns,
+            "build",
+            json!({"serviceAccountName": "builder", "imagePullSecrets": [{"name": "mine"}]}),
+            false,
+        )
+        .await
+        .pod;
         assert_eq!(pull_secret_names(&pod), ["mine", "builder-pull-secret"]);
-        let pod = create_pod(&c, &ns, "plain", json!({"imagePullSecrets": [{"name": "mine"}]}), false).await.pod;
+        let pod = create_pod(
+            &c,
+            &ns,
+            "plain",
+            json!({"imagePullSecrets": [{"name": "mine"}]}),
+            false,
+        )
+        .await
+        .pod;
         assert_eq!(pull_secret_names(&pod), ["mine", "default-pull-secret"]);
 
         // `status` lists each ServiceAccount's Secret.
         let table = inj.status_table();
         for secret in ["builder-pull-secret", "default-pull-secret"] {
-            assert!(table.lines().any(|l| l.starts_with(&ns) && l.contains(&format!("ok ({secret})"))), "{secret} missing from:\n{table}");
+            assert!(
+                table
+                    .lines()
+                    .any(|l| l.starts_with(&ns) && l.contains(&format!("ok ({secret})"))),
+                "{secret} missing from:\n{table}"
+            );
         }
 
         // Deleting the ServiceAccount deletes its Secret (garbage collection of the owner).
-        accounts.delete("builder", &DeleteParams::default()).await.unwrap();
-        wait_for("builder-pull-secret collected", Duration::from_secs(60), || async { secret(&c, &ns, "builder-pull-secret").await.is_none() }).await;
+        accounts
+            .delete("builder", &DeleteParams::default())
+            .await
+            .unwrap();
+        wait_for(
+            "builder-pull-secret collected",
+            Duration::from_secs(60),
+            || async { secret(&c, &ns, "builder-pull-secret").await.is_none() },
+        )
+        .await;
 
         // Opting out removes the namespace's Secrets.
         inj.set_opt_in(&ns, false).await;
-        wait_for("default-pull-secret removed", Duration::from_secs(30), || async { secret(&c, &ns, "default-pull-secret").await.is_none() }).await;
+        wait_for(
+            "default-pull-secret removed",
+            Duration::from_secs(30),
+            || async { secret(&c, &ns, "default-pull-secret").await.is_none() },
+        )
+        .await;
         inj.cleanup().await;
     }
 }

@@ -20,7 +20,9 @@ fn ca() -> Ca {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, "reload test CA");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "reload test CA");
     let pem = params.self_signed(&key).unwrap().pem();
     Ca { params, key, pem }
 }
@@ -29,9 +31,13 @@ fn ca() -> Ca {
 fn leaf(ca: &Ca, cn: &str, dir: &Path) -> Vec<u8> {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
     params.distinguished_name.push(DnType::CommonName, cn);
-    let cert = params.signed_by(&key, &Issuer::from_params(&ca.params, &ca.key)).unwrap();
+    let cert = params
+        .signed_by(&key, &Issuer::from_params(&ca.params, &ca.key))
+        .unwrap();
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
     std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
@@ -50,14 +56,24 @@ fn swap(dir: &Path, target: &str) {
 /// never answers: serving TLS and HTTP needs none. `extra` is appended to the config.
 async fn start_offline(dir: &Path, extra: &str) -> pull_secret_injector::Service {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let kube = kube::Client::try_from(kube::Config::new(format!("http://{}", dead.local_addr().unwrap()).parse().unwrap())).unwrap();
+    let kube = kube::Client::try_from(kube::Config::new(
+        format!("http://{}", dead.local_addr().unwrap())
+            .parse()
+            .unwrap(),
+    ))
+    .unwrap();
     // Keep the listener open for the life of the test process: a closed port would fail fast.
     std::mem::forget(dead);
     let yaml = format!(
         "listen: 127.0.0.1:0\ntls: {{certFile: {0}/tls.crt, keyFile: {0}/tls.key}}\nregistries: [{{host: r.example.com, kubernetes: {{audience: a}}}}]\n{extra}",
         dir.display()
     );
-    pull_secret_injector::Service::start(pull_secret_injector::config::Config::from_yaml(&yaml).unwrap(), kube).await.unwrap()
+    pull_secret_injector::Service::start(
+        pull_secret_injector::config::Config::from_yaml(&yaml).unwrap(),
+        kube,
+    )
+    .await
+    .unwrap()
 }
 
 struct Conn {
@@ -69,21 +85,31 @@ impl Conn {
         let mut roots = rustls::RootCertStore::empty();
         let ca = rustls::pki_types::pem::PemObject::from_pem_slice(ca_pem.as_bytes()).unwrap();
         roots.add(ca).unwrap();
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let conn = rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("127.0.0.1").unwrap()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let conn = rustls::ClientConnection::new(
+            Arc::new(config),
+            ServerName::try_from("127.0.0.1").unwrap(),
+        )
+        .unwrap();
         let tcp = TcpStream::connect(addr).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut me = Conn { tls: rustls::StreamOwned::new(conn, tcp) };
+        let mut me = Conn {
+            tls: rustls::StreamOwned::new(conn, tcp),
+        };
         assert_eq!(me.get_healthz(), 200);
         me
     }
 
     fn peer(&self) -> CertificateDer<'static> {
-        self.tls.conn.peer_certificates().unwrap()[0].clone().into_owned()
+        self.tls.conn.peer_certificates().unwrap()[0]
+            .clone()
+            .into_owned()
     }
 
     /// Sends `head` and the first half of `body`, leaving the request in flight.
@@ -107,17 +133,31 @@ impl Conn {
             }
             text.push_str(&String::from_utf8_lossy(&buf[..n]));
         }
-        let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (
+            status,
+            text.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default(),
+        )
     }
 
     /// One keep-alive HTTP/1.1 request on this connection; returns the status.
     fn get_healthz(&mut self) -> u16 {
-        self.tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").unwrap();
+        self.tls
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+            .unwrap();
         let mut buf = [0u8; 1024];
         let n = self.tls.read(&mut buf).unwrap();
         let head = String::from_utf8_lossy(&buf[..n]);
-        head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+        head.split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -144,18 +184,34 @@ async fn certificate_rotation_by_symlink_swap_is_picked_up_without_dropping_conn
         swap(&d, "..2026_02");
         std::thread::sleep(Duration::from_millis(1500));
         let fresh = Conn::open(addr, &ca_pem);
-        assert_eq!(fresh.peer().as_ref(), second.as_slice(), "a new connection gets the new certificate");
-        assert_eq!(old.get_healthz(), 200, "the connection opened before the swap still works");
+        assert_eq!(
+            fresh.peer().as_ref(),
+            second.as_slice(),
+            "a new connection gets the new certificate"
+        );
+        assert_eq!(
+            old.get_healthz(),
+            200,
+            "the connection opened before the swap still works"
+        );
 
         // A half-written rotation (certificate without its key) is not served.
         let broken = d.join("..2026_03");
         std::fs::create_dir_all(&broken).unwrap();
-        std::fs::write(broken.join("tls.crt"), "-----BEGIN CERTIFICATE-----\nnot really\n-----END CERTIFICATE-----\n").unwrap();
+        std::fs::write(
+            broken.join("tls.crt"),
+            "-----BEGIN CERTIFICATE-----\nnot really\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
         std::fs::write(broken.join("tls.key"), "").unwrap();
         swap(&d, "..2026_03");
         std::thread::sleep(Duration::from_millis(1500));
         let after_broken = Conn::open(addr, &ca_pem);
-        assert_eq!(after_broken.peer().as_ref(), second.as_slice(), "the last good certificate keeps serving");
+        assert_eq!(
+            after_broken.peer().as_ref(),
+            second.as_slice(),
+            "the last good certificate keeps serving"
+        );
     })
     .await
     .unwrap();
@@ -177,20 +233,26 @@ async fn shutdown_lets_an_admission_in_flight_finish() {
     }))
     .unwrap();
     let ca_pem = ca.pem.clone();
-    let (b, conn) = (body.clone(), tokio::task::spawn_blocking(move || {
-        let mut c = Conn::open(addr, &ca_pem);
-        c.start_post(&body);
-        c
-    })
-    .await
-    .unwrap());
+    let (b, conn) = (
+        body.clone(),
+        tokio::task::spawn_blocking(move || {
+            let mut c = Conn::open(addr, &ca_pem);
+            c.start_post(&body);
+            c
+        })
+        .await
+        .unwrap(),
+    );
     // Let the server read the headers: from then on the request is in flight (a connection whose
     // request has not begun is idle, and graceful shutdown rightly closes idle connections).
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Shutdown begins while the request is half sent...
     let stopping = tokio::spawn(service.shutdown());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!stopping.is_finished(), "shutdown waits for the request in flight");
+    assert!(
+        !stopping.is_finished(),
+        "shutdown waits for the request in flight"
+    );
     // ...and the request still completes with a proper answer.
     let (status, answer) = tokio::task::spawn_blocking(move || {
         let mut conn = conn;
@@ -203,7 +265,10 @@ async fn shutdown_lets_an_admission_in_flight_finish() {
     assert_eq!(answer["response"]["uid"], "in-flight");
     assert_eq!(answer["response"]["allowed"], true);
     stopping.await.unwrap();
-    assert!(std::net::TcpStream::connect(addr).is_err(), "a stopped server accepts no connections");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "a stopped server accepts no connections"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

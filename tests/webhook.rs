@@ -17,32 +17,62 @@ use serde_json::{json, Value};
 use support::*;
 
 fn sa_refs(sa: &ServiceAccount) -> (Vec<String>, Vec<String>) {
-    let pulls = sa.image_pull_secrets.clone().unwrap_or_default().into_iter().map(|r| r.name).collect();
-    let secrets = sa.secrets.clone().unwrap_or_default().into_iter().filter_map(|r| r.name).collect();
+    let pulls = sa
+        .image_pull_secrets
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    let secrets = sa
+        .secrets
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|r| r.name)
+        .collect();
     (pulls, secrets)
 }
 
 async fn get_sa(client: &kube::Client, ns: &str, name: &str) -> ServiceAccount {
-    Api::<ServiceAccount>::namespaced(client.clone(), ns).get(name).await.expect("read ServiceAccount")
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .expect("read ServiceAccount")
 }
 
 /// Waits until the refresher has failed to mint a few times in `ns`: its retries then back off
 /// for seconds, leaving a quiet window in which only an admission could mint.
 async fn refresher_backing_off(cp: &ControlPlane, ns: &str) {
-    wait_for("the refresher's failed attempts", Duration::from_secs(60), || async { cp.token_attempts(ns) >= 4 }).await;
+    wait_for(
+        "the refresher's failed attempts",
+        Duration::from_secs(60),
+        || async { cp.token_attempts(ns) >= 4 },
+    )
+    .await;
 }
 
 /// Waits until the refresher has attached the Secret to `default`, then takes it off again as an
 /// admin, so that the next Pod reaches the webhook with no `imagePullSecrets` of its own (the
 /// built-in ServiceAccount admission copies the ServiceAccount's list into Pods that have none).
 async fn detach_from_default(client: &kube::Client, ns: &str) {
-    wait_for("default ServiceAccount patched", Duration::from_secs(30), || async {
-        sa_refs(&get_sa(client, ns, "default").await).0.contains(&"pull-secret".to_string())
-    })
+    wait_for(
+        "default ServiceAccount patched",
+        Duration::from_secs(30),
+        || async {
+            sa_refs(&get_sa(client, ns, "default").await)
+                .0
+                .contains(&"pull-secret".to_string())
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     Api::<ServiceAccount>::namespaced(client.clone(), ns)
-        .patch("default", &PatchParams::default(), &Patch::Merge(json!({"imagePullSecrets": null})))
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"imagePullSecrets": null})),
+        )
         .await
         .expect("detach");
 }
@@ -56,12 +86,36 @@ async fn item1_pods_in_opted_in_namespaces_get_the_secret_and_no_one_else_does()
     detach_from_default(&c, &ns).await;
 
     let pod = create_pod(&c, &ns, "none", json!({}), false).await.pod;
-    assert_eq!(pull_secret_names(&pod), ["pull-secret"], "list created when absent");
+    assert_eq!(
+        pull_secret_names(&pod),
+        ["pull-secret"],
+        "list created when absent"
+    );
 
-    let pod = create_pod(&c, &ns, "others", json!({"imagePullSecrets": [{"name": "mine"}, {"name": "theirs"}]}), false).await.pod;
-    assert_eq!(pull_secret_names(&pod), ["mine", "theirs", "pull-secret"], "appended after the user's entries");
+    let pod = create_pod(
+        &c,
+        &ns,
+        "others",
+        json!({"imagePullSecrets": [{"name": "mine"}, {"name": "theirs"}]}),
+        false,
+    )
+    .await
+    .pod;
+    assert_eq!(
+        pull_secret_names(&pod),
+        ["mine", "theirs", "pull-secret"],
+        "appended after the user's entries"
+    );
 
-    let pod = create_pod(&c, &ns, "has-it", json!({"imagePullSecrets": [{"name": "pull-secret"}]}), false).await.pod;
+    let pod = create_pod(
+        &c,
+        &ns,
+        "has-it",
+        json!({"imagePullSecrets": [{"name": "pull-secret"}]}),
+        false,
+    )
+    .await
+    .pod;
     assert_eq!(pull_secret_names(&pod), ["pull-secret"], "not added twice");
 
     // A namespace that did not opt in, even though the webhook configuration would send it.
@@ -73,9 +127,24 @@ async fn item1_pods_in_opted_in_namespaces_get_the_secret_and_no_one_else_does()
     inj.register_webhook("psi-t1-everything", json!({})).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // let the API server load both configurations
     for namespace in [other.as_str(), own.as_str(), "kube-system"] {
-        let pod = create_pod(&c, namespace, "t1-untouched", json!({"imagePullSecrets": [{"name": "mine"}]}), true).await.pod;
-        assert_eq!(pull_secret_names(&pod), ["mine"], "{namespace} must not be patched");
-        assert!(get_secret(&c, namespace).await.is_none(), "{namespace} must get no Secret");
+        let pod = create_pod(
+            &c,
+            namespace,
+            "t1-untouched",
+            json!({"imagePullSecrets": [{"name": "mine"}]}),
+            true,
+        )
+        .await
+        .pod;
+        assert_eq!(
+            pull_secret_names(&pod),
+            ["mine"],
+            "{namespace} must not be patched"
+        );
+        assert!(
+            get_secret(&c, namespace).await.is_none(),
+            "{namespace} must get no Secret"
+        );
     }
     inj.cleanup().await;
 }
@@ -87,7 +156,10 @@ async fn item2_service_accounts_get_the_secret_in_both_lists() {
     let c = inj.client.clone();
     let ns = inj.namespace("sa", true).await;
     let api: Api<ServiceAccount> = Api::namespaced(c.clone(), &ns);
-    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "builder"}, "imagePullSecrets": [{"name": "mine"}]})).unwrap();
+    let sa: ServiceAccount = serde_json::from_value(
+        json!({"metadata": {"name": "builder"}, "imagePullSecrets": [{"name": "mine"}]}),
+    )
+    .unwrap();
     let created = api.create(&PostParams::default(), &sa).await.unwrap();
     let (pulls, secrets) = sa_refs(&created);
     assert_eq!(pulls, ["mine", "pull-secret"]);
@@ -103,16 +175,27 @@ async fn item3_the_secret_holds_a_real_token_for_the_namespace() {
     let ns = inj.namespace("secret", true).await;
     create_pod(&c, &ns, "app", json!({}), false).await;
     // The patch was returned, so the Secret exists now, without waiting.
-    let secret = get_secret(&c, &ns).await.expect("Secret exists once the Pod is admitted");
-    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
-    assert_eq!(secret.metadata.labels.as_ref().unwrap()[MANAGED_BY_LABEL], "pull-secret-injector");
+    let secret = get_secret(&c, &ns)
+        .await
+        .expect("Secret exists once the Pod is admitted");
+    assert_eq!(
+        secret.type_.as_deref(),
+        Some("kubernetes.io/dockerconfigjson")
+    );
+    assert_eq!(
+        secret.metadata.labels.as_ref().unwrap()[MANAGED_BY_LABEL],
+        "pull-secret-injector"
+    );
 
     let auths = docker_config(&secret)["auths"].clone();
     assert_eq!(auths.as_object().unwrap().len(), 1);
     let entry = &auths[HOST];
     let token = entry["password"].as_str().unwrap();
     assert_eq!(entry["username"], "oauth2accesstoken");
-    let expected_auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("oauth2accesstoken:{token}"));
+    let expected_auth = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("oauth2accesstoken:{token}"),
+    );
     assert_eq!(entry["auth"], expected_auth);
 
     let claims = claims(token);
@@ -120,7 +203,11 @@ async fn item3_the_secret_holds_a_real_token_for_the_namespace() {
     assert_eq!(claims["aud"], json!([AUDIENCE]));
     assert_eq!(claims["kubernetes.io"]["namespace"], ns);
     let expires_at: jiff::Timestamp = annotation(&secret, EXPIRES_AT).parse().unwrap();
-    assert_eq!(claims["exp"].as_i64().unwrap(), expires_at.as_second(), "recorded expiry is the token's");
+    assert_eq!(
+        claims["exp"].as_i64().unwrap(),
+        expires_at.as_second(),
+        "recorded expiry is the token's"
+    );
     let lifetime = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
     assert!((3500..=3700).contains(&lifetime), "lifetime {lifetime}");
 
@@ -129,10 +216,27 @@ async fn item3_the_secret_holds_a_real_token_for_the_namespace() {
         serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token, "audiences": [aud]}})).unwrap()
     };
     let reviews: Api<TokenReview> = Api::all(c.clone());
-    let ok = reviews.create(&PostParams::default(), &review(AUDIENCE)).await.unwrap();
-    assert_eq!(ok.status.as_ref().and_then(|s| s.authenticated), Some(true), "{:?}", ok.status);
-    let wrong = reviews.create(&PostParams::default(), &review("https://elsewhere.example.com")).await.unwrap();
-    assert_ne!(wrong.status.as_ref().and_then(|s| s.authenticated), Some(true));
+    let ok = reviews
+        .create(&PostParams::default(), &review(AUDIENCE))
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.status.as_ref().and_then(|s| s.authenticated),
+        Some(true),
+        "{:?}",
+        ok.status
+    );
+    let wrong = reviews
+        .create(
+            &PostParams::default(),
+            &review("https://elsewhere.example.com"),
+        )
+        .await
+        .unwrap();
+    assert_ne!(
+        wrong.status.as_ref().and_then(|s| s.authenticated),
+        Some(true)
+    );
     inj.cleanup().await;
 }
 
@@ -149,7 +253,16 @@ async fn item4_fresh_tokens_are_cached_and_a_cold_burst_mints_once() {
     let creates = (0..20).map(|i| {
         let c = c.clone();
         let ns = ns.clone();
-        async move { create_pod(&c, &ns, &format!("p{i}"), json!({"imagePullSecrets": [{"name": "mine"}]}), false).await }
+        async move {
+            create_pod(
+                &c,
+                &ns,
+                &format!("p{i}"),
+                json!({"imagePullSecrets": [{"name": "mine"}]}),
+                false,
+            )
+            .await
+        }
     });
     let pods = futures::future::join_all(creates).await;
     for p in &pods {
@@ -167,9 +280,17 @@ async fn item4_fresh_tokens_are_cached_and_a_cold_burst_mints_once() {
     assert_eq!(cp.token_requests(&ns), 1);
     assert_eq!(cp.secret_writes(&ns), 1);
     let (_, metrics) = curl(&inj.certs, &[&inj.url().replace("/mutate", "/metrics")]);
-    let hits: u64 = metrics.lines().find_map(|l| l.strip_prefix(r#"pull_secret_injector_cache_lookups_total{result="hit"} "#)).unwrap().parse().unwrap();
+    let hits: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"pull_secret_injector_cache_lookups_total{result="hit"} "#))
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(hits >= 10, "warm admissions are cache hits: {hits}");
-    assert!(metrics.contains(r#"pull_secret_injector_mints_total{source="kubernetes",outcome="ok"}"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"pull_secret_injector_mints_total{source="kubernetes",outcome="ok"}"#),
+        "{metrics}"
+    );
     inj.cleanup().await;
 }
 
@@ -182,35 +303,71 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
     let ns = inj.namespace("failing", true).await;
     let started = std::time::Instant::now();
     let created = create_pod(&c, &ns, "app", json!({}), false).await;
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
-    assert!(pull_secret_names(&created.pod).contains(&"pull-secret".to_string()), "patched anyway");
     assert!(
-        created.warnings.iter().any(|w| w.contains("pull-secret-injector") && w.contains("not ready")),
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        pull_secret_names(&created.pod).contains(&"pull-secret".to_string()),
+        "patched anyway"
+    );
+    assert!(
+        created
+            .warnings
+            .iter()
+            .any(|w| w.contains("pull-secret-injector") && w.contains("not ready")),
         "warning expected, got {:?}",
         created.warnings
     );
     assert!(get_secret(&c, &ns).await.is_none());
     // The failure is visible: an Event on the namespace and the metrics.
     wait_for("MintFailed event", Duration::from_secs(30), || async {
-        let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), &ns).list(&Default::default()).await.unwrap();
-        events.items.iter().any(|e| e.reason.as_deref() == Some("MintFailed") && e.note.as_deref().unwrap_or("").contains("minter"))
+        let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), &ns)
+            .list(&Default::default())
+            .await
+            .unwrap();
+        events.items.iter().any(|e| {
+            e.reason.as_deref() == Some("MintFailed")
+                && e.note.as_deref().unwrap_or("").contains("minter")
+        })
     })
     .await;
     let (code, metrics) = curl(&inj.certs, &[&inj.url().replace("/mutate", "/metrics")]);
     assert_eq!(code, 200);
-    for needle in [r#"mints_total{source="kubernetes",outcome="error"}"#, r#"admissions_total{kind="Pod",outcome="not_ready"} 1"#, "renewal_failures_total"] {
-        assert!(metrics.contains(needle), "{needle} missing from /metrics:\n{metrics}");
+    for needle in [
+        r#"mints_total{source="kubernetes",outcome="error"}"#,
+        r#"admissions_total{kind="Pod",outcome="not_ready"} 1"#,
+        "renewal_failures_total",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from /metrics:\n{metrics}"
+        );
     }
     assert!(!metrics.contains("renewal_failures_total 0"), "{metrics}");
     // `status` shows it from the cluster's records.
     let table = inj.status_table();
-    let line = table.lines().find(|l| l.starts_with(&ns)).unwrap_or_else(|| panic!("{ns} missing from:\n{table}"));
-    assert!(line.contains("missing") && line.contains("MintFailed"), "{table}");
+    let line = table
+        .lines()
+        .find(|l| l.starts_with(&ns))
+        .unwrap_or_else(|| panic!("{ns} missing from:\n{table}"));
+    assert!(
+        line.contains("missing") && line.contains("MintFailed"),
+        "{table}"
+    );
     // Once the ServiceAccount exists, the refresher finishes the work on its own.
-    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "minter"}})).unwrap();
-    Api::<ServiceAccount>::namespaced(c.clone(), &ns).create(&PostParams::default(), &sa).await.unwrap();
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "minter"}})).unwrap();
+    Api::<ServiceAccount>::namespaced(c.clone(), &ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
     let secret = wait_secret(&c, &ns, "made by the refresher", |_| true).await;
-    assert_eq!(claims(&password(&secret))["sub"], format!("system:serviceaccount:{ns}:minter"));
+    assert_eq!(
+        claims(&password(&secret))["sub"],
+        format!("system:serviceaccount:{ns}:minter")
+    );
     inj.cleanup().await;
 
     // Slow: a budget far shorter than a mint takes. The refresher is kept out of the way as
@@ -218,15 +375,36 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
     // No ServiceAccount admission may reach the webhook (the namespace's `default` or `minter`
     // would start the mint, or time out and hold back the Pod's): register it for Pods only,
     // before the namespace exists.
-    let mut inj = Injector::start_for("t5b", &kubernetes_registry("minter", 3600), "admission: {budget: 1ms}", &["pods"]).await;
+    let mut inj = Injector::start_for(
+        "t5b",
+        &kubernetes_registry("minter", 3600),
+        "admission: {budget: 1ms}",
+        &["pods"],
+    )
+    .await;
     let cp = ControlPlane::get();
     let ns = inj.namespace("slow", true).await;
     refresher_backing_off(cp, &ns).await;
-    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "minter"}})).unwrap();
-    Api::<ServiceAccount>::namespaced(c.clone(), &ns).create(&PostParams::default(), &sa).await.unwrap();
-    let created = create_pod(&c, &ns, "app", json!({"imagePullSecrets": [{"name": "mine"}]}), false).await;
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "minter"}})).unwrap();
+    Api::<ServiceAccount>::namespaced(c.clone(), &ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    let created = create_pod(
+        &c,
+        &ns,
+        "app",
+        json!({"imagePullSecrets": [{"name": "mine"}]}),
+        false,
+    )
+    .await;
     assert_eq!(pull_secret_names(&created.pod), ["mine", "pull-secret"]);
-    assert!(created.warnings.iter().any(|w| w.contains("within 1ms")), "{:?}", created.warnings);
+    assert!(
+        created.warnings.iter().any(|w| w.contains("within 1ms")),
+        "{:?}",
+        created.warnings
+    );
     wait_secret(&c, &ns, "finished in the background", |_| true).await;
     inj.cleanup().await;
 }
@@ -242,24 +420,51 @@ async fn item6_the_refresher_renews_recreates_restores_and_adopts() {
     let api: Api<Secret> = Api::namespaced(c.clone(), &ns);
 
     // Deleted: recreated with a new token.
-    api.delete("pull-secret", &DeleteParams::default()).await.unwrap();
-    let recreated = wait_secret(&c, &ns, "recreated", |s| s.metadata.uid != first.metadata.uid).await;
-    assert_eq!(claims(&password(&recreated))["sub"], format!("system:serviceaccount:{ns}:default"));
+    api.delete("pull-secret", &DeleteParams::default())
+        .await
+        .unwrap();
+    let recreated = wait_secret(&c, &ns, "recreated", |s| {
+        s.metadata.uid != first.metadata.uid
+    })
+    .await;
+    assert_eq!(
+        claims(&password(&recreated))["sub"],
+        format!("system:serviceaccount:{ns}:default")
+    );
 
     // Data changed: restored to a valid credential.
     let mut edited = recreated.clone();
-    edited.data.as_mut().unwrap().insert(".dockerconfigjson".into(), k8s_openapi::ByteString(br#"{"auths":{}}"#.to_vec()));
-    let edited = api.replace("pull-secret", &PostParams::default(), &edited).await.unwrap();
-    let restored = wait_secret(&c, &ns, "restored", |s| s.metadata.resource_version != edited.metadata.resource_version).await;
-    assert_eq!(claims(&password(&restored))["sub"], format!("system:serviceaccount:{ns}:default"));
+    edited.data.as_mut().unwrap().insert(
+        ".dockerconfigjson".into(),
+        k8s_openapi::ByteString(br#"{"auths":{}}"#.to_vec()),
+    );
+    let edited = api
+        .replace("pull-secret", &PostParams::default(), &edited)
+        .await
+        .unwrap();
+    let restored = wait_secret(&c, &ns, "restored", |s| {
+        s.metadata.resource_version != edited.metadata.resource_version
+    })
+    .await;
+    assert_eq!(
+        claims(&password(&restored))["sub"],
+        format!("system:serviceaccount:{ns}:default")
+    );
 
     // Restart: the fresh Secret is adopted, not re-minted.
     let mints = cp.token_requests(&ns);
     inj.stop().await;
     inj.run().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(cp.token_requests(&ns), mints, "a restart re-minted a fresh Secret");
-    assert_eq!(get_secret(&c, &ns).await.unwrap().metadata.resource_version, restored.metadata.resource_version);
+    assert_eq!(
+        cp.token_requests(&ns),
+        mints,
+        "a restart re-minted a fresh Secret"
+    );
+    assert_eq!(
+        get_secret(&c, &ns).await.unwrap().metadata.resource_version,
+        restored.metadata.resource_version
+    );
     inj.cleanup().await;
 
     // Renewal: a 10-minute token renewed when less than 9m55s remain, i.e. within seconds.
@@ -267,10 +472,19 @@ async fn item6_the_refresher_renews_recreates_restores_and_adopts() {
     let mut inj = Injector::start_with("t6b", &registry, "refresh: {renewBefore: 9m55s}").await;
     let ns = inj.namespace("renew", true).await;
     let first = wait_secret(&c, &ns, "created", |_| true).await;
-    let renewed = wait_secret(&c, &ns, "renewed", |s| annotation(s, EXPIRES_AT) != annotation(&first, EXPIRES_AT)).await;
+    let renewed = wait_secret(&c, &ns, "renewed", |s| {
+        annotation(s, EXPIRES_AT) != annotation(&first, EXPIRES_AT)
+    })
+    .await;
     assert!(annotation(&renewed, EXPIRES_AT) > annotation(&first, EXPIRES_AT));
-    assert_ne!(annotation(&renewed, CONTENT_HASH), annotation(&first, CONTENT_HASH));
-    assert!(password(&renewed) != password(&first), "renewal wrote a new token");
+    assert_ne!(
+        annotation(&renewed, CONTENT_HASH),
+        annotation(&first, CONTENT_HASH)
+    );
+    assert!(
+        password(&renewed) != password(&first),
+        "renewal wrote a new token"
+    );
     inj.cleanup().await;
 }
 
@@ -281,30 +495,50 @@ async fn item7_labelling_opts_in_and_unlabelling_cleans_up() {
     let c = inj.client.clone();
     let ns = inj.namespace("label", false).await;
     let api: Api<ServiceAccount> = Api::namespaced(c.clone(), &ns);
-    for (name, pulls) in [("ci", json!([])), ("user-ref", json!([{"name": "pull-secret"}]))] {
-        let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": name}, "imagePullSecrets": pulls})).unwrap();
+    for (name, pulls) in [
+        ("ci", json!([])),
+        ("user-ref", json!([{"name": "pull-secret"}])),
+    ] {
+        let sa: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": name}, "imagePullSecrets": pulls}))
+                .unwrap();
         api.create(&PostParams::default(), &sa).await.unwrap();
     }
     assert!(get_secret(&c, &ns).await.is_none());
 
     inj.set_opt_in(&ns, true).await;
     wait_secret(&c, &ns, "made on opt-in, with no Pod created", |_| true).await;
-    wait_for("existing ServiceAccounts patched", Duration::from_secs(30), || async {
-        let (pulls, secrets) = sa_refs(&get_sa(&c, &ns, "ci").await);
-        let (default_pulls, _) = sa_refs(&get_sa(&c, &ns, "default").await);
-        pulls == ["pull-secret"] && secrets.contains(&"pull-secret".to_string()) && default_pulls == ["pull-secret"]
-    })
+    wait_for(
+        "existing ServiceAccounts patched",
+        Duration::from_secs(30),
+        || async {
+            let (pulls, secrets) = sa_refs(&get_sa(&c, &ns, "ci").await);
+            let (default_pulls, _) = sa_refs(&get_sa(&c, &ns, "default").await);
+            pulls == ["pull-secret"]
+                && secrets.contains(&"pull-secret".to_string())
+                && default_pulls == ["pull-secret"]
+        },
+    )
     .await;
 
     inj.set_opt_in(&ns, false).await;
-    wait_for("Secret deleted on opt-out", Duration::from_secs(30), || async { get_secret(&c, &ns).await.is_none() }).await;
+    wait_for(
+        "Secret deleted on opt-out",
+        Duration::from_secs(30),
+        || async { get_secret(&c, &ns).await.is_none() },
+    )
+    .await;
     wait_for("references removed", Duration::from_secs(30), || async {
         let (pulls, secrets) = sa_refs(&get_sa(&c, &ns, "ci").await);
         pulls.is_empty() && !secrets.contains(&"pull-secret".to_string())
     })
     .await;
     let ci = get_sa(&c, &ns, "ci").await;
-    assert!(!ci.metadata.annotations.unwrap_or_default().contains_key(pull_secret_injector::patch::INJECTED_ANNOTATION));
+    assert!(!ci
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .contains_key(pull_secret_injector::patch::INJECTED_ANNOTATION));
     // A reference the user wrote is theirs: it stays.
     let (pulls, _) = sa_refs(&get_sa(&c, &ns, "user-ref").await);
     assert_eq!(pulls, ["pull-secret"]);
@@ -318,20 +552,51 @@ async fn item8_a_secret_the_service_does_not_manage_is_left_alone() {
     let c = inj.client.clone();
     let ns = inj.namespace("foreign", false).await;
     let api: Api<Secret> = Api::namespaced(c.clone(), &ns);
-    let mine: Secret = serde_json::from_value(json!({"metadata": {"name": "pull-secret"}, "stringData": {"owner": "me"}})).unwrap();
+    let mine: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "pull-secret"}, "stringData": {"owner": "me"}}),
+    )
+    .unwrap();
     let mine = api.create(&PostParams::default(), &mine).await.unwrap();
     inj.set_opt_in(&ns, true).await;
-    let created = create_pod(&c, &ns, "app", json!({"imagePullSecrets": [{"name": "x"}]}), false).await;
+    let created = create_pod(
+        &c,
+        &ns,
+        "app",
+        json!({"imagePullSecrets": [{"name": "x"}]}),
+        false,
+    )
+    .await;
     assert_eq!(pull_secret_names(&created.pod), ["x"], "not injected");
-    assert!(created.warnings.iter().any(|w| w.contains("not managed by pull-secret-injector")), "{:?}", created.warnings);
+    assert!(
+        created
+            .warnings
+            .iter()
+            .any(|w| w.contains("not managed by pull-secret-injector")),
+        "{:?}",
+        created.warnings
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = api.get("pull-secret").await.unwrap();
-    assert_eq!(after.metadata.resource_version, mine.metadata.resource_version, "never overwritten");
-    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), &ns).list(&Default::default()).await.unwrap();
+    assert_eq!(
+        after.metadata.resource_version, mine.metadata.resource_version,
+        "never overwritten"
+    );
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), &ns)
+        .list(&Default::default())
+        .await
+        .unwrap();
     assert!(
-        events.items.iter().any(|e| e.reason.as_deref() == Some("SecretNotManaged") && e.note.as_deref().unwrap_or("").contains("not overwritten")),
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("SecretNotManaged")
+                && e.note.as_deref().unwrap_or("").contains("not overwritten")),
         "{:?}",
-        events.items.iter().map(|e| (&e.reason, &e.note)).collect::<Vec<_>>()
+        events
+            .items
+            .iter()
+            .map(|e| (&e.reason, &e.note))
+            .collect::<Vec<_>>()
     );
     // Opting out does not delete it either.
     inj.set_opt_in(&ns, false).await;
@@ -351,8 +616,19 @@ async fn item9_dry_run_admissions_have_no_side_effects() {
     let ns = inj.namespace("dry", true).await;
     refresher_backing_off(cp, &ns).await;
     let attempts = cp.token_attempts(&ns);
-    let dry = create_pod(&c, &ns, "app", json!({"imagePullSecrets": [{"name": "mine"}]}), true).await;
-    assert_eq!(pull_secret_names(&dry.pod), ["mine", "pull-secret"], "the dry run shows the patch");
+    let dry = create_pod(
+        &c,
+        &ns,
+        "app",
+        json!({"imagePullSecrets": [{"name": "mine"}]}),
+        true,
+    )
+    .await;
+    assert_eq!(
+        pull_secret_names(&dry.pod),
+        ["mine", "pull-secret"],
+        "the dry run shows the patch"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(cp.token_attempts(&ns), attempts, "a dry run must not mint");
     assert_eq!(cp.secret_writes(&ns), 0);
@@ -371,18 +647,40 @@ async fn item10_http_errors_other_kinds_and_readiness() {
     let base = url.trim_end_matches("/mutate").to_string();
     let json_header = ["-H", "content-type: application/json"];
 
-    let (code, body) = curl(&inj.certs, &[&json_header[..], &["-d", "{not json", &url]].concat());
+    let (code, body) = curl(
+        &inj.certs,
+        &[&json_header[..], &["-d", "{not json", &url]].concat(),
+    );
     assert_eq!(code, 400, "{body}");
     let err: Value = serde_json::from_str(&body).expect("JSON error body");
-    assert!(err["error"].as_str().unwrap().contains("not a valid AdmissionReview"), "{body}");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid AdmissionReview"),
+        "{body}"
+    );
 
-    let big = format!(r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","pad":"{}"}}"#, "x".repeat(5 * 1024 * 1024));
+    let big = format!(
+        r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","pad":"{}"}}"#,
+        "x".repeat(5 * 1024 * 1024)
+    );
     let big_file = inj.certs.dir.path().join("big.json");
     std::fs::write(&big_file, big).unwrap();
     let data = format!("@{}", big_file.display());
-    let (code, body) = curl(&inj.certs, &[&json_header[..], &["--http1.1", "--data-binary", &data, &url]].concat());
+    let (code, body) = curl(
+        &inj.certs,
+        &[
+            &json_header[..],
+            &["--http1.1", "--data-binary", &data, &url],
+        ]
+        .concat(),
+    );
     assert_eq!(code, 413, "{body}");
-    assert!(serde_json::from_str::<Value>(&body).unwrap()["error"].as_str().unwrap().contains("exceeds"));
+    assert!(serde_json::from_str::<Value>(&body).unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("exceeds"));
 
     let ns = inj.namespace("kinds", true).await;
     let review = json!({
@@ -390,14 +688,30 @@ async fn item10_http_errors_other_kinds_and_readiness() {
         "request": {"uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "ConfigMap"}, "namespace": ns,
                     "operation": "CREATE", "object": {"metadata": {"name": "c"}}}
     });
-    let (code, body) = curl(&inj.certs, &[&json_header[..], &["-d", &review.to_string(), &url]].concat());
+    let (code, body) = curl(
+        &inj.certs,
+        &[&json_header[..], &["-d", &review.to_string(), &url]].concat(),
+    );
     assert_eq!(code, 200, "{body}");
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": {"uid": "u-1", "allowed": true}}));
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": {"uid": "u-1", "allowed": true}})
+    );
 
-    assert_eq!(curl(&inj.certs, &[&format!("{base}/readyz")]), (200, "ok".to_string()));
+    assert_eq!(
+        curl(&inj.certs, &[&format!("{base}/readyz")]),
+        (200, "ok".to_string())
+    );
     assert_eq!(curl(&inj.certs, &[&format!("{base}/healthz")]).0, 200);
     // TLS below 1.2 is refused.
-    assert_eq!(curl(&inj.certs, &["--tlsv1.0", "--tls-max", "1.1", &format!("{base}/healthz")]).0, 0);
+    assert_eq!(
+        curl(
+            &inj.certs,
+            &["--tlsv1.0", "--tls-max", "1.1", &format!("{base}/healthz")]
+        )
+        .0,
+        0
+    );
     inj.cleanup().await;
 
     // A service whose API server never answers is alive but not ready.
@@ -405,9 +719,15 @@ async fn item10_http_errors_other_kinds_and_readiness() {
     let yaml = config_yaml("t10b", &certs, &kubernetes_registry("default", 3600), "");
     let config = pull_secret_injector::config::Config::from_yaml(&yaml).unwrap();
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap(); // accepts, never answers
-    let mut kc = kube::Config::new(format!("http://{}", dead.local_addr().unwrap()).parse().unwrap());
+    let mut kc = kube::Config::new(
+        format!("http://{}", dead.local_addr().unwrap())
+            .parse()
+            .unwrap(),
+    );
     kc.read_timeout = Some(Duration::from_secs(1));
-    let service = pull_secret_injector::Service::start(config, kube::Client::try_from(kc).unwrap()).await.unwrap();
+    let service = pull_secret_injector::Service::start(config, kube::Client::try_from(kc).unwrap())
+        .await
+        .unwrap();
     let base = format!("https://{}", service.local_addr);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(curl(&certs, &[&format!("{base}/healthz")]).0, 200);
@@ -422,9 +742,18 @@ async fn item11_tokens_never_reach_the_logs() {
     let cp = ControlPlane::get();
     let c = cp.client().await;
     let certs = Certs::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let yaml = config_yaml("t11", &certs, &kubernetes_registry("default", 600), "refresh: {renewBefore: 9m58s}")
-        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = config_yaml(
+        "t11",
+        &certs,
+        &kubernetes_registry("default", 600),
+        "refresh: {renewBefore: 9m58s}",
+    )
+    .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
     let config_file = certs.dir.path().join("config.yaml");
     std::fs::write(&config_file, yaml).unwrap();
     let log_file = certs.dir.path().join("log");
@@ -437,7 +766,19 @@ async fn item11_tokens_never_reach_the_logs() {
         .spawn()
         .unwrap();
     let ns = "t11-logs";
-    create_namespace(&c, ns, [("pull-secret-injector.io/inject".to_string(), "enabled".to_string()), ("e2e-run".to_string(), "t11".to_string())].into()).await;
+    create_namespace(
+        &c,
+        ns,
+        [
+            (
+                "pull-secret-injector.io/inject".to_string(),
+                "enabled".to_string(),
+            ),
+            ("e2e-run".to_string(), "t11".to_string()),
+        ]
+        .into(),
+    )
+    .await;
     // Collect every token the run writes while it renews a few times.
     let mut tokens = std::collections::BTreeSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -449,14 +790,27 @@ async fn item11_tokens_never_reach_the_logs() {
     }
     let _ = child.kill();
     let _ = child.wait();
-    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone()).delete(ns, &DeleteParams::default()).await;
-    assert!(tokens.len() >= 2, "expected several renewals, saw {} tokens", tokens.len());
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone())
+        .delete(ns, &DeleteParams::default())
+        .await;
+    assert!(
+        tokens.len() >= 2,
+        "expected several renewals, saw {} tokens",
+        tokens.len()
+    );
     let log = std::fs::read_to_string(&log_file).unwrap();
-    assert!(log.contains("wrote pull Secret"), "the log is not empty: {} bytes", log.len());
+    assert!(
+        log.contains("wrote pull Secret"),
+        "the log is not empty: {} bytes",
+        log.len()
+    );
     for token in &tokens {
         // Any distinctive piece of the token: its signature, or the whole of it.
         let signature = token.rsplit('.').next().unwrap();
-        assert!(!log.contains(signature), "a token signature appears in the log");
+        assert!(
+            !log.contains(signature),
+            "a token signature appears in the log"
+        );
         assert!(!log.contains(token.as_str()));
     }
 }

@@ -57,8 +57,15 @@ impl AcrSource {
     pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
         for (field, value) in [("tenantId", &self.tenant_id), ("clientId", &self.client_id)] {
             if let Some(v) = value {
-                if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
-                    err(&format!("{path}.{field}"), format!("{v:?} is not an Entra id"));
+                if v.is_empty()
+                    || !v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+                {
+                    err(
+                        &format!("{path}.{field}"),
+                        format!("{v:?} is not an Entra id"),
+                    );
                 }
             } else if matches!(self.service_account_token, ServiceAccountToken::File(_)) {
                 err(&format!("{path}.{field}"), "must be set when the token comes from a file (there is no ServiceAccount to read it from)".into());
@@ -68,7 +75,8 @@ impl AcrSource {
         if let Some(e) = &self.registry_endpoint {
             super::validate_endpoint(&format!("{path}.registryEndpoint"), e, err);
         }
-        self.service_account_token.validate(&format!("{path}.serviceAccountToken"), err);
+        self.service_account_token
+            .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
     /// The tenant and client ids: from the config, else from the ServiceAccount's annotations.
@@ -77,35 +85,64 @@ impl AcrSource {
             return Ok((t.clone(), c.clone()));
         }
         let ServiceAccountToken::FromNamespace(from) = &self.service_account_token else {
-            return Err(MintError::Settings { source_name: NAME, message: "tenantId and clientId are required with a token file".into() });
+            return Err(MintError::Settings {
+                source_name: NAME,
+                message: "tenantId and clientId are required with a token file".into(),
+            });
         };
         let service_account = cx.service_account.unwrap_or(&from.service_account);
-        let annotations = kubernetes::service_account_annotations(cx.kube, cx.namespace, service_account).await?;
+        let annotations =
+            kubernetes::service_account_annotations(cx.kube, cx.namespace, service_account).await?;
         let pick = |configured: &Option<String>, key: &str| {
-            configured.clone().or_else(|| annotations.get(key).cloned()).ok_or_else(|| MintError::Settings {
-                source_name: NAME,
-                message: format!("ServiceAccount {}/{} has no {key} annotation and the config sets none", cx.namespace, service_account),
-            })
+            configured
+                .clone()
+                .or_else(|| annotations.get(key).cloned())
+                .ok_or_else(|| MintError::Settings {
+                    source_name: NAME,
+                    message: format!(
+                        "ServiceAccount {}/{} has no {key} annotation and the config sets none",
+                        cx.namespace, service_account
+                    ),
+                })
         };
-        Ok((pick(&self.tenant_id, TENANT_ID_ANNOTATION)?, pick(&self.client_id, CLIENT_ID_ANNOTATION)?))
+        Ok((
+            pick(&self.tenant_id, TENANT_ID_ANNOTATION)?,
+            pick(&self.client_id, CLIENT_ID_ANNOTATION)?,
+        ))
     }
 
     pub async fn mint(&self, cx: MintContext<'_>, host: &str) -> Result<Credential, MintError> {
         let (tenant, client_id) = self.ids(cx).await?;
         let sa_token = self.service_account_token.fetch(cx, &self.audience).await?;
-        let url = format!("{}/{tenant}/oauth2/v2.0/token", super::base(&self.authority_host));
+        let url = format!(
+            "{}/{tenant}/oauth2/v2.0/token",
+            super::base(&self.authority_host)
+        );
         let form = [
             ("client_id", client_id.as_str()),
             ("scope", "https://containerregistry.azure.net/.default"),
             ("grant_type", "client_credentials"),
-            ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
             ("client_assertion", sa_token.expose()),
         ];
-        let body = cx.http.send(NAME, &[&sa_token], |c| c.post(&url).form(&form)).await?;
-        let entra: EntraResponse = http::parse_json(NAME, "an Entra token response ({\"access_token\", ...})", &body)?;
+        let body = cx
+            .http
+            .send(NAME, &[&sa_token], |c| c.post(&url).form(&form))
+            .await?;
+        let entra: EntraResponse = http::parse_json(
+            NAME,
+            "an Entra token response ({\"access_token\", ...})",
+            &body,
+        )?;
         let entra_token = Sensitive::new(entra.access_token);
 
-        let registry = self.registry_endpoint.clone().unwrap_or_else(|| format!("https://{host}"));
+        let registry = self
+            .registry_endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://{host}"));
         let url = format!("{}/oauth2/exchange", super::base(&registry));
         let form = [
             ("grant_type", "access_token"),
@@ -113,8 +150,17 @@ impl AcrSource {
             ("tenant", tenant.as_str()),
             ("access_token", entra_token.expose()),
         ];
-        let body = cx.http.send(NAME, &[&sa_token, &entra_token], |c| c.post(&url).form(&form)).await?;
-        let answer: ExchangeResponse = http::parse_json(NAME, "an ACR exchange response ({\"refresh_token\"})", &body)?;
+        let body = cx
+            .http
+            .send(NAME, &[&sa_token, &entra_token], |c| {
+                c.post(&url).form(&form)
+            })
+            .await?;
+        let answer: ExchangeResponse = http::parse_json(
+            NAME,
+            "an ACR exchange response ({\"refresh_token\"})",
+            &body,
+        )?;
         super::from_jwt(NAME, USERNAME.into(), answer.refresh_token)
     }
 }

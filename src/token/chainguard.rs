@@ -48,15 +48,26 @@ struct ExchangeResponse {
 impl ChainguardSource {
     pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
         // UIDs are hex path segments joined by '/'; anything else cannot be one.
-        let ok = !self.identity.is_empty() && self.identity.chars().all(|c| c.is_ascii_hexdigit() || c == '/');
+        let ok = !self.identity.is_empty()
+            && self
+                .identity
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() || c == '/');
         if !ok {
-            err(&format!("{path}.identity"), format!("{:?} is not an identity UID (hex, as chainctl prints it)", self.identity));
+            err(
+                &format!("{path}.identity"),
+                format!(
+                    "{:?} is not an identity UID (hex, as chainctl prints it)",
+                    self.identity
+                ),
+            );
         }
         super::validate_endpoint(&format!("{path}.issuer"), &self.issuer, err);
         if self.audience.trim().is_empty() {
             err(&format!("{path}.audience"), "must not be empty".into());
         }
-        self.service_account_token.validate(&format!("{path}.serviceAccountToken"), err);
+        self.service_account_token
+            .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
     pub async fn mint(&self, cx: MintContext<'_>) -> Result<Credential, MintError> {
@@ -66,12 +77,16 @@ impl ChainguardSource {
             .http
             .send(NAME, &[&sa_token], |c| {
                 c.post(&url)
-                    .query(&[("aud", self.registry_audience.as_str()), ("identity", self.identity.as_str())])
+                    .query(&[
+                        ("aud", self.registry_audience.as_str()),
+                        ("identity", self.identity.as_str()),
+                    ])
                     .bearer_auth(sa_token.expose())
                     .header(reqwest::header::CONTENT_LENGTH, 0)
             })
             .await?;
-        let answer: ExchangeResponse = http::parse_json(NAME, "a token response ({\"token\": ...})", &body)?;
+        let answer: ExchangeResponse =
+            http::parse_json(NAME, "a token response ({\"token\": ...})", &body)?;
         super::from_jwt(NAME, "_token".into(), answer.token)
     }
 }

@@ -62,21 +62,35 @@ struct AuthorizationData {
 
 impl EcrSource {
     fn sts_endpoint(&self) -> String {
-        self.sts_endpoint.clone().unwrap_or_else(|| format!("https://sts.{}.amazonaws.com", self.region))
+        self.sts_endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://sts.{}.amazonaws.com", self.region))
     }
 
     fn ecr_endpoint(&self) -> String {
-        self.ecr_endpoint.clone().unwrap_or_else(|| format!("https://api.ecr.{}.amazonaws.com", self.region))
+        self.ecr_endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://api.ecr.{}.amazonaws.com", self.region))
     }
 
     pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
-        let region_ok = !self.region.is_empty() && self.region.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        let region_ok = !self.region.is_empty()
+            && self
+                .region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if !region_ok {
-            err(&format!("{path}.region"), format!("{:?} is not an AWS region such as eu-west-1", self.region));
+            err(
+                &format!("{path}.region"),
+                format!("{:?} is not an AWS region such as eu-west-1", self.region),
+            );
         }
         match &self.role_arn {
             Some(arn) if !(arn.starts_with("arn:") && arn.contains(":role/")) => {
-                err(&format!("{path}.roleArn"), format!("{arn:?} is not a role ARN (arn:aws:iam::<account>:role/<name>)"));
+                err(
+                    &format!("{path}.roleArn"),
+                    format!("{arn:?} is not a role ARN (arn:aws:iam::<account>:role/<name>)"),
+                );
             }
             None if matches!(self.service_account_token, ServiceAccountToken::File(_)) => {
                 err(&format!("{path}.roleArn"), "must be set when the token comes from a file (there is no ServiceAccount to read it from)".into());
@@ -84,13 +98,17 @@ impl EcrSource {
             _ => {}
         }
         if !(900..=43200).contains(&self.duration_seconds) {
-            err(&format!("{path}.durationSeconds"), "must be between 900 and 43200 (STS limits)".into());
+            err(
+                &format!("{path}.durationSeconds"),
+                "must be between 900 and 43200 (STS limits)".into(),
+            );
         }
         if region_ok {
             super::validate_endpoint(&format!("{path}.stsEndpoint"), &self.sts_endpoint(), err);
             super::validate_endpoint(&format!("{path}.ecrEndpoint"), &self.ecr_endpoint(), err);
         }
-        self.service_account_token.validate(&format!("{path}.serviceAccountToken"), err);
+        self.service_account_token
+            .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
     async fn role_arn(&self, cx: MintContext<'_>) -> Result<String, MintError> {
@@ -98,10 +116,14 @@ impl EcrSource {
             return Ok(arn.clone());
         }
         let ServiceAccountToken::FromNamespace(from) = &self.service_account_token else {
-            return Err(MintError::Settings { source_name: NAME, message: "roleArn is required with a token file".into() });
+            return Err(MintError::Settings {
+                source_name: NAME,
+                message: "roleArn is required with a token file".into(),
+            });
         };
         let service_account = cx.service_account.unwrap_or(&from.service_account);
-        let annotations = kubernetes::service_account_annotations(cx.kube, cx.namespace, service_account).await?;
+        let annotations =
+            kubernetes::service_account_annotations(cx.kube, cx.namespace, service_account).await?;
         annotations.get(ROLE_ANNOTATION).cloned().ok_or_else(|| MintError::Settings {
             source_name: NAME,
             message: format!("ServiceAccount {}/{} has no {ROLE_ANNOTATION} annotation and the config sets no roleArn", cx.namespace, service_account),
@@ -124,21 +146,35 @@ impl EcrSource {
             ("DurationSeconds", duration.as_str()),
         ];
         let sts_url = format!("{}/", super::base(&self.sts_endpoint()));
-        let body = cx.http.send(NAME, &[&sa_token], |c| c.post(&sts_url).form(&form)).await?;
+        let body = cx
+            .http
+            .send(NAME, &[&sa_token], |c| c.post(&sts_url).form(&form))
+            .await?;
         let text = String::from_utf8_lossy(&body);
         let field = |tag: &str| {
-            http::xml_text(&text, tag).ok_or_else(|| MintError::Unusable { source_name: NAME, reason: format!("the STS answer has no <{tag}>") })
+            http::xml_text(&text, tag).ok_or_else(|| MintError::Unusable {
+                source_name: NAME,
+                reason: format!("the STS answer has no <{tag}>"),
+            })
         };
         let access_key_id = field("AccessKeyId")?;
         let secret_access_key = Sensitive::new(field("SecretAccessKey")?);
         let session_token = Sensitive::new(field("SessionToken")?);
 
         let ecr_url = reqwest::Url::parse(&format!("{}/", super::base(&self.ecr_endpoint())))
-            .map_err(|e| MintError::Settings { source_name: NAME, message: format!("ecrEndpoint: {e}") })?;
+            .map_err(|e| MintError::Settings {
+                source_name: NAME,
+                message: format!("ecrEndpoint: {e}"),
+            })?;
         let host = match (ecr_url.host_str(), ecr_url.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
             (Some(h), None) => h.to_string(),
-            (None, _) => return Err(MintError::Settings { source_name: NAME, message: "ecrEndpoint has no host".into() }),
+            (None, _) => {
+                return Err(MintError::Settings {
+                    source_name: NAME,
+                    message: "ecrEndpoint has no host".into(),
+                })
+            }
         };
         let keys = AwsKeys {
             access_key_id: &access_key_id,
@@ -147,38 +183,76 @@ impl EcrSource {
         };
         let headers = [
             ("content-type", "application/x-amz-json-1.1"),
-            ("x-amz-target", "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken"),
+            (
+                "x-amz-target",
+                "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken",
+            ),
         ];
         let secrets = [&sa_token, &secret_access_key, &session_token];
         let body = cx
             .http
             .send(NAME, &secrets, |c| {
                 // Signed per attempt: the signature carries the time.
-                let request = SignableRequest { method: "POST", host: &host, path: ecr_url.path(), query: &[], headers: &headers, body: b"{}" };
+                let request = SignableRequest {
+                    method: "POST",
+                    host: &host,
+                    path: ecr_url.path(),
+                    query: &[],
+                    headers: &headers,
+                    body: b"{}",
+                };
                 let mut builder = c.post(ecr_url.clone()).body("{}");
-                for (k, v) in headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).chain(sigv4::sign(&request, &keys, &self.region, "ecr", Timestamp::now())) {
+                for (k, v) in headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .chain(sigv4::sign(
+                        &request,
+                        &keys,
+                        &self.region,
+                        "ecr",
+                        Timestamp::now(),
+                    ))
+                {
                     builder = builder.header(k, v);
                 }
                 builder
             })
             .await?;
-        let answer: AuthorizationResponse = http::parse_json(NAME, "a GetAuthorizationToken response", &body)?;
+        let answer: AuthorizationResponse =
+            http::parse_json(NAME, "a GetAuthorizationToken response", &body)?;
         let data = answer
             .authorization_data
             .into_iter()
             .next()
-            .ok_or(MintError::Unusable { source_name: NAME, reason: "authorizationData is empty".into() })?;
+            .ok_or(MintError::Unusable {
+                source_name: NAME,
+                reason: "authorizationData is empty".into(),
+            })?;
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(data.authorization_token.trim())
             .ok()
             .and_then(|b| String::from_utf8(b).ok())
-            .ok_or(MintError::Unusable { source_name: NAME, reason: "authorizationToken is not base64 text".into() })?;
+            .ok_or(MintError::Unusable {
+                source_name: NAME,
+                reason: "authorizationToken is not base64 text".into(),
+            })?;
         let Some((username, password)) = decoded.split_once(':') else {
-            return Err(MintError::Unusable { source_name: NAME, reason: "authorizationToken is not user:password".into() });
+            return Err(MintError::Unusable {
+                source_name: NAME,
+                reason: "authorizationToken is not user:password".into(),
+            });
         };
-        let expires_at = Timestamp::from_second(data.expires_at as i64)
-            .map_err(|_| MintError::Unusable { source_name: NAME, reason: format!("expiresAt {} is out of range", data.expires_at) })?;
-        super::checked(NAME, username.to_string(), Sensitive::new(password), expires_at)
+        let expires_at =
+            Timestamp::from_second(data.expires_at as i64).map_err(|_| MintError::Unusable {
+                source_name: NAME,
+                reason: format!("expiresAt {} is out of range", data.expires_at),
+            })?;
+        super::checked(
+            NAME,
+            username.to_string(),
+            Sensitive::new(password),
+            expires_at,
+        )
     }
 }
 
@@ -196,8 +270,14 @@ mod tests {
     #[test]
     fn reads_sts_xml() {
         let doc = "<AssumeRoleWithWebIdentityResponse><AssumeRoleWithWebIdentityResult><Credentials>\n<AccessKeyId>ASIAEXAMPLE</AccessKeyId><SecretAccessKey>s&amp;k</SecretAccessKey></Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>";
-        assert_eq!(http::xml_text(doc, "AccessKeyId").as_deref(), Some("ASIAEXAMPLE"));
-        assert_eq!(http::xml_text(doc, "SecretAccessKey").as_deref(), Some("s&k"));
+        assert_eq!(
+            http::xml_text(doc, "AccessKeyId").as_deref(),
+            Some("ASIAEXAMPLE")
+        );
+        assert_eq!(
+            http::xml_text(doc, "SecretAccessKey").as_deref(),
+            Some("s&k")
+        );
         assert_eq!(http::xml_text(doc, "SessionToken"), None);
     }
 

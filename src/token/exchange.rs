@@ -50,13 +50,20 @@ impl TokenExchangeSource {
             err(&format!("{path}.username"), "must not be empty".into());
         }
         if self.subject_token_audience.trim().is_empty() {
-            err(&format!("{path}.subjectTokenAudience"), "must not be empty".into());
+            err(
+                &format!("{path}.subjectTokenAudience"),
+                "must not be empty".into(),
+            );
         }
-        self.service_account_token.validate(&format!("{path}.serviceAccountToken"), err);
+        self.service_account_token
+            .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
     pub async fn mint(&self, cx: MintContext<'_>) -> Result<Credential, MintError> {
-        let sa_token = self.service_account_token.fetch(cx, &self.subject_token_audience).await?;
+        let sa_token = self
+            .service_account_token
+            .fetch(cx, &self.subject_token_audience)
+            .await?;
         let mut form: Vec<(&str, &str)> = vec![
             ("grant_type", GRANT_TYPE),
             ("subject_token", sa_token.expose()),
@@ -69,9 +76,20 @@ impl TokenExchangeSource {
             ("requested_token_type", &self.requested_token_type),
             ("client_id", &self.client_id),
         ];
-        form.extend(optional.iter().filter_map(|(k, v)| v.as_deref().map(|v| (*k, v))));
-        let body = cx.http.send(NAME, &[&sa_token], |c| c.post(&self.endpoint).form(&form)).await?;
-        let answer: ExchangeResponse = http::parse_json(NAME, "a token-exchange response ({\"access_token\", \"expires_in\"})", &body)?;
+        form.extend(
+            optional
+                .iter()
+                .filter_map(|(k, v)| v.as_deref().map(|v| (*k, v))),
+        );
+        let body = cx
+            .http
+            .send(NAME, &[&sa_token], |c| c.post(&self.endpoint).form(&form))
+            .await?;
+        let answer: ExchangeResponse = http::parse_json(
+            NAME,
+            "a token-exchange response ({\"access_token\", \"expires_in\"})",
+            &body,
+        )?;
         match answer.expires_in {
             Some(seconds) => super::from_expires_in(NAME, self.username.clone(), answer.access_token, seconds),
             None => super::from_jwt(NAME, self.username.clone(), answer.access_token).map_err(|_| MintError::Unusable {

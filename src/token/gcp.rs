@@ -64,7 +64,8 @@ struct ImpersonationResponse {
 
 impl GcpSource {
     fn provider(&self) -> &str {
-        self.workload_identity_provider.trim_start_matches(PROVIDER_PREFIX)
+        self.workload_identity_provider
+            .trim_start_matches(PROVIDER_PREFIX)
     }
 
     pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
@@ -83,19 +84,33 @@ impl GcpSource {
         }
         if let Some(email) = &self.service_account_email {
             if !email.contains('@') || email.contains(char::is_whitespace) || email.contains('/') {
-                err(&format!("{path}.serviceAccountEmail"), format!("{email:?} is not a service account email"));
+                err(
+                    &format!("{path}.serviceAccountEmail"),
+                    format!("{email:?} is not a service account email"),
+                );
             }
         }
         if !(600..=43200).contains(&self.lifetime_seconds) {
-            err(&format!("{path}.lifetimeSeconds"), "must be between 600 and 43200".into());
+            err(
+                &format!("{path}.lifetimeSeconds"),
+                "must be between 600 and 43200".into(),
+            );
         }
         super::validate_endpoint(&format!("{path}.stsEndpoint"), &self.sts_endpoint, err);
-        super::validate_endpoint(&format!("{path}.iamCredentialsEndpoint"), &self.iam_credentials_endpoint, err);
-        self.service_account_token.validate(&format!("{path}.serviceAccountToken"), err);
+        super::validate_endpoint(
+            &format!("{path}.iamCredentialsEndpoint"),
+            &self.iam_credentials_endpoint,
+            err,
+        );
+        self.service_account_token
+            .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
     pub async fn mint(&self, cx: MintContext<'_>) -> Result<Credential, MintError> {
-        let audience = self.audience.clone().unwrap_or_else(|| format!("https://iam.googleapis.com/{}", self.provider()));
+        let audience = self
+            .audience
+            .clone()
+            .unwrap_or_else(|| format!("https://iam.googleapis.com/{}", self.provider()));
         let sa_token = self.service_account_token.fetch(cx, &audience).await?;
         let url = format!("{}/v1/token", super::base(&self.sts_endpoint));
         let request = json!({
@@ -106,25 +121,50 @@ impl GcpSource {
             "subjectToken": sa_token.expose(),
             "subjectTokenType": "urn:ietf:params:oauth:token-type:jwt",
         });
-        let body = cx.http.send(NAME, &[&sa_token], |c| c.post(&url).json(&request)).await?;
-        let sts: StsResponse = http::parse_json(NAME, "an STS response ({\"access_token\", \"expires_in\"})", &body)?;
+        let body = cx
+            .http
+            .send(NAME, &[&sa_token], |c| c.post(&url).json(&request))
+            .await?;
+        let sts: StsResponse = http::parse_json(
+            NAME,
+            "an STS response ({\"access_token\", \"expires_in\"})",
+            &body,
+        )?;
         let username = "oauth2accesstoken".to_string();
         let Some(email) = &self.service_account_email else {
-            let credential = super::from_expires_in(NAME, username, sts.access_token, sts.expires_in)?;
+            let credential =
+                super::from_expires_in(NAME, username, sts.access_token, sts.expires_in)?;
             // A federated token does not outlive the token it came from.
             return Ok(match super::jwt::expiry(sa_token.expose()) {
-                Ok(sa_exp) if sa_exp < credential.expires_at => Credential { expires_at: sa_exp, ..credential },
+                Ok(sa_exp) if sa_exp < credential.expires_at => Credential {
+                    expires_at: sa_exp,
+                    ..credential
+                },
                 _ => credential,
             });
         };
         let federated = Sensitive::new(sts.access_token);
-        let url = format!("{}/v1/projects/-/serviceAccounts/{email}:generateAccessToken", super::base(&self.iam_credentials_endpoint));
+        let url = format!(
+            "{}/v1/projects/-/serviceAccounts/{email}:generateAccessToken",
+            super::base(&self.iam_credentials_endpoint)
+        );
         let request = json!({"scope": [SCOPE], "lifetime": format!("{}s", self.lifetime_seconds)});
         let body = cx
             .http
-            .send(NAME, &[&sa_token, &federated], |c| c.post(&url).bearer_auth(federated.expose()).json(&request))
+            .send(NAME, &[&sa_token, &federated], |c| {
+                c.post(&url).bearer_auth(federated.expose()).json(&request)
+            })
             .await?;
-        let answer: ImpersonationResponse = http::parse_json(NAME, "a generateAccessToken response ({\"accessToken\", \"expireTime\"})", &body)?;
-        super::checked(NAME, username, Sensitive::new(answer.access_token), answer.expire_time)
+        let answer: ImpersonationResponse = http::parse_json(
+            NAME,
+            "a generateAccessToken response ({\"accessToken\", \"expireTime\"})",
+            &body,
+        )?;
+        super::checked(
+            NAME,
+            username,
+            Sensitive::new(answer.access_token),
+            answer.expire_time,
+        )
     }
 }

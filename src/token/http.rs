@@ -20,7 +20,10 @@ use super::{MintError, Sensitive};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpConfig {
     /// Per request, connect to last byte.
-    #[serde(default = "default_timeout", deserialize_with = "crate::config::duration")]
+    #[serde(
+        default = "default_timeout",
+        deserialize_with = "crate::config::duration"
+    )]
     pub timeout: Duration,
     /// Retries after a timeout, a connection failure, a 5xx or a 429 (other answers are final).
     #[serde(default = "default_retries")]
@@ -40,14 +43,21 @@ fn default_retries() -> u32 {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { timeout: default_timeout(), retries: default_retries(), ca_file: None }
+        Self {
+            timeout: default_timeout(),
+            retries: default_retries(),
+            ca_file: None,
+        }
     }
 }
 
 impl HttpConfig {
     pub fn validate(&self, err: &mut impl FnMut(&str, String)) {
         if self.timeout.is_zero() || self.timeout > Duration::from_secs(60) {
-            err("http.timeout", "must be more than 0s and at most 60s".into());
+            err(
+                "http.timeout",
+                "must be more than 0s and at most 60s".into(),
+            );
         }
         if self.retries > 10 {
             err("http.retries", "must be at most 10".into());
@@ -89,7 +99,10 @@ impl HttpClient {
             let _ = roots.add(cert);
         }
         if let Some(path) = &config.ca_file {
-            let ca_error = |message: String| HttpClientError::CaFile { path: path.clone(), message };
+            let ca_error = |message: String| HttpClientError::CaFile {
+                path: path.clone(),
+                message,
+            };
             let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(path)
                 .map_err(|e| ca_error(e.to_string()))?
                 .collect::<Result<_, _>>()
@@ -101,11 +114,13 @@ impl HttpClient {
                 roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
             }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| HttpClientError::Build(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| HttpClientError::Build(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .timeout(config.timeout)
@@ -114,7 +129,12 @@ impl HttpClient {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| HttpClientError::Build(describe_transport(&e)))?;
-        Ok(Self { client, retries: config.retries, backoff: Duration::from_millis(250), timeout: config.timeout })
+        Ok(Self {
+            client,
+            retries: config.retries,
+            backoff: Duration::from_millis(250),
+            timeout: config.timeout,
+        })
     }
 
     /// The same client with a shorter first backoff, for tests that exercise retries.
@@ -139,11 +159,13 @@ impl HttpClient {
     ) -> Result<Vec<u8>, MintError> {
         let mut attempt = 0;
         loop {
-            let request = build(&self.client).build().map_err(|e| MintError::Transport {
-                source_name,
-                endpoint: String::new(),
-                message: format!("cannot build the request: {}", describe_transport(&e)),
-            })?;
+            let request = build(&self.client)
+                .build()
+                .map_err(|e| MintError::Transport {
+                    source_name,
+                    endpoint: String::new(),
+                    message: format!("cannot build the request: {}", describe_transport(&e)),
+                })?;
             let endpoint = format!("{} {}", request.method(), endpoint_of(request.url()));
             let outcome = self.client.execute(request).await;
             let (retry_after, error) = match outcome {
@@ -153,7 +175,11 @@ impl HttpClient {
                     let body = match response.bytes().await {
                         Ok(b) => b.to_vec(),
                         Err(e) => {
-                            let error = MintError::Transport { source_name, endpoint, message: self.describe(&e) };
+                            let error = MintError::Transport {
+                                source_name,
+                                endpoint,
+                                message: self.describe(&e),
+                            };
                             if attempt < self.retries {
                                 self.pause(attempt, None).await;
                                 attempt += 1;
@@ -171,13 +197,21 @@ impl HttpClient {
                         status: status.as_u16(),
                         detail: describe_body(&body, secrets),
                     };
-                    let retryable = status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+                    let retryable = status.is_server_error()
+                        || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
                     if !retryable {
                         return Err(error);
                     }
                     (retry_after, error)
                 }
-                Err(e) => (None, MintError::Transport { source_name, endpoint, message: self.describe(&e) }),
+                Err(e) => (
+                    None,
+                    MintError::Transport {
+                        source_name,
+                        endpoint,
+                        message: self.describe(&e),
+                    },
+                ),
             };
             if attempt >= self.retries {
                 return Err(error);
@@ -192,7 +226,10 @@ impl HttpClient {
         let wait = match retry_after {
             Some(d) => d.min(MAX_RETRY_AFTER),
             None => {
-                let exp = self.backoff.saturating_mul(1u32 << attempt.min(16)).min(MAX_BACKOFF);
+                let exp = self
+                    .backoff
+                    .saturating_mul(1u32 << attempt.min(16))
+                    .min(MAX_BACKOFF);
                 // Jitter in [½, 1): replicas and namespaces failing together spread out.
                 exp.mul_f64(0.5 + fastrand::f64() / 2.0)
             }
@@ -211,10 +248,19 @@ impl HttpClient {
 
 /// Parses a successful answer as `T`. The error says what was expected and where parsing
 /// stopped, never the content (it may hold a token).
-pub fn parse_json<T: serde::de::DeserializeOwned>(source_name: &'static str, what: &str, body: &[u8]) -> Result<T, MintError> {
+pub fn parse_json<T: serde::de::DeserializeOwned>(
+    source_name: &'static str,
+    what: &str,
+    body: &[u8],
+) -> Result<T, MintError> {
     serde_json::from_slice(body).map_err(|e| MintError::Unusable {
         source_name,
-        reason: format!("the answer is not {what} ({:?} error at line {} column {})", e.classify(), e.line(), e.column()),
+        reason: format!(
+            "the answer is not {what} ({:?} error at line {} column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        ),
     })
 }
 
@@ -283,7 +329,8 @@ pub fn describe_body(body: &[u8], secrets: &[&Sensitive]) -> String {
 }
 
 fn summarise_json(json: &serde_json::Value) -> Option<String> {
-    let field = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    let field =
+        |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
     // RFC 6749/8693 errors, Google's {"error": {"message": ...}}, AWS/Quay {"message"}/{"error_message"}.
     let nested = json.get("error").filter(|e| e.is_object());
     let parts: Vec<String> = [
@@ -303,7 +350,10 @@ fn summarise_json(json: &serde_json::Value) -> Option<String> {
 
 /// AWS query APIs (STS) answer errors as `<Error><Code>…</Code><Message>…</Message></Error>`.
 fn summarise_xml(text: &str) -> Option<String> {
-    let parts: Vec<String> = [xml_text(text, "Code"), xml_text(text, "Message")].into_iter().flatten().collect();
+    let parts: Vec<String> = [xml_text(text, "Code"), xml_text(text, "Message")]
+        .into_iter()
+        .flatten()
+        .collect();
     (!parts.is_empty()).then(|| parts.join(": "))
 }
 
@@ -314,15 +364,25 @@ pub fn xml_text(doc: &str, tag: &str) -> Option<String> {
     let start = doc.find(&open)? + open.len();
     let end = start + doc[start..].find(&format!("</{tag}>"))?;
     let text = doc[start..end].trim();
-    Some(text.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&apos;", "'").replace("&amp;", "&"))
+    Some(
+        text.replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&amp;", "&"),
+    )
 }
 
 /// A JWT (three base64url parts, the first starting `eyJ`) or a long run of token characters
 /// (an opaque access token) is replaced.
 fn redact_word(word: &str) -> String {
-    let core: String = word.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.=+/~".contains(*c)).collect();
+    let core: String = word
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.=+/~".contains(*c))
+        .collect();
     let jwt_like = core.contains("eyJ") && core.matches('.').count() >= 2;
-    let opaque = core.len() >= 40 && core.chars().filter(|c| c.is_ascii_alphanumeric()).count() * 10 >= core.len() * 9;
+    let opaque = core.len() >= 40
+        && core.chars().filter(|c| c.is_ascii_alphanumeric()).count() * 10 >= core.len() * 9;
     if jwt_like || opaque {
         "<redacted>".into()
     } else {
@@ -339,20 +399,35 @@ mod tests {
         let secret = Sensitive::new("subject-token-value");
         let d = describe_body(br#"{"error":"invalid_grant","error_description":"token subject-token-value is expired"}"#, &[&secret]);
         assert_eq!(d, "invalid_grant: token <redacted> is expired");
-        let d = describe_body(br#"{"error":{"code":400,"message":"Invalid value","status":"INVALID_ARGUMENT"}}"#, &[]);
+        let d = describe_body(
+            br#"{"error":{"code":400,"message":"Invalid value","status":"INVALID_ARGUMENT"}}"#,
+            &[],
+        );
         assert_eq!(d, "INVALID_ARGUMENT: Invalid value");
         let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";
-        let d = describe_body(format!("<html>\n  denied for {jwt}\n</html>").as_bytes(), &[]);
+        let d = describe_body(
+            format!("<html>\n  denied for {jwt}\n</html>").as_bytes(),
+            &[],
+        );
         assert_eq!(d, "<html> denied for <redacted> </html>");
         let opaque = "A".repeat(30) + &"b9".repeat(10);
-        assert_eq!(describe_body(format!("bad token {opaque}").as_bytes(), &[]), "bad token <redacted>");
+        assert_eq!(
+            describe_body(format!("bad token {opaque}").as_bytes(), &[]),
+            "bad token <redacted>"
+        );
         assert_eq!(describe_body(b"  ", &[]), "(empty answer)");
         let xml = b"<ErrorResponse><Error><Type>Sender</Type><Code>InvalidIdentityToken</Code><Message>No OpenIDConnect provider found</Message></Error></ErrorResponse>";
-        assert_eq!(describe_body(xml, &[]), "InvalidIdentityToken: No OpenIDConnect provider found");
+        assert_eq!(
+            describe_body(xml, &[]),
+            "InvalidIdentityToken: No OpenIDConnect provider found"
+        );
         // Entities are decoded before redaction, so a secret the answer escaped is still caught.
         let escaped = Sensitive::new("s3cr&t");
         let xml = b"<Error><Code>AccessDenied</Code><Message>key s3cr&amp;t &lt;revoked&gt;</Message></Error>";
-        assert_eq!(describe_body(xml, &[&escaped]), "AccessDenied: key <redacted> <revoked>");
+        assert_eq!(
+            describe_body(xml, &[&escaped]),
+            "AccessDenied: key <redacted> <revoked>"
+        );
         let long = "word ".repeat(200);
         let d = describe_body(long.as_bytes(), &[]);
         assert_eq!(d.chars().count(), DETAIL_CHARS + 1, "{d}");
@@ -361,7 +436,9 @@ mod tests {
 
     #[test]
     fn endpoints_lose_query_and_userinfo() {
-        let u = reqwest::Url::parse("https://user:pw@issuer.example/sts/exchange?identity=abc&aud=x#f").unwrap();
+        let u =
+            reqwest::Url::parse("https://user:pw@issuer.example/sts/exchange?identity=abc&aud=x#f")
+                .unwrap();
         assert_eq!(endpoint_of(&u), "https://issuer.example/sts/exchange");
     }
 
@@ -372,7 +449,12 @@ mod tests {
         struct T {
             expires_in: u64,
         }
-        let e = parse_json::<T>("tokenExchange", "a token response", br#"{"expires_in":"secret-ish-value"}"#).unwrap_err();
+        let e = parse_json::<T>(
+            "tokenExchange",
+            "a token response",
+            br#"{"expires_in":"secret-ish-value"}"#,
+        )
+        .unwrap_err();
         let text = e.to_string();
         assert!(!text.contains("secret-ish-value"), "{text}");
         assert!(text.contains("not a token response"), "{text}");

@@ -40,7 +40,12 @@ fn default_expiration_seconds() -> i64 {
 }
 
 impl KubernetesSource {
-    pub fn validate(&self, path: &str, renew_before: Option<Duration>, err: &mut impl FnMut(&str, String)) {
+    pub fn validate(
+        &self,
+        path: &str,
+        renew_before: Option<Duration>,
+        err: &mut impl FnMut(&str, String),
+    ) {
         if self.audience.trim().is_empty() {
             err(&format!("{path}.audience"), "must not be empty".into());
         }
@@ -50,7 +55,10 @@ impl KubernetesSource {
         if self.expiration_seconds < MIN_EXPIRATION_SECONDS {
             err(
                 &format!("{path}.expirationSeconds"),
-                format!("{} is below the API server's minimum of {MIN_EXPIRATION_SECONDS}", self.expiration_seconds),
+                format!(
+                    "{} is below the API server's minimum of {MIN_EXPIRATION_SECONDS}",
+                    self.expiration_seconds
+                ),
             );
         } else if let Some(rb) = renew_before {
             if rb.as_secs() >= self.expiration_seconds as u64 {
@@ -64,15 +72,33 @@ impl KubernetesSource {
 
     /// Mints for `service_account` when given (identity scope `serviceAccount`), else for the
     /// configured one.
-    pub async fn mint(&self, client: &kube::Client, namespace: &str, service_account: Option<&str>) -> Result<Credential, MintError> {
+    pub async fn mint(
+        &self,
+        client: &kube::Client,
+        namespace: &str,
+        service_account: Option<&str>,
+    ) -> Result<Credential, MintError> {
         let issued_at = Timestamp::now();
         let service_account = service_account.unwrap_or(&self.service_account);
-        let (token, expires_at) = request_token(client, namespace, service_account, &self.audience, self.expiration_seconds).await?;
+        let (token, expires_at) = request_token(
+            client,
+            namespace,
+            service_account,
+            &self.audience,
+            self.expiration_seconds,
+        )
+        .await?;
         if expires_at <= issued_at {
-            return Err(MintError::Unusable { source_name: "kubernetes", reason: format!("token already expired at {expires_at}") });
+            return Err(MintError::Unusable {
+                source_name: "kubernetes",
+                reason: format!("token already expired at {expires_at}"),
+            });
         }
         Ok(Credential {
-            username: self.username.clone().unwrap_or_else(|| service_account.to_string()),
+            username: self
+                .username
+                .clone()
+                .unwrap_or_else(|| service_account.to_string()),
             password: token,
             issued_at,
             expires_at,
@@ -112,7 +138,10 @@ pub async fn request_token(
         reason: "TokenRequest response has no status".into(),
     })?;
     if status.token.is_empty() {
-        return Err(MintError::Unusable { source_name: "kubernetes", reason: "TokenRequest returned an empty token".into() });
+        return Err(MintError::Unusable {
+            source_name: "kubernetes",
+            reason: "TokenRequest returned an empty token".into(),
+        });
     }
     Ok((Sensitive::new(status.token), status.expiration_timestamp.0))
 }
@@ -128,7 +157,10 @@ pub async fn service_account_annotations(
     let sa = api.get(name).await.map_err(|e| MintError::TokenRequest {
         namespace: namespace.to_string(),
         service_account: name.to_string(),
-        message: format!("reading the ServiceAccount: {}", crate::kube_error_message(&e)),
+        message: format!(
+            "reading the ServiceAccount: {}",
+            crate::kube_error_message(&e)
+        ),
     })?;
     Ok(sa.metadata.annotations.unwrap_or_default())
 }
@@ -179,7 +211,10 @@ fn min_expiration_seconds() -> i64 {
 
 impl Default for ServiceAccountToken {
     fn default() -> Self {
-        Self::FromNamespace(FromNamespace { service_account: default_service_account(), expiration_seconds: MIN_EXPIRATION_SECONDS })
+        Self::FromNamespace(FromNamespace {
+            service_account: default_service_account(),
+            expiration_seconds: MIN_EXPIRATION_SECONDS,
+        })
     }
 }
 
@@ -193,13 +228,19 @@ impl ServiceAccountToken {
                 if f.expiration_seconds < MIN_EXPIRATION_SECONDS {
                     err(
                         &format!("{path}.fromNamespace.expirationSeconds"),
-                        format!("{} is below the API server's minimum of {MIN_EXPIRATION_SECONDS}", f.expiration_seconds),
+                        format!(
+                            "{} is below the API server's minimum of {MIN_EXPIRATION_SECONDS}",
+                            f.expiration_seconds
+                        ),
                     );
                 }
             }
             Self::File(p) => {
                 if !p.is_absolute() {
-                    err(&format!("{path}.file"), format!("{} is not an absolute path", p.display()));
+                    err(
+                        &format!("{path}.file"),
+                        format!("{} is not an absolute path", p.display()),
+                    );
                 }
             }
         }
@@ -207,19 +248,37 @@ impl ServiceAccountToken {
 
     /// The token to exchange, with `audience` when it is requested here (a projected file
     /// carries whatever audience its volume was given).
-    pub async fn fetch(&self, cx: super::MintContext<'_>, audience: &str) -> Result<Sensitive, MintError> {
+    pub async fn fetch(
+        &self,
+        cx: super::MintContext<'_>,
+        audience: &str,
+    ) -> Result<Sensitive, MintError> {
         match self {
             Self::FromNamespace(f) => {
                 let service_account = cx.service_account.unwrap_or(&f.service_account);
-                Ok(request_token(cx.kube, cx.namespace, service_account, audience, f.expiration_seconds).await?.0)
+                Ok(request_token(
+                    cx.kube,
+                    cx.namespace,
+                    service_account,
+                    audience,
+                    f.expiration_seconds,
+                )
+                .await?
+                .0)
             }
             Self::File(p) => {
                 let raw = tokio::fs::read_to_string(p)
                     .await
-                    .map_err(|e| MintError::TokenFile { path: p.display().to_string(), message: e.to_string() })?;
+                    .map_err(|e| MintError::TokenFile {
+                        path: p.display().to_string(),
+                        message: e.to_string(),
+                    })?;
                 let token = raw.trim();
                 if token.is_empty() {
-                    return Err(MintError::TokenFile { path: p.display().to_string(), message: "file is empty".into() });
+                    return Err(MintError::TokenFile {
+                        path: p.display().to_string(),
+                        message: "file is empty".into(),
+                    });
                 }
                 Ok(Sensitive::new(token))
             }
@@ -233,29 +292,55 @@ mod tests {
 
     fn errors(t: &ServiceAccountToken) -> Vec<String> {
         let mut out = Vec::new();
-        t.validate("registries[0].chainguard.serviceAccountToken", &mut |p, m| out.push(format!("{p}: {m}")));
+        t.validate(
+            "registries[0].chainguard.serviceAccountToken",
+            &mut |p, m| out.push(format!("{p}: {m}")),
+        );
         out
     }
 
     #[test]
     fn service_account_token_shapes() {
-        let t: ServiceAccountToken = serde_yaml::from_str("fromNamespace: {serviceAccount: builder}").unwrap();
-        assert!(matches!(&t, ServiceAccountToken::FromNamespace(f) if f.service_account == "builder" && f.expiration_seconds == 600));
+        let t: ServiceAccountToken =
+            serde_yaml::from_str("fromNamespace: {serviceAccount: builder}").unwrap();
+        assert!(
+            matches!(&t, ServiceAccountToken::FromNamespace(f) if f.service_account == "builder" && f.expiration_seconds == 600)
+        );
         assert!(errors(&t).is_empty());
-        let t: ServiceAccountToken = serde_yaml::from_str("file: /var/run/secrets/tokens/cgr").unwrap();
-        assert!(matches!(&t, ServiceAccountToken::File(p) if p.to_str() == Some("/var/run/secrets/tokens/cgr")));
-        assert!(serde_yaml::from_str::<ServiceAccountToken>("fromNamespace: {account: x}").is_err());
-        assert!(serde_yaml::from_str::<ServiceAccountToken>("{fromNamespace: {}, file: /t}").is_err());
+        let t: ServiceAccountToken =
+            serde_yaml::from_str("file: /var/run/secrets/tokens/cgr").unwrap();
+        assert!(
+            matches!(&t, ServiceAccountToken::File(p) if p.to_str() == Some("/var/run/secrets/tokens/cgr"))
+        );
+        assert!(
+            serde_yaml::from_str::<ServiceAccountToken>("fromNamespace: {account: x}").is_err()
+        );
+        assert!(
+            serde_yaml::from_str::<ServiceAccountToken>("{fromNamespace: {}, file: /t}").is_err()
+        );
         assert!(serde_yaml::from_str::<ServiceAccountToken>("{}").is_err());
     }
 
     #[test]
     fn service_account_token_validation_names_the_field() {
-        let t: ServiceAccountToken = serde_yaml::from_str("fromNamespace: {serviceAccount: Bad_Name, expirationSeconds: 60}").unwrap();
+        let t: ServiceAccountToken = serde_yaml::from_str(
+            "fromNamespace: {serviceAccount: Bad_Name, expirationSeconds: 60}",
+        )
+        .unwrap();
         let e = errors(&t);
         assert_eq!(e.len(), 2, "{e:?}");
-        assert!(e[0].starts_with("registries[0].chainguard.serviceAccountToken.fromNamespace.serviceAccount: "), "{e:?}");
-        assert!(e[1].starts_with("registries[0].chainguard.serviceAccountToken.fromNamespace.expirationSeconds: "), "{e:?}");
+        assert!(
+            e[0].starts_with(
+                "registries[0].chainguard.serviceAccountToken.fromNamespace.serviceAccount: "
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with(
+                "registries[0].chainguard.serviceAccountToken.fromNamespace.expirationSeconds: "
+            ),
+            "{e:?}"
+        );
         let t: ServiceAccountToken = serde_yaml::from_str("file: relative/token").unwrap();
         assert_eq!(errors(&t).len(), 1);
     }
@@ -270,7 +355,12 @@ mod tests {
         let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
         let client = kube::Client::try_from(config).unwrap();
         let http = crate::token::http::HttpClient::new(&Default::default()).unwrap();
-        let cx = crate::token::MintContext { kube: &client, http: &http, namespace: "ns", service_account: None };
+        let cx = crate::token::MintContext {
+            kube: &client,
+            http: &http,
+            namespace: "ns",
+            service_account: None,
+        };
         let token = t.fetch(cx, "aud").await.unwrap();
         assert_eq!(token.expose(), "eyJ.secret-sa-token");
         assert!(!format!("{token:?}").contains("secret"));

@@ -71,20 +71,39 @@ pub enum TokenSourceConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum MintError {
     #[error("TokenRequest for ServiceAccount {namespace}/{service_account} failed: {message}")]
-    TokenRequest { namespace: String, service_account: String, message: String },
+    TokenRequest {
+        namespace: String,
+        service_account: String,
+        message: String,
+    },
     #[error("reading the service-account token file {path} failed: {message}")]
     TokenFile { path: String, message: String },
     #[error("{source_name} returned an unusable credential: {reason}")]
-    Unusable { source_name: &'static str, reason: String },
+    Unusable {
+        source_name: &'static str,
+        reason: String,
+    },
     /// No answer: connection refused, TLS failure, timeout.
     #[error("{source_name}: {endpoint} failed: {message}")]
-    Transport { source_name: &'static str, endpoint: String, message: String },
+    Transport {
+        source_name: &'static str,
+        endpoint: String,
+        message: String,
+    },
     /// An answer other than 2xx; `detail` is the server's text, redacted and cut short.
     #[error("{source_name}: {endpoint} answered {status}: {detail}")]
-    Refused { source_name: &'static str, endpoint: String, status: u16, detail: String },
+    Refused {
+        source_name: &'static str,
+        endpoint: String,
+        status: u16,
+        detail: String,
+    },
     /// Settings that are neither in the config nor on the ServiceAccount.
     #[error("{source_name}: {message}")]
-    Settings { source_name: &'static str, message: String },
+    Settings {
+        source_name: &'static str,
+        message: String,
+    },
 }
 
 /// What a mint may use: the API server (TokenRequests, ServiceAccounts), the HTTP client for
@@ -101,10 +120,21 @@ pub struct MintContext<'a> {
 
 impl TokenSourceConfig {
     /// The config keys, one per variant.
-    pub const NAMES: &'static [&'static str] = &["kubernetes", "chainguard", "quay", "ecr", "gcp", "acr", "tokenExchange"];
+    pub const NAMES: &'static [&'static str] = &[
+        "kubernetes",
+        "chainguard",
+        "quay",
+        "ecr",
+        "gcp",
+        "acr",
+        "tokenExchange",
+    ];
 
     /// Reads the source named `key` from the value that follows it in a registry entry.
-    pub fn from_entry<'de, A: serde::de::MapAccess<'de>>(key: &str, map: &mut A) -> Result<Self, A::Error> {
+    pub fn from_entry<'de, A: serde::de::MapAccess<'de>>(
+        key: &str,
+        map: &mut A,
+    ) -> Result<Self, A::Error> {
         match key {
             "kubernetes" => Ok(Self::Kubernetes(map.next_value()?)),
             "chainguard" => Ok(Self::Chainguard(map.next_value()?)),
@@ -145,7 +175,12 @@ impl TokenSourceConfig {
         }
     }
 
-    pub fn validate(&self, path: &str, renew_before: Option<Duration>, err: &mut impl FnMut(&str, String)) {
+    pub fn validate(
+        &self,
+        path: &str,
+        renew_before: Option<Duration>,
+        err: &mut impl FnMut(&str, String),
+    ) {
         match self {
             Self::Kubernetes(k) => k.validate(&format!("{path}.kubernetes"), renew_before, err),
             Self::Chainguard(s) => s.validate(&format!("{path}.chainguard"), err),
@@ -172,36 +207,69 @@ impl TokenSourceConfig {
 }
 
 /// A credential whose password is a JWT: its lifetime is the token's own `exp`.
-pub(crate) fn from_jwt(source_name: &'static str, username: String, token: String) -> Result<Credential, MintError> {
-    let expires_at = jwt::expiry(&token).map_err(|reason| MintError::Unusable { source_name, reason })?;
+pub(crate) fn from_jwt(
+    source_name: &'static str,
+    username: String,
+    token: String,
+) -> Result<Credential, MintError> {
+    let expires_at = jwt::expiry(&token).map_err(|reason| MintError::Unusable {
+        source_name,
+        reason,
+    })?;
     checked(source_name, username, Sensitive::new(token), expires_at)
 }
 
 /// A credential that lasts `expires_in` seconds from now, as OAuth answers say.
-pub(crate) fn from_expires_in(source_name: &'static str, username: String, token: String, expires_in: i64) -> Result<Credential, MintError> {
+pub(crate) fn from_expires_in(
+    source_name: &'static str,
+    username: String,
+    token: String,
+    expires_in: i64,
+) -> Result<Credential, MintError> {
     let expires_at = Timestamp::now()
         .checked_add(jiff::SignedDuration::from_secs(expires_in))
-        .map_err(|_| MintError::Unusable { source_name, reason: format!("expires_in {expires_in} is out of range") })?;
+        .map_err(|_| MintError::Unusable {
+            source_name,
+            reason: format!("expires_in {expires_in} is out of range"),
+        })?;
     checked(source_name, username, Sensitive::new(token), expires_at)
 }
 
 /// Refuses empty or already expired credentials: writing one would only break pulls.
-pub(crate) fn checked(source_name: &'static str, username: String, password: Sensitive, expires_at: Timestamp) -> Result<Credential, MintError> {
+pub(crate) fn checked(
+    source_name: &'static str,
+    username: String,
+    password: Sensitive,
+    expires_at: Timestamp,
+) -> Result<Credential, MintError> {
     let issued_at = Timestamp::now();
     if password.expose().is_empty() {
-        return Err(MintError::Unusable { source_name, reason: "the token is empty".into() });
+        return Err(MintError::Unusable {
+            source_name,
+            reason: "the token is empty".into(),
+        });
     }
     if expires_at <= issued_at {
-        return Err(MintError::Unusable { source_name, reason: format!("the token expired at {expires_at}, before it was used") });
+        return Err(MintError::Unusable {
+            source_name,
+            reason: format!("the token expired at {expires_at}, before it was used"),
+        });
     }
-    Ok(Credential { username, password, issued_at, expires_at })
+    Ok(Credential {
+        username,
+        password,
+        issued_at,
+        expires_at,
+    })
 }
 
 /// Default endpoints are https; an override may be http only towards loopback (a local proxy).
 pub(crate) fn validate_endpoint(path: &str, url: &str, err: &mut impl FnMut(&str, String)) {
     match reqwest::Url::parse(url) {
         Ok(u) if u.scheme() == "https" && u.host_str().is_some() => {}
-        Ok(u) if u.scheme() == "http" && matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")) => {}
+        Ok(u)
+            if u.scheme() == "http"
+                && matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")) => {}
         Ok(_) => err(path, format!("{url:?} must be an https URL")),
         Err(e) => err(path, format!("{url:?} is not a URL: {e}")),
     }

@@ -32,27 +32,47 @@ struct FederationResponse {
 impl QuaySource {
     pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
         let parts: Vec<&str> = self.robot.split('+').collect();
-        if parts.len() != 2 || parts.iter().any(|p| p.is_empty() || p.contains(char::is_whitespace)) {
-            err(&format!("{path}.robot"), format!("{:?} is not a robot account (organization+name)", self.robot));
+        if parts.len() != 2
+            || parts
+                .iter()
+                .any(|p| p.is_empty() || p.contains(char::is_whitespace))
+        {
+            err(
+                &format!("{path}.robot"),
+                format!(
+                    "{:?} is not a robot account (organization+name)",
+                    self.robot
+                ),
+            );
         }
         if self.audience.trim().is_empty() {
-            err(&format!("{path}.audience"), "must not be empty (audience-less federation is deprecated by Quay)".into());
+            err(
+                &format!("{path}.audience"),
+                "must not be empty (audience-less federation is deprecated by Quay)".into(),
+            );
         }
         if let Some(e) = &self.endpoint {
             super::validate_endpoint(&format!("{path}.endpoint"), e, err);
         }
-        self.service_account_token.validate(&format!("{path}.serviceAccountToken"), err);
+        self.service_account_token
+            .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
     pub async fn mint(&self, cx: MintContext<'_>, host: &str) -> Result<Credential, MintError> {
         let sa_token = self.service_account_token.fetch(cx, &self.audience).await?;
-        let base = self.endpoint.clone().unwrap_or_else(|| format!("https://{host}"));
+        let base = self
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://{host}"));
         let url = format!("{}/oauth2/federation/robot/token", super::base(&base));
         let body = cx
             .http
-            .send(NAME, &[&sa_token], |c| c.get(&url).basic_auth(&self.robot, Some(sa_token.expose())))
+            .send(NAME, &[&sa_token], |c| {
+                c.get(&url).basic_auth(&self.robot, Some(sa_token.expose()))
+            })
             .await?;
-        let answer: FederationResponse = http::parse_json(NAME, "a robot token ({\"token\": ...})", &body)?;
+        let answer: FederationResponse =
+            http::parse_json(NAME, "a robot token ({\"token\": ...})", &body)?;
         super::from_jwt(NAME, self.robot.clone(), answer.token)
     }
 }

@@ -26,17 +26,31 @@ pub struct SignableRequest<'a> {
 
 /// The headers to send with the request: `x-amz-date`, `authorization` and, with a session
 /// token, `x-amz-security-token`.
-pub fn sign(request: &SignableRequest, keys: &AwsKeys, region: &str, service: &str, now: Timestamp) -> Vec<(String, String)> {
+pub fn sign(
+    request: &SignableRequest,
+    keys: &AwsKeys,
+    region: &str,
+    service: &str,
+    now: Timestamp,
+) -> Vec<(String, String)> {
     let amz_date = now.strftime("%Y%m%dT%H%M%SZ").to_string();
     let date = &amz_date[..8];
-    let mut headers: Vec<(String, String)> = request.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), normalise_value(v))).collect();
+    let mut headers: Vec<(String, String)> = request
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), normalise_value(v)))
+        .collect();
     headers.push(("host".into(), request.host.to_string()));
     headers.push(("x-amz-date".into(), amz_date.clone()));
     if let Some(t) = keys.session_token {
         headers.push(("x-amz-security-token".into(), t.to_string()));
     }
     headers.sort();
-    let signed_headers = headers.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(";");
+    let signed_headers = headers
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect::<Vec<_>>()
+        .join(";");
     let canonical_headers: String = headers.iter().map(|(k, v)| format!("{k}:{v}\n")).collect();
     let canonical_request = format!(
         "{}\n{}\n{}\n{}\n{}\n{}",
@@ -68,7 +82,9 @@ pub fn sign(request: &SignableRequest, keys: &AwsKeys, region: &str, service: &s
 }
 
 fn signing_key(secret: &str, date: &str, region: &str, service: &str) -> hmac::Key {
-    let step = |key: &[u8], data: &str| hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), data.as_bytes());
+    let step = |key: &[u8], data: &str| {
+        hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), data.as_bytes())
+    };
     let k_date = step(format!("AWS4{secret}").as_bytes(), date);
     let k_region = step(k_date.as_ref(), region);
     let k_service = step(k_region.as_ref(), service);
@@ -97,9 +113,14 @@ fn canonical_path(path: &str) -> String {
 }
 
 fn canonical_query(query: &[(&str, &str)]) -> String {
-    let mut pairs: Vec<(String, String)> = query.iter().map(|(k, v)| (encode(k), encode(v))).collect();
+    let mut pairs: Vec<(String, String)> =
+        query.iter().map(|(k, v)| (encode(k), encode(v))).collect();
     pairs.sort();
-    pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Trimmed, with runs of spaces collapsed.
@@ -126,12 +147,23 @@ mod tests {
     }
 
     fn authorization(headers: &[(String, String)]) -> &str {
-        &headers.iter().find(|(k, _)| k == "authorization").unwrap().1
+        &headers
+            .iter()
+            .find(|(k, _)| k == "authorization")
+            .unwrap()
+            .1
     }
 
     #[test]
     fn get_vanilla() {
-        let r = SignableRequest { method: "GET", host: "example.amazonaws.com", path: "/", query: &[], headers: &[], body: b"" };
+        let r = SignableRequest {
+            method: "GET",
+            host: "example.amazonaws.com",
+            path: "/",
+            query: &[],
+            headers: &[],
+            body: b"",
+        };
         let h = sign(&r, &KEYS, "us-east-1", "service", at());
         assert_eq!(
             authorization(&h),
@@ -143,16 +175,38 @@ mod tests {
     #[test]
     fn get_vanilla_query_order_key_case() {
         let query = [("Param2", "value2"), ("Param1", "value1")];
-        let r = SignableRequest { method: "GET", host: "example.amazonaws.com", path: "/", query: &query, headers: &[], body: b"" };
+        let r = SignableRequest {
+            method: "GET",
+            host: "example.amazonaws.com",
+            path: "/",
+            query: &query,
+            headers: &[],
+            body: b"",
+        };
         let h = sign(&r, &KEYS, "us-east-1", "service", at());
-        assert!(authorization(&h).ends_with("Signature=b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500"), "{h:?}");
+        assert!(
+            authorization(&h).ends_with(
+                "Signature=b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500"
+            ),
+            "{h:?}"
+        );
     }
 
     #[test]
     fn iam_list_users_example() {
         let query = [("Action", "ListUsers"), ("Version", "2010-05-08")];
-        let headers = [("content-type", "application/x-www-form-urlencoded; charset=utf-8")];
-        let r = SignableRequest { method: "GET", host: "iam.amazonaws.com", path: "/", query: &query, headers: &headers, body: b"" };
+        let headers = [(
+            "content-type",
+            "application/x-www-form-urlencoded; charset=utf-8",
+        )];
+        let r = SignableRequest {
+            method: "GET",
+            host: "iam.amazonaws.com",
+            path: "/",
+            query: &query,
+            headers: &headers,
+            body: b"",
+        };
         let h = sign(&r, &KEYS, "us-east-1", "iam", at());
         assert_eq!(
             authorization(&h),
@@ -162,20 +216,39 @@ mod tests {
 
     #[test]
     fn session_token_is_signed_and_sent() {
-        let keys = AwsKeys { session_token: Some("session-token"), ..KEYS };
-        let r = SignableRequest { method: "POST", host: "api.ecr.us-east-1.amazonaws.com", path: "/", query: &[], headers: &[], body: b"{}" };
+        let keys = AwsKeys {
+            session_token: Some("session-token"),
+            ..KEYS
+        };
+        let r = SignableRequest {
+            method: "POST",
+            host: "api.ecr.us-east-1.amazonaws.com",
+            path: "/",
+            query: &[],
+            headers: &[],
+            body: b"{}",
+        };
         let h = sign(&r, &keys, "us-east-1", "ecr", at());
-        assert!(authorization(&h).contains("SignedHeaders=host;x-amz-date;x-amz-security-token,"), "{h:?}");
+        assert!(
+            authorization(&h).contains("SignedHeaders=host;x-amz-date;x-amz-security-token,"),
+            "{h:?}"
+        );
         assert!(h.contains(&("x-amz-security-token".into(), "session-token".into())));
         // A different body signs differently.
         let r2 = SignableRequest { body: b"{ }", ..r };
-        assert_ne!(authorization(&h), authorization(&sign(&r2, &keys, "us-east-1", "ecr", at())));
+        assert_ne!(
+            authorization(&h),
+            authorization(&sign(&r2, &keys, "us-east-1", "ecr", at()))
+        );
     }
 
     #[test]
     fn encoding_follows_rfc3986() {
         assert_eq!(encode("a b/c~d*e"), "a%20b%2Fc~d%2Ae");
-        assert_eq!(canonical_query(&[("b", "2"), ("a", "1"), ("A", "0")]), "A=0&a=1&b=2");
+        assert_eq!(
+            canonical_query(&[("b", "2"), ("a", "1"), ("A", "0")]),
+            "A=0&a=1&b=2"
+        );
         assert_eq!(canonical_path("/x y/z"), "/x%20y/z");
     }
 }

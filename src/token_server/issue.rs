@@ -34,9 +34,19 @@ pub struct Signer {
 
 impl Signer {
     /// `cert_file`: PEM chain, leaf first. `key_file`: the leaf's P-256 key, PEM PKCS#8.
-    pub fn from_files(cert_file: &Path, key_file: &Path, issuer: &str) -> Result<Self, SignerError> {
-        let cert_error = |message: String| SignerError::Certificate { path: cert_file.display().to_string(), message };
-        let key_error = |message: String| SignerError::Key { path: key_file.display().to_string(), message };
+    pub fn from_files(
+        cert_file: &Path,
+        key_file: &Path,
+        issuer: &str,
+    ) -> Result<Self, SignerError> {
+        let cert_error = |message: String| SignerError::Certificate {
+            path: cert_file.display().to_string(),
+            message,
+        };
+        let key_error = |message: String| SignerError::Key {
+            path: key_file.display().to_string(),
+            message,
+        };
         let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(cert_file)
             .map_err(|e| cert_error(e.to_string()))?
             .collect::<Result<_, _>>()
@@ -46,17 +56,38 @@ impl Signer {
         }
         let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| key_error(e.to_string()))?;
         let PrivateKeyDer::Pkcs8(pkcs8) = key else {
-            return Err(key_error("must be a PKCS#8 key (convert with `openssl pkcs8 -topk8 -nocrypt`)".into()));
+            return Err(key_error(
+                "must be a PKCS#8 key (convert with `openssl pkcs8 -topk8 -nocrypt`)".into(),
+            ));
         };
         let rng = SystemRandom::new();
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.secret_pkcs8_der(), &rng)
-            .map_err(|e| key_error(format!("not a P-256 ECDSA key ({e})")))?;
-        let x5c = certs.iter().map(|c| base64::engine::general_purpose::STANDARD.encode(c.as_ref())).collect();
-        Ok(Self { key, x5c, issuer: issuer.to_string(), rng })
+        let key = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            pkcs8.secret_pkcs8_der(),
+            &rng,
+        )
+        .map_err(|e| key_error(format!("not a P-256 ECDSA key ({e})")))?;
+        let x5c = certs
+            .iter()
+            .map(|c| base64::engine::general_purpose::STANDARD.encode(c.as_ref()))
+            .collect();
+        Ok(Self {
+            key,
+            x5c,
+            issuer: issuer.to_string(),
+            rng,
+        })
     }
 
     /// A token for `subject` with `access` at `service`, valid `lifetime` from `now`.
-    pub fn sign(&self, subject: &str, service: &str, access: &[Access], now: Timestamp, lifetime: Duration) -> Result<String, ring::error::Unspecified> {
+    pub fn sign(
+        &self,
+        subject: &str,
+        service: &str,
+        access: &[Access],
+        now: Timestamp,
+        lifetime: Duration,
+    ) -> Result<String, ring::error::Unspecified> {
         let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
         let mut jti = [0u8; 16];
         self.rng.fill(&mut jti)?;
@@ -72,7 +103,11 @@ impl Signer {
             "jti": jti.iter().map(|b| format!("{b:02x}")).collect::<String>(),
             "access": access,
         });
-        let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
         let signature = self.key.sign(&self.rng, input.as_bytes())?;
         Ok(format!("{input}.{}", b64(signature.as_ref())))
     }
@@ -86,26 +121,59 @@ mod tests {
     #[test]
     fn tokens_carry_the_chain_and_verify_with_the_certificate_key() {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().self_signed(&key).unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         std::fs::write(&c, cert.pem()).unwrap();
         std::fs::write(&k, key.serialize_pem()).unwrap();
         let signer = Signer::from_files(&c, &k, "psi-token-server").unwrap();
-        let access = vec![Access { kind: "repository".into(), name: "team-a/app".into(), actions: vec!["pull".into()] }];
+        let access = vec![Access {
+            kind: "repository".into(),
+            name: "team-a/app".into(),
+            actions: vec!["pull".into()],
+        }];
         let now = Timestamp::from_second(1_800_000_000).unwrap();
-        let token = signer.sign("system:serviceaccount:team-a:default", "registry.test", &access, now, Duration::from_secs(300)).unwrap();
+        let token = signer
+            .sign(
+                "system:serviceaccount:team-a:default",
+                "registry.test",
+                &access,
+                now,
+                Duration::from_secs(300),
+            )
+            .unwrap();
         let parts: Vec<&str> = token.split('.').collect();
-        let d = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).unwrap();
+        let d = |s: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(s)
+                .unwrap()
+        };
         let header: serde_json::Value = serde_json::from_slice(&d(parts[0])).unwrap();
         let claims: serde_json::Value = serde_json::from_slice(&d(parts[1])).unwrap();
         assert_eq!(header["alg"], "ES256");
-        assert_eq!(header["x5c"][0], base64::engine::general_purpose::STANDARD.encode(cert.der()));
-        assert_eq!(claims["aud"], "registry.test", "distribution 2.8 reads aud as one string");
+        assert_eq!(
+            header["x5c"][0],
+            base64::engine::general_purpose::STANDARD.encode(cert.der())
+        );
+        assert_eq!(
+            claims["aud"], "registry.test",
+            "distribution 2.8 reads aud as one string"
+        );
         assert_eq!(claims["exp"], 1_800_000_300i64);
-        assert_eq!(claims["access"][0], json!({"type": "repository", "name": "team-a/app", "actions": ["pull"]}));
+        assert_eq!(
+            claims["access"][0],
+            json!({"type": "repository", "name": "team-a/app", "actions": ["pull"]})
+        );
         let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, key.public_key_raw());
-        public.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &d(parts[2])).expect("signature verifies");
+        public
+            .verify(
+                format!("{}.{}", parts[0], parts[1]).as_bytes(),
+                &d(parts[2]),
+            )
+            .expect("signature verifies");
     }
 
     #[test]

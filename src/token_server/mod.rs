@@ -31,10 +31,16 @@ pub struct TokenServerConfig {
     pub service: String,
     pub signing: SigningConfig,
     /// How long an issued registry token lasts.
-    #[serde(default = "default_lifetime", deserialize_with = "crate::config::duration")]
+    #[serde(
+        default = "default_lifetime",
+        deserialize_with = "crate::config::duration"
+    )]
     pub token_lifetime: Duration,
     /// Clock skew tolerated on `exp` and `nbf` of service-account tokens.
-    #[serde(default = "default_leeway", deserialize_with = "crate::config::duration")]
+    #[serde(
+        default = "default_leeway",
+        deserialize_with = "crate::config::duration"
+    )]
     pub leeway: Duration,
     pub rules: Vec<rules::Rule>,
 }
@@ -69,7 +75,10 @@ fn default_token_issuer() -> String {
 
 impl TokenServerConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_yaml(&text)
     }
 
@@ -78,13 +87,24 @@ impl TokenServerConfig {
         let config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let message = e.into_inner().to_string();
-            let message = message.strip_prefix(&format!("{path}: ")).map(str::to_string).unwrap_or(message);
+            let message = message
+                .strip_prefix(&format!("{path}: "))
+                .map(str::to_string)
+                .unwrap_or(message);
             ConfigError::Parse(FieldError { path, message })
         })?;
         let mut errors = Vec::new();
-        let mut err = |path: &str, message: String| errors.push(FieldError { path: path.into(), message });
+        let mut err = |path: &str, message: String| {
+            errors.push(FieldError {
+                path: path.into(),
+                message,
+            })
+        };
         if config.issuer.audiences.iter().all(|a| a.trim().is_empty()) {
-            err("issuer.audiences", "at least one audience is required".into());
+            err(
+                "issuer.audiences",
+                "at least one audience is required".into(),
+            );
         }
         crate::token::validate_endpoint("issuer.url", &config.issuer.url, &mut err);
         if let Some(u) = &config.issuer.jwks_uri {
@@ -93,7 +113,9 @@ impl TokenServerConfig {
         if config.service.trim().is_empty() {
             err("service", "must not be empty".into());
         }
-        if config.token_lifetime < Duration::from_secs(30) || config.token_lifetime > Duration::from_secs(3600) {
+        if config.token_lifetime < Duration::from_secs(30)
+            || config.token_lifetime > Duration::from_secs(3600)
+        {
             err("tokenLifetime", "must be between 30s and 1h".into());
         }
         if config.leeway > Duration::from_secs(300) {
@@ -101,16 +123,25 @@ impl TokenServerConfig {
         }
         for (i, r) in config.rules.iter().enumerate() {
             if r.repositories.is_empty() {
-                err(&format!("rules[{i}].repositories"), "must list at least one repository pattern".into());
+                err(
+                    &format!("rules[{i}].repositories"),
+                    "must list at least one repository pattern".into(),
+                );
             }
             for p in &r.repositories {
                 if !valid_pattern(p) {
-                    err(&format!("rules[{i}].repositories"), format!("{p:?}: use `name`, `prefix/*` or `*`"));
+                    err(
+                        &format!("rules[{i}].repositories"),
+                        format!("{p:?}: use `name`, `prefix/*` or `*`"),
+                    );
                 }
             }
             for a in &r.actions {
                 if !["pull", "push", "delete", "*"].contains(&a.as_str()) {
-                    err(&format!("rules[{i}].actions"), format!("{a:?} is not pull, push, delete or *"));
+                    err(
+                        &format!("rules[{i}].actions"),
+                        format!("{a:?} is not pull, push, delete or *"),
+                    );
                 }
             }
         }
@@ -146,7 +177,9 @@ rules:
 
     #[test]
     fn the_documented_example_parses() {
-        let c = TokenServerConfig::from_yaml(include_str!("../../deploy/token-server.example.yaml")).unwrap();
+        let c =
+            TokenServerConfig::from_yaml(include_str!("../../deploy/token-server.example.yaml"))
+                .unwrap();
         assert_eq!(c.rules.len(), 2);
         assert_eq!(c.rules[1].actions, ["pull", "push"]);
     }
@@ -157,12 +190,21 @@ rules:
         assert_eq!(c.token_lifetime, Duration::from_secs(300));
         assert_eq!(c.signing.issuer, "pull-secret-injector");
         assert_eq!(c.rules[0].actions, ["pull"]);
-        let bad = GOOD.replace("[registry.test]", "[]").replace("\"team-a/*\"", "\"te*m\"") + "tokenLifetime: 2h\n";
+        let bad = GOOD
+            .replace("[registry.test]", "[]")
+            .replace("\"team-a/*\"", "\"te*m\"")
+            + "tokenLifetime: 2h\n";
         let e = TokenServerConfig::from_yaml(&bad).unwrap_err().to_string();
-        for path in ["issuer.audiences: ", "tokenLifetime: ", "rules[0].repositories: "] {
+        for path in [
+            "issuer.audiences: ",
+            "tokenLifetime: ",
+            "rules[0].repositories: ",
+        ] {
             assert!(e.contains(path), "{path} in {e}");
         }
-        let e = TokenServerConfig::from_yaml(&GOOD.replace("service:", "servce:")).unwrap_err().to_string();
+        let e = TokenServerConfig::from_yaml(&GOOD.replace("service:", "servce:"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("servce"), "{e}");
     }
 }

@@ -133,24 +133,44 @@ struct Jwk {
 }
 
 fn b64url(s: &str) -> Option<Vec<u8>> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s.trim_end_matches('=')).ok()
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .ok()
 }
 
 impl Verifier {
-    pub fn new(config: IssuerConfig, leeway: Duration) -> Result<Self, crate::token::http::HttpClientError> {
-        let http = HttpClient::new(&HttpConfig { ca_file: config.ca_file.clone(), ..Default::default() })?;
-        Ok(Self { config, http, leeway, keys: Default::default(), last_fetch: Default::default() })
+    pub fn new(
+        config: IssuerConfig,
+        leeway: Duration,
+    ) -> Result<Self, crate::token::http::HttpClientError> {
+        let http = HttpClient::new(&HttpConfig {
+            ca_file: config.ca_file.clone(),
+            ..Default::default()
+        })?;
+        Ok(Self {
+            config,
+            http,
+            leeway,
+            keys: Default::default(),
+            last_fetch: Default::default(),
+        })
     }
 
     /// Checks `token` at time `now`.
     pub async fn verify(&self, token: &str, now: Timestamp) -> Result<Verified, VerifyError> {
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(VerifyError::Malformed("expected three dot-separated parts"));
         };
-        let header: Header = b64url(h).and_then(|b| serde_json::from_slice(&b).ok()).ok_or(VerifyError::Malformed("unreadable header"))?;
+        let header: Header = b64url(h)
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or(VerifyError::Malformed("unreadable header"))?;
         if header.alg != "RS256" {
-            return Err(VerifyError::Algorithm(header.alg.chars().take(16).collect()));
+            return Err(VerifyError::Algorithm(
+                header.alg.chars().take(16).collect(),
+            ));
         }
         let signature = b64url(s).ok_or(VerifyError::Malformed("signature is not base64url"))?;
         let kid = header.kid.unwrap_or_default();
@@ -160,12 +180,23 @@ impl Verifier {
         {
             let keys = self.keys.read().await;
             let key = keys.get(&kid).ok_or(VerifyError::UnknownKey)?;
-            let public = ring::signature::RsaPublicKeyComponents { n: &key.n, e: &key.e };
+            let public = ring::signature::RsaPublicKeyComponents {
+                n: &key.n,
+                e: &key.e,
+            };
             let signed = &token[..h.len() + 1 + p.len()];
-            public.verify(&ring::signature::RSA_PKCS1_2048_8192_SHA256, signed.as_bytes(), &signature).map_err(|_| VerifyError::Signature)?;
+            public
+                .verify(
+                    &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+                    signed.as_bytes(),
+                    &signature,
+                )
+                .map_err(|_| VerifyError::Signature)?;
         }
         // Only a correctly signed payload is parsed.
-        let claims: Claims = b64url(p).and_then(|b| serde_json::from_slice(&b).ok()).ok_or(VerifyError::Malformed("unreadable claims"))?;
+        let claims: Claims = b64url(p)
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or(VerifyError::Malformed("unreadable claims"))?;
         if claims.iss != self.config.url {
             return Err(VerifyError::Issuer);
         }
@@ -176,19 +207,26 @@ impl Verifier {
         if !audiences.iter().any(|a| self.config.audiences.contains(a)) {
             return Err(VerifyError::Audience);
         }
-        let leeway = jiff::SignedDuration::try_from(self.leeway).unwrap_or(jiff::SignedDuration::ZERO);
-        let expires_at = Timestamp::from_second(claims.exp).map_err(|_| VerifyError::Malformed("exp out of range"))?;
+        let leeway =
+            jiff::SignedDuration::try_from(self.leeway).unwrap_or(jiff::SignedDuration::ZERO);
+        let expires_at = Timestamp::from_second(claims.exp)
+            .map_err(|_| VerifyError::Malformed("exp out of range"))?;
         if now >= expires_at + leeway {
             return Err(VerifyError::Expired(expires_at));
         }
         if let Some(nbf) = claims.nbf {
-            let not_before = Timestamp::from_second(nbf).map_err(|_| VerifyError::Malformed("nbf out of range"))?;
+            let not_before = Timestamp::from_second(nbf)
+                .map_err(|_| VerifyError::Malformed("nbf out of range"))?;
             if now + leeway < not_before {
                 return Err(VerifyError::NotYetValid(not_before));
             }
         }
         let identity = Identity::from_subject(&claims.sub).ok_or(VerifyError::Subject)?;
-        Ok(Verified { subject: claims.sub, identity, expires_at })
+        Ok(Verified {
+            subject: claims.sub,
+            identity,
+            expires_at,
+        })
     }
 
     /// Fetches the keys again, unless that was done moments ago.
@@ -207,7 +245,9 @@ impl Verifier {
     async fn fetch(&self) -> Result<HashMap<String, RsaKey>, VerifyError> {
         let bearer = match &self.config.token_file {
             Some(path) => Some(Sensitive::new(
-                std::fs::read_to_string(path).map_err(|e| VerifyError::Keys(format!("reading {}: {e}", path.display())))?.trim(),
+                std::fs::read_to_string(path)
+                    .map_err(|e| VerifyError::Keys(format!("reading {}: {e}", path.display())))?
+                    .trim(),
             )),
             None => None,
         };
@@ -230,17 +270,34 @@ impl Verifier {
         let jwks_uri = match &self.config.jwks_uri {
             Some(u) => u.clone(),
             None => {
-                let body = get(format!("{}/.well-known/openid-configuration", self.config.url.trim_end_matches('/'))).await?;
-                serde_json::from_slice::<Discovery>(&body).map_err(|_| VerifyError::Keys("the discovery document has no jwks_uri".into()))?.jwks_uri
+                let body = get(format!(
+                    "{}/.well-known/openid-configuration",
+                    self.config.url.trim_end_matches('/')
+                ))
+                .await?;
+                serde_json::from_slice::<Discovery>(&body)
+                    .map_err(|_| {
+                        VerifyError::Keys("the discovery document has no jwks_uri".into())
+                    })?
+                    .jwks_uri
             }
         };
         let body = get(jwks_uri).await?;
-        let jwks: Jwks = serde_json::from_slice(&body).map_err(|_| VerifyError::Keys("the JWKS is not a key set".into()))?;
+        let jwks: Jwks = serde_json::from_slice(&body)
+            .map_err(|_| VerifyError::Keys("the JWKS is not a key set".into()))?;
         Ok(jwks
             .keys
             .into_iter()
             .filter(|k| k.kty == "RSA")
-            .filter_map(|k| Some((k.kid.unwrap_or_default(), RsaKey { n: b64url(k.n.as_deref()?)?, e: b64url(k.e.as_deref()?)? })))
+            .filter_map(|k| {
+                Some((
+                    k.kid.unwrap_or_default(),
+                    RsaKey {
+                        n: b64url(k.n.as_deref()?)?,
+                        e: b64url(k.e.as_deref()?)?,
+                    },
+                ))
+            })
             .collect())
     }
 }
@@ -268,23 +325,42 @@ mod tests {
     #[tokio::test]
     async fn unsigned_and_hmac_tokens_are_refused_before_any_key_lookup() {
         let v = verifier();
-        let claims = b64(r#"{"iss":"https://issuer.example","sub":"system:serviceaccount:a:b","aud":"registry.test","exp":9999999999}"#);
+        let claims = b64(
+            r#"{"iss":"https://issuer.example","sub":"system:serviceaccount:a:b","aud":"registry.test","exp":9999999999}"#,
+        );
         for alg in ["none", "HS256", "RS512", "ES256"] {
             let token = format!("{}.{claims}.", b64(&format!(r#"{{"alg":"{alg}"}}"#)));
-            assert_eq!(v.verify(&token, Timestamp::now()).await, Err(VerifyError::Algorithm(alg.into())));
+            assert_eq!(
+                v.verify(&token, Timestamp::now()).await,
+                Err(VerifyError::Algorithm(alg.into()))
+            );
         }
-        assert!(matches!(v.verify("garbage", Timestamp::now()).await, Err(VerifyError::Malformed(_))));
-        assert!(matches!(v.verify("a.b.c", Timestamp::now()).await, Err(VerifyError::Malformed(_))));
+        assert!(matches!(
+            v.verify("garbage", Timestamp::now()).await,
+            Err(VerifyError::Malformed(_))
+        ));
+        assert!(matches!(
+            v.verify("a.b.c", Timestamp::now()).await,
+            Err(VerifyError::Malformed(_))
+        ));
     }
 
     #[tokio::test]
     async fn an_unknown_key_that_cannot_be_fetched_is_a_key_error_without_the_token() {
         let v = verifier();
-        let token = format!("{}.{}.{}", b64(r#"{"alg":"RS256","kid":"k1"}"#), b64(r#"{"sub":"secret-claims"}"#), b64("sig"));
+        let token = format!(
+            "{}.{}.{}",
+            b64(r#"{"alg":"RS256","kid":"k1"}"#),
+            b64(r#"{"sub":"secret-claims"}"#),
+            b64("sig")
+        );
         let e = v.verify(&token, Timestamp::now()).await.unwrap_err();
         assert!(matches!(e, VerifyError::Keys(_)), "{e:?}");
         assert!(!e.to_string().contains(&token), "{e}");
         // Within MIN_REFETCH the keys are not fetched again: the answer is an unknown key.
-        assert_eq!(v.verify(&token, Timestamp::now()).await, Err(VerifyError::UnknownKey));
+        assert_eq!(
+            v.verify(&token, Timestamp::now()).await,
+            Err(VerifyError::UnknownKey)
+        );
     }
 }

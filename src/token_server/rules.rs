@@ -39,7 +39,10 @@ impl Identity {
         let rest = sub.strip_prefix("system:serviceaccount:")?;
         let (namespace, service_account) = rest.split_once(':')?;
         (!namespace.is_empty() && !service_account.is_empty() && !service_account.contains(':'))
-            .then(|| Identity { namespace: namespace.into(), service_account: service_account.into() })
+            .then(|| Identity {
+                namespace: namespace.into(),
+                service_account: service_account.into(),
+            })
     }
 }
 
@@ -60,8 +63,16 @@ pub fn parse_scope(scope: &str) -> Vec<Access> {
         .filter_map(|s| {
             let (kind, rest) = s.split_once(':')?;
             let (name, actions) = rest.rsplit_once(':')?;
-            let actions: Vec<String> = actions.split(',').filter(|a| !a.is_empty()).map(str::to_string).collect();
-            (!kind.is_empty() && !name.is_empty() && !actions.is_empty()).then(|| Access { kind: kind.into(), name: name.into(), actions })
+            let actions: Vec<String> = actions
+                .split(',')
+                .filter(|a| !a.is_empty())
+                .map(str::to_string)
+                .collect();
+            (!kind.is_empty() && !name.is_empty() && !actions.is_empty()).then(|| Access {
+                kind: kind.into(),
+                name: name.into(),
+                actions,
+            })
         })
         .collect()
 }
@@ -71,7 +82,9 @@ fn pattern_matches(pattern: &str, name: &str) -> bool {
         return true;
     }
     match pattern.strip_suffix("/*") {
-        Some(prefix) => name.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/') && rest.len() > 1),
+        Some(prefix) => name
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/') && rest.len() > 1),
         None => pattern == name,
     }
 }
@@ -82,7 +95,11 @@ pub fn grant(rules: &[Rule], identity: &Identity, requested: &[Access]) -> Vec<A
     let applicable: Vec<&Rule> = rules
         .iter()
         .filter(|r| r.namespace == "*" || r.namespace == identity.namespace)
-        .filter(|r| r.service_account.as_ref().is_none_or(|sa| *sa == identity.service_account))
+        .filter(|r| {
+            r.service_account
+                .as_ref()
+                .is_none_or(|sa| *sa == identity.service_account)
+        })
         .collect();
     requested
         .iter()
@@ -92,11 +109,18 @@ pub fn grant(rules: &[Rule], identity: &Identity, requested: &[Access]) -> Vec<A
                 .actions
                 .iter()
                 .filter(|action| {
-                    applicable.iter().any(|r| r.repositories.iter().any(|p| pattern_matches(p, &a.name)) && r.actions.iter().any(|x| x == *action || x == "*"))
+                    applicable.iter().any(|r| {
+                        r.repositories.iter().any(|p| pattern_matches(p, &a.name))
+                            && r.actions.iter().any(|x| x == *action || x == "*")
+                    })
                 })
                 .cloned()
                 .collect();
-            (!allowed.is_empty()).then(|| Access { kind: a.kind.clone(), name: a.name.clone(), actions: allowed })
+            (!allowed.is_empty()).then(|| Access {
+                kind: a.kind.clone(),
+                name: a.name.clone(),
+                actions: allowed,
+            })
         })
         .collect()
 }
@@ -117,14 +141,24 @@ mod tests {
     }
 
     fn who(ns: &str, sa: &str) -> Identity {
-        Identity { namespace: ns.into(), service_account: sa.into() }
+        Identity {
+            namespace: ns.into(),
+            service_account: sa.into(),
+        }
     }
 
     #[test]
     fn scopes_parse_with_ports_and_several_actions() {
         let s = parse_scope("repository:team-a/app:pull,push repository:127.0.0.1:5000/x:pull registry:catalog:* bad");
         assert_eq!(s.len(), 3);
-        assert_eq!(s[0], Access { kind: "repository".into(), name: "team-a/app".into(), actions: vec!["pull".into(), "push".into()] });
+        assert_eq!(
+            s[0],
+            Access {
+                kind: "repository".into(),
+                name: "team-a/app".into(),
+                actions: vec!["pull".into(), "push".into()]
+            }
+        );
         assert_eq!(s[1].name, "127.0.0.1:5000/x");
         assert_eq!(s[2].kind, "registry");
         assert!(parse_scope("").is_empty());
@@ -133,18 +167,32 @@ mod tests {
 
     #[test]
     fn namespaces_get_their_repositories_and_nothing_else() {
-        let req = parse_scope("repository:team-a/app:pull,push repository:team-b/app:pull repository:shared/x:pull");
+        let req = parse_scope(
+            "repository:team-a/app:pull,push repository:team-b/app:pull repository:shared/x:pull",
+        );
         let g = grant(&rules(), &who("team-a", "default"), &req);
         assert_eq!(g.len(), 2);
-        assert_eq!((g[0].name.as_str(), g[0].actions.clone()), ("team-a/app", vec!["pull".to_string()]), "push is not granted");
+        assert_eq!(
+            (g[0].name.as_str(), g[0].actions.clone()),
+            ("team-a/app", vec!["pull".to_string()]),
+            "push is not granted"
+        );
         assert_eq!(g[1].name, "shared/x");
-        assert!(grant(&rules(), &who("team-b", "default"), &parse_scope("repository:team-a/app:pull")).is_empty());
+        assert!(grant(
+            &rules(),
+            &who("team-b", "default"),
+            &parse_scope("repository:team-a/app:pull")
+        )
+        .is_empty());
     }
 
     #[test]
     fn a_rule_can_require_a_service_account() {
         let req = parse_scope("repository:team-a/app:pull,push");
-        assert_eq!(grant(&rules(), &who("ci", "pusher"), &req)[0].actions, ["pull", "push"]);
+        assert_eq!(
+            grant(&rules(), &who("ci", "pusher"), &req)[0].actions,
+            ["pull", "push"]
+        );
         assert!(grant(&rules(), &who("ci", "default"), &req).is_empty());
     }
 
@@ -157,15 +205,37 @@ mod tests {
         assert!(!pattern_matches("team-a/*", "team-a/"));
         assert!(pattern_matches("public/base", "public/base"));
         assert!(!pattern_matches("public/base", "public/base2"));
-        assert!(grant(&rules(), &who("anyone", "x"), &parse_scope("repository:public/base:pull")).len() == 1);
-        assert!(grant(&rules(), &who("team-a", "x"), &parse_scope("registry:catalog:*")).is_empty(), "only repository scopes");
+        assert!(
+            grant(
+                &rules(),
+                &who("anyone", "x"),
+                &parse_scope("repository:public/base:pull")
+            )
+            .len()
+                == 1
+        );
+        assert!(
+            grant(
+                &rules(),
+                &who("team-a", "x"),
+                &parse_scope("registry:catalog:*")
+            )
+            .is_empty(),
+            "only repository scopes"
+        );
     }
 
     #[test]
     fn subjects_name_service_accounts() {
-        assert_eq!(Identity::from_subject("system:serviceaccount:team-a:default"), Some(who("team-a", "default")));
+        assert_eq!(
+            Identity::from_subject("system:serviceaccount:team-a:default"),
+            Some(who("team-a", "default"))
+        );
         assert_eq!(Identity::from_subject("system:node:n1"), None);
-        assert_eq!(Identity::from_subject("system:serviceaccount:team-a:"), None);
+        assert_eq!(
+            Identity::from_subject("system:serviceaccount:team-a:"),
+            None
+        );
         assert_eq!(Identity::from_subject("system:serviceaccount:a:b:c"), None);
     }
 }

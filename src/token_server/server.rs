@@ -32,7 +32,10 @@ pub enum TokenServerError {
     #[error(transparent)]
     Http(#[from] crate::token::http::HttpClientError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 struct AppState {
@@ -50,26 +53,54 @@ pub struct TokenServer {
 
 impl TokenServer {
     pub async fn start(config: TokenServerConfig, clock: Clock) -> Result<Self, TokenServerError> {
-        let cert = Arc::new(crate::tls::ReloadingCert::load(&config.tls.cert_file, &config.tls.key_file)?);
-        let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(crate::tls::server_config(cert)?));
-        let signer = Signer::from_files(&config.signing.cert_file, &config.signing.key_file, &config.signing.issuer)?;
+        let cert = Arc::new(crate::tls::ReloadingCert::load(
+            &config.tls.cert_file,
+            &config.tls.key_file,
+        )?);
+        let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(
+            crate::tls::server_config(cert)?,
+        ));
+        let signer = Signer::from_files(
+            &config.signing.cert_file,
+            &config.signing.key_file,
+            &config.signing.issuer,
+        )?;
         let verifier = Verifier::new(config.issuer.clone(), config.leeway)?;
         let addr = config.listen;
         let listen_error = move |source| TokenServerError::Listen { addr, source };
         let listener = std::net::TcpListener::bind(config.listen).map_err(listen_error)?;
         listener.set_nonblocking(true).map_err(listen_error)?;
         let local_addr = listener.local_addr().map_err(listen_error)?;
-        let state = Arc::new(AppState { config, verifier, signer, clock });
-        let app = axum::Router::new().route("/token", get(token)).route("/healthz", get(|| async { "ok" })).with_state(state);
+        let state = Arc::new(AppState {
+            config,
+            verifier,
+            signer,
+            clock,
+        });
+        let app = axum::Router::new()
+            .route("/token", get(token))
+            .route("/healthz", get(|| async { "ok" }))
+            .with_state(state);
         let handle = axum_server::Handle::new();
-        let server = axum_server::from_tcp_rustls(listener, tls).map_err(listen_error)?.handle(handle.clone());
+        let server = axum_server::from_tcp_rustls(listener, tls)
+            .map_err(listen_error)?
+            .handle(handle.clone());
         let task = tokio::spawn(server.serve(app.into_make_service()));
         tracing::info!(%local_addr, "serving registry tokens over TLS");
-        Ok(Self { local_addr, handle, task })
+        Ok(Self {
+            local_addr,
+            handle,
+            task,
+        })
     }
 
-    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
-        let Self { handle, mut task, .. } = self;
+    pub async fn run_until(
+        self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let Self {
+            handle, mut task, ..
+        } = self;
         tokio::select! {
             result = &mut task => return result.unwrap_or_else(|e| Err(std::io::Error::other(e))),
             _ = signal => {}
@@ -79,25 +110,45 @@ impl TokenServer {
     }
 
     pub async fn shutdown(self) {
-        self.handle.graceful_shutdown(Some(std::time::Duration::from_secs(1)));
+        self.handle
+            .graceful_shutdown(Some(std::time::Duration::from_secs(1)));
         let _ = self.task.await;
     }
 }
 
 fn unauthorized(message: &str) -> Response {
     let body = json!({"errors": [{"code": "UNAUTHORIZED", "message": message}]});
-    (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic realm=\"pull-secret-injector token server\"")], axum::Json(body)).into_response()
+    (
+        StatusCode::UNAUTHORIZED,
+        [(
+            header::WWW_AUTHENTICATE,
+            "Basic realm=\"pull-secret-injector token server\"",
+        )],
+        axum::Json(body),
+    )
+        .into_response()
 }
 
 fn bad_request(message: &str) -> Response {
-    (StatusCode::BAD_REQUEST, axum::Json(json!({"errors": [{"code": "BAD_REQUEST", "message": message}]}))).into_response()
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({"errors": [{"code": "BAD_REQUEST", "message": message}]})),
+    )
+        .into_response()
 }
 
 /// The password of a Basic Authorization header.
 fn basic_password(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let encoded = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic "))?;
-    let decoded = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?).ok()?;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()?,
+    )
+    .ok()?;
     decoded.split_once(':').map(|(_, p)| p.to_string())
 }
 
@@ -105,16 +156,34 @@ fn describe(access: &[Access]) -> String {
     if access.is_empty() {
         return "nothing".into();
     }
-    access.iter().map(|a| format!("{}:{}:{}", a.kind, a.name, a.actions.join(","))).collect::<Vec<_>>().join(" ")
+    access
+        .iter()
+        .map(|a| format!("{}:{}:{}", a.kind, a.name, a.actions.join(",")))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
-async fn token(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
-    let params: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or_default().as_bytes()).into_owned().collect();
-    let service = params.iter().find(|(k, _)| k == "service").map(|(_, v)| v.as_str());
+async fn token(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let params: Vec<(String, String)> =
+        form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+    let service = params
+        .iter()
+        .find(|(k, _)| k == "service")
+        .map(|(_, v)| v.as_str());
     if service != Some(state.config.service.as_str()) {
         return bad_request("unknown service");
     }
-    let requested: Vec<Access> = params.iter().filter(|(k, _)| k == "scope").flat_map(|(_, v)| rules::parse_scope(v)).collect();
+    let requested: Vec<Access> = params
+        .iter()
+        .filter(|(k, _)| k == "scope")
+        .flat_map(|(_, v)| rules::parse_scope(v))
+        .collect();
     let Some(password) = basic_password(&headers) else {
         tracing::info!(requested = %describe(&requested), granted = "nothing", reason = "no credentials", "token refused");
         return unauthorized("credentials required: Basic <any user>:<service-account token>");
@@ -129,7 +198,13 @@ async fn token(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery, he
     };
     let granted = rules::grant(&state.config.rules, &verified.identity, &requested);
     let lifetime = state.config.token_lifetime;
-    let token = match state.signer.sign(&verified.subject, &state.config.service, &granted, now, lifetime) {
+    let token = match state.signer.sign(
+        &verified.subject,
+        &state.config.service,
+        &granted,
+        now,
+        lifetime,
+    ) {
         Ok(t) => t,
         Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "signing failed").into_response(),
     };

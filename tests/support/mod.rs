@@ -38,7 +38,8 @@ impl ControlPlane {
     pub fn get() -> &'static ControlPlane {
         CONTROL_PLANE.get_or_init(|| {
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let dir = std::env::temp_dir().join(format!("psi-control-plane-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("psi-control-plane-{}", std::process::id()));
             let status = Command::new(repo().join("hack/control-plane"))
                 .arg("up")
                 .arg(&dir)
@@ -53,7 +54,10 @@ impl ControlPlane {
 
     pub async fn client(&self) -> Client {
         let kubeconfig = Kubeconfig::read_from(self.dir.join("kubeconfig")).expect("kubeconfig");
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("client config");
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .expect("client config");
         Client::try_from(config).expect("client")
     }
 
@@ -76,14 +80,19 @@ impl ControlPlane {
         self.audit(|e| {
             e["objectRef"]["subresource"] == "token"
                 && e["objectRef"]["namespace"] == namespace
-                && e["responseStatus"]["code"].as_i64().is_some_and(|c| c < 300)
+                && e["responseStatus"]["code"]
+                    .as_i64()
+                    .is_some_and(|c| c < 300)
         })
         .len()
     }
 
     /// TokenRequests attempted in `namespace`, whatever their outcome.
     pub fn token_attempts(&self, namespace: &str) -> usize {
-        self.audit(|e| e["objectRef"]["subresource"] == "token" && e["objectRef"]["namespace"] == namespace).len()
+        self.audit(|e| {
+            e["objectRef"]["subresource"] == "token" && e["objectRef"]["namespace"] == namespace
+        })
+        .len()
     }
 
     /// Successful creates, updates, patches and deletes of the pull Secret in `namespace`.
@@ -93,7 +102,9 @@ impl ControlPlane {
                 && e["objectRef"]["namespace"] == namespace
                 && e["objectRef"]["name"] == "pull-secret"
                 && e["objectRef"]["subresource"].is_null()
-                && e["responseStatus"]["code"].as_i64().is_some_and(|c| c < 300)
+                && e["responseStatus"]["code"]
+                    .as_i64()
+                    .is_some_and(|c| c < 300)
         })
         .len()
     }
@@ -127,19 +138,28 @@ impl Certs {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "pull-secret-injector test CA");
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "pull-secret-injector test CA");
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        params.distinguished_name.push(rcgen::DnType::CommonName, "127.0.0.1");
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "127.0.0.1");
         let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
         let cert = params.signed_by(&key, &issuer).unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
         std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
         std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
-        Certs { dir, ca_pem: ca.pem() }
+        Certs {
+            dir,
+            ca_pem: ca.pem(),
+        }
     }
 
     pub fn cert(&self) -> PathBuf {
@@ -208,18 +228,43 @@ impl Injector {
         let client = cp.client().await;
         let certs = Certs::new();
         let config_yaml = config_yaml(id, &certs, registry, extra);
-        let mut me = Injector { id: id.into(), service: None, certs, client, config_yaml, namespaces: vec![], webhooks: vec![] };
+        let mut me = Injector {
+            id: id.into(),
+            service: None,
+            certs,
+            client,
+            config_yaml,
+            namespaces: vec![],
+            webhooks: vec![],
+        };
         me.run().await;
-        let selector = json!({"matchLabels": {"pull-secret-injector.io/inject": "enabled", "e2e-run": id}});
-        me.register_webhook_for(&format!("psi-{id}"), selector, resources).await;
+        let selector =
+            json!({"matchLabels": {"pull-secret-injector.io/inject": "enabled", "e2e-run": id}});
+        me.register_webhook_for(&format!("psi-{id}"), selector, resources)
+            .await;
         me.wait_webhook_active().await;
         me
     }
 
     /// Wraps a service started by the test itself (with its own client), registering its webhook.
-    pub async fn attach(id: &str, service: Service, certs: Certs, admin: Client, config_yaml: String) -> Self {
-        let mut me = Injector { id: id.into(), service: Some(service), certs, client: admin, config_yaml, namespaces: vec![], webhooks: vec![] };
-        let selector = json!({"matchLabels": {"pull-secret-injector.io/inject": "enabled", "e2e-run": id}});
+    pub async fn attach(
+        id: &str,
+        service: Service,
+        certs: Certs,
+        admin: Client,
+        config_yaml: String,
+    ) -> Self {
+        let mut me = Injector {
+            id: id.into(),
+            service: Some(service),
+            certs,
+            client: admin,
+            config_yaml,
+            namespaces: vec![],
+            webhooks: vec![],
+        };
+        let selector =
+            json!({"matchLabels": {"pull-secret-injector.io/inject": "enabled", "e2e-run": id}});
         me.register_webhook(&format!("psi-{id}"), selector).await;
         me.wait_webhook_active().await;
         me
@@ -228,7 +273,9 @@ impl Injector {
     /// Starts (or restarts) the service in this process.
     pub async fn run(&mut self) {
         let config = Config::from_yaml(&self.config_yaml).expect("test config is valid");
-        let service = Service::start(config, self.client.clone()).await.expect("service starts");
+        let service = Service::start(config, self.client.clone())
+            .await
+            .expect("service starts");
         let deadline = Instant::now() + Duration::from_secs(30);
         while !service.is_ready() {
             assert!(Instant::now() < deadline, "service did not become ready");
@@ -244,17 +291,34 @@ impl Injector {
     }
 
     pub fn url(&self) -> String {
-        format!("https://{}/mutate", self.service.as_ref().expect("running").local_addr)
+        format!(
+            "https://{}/mutate",
+            self.service.as_ref().expect("running").local_addr
+        )
     }
 
     /// Registers a MutatingWebhookConfiguration pointing at this instance.
     pub async fn register_webhook(&mut self, name: &str, namespace_selector: Value) {
-        self.register_webhook_for(name, namespace_selector, &["pods", "serviceaccounts"]).await
+        self.register_webhook_for(name, namespace_selector, &["pods", "serviceaccounts"])
+            .await
     }
 
     /// Registers (or replaces) a MutatingWebhookConfiguration for `resources` only.
-    pub async fn register_webhook_for(&mut self, name: &str, namespace_selector: Value, resources: &[&str]) {
-        register_webhook(&self.client, name, &self.url(), &self.certs.ca_pem, namespace_selector, resources).await;
+    pub async fn register_webhook_for(
+        &mut self,
+        name: &str,
+        namespace_selector: Value,
+        resources: &[&str],
+    ) {
+        register_webhook(
+            &self.client,
+            name,
+            &self.url(),
+            &self.certs.ca_pem,
+            namespace_selector,
+            resources,
+        )
+        .await;
         self.webhooks.push(name.into());
     }
 
@@ -264,9 +328,20 @@ impl Injector {
         let ns = self.namespace("probe", true).await;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let pod = create_pod(&self.client, &ns, "probe", json!({"imagePullSecrets": [{"name": "x"}]}), true).await.pod;
+            let pod = create_pod(
+                &self.client,
+                &ns,
+                "probe",
+                json!({"imagePullSecrets": [{"name": "x"}]}),
+                true,
+            )
+            .await
+            .pod;
             // `pull-secret`, or `<sa>-pull-secret` with identityScope serviceAccount.
-            if pull_secret_names(&pod).iter().any(|n| n.ends_with("pull-secret")) {
+            if pull_secret_names(&pod)
+                .iter()
+                .any(|n| n.ends_with("pull-secret"))
+            {
                 return;
             }
             assert!(Instant::now() < deadline, "webhook never became active");
@@ -289,9 +364,15 @@ impl Injector {
     pub async fn set_opt_in(&self, ns: &str, on: bool) {
         let value = if on { json!("enabled") } else { Value::Null };
         let api: Api<Namespace> = Api::all(self.client.clone());
-        api.patch(ns, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"pull-secret-injector.io/inject": value}}})))
-            .await
-            .expect("label namespace");
+        api.patch(
+            ns,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {"pull-secret-injector.io/inject": value}}}),
+            ),
+        )
+        .await
+        .expect("label namespace");
     }
 
     /// The table `pull-secret-injector status` prints for this instance's config.
@@ -303,7 +384,11 @@ impl Injector {
             .env("KUBECONFIG", ControlPlane::get().kubeconfig())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -322,13 +407,37 @@ impl Injector {
 }
 
 /// Registers (or replaces) a MutatingWebhookConfiguration calling `url`, trusting `ca_pem`.
-pub async fn register_webhook(client: &Client, name: &str, url: &str, ca_pem: &str, namespace_selector: Value, resources: &[&str]) {
-    register_webhook_named(client, name, "inject.pull-secret-injector.io", url, ca_pem, namespace_selector, resources).await
+pub async fn register_webhook(
+    client: &Client,
+    name: &str,
+    url: &str,
+    ca_pem: &str,
+    namespace_selector: Value,
+    resources: &[&str],
+) {
+    register_webhook_named(
+        client,
+        name,
+        "inject.pull-secret-injector.io",
+        url,
+        ca_pem,
+        namespace_selector,
+        resources,
+    )
+    .await
 }
 
 /// As `register_webhook`, with the webhook itself named `webhook_name` (the name the API
 /// server's admission metrics carry).
-pub async fn register_webhook_named(client: &Client, name: &str, webhook_name: &str, url: &str, ca_pem: &str, namespace_selector: Value, resources: &[&str]) {
+pub async fn register_webhook_named(
+    client: &Client,
+    name: &str,
+    webhook_name: &str,
+    url: &str,
+    ca_pem: &str,
+    namespace_selector: Value,
+    resources: &[&str],
+) {
     let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     let webhook: MutatingWebhookConfiguration = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
@@ -349,17 +458,31 @@ pub async fn register_webhook_named(client: &Client, name: &str, webhook_name: &
     .unwrap();
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let _ = api.delete(name, &DeleteParams::default()).await;
-    api.create(&PostParams::default(), &webhook).await.expect("register webhook");
+    api.create(&PostParams::default(), &webhook)
+        .await
+        .expect("register webhook");
 }
 
 pub async fn create_namespace(client: &Client, name: &str, labels: BTreeMap<String, String>) {
     let api: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
-    api.create(&PostParams::default(), &ns).await.expect("create namespace");
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
+    api.create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
     // The ServiceAccount controller creates `default` shortly after; pods need it.
-    wait_for(&format!("ServiceAccount {name}/default"), Duration::from_secs(30), || async {
-        Api::<ServiceAccount>::namespaced(client.clone(), name).get_opt("default").await.ok().flatten().is_some()
-    })
+    wait_for(
+        &format!("ServiceAccount {name}/default"),
+        Duration::from_secs(30),
+        || async {
+            Api::<ServiceAccount>::namespaced(client.clone(), name)
+                .get_opt("default")
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        },
+    )
     .await;
 }
 
@@ -371,16 +494,29 @@ pub struct Created {
 
 /// Creates a Pod with `spec` merged into a minimal one, through a raw request so that the
 /// response's warnings can be read.
-pub async fn create_pod(client: &Client, ns: &str, name: &str, spec: Value, dry_run: bool) -> Created {
-    let mut full_spec = json!({"containers": [{"name": "app", "image": format!("{HOST}/team/app:1")}]});
+pub async fn create_pod(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    spec: Value,
+    dry_run: bool,
+) -> Created {
+    let mut full_spec =
+        json!({"containers": [{"name": "app", "image": format!("{HOST}/team/app:1")}]});
     if let (Some(target), Some(extra)) = (full_spec.as_object_mut(), spec.as_object()) {
         target.extend(extra.clone());
     }
-    let body = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": full_spec});
+    let body =
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": full_spec});
     let query = if dry_run { "?dryRun=All" } else { "" };
     let mut attempt = 0;
     let (status, warnings, text) = loop {
-        let (status, warnings, text) = post(client, &format!("/api/v1/namespaces/{ns}/pods{query}"), &body).await;
+        let (status, warnings, text) = post(
+            client,
+            &format!("/api/v1/namespaces/{ns}/pods{query}"),
+            &body,
+        )
+        .await;
         // In a namespace created moments ago the API server (1.20) may refuse Pods until the
         // token controller has given `default` its legacy token ("No API token found ...,
         // retry after"): that is the API server's own race, retried as it asks.
@@ -391,35 +527,77 @@ pub async fn create_pod(client: &Client, ns: &str, name: &str, spec: Value, dry_
         }
         break (status, warnings, text);
     };
-    assert!(status.is_success(), "creating pod {ns}/{name}: {status} {text}");
-    Created { pod: serde_json::from_str(&text).expect("pod"), warnings }
+    assert!(
+        status.is_success(),
+        "creating pod {ns}/{name}: {status} {text}"
+    );
+    Created {
+        pod: serde_json::from_str(&text).expect("pod"),
+        warnings,
+    }
 }
 
-pub async fn post(client: &Client, path: &str, body: &Value) -> (http::StatusCode, Vec<String>, String) {
+pub async fn post(
+    client: &Client,
+    path: &str,
+    body: &Value,
+) -> (http::StatusCode, Vec<String>, String) {
     let request = http::Request::post(path)
         .header("content-type", "application/json")
         .body(serde_json::to_vec(body).unwrap())
         .unwrap();
-    let response = client.send(request.map(kube::client::Body::from)).await.expect("request sent");
+    let response = client
+        .send(request.map(kube::client::Body::from))
+        .await
+        .expect("request sent");
     let status = response.status();
-    let warnings = response.headers().get_all("warning").iter().map(|v| v.to_str().unwrap_or_default().to_string()).collect();
-    let bytes = http_body_util::BodyExt::collect(response.into_body()).await.expect("body").to_bytes();
-    (status, warnings, String::from_utf8_lossy(&bytes).into_owned())
+    let warnings = response
+        .headers()
+        .get_all("warning")
+        .iter()
+        .map(|v| v.to_str().unwrap_or_default().to_string())
+        .collect();
+    let bytes = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    (
+        status,
+        warnings,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
 }
 
 pub fn pull_secret_names(pod: &Pod) -> Vec<String> {
-    pod.spec.as_ref().and_then(|s| s.image_pull_secrets.clone()).unwrap_or_default().into_iter().map(|r| r.name).collect()
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.image_pull_secrets.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| r.name)
+        .collect()
 }
 
 pub fn names(refs: Option<Vec<impl Into<Value>>>) -> Vec<String> {
-    refs.unwrap_or_default().into_iter().filter_map(|r| r.into()["name"].as_str().map(String::from)).collect()
+    refs.unwrap_or_default()
+        .into_iter()
+        .filter_map(|r| r.into()["name"].as_str().map(String::from))
+        .collect()
 }
 
 pub async fn get_secret(client: &Client, ns: &str) -> Option<Secret> {
-    Api::<Secret>::namespaced(client.clone(), ns).get_opt("pull-secret").await.expect("read secret")
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt("pull-secret")
+        .await
+        .expect("read secret")
 }
 
-pub async fn wait_secret(client: &Client, ns: &str, what: &str, ok: impl Fn(&Secret) -> bool) -> Secret {
+pub async fn wait_secret(
+    client: &Client,
+    ns: &str,
+    what: &str,
+    ok: impl Fn(&Secret) -> bool,
+) -> Secret {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(s) = get_secret(client, ns).await {
@@ -427,7 +605,10 @@ pub async fn wait_secret(client: &Client, ns: &str, what: &str, ok: impl Fn(&Sec
                 return s;
             }
         }
-        assert!(Instant::now() < deadline, "timed out waiting for Secret {ns}/pull-secret: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for Secret {ns}/pull-secret: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -452,18 +633,29 @@ pub fn docker_config(secret: &Secret) -> Value {
 
 /// The password stored for the test registry.
 pub fn password(secret: &Secret) -> String {
-    docker_config(secret)["auths"][HOST]["password"].as_str().expect("password").to_string()
+    docker_config(secret)["auths"][HOST]["password"]
+        .as_str()
+        .expect("password")
+        .to_string()
 }
 
 /// The claims of a JWT, without verifying it (the API server's TokenReview verifies).
 pub fn claims(jwt: &str) -> Value {
     let payload = jwt.split('.').nth(1).expect("JWT has a payload");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).expect("base64url");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .expect("base64url");
     serde_json::from_slice(&bytes).expect("claims are JSON")
 }
 
 pub fn annotation(secret: &Secret, key: &str) -> String {
-    secret.metadata.annotations.as_ref().and_then(|a| a.get(key)).cloned().unwrap_or_default()
+    secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Runs `curl` against the service with its CA; returns (status code, body).

@@ -45,7 +45,8 @@ impl Seen {
     /// The user and password of a Basic Authorization header.
     pub fn basic(&self) -> Option<(String, String)> {
         let b64 = self.header("authorization")?.strip_prefix("Basic ")?;
-        let raw = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).ok()?).ok()?;
+        let raw =
+            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).ok()?).ok()?;
         let (u, p) = raw.split_once(':')?;
         Some((u.to_string(), p.to_string()))
     }
@@ -54,7 +55,11 @@ impl Seen {
 /// A queued fault, used for the next request instead of the handler.
 #[derive(Clone, Debug)]
 pub enum Fault {
-    Status { status: u16, body: String, retry_after: Option<u64> },
+    Status {
+        status: u16,
+        body: String,
+        retry_after: Option<u64>,
+    },
     /// Never answers (until the client gives up).
     Hang,
 }
@@ -75,22 +80,40 @@ pub struct StandIn {
 
 impl StandIn {
     /// Serves `handler` over HTTPS on loopback with a fresh test CA (`certs.ca()`).
-    pub async fn start(handler: impl Fn(&Seen) -> (u16, String) + Send + Sync + 'static) -> StandIn {
+    pub async fn start(
+        handler: impl Fn(&Seen) -> (u16, String) + Send + Sync + 'static,
+    ) -> StandIn {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let certs = Certs::new();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let faults = Arc::new(Mutex::new(VecDeque::new()));
         let persistent = Arc::new(Mutex::new(None));
         let handler: Arc<Handler> = Arc::new(handler);
-        let shared = Shared { seen: seen.clone(), faults: faults.clone(), persistent: persistent.clone(), handler };
-        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-            let shared = shared.clone();
-            async move { serve(shared, method, uri, headers, body).await }
-        });
+        let shared = Shared {
+            seen: seen.clone(),
+            faults: faults.clone(),
+            persistent: persistent.clone(),
+            handler,
+        };
+        let app = axum::Router::new().fallback(
+            move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+                let shared = shared.clone();
+                async move { serve(shared, method, uri, headers, body).await }
+            },
+        );
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let handle = serve_on(listener, &certs, app.clone());
-        StandIn { url: format!("https://{addr}"), certs, seen, faults, persistent, app, addr, handle: Mutex::new(handle) }
+        StandIn {
+            url: format!("https://{addr}"),
+            certs,
+            seen,
+            faults,
+            persistent,
+            app,
+            addr,
+            handle: Mutex::new(handle),
+        }
     }
 
     /// Every request gets `fault` until [`recover`](Self::recover).
@@ -133,7 +156,11 @@ impl StandIn {
     }
 
     pub fn fail(&self, status: u16, body: &str) {
-        self.push_fault(Fault::Status { status, body: body.into(), retry_after: None });
+        self.push_fault(Fault::Status {
+            status,
+            body: body.into(),
+            retry_after: None,
+        });
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -152,12 +179,22 @@ impl Drop for StandIn {
     }
 }
 
-fn serve_on(listener: std::net::TcpListener, certs: &Certs, app: axum::Router) -> axum_server::Handle<std::net::SocketAddr> {
+fn serve_on(
+    listener: std::net::TcpListener,
+    certs: &Certs,
+    app: axum::Router,
+) -> axum_server::Handle<std::net::SocketAddr> {
     listener.set_nonblocking(true).unwrap();
-    let cert = Arc::new(pull_secret_injector::tls::ReloadingCert::load(&certs.cert(), &certs.key()).unwrap());
-    let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(pull_secret_injector::tls::server_config(cert).unwrap()));
+    let cert = Arc::new(
+        pull_secret_injector::tls::ReloadingCert::load(&certs.cert(), &certs.key()).unwrap(),
+    );
+    let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(
+        pull_secret_injector::tls::server_config(cert).unwrap(),
+    ));
     let handle = axum_server::Handle::new();
-    let server = axum_server::from_tcp_rustls(listener, tls).unwrap().handle(handle.clone());
+    let server = axum_server::from_tcp_rustls(listener, tls)
+        .unwrap()
+        .handle(handle.clone());
     tokio::spawn(server.serve(app.into_make_service()));
     handle
 }
@@ -170,34 +207,67 @@ struct Shared {
     handler: Arc<Handler>,
 }
 
-async fn serve(shared: Shared, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
-    let Shared { seen, faults, persistent, handler } = shared;
+async fn serve(
+    shared: Shared,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Shared {
+        seen,
+        faults,
+        persistent,
+        handler,
+    } = shared;
     let request = Seen {
         at: Instant::now(),
         method: method.to_string(),
         path: uri.path().to_string(),
         query: form_urlencoded(uri.query().unwrap_or("")),
-        headers: headers.iter().map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())).collect(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect(),
         body: String::from_utf8_lossy(&body).to_string(),
     };
     seen.lock().unwrap().push(request.clone());
-    let fault = faults.lock().unwrap().pop_front().or_else(|| persistent.lock().unwrap().clone());
+    let fault = faults
+        .lock()
+        .unwrap()
+        .pop_front()
+        .or_else(|| persistent.lock().unwrap().clone());
     match fault {
         Some(Fault::Hang) => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
         }
-        Some(Fault::Status { status, body, retry_after }) => {
+        Some(Fault::Status {
+            status,
+            body,
+            retry_after,
+        }) => {
             let mut response = (StatusCode::from_u16(status).unwrap(), body).into_response();
             if let Some(s) = retry_after {
-                response.headers_mut().insert("retry-after", s.to_string().parse().unwrap());
+                response
+                    .headers_mut()
+                    .insert("retry-after", s.to_string().parse().unwrap());
             }
             response
         }
         None => {
             let (status, body) = handler(&request);
-            let content_type = if body.starts_with('<') { "text/xml" } else { "application/json" };
-            (StatusCode::from_u16(status).unwrap(), [("content-type", content_type)], body).into_response()
+            let content_type = if body.starts_with('<') {
+                "text/xml"
+            } else {
+                "application/json"
+            };
+            (
+                StatusCode::from_u16(status).unwrap(),
+                [("content-type", content_type)],
+                body,
+            )
+                .into_response()
         }
     }
 }
@@ -234,9 +304,17 @@ fn form_urlencoded(s: &str) -> BTreeMap<String, String> {
 /// service can tell (it reads `exp`, never verifies).
 pub fn jwt(claims: serde_json::Value) -> String {
     let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-    format!("{}.{}.{}", b(r#"{"alg":"RS256","typ":"JWT"}"#), b(&claims.to_string()), b("signature-of-the-stand-in"))
+    format!(
+        "{}.{}.{}",
+        b(r#"{"alg":"RS256","typ":"JWT"}"#),
+        b(&claims.to_string()),
+        b("signature-of-the-stand-in")
+    )
 }
 
 pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
