@@ -12,7 +12,9 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde::{Deserialize, Deserializer};
 
-use crate::token::TokenSourceConfig;
+use crate::core::names::validate_dns_subdomain;
+
+use crate::sources::TokenSourceConfig;
 
 /// The label a namespace carries to opt in, as the default selector uses it.
 pub const OPT_IN_LABEL: &str = "pull-secret-injector.io/inject";
@@ -52,13 +54,13 @@ pub struct Config {
     /// `namespace` (one Secret per namespace, minted for the configured ServiceAccount) or
     /// `serviceAccount` (one Secret per ServiceAccount, `<sa>-<secretName>`, minted for it).
     #[serde(default)]
-    pub identity_scope: crate::subject::IdentityScope,
+    pub identity_scope: crate::core::subject::IdentityScope,
     /// Compatibility with chainguard's pull-secret-updater (annotated Secrets in any namespace).
     #[serde(default)]
-    pub pull_secret_updater: Option<crate::updater::UpdaterConfig>,
+    pub pull_secret_updater: Option<crate::compat::updater::UpdaterConfig>,
     /// How exchanging token sources reach their endpoints.
     #[serde(default)]
-    pub http: crate::token::http::HttpConfig,
+    pub http: crate::sources::http::HttpConfig,
     pub registries: Vec<RegistryConfig>,
 }
 
@@ -79,10 +81,16 @@ pub struct LeaderElectionConfig {
     #[serde(default)]
     pub namespace: Option<String>,
     /// How long a Lease holds without renewal: the longest hand-over after a leader dies.
-    #[serde(default = "default_lease_duration", deserialize_with = "duration")]
+    #[serde(
+        default = "default_lease_duration",
+        deserialize_with = "crate::core::duration::field"
+    )]
     pub lease_duration: Duration,
     /// The holder renews this long before its Lease would expire.
-    #[serde(default = "default_renew_grace", deserialize_with = "duration")]
+    #[serde(
+        default = "default_renew_grace",
+        deserialize_with = "crate::core::duration::field"
+    )]
     pub renew_grace: Duration,
 }
 
@@ -109,7 +117,7 @@ pub struct TlsConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RefreshConfig {
     /// Renew a credential when less than this remains. Default: a third of its lifetime.
-    #[serde(default, deserialize_with = "opt_duration")]
+    #[serde(default, deserialize_with = "crate::core::duration::optional_field")]
     pub renew_before: Option<Duration>,
     /// At most this many mints per second from this replica, so that many Secrets falling due
     /// together (a restart after an outage, thousands of namespaces) never flood the API server
@@ -135,14 +143,20 @@ impl Default for RefreshConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AdmissionConfig {
     /// The longest an admission waits for a credential before it answers anyway.
-    #[serde(default = "default_budget", deserialize_with = "duration")]
+    #[serde(
+        default = "default_budget",
+        deserialize_with = "crate::core::duration::field"
+    )]
     pub budget: Duration,
     /// Request bodies larger than this are refused with 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
     /// A client gets this long to send a request's headers, and again its body; a slower one is
     /// disconnected (headers) or answered 408 (body), so it cannot hold a connection open.
-    #[serde(default = "default_read_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_read_timeout",
+        deserialize_with = "crate::core::duration::field"
+    )]
     pub read_timeout: Duration,
 }
 
@@ -261,33 +275,46 @@ pub enum ConfigError {
     Invalid(Vec<FieldError>),
 }
 
+/// Reads a YAML file into `T`, naming the file when it cannot be read.
+pub fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_yaml(&text)
+}
+
+/// Parses a YAML document into `T`; an error names the path of the field that failed
+/// (`registries[0].kubernetes.audience`).
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." {
+            "(top level)".to_string()
+        } else {
+            path
+        };
+        let message = e.into_inner().to_string();
+        // serde_yaml may already start its message with the path.
+        let message = message
+            .strip_prefix(&format!("{path}: "))
+            .map(str::to_string)
+            .unwrap_or(message);
+        ConfigError::Parse(FieldError { path, message })
+    })
+}
+
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::from_yaml(&text)
+        let config: Config = read_yaml(path)?;
+        config.validate()?;
+        Ok(config)
     }
 
     /// Parses and validates a YAML document.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." {
-                "(top level)".to_string()
-            } else {
-                path
-            };
-            let message = e.into_inner().to_string();
-            // serde_yaml may already start its message with the path.
-            let message = message
-                .strip_prefix(&format!("{path}: "))
-                .map(str::to_string)
-                .unwrap_or(message);
-            ConfigError::Parse(FieldError { path, message })
-        })?;
+        let config: Config = parse_yaml(text)?;
         config.validate()?;
         Ok(config)
     }
@@ -305,7 +332,7 @@ impl Config {
         if let Err(m) = validate_dns_subdomain(&self.secret_name) {
             err("secretName", m);
         }
-        crate::selector::validate(&self.namespace_selector, "namespaceSelector", &mut err);
+        crate::core::namespaces::validate(&self.namespace_selector, "namespaceSelector", &mut err);
         if self.admission.budget.is_zero() || self.admission.budget > Duration::from_secs(25) {
             err(
                 "admission.budget",
@@ -344,18 +371,9 @@ impl Config {
                     "must be at least 1s and shorter than leaseDuration".into(),
                 );
             }
-            if le.namespace.is_none()
-                && self.own_namespace.is_none()
-                && std::env::var_os("POD_NAMESPACE").is_none()
-            {
-                err(
-                    "leaderElection.namespace",
-                    "must be set when neither ownNamespace nor $POD_NAMESPACE is".into(),
-                );
-            }
         }
         self.http.validate(&mut err);
-        if self.identity_scope == crate::subject::IdentityScope::ServiceAccount {
+        if self.identity_scope == crate::core::subject::IdentityScope::ServiceAccount {
             for (i, r) in self.registries.iter().enumerate() {
                 if r.source.uses_token_file() {
                     err(
@@ -391,65 +409,6 @@ impl Config {
             Err(ConfigError::Invalid(errors))
         }
     }
-}
-
-/// RFC 1123 subdomain, as Kubernetes requires for Secret names.
-pub fn validate_dns_subdomain(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|part| {
-            !part.is_empty()
-                && part
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !part.starts_with('-')
-                && !part.ends_with('-')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("{name:?} is not a valid Kubernetes name (lowercase letters, digits, '-' and '.', at most 253 characters)"))
-    }
-}
-
-/// Parses `90s`, `20m`, `1h30m`, `500ms`, `2h`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?} is not a duration (examples: 500ms, 90s, 20m, 1h30m)");
-    let mut total = Duration::ZERO;
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            _ => return Err(bad()),
-        };
-        total = total.saturating_add(unit);
-        rest = &rest[unit_len..];
-    }
-    Ok(total)
-}
-
-pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    parse_duration(&text).map_err(serde::de::Error::custom)
-}
-
-fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    Option::<String>::deserialize(d)?
-        .map(|t| parse_duration(&t).map_err(serde::de::Error::custom))
-        .transpose()
 }
 
 #[cfg(test)]
@@ -612,25 +571,5 @@ registries:
     fn no_registries_is_an_error() {
         let errors = invalid("tls: {certFile: a, keyFile: b}\nregistries: []\n");
         assert_eq!(errors[0].path, "registries");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("20m"), Ok(Duration::from_secs(1200)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        for bad in ["", "20", "m", "1d", "-5s", "1.5h"] {
-            assert!(parse_duration(bad).is_err(), "{bad} should not parse");
-        }
-    }
-
-    #[test]
-    fn secret_names() {
-        assert!(validate_dns_subdomain("pull-secret").is_ok());
-        assert!(validate_dns_subdomain("a.b-c").is_ok());
-        for bad in ["", "Pull", "a_b", "-a", "a-", "a..b"] {
-            assert!(validate_dns_subdomain(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -3,6 +3,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use pull_secret_injector::config::Config;
+use pull_secret_injector::ops::{certs, status};
+use pull_secret_injector::settings::{Environment, Settings};
+use pull_secret_injector::token_server::server::{Clock, TokenServer};
+use pull_secret_injector::token_server::TokenServerConfig;
 use pull_secret_injector::Service;
 
 // Under load, glibc's malloc and free were a tenth of the service's CPU (perf, hack/bench);
@@ -94,6 +98,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The one place the environment is read; everything below is handed what it needs.
+    let env = Environment::from_process();
     init_tracing(cli.log_format);
     rustls::crypto::ring::default_provider()
         .install_default()
@@ -101,23 +107,15 @@ async fn main() -> anyhow::Result<()> {
 
     match cli.command {
         Command::CheckConfig { config } => {
-            Config::from_file(&config)?;
+            Settings::new(Config::from_file(&config)?, &env)?;
             println!("{}: ok", config.display());
-            Ok(())
         }
         Command::Status { config } => {
-            let config = Config::from_file(&config)?;
-            let client = kube::Client::try_default().await.context(
-                "cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment",
-            )?;
-            let rows = pull_secret_injector::status::collect(&client, &config)
+            let settings = Settings::new(Config::from_file(&config)?, &env)?;
+            let rows = status::collect(&client().await?, &settings)
                 .await
                 .context("reading the cluster")?;
-            println!(
-                "{}",
-                pull_secret_injector::status::render(&rows, jiff::Timestamp::now())
-            );
-            Ok(())
+            println!("{}", status::render(&rows, jiff::Timestamp::now()));
         }
         Command::Certs {
             namespace,
@@ -128,48 +126,44 @@ async fn main() -> anyhow::Result<()> {
             validity_days,
             renew_within_days,
         } => {
-            let client = kube::Client::try_default().await.context(
-                "cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment",
-            )?;
             let day = std::time::Duration::from_secs(86400);
-            let request = pull_secret_injector::certs::CertsRequest {
+            let request = certs::CertsRequest {
                 namespace,
                 secret,
                 service,
                 webhook,
                 out_dir,
-                validity: day * validity_days as u32,
-                renew_within: day * renew_within_days as u32,
+                validity: day * u32::try_from(validity_days).context("--validity-days")?,
+                renew_within: day
+                    * u32::try_from(renew_within_days).context("--renew-within-days")?,
             };
-            pull_secret_injector::certs::ensure(&client, &request).await?;
-            Ok(())
+            certs::ensure(&client().await?, &request).await?;
         }
         Command::TokenServer { config } => {
-            let config = pull_secret_injector::token_server::TokenServerConfig::from_file(&config)?;
-            let clock: pull_secret_injector::token_server::server::Clock =
-                std::sync::Arc::new(jiff::Timestamp::now);
-            let server =
-                pull_secret_injector::token_server::server::TokenServer::start(config, clock)
-                    .await?;
+            let config = TokenServerConfig::from_file(&config)?;
+            let clock: Clock = std::sync::Arc::new(jiff::Timestamp::now);
+            let server = TokenServer::start(config, clock).await?;
             server
                 .run_until(shutdown_signal())
                 .await
                 .context("token server failed")?;
-            Ok(())
         }
         Command::Serve { config } => {
-            let config = Config::from_file(&config)?;
-            let client = kube::Client::try_default().await.context(
-                "cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment",
-            )?;
-            let service = Service::start(config, client).await?;
+            let settings = Settings::new(Config::from_file(&config)?, &env)?;
+            let service = Service::start(settings, client().await?).await?;
             service
                 .run_until(shutdown_signal())
                 .await
                 .context("webhook server failed")?;
-            Ok(())
         }
     }
+    Ok(())
+}
+
+async fn client() -> anyhow::Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .context("cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment")
 }
 
 fn init_tracing(format: LogFormat) {

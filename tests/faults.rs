@@ -97,7 +97,7 @@ async fn changes_made_while_the_service_was_down_are_handled_when_it_returns() {
 
 /// Waits until the Secret is intact and then not rewritten for three seconds.
 async fn settle(c: &kube::Client, ns: &str, what: &str) -> Secret {
-    use pull_secret_injector::pull_secret::{assess, Assessment};
+    use pull_secret_injector::secret::layout::{assess, Assessment};
     let first = wait_secret(c, ns, what, |s| {
         matches!(assess(Some(s)), Assessment::Intact(_))
     })
@@ -120,7 +120,7 @@ async fn conflicting_writers_settle_without_lost_updates_or_flapping() {
     // A second replica with the same configuration and no leader election: both refresh, as
     // two replicas would during a split brain.
     let config = pull_secret_injector::config::Config::from_yaml(&inj.config_yaml).unwrap();
-    let second = pull_secret_injector::Service::start(config, c.clone())
+    let second = pull_secret_injector::Service::start(settings(config), c.clone())
         .await
         .unwrap();
     let ns = inj.namespace("shared", true).await;

@@ -1,13 +1,40 @@
-//! Fuzzing the request path that needs no I/O (decode → decide the patch → encode) with
+//! Fuzzing the request path that needs no I/O (decode → `decide` → encode) with
 //! bounded, seeded random inputs: arbitrary bytes, and the committed corpus (`tests/corpus`)
 //! mutated at random JSON paths. Whatever comes in, there is no panic, and every request that
 //! decodes gets a response that is valid JSON, echoes its uid and carries a base64 JSON patch
 //! that applies to the object.
 
+use std::sync::OnceLock;
+
 use base64::Engine;
 use proptest::prelude::*;
-use pull_secret_injector::admission::{self, Verdict};
+use pull_secret_injector::admission::decide::{decide, Decision, NamespaceFacts};
+use pull_secret_injector::admission::review::{self, Verdict};
+use pull_secret_injector::config::Config;
+use pull_secret_injector::core::namespaces::Selection;
+use pull_secret_injector::settings::{Environment, Settings};
 use serde_json::Value;
+
+/// The settings each input is decided under: every injection mode and identity scope.
+fn settings() -> &'static [Settings] {
+    static SETTINGS: OnceLock<Vec<Settings>> = OnceLock::new();
+    SETTINGS.get_or_init(|| {
+        [
+            "",
+            "inject: matchingImages\n",
+            "identityScope: serviceAccount\n",
+        ]
+        .iter()
+        .map(|extra| {
+            let yaml = format!(
+                "tls: {{certFile: a, keyFile: b}}\nregistries: [{{host: registry.example.com, \
+                     kubernetes: {{audience: a}}}}]\n{extra}"
+            );
+            Settings::new(Config::from_yaml(&yaml).unwrap(), &Environment::default()).unwrap()
+        })
+        .collect()
+    })
+}
 
 fn corpus() -> Vec<Value> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
@@ -21,17 +48,31 @@ fn corpus() -> Vec<Value> {
     docs
 }
 
-/// The handler's pure path, as `webhook::Webhook::review` runs it for an opted-in namespace.
+/// The handler's pure path, as `webhook::Webhook::review` runs it for an opted-in namespace
+/// whose Secret is ready: the same `decide`.
 fn handle(body: &[u8]) {
-    let Ok(review) = admission::decode(body) else {
+    let Ok(review) = review::decode(body) else {
         return;
     };
-    let verdict = match (review.request.target(), review.request.object.as_ref()) {
-        (Some(t), Some(object)) => Verdict::patched(admission::patch_for(t, object, "pull-secret")),
-        _ => Verdict::unchanged(),
+    let facts = NamespaceFacts {
+        opted_in: true,
+        selection: Selection {
+            hosts: vec!["registry.example.com".into()],
+            unknown: vec![],
+        },
     };
+    for settings in settings() {
+        let verdict = match decide(&review, body, &facts, settings) {
+            Decision::Answer(verdict, _) => verdict,
+            Decision::Provision { patch, .. } => Verdict::patched(patch),
+        };
+        check(body, &review, &verdict);
+    }
+}
+
+fn check(body: &[u8], review: &review::Review, verdict: &Verdict) {
     let out: Value =
-        serde_json::from_slice(&admission::encode(&review, &verdict)).expect("response is JSON");
+        serde_json::from_slice(&review::encode(review, verdict)).expect("response is JSON");
     assert_eq!(out["response"]["uid"], review.request.uid.as_str());
     assert_eq!(out["response"]["allowed"], true);
     if let Some(p) = out["response"]["patch"].as_str() {

@@ -362,7 +362,7 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
     .unwrap();
     hooks.create(&PostParams::default(), &inert).await.unwrap();
     let out = tempfile::tempdir().unwrap();
-    let request = pull_secret_injector::certs::CertsRequest {
+    let request = pull_secret_injector::ops::certs::CertsRequest {
         namespace: NS.into(),
         secret: "pull-secret-injector-tls".into(),
         service: "pull-secret-injector".into(),
@@ -371,7 +371,7 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         validity: Duration::from_secs(365 * 86400),
         renew_within: Duration::from_secs(30 * 86400),
     };
-    let first = pull_secret_injector::certs::ensure(&as_sa, &request)
+    let first = pull_secret_injector::ops::certs::ensure(&as_sa, &request)
         .await
         .expect("certs as the ServiceAccount");
     let stored = Api::<Secret>::namespaced(admin.clone(), NS)
@@ -393,7 +393,7 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         std::fs::read_to_string(out.path().join("tls.crt")).unwrap(),
         first.cert_pem
     );
-    let second = pull_secret_injector::certs::ensure(&as_sa, &request)
+    let second = pull_secret_injector::ops::certs::ensure(&as_sa, &request)
         .await
         .unwrap();
     assert_eq!(
@@ -418,7 +418,7 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         "ownNamespace: pull-secret-injector",
     );
     let config = pull_secret_injector::config::Config::from_yaml(&yaml).unwrap();
-    let service = pull_secret_injector::Service::start(config, as_sa.clone())
+    let service = pull_secret_injector::Service::start(settings(config), as_sa.clone())
         .await
         .unwrap();
     wait_for("ready", Duration::from_secs(30), || async {

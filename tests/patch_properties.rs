@@ -3,7 +3,7 @@
 //! and a second application changes nothing.
 
 use proptest::prelude::*;
-use pull_secret_injector::patch;
+use pull_secret_injector::core::patch;
 use serde_json::{json, Value};
 
 const SECRET: &str = "pull-secret";

@@ -11,8 +11,9 @@ use std::time::Duration;
 use base64::Engine;
 use jiff::Timestamp;
 use pull_secret_injector::config::Config;
-use pull_secret_injector::token::http::HttpClient;
-use pull_secret_injector::token::{sigv4, Credential, MintContext, MintError};
+use pull_secret_injector::core::credential::Credential;
+use pull_secret_injector::sources::http::HttpClient;
+use pull_secret_injector::sources::{sigv4, MintContext, MintError};
 use serde_json::json;
 use support::standin::{jwt, now, Fault, Seen, StandIn};
 

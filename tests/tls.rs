@@ -69,7 +69,11 @@ async fn start_offline(dir: &Path, extra: &str) -> pull_secret_injector::Service
         dir.display()
     );
     pull_secret_injector::Service::start(
-        pull_secret_injector::config::Config::from_yaml(&yaml).unwrap(),
+        pull_secret_injector::settings::Settings::new(
+            pull_secret_injector::config::Config::from_yaml(&yaml).unwrap(),
+            &Default::default(),
+        )
+        .unwrap(),
         kube,
     )
     .await

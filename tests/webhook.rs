@@ -12,7 +12,7 @@ use std::time::Duration;
 use k8s_openapi::api::authentication::v1::TokenReview;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use pull_secret_injector::pull_secret::{CONTENT_HASH, EXPIRES_AT, MANAGED_BY_LABEL};
+use pull_secret_injector::secret::layout::{CONTENT_HASH, EXPIRES_AT, MANAGED_BY_LABEL};
 use serde_json::{json, Value};
 use support::*;
 
@@ -538,7 +538,7 @@ async fn item7_labelling_opts_in_and_unlabelling_cleans_up() {
         .metadata
         .annotations
         .unwrap_or_default()
-        .contains_key(pull_secret_injector::patch::INJECTED_ANNOTATION));
+        .contains_key(pull_secret_injector::core::patch::INJECTED_ANNOTATION));
     // A reference the user wrote is theirs: it stays.
     let (pulls, _) = sa_refs(&get_sa(&c, &ns, "user-ref").await);
     assert_eq!(pulls, ["pull-secret"]);
@@ -725,9 +725,10 @@ async fn item10_http_errors_other_kinds_and_readiness() {
             .unwrap(),
     );
     kc.read_timeout = Some(Duration::from_secs(1));
-    let service = pull_secret_injector::Service::start(config, kube::Client::try_from(kc).unwrap())
-        .await
-        .unwrap();
+    let service =
+        pull_secret_injector::Service::start(settings(config), kube::Client::try_from(kc).unwrap())
+            .await
+            .unwrap();
     let base = format!("https://{}", service.local_addr);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(curl(&certs, &[&format!("{base}/healthz")]).0, 200);

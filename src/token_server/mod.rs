@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{ConfigError, FieldError, TlsConfig};
+use crate::config::{parse_yaml, read_yaml, ConfigError, FieldError, TlsConfig};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -33,13 +33,13 @@ pub struct TokenServerConfig {
     /// How long an issued registry token lasts.
     #[serde(
         default = "default_lifetime",
-        deserialize_with = "crate::config::duration"
+        deserialize_with = "crate::core::duration::field"
     )]
     pub token_lifetime: Duration,
     /// Clock skew tolerated on `exp` and `nbf` of service-account tokens.
     #[serde(
         default = "default_leeway",
-        deserialize_with = "crate::config::duration"
+        deserialize_with = "crate::core::duration::field"
     )]
     pub leeway: Duration,
     pub rules: Vec<rules::Rule>,
@@ -75,24 +75,14 @@ fn default_token_issuer() -> String {
 
 impl TokenServerConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::from_yaml(&text)
+        Self::validated(read_yaml(path)?)
     }
 
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        let config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let message = e.into_inner().to_string();
-            let message = message
-                .strip_prefix(&format!("{path}: "))
-                .map(str::to_string)
-                .unwrap_or(message);
-            ConfigError::Parse(FieldError { path, message })
-        })?;
+        Self::validated(parse_yaml(text)?)
+    }
+
+    fn validated(config: Self) -> Result<Self, ConfigError> {
         let mut errors = Vec::new();
         let mut err = |path: &str, message: String| {
             errors.push(FieldError {
@@ -106,9 +96,9 @@ impl TokenServerConfig {
                 "at least one audience is required".into(),
             );
         }
-        crate::token::validate_endpoint("issuer.url", &config.issuer.url, &mut err);
+        crate::sources::validate_endpoint("issuer.url", &config.issuer.url, &mut err);
         if let Some(u) = &config.issuer.jwks_uri {
-            crate::token::validate_endpoint("issuer.jwksUri", u, &mut err);
+            crate::sources::validate_endpoint("issuer.jwksUri", u, &mut err);
         }
         if config.service.trim().is_empty() {
             err("service", "must not be empty".into());

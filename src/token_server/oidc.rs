@@ -13,8 +13,8 @@ use jiff::Timestamp;
 use serde::Deserialize;
 
 use super::rules::Identity;
-use crate::token::http::{HttpClient, HttpConfig};
-use crate::token::Sensitive;
+use crate::core::credential::Sensitive;
+use crate::sources::http::{HttpClient, HttpConfig};
 
 /// `issuer:` in the token server's config.
 #[derive(Clone, Debug, Deserialize)]
@@ -142,7 +142,7 @@ impl Verifier {
     pub fn new(
         config: IssuerConfig,
         leeway: Duration,
-    ) -> Result<Self, crate::token::http::HttpClientError> {
+    ) -> Result<Self, crate::sources::http::HttpClientError> {
         let http = HttpClient::new(&HttpConfig {
             ca_file: config.ca_file.clone(),
             ..Default::default()

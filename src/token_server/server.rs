@@ -30,7 +30,7 @@ pub enum TokenServerError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
-    Http(#[from] crate::token::http::HttpClientError),
+    Http(#[from] crate::sources::http::HttpClientError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,

@@ -19,6 +19,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 use pull_secret_injector::config::Config;
+use pull_secret_injector::settings::{Environment, Settings};
 use pull_secret_injector::Service;
 use serde_json::{json, Value};
 
@@ -273,7 +274,7 @@ impl Injector {
     /// Starts (or restarts) the service in this process.
     pub async fn run(&mut self) {
         let config = Config::from_yaml(&self.config_yaml).expect("test config is valid");
-        let service = Service::start(config, self.client.clone())
+        let service = Service::start(settings(config), self.client.clone())
             .await
             .expect("service starts");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -656,6 +657,11 @@ pub fn annotation(secret: &Secret, key: &str) -> String {
         .and_then(|a| a.get(key))
         .cloned()
         .unwrap_or_default()
+}
+
+/// The settings a test service runs with: the config alone, no downward-API environment.
+pub fn settings(config: Config) -> Settings {
+    Settings::new(config, &Environment::default()).expect("settings")
 }
 
 /// Runs `curl` against the service with its CA; returns (status code, body).

@@ -22,7 +22,7 @@ pub struct HttpConfig {
     /// Per request, connect to last byte.
     #[serde(
         default = "default_timeout",
-        deserialize_with = "crate::config::duration"
+        deserialize_with = "crate::core::duration::field"
     )]
     pub timeout: Duration,
     /// Retries after a timeout, a connection failure, a 5xx or a 429 (other answers are final).

@@ -19,8 +19,8 @@ use k8s_openapi::ByteString;
 use kube::api::{Api, PostParams};
 use kube::Client;
 
-use crate::kube_error_message;
-use crate::pull_secret::{MANAGED_BY_LABEL, MANAGER};
+use crate::cluster::{self, KubeError};
+use crate::secret::layout::{MANAGED_BY_LABEL, MANAGER};
 
 const NOT_AFTER: &str = "pull-secret-injector.io/not-after";
 const DNS_NAMES: &str = "pull-secret-injector.io/dns-names";
@@ -41,12 +41,15 @@ pub struct CertsRequest {
 pub enum CertsError {
     #[error("generating the certificate failed: {0}")]
     Generate(#[from] rcgen::Error),
-    #[error("{action} {what} failed: {message}")]
+    #[error("{action} {what} failed: {source}")]
     Api {
         action: &'static str,
         what: String,
-        message: String,
+        #[source]
+        source: KubeError,
     },
+    #[error("updating {what} failed: kept changing; try again")]
+    Contended { what: String },
     #[error("writing {path} failed: {source}")]
     Write {
         path: PathBuf,
@@ -149,7 +152,7 @@ pub async fn ensure(client: &Client, req: &CertsRequest) -> Result<Bundle, Certs
     let api_err = |action, e: kube::Error| CertsError::Api {
         action,
         what: what.clone(),
-        message: kube_error_message(&e),
+        source: e.into(),
     };
     let names = service_dns_names(&req.service, &req.namespace);
     let mut previous_ca = None;
@@ -179,7 +182,8 @@ pub async fn ensure(client: &Client, req: &CertsRequest) -> Result<Bundle, Certs
             }
         }
         let fresh = generate(&names, req.validity)?;
-        match crate::create_or_replace(&api, stored.as_ref(), tls_secret(req, &names, &fresh)).await
+        match cluster::create_or_replace(&api, stored.as_ref(), tls_secret(req, &names, &fresh))
+            .await
         {
             Ok(_) => {
                 tracing::info!(secret = %what, not_after = %fresh.not_after, "wrote a new webhook certificate");
@@ -258,7 +262,7 @@ pub async fn set_ca_bundle(
     let api_err = |action, e: kube::Error| CertsError::Api {
         action,
         what: what.clone(),
-        message: kube_error_message(&e),
+        source: e.into(),
     };
     let mut pem = ca_pem.to_string();
     if let Some(prev) = previous_ca.filter(|p| *p != ca_pem) {
@@ -286,11 +290,7 @@ pub async fn set_ca_bundle(
             Err(e) => return Err(api_err("updating", e)),
         }
     }
-    Err(CertsError::Api {
-        action: "updating",
-        what,
-        message: "kept changing; try again".into(),
-    })
+    Err(CertsError::Contended { what })
 }
 
 fn write_files(dir: &Path, b: &Bundle) -> Result<(), CertsError> {

@@ -7,7 +7,7 @@ use json_patch::Patch;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::patch;
+use crate::core::patch;
 
 pub const V1: &str = "admission.k8s.io/v1";
 pub const V1BETA1: &str = "admission.k8s.io/v1beta1";

@@ -12,7 +12,7 @@ use k8s_openapi::ByteString;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::token::{Credential, Sensitive};
+use crate::core::credential::{Credential, Sensitive};
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGER: &str = "pull-secret-injector";
@@ -269,7 +269,7 @@ pub fn stored_credentials(secret: &Secret, issued: &Issued) -> BTreeMap<String, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::Sensitive;
+    use crate::core::credential::Sensitive;
 
     fn cred(user: &str, token: &str, issued: i64, expires: i64) -> Credential {
         Credential {

@@ -7,10 +7,10 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
-use crate::config::Config;
-use crate::pull_secret::{self, EXPIRES_AT, ISSUED_AT, REGISTRIES};
-use crate::selector::{Eligibility, NamespacePolicy};
-use crate::subject::IdentityScope;
+use crate::core::namespaces::Eligibility;
+use crate::core::subject::IdentityScope;
+use crate::secret::layout::{self, EXPIRES_AT, ISSUED_AT, REGISTRIES};
+use crate::settings::Settings;
 
 /// One opted-in namespace as the cluster shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,16 +24,8 @@ pub struct Row {
     pub last_error: Option<String>,
 }
 
-pub async fn collect(client: &Client, config: &Config) -> Result<Vec<Row>, kube::Error> {
-    let own = config
-        .own_namespace
-        .clone()
-        .or_else(|| std::env::var("POD_NAMESPACE").ok());
-    let policy = NamespacePolicy::new(
-        config.namespace_selector.clone(),
-        own.as_deref(),
-        &config.excluded_namespaces,
-    );
+pub async fn collect(client: &Client, settings: &Settings) -> Result<Vec<Row>, kube::Error> {
+    let (config, policy) = (&settings.config, &settings.policy);
     let namespaces = Api::<Namespace>::all(client.clone())
         .list(&ListParams::default())
         .await?;
@@ -53,8 +45,8 @@ pub async fn collect(client: &Client, config: &Config) -> Result<Vec<Row>, kube:
                 let managed = api
                     .list(&ListParams::default().labels(&format!(
                         "{}={}",
-                        pull_secret::MANAGED_BY_LABEL,
-                        pull_secret::MANAGER
+                        layout::MANAGED_BY_LABEL,
+                        layout::MANAGER
                     )))
                     .await?;
                 let mut found: Vec<(String, Option<Secret>)> = managed
@@ -81,7 +73,7 @@ pub async fn collect(client: &Client, config: &Config) -> Result<Vec<Row>, kube:
             };
             let (state, registries, expires_at, issued_at) = match &secret {
                 None => ("missing".to_string(), String::new(), None, None),
-                Some(s) if !pull_secret::is_managed(s) => {
+                Some(s) if !layout::is_managed(s) => {
                     ("not managed".to_string(), String::new(), None, None)
                 }
                 Some(s) => (

@@ -6,25 +6,27 @@
 //! (deleted or edited), by admissions that could not finish, and by its own requeue at each
 //! Secret's renewal time.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::watched::Watched;
 use crate::config::InjectMode;
-use crate::provisioner::{ProvisionError, Provisioner};
-use crate::pull_secret::{self, Assessment, MANAGED_BY_LABEL, MANAGER};
-use crate::selector::{Eligibility, NamespacePolicy};
-use crate::subject::{IdentityScope, Subject};
-use crate::watched::Watched;
-use crate::{patch, renewal};
+use crate::core::namespaces::{Eligibility, REGISTRIES_ANNOTATION};
+use crate::core::patch;
+use crate::core::subject::{IdentityScope, Subject};
+use crate::secret::layout::{self, Assessment, MANAGED_BY_LABEL, MANAGER};
+use crate::secret::provisioner::{ProvisionError, Provisioner};
+use crate::secret::renewal;
+use crate::settings::Settings;
 
 /// How long to wait before looking again at a namespace whose Secret belongs to someone else.
 const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
@@ -33,7 +35,7 @@ pub struct Refresher {
     controller: Controller<Namespace>,
     context: Arc<Context>,
     /// The pull-secret-updater compatibility controller, when configured: leader-only too.
-    updater: Option<crate::updater::Updater>,
+    updater: Option<crate::compat::updater::Updater>,
     /// The watches that feed `Context::secrets` and `Context::accounts`, and wake the
     /// namespaces whose objects change. They run beside the controller rather than as its
     /// trigger streams: the controller stops polling its triggers while all its reconciles are
@@ -42,7 +44,7 @@ pub struct Refresher {
 }
 
 struct Context {
-    policy: NamespacePolicy,
+    settings: Arc<Settings>,
     provisioner: Arc<Provisioner>,
     /// The managed Secrets as last watched.
     secrets: Arc<Watched<Assessment>>,
@@ -50,8 +52,6 @@ struct Context {
     /// when ServiceAccounts are never needed (`inject: matchingImages`, one Secret per
     /// namespace).
     accounts: Option<Arc<Watched<bool>>>,
-    /// Consecutive failures per namespace, for the retry backoff.
-    failures: Mutex<HashMap<String, u32>>,
     /// Reconciles to run now: when a failing namespace recovers, the others failing are tried
     /// at once instead of at the end of their backoff (a token endpoint came back).
     nudge: mpsc::UnboundedSender<String>,
@@ -62,21 +62,26 @@ struct Context {
 pub struct ReconcileError(#[from] Arc<ProvisionError>);
 
 impl Refresher {
+    /// A refresher over `namespaces`, the store of the one Namespace watch that every replica
+    /// runs; `changed` carries that watch's namespaces as they change (and all of them when it
+    /// lists), `retry` the namespaces admissions could not finish.
     pub fn new(
         client: Client,
-        policy: NamespacePolicy,
+        settings: Arc<Settings>,
         provisioner: Arc<Provisioner>,
+        namespaces: Store<Namespace>,
+        changed: mpsc::UnboundedReceiver<Arc<Namespace>>,
         retry: mpsc::UnboundedReceiver<String>,
-        updater: Option<crate::updater::Updater>,
+        updater: Option<crate::compat::updater::Updater>,
     ) -> Self {
         let (touched, touched_namespaces) = mpsc::unbounded_channel();
         let secrets = Arc::new(Watched::default());
         // By name as well as label: RBAC can then grant access to Secrets of this one name only
         // (`resourceNames`), never to the other Secrets of opted-in namespaces.
         let by_label = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
-        let secret_config = match provisioner.scope() {
+        let secret_config = match settings.scope() {
             IdentityScope::Namespace => {
-                by_label.fields(&format!("metadata.name={}", provisioner.secret_name()))
+                by_label.fields(&format!("metadata.name={}", settings.secret_name()))
             }
             // One Secret per ServiceAccount: names vary, so by label only.
             IdentityScope::ServiceAccount => by_label,
@@ -85,26 +90,23 @@ impl Refresher {
             Api::all(client.clone()),
             secret_config,
             secrets.clone(),
-            |s: &Secret| pull_secret::assess(Some(s)),
+            |s: &Secret| layout::assess(Some(s)),
             Some(touched.clone()),
         )];
         // ServiceAccounts: which ones lack the Secret (created before the namespace opted in,
         // or while the webhook was down), and per ServiceAccount, whose Secrets to keep. In
         // that scope a new ServiceAccount starts a reconcile (it needs a Secret of its own);
         // otherwise ServiceAccounts are attached when their namespace is next reconciled.
-        let accounts = (provisioner.scope() == IdentityScope::ServiceAccount
-            || provisioner.inject_mode() == InjectMode::Always)
+        let accounts = (settings.scope() == IdentityScope::ServiceAccount
+            || settings.inject() == InjectMode::Always)
             .then(|| {
                 let accounts = Arc::new(Watched::default());
-                let (scope, secret_name) =
-                    (provisioner.scope(), provisioner.secret_name().to_string());
+                let settings = settings.clone();
+                let scope = settings.scope();
                 let attached = move |sa: &ServiceAccount| {
-                    let secret = Subject::for_workload(
-                        scope,
-                        &sa.namespace().unwrap_or_default(),
-                        &sa.name_any(),
-                    )
-                    .secret_name(&secret_name);
+                    let subject =
+                        settings.subject_for(&sa.namespace().unwrap_or_default(), &sa.name_any());
+                    let secret = settings.secret_of(&subject);
                     patch::for_service_account(
                         &serde_json::to_value(sa).unwrap_or_default(),
                         &secret,
@@ -123,26 +125,30 @@ impl Refresher {
                 accounts
             });
         let (nudge, nudged) = mpsc::unbounded_channel();
-        let retries = futures::stream::select(tokio_stream_from(retry), tokio_stream_from(nudged));
-        let triggers = futures::stream::select(retries, tokio_stream_from(touched_namespaces))
-            .map(|ns| ObjectRef::<Namespace>::new(&ns));
-        let (namespaces, ns_writer) = reflector::store();
-        let namespace_events = reflector::reflector(
-            ns_writer,
-            watcher(Api::<Namespace>::all(client), watcher::Config::default())
-                .modify(slim_namespace),
-        )
-        .default_backoff()
-        .applied_objects();
-        let controller = Controller::for_stream(namespace_events, namespaces)
+        let by_name = futures::stream::select(
+            UnboundedReceiverStream::new(retry),
+            UnboundedReceiverStream::new(nudged),
+        );
+        let triggers =
+            futures::stream::select(by_name, UnboundedReceiverStream::new(touched_namespaces))
+                .map(|ns| ObjectRef::<Namespace>::new(&ns));
+        // Every namespace once the store has listed them (a new leader looks at all), then each
+        // as the shared watch sees it change.
+        let store = namespaces.clone();
+        let listed = futures::stream::once(async move {
+            let _ = store.wait_until_ready().await;
+            futures::stream::iter(store.state())
+        })
+        .flatten();
+        let namespace_events = listed.chain(UnboundedReceiverStream::new(changed));
+        let controller = Controller::for_shared_stream(namespace_events, namespaces)
             .with_config(ControllerConfig::default().concurrency(16))
             .reconcile_on(triggers);
         let context = Arc::new(Context {
-            policy,
+            settings,
             provisioner,
             secrets,
             accounts,
-            failures: Mutex::default(),
             nudge,
         });
         Self {
@@ -235,16 +241,10 @@ pub fn slim_namespace(ns: &mut Namespace) {
         .metadata
         .annotations
         .take()
-        .and_then(|mut a| a.remove(crate::selector::REGISTRIES_ANNOTATION))
-        .map(|v| [(crate::selector::REGISTRIES_ANNOTATION.to_string(), v)].into());
+        .and_then(|mut a| a.remove(REGISTRIES_ANNOTATION))
+        .map(|v| [(REGISTRIES_ANNOTATION.to_string(), v)].into());
     ns.spec = None;
     ns.status = None;
-}
-
-fn tokio_stream_from(
-    mut rx: mpsc::UnboundedReceiver<String>,
-) -> impl futures::Stream<Item = String> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// How long after the refresher starts reconciles wait for a watch's first full list; after
@@ -260,7 +260,7 @@ impl Context {
     /// The subject's Secret as watched. A Secret not seen before the first list completes may
     /// simply not be listed yet: wait for the list rather than read each one.
     async fn watched(&self, subject: &Subject) -> Option<Assessment> {
-        let name = subject.secret_name(self.provisioner.secret_name());
+        let name = self.settings.secret_of(subject);
         match self.secrets.get(&subject.namespace, &name) {
             Some(seen) => Some(seen),
             None if listed(&self.secrets).await => self.secrets.get(&subject.namespace, &name),
@@ -294,7 +294,11 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
         // Deleting the namespace deletes its Secret; writing into it would be refused.
         return Ok(Action::await_change());
     }
-    match ctx.policy.eligibility(&name, ns.metadata.labels.as_ref()) {
+    match ctx
+        .settings
+        .policy
+        .eligibility(&name, ns.metadata.labels.as_ref())
+    {
         Eligibility::OptedIn => {}
         Eligibility::NotSelected | Eligibility::Excluded => {
             if ctx.secrets.any_in(&name) || ctx.provisioner.has_any(&name) {
@@ -306,7 +310,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
             return Ok(Action::await_change());
         }
     }
-    let subjects = match ctx.provisioner.scope() {
+    let subjects = match ctx.settings.scope() {
         IdentityScope::Namespace => vec![Subject::namespace(&name)],
         IdentityScope::ServiceAccount => {
             let accounts = ctx
@@ -343,7 +347,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     }
     // With `inject: matchingImages` ServiceAccounts are left alone: the API server would copy
     // their list into every Pod, matching or not.
-    let patched = match ctx.provisioner.inject_mode() {
+    let patched = match ctx.settings.inject() {
         InjectMode::Always if ctx.accounts_attached(&name).await => 0,
         InjectMode::Always => ctx
             .provisioner
@@ -358,16 +362,13 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     if let Some(e) = first_error {
         return Err(e.into());
     }
-    let others_failing: Vec<String> = {
-        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let recovered = failures.remove(&name).is_some();
-        // Only a recovery nudges the others: a namespace that fails for its own reasons is not
-        // retried every time some other namespace renews.
-        if recovered {
-            failures.keys().cloned().collect()
-        } else {
-            Vec::new()
-        }
+    let failures = ctx.provisioner.failures();
+    // Only a recovery nudges the others: a namespace that fails for its own reasons is not
+    // retried every time some other namespace renews.
+    let others_failing = if failures.reconcile_succeeded(&name) {
+        failures.failing_namespaces()
+    } else {
+        Vec::new()
     };
     if !others_failing.is_empty() {
         tracing::info!(namespace = %name, others = others_failing.len(), "recovered; retrying the other failing namespaces now");
@@ -388,12 +389,7 @@ fn error_policy(ns: Arc<Namespace>, error: &ReconcileError, ctx: Arc<Context>) -
         return Action::requeue(CONFLICT_RECHECK);
     }
     ctx.provisioner.metrics().renewal_failures.inc();
-    let attempt = {
-        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(name.clone()).or_default();
-        *n = n.saturating_add(1);
-        *n
-    };
+    let attempt = ctx.provisioner.failures().reconcile_failed(&name);
     // The previous Secret, if any, stays in place and keeps serving until it expires.
     let wait = renewal::retry_delay(attempt, 0.5 + fastrand::f64());
     tracing::warn!(namespace = %name, error = %error, attempt, retry_in_ms = wait.as_millis() as u64, "reconcile failed; retrying");

@@ -1,5 +1,5 @@
 //! Objects as the refresher's watches last saw them, each reduced to a small summary: a managed
-//! Secret to what it says about itself (`pull_secret::assess`), a ServiceAccount to whether it
+//! Secret to what it says about itself (`layout::assess`), a ServiceAccount to whether it
 //! references its pull Secret. The refresher reads these instead of asking the API server:
 //! adopting 10,000 namespaces at start-up then costs a few paged LISTs instead of a GET and a
 //! LIST per namespace, and checking a namespace at renewal costs no read at all. Credentials
@@ -167,8 +167,8 @@ impl<S: Clone> Watched<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pull_secret::{self, Assessment};
-    use crate::token::{Credential, Sensitive};
+    use crate::core::credential::{Credential, Sensitive};
+    use crate::secret::layout::{self, Assessment};
     use jiff::{SignedDuration, Timestamp};
     use k8s_openapi::api::core::v1::Secret;
 
@@ -180,7 +180,7 @@ mod tests {
             issued_at: now,
             expires_at: now + SignedDuration::from_hours(1),
         };
-        pull_secret::build(
+        layout::build(
             namespace,
             "pull-secret",
             &[("registry.example.com".into(), credential)],
@@ -191,7 +191,7 @@ mod tests {
     type WatchedSecrets = Watched<Assessment>;
 
     fn apply(w: &WatchedSecrets, event: Event<Secret>) -> Vec<String> {
-        w.apply(&event, |s| pull_secret::assess(Some(s)))
+        w.apply(&event, |s| layout::assess(Some(s)))
     }
 
     fn is_intact(w: &WatchedSecrets, namespace: &str) -> bool {

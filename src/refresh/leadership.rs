@@ -6,23 +6,68 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Namespace;
 use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::{mpsc, watch};
 
-use crate::reconciler::Refresher;
+use super::refresher::Refresher;
+use crate::settings::Election;
 
-/// Where admissions send namespaces to retry: the running refresher's channel, if this replica
-/// runs one.
-pub type RetrySlot = Arc<Mutex<Option<mpsc::UnboundedSender<String>>>>;
+type Slot<T> = Arc<Mutex<Option<mpsc::UnboundedSender<T>>>>;
 
-#[derive(Clone, Debug)]
-pub struct Election {
-    pub lease_name: String,
-    pub namespace: String,
-    pub identity: String,
-    pub lease_duration: Duration,
-    pub renew_grace: Duration,
+/// What reaches the running refresher, if this replica runs one: namespaces that admissions
+/// could not finish, and the changes the shared Namespace watch sees. Sending never blocks, and
+/// without a refresher nothing is kept.
+#[derive(Clone, Default)]
+pub struct Inbox {
+    retry: Slot<String>,
+    namespaces: Slot<Arc<Namespace>>,
+}
+
+/// The receiving ends of an [`Inbox`], for one refresher.
+pub struct Feeds {
+    pub retry: mpsc::UnboundedReceiver<String>,
+    pub namespaces: mpsc::UnboundedReceiver<Arc<Namespace>>,
+}
+
+fn send<T>(slot: &Slot<T>, value: T) {
+    if let Some(tx) = slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        let _ = tx.send(value);
+    }
+}
+
+fn set<T>(slot: &Slot<T>, tx: Option<mpsc::UnboundedSender<T>>) {
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = tx;
+}
+
+impl Inbox {
+    /// Asks the refresher to try the namespace again soon. (Without one, the leader's own
+    /// retries and watches cover it.)
+    pub fn retry(&self, namespace: &str) {
+        send(&self.retry, namespace.to_string());
+    }
+
+    /// Tells the refresher that the Namespace changed.
+    pub fn namespace_changed(&self, namespace: Arc<Namespace>) {
+        send(&self.namespaces, namespace);
+    }
+
+    fn open(&self) -> Feeds {
+        let (retry, retry_rx) = mpsc::unbounded_channel();
+        let (namespaces, namespaces_rx) = mpsc::unbounded_channel();
+        set(&self.retry, Some(retry));
+        set(&self.namespaces, Some(namespaces));
+        Feeds {
+            retry: retry_rx,
+            namespaces: namespaces_rx,
+        }
+    }
+
+    fn close(&self) {
+        set(&self.retry, None);
+        set(&self.namespaces, None);
+    }
 }
 
 /// How long a stopping refresher gets to finish in-flight reconciles.
@@ -33,14 +78,14 @@ pub const REFRESHER_GRACE: Duration = Duration::from_secs(10);
 pub async fn run(
     client: Client,
     election: Option<Election>,
-    make: impl Fn(mpsc::UnboundedReceiver<String>) -> Refresher,
-    retry: RetrySlot,
+    make: impl Fn(Feeds) -> Refresher,
+    inbox: Inbox,
     mut stop: watch::Receiver<bool>,
 ) {
     let Some(election) = election else {
-        let term = Term::start(&make, &retry);
+        let term = Term::start(&make, &inbox);
         let _ = stop.wait_for(|s| *s).await;
-        term.end(&retry).await;
+        term.end(&inbox).await;
         return;
     };
     let mut backoff = Duration::from_secs(1);
@@ -70,12 +115,12 @@ pub async fn run(
             r = leading.wait_for(|l| *l) => if r.is_err() { break },
         }
         tracing::info!(identity = %election.identity, lease = %election.lease_name, "became the leader: refreshing");
-        let term = Term::start(&make, &retry);
+        let term = Term::start(&make, &inbox);
         let lost = tokio::select! {
             _ = stop.wait_for(|s| *s) => false,
             r = leading.wait_for(|l| !*l) => r.is_ok(),
         };
-        term.end(&retry).await;
+        term.end(&inbox).await;
         if !lost {
             break;
         }
@@ -100,14 +145,9 @@ struct Term {
 }
 
 impl Term {
-    fn start(
-        make: &impl Fn(mpsc::UnboundedReceiver<String>) -> Refresher,
-        retry: &RetrySlot,
-    ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        *retry.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    fn start(make: &impl Fn(Feeds) -> Refresher, inbox: &Inbox) -> Self {
         let (stop, mut stopped) = watch::channel(false);
-        let refresher = make(rx);
+        let refresher = make(inbox.open());
         let task = tokio::spawn(refresher.run(async move {
             let _ = stopped.wait_for(|s| *s).await;
         }));
@@ -116,8 +156,8 @@ impl Term {
 
     /// The controller's graceful shutdown waits for in-flight reconciles, but not while it is
     /// still waiting for its first list (an unreachable API server): abort it after the grace.
-    async fn end(mut self, retry: &RetrySlot) {
-        *retry.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    async fn end(mut self, inbox: &Inbox) {
+        inbox.close();
         let _ = self.stop.send(true);
         if tokio::time::timeout(REFRESHER_GRACE, &mut self.task)
             .await

@@ -13,41 +13,12 @@ pub mod kubernetes;
 pub mod quay;
 pub mod sigv4;
 
-use std::fmt;
 use std::time::Duration;
 
 use jiff::Timestamp;
 
-/// A value that must never be printed: its `Debug` is redacted and it has no `Display`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Sensitive(String);
-
-impl Sensitive {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The secret itself, for the one place that must write it (the pull Secret's data).
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Sensitive {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Sensitive(<redacted>)")
-    }
-}
-
-/// A registry credential and how long it lasts.
-#[derive(Clone, Debug)]
-pub struct Credential {
-    pub username: String,
-    pub password: Sensitive,
-    pub issued_at: Timestamp,
-    /// As the source reported it, never assumed from what was asked for.
-    pub expires_at: Timestamp,
-}
+use crate::cluster::KubeError;
+use crate::core::credential::{Credential, Sensitive};
 
 /// The token sources, as the config file names them (`registries[].<source>`).
 #[derive(Clone, Debug)]
@@ -70,11 +41,19 @@ pub enum TokenSourceConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MintError {
-    #[error("TokenRequest for ServiceAccount {namespace}/{service_account} failed: {message}")]
+    #[error("TokenRequest for ServiceAccount {namespace}/{service_account} failed: {source}")]
     TokenRequest {
         namespace: String,
         service_account: String,
-        message: String,
+        #[source]
+        source: KubeError,
+    },
+    #[error("TokenRequest for ServiceAccount {namespace}/{service_account} failed: reading the ServiceAccount: {source}")]
+    ServiceAccount {
+        namespace: String,
+        service_account: String,
+        #[source]
+        source: KubeError,
     },
     #[error("reading the service-account token file {path} failed: {message}")]
     TokenFile { path: String, message: String },
@@ -278,22 +257,4 @@ pub(crate) fn validate_endpoint(path: &str, url: &str, err: &mut impl FnMut(&str
 /// Trims a trailing `/` so that paths can be appended.
 pub(crate) fn base(url: &str) -> &str {
     url.trim_end_matches('/')
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sensitive_values_do_not_print() {
-        let c = Credential {
-            username: "u".into(),
-            password: Sensitive::new("eyJhbGciOi.secret-token"),
-            issued_at: Timestamp::UNIX_EPOCH,
-            expires_at: Timestamp::UNIX_EPOCH,
-        };
-        let printed = format!("{c:?} {c:#?}");
-        assert!(!printed.contains("secret-token"), "{printed}");
-        assert!(printed.contains("<redacted>"));
-    }
 }

@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 
-use crate::webhook::Webhook;
+use crate::admission::webhook::Webhook;
 
 pub struct AppState {
     pub webhook: Webhook,
@@ -22,7 +22,7 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub read_timeout: std::time::Duration,
     /// Times the body read: armed for every request, so coarse and cheap (see `coarse_timer`).
-    pub timer: crate::coarse_timer::CoarseTimer,
+    pub timer: crate::admission::coarse_timer::CoarseTimer,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 

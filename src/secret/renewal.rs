@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-use crate::pull_secret::{Issued, Lifetime};
+use crate::secret::layout::{Issued, Lifetime};
 
 /// The share of the renewal margin that jitter may add.
 const JITTER_SHARE: f64 = 0.25;

@@ -17,19 +17,19 @@ use k8s_openapi::ByteString;
 use kube::api::{Api, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::cluster::{Events, KubeError};
 use crate::metrics::Metrics;
-use crate::pull_secret::{DOCKER_CONFIG_KEY, DOCKER_CONFIG_TYPE};
-use crate::token::chainguard::ChainguardSource;
-use crate::token::http::HttpClient;
-use crate::token::kubernetes::ServiceAccountToken;
-use crate::token::{jwt, MintContext};
-use crate::{kube_error_message, renewal};
+use crate::secret::layout::{DOCKER_CONFIG_KEY, DOCKER_CONFIG_TYPE};
+use crate::secret::renewal;
+use crate::sources::chainguard::ChainguardSource;
+use crate::sources::http::HttpClient;
+use crate::sources::kubernetes::ServiceAccountToken;
+use crate::sources::{jwt, MintContext};
 
 pub const IDENTITY_ANNOTATION: &str = "pull-secret-updater.chainguard.dev/identity";
 /// The identity the stored token was minted for: a changed annotation means a new token.
@@ -54,7 +54,7 @@ pub struct UpdaterConfig {
     pub service_account_token: ServiceAccountToken,
     #[serde(
         default = "default_renew_before",
-        deserialize_with = "crate::config::duration"
+        deserialize_with = "crate::core::duration::field"
     )]
     pub renew_before: Duration,
 }
@@ -77,7 +77,7 @@ fn default_renew_before() -> Duration {
 
 impl UpdaterConfig {
     pub fn validate(&self, err: &mut impl FnMut(&str, String)) {
-        crate::token::validate_endpoint("pullSecretUpdater.issuer", &self.issuer, err);
+        crate::sources::validate_endpoint("pullSecretUpdater.issuer", &self.issuer, err);
         if self.registry.is_empty() || self.registry.contains("://") {
             err(
                 "pullSecretUpdater.registry",
@@ -178,10 +178,11 @@ pub fn with_token(secret: &Secret, registry: &str, token: &str) -> Vec<u8> {
 pub enum UpdateError {
     #[error("minting for identity {identity} failed: {message}")]
     Mint { identity: String, message: String },
-    #[error("{action} Secret failed: {message}")]
+    #[error("{action} Secret failed: {source}")]
     Api {
         action: &'static str,
-        message: String,
+        #[source]
+        source: KubeError,
     },
 }
 
@@ -189,7 +190,7 @@ struct Context {
     client: Client,
     http: HttpClient,
     config: UpdaterConfig,
-    recorder: Recorder,
+    events: Events,
     metrics: Arc<Metrics>,
 }
 
@@ -203,10 +204,11 @@ impl Updater {
         client: Client,
         http: HttpClient,
         config: UpdaterConfig,
+        events: Events,
         metrics: Arc<Metrics>,
     ) -> Self {
         let (store, writer) = reflector::store();
-        let events = reflector::reflector(
+        let secrets = reflector::reflector(
             writer,
             watcher(
                 Api::<PartialObjectMeta<Secret>>::all(client.clone()),
@@ -231,19 +233,15 @@ impl Updater {
         .default_backoff()
         .applied_objects()
         .try_filter(|m| futures::future::ready(m.annotations().contains_key(IDENTITY_ANNOTATION)));
-        let reporter = Reporter {
-            controller: "pull-secret-injector".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
         let context = Arc::new(Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            events,
             client,
             http,
             config,
             metrics,
         });
         Self {
-            controller: Controller::for_stream(events, store),
+            controller: Controller::for_stream(secrets, store),
             context,
         }
     }
@@ -278,7 +276,7 @@ async fn reconcile(
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let api_error = |action, e: kube::Error| UpdateError::Api {
         action,
-        message: kube_error_message(&e),
+        source: e.into(),
     };
     let Some(secret) = api
         .get_opt(&name)
@@ -379,16 +377,7 @@ async fn report(ctx: &Context, secret: &Secret, reason: &str, note: &str) {
         uid: secret.uid(),
         ..Default::default()
     };
-    let event = Event {
-        type_: EventType::Warning,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Update".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-        tracing::warn!(error = %kube_error_message(&e), "could not record event");
-    }
+    ctx.events.warn(&reference, "Update", reason, note).await;
 }
 
 #[cfg(test)]

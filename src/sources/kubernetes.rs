@@ -49,7 +49,7 @@ impl KubernetesSource {
         if self.audience.trim().is_empty() {
             err(&format!("{path}.audience"), "must not be empty".into());
         }
-        if let Err(m) = crate::config::validate_dns_subdomain(&self.service_account) {
+        if let Err(m) = crate::core::names::validate_dns_subdomain(&self.service_account) {
             err(&format!("{path}.serviceAccount"), m);
         }
         if self.expiration_seconds < MIN_EXPIRATION_SECONDS {
@@ -131,7 +131,7 @@ pub async fn request_token(
         .map_err(|e| MintError::TokenRequest {
             namespace: namespace.to_string(),
             service_account: service_account.to_string(),
-            message: crate::kube_error_message(&e),
+            source: e.into(),
         })?;
     let status = response.status.ok_or_else(|| MintError::Unusable {
         source_name: "kubernetes",
@@ -154,13 +154,10 @@ pub async fn service_account_annotations(
     name: &str,
 ) -> Result<std::collections::BTreeMap<String, String>, MintError> {
     let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let sa = api.get(name).await.map_err(|e| MintError::TokenRequest {
+    let sa = api.get(name).await.map_err(|e| MintError::ServiceAccount {
         namespace: namespace.to_string(),
         service_account: name.to_string(),
-        message: format!(
-            "reading the ServiceAccount: {}",
-            crate::kube_error_message(&e)
-        ),
+        source: e.into(),
     })?;
     Ok(sa.metadata.annotations.unwrap_or_default())
 }
@@ -222,7 +219,7 @@ impl ServiceAccountToken {
     pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
         match self {
             Self::FromNamespace(f) => {
-                if let Err(m) = crate::config::validate_dns_subdomain(&f.service_account) {
+                if let Err(m) = crate::core::names::validate_dns_subdomain(&f.service_account) {
                     err(&format!("{path}.fromNamespace.serviceAccount"), m);
                 }
                 if f.expiration_seconds < MIN_EXPIRATION_SECONDS {
@@ -354,8 +351,8 @@ mod tests {
         // The kube client is not used for a file source; build one that points nowhere.
         let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
         let client = kube::Client::try_from(config).unwrap();
-        let http = crate::token::http::HttpClient::new(&Default::default()).unwrap();
-        let cx = crate::token::MintContext {
+        let http = crate::sources::http::HttpClient::new(&Default::default()).unwrap();
+        let cx = crate::sources::MintContext {
             kube: &client,
             http: &http,
             namespace: "ns",

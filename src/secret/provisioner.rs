@@ -1,6 +1,6 @@
 //! Keeps one pull Secret per opted-in namespace filled with fresh credentials. This is where a
 //! token goes from its source into the Secret: mint every configured registry's credential,
-//! build the Secret (`pull_secret`), write it, and remember it in an expiry-aware cache until it
+//! build the Secret (`layout`), write it, and remember it in an expiry-aware cache until it
 //! is due for renewal (`renewal`).
 //!
 //! The cache is what keeps admissions cheap: while a namespace's entry is fresh, an admission
@@ -11,22 +11,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::Client;
 use moka::future::Cache;
 use moka::Expiry;
 
-use crate::config::{Config, InjectMode, RegistryConfig};
+use super::failures::Failures;
+use super::layout::{self, Assessment, Issued};
+use super::renewal;
+use crate::cluster::{self, Events, KubeError};
+use crate::core::credential::Credential;
+use crate::core::namespaces::{self, Selection};
+use crate::core::patch;
+use crate::core::subject::{IdentityScope, Subject};
 use crate::metrics::Metrics;
-use crate::pull_secret::{self, Assessment, Issued};
-use crate::selector::{self, Selection};
-use crate::subject::{IdentityScope, Subject};
-use crate::token::http::HttpClient;
-use crate::token::{Credential, MintContext};
-use crate::{kube_error_message, patch, renewal};
+use crate::settings::Settings;
+use crate::sources::http::HttpClient;
+use crate::sources::MintContext;
 
 /// A namespace's Secret as last written or adopted, and when it is due.
 #[derive(Clone, Debug)]
@@ -49,31 +53,35 @@ pub enum ProvisionError {
         annotation: &'static str,
         value: String,
     },
-    #[error("{action} Secret {namespace}/{name} failed: {message}")]
+    #[error("{action} Secret {namespace}/{name} failed: {source}")]
     Api {
         action: &'static str,
         namespace: String,
         name: String,
-        message: String,
+        #[source]
+        source: KubeError,
+    },
+    /// Writers or editors kept getting in the way.
+    #[error("{action} Secret {namespace}/{name} failed: {reason}")]
+    Contended {
+        action: &'static str,
+        namespace: String,
+        name: String,
+        reason: &'static str,
     },
 }
 
 pub struct Provisioner {
     client: Client,
+    settings: Arc<Settings>,
     /// The watched namespaces, for their registry selection annotation.
     namespaces: Store<Namespace>,
     http: HttpClient,
-    secret_name: String,
-    registries: Vec<RegistryConfig>,
-    renew_before: Option<Duration>,
     cache: Cache<String, Fresh>,
-    recorder: Recorder,
+    events: Events,
     metrics: Arc<Metrics>,
     pacer: renewal::MintPacer,
-    inject: InjectMode,
-    scope: IdentityScope,
-    /// Consecutive failed provisions per namespace, for the retry backoff of partial writes.
-    failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    failures: Failures,
 }
 
 /// ServiceAccount lists are served from the API server's watch cache (`resourceVersion=0`)
@@ -100,27 +108,20 @@ impl Provisioner {
         client: Client,
         http: HttpClient,
         namespaces: Store<Namespace>,
-        config: &Config,
+        settings: Arc<Settings>,
+        events: Events,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let reporter = Reporter {
-            controller: "pull-secret-injector".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            pacer: renewal::MintPacer::new(settings.config.refresh.max_mints_per_second),
             client,
+            settings,
             namespaces,
             http,
-            secret_name: config.secret_name.clone(),
-            registries: config.registries.clone(),
-            renew_before: config.refresh.renew_before,
             cache: Cache::builder().expire_after(UntilRenewal).build(),
+            events,
             metrics,
-            pacer: renewal::MintPacer::new(config.refresh.max_mints_per_second),
-            failures: Default::default(),
-            inject: config.inject,
-            scope: config.identity_scope,
+            failures: Failures::default(),
         }
     }
 
@@ -128,25 +129,9 @@ impl Provisioner {
         &self.metrics
     }
 
-    pub fn secret_name(&self) -> &str {
-        &self.secret_name
-    }
-
-    pub fn http(&self) -> &HttpClient {
-        &self.http
-    }
-
-    pub fn inject_mode(&self) -> InjectMode {
-        self.inject
-    }
-
-    pub fn scope(&self) -> IdentityScope {
-        self.scope
-    }
-
-    /// Whose Secret a workload running as `service_account` in `namespace` uses.
-    pub fn subject_for(&self, namespace: &str, service_account: &str) -> Subject {
-        Subject::for_workload(self.scope, namespace, service_account)
+    /// What went wrong lately, per Secret: shared with the admission shell and the refresher.
+    pub fn failures(&self) -> &Failures {
+        &self.failures
     }
 
     /// The subject's Secret, fresh. Answers from the cache when it can (no I/O); otherwise one
@@ -177,13 +162,13 @@ impl Provisioner {
                 Some(issued) if issued == cached.issued => Assessment::Intact(issued),
                 // Not seen, or not as written: the watch may lag, so ask the API server.
                 _ => {
-                    let name = subject.secret_name(&self.secret_name);
+                    let name = self.settings.secret_of(subject);
                     let stored = self
                         .secrets(namespace)
                         .get_opt(&name)
                         .await
-                        .map_err(|e| self.api_error("reading", namespace, &name, &e))?;
-                    pull_secret::assess(stored.as_ref())
+                        .map_err(|e| self.api_error("reading", namespace, &name, e))?;
+                    layout::assess(stored.as_ref())
                 }
             };
             let selection = self.selection(namespace).await?;
@@ -241,7 +226,7 @@ impl Provisioner {
 
     /// Whether any Secret of the namespace is cached (it has been served).
     pub fn has_any(&self, namespace: &str) -> bool {
-        match self.scope {
+        match self.settings.scope() {
             // One key per namespace: a lookup, not a scan (this runs for every namespace that
             // is not selected, at every resync).
             IdentityScope::Namespace => self.cache.contains_key(namespace),
@@ -258,7 +243,7 @@ impl Provisioner {
         let list = api
             .list_metadata(&service_account_list())
             .await
-            .map_err(|e| self.sa_error("listing", namespace, "*", &e))?;
+            .map_err(|e| self.sa_error("listing", namespace, "*", e))?;
         Ok(list
             .items
             .into_iter()
@@ -282,18 +267,18 @@ impl Provisioner {
         }
         self.metrics.secret_released(namespace);
         let api = self.secrets(namespace);
-        let names = match self.scope {
-            IdentityScope::Namespace => vec![self.secret_name.clone()],
+        let names = match self.settings.scope() {
+            IdentityScope::Namespace => vec![self.settings.secret_name().to_string()],
             IdentityScope::ServiceAccount => {
                 let lp = ListParams::default().labels(&format!(
                     "{}={}",
-                    pull_secret::MANAGED_BY_LABEL,
-                    pull_secret::MANAGER
+                    layout::MANAGED_BY_LABEL,
+                    layout::MANAGER
                 ));
                 let list = api
                     .list_metadata(&lp)
                     .await
-                    .map_err(|e| self.api_error("listing", namespace, "*", &e))?;
+                    .map_err(|e| self.api_error("listing", namespace, "*", e))?;
                 list.items
                     .into_iter()
                     .filter_map(|m| m.metadata.name)
@@ -304,11 +289,11 @@ impl Provisioner {
             let Some(secret) = api
                 .get_opt(&name)
                 .await
-                .map_err(|e| self.api_error("reading", namespace, &name, &e))?
+                .map_err(|e| self.api_error("reading", namespace, &name, e))?
             else {
                 continue;
             };
-            if pull_secret::is_managed(&secret) {
+            if layout::is_managed(&secret) {
                 // Preconditioned on the object we looked at: never delete a Secret replaced since.
                 let dp = DeleteParams {
                     preconditions: Some(Preconditions {
@@ -322,7 +307,7 @@ impl Provisioner {
                         tracing::info!(namespace, secret = %name, "namespace opted out; deleted its pull Secret")
                     }
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    Err(e) => return Err(self.api_error("deleting", namespace, &name, &e)),
+                    Err(e) => return Err(self.api_error("deleting", namespace, &name, e)),
                 }
             }
         }
@@ -354,7 +339,7 @@ impl Provisioner {
         let list = api
             .list(&service_account_list())
             .await
-            .map_err(|e| self.sa_error("listing", namespace, "*", &e))?;
+            .map_err(|e| self.sa_error("listing", namespace, "*", e))?;
         let mut patched = 0;
         let mut first_error = None;
         for sa in list {
@@ -370,8 +355,8 @@ impl Provisioner {
                 let mut p = make(
                     &value,
                     &self
-                        .subject_for(namespace, &name)
-                        .secret_name(&self.secret_name),
+                        .settings
+                        .secret_of(&self.settings.subject_for(namespace, &name)),
                 );
                 if p.0.is_empty() {
                     settled = true;
@@ -405,10 +390,10 @@ impl Provisioner {
                         current = api
                             .get_opt(&name)
                             .await
-                            .map_err(|e| self.sa_error("reading", namespace, &name, &e))?;
+                            .map_err(|e| self.sa_error("reading", namespace, &name, e))?;
                     }
                     Err(e) => {
-                        first_error.get_or_insert(self.sa_error("patching", namespace, &name, &e));
+                        first_error.get_or_insert(self.sa_error("patching", namespace, &name, e));
                         settled = true;
                         break;
                     }
@@ -416,11 +401,11 @@ impl Provisioner {
             }
             if !settled {
                 // Changed under us three times in a row: report it so the reconcile is retried.
-                first_error.get_or_insert(ProvisionError::Api {
+                first_error.get_or_insert(ProvisionError::Contended {
                     action: "patching",
                     namespace: namespace.into(),
                     name: format!("for ServiceAccount {name}"),
-                    message: "it kept changing while being patched".into(),
+                    reason: "it kept changing while being patched",
                 });
             }
         }
@@ -430,16 +415,12 @@ impl Provisioner {
         }
     }
 
-    fn hosts(&self) -> impl Iterator<Item = &str> {
-        self.registries.iter().map(|r| r.host.as_str())
-    }
-
     /// The registries `namespace` gets, from its annotation as the watch last saw it; a
     /// namespace the watch has not seen yet (just created) is read from the API server.
     async fn selection(&self, namespace: &str) -> Result<Selection, ProvisionError> {
-        let configured: Vec<&str> = self.hosts().collect();
+        let configured = self.settings.hosts();
         if let Some(ns) = self.namespaces.get(&ObjectRef::new(namespace)) {
-            return Ok(selector::registries_for(annotation_of(&ns), &configured));
+            return Ok(namespaces::registries_for(annotation_of(&ns), &configured));
         }
         let ns = Api::<Namespace>::all(self.client.clone())
             .get_opt(namespace)
@@ -447,10 +428,10 @@ impl Provisioner {
             .map_err(|e| ProvisionError::Api {
                 action: "reading namespace for",
                 namespace: namespace.into(),
-                name: self.secret_name.clone(),
-                message: kube_error_message(&e),
+                name: self.settings.secret_name().to_string(),
+                source: e.into(),
             })?;
-        Ok(selector::registries_for(
+        Ok(namespaces::registries_for(
             ns.as_ref().and_then(annotation_of),
             &configured,
         ))
@@ -458,9 +439,9 @@ impl Provisioner {
 
     /// The registries `namespace` gets, as the watch last saw its annotation (no I/O).
     pub fn selection_from_store(&self, namespace: &str) -> Selection {
-        let configured: Vec<&str> = self.hosts().collect();
+        let configured = self.settings.hosts();
         let ns = self.namespaces.get(&ObjectRef::new(namespace));
-        selector::registries_for(ns.as_deref().and_then(annotation_of), &configured)
+        namespaces::registries_for(ns.as_deref().and_then(annotation_of), &configured)
     }
 
     fn secrets(&self, namespace: &str) -> Api<Secret> {
@@ -472,13 +453,13 @@ impl Provisioner {
         action: &'static str,
         namespace: &str,
         name: &str,
-        e: &kube::Error,
+        e: kube::Error,
     ) -> ProvisionError {
         ProvisionError::Api {
             action,
             namespace: namespace.into(),
             name: name.into(),
-            message: kube_error_message(e),
+            source: e.into(),
         }
     }
 
@@ -487,13 +468,13 @@ impl Provisioner {
         action: &'static str,
         namespace: &str,
         name: &str,
-        e: &kube::Error,
+        e: kube::Error,
     ) -> ProvisionError {
         ProvisionError::Api {
             action,
             namespace: namespace.into(),
             name: format!("for ServiceAccount {name}"),
-            message: kube_error_message(e),
+            source: e.into(),
         }
     }
 
@@ -505,17 +486,85 @@ impl Provisioner {
     /// writer reads again once.
     async fn provision(&self, subject: &Subject) -> Result<Fresh, ProvisionError> {
         let namespace = subject.namespace.as_str();
-        let name = subject.secret_name(&self.secret_name);
+        let name = self.settings.secret_of(subject);
         let api = self.secrets(namespace);
+        let selected = self.selected(namespace).await?;
+        let configured: Vec<&str> = selected.iter().map(String::as_str).collect();
+        for attempt in 0..2 {
+            let stored = api
+                .get_opt(&name)
+                .await
+                .map_err(|e| self.api_error("reading", namespace, &name, e))?;
+            let previous = match layout::assess(stored.as_ref()) {
+                Assessment::Foreign => return Err(self.foreign(namespace, name).await),
+                Assessment::Intact(issued) => Some(issued),
+                Assessment::Missing | Assessment::Tampered | Assessment::Outdated => None,
+            };
+            let now = Timestamp::now();
+            let (plan, keep) = self.plan_for(subject, previous.as_ref(), &configured, now);
+            if let Some(fresh) = keep {
+                tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
+                return Ok(fresh);
+            }
+            let carried = match (&stored, &previous) {
+                (Some(secret), Some(issued)) => layout::stored_credentials(secret, issued),
+                _ => Default::default(),
+            };
+            let (credentials, failed) = self
+                .credentials(subject, &name, &configured, &plan, carried, now)
+                .await?;
+            let (mut secret, issued) = layout::build(namespace, &name, &credentials);
+            if let Some(sa) = &subject.service_account {
+                // Owned by its ServiceAccount: deleting the ServiceAccount deletes the Secret.
+                secret.metadata.owner_references = Some(vec![self.owner(namespace, sa).await?]);
+            }
+            match cluster::create_or_replace(&api, stored.as_ref(), secret).await {
+                Ok(_) => {
+                    if failed == 0 {
+                        self.failures.complete_write(&subject.key());
+                    } else {
+                        self.failures.incomplete_write(&subject.key());
+                    }
+                    let fresh = self.fresh(subject, issued, &configured);
+                    tracing::info!(%subject, secret = %name, minted = ?plan.mint, failed, expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
+                    return Ok(fresh);
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 && attempt == 0 => {
+                    tracing::debug!(
+                        namespace,
+                        "pull Secret was written concurrently; reading it again"
+                    );
+                }
+                Err(e) => {
+                    let action = if stored.is_some() {
+                        "replacing"
+                    } else {
+                        "creating"
+                    };
+                    return Err(self.api_error(action, namespace, &name, e));
+                }
+            }
+        }
+        Err(ProvisionError::Contended {
+            action: "writing",
+            namespace: namespace.into(),
+            name,
+            reason: "conflicting writers",
+        })
+    }
+
+    /// The configured registries the namespace selects; what its annotation names wrongly is
+    /// reported on the Namespace, and selecting none is an error.
+    async fn selected(&self, namespace: &str) -> Result<Vec<String>, ProvisionError> {
         let selection = self.selection(namespace).await?;
+        let regarding = cluster::reference("Namespace", namespace, namespace);
         if !selection.unknown.is_empty() {
             let note = format!(
                 "annotation {} names registries that are not configured: {}; they are ignored",
-                selector::REGISTRIES_ANNOTATION,
+                namespaces::REGISTRIES_ANNOTATION,
                 selection.unknown.join(", ")
             );
-            self.report_on_namespace(namespace, "UnknownRegistry", &note)
-                .await;
+            self.warn(&regarding, "UnknownRegistry", &note).await;
         }
         if selection.hosts.is_empty() {
             let value = self
@@ -527,159 +576,113 @@ impl Provisioner {
                 .to_string();
             let e = ProvisionError::NothingSelected {
                 namespace: namespace.into(),
-                annotation: selector::REGISTRIES_ANNOTATION,
+                annotation: namespaces::REGISTRIES_ANNOTATION,
                 value,
             };
-            self.report_on_namespace(namespace, "NoRegistrySelected", &e.to_string())
+            self.warn(&regarding, "NoRegistrySelected", &e.to_string())
                 .await;
             return Err(e);
         }
-        let configured: Vec<&str> = selection.hosts.iter().map(String::as_str).collect();
-        for attempt in 0..2 {
-            let stored = api
-                .get_opt(&name)
-                .await
-                .map_err(|e| self.api_error("reading", namespace, &name, &e))?;
-            let previous = match pull_secret::assess(stored.as_ref()) {
-                Assessment::Foreign => {
-                    let note = format!(
-                        "Secret {name} exists and is not managed by pull-secret-injector (label app.kubernetes.io/managed-by); it is not overwritten and is not injected. Rename or delete it, or change secretName."
-                    );
-                    self.report(namespace, &name, "SecretNotManaged", &note)
-                        .await;
-                    return Err(ProvisionError::Conflict {
-                        namespace: namespace.into(),
-                        name,
-                    });
-                }
-                Assessment::Intact(issued) => Some(issued),
-                Assessment::Missing | Assessment::Tampered | Assessment::Outdated => None,
-            };
-            let now = Timestamp::now();
-            let (plan, keep) = self.plan_for(subject, previous.as_ref(), &configured, now);
-            if let Some(fresh) = keep {
-                tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
-                return Ok(fresh);
-            }
-            let mut carried = match (&stored, &previous) {
-                (Some(secret), Some(issued)) => pull_secret::stored_credentials(secret, issued),
-                _ => Default::default(),
-            };
-            if !plan.mint.is_empty() {
-                self.pacer.wait().await;
-            }
-            let (minted, failures) = self.mint_some(subject, &plan.mint).await;
-            if !failures.is_empty() {
-                let kept: Vec<&str> = failures
-                    .iter()
-                    .filter(|(h, _)| carried.get(h).is_some_and(|c| c.expires_at > now))
-                    .map(|(h, _)| h.as_str())
-                    .collect();
-                let summary = failures
-                    .iter()
-                    .map(|(_, e)| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                let note = if kept.is_empty() {
-                    format!("{summary}; minting is retried")
-                } else {
-                    format!("{summary}; the current credentials for {} stay in place until they expire, and minting is retried", kept.join(", "))
-                };
-                self.report(namespace, &name, "MintFailed", &note).await;
-                if minted.is_empty() && plan.drop.is_empty() {
-                    // Nothing new to write: the stored Secret, if any, stays as it is.
-                    self.bump_failures(&subject.key());
-                    return Err(failures
-                        .into_iter()
-                        .next()
-                        .map(|(_, e)| e)
-                        .expect("failures is not empty"));
-                }
-            }
-            let mut credentials: Vec<(String, Credential)> = Vec::new();
-            for host in &configured {
-                if let Some(c) = minted
-                    .iter()
-                    .find(|(h, _)| h == host)
-                    .map(|(_, c)| c.clone())
-                {
-                    credentials.push((host.to_string(), c));
-                } else if let Some(c) = carried.remove(*host).filter(|c| c.expires_at > now) {
-                    credentials.push((host.to_string(), c));
-                }
-            }
-            if credentials.is_empty() {
-                self.bump_failures(&subject.key());
-                return Err(ProvisionError::Mint {
-                    registry: configured.join(", "),
-                    message: "no registry has a usable credential".into(),
-                });
-            }
-            let (mut secret, issued) = pull_secret::build(namespace, &name, &credentials);
-            if let Some(sa) = &subject.service_account {
-                // Owned by its ServiceAccount: deleting the ServiceAccount deletes the Secret.
-                secret.metadata.owner_references = Some(vec![self.owner(namespace, sa).await?]);
-            }
-            match crate::create_or_replace(&api, stored.as_ref(), secret).await {
-                Ok(_) => {
-                    if failures.is_empty() {
-                        self.clear_failures(&subject.key());
-                    } else {
-                        self.bump_failures(&subject.key());
-                    }
-                    let fresh = self.fresh(subject, issued, &configured);
-                    tracing::info!(%subject, secret = %name, minted = ?plan.mint, failed = failures.len(), expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
-                    return Ok(fresh);
-                }
-                Err(kube::Error::Api(s)) if s.code == 409 && attempt == 0 => {
-                    tracing::debug!(
-                        namespace,
-                        "pull Secret was written concurrently; reading it again"
-                    );
-                }
-                Err(e) => {
-                    return Err(self.api_error(
-                        if stored.is_some() {
-                            "replacing"
-                        } else {
-                            "creating"
-                        },
-                        namespace,
-                        &name,
-                        &e,
-                    ))
-                }
-            }
-        }
-        Err(ProvisionError::Api {
-            action: "writing",
+        Ok(selection.hosts)
+    }
+
+    /// The error, and the Event, for a Secret of our name that someone else owns.
+    async fn foreign(&self, namespace: &str, name: String) -> ProvisionError {
+        let note = format!(
+            "Secret {name} exists and is not managed by pull-secret-injector (label \
+             app.kubernetes.io/managed-by); it is not overwritten and is not injected. Rename or \
+             delete it, or change secretName."
+        );
+        let regarding = cluster::reference("Secret", namespace, &name);
+        self.warn(&regarding, "SecretNotManaged", &note).await;
+        ProvisionError::Conflict {
             namespace: namespace.into(),
             name,
-            message: "conflicting writers".into(),
-        })
+        }
+    }
+
+    /// The credentials the next version holds, in configuration order: freshly minted where the
+    /// plan says so, otherwise carried over while unexpired. Returns them and how many mints
+    /// failed; an error when there is nothing new worth writing.
+    async fn credentials(
+        &self,
+        subject: &Subject,
+        name: &str,
+        configured: &[&str],
+        plan: &renewal::Plan,
+        mut carried: std::collections::BTreeMap<String, Credential>,
+        now: Timestamp,
+    ) -> Result<(Vec<(String, Credential)>, usize), ProvisionError> {
+        if !plan.mint.is_empty() {
+            self.pacer.wait().await;
+        }
+        let (minted, failures) = self.mint_some(subject, &plan.mint).await;
+        if !failures.is_empty() {
+            let kept: Vec<&str> = failures
+                .iter()
+                .filter(|(h, _)| carried.get(h).is_some_and(|c| c.expires_at > now))
+                .map(|(h, _)| h.as_str())
+                .collect();
+            let summary = failures
+                .iter()
+                .map(|(_, e)| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            let note = if kept.is_empty() {
+                format!("{summary}; minting is retried")
+            } else {
+                format!(
+                    "{summary}; the current credentials for {} stay in place until they expire, \
+                     and minting is retried",
+                    kept.join(", ")
+                )
+            };
+            let regarding = cluster::reference("Secret", &subject.namespace, name);
+            self.warn(&regarding, "MintFailed", &note).await;
+        }
+        if let Some((_, e)) = failures
+            .first()
+            .filter(|_| minted.is_empty() && plan.drop.is_empty())
+        {
+            // Nothing new to write: the stored Secret, if any, stays as it is.
+            self.failures.incomplete_write(&subject.key());
+            return Err(e.clone());
+        }
+        let mut credentials: Vec<(String, Credential)> = Vec::new();
+        for host in configured {
+            let fresh = minted
+                .iter()
+                .find(|(h, _)| h == host)
+                .map(|(_, c)| c.clone());
+            let kept = || carried.remove(*host).filter(|c| c.expires_at > now);
+            if let Some(c) = fresh.or_else(kept) {
+                credentials.push((host.to_string(), c));
+            }
+        }
+        if credentials.is_empty() {
+            self.failures.incomplete_write(&subject.key());
+            return Err(ProvisionError::Mint {
+                registry: configured.join(", "),
+                message: "no registry has a usable credential".into(),
+            });
+        }
+        Ok((credentials, failures.len()))
     }
 
     /// An owner reference to ServiceAccount `namespace/name`.
-    async fn owner(
-        &self,
-        namespace: &str,
-        name: &str,
-    ) -> Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference, ProvisionError>
-    {
+    async fn owner(&self, namespace: &str, name: &str) -> Result<OwnerReference, ProvisionError> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
         let sa = api
             .get(name)
             .await
-            .map_err(|e| self.sa_error("reading", namespace, name, &e))?;
-        Ok(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
-                api_version: "v1".into(),
-                kind: "ServiceAccount".into(),
-                name: name.into(),
-                uid: sa.metadata.uid.unwrap_or_default(),
-                ..Default::default()
-            },
-        )
+            .map_err(|e| self.sa_error("reading", namespace, name, e))?;
+        Ok(OwnerReference {
+            api_version: "v1".into(),
+            kind: "ServiceAccount".into(),
+            name: name.into(),
+            uid: sa.metadata.uid.unwrap_or_default(),
+            ..Default::default()
+        })
     }
 
     /// What to do about a stored Secret: the plan, and its cache entry when the plan is to do
@@ -694,7 +697,7 @@ impl Provisioner {
         let plan = renewal::plan(
             stored,
             configured,
-            self.renew_before,
+            self.settings.renew_before(),
             &subject.namespace,
             now,
         );
@@ -712,33 +715,17 @@ impl Provisioner {
         let key = subject.key();
         self.metrics.secret_written(&key, issued.expires_at);
         let configured: Vec<&str> = configured.iter().map(AsRef::as_ref).collect();
-        let failures = self
-            .failures
-            .lock()
-            .map(|f| f.get(&key).copied().unwrap_or(0))
-            .unwrap_or(0);
-        let retry = renewal::retry_delay(failures.max(1), 0.5 + fastrand::f64());
+        let incomplete = self.failures.incomplete(&key);
+        let retry = renewal::retry_delay(incomplete.max(1), 0.5 + fastrand::f64());
         let renew_at = renewal::next_renewal(
             &issued,
             &configured,
-            self.renew_before,
+            self.settings.renew_before(),
             &key,
             Timestamp::now(),
             retry,
         );
         Fresh { issued, renew_at }
-    }
-
-    fn bump_failures(&self, namespace: &str) {
-        if let Ok(mut f) = self.failures.lock() {
-            *f.entry(namespace.to_string()).or_default() += 1;
-        }
-    }
-
-    fn clear_failures(&self, namespace: &str) {
-        if let Ok(mut f) = self.failures.lock() {
-            f.remove(namespace);
-        }
     }
 
     /// Mints the credentials of `hosts` concurrently; returns what was minted and what failed.
@@ -748,7 +735,7 @@ impl Provisioner {
         hosts: &[String],
     ) -> (Vec<(String, Credential)>, Vec<(String, ProvisionError)>) {
         let namespace = subject.namespace.as_str();
-        let mints = self.registries.iter().filter(|r| hosts.contains(&r.host)).map(|r| async move {
+        let mints = self.settings.registries().iter().filter(|r| hosts.contains(&r.host)).map(|r| async move {
             let started = Instant::now();
             let cx = MintContext { kube: &self.client, http: &self.http, namespace, service_account: subject.service_account.as_deref() };
             let result = r.source.mint(cx, &r.host).await;
@@ -768,42 +755,13 @@ impl Provisioner {
         (minted, failures)
     }
 
-    /// A Warning Event about the namespace's pull Secret, where `kubectl get events` shows it.
-    async fn report(&self, namespace: &str, secret: &str, reason: &str, note: &str) {
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Secret".into()),
-            namespace: Some(namespace.into()),
-            name: Some(secret.into()),
-            ..Default::default()
-        };
-        self.publish(namespace, reference, reason, note).await;
-    }
-
-    /// A Warning Event about the Namespace itself (its annotation).
-    async fn report_on_namespace(&self, namespace: &str, reason: &str, note: &str) {
-        // Recorded inside the namespace (not in `default`), where its users look.
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Namespace".into()),
-            name: Some(namespace.into()),
-            namespace: Some(namespace.into()),
-            ..Default::default()
-        };
-        self.publish(namespace, reference, reason, note).await;
-    }
-
-    async fn publish(&self, namespace: &str, reference: ObjectReference, reason: &str, note: &str) {
-        let event = Event {
-            type_: EventType::Warning,
-            reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
-            action: "Provision".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
-            tracing::warn!(namespace, error = %kube_error_message(&e), "could not record event");
-        }
+    async fn warn(
+        &self,
+        regarding: &k8s_openapi::api::core::v1::ObjectReference,
+        reason: &str,
+        note: &str,
+    ) {
+        self.events.warn(regarding, "Provision", reason, note).await;
     }
 }
 
@@ -811,6 +769,6 @@ fn annotation_of(ns: &Namespace) -> Option<&str> {
     ns.metadata
         .annotations
         .as_ref()?
-        .get(selector::REGISTRIES_ANNOTATION)
+        .get(namespaces::REGISTRIES_ANNOTATION)
         .map(String::as_str)
 }

@@ -1,0 +1,384 @@
+//! The admission decision, with no I/O: from a decoded request, what the shell looked up about
+//! its namespace, and the settings, either the answer itself or the Secret to make sure of
+//! before answering with a patch. The webhook runs it for every request; the fuzz test and the
+//! benchmark run the same function.
+
+use json_patch::Patch;
+
+use super::review::{self, Review, Target, Verdict};
+use crate::config::InjectMode;
+use crate::core::images;
+use crate::core::namespaces::{Selection, REGISTRIES_ANNOTATION};
+use crate::core::subject::{IdentityScope, Subject};
+use crate::settings::Settings;
+
+/// What the shell found out about the request's namespace.
+#[derive(Clone, Debug)]
+pub struct NamespaceFacts {
+    /// Selected by the policy (and not excluded).
+    pub opted_in: bool,
+    /// The registries its annotation picks from the configured ones.
+    pub selection: Selection,
+}
+
+impl NamespaceFacts {
+    /// A namespace that is not served.
+    pub fn not_served() -> Self {
+        Self {
+            opted_in: false,
+            selection: Selection {
+                hosts: Vec::new(),
+                unknown: Vec::new(),
+            },
+        }
+    }
+}
+
+/// How an admission ended, as the metrics count it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Unchanged,
+    Patched,
+    /// Patched, but the Secret is not there yet (it is provisioned in the background).
+    NotReady,
+    /// Not patched: the Secret's name belongs to someone else, or no registry is selected.
+    Conflict,
+    /// The request could not be acted on as it was.
+    Invalid,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unchanged => "unchanged",
+            Self::Patched => "patched",
+            Self::NotReady => "not_ready",
+            Self::Conflict => "conflict",
+            Self::Invalid => "invalid",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Decision {
+    /// The answer, final.
+    Answer(Verdict, Outcome),
+    /// Answer with `patch` once `subject`'s Secret, `secret`, is there (or the budget is spent).
+    Provision {
+        subject: Subject,
+        secret: String,
+        patch: Patch,
+    },
+}
+
+impl Decision {
+    fn unchanged() -> Self {
+        Self::Answer(Verdict::unchanged(), Outcome::Unchanged)
+    }
+
+    fn warn(outcome: Outcome, warning: impl Into<String>) -> Self {
+        Self::Answer(Verdict::unchanged().warn(warning), outcome)
+    }
+
+    fn patched(patch: Patch) -> Self {
+        Self::Answer(Verdict::patched(patch), Outcome::Patched)
+    }
+}
+
+/// Decides one admission. `body` is the review as received, read again only for what `review`
+/// does not hold (container images, with `inject: matchingImages`).
+pub fn decide(
+    review: &Review,
+    body: &[u8],
+    facts: &NamespaceFacts,
+    settings: &Settings,
+) -> Decision {
+    let req = &review.request;
+    let (Some(target), Some(namespace)) = (req.target(), req.namespace.as_deref()) else {
+        return Decision::unchanged();
+    };
+    if !facts.opted_in {
+        return Decision::unchanged();
+    }
+    let hosts = &facts.selection.hosts;
+    if hosts.is_empty() {
+        return Decision::warn(
+            Outcome::Unchanged,
+            format!(
+                "pull-secret-injector: namespace {namespace} selects no configured registry \
+                 (annotation {REGISTRIES_ANNOTATION}); nothing injected"
+            ),
+        );
+    }
+    let Some(object) = req.object.as_ref() else {
+        return Decision::warn(
+            Outcome::Invalid,
+            "pull-secret-injector: the request carries no object to patch",
+        );
+    };
+    if settings.inject() == InjectMode::MatchingImages {
+        if target != Target::Pod {
+            return Decision::unchanged();
+        }
+        match review::images(body) {
+            Ok(found) if images::any_on(found.iter().map(String::as_str), hosts) => {}
+            Ok(_) => return Decision::unchanged(),
+            Err(e) => {
+                return Decision::warn(
+                    Outcome::Invalid,
+                    format!("pull-secret-injector: {e}; nothing injected"),
+                )
+            }
+        }
+    }
+    let service_account = match target {
+        Target::Pod => object.pod_service_account(),
+        Target::ServiceAccount => object.name(),
+    };
+    let scope = settings.scope();
+    if scope == IdentityScope::ServiceAccount && service_account.is_empty() {
+        return Decision::warn(
+            Outcome::Unchanged,
+            "pull-secret-injector: a ServiceAccount without a name cannot get its own Secret",
+        );
+    }
+    let subject = settings.subject_for(namespace, service_account);
+    let secret = settings.secret_of(&subject);
+    let patch = review::patch_for(target, object, &secret);
+    // Dry runs must have no side effects (sideEffects: NoneOnDryRun): no mint, no write.
+    if req.is_dry_run() {
+        return Decision::patched(patch);
+    }
+    // Per ServiceAccount, a ServiceAccount being created cannot have a token minted for it
+    // yet: the refresher provisions its Secret once it exists.
+    if scope == IdentityScope::ServiceAccount && target == Target::ServiceAccount {
+        return Decision::patched(patch);
+    }
+    Decision::Provision {
+        subject,
+        secret,
+        patch,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::settings::Environment;
+    use serde_json::{json, Value};
+
+    fn settings(extra: &str) -> Settings {
+        let yaml = format!(
+            "tls: {{certFile: a, keyFile: b}}\nregistries: [{{host: ghcr.io, kubernetes: \
+             {{audience: a}}}}, {{host: cgr.dev, kubernetes: {{audience: a}}}}]\n{extra}"
+        );
+        Settings::new(Config::from_yaml(&yaml).unwrap(), &Environment::default()).unwrap()
+    }
+
+    fn served(hosts: &[&str]) -> NamespaceFacts {
+        NamespaceFacts {
+            opted_in: true,
+            selection: Selection {
+                hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                unknown: Vec::new(),
+            },
+        }
+    }
+
+    fn body(kind: &str, operation: &str, dry_run: bool, object: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "u", "kind": {"group": "", "version": "v1", "kind": kind},
+                "namespace": "team-a", "operation": operation, "dryRun": dry_run,
+                "object": object
+            }
+        }))
+        .unwrap()
+    }
+
+    fn pod(image: &str, service_account: &str) -> Value {
+        json!({"spec": {"serviceAccountName": service_account, "containers": [{"name": "c", "image": image}]}})
+    }
+
+    /// The decision in words: the outcome, the Secret, and the warning if any.
+    fn run(settings: &Settings, facts: &NamespaceFacts, body: &[u8]) -> (String, String) {
+        let review = review::decode(body).unwrap();
+        match decide(&review, body, facts, settings) {
+            Decision::Answer(v, outcome) => {
+                let secret = v.patch.map_or(String::new(), |p| {
+                    serde_json::to_value(p).unwrap()[0]["value"][0]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                });
+                (
+                    format!("{} {secret}", outcome.as_str()).trim().to_string(),
+                    v.warnings.join(" "),
+                )
+            }
+            Decision::Provision {
+                subject, secret, ..
+            } => (format!("provision {subject} {secret}"), String::new()),
+        }
+    }
+
+    #[test]
+    fn every_branch() {
+        let always = settings("");
+        let matching = settings("inject: matchingImages\n");
+        let per_sa = settings("identityScope: serviceAccount\n");
+        let all = served(&["ghcr.io", "cgr.dev"]);
+        let pod_create = body("Pod", "CREATE", false, pod("ghcr.io/a/b", "builder"));
+        let sa_create = body(
+            "ServiceAccount",
+            "CREATE",
+            false,
+            json!({"metadata": {"name": "builder"}}),
+        );
+        let cases: Vec<(&str, &Settings, NamespaceFacts, Vec<u8>, &str, &str)> = vec![
+            // namespace
+            (
+                "not served",
+                &always,
+                NamespaceFacts::not_served(),
+                pod_create.clone(),
+                "unchanged",
+                "",
+            ),
+            (
+                "nothing selected",
+                &always,
+                served(&[]),
+                pod_create.clone(),
+                "unchanged",
+                "selects no configured registry",
+            ),
+            // what is admitted
+            (
+                "an update",
+                &always,
+                all.clone(),
+                body("Pod", "UPDATE", false, pod("x", "d")),
+                "unchanged",
+                "",
+            ),
+            (
+                "no object",
+                &always,
+                all.clone(),
+                body("Pod", "CREATE", false, Value::Null),
+                "invalid",
+                "no object",
+            ),
+            (
+                "a Pod",
+                &always,
+                all.clone(),
+                pod_create.clone(),
+                "provision team-a pull-secret",
+                "",
+            ),
+            (
+                "a ServiceAccount",
+                &always,
+                all.clone(),
+                sa_create.clone(),
+                "provision team-a pull-secret",
+                "",
+            ),
+            // images
+            (
+                "matching image",
+                &matching,
+                all.clone(),
+                pod_create.clone(),
+                "provision team-a pull-secret",
+                "",
+            ),
+            (
+                "image elsewhere",
+                &matching,
+                all.clone(),
+                body("Pod", "CREATE", false, pod("quay.io/x", "d")),
+                "unchanged",
+                "",
+            ),
+            (
+                "image on an unselected registry",
+                &matching,
+                served(&["cgr.dev"]),
+                pod_create.clone(),
+                "unchanged",
+                "",
+            ),
+            (
+                "ServiceAccounts left alone",
+                &matching,
+                all.clone(),
+                sa_create.clone(),
+                "unchanged",
+                "",
+            ),
+            (
+                "containers not a list",
+                &matching,
+                all.clone(),
+                body(
+                    "Pod",
+                    "CREATE",
+                    false,
+                    json!({"spec": {"containers": {"image": "x"}}}),
+                ),
+                "invalid",
+                "container list",
+            ),
+            // scope
+            (
+                "per ServiceAccount",
+                &per_sa,
+                all.clone(),
+                pod_create.clone(),
+                "provision team-a/builder builder-pull-secret",
+                "",
+            ),
+            (
+                "a new ServiceAccount is patched, provisioned later",
+                &per_sa,
+                all.clone(),
+                sa_create.clone(),
+                "patched builder-pull-secret",
+                "",
+            ),
+            (
+                "a nameless ServiceAccount",
+                &per_sa,
+                all.clone(),
+                body(
+                    "ServiceAccount",
+                    "CREATE",
+                    false,
+                    json!({"metadata": {"generateName": "x-"}}),
+                ),
+                "unchanged",
+                "without a name",
+            ),
+            // dry run
+            (
+                "dry run: patched, nothing made",
+                &always,
+                all.clone(),
+                body("Pod", "CREATE", true, pod("x", "d")),
+                "patched pull-secret",
+                "",
+            ),
+        ];
+        for (name, settings, facts, body, outcome, warning) in cases {
+            let (got, warned) = run(settings, &facts, &body);
+            assert_eq!(got, outcome, "{name}");
+            assert!(warned.contains(warning), "{name}: {warned:?}");
+            assert_eq!(warning.is_empty(), warned.is_empty(), "{name}: {warned:?}");
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The admission path: [`server`] (HTTPS, body limits and timeouts) → [`webhook`] (the async
+//! shell: namespace facts, admission budget, failure hold) → [`decide`] (pure: what to answer)
+//! → [`review`] (the AdmissionReview wire format) and `core::patch`.
+
+pub mod coarse_timer;
+pub mod decide;
+pub mod review;
+pub mod server;
+pub mod webhook;

@@ -1,0 +1,206 @@
+//! The async shell around [`decide`]: it looks up the namespace's facts, runs the decision, and
+//! when the decision is to provision, makes sure of the Secret within the admission budget.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client};
+
+use super::decide::{decide, Decision, NamespaceFacts, Outcome};
+use super::review::{self, Review, ReviewError, Verdict};
+use crate::cluster::KubeError;
+use crate::core::namespaces::Eligibility;
+use crate::core::subject::Subject;
+use crate::metrics::Metrics;
+use crate::refresh::leadership::Inbox;
+use crate::secret::provisioner::{ProvisionError, Provisioner};
+use crate::settings::Settings;
+
+pub struct Webhook {
+    client: Client,
+    settings: Arc<Settings>,
+    namespaces: Store<Namespace>,
+    provisioner: Arc<Provisioner>,
+    /// Namespaces whose Secret could not be made during an admission: the refresher retries.
+    inbox: Inbox,
+    metrics: Arc<Metrics>,
+}
+
+/// How long a slow admission-time failure stops further admission-time attempts for that
+/// Secret: while a token endpoint hangs, admissions answer at once instead of each waiting the
+/// budget again. Quick failures (a ServiceAccount not created yet) are not held: the next
+/// admission simply tries again. The refresher keeps retrying with its own backoff.
+const FAILURE_HOLD: Duration = Duration::from_secs(5);
+/// A failure that took this long is an endpoint worth not waiting on again at once.
+const SLOW_FAILURE: Duration = Duration::from_secs(1);
+
+impl Webhook {
+    pub fn new(
+        client: Client,
+        settings: Arc<Settings>,
+        namespaces: Store<Namespace>,
+        provisioner: Arc<Provisioner>,
+        inbox: Inbox,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            settings,
+            namespaces,
+            provisioner,
+            inbox,
+            metrics,
+        }
+    }
+
+    /// Answers one AdmissionReview body. Only an unreadable body is an error.
+    pub async fn review(&self, body: &[u8]) -> Result<Vec<u8>, ReviewError> {
+        let started = Instant::now();
+        let review = match review::decode(body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.admission("other", "invalid");
+                return Err(e);
+            }
+        };
+        let (verdict, outcome) = self.answer(&review, body).await;
+        let kind = review.request.target().map_or("other", |t| t.as_str());
+        self.metrics.admission(kind, outcome.as_str());
+        self.metrics
+            .admission_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(review::encode(&review, &verdict))
+    }
+
+    async fn answer(&self, review: &Review, body: &[u8]) -> (Verdict, Outcome) {
+        let req = &review.request;
+        let facts = match (req.target(), req.namespace.as_deref()) {
+            (Some(_), Some(namespace)) => self.facts(namespace).await,
+            _ => NamespaceFacts::not_served(),
+        };
+        match decide(review, body, &facts, &self.settings) {
+            Decision::Answer(verdict, outcome) => (verdict, outcome),
+            Decision::Provision {
+                subject,
+                secret,
+                patch,
+            } => {
+                tracing::debug!(%subject, ops = patch.0.len(), "admission");
+                self.provisioned(&subject, &secret, Verdict::patched(patch))
+                    .await
+            }
+        }
+    }
+
+    /// `patched` once the subject's Secret is there, or with a warning when it is not ready
+    /// within the budget; unchanged when the Secret cannot be ours.
+    async fn provisioned(
+        &self,
+        subject: &Subject,
+        secret: &str,
+        patched: Verdict,
+    ) -> (Verdict, Outcome) {
+        let fresh = self.provisioner.is_fresh(subject).await;
+        self.metrics.cache_lookup(fresh);
+        if fresh {
+            return (patched, Outcome::Patched);
+        }
+        let failures = self.provisioner.failures();
+        let key = subject.key();
+        let not_ready = |patched: Verdict, why: &str| {
+            let warning = format!(
+                "pull-secret-injector: Secret {secret} {why}; it is retried in the background"
+            );
+            (patched.warn(warning), Outcome::NotReady)
+        };
+        if failures.is_held(&key) {
+            return not_ready(
+                patched,
+                "is not ready yet (provisioning failed moments ago)",
+            );
+        }
+        // Provisioning runs in its own task so that it completes even when this admission stops
+        // waiting for it; concurrent admissions join the same attempt.
+        let (provisioner, s) = (self.provisioner.clone(), subject.clone());
+        let started = Instant::now();
+        let attempt = tokio::spawn(async move { provisioner.ensure(&s).await });
+        let budget = self.settings.admission().budget;
+        let namespace = subject.namespace.as_str();
+        match tokio::time::timeout(budget, attempt).await {
+            Ok(Ok(Ok(_))) => (patched, Outcome::Patched),
+            Ok(Ok(Err(e)))
+                if matches!(
+                    *e,
+                    ProvisionError::Conflict { .. } | ProvisionError::NothingSelected { .. }
+                ) =>
+            {
+                tracing::warn!(namespace, error = %e, "not injecting");
+                (
+                    Verdict::unchanged().warn(format!("pull-secret-injector: {e}")),
+                    Outcome::Conflict,
+                )
+            }
+            Ok(Ok(Err(e))) => {
+                if started.elapsed() >= SLOW_FAILURE {
+                    failures.hold(&key, FAILURE_HOLD);
+                }
+                tracing::warn!(namespace, error = %e, "pull Secret not ready at admission; retrying in the background");
+                self.inbox.retry(namespace);
+                not_ready(patched, &format!("is not ready yet ({e})"))
+            }
+            Ok(Err(join_error)) => {
+                tracing::error!(namespace, error = %join_error, "provisioning task failed");
+                self.inbox.retry(namespace);
+                not_ready(patched, "is not ready yet")
+            }
+            Err(_elapsed) => {
+                failures.hold(&key, FAILURE_HOLD);
+                tracing::warn!(
+                    namespace,
+                    budget_ms = budget.as_millis() as u64,
+                    "pull Secret not ready within the admission budget"
+                );
+                let warning = format!(
+                    "pull-secret-injector: Secret {secret} was not ready within {}ms; it is being \
+                     provisioned in the background",
+                    budget.as_millis()
+                );
+                (patched.warn(warning), Outcome::NotReady)
+            }
+        }
+    }
+
+    /// Whether the namespace is served, and the registries it selects (as the watch last saw its
+    /// annotation). The watch-fed store answers at no cost; a namespace it does not show as
+    /// selected (new, or its label just added) is read from the API server.
+    async fn facts(&self, namespace: &str) -> NamespaceFacts {
+        let policy = &self.settings.policy;
+        if policy.is_excluded(namespace) {
+            return NamespaceFacts::not_served();
+        }
+        let opted_in = |ns: &Namespace| {
+            policy.eligibility(namespace, ns.metadata.labels.as_ref()) == Eligibility::OptedIn
+        };
+        let watched = self.namespaces.get(&ObjectRef::new(namespace));
+        let opted_in = match watched.as_deref() {
+            Some(ns) if opted_in(ns) => true,
+            _ => match Api::<Namespace>::all(self.client.clone())
+                .get_opt(namespace)
+                .await
+            {
+                Ok(Some(ns)) => opted_in(&ns),
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::warn!(namespace, error = %KubeError::from(e), "cannot read namespace; not injecting");
+                    false
+                }
+            },
+        };
+        NamespaceFacts {
+            opted_in,
+            selection: self.provisioner.selection_from_store(namespace),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! What every part that writes to the API server shares: its errors as an operator needs them,
+//! a write that never overwrites a concurrent one, and the Warning Events users read with
+//! `kubectl get events`.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use kube::api::{Api, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::Client;
+
+/// A failed API call. Displays as the server's message and status, nothing more; the error
+/// itself stays reachable as the source, so that callers can match on its status code.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{}", describe(.0))]
+pub struct KubeError(#[source] Arc<kube::Error>);
+
+impl KubeError {
+    /// The HTTP status the API server answered, when it answered.
+    pub fn code(&self) -> Option<u16> {
+        match &*self.0 {
+            kube::Error::Api(s) => Some(s.code),
+            _ => None,
+        }
+    }
+}
+
+impl From<kube::Error> for KubeError {
+    fn from(e: kube::Error) -> Self {
+        Self(Arc::new(e))
+    }
+}
+
+fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} ({})", s.message, s.code),
+        other => other.to_string(),
+    }
+}
+
+/// Writes `secret` where `stored` was read: created if there was none, otherwise replaced at
+/// exactly the version read, so a concurrent writer makes this fail with 409 instead of being
+/// overwritten.
+pub async fn create_or_replace(
+    api: &Api<Secret>,
+    stored: Option<&Secret>,
+    mut secret: Secret,
+) -> kube::Result<Secret> {
+    let params = PostParams::default();
+    match stored {
+        None => api.create(&params, &secret).await,
+        Some(old) => {
+            secret.metadata.resource_version = old.metadata.resource_version.clone();
+            let name = secret.metadata.name.clone().unwrap_or_default();
+            api.replace(&name, &params, &secret).await
+        }
+    }
+}
+
+/// The service's Warning Events, reported under one controller name and this replica's
+/// identity.
+#[derive(Clone)]
+pub struct Events {
+    recorder: Recorder,
+}
+
+impl Events {
+    pub fn new(client: Client, instance: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: "pull-secret-injector".into(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client, reporter),
+        }
+    }
+
+    /// Records a Warning about `regarding`. A failure to record is logged, not returned: an
+    /// Event is a courtesy, never a reason to fail the work it describes.
+    pub async fn warn(&self, regarding: &ObjectReference, action: &str, reason: &str, note: &str) {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            // The API server refuses notes over 1 kB.
+            note: Some(note.chars().take(1000).collect()),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, regarding).await {
+            tracing::warn!(
+                namespace = regarding.namespace.as_deref().unwrap_or_default(),
+                error = %KubeError::from(e),
+                "could not record event"
+            );
+        }
+    }
+}
+
+/// A reference to a core/v1 object, for an Event about it.
+pub fn reference(kind: &str, namespace: &str, name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some(kind.into()),
+        namespace: Some(namespace.into()),
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,3 @@
+//! Compatibility with other tools' conventions: chainguard's pull-secret-updater ([`updater`]).
+
+pub mod updater;

@@ -1,0 +1,10 @@
+//! Value types and pure rules: no `kube::Client`, no HTTP, no clock but the one passed in.
+//! Everything here is decided from its arguments and tested beside its code.
+
+pub mod credential;
+pub mod duration;
+pub mod images;
+pub mod names;
+pub mod namespaces;
+pub mod patch;
+pub mod subject;

@@ -1,0 +1,7 @@
+//! The background path: the [`refresher`] (a controller over Namespaces) that keeps every
+//! opted-in namespace's Secret renewed and attached, the [`watched`] views it reads, and the
+//! [`leadership`] that runs it in one replica at a time.
+
+pub mod leadership;
+pub mod refresher;
+pub mod watched;

@@ -1,0 +1,173 @@
+//! The settings the service runs with: the configuration file resolved against the process
+//! environment once, at start-up, and handed to the webhook, the provisioner and the
+//! refresher. Nothing below reads an environment variable.
+
+use std::time::Duration;
+
+use crate::config::{AdmissionConfig, Config, InjectMode, RegistryConfig};
+use crate::core::namespaces::NamespacePolicy;
+use crate::core::subject::{IdentityScope, Subject};
+
+/// What the process environment says about where the service runs (set through the downward
+/// API in the Deployment).
+#[derive(Clone, Debug, Default)]
+pub struct Environment {
+    /// `$POD_NAME`: this replica's name, for the Lease and for Events.
+    pub pod_name: Option<String>,
+    /// `$POD_NAMESPACE`: the namespace the service runs in, when the config does not say.
+    pub pod_namespace: Option<String>,
+}
+
+impl Environment {
+    /// Reads `$POD_NAME` and `$POD_NAMESPACE`. Called once, in `main`.
+    pub fn from_process() -> Self {
+        let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        Self {
+            pod_name: var("POD_NAME"),
+            pod_namespace: var("POD_NAMESPACE"),
+        }
+    }
+}
+
+/// Which replica refreshes: the Lease that decides it, and this replica's name in it.
+#[derive(Clone, Debug)]
+pub struct Election {
+    pub lease_name: String,
+    pub namespace: String,
+    pub identity: String,
+    pub lease_duration: Duration,
+    pub renew_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(
+        "leaderElection.namespace: must be set when neither ownNamespace nor $POD_NAMESPACE is"
+    )]
+    LeaseNamespace,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The file as read, for the parts only the assembly uses (listener, TLS, HTTP client,
+    /// pull-secret-updater).
+    pub config: Config,
+    /// The namespaces served: the selector, minus kube-system, the own namespace and the
+    /// configured exclusions.
+    pub policy: NamespacePolicy,
+    /// `Some` when several replicas share the refreshing.
+    pub election: Option<Election>,
+    /// This replica's name in Events, when it has one.
+    pub instance: Option<String>,
+}
+
+impl Settings {
+    pub fn new(config: Config, env: &Environment) -> Result<Self, SettingsError> {
+        let own_namespace = config
+            .own_namespace
+            .clone()
+            .or_else(|| env.pod_namespace.clone());
+        let election = match &config.leader_election {
+            None => None,
+            Some(le) => Some(Election {
+                lease_name: le.lease_name.clone(),
+                namespace: le
+                    .namespace
+                    .clone()
+                    .or_else(|| own_namespace.clone())
+                    .ok_or(SettingsError::LeaseNamespace)?,
+                identity: env
+                    .pod_name
+                    .clone()
+                    .unwrap_or_else(|| format!("pull-secret-injector-{:016x}", fastrand::u64(..))),
+                lease_duration: le.lease_duration,
+                renew_grace: le.renew_grace,
+            }),
+        };
+        let policy = NamespacePolicy::new(
+            config.namespace_selector.clone(),
+            own_namespace.as_deref(),
+            &config.excluded_namespaces,
+        );
+        Ok(Self {
+            policy,
+            election,
+            instance: env.pod_name.clone(),
+            config,
+        })
+    }
+
+    /// The name of the pull Secret (per namespace; per ServiceAccount it is prefixed).
+    pub fn secret_name(&self) -> &str {
+        &self.config.secret_name
+    }
+
+    pub fn inject(&self) -> InjectMode {
+        self.config.inject
+    }
+
+    pub fn scope(&self) -> IdentityScope {
+        self.config.identity_scope
+    }
+
+    pub fn registries(&self) -> &[RegistryConfig] {
+        &self.config.registries
+    }
+
+    /// The configured registry hosts, in configuration order.
+    pub fn hosts(&self) -> Vec<&str> {
+        self.config
+            .registries
+            .iter()
+            .map(|r| r.host.as_str())
+            .collect()
+    }
+
+    pub fn admission(&self) -> &AdmissionConfig {
+        &self.config.admission
+    }
+
+    pub fn renew_before(&self) -> Option<Duration> {
+        self.config.refresh.renew_before
+    }
+
+    /// Whose Secret a workload running as `service_account` in `namespace` uses.
+    pub fn subject_for(&self, namespace: &str, service_account: &str) -> Subject {
+        Subject::for_workload(self.scope(), namespace, service_account)
+    }
+
+    /// The name of `subject`'s Secret.
+    pub fn secret_of(&self, subject: &Subject) -> String {
+        subject.secret_name(self.secret_name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "tls: {certFile: a, keyFile: b}\nregistries: [{host: r.example, kubernetes: {audience: a}}]\n";
+
+    #[test]
+    fn the_environment_fills_what_the_file_leaves_out() {
+        let config = Config::from_yaml(&format!("{MINIMAL}leaderElection: {{}}\n")).unwrap();
+        assert!(matches!(
+            Settings::new(config.clone(), &Environment::default()),
+            Err(SettingsError::LeaseNamespace)
+        ));
+        let env = Environment {
+            pod_name: Some("psi-0".into()),
+            pod_namespace: Some("psi".into()),
+        };
+        let s = Settings::new(config, &env).unwrap();
+        let election = s.election.unwrap();
+        assert_eq!(
+            (election.namespace.as_str(), election.identity.as_str()),
+            ("psi", "psi-0")
+        );
+        assert!(
+            s.policy.is_excluded("psi"),
+            "its own namespace is never served"
+        );
+    }
+}
