@@ -82,7 +82,7 @@ impl ReloadingCert {
         if unchanged {
             return false;
         }
-        match parse(&self.cert_file, &cert, &self.key_file, &key) {
+        match load(&self.cert_file, &self.key_file) {
             Ok(key) => {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = key;
                 tracing::info!(cert = %self.cert_file.display(), "loaded a new TLS certificate");
@@ -133,23 +133,24 @@ pub fn server_config(cert: Arc<ReloadingCert>) -> Result<ServerConfig, TlsError>
     Ok(config)
 }
 
-fn load(cert_file: &Path, key_file: &Path) -> Result<Loaded, TlsError> {
+/// A certificate chain (leaf first) and its private key, as read from two PEM files: the one
+/// reader of PEM files, for the webhook's and the token server's certificates alike.
+pub struct PemPair {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    /// The files' bytes, to tell a changed pair from the same one.
+    bytes: (Vec<u8>, Vec<u8>),
+}
+
+pub fn read_pem_pair(cert_file: &Path, key_file: &Path) -> Result<PemPair, TlsError> {
     let read = |p: &Path| {
         std::fs::read(p).map_err(|source| TlsError::Read {
             path: p.to_owned(),
             source,
         })
     };
-    parse(cert_file, &read(cert_file)?, key_file, &read(key_file)?)
-}
-
-fn parse(
-    cert_file: &Path,
-    cert_pem: &[u8],
-    key_file: &Path,
-    key_pem: &[u8],
-) -> Result<Loaded, TlsError> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+    let (cert_pem, key_pem) = (read(cert_file)?, read(key_file)?);
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .filter_map(Result::ok)
         .collect();
     if chain.is_empty() {
@@ -157,16 +158,27 @@ fn parse(
             path: cert_file.to_owned(),
         });
     }
-    let bad_key = |reason: String| TlsError::BadKey {
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::BadKey {
         path: key_file.to_owned(),
-        reason,
-    };
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad_key(e.to_string()))?;
+        reason: e.to_string(),
+    })?;
+    Ok(PemPair {
+        chain,
+        key,
+        bytes: (cert_pem, key_pem),
+    })
+}
+
+fn load(cert_file: &Path, key_file: &Path) -> Result<Loaded, TlsError> {
+    let pair = read_pem_pair(cert_file, key_file)?;
     let provider = rustls::crypto::ring::default_provider();
     let certified =
-        CertifiedKey::from_der(chain, key, &provider).map_err(|e| bad_key(e.to_string()))?;
+        CertifiedKey::from_der(pair.chain, pair.key, &provider).map_err(|e| TlsError::BadKey {
+            path: key_file.to_owned(),
+            reason: e.to_string(),
+        })?;
     Ok(Loaded {
         key: Arc::new(certified),
-        fingerprint: (cert_pem.to_vec(), key_pem.to_vec()),
+        fingerprint: pair.bytes,
     })
 }

@@ -237,7 +237,16 @@ mod tests {
             false,
             json!({"metadata": {"name": "builder"}}),
         );
-        let cases: Vec<(&str, &Settings, NamespaceFacts, Vec<u8>, &str, &str)> = vec![
+        // (what, settings, facts, request, expected outcome, expected warning)
+        type Case<'a> = (
+            &'a str,
+            &'a Settings,
+            NamespaceFacts,
+            Vec<u8>,
+            &'a str,
+            &'a str,
+        );
+        let cases: Vec<Case> = vec![
             // namespace
             (
                 "not served",

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::core::{Selector, SelectorExt};
 
 /// A namespace annotation that picks which configured registries its Secret holds
 /// (comma-separated hosts). Absent: all of them.
@@ -50,7 +51,9 @@ pub const ALWAYS_EXCLUDED: &[&str] = &["kube-system"];
 
 #[derive(Clone, Debug)]
 pub struct NamespacePolicy {
-    selector: LabelSelector,
+    /// `None` when the selector cannot be read: `validate` refuses those at start-up, and one
+    /// that slips by selects nothing rather than everything.
+    selector: Option<Selector>,
     excluded: BTreeSet<String>,
 }
 
@@ -72,7 +75,10 @@ impl NamespacePolicy {
             ALWAYS_EXCLUDED.iter().map(|s| s.to_string()).collect();
         excluded.extend(own_namespace.map(str::to_string));
         excluded.extend(extra_excluded.iter().cloned());
-        Self { selector, excluded }
+        Self {
+            selector: Selector::try_from(selector).ok(),
+            excluded,
+        }
     }
 
     pub fn eligibility(
@@ -82,7 +88,11 @@ impl NamespacePolicy {
     ) -> Eligibility {
         if self.excluded.contains(name) {
             Eligibility::Excluded
-        } else if matches(&self.selector, labels.unwrap_or(&BTreeMap::new())) {
+        } else if self
+            .selector
+            .as_ref()
+            .is_some_and(|s| s.matches(labels.unwrap_or(&BTreeMap::new())))
+        {
             Eligibility::OptedIn
         } else {
             Eligibility::NotSelected
@@ -92,33 +102,6 @@ impl NamespacePolicy {
     pub fn is_excluded(&self, name: &str) -> bool {
         self.excluded.contains(name)
     }
-
-    /// The selector in the `key=value,key in (a,b)` form a watch accepts.
-    pub fn selector(&self) -> &LabelSelector {
-        &self.selector
-    }
-}
-
-/// Kubernetes label-selector semantics: every `matchLabels` pair and every expression must hold.
-pub fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let expressions_ok = selector.match_expressions.iter().flatten().all(|e| {
-        let value = labels.get(&e.key);
-        let values = e.values.as_deref().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => value.is_some_and(|v| values.contains(v)),
-            "NotIn" => value.is_none_or(|v| !values.contains(v)),
-            "Exists" => value.is_some(),
-            "DoesNotExist" => value.is_none(),
-            // validate() refuses unknown operators at start-up; select nothing if one slips by.
-            _ => false,
-        }
-    });
-    labels_ok && expressions_ok
 }
 
 /// Reports what the API server would refuse in a selector, and refuses an empty one: it would
@@ -172,6 +155,12 @@ mod tests {
         assert!(s.hosts.is_empty() && s.unknown.is_empty());
     }
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    /// Label matching as the policy does it (kube's `Selector`).
+    fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+        NamespacePolicy::new(selector.clone(), None, &[]).eligibility("ns", Some(labels))
+            == Eligibility::OptedIn
+    }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

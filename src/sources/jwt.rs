@@ -1,21 +1,37 @@
-//! Reads the expiry of a JWT a registry handed back (chainguard, quay, acr refresh tokens).
+//! JWTs in their compact form: split and base64url, for every reader and writer of them here,
+//! and the expiry of one a registry handed back (chainguard, quay, acr refresh tokens).
 //! The signature is not checked: the token is only passed on, and its issuer verifies it;
 //! `exp` tells us when to renew. Errors describe the shape, never echo the token.
 
 use base64::Engine;
 use jiff::Timestamp;
 
+/// The three parts of a compact JWT (header, payload, signature), still base64url-encoded.
+pub fn split(token: &str) -> Option<[&str; 3]> {
+    let mut parts = token.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(header), Some(payload), Some(signature), None) => Some([header, payload, signature]),
+        _ => None,
+    }
+}
+
+/// One part decoded (base64url; padding tolerated, though JWTs carry none).
+pub fn decode_part(part: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part.trim_end_matches('='))
+        .ok()
+}
+
+/// Bytes encoded as a JWT part.
+pub fn encode_part(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
 /// The `exp` claim of `token`, or why it cannot be read.
 pub fn expiry(token: &str) -> Result<Timestamp, String> {
-    let mut parts = token.split('.');
-    let (Some(_header), Some(payload), Some(_signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("not a JWT (expected three dot-separated parts)".into());
-    };
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .map_err(|_| "JWT payload is not base64url".to_string())?;
+    let [_header, payload, _signature] =
+        split(token).ok_or("not a JWT (expected three dot-separated parts)")?;
+    let bytes = decode_part(payload).ok_or("JWT payload is not base64url")?;
     let claims: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|_| "JWT payload is not JSON".to_string())?;
     let exp = claims
@@ -30,7 +46,7 @@ mod tests {
     use super::*;
 
     fn jwt(claims: &str) -> String {
-        let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let b = |s: &str| encode_part(s.as_bytes());
         format!("{}.{}.c2lnbmF0dXJl", b(r#"{"alg":"RS256"}"#), b(claims))
     }
 

@@ -10,11 +10,12 @@ use base64::Engine;
 use jiff::Timestamp;
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::PrivateKeyDer;
 use serde_json::json;
 
 use super::rules::Access;
+use crate::sources::jwt;
+use crate::tls::{self, PemPair, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SignerError {
@@ -47,14 +48,15 @@ impl Signer {
             path: key_file.display().to_string(),
             message,
         };
-        let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(cert_file)
-            .map_err(|e| cert_error(e.to_string()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| cert_error(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(cert_error("no PEM certificate in it".into()));
-        }
-        let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| key_error(e.to_string()))?;
+        let PemPair { chain, key, .. } =
+            tls::read_pem_pair(cert_file, key_file).map_err(|e| match e {
+                TlsError::BadKey { reason, .. } => key_error(reason),
+                TlsError::Read { path, source } if path == key_file => {
+                    key_error(source.to_string())
+                }
+                TlsError::NoCertificate { .. } => cert_error("no PEM certificate in it".into()),
+                other => cert_error(other.to_string()),
+            })?;
         let PrivateKeyDer::Pkcs8(pkcs8) = key else {
             return Err(key_error(
                 "must be a PKCS#8 key (convert with `openssl pkcs8 -topk8 -nocrypt`)".into(),
@@ -67,7 +69,7 @@ impl Signer {
             &rng,
         )
         .map_err(|e| key_error(format!("not a P-256 ECDSA key ({e})")))?;
-        let x5c = certs
+        let x5c = chain
             .iter()
             .map(|c| base64::engine::general_purpose::STANDARD.encode(c.as_ref()))
             .collect();
@@ -88,7 +90,7 @@ impl Signer {
         now: Timestamp,
         lifetime: Duration,
     ) -> Result<String, ring::error::Unspecified> {
-        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let b64 = jwt::encode_part;
         let mut jti = [0u8; 16];
         self.rng.fill(&mut jti)?;
         let iat = now.as_second();
@@ -145,12 +147,8 @@ mod tests {
                 Duration::from_secs(300),
             )
             .unwrap();
-        let parts: Vec<&str> = token.split('.').collect();
-        let d = |s: &str| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(s)
-                .unwrap()
-        };
+        let parts = jwt::split(&token).unwrap();
+        let d = |s: &str| jwt::decode_part(s).unwrap();
         let header: serde_json::Value = serde_json::from_slice(&d(parts[0])).unwrap();
         let claims: serde_json::Value = serde_json::from_slice(&d(parts[1])).unwrap();
         assert_eq!(header["alg"], "ES256");

@@ -8,13 +8,13 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use jiff::Timestamp;
 use serde::Deserialize;
 
 use super::rules::Identity;
 use crate::core::credential::Sensitive;
 use crate::sources::http::{HttpClient, HttpConfig};
+use crate::sources::jwt;
 
 /// `issuer:` in the token server's config.
 #[derive(Clone, Debug, Deserialize)]
@@ -132,12 +132,6 @@ struct Jwk {
     e: Option<String>,
 }
 
-fn b64url(s: &str) -> Option<Vec<u8>> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(s.trim_end_matches('='))
-        .ok()
-}
-
 impl Verifier {
     pub fn new(
         config: IssuerConfig,
@@ -158,13 +152,9 @@ impl Verifier {
 
     /// Checks `token` at time `now`.
     pub async fn verify(&self, token: &str, now: Timestamp) -> Result<Verified, VerifyError> {
-        let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(VerifyError::Malformed("expected three dot-separated parts"));
-        };
-        let header: Header = b64url(h)
+        let [h, p, s] = jwt::split(token)
+            .ok_or(VerifyError::Malformed("expected three dot-separated parts"))?;
+        let header: Header = jwt::decode_part(h)
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or(VerifyError::Malformed("unreadable header"))?;
         if header.alg != "RS256" {
@@ -172,7 +162,8 @@ impl Verifier {
                 header.alg.chars().take(16).collect(),
             ));
         }
-        let signature = b64url(s).ok_or(VerifyError::Malformed("signature is not base64url"))?;
+        let signature =
+            jwt::decode_part(s).ok_or(VerifyError::Malformed("signature is not base64url"))?;
         let kid = header.kid.unwrap_or_default();
         if !self.keys.read().await.contains_key(&kid) {
             self.refresh().await?;
@@ -194,7 +185,7 @@ impl Verifier {
                 .map_err(|_| VerifyError::Signature)?;
         }
         // Only a correctly signed payload is parsed.
-        let claims: Claims = b64url(p)
+        let claims: Claims = jwt::decode_part(p)
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or(VerifyError::Malformed("unreadable claims"))?;
         if claims.iss != self.config.url {
@@ -293,8 +284,8 @@ impl Verifier {
                 Some((
                     k.kid.unwrap_or_default(),
                     RsaKey {
-                        n: b64url(k.n.as_deref()?)?,
-                        e: b64url(k.e.as_deref()?)?,
+                        n: jwt::decode_part(k.n.as_deref()?)?,
+                        e: jwt::decode_part(k.e.as_deref()?)?,
                     },
                 ))
             })
@@ -319,7 +310,7 @@ mod tests {
     }
 
     fn b64(s: &str) -> String {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+        jwt::encode_part(s.as_bytes())
     }
 
     #[tokio::test]
