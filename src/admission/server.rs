@@ -127,3 +127,167 @@ async fn mutate(
     )
         .into_response())
 }
+
+/// The HTTP layer in-process (`oneshot` on the router, no sockets): status codes and content
+/// types for what the API server, or a misbehaving client, may send.
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::cluster::Events;
+    use crate::config::Config;
+    use crate::secret::provisioner::Provisioner;
+    use crate::settings::{Environment, Settings};
+
+    /// The router over a service whose Kubernetes client points nowhere: nothing here needs it.
+    fn app(max_body_bytes: usize, read_timeout: Duration, ready: bool) -> Router {
+        let yaml = "tls: {certFile: a, keyFile: b}\nregistries: [{host: r.example, kubernetes: {audience: a}}]\n";
+        let settings = Arc::new(
+            Settings::new(Config::from_yaml(yaml).unwrap(), &Environment::default()).unwrap(),
+        );
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let store = kube::runtime::reflector::store().0;
+        let provisioner = Arc::new(Provisioner::new(
+            client.clone(),
+            crate::sources::http::HttpClient::new(&Default::default()).unwrap(),
+            store.clone(),
+            settings.clone(),
+            Events::new(client.clone(), None),
+            metrics.clone(),
+        ));
+        let webhook = Webhook::new(
+            client,
+            settings,
+            store,
+            provisioner,
+            Default::default(),
+            metrics.clone(),
+        );
+        router(Arc::new(AppState {
+            webhook,
+            ready: Arc::new(AtomicBool::new(ready)),
+            max_body_bytes,
+            read_timeout,
+            timer: crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(10)),
+            metrics,
+        }))
+    }
+
+    async fn call(app: Router, request: Request<Body>) -> (StatusCode, String, serde_json::Value) {
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        (status, content_type, json)
+    }
+
+    fn mutate(body: impl Into<Body>) -> Request<Body> {
+        Request::post("/mutate")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.into())
+            .unwrap()
+    }
+
+    const CONFIGMAP: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u1","kind":{"group":"","version":"v1","kind":"ConfigMap"},"namespace":"a","operation":"CREATE"}}"#;
+
+    #[tokio::test]
+    async fn a_review_is_answered_in_json() {
+        let (status, content_type, body) =
+            call(app(4096, Duration::from_secs(5), true), mutate(CONFIGMAP)).await;
+        assert_eq!(
+            (status, content_type.as_str()),
+            (StatusCode::OK, "application/json")
+        );
+        assert_eq!(
+            body["response"],
+            serde_json::json!({"uid": "u1", "allowed": true})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_malformed_review_is_400_with_a_json_error() {
+        let (status, content_type, body) =
+            call(app(4096, Duration::from_secs(5), true), mutate("{not json")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            content_type.starts_with("application/json"),
+            "{content_type}"
+        );
+        assert_eq!(body["code"], 400);
+        assert!(body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid AdmissionReview"));
+    }
+
+    #[tokio::test]
+    async fn a_body_too_large_is_413_whether_declared_or_streamed() {
+        let big = "x".repeat(2048);
+        let mut declared = mutate(big.clone());
+        declared
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, big.len().into());
+        let (status, _, body) = call(app(1024, Duration::from_secs(5), true), declared).await;
+        assert_eq!(
+            (status, body["code"].as_u64()),
+            (StatusCode::PAYLOAD_TOO_LARGE, Some(413))
+        );
+        // No Content-Length: the limit is found while reading.
+        let chunks = futures::stream::iter([Ok::<_, std::io::Error>(big)]);
+        let (status, _, _) = call(
+            app(1024, Duration::from_secs(5), true),
+            mutate(Body::from_stream(chunks)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_does_not_arrive_is_408() {
+        let never = futures::stream::pending::<Result<String, std::io::Error>>();
+        let (status, content_type, body) = call(
+            app(4096, Duration::from_millis(50), true),
+            mutate(Body::from_stream(never)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+        assert!(
+            content_type.starts_with("application/json"),
+            "{content_type}"
+        );
+        assert_eq!(body["code"], 408);
+    }
+
+    #[tokio::test]
+    async fn health_readiness_and_metrics() {
+        let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+        let (status, _, _) = call(app(4096, Duration::from_secs(5), false), get("/healthz")).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _, body) =
+            call(app(4096, Duration::from_secs(5), false), get("/readyz")).await;
+        assert_eq!(
+            (status, body["code"].as_u64()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some(503))
+        );
+        let (status, _, _) = call(app(4096, Duration::from_secs(5), true), get("/readyz")).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, content_type, _) =
+            call(app(4096, Duration::from_secs(5), true), get("/metrics")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            content_type.starts_with("application/openmetrics-text"),
+            "{content_type}"
+        );
+    }
+}
