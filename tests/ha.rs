@@ -204,14 +204,14 @@ async fn two_replicas_one_refresher_and_a_hand_over_when_the_leader_dies() {
         "replica-b adopts the Secret",
         Duration::from_secs(30),
         || async {
-            let (_, metrics) = curl(&certs, &[&format!("https://127.0.0.1:{}/metrics", b.port)]);
+            let (_, metrics) = get(&certs, &format!("https://127.0.0.1:{}/metrics", b.port)).await;
             metrics
                 .lines()
                 .any(|l| l == "pull_secret_injector_managed_secrets 1")
         },
     )
     .await;
-    let (_, metrics) = curl(&certs, &[&format!("https://127.0.0.1:{}/metrics", b.port)]);
+    let (_, metrics) = get(&certs, &format!("https://127.0.0.1:{}/metrics", b.port)).await;
     let left: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("pull_secret_injector_earliest_expiry_seconds "))

@@ -279,7 +279,7 @@ async fn item4_fresh_tokens_are_cached_and_a_cold_burst_mints_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(cp.token_requests(&ns), 1);
     assert_eq!(cp.secret_writes(&ns), 1);
-    let (_, metrics) = curl(&inj.certs, &[&inj.url().replace("/mutate", "/metrics")]);
+    let (_, metrics) = get(&inj.certs, &inj.url().replace("/mutate", "/metrics")).await;
     let hits: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix(r#"pull_secret_injector_cache_lookups_total{result="hit"} "#))
@@ -333,7 +333,7 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
         })
     })
     .await;
-    let (code, metrics) = curl(&inj.certs, &[&inj.url().replace("/mutate", "/metrics")]);
+    let (code, metrics) = get(&inj.certs, &inj.url().replace("/mutate", "/metrics")).await;
     assert_eq!(code, 200);
     for needle in [
         r#"mints_total{source="kubernetes",outcome="error"}"#,
@@ -645,12 +645,7 @@ async fn item10_http_errors_other_kinds_and_readiness() {
     let mut inj = Injector::start("t10").await;
     let url = inj.url();
     let base = url.trim_end_matches("/mutate").to_string();
-    let json_header = ["-H", "content-type: application/json"];
-
-    let (code, body) = curl(
-        &inj.certs,
-        &[&json_header[..], &["-d", "{not json", &url]].concat(),
-    );
+    let (code, body) = post_json(&inj.certs, &url, "{not json").await;
     assert_eq!(code, 400, "{body}");
     let err: Value = serde_json::from_str(&body).expect("JSON error body");
     assert!(
@@ -665,17 +660,7 @@ async fn item10_http_errors_other_kinds_and_readiness() {
         r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","pad":"{}"}}"#,
         "x".repeat(5 * 1024 * 1024)
     );
-    let big_file = inj.certs.dir.path().join("big.json");
-    std::fs::write(&big_file, big).unwrap();
-    let data = format!("@{}", big_file.display());
-    let (code, body) = curl(
-        &inj.certs,
-        &[
-            &json_header[..],
-            &["--http1.1", "--data-binary", &data, &url],
-        ]
-        .concat(),
-    );
+    let (code, body) = post_json(&inj.certs, &url, big).await;
     assert_eq!(code, 413, "{body}");
     assert!(serde_json::from_str::<Value>(&body).unwrap()["error"]
         .as_str()
@@ -688,10 +673,7 @@ async fn item10_http_errors_other_kinds_and_readiness() {
         "request": {"uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "ConfigMap"}, "namespace": ns,
                     "operation": "CREATE", "object": {"metadata": {"name": "c"}}}
     });
-    let (code, body) = curl(
-        &inj.certs,
-        &[&json_header[..], &["-d", &review.to_string(), &url]].concat(),
-    );
+    let (code, body) = post_json(&inj.certs, &url, review.to_string()).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap(),
@@ -699,10 +681,10 @@ async fn item10_http_errors_other_kinds_and_readiness() {
     );
 
     assert_eq!(
-        curl(&inj.certs, &[&format!("{base}/readyz")]),
+        get(&inj.certs, &format!("{base}/readyz")).await,
         (200, "ok".to_string())
     );
-    assert_eq!(curl(&inj.certs, &[&format!("{base}/healthz")]).0, 200);
+    assert_eq!(get(&inj.certs, &format!("{base}/healthz")).await.0, 200);
     // TLS below 1.2 is refused.
     assert_eq!(
         curl(
@@ -731,8 +713,8 @@ async fn item10_http_errors_other_kinds_and_readiness() {
             .unwrap();
     let base = format!("https://{}", service.local_addr);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(curl(&certs, &[&format!("{base}/healthz")]).0, 200);
-    assert_eq!(curl(&certs, &[&format!("{base}/readyz")]).0, 503);
+    assert_eq!(get(&certs, &format!("{base}/healthz")).await.0, 200);
+    assert_eq!(get(&certs, &format!("{base}/readyz")).await.0, 503);
     service.shutdown().await;
 }
 

@@ -664,7 +664,44 @@ pub fn settings(config: Config) -> Settings {
     Settings::new(config, &Environment::default()).expect("settings")
 }
 
-/// Runs `curl` against the service with its CA; returns (status code, body).
+/// An HTTPS client that trusts the test CA, as the API server does.
+pub fn https_client(certs: &Certs) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(certs.ca()).expect("read the CA"))
+        .expect("the CA is PEM");
+    reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("HTTPS client")
+}
+
+/// GETs `url` from the service; returns (status code, body), or 0 when nothing answered.
+pub async fn get(certs: &Certs, url: &str) -> (u16, String) {
+    answer(https_client(certs).get(url)).await
+}
+
+/// POSTs `body` to the service as JSON; returns (status code, body).
+pub async fn post_json(certs: &Certs, url: &str, body: impl Into<reqwest::Body>) -> (u16, String) {
+    let request = https_client(certs)
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body);
+    answer(request).await
+}
+
+async fn answer(request: reqwest::RequestBuilder) -> (u16, String) {
+    match request.send().await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(e) => {
+            eprintln!("request failed: {e}");
+            (0, String::new())
+        }
+    }
+}
+
+/// Runs `curl` against the service with its CA; returns (status code, body). Only for what
+/// reqwest cannot do: offer TLS below 1.2 (rustls has none).
 pub fn curl(certs: &Certs, args: &[&str]) -> (u16, String) {
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "10", "--cacert"])
