@@ -4,6 +4,7 @@
 //! MutatingWebhookConfiguration that the API server calls over TLS.
 #![allow(dead_code)]
 
+pub mod registry;
 pub mod standin;
 
 use std::collections::BTreeMap;
@@ -36,20 +37,55 @@ pub fn repo() -> PathBuf {
 impl ControlPlane {
     /// The control plane for this test binary, started on first use.
     pub fn get() -> &'static ControlPlane {
-        CONTROL_PLANE.get_or_init(|| {
+        Self::start(false)
+    }
+
+    /// The control plane with a node beside it (kubelet, containerd, CNI in a network
+    /// namespace of its own): for the tests where a real kubelet pulls images.
+    pub fn with_node() -> &'static ControlPlane {
+        Self::start(true)
+    }
+
+    fn start(node: bool) -> &'static ControlPlane {
+        let cp = CONTROL_PLANE.get_or_init(|| {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let dir =
                 std::env::temp_dir().join(format!("psi-control-plane-{}", std::process::id()));
-            let status = Command::new(repo().join("hack/control-plane"))
-                .arg("up")
-                .arg(&dir)
+            let mut cmd = Command::new(repo().join("hack/control-plane"));
+            cmd.arg("up").arg(&dir);
+            if node {
+                cmd.arg("--node");
+            }
+            let status = cmd
                 .arg("--owner")
                 .arg(std::process::id().to_string())
                 .status()
                 .expect("run hack/control-plane");
             assert!(status.success(), "hack/control-plane up failed");
             ControlPlane { dir }
-        })
+        });
+        assert!(
+            !node || cp.dir.join("node.json").exists(),
+            "this test binary started its control plane without a node"
+        );
+        cp
+    }
+
+    /// The API server's URL.
+    pub fn server(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server"))
+            .expect("server")
+            .trim()
+            .to_string()
+    }
+
+    /// The address this machine has for the node (the host side of its veth link), or
+    /// 127.0.0.1 without a node: servers the node must reach listen here.
+    pub fn host_ip(&self) -> String {
+        std::fs::read_to_string(self.dir.join("host-ip"))
+            .expect("host-ip")
+            .trim()
+            .to_string()
     }
 
     pub async fn client(&self) -> Client {
@@ -126,7 +162,8 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A CA and a serving certificate for 127.0.0.1, written to a temporary directory.
+/// A CA and a serving certificate for 127.0.0.1 (and more addresses with `for_ips`), written
+/// to a temporary directory.
 pub struct Certs {
     pub dir: tempfile::TempDir,
     pub ca_pem: String,
@@ -134,6 +171,10 @@ pub struct Certs {
 
 impl Certs {
     pub fn new() -> Self {
+        Self::for_ips(&[])
+    }
+
+    pub fn for_ips(extra: &[&str]) -> Self {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -147,6 +188,11 @@ impl Certs {
         params
             .subject_alt_names
             .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        for ip in extra {
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(ip.parse().expect("an IP address")));
+        }
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "127.0.0.1");
@@ -509,24 +555,12 @@ pub async fn create_pod(
     let body =
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": full_spec});
     let query = if dry_run { "?dryRun=All" } else { "" };
-    let mut attempt = 0;
-    let (status, warnings, text) = loop {
-        let (status, warnings, text) = post(
-            client,
-            &format!("/api/v1/namespaces/{ns}/pods{query}"),
-            &body,
-        )
-        .await;
-        // In a namespace created moments ago the API server (1.20) may refuse Pods until the
-        // token controller has given `default` its legacy token ("No API token found ...,
-        // retry after"): that is the API server's own race, retried as it asks.
-        if status.as_u16() == 500 && text.contains("No API token found") && attempt < 20 {
-            attempt += 1;
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            continue;
-        }
-        break (status, warnings, text);
-    };
+    let (status, warnings, text) = post(
+        client,
+        &format!("/api/v1/namespaces/{ns}/pods{query}"),
+        &body,
+    )
+    .await;
     assert!(
         status.is_success(),
         "creating pod {ns}/{name}: {status} {text}"
