@@ -76,7 +76,10 @@ fn app_pod(name: &str, image: &str, policy: &str) -> serde_json::Value {
 
 async fn create(c: &kube::Client, ns: &str, pod: serde_json::Value) -> Pod {
     let (status, _, text) = post(c, &format!("/api/v1/namespaces/{ns}/pods"), &pod).await;
-    assert!(status.is_success(), "creating a pod in {ns}: {status} {text}");
+    assert!(
+        status.is_success(),
+        "creating a pod in {ns}: {status} {text}"
+    );
     serde_json::from_str(&text).unwrap()
 }
 
@@ -135,7 +138,11 @@ async fn wait_pull_refused(c: &kube::Client, ns: &str, name: &str) -> Vec<String
                 return evs;
             }
         }
-        assert_ne!(status.phase.as_deref(), Some("Succeeded"), "{ns}/{name} ran");
+        assert_ne!(
+            status.phase.as_deref(),
+            Some("Succeeded"),
+            "{ns}/{name} ran"
+        );
         assert!(
             Instant::now() < deadline,
             "pod {ns}/{name} did not fail to pull: {waiting:?}"
@@ -243,9 +250,15 @@ async fn the_kubelet_pulls_with_the_injected_secret_and_only_with_it() {
         password(s, &host) != password(&before, &host)
     })
     .await;
-    assert_eq!(uid(&renewed), uid(&before), "the Secret was updated in place");
+    assert_eq!(
+        uid(&renewed),
+        uid(&before),
+        "the Secret was updated in place"
+    );
     create(&c, &team_a, app_pod("app-2", &image, "Always")).await;
-    assert!(wait_succeeded(cp, &c, &team_a, "app-2").await.contains(MARKER));
+    assert!(wait_succeeded(cp, &c, &team_a, "app-2")
+        .await
+        .contains(MARKER));
 
     // The node has the image now. With IfNotPresent the kubelet lets a Pod use that copy only
     // if it presents the Secret the image was pulled with (KEP-2535): team-a's Pod does, by
@@ -256,7 +269,9 @@ async fn the_kubelet_pulls_with_the_injected_secret_and_only_with_it() {
     })
     .await;
     create(&c, &team_a, app_pod("app-3", &image, "IfNotPresent")).await;
-    assert!(wait_succeeded(cp, &c, &team_a, "app-3").await.contains(MARKER));
+    assert!(wait_succeeded(cp, &c, &team_a, "app-3")
+        .await
+        .contains(MARKER));
     let evs = events(&c, &team_a, "app-3").await;
     eprintln!("{team_a}/app-3: {evs:#?}");
     assert!(

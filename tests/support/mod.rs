@@ -356,13 +356,19 @@ impl Injector {
         namespace_selector: Value,
         resources: &[&str],
     ) {
-        register_webhook(
+        // The shipped conditions name the Secret `pull-secret` of the namespace scope; with
+        // identityScope serviceAccount the API server calls for every object, as before.
+        let conditions = (!self.config_yaml.contains("identityScope: serviceAccount"))
+            .then(shipped_match_conditions);
+        register_webhook_with(
             &self.client,
             name,
+            "inject.pull-secret-injector.io",
             &self.url(),
             &self.certs.ca_pem,
             namespace_selector,
             resources,
+            conditions,
         )
         .await;
         self.webhooks.push(name.into());
@@ -484,6 +490,42 @@ pub async fn register_webhook_named(
     namespace_selector: Value,
     resources: &[&str],
 ) {
+    register_webhook_with(
+        client,
+        name,
+        webhook_name,
+        url,
+        ca_pem,
+        namespace_selector,
+        resources,
+        None,
+    )
+    .await
+}
+
+/// The `matchConditions` of the shipped webhook configuration (`deploy/kustomize/base`).
+pub fn shipped_match_conditions() -> Value {
+    let path = repo().join("deploy/kustomize/base/mutatingwebhookconfiguration.yaml");
+    let doc: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let conditions = doc["webhooks"][0]["matchConditions"].clone();
+    assert!(
+        conditions.is_array(),
+        "the shipped webhook has matchConditions"
+    );
+    conditions
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn register_webhook_with(
+    client: &Client,
+    name: &str,
+    webhook_name: &str,
+    url: &str,
+    ca_pem: &str,
+    namespace_selector: Value,
+    resources: &[&str],
+    match_conditions: Option<Value>,
+) {
     let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     let webhook: MutatingWebhookConfiguration = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
@@ -498,7 +540,8 @@ pub async fn register_webhook_named(
             "timeoutSeconds": 10,
             "namespaceSelector": namespace_selector,
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": resources}],
-            "clientConfig": {"url": url, "caBundle": ca}
+            "clientConfig": {"url": url, "caBundle": ca},
+            "matchConditions": match_conditions.unwrap_or_else(|| json!([])),
         }]
     }))
     .unwrap();
