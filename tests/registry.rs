@@ -9,123 +9,16 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::process::{Command, Output};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::ServiceAccount;
-use kube::api::{Api, PostParams};
-use pull_secret_injector::token_server::server::{Clock, TokenServer};
-use pull_secret_injector::token_server::TokenServerConfig;
+use kube::api::Api;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use support::registry::*;
 use support::*;
-
-const SERVICE: &str = "registry.test";
-
-/// The registry and skopeo come from Debian packages (`hack/test` installs them). Outside CI a
-/// machine without them skips this test loudly; in CI their absence is a failure.
-fn tools_present() -> bool {
-    let present = ["docker-registry", "skopeo"].iter().all(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !present {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "docker-registry and skopeo are required in CI (hack/test installs them)"
-        );
-        eprintln!("SKIPPED: docker-registry or skopeo is not installed (apt-get install docker-registry skopeo)");
-    }
-    present
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Registry {
-    child: Child,
-    log: PathBuf,
-    host: String,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// distribution 2.8 with TLS and token auth, its storage in `dir`.
-async fn start_registry(dir: &Path, certs: &Certs, realm: &str, signing_cert: &Path) -> Registry {
-    let port = free_port();
-    let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog: {{level: info}}\nstorage: {{filesystem: {{rootdirectory: {storage}}}}}\n\
-             http: {{addr: 127.0.0.1:{port}, tls: {{certificate: {cert}, key: {key}}}}}\n\
-             auth: {{token: {{realm: \"{realm}\", service: {SERVICE}, issuer: pull-secret-injector, rootcertbundle: {signing}}}}}\n",
-            storage = dir.join("storage").display(),
-            cert = certs.cert().display(),
-            key = certs.key().display(),
-            signing = signing_cert.display(),
-        ),
-    )
-    .unwrap();
-    let log = dir.join("registry.log");
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start docker-registry");
-    let host = format!("127.0.0.1:{port}");
-    wait_for(
-        "the registry listening",
-        Duration::from_secs(30),
-        || async { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() },
-    )
-    .await;
-    Registry { child, log, host }
-}
-
-/// Runs skopeo with the test CA trusted (for the registry and the token realm alike).
-fn skopeo(certs_dir: &Path, args: &[&str]) -> Output {
-    let policy = certs_dir.parent().unwrap().join("policy.json");
-    std::fs::write(
-        &policy,
-        r#"{"default": [{"type": "insecureAcceptAnything"}]}"#,
-    )
-    .unwrap();
-    let mut cmd = Command::new("skopeo");
-    cmd.arg("--policy")
-        .arg(&policy)
-        .args(args)
-        .env("HOME", certs_dir.parent().unwrap());
-    let out = cmd.output().expect("run skopeo");
-    eprintln!(
-        "skopeo {}: {}\n{}",
-        args.iter()
-            .filter(|a| a.len() < 80)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn sha256(bytes: &[u8]) -> String {
     format!(
@@ -201,33 +94,6 @@ fn build_image(dir: &Path) -> String {
     sha256(&layer)
 }
 
-async fn service_account_token(
-    c: &kube::Client,
-    ns: &str,
-    sa: &str,
-    audiences: Vec<String>,
-) -> String {
-    let api: Api<ServiceAccount> = Api::namespaced(c.clone(), ns);
-    if api.get_opt(sa).await.unwrap().is_none() {
-        api.create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap(),
-        )
-        .await
-        .unwrap();
-    }
-    let request: TokenRequest = serde_json::from_value(
-        json!({"spec": {"audiences": audiences, "expirationSeconds": 3600}}),
-    )
-    .unwrap();
-    api.create_token_request(sa, &PostParams::default(), &request)
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token
-}
-
 /// The `.dockerconfigjson` of a namespace's pull Secret, written to a file skopeo reads.
 async fn authfile(c: &kube::Client, ns: &str, dir: &Path) -> (PathBuf, String) {
     let secret = get_secret(c, ns).await.expect("the pull Secret");
@@ -256,93 +122,22 @@ async fn pods_pull_with_the_secret_the_webhook_made_and_nothing_else_does() {
     let cp = ControlPlane::get();
     let c = cp.client().await;
     let work = tempfile::tempdir().unwrap();
-    let certs = Certs::new();
-    let cert_dir = work.path().join("certs.d");
-    std::fs::create_dir_all(&cert_dir).unwrap();
-    std::fs::copy(certs.ca(), cert_dir.join("ca.crt")).unwrap();
-
-    // The token server's signing certificate, which the registry trusts.
-    let signing_key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(
-        rcgen::DnType::CommonName,
-        "pull-secret-injector token signing",
-    );
-    let signing_cert = params.self_signed(&signing_key).unwrap();
-    let (signing_crt, signing_pem) = (
-        work.path().join("signing.crt"),
-        work.path().join("signing.key"),
-    );
-    std::fs::write(&signing_crt, signing_cert.pem()).unwrap();
-    std::fs::write(&signing_pem, signing_key.serialize_pem()).unwrap();
-
-    // The token server fetches the keys from the API server with a token of its own
-    // ServiceAccount (discovery is for authenticated clients on this API server).
-    let server = api_server_url(cp);
-    create_namespace(&c, "reg-infra", Default::default()).await;
-    let discovery_token = service_account_token(&c, "reg-infra", "token-server", vec![]).await;
-    let discovery_file = work.path().join("discovery-token");
-    std::fs::write(&discovery_file, discovery_token).unwrap();
-    let ts_port = free_port();
-    let ts_config = TokenServerConfig::from_yaml(&format!(
-        r#"
-listen: 127.0.0.1:{ts_port}
-tls: {{certFile: {cert}, keyFile: {key}}}
-issuer:
-  url: https://kubernetes.default.svc.cluster.local
-  jwksUri: {server}/openid/v1/jwks
-  caFile: {apiserver_ca}
-  tokenFile: {discovery}
-  audiences: [{SERVICE}]
-service: {SERVICE}
-signing: {{certFile: {signing_crt}, keyFile: {signing_key}}}
-rules:
-  - {{namespace: reg-team-a, repositories: ["team-a/*", "shared/*"]}}
-  - {{namespace: reg-team-b, repositories: ["team-b/*"]}}
-  - {{namespace: reg-ci, serviceAccount: pusher, repositories: ["team-a/*"], actions: [pull, push]}}
-"#,
-        cert = certs.cert().display(),
-        key = certs.key().display(),
-        apiserver_ca = cp.dir.join("pki/apiserver.crt").display(),
-        discovery = discovery_file.display(),
-        signing_crt = signing_crt.display(),
-        signing_key = signing_pem.display(),
-    ))
-    .unwrap();
-    let offset = Arc::new(AtomicI64::new(0));
-    let o = offset.clone();
-    let clock: Clock = Arc::new(move || {
-        jiff::Timestamp::now() + jiff::SignedDuration::from_secs(o.load(Ordering::SeqCst))
-    });
-    let token_server = TokenServer::start(ts_config, clock)
-        .await
-        .expect("token server starts");
-    let realm = format!("https://127.0.0.1:{ts_port}/token");
-    let registry = start_registry(work.path(), &certs, &realm, &signing_crt).await;
+    let rules = r#"  - {namespace: reg-team-a, repositories: ["team-a/*", "shared/*"]}
+  - {namespace: reg-team-b, repositories: ["team-b/*"]}
+  - {namespace: reg-ci, serviceAccount: pusher, repositories: ["team-a/*"], actions: [pull, push]}
+"#;
+    let registry =
+        PrivateRegistry::start(cp, &c, work.path(), "127.0.0.1", "reg-infra", rules).await;
     let host = registry.host.clone();
+    let cert_dir = registry.cert_dir.clone();
+    let offset = registry.clock_offset.clone();
 
     // 1. Push team-a/app with an identity the rules allow to push.
     let layer_digest = build_image(work.path());
     create_namespace(&c, "reg-ci", Default::default()).await;
     let pusher = service_account_token(&c, "reg-ci", "pusher", vec![SERVICE.into()]).await;
     let layout = format!("oci:{}:v1", work.path().join("layout").display());
-    let out = skopeo(
-        &cert_dir,
-        &[
-            "copy",
-            "--dest-cert-dir",
-            cert_dir.to_str().unwrap(),
-            "--dest-creds",
-            &format!("pusher:{pusher}"),
-            &layout,
-            &format!("docker://{host}/team-a/app:v1"),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "push failed; registry log:\n{}",
-        std::fs::read_to_string(&registry.log).unwrap_or_default()
-    );
+    registry.push(&layout, "team-a/app:v1", &format!("pusher:{pusher}"));
 
     // 2. The webhook, with the `kubernetes` source for this registry; a Pod with no annotation.
     let registry_entry = format!("  - host: \"{host}\"\n    kubernetes: {{serviceAccount: default, audience: {SERVICE}, expirationSeconds: 600, username: k8s}}\n");
@@ -374,10 +169,7 @@ rules:
             None => args.push("--no-creds".into()),
         }
         args.push(image.clone());
-        skopeo(
-            &cert_dir,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
+        registry.skopeo(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let out = inspect(Some(&auth_a));
     assert!(out.status.success(), "team-a's Secret must pull");
@@ -385,18 +177,15 @@ rules:
     assert_eq!(info["Layers"][0], layer_digest.as_str());
     // And the image itself comes down.
     let pulled = work.path().join("pulled");
-    let out = skopeo(
-        &cert_dir,
-        &[
-            "copy",
-            "--src-cert-dir",
-            cert_dir.to_str().unwrap(),
-            "--authfile",
-            auth_a.to_str().unwrap(),
-            &image,
-            &format!("oci:{}:v1", pulled.display()),
-        ],
-    );
+    let out = registry.skopeo(&[
+        "copy",
+        "--src-cert-dir",
+        cert_dir.to_str().unwrap(),
+        "--authfile",
+        auth_a.to_str().unwrap(),
+        &image,
+        &format!("oci:{}:v1", pulled.display()),
+    ]);
     assert!(out.status.success(), "copy with team-a's Secret");
     assert!(
         pulled
@@ -464,8 +253,7 @@ rules:
     }
 
     inj.cleanup().await;
-    token_server.shutdown().await;
-    drop(registry);
+    registry.shutdown().await;
     for ns in ["reg-infra", "reg-ci"] {
         let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone())
             .delete(ns, &Default::default())
@@ -495,13 +283,6 @@ fn capture_token_server_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
         .finish();
     tracing::subscriber::set_global_default(subscriber).expect("one subscriber per test binary");
     buffer
-}
-
-/// The API server's URL, from the control plane's kubeconfig.
-fn api_server_url(cp: &ControlPlane) -> String {
-    let text = std::fs::read_to_string(cp.kubeconfig()).unwrap();
-    let start = text.find("server: \"").unwrap() + "server: \"".len();
-    text[start..].split('"').next().unwrap().to_string()
 }
 
 /// Keys found through the issuer's discovery document, fetched again for a key id not seen

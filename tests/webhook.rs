@@ -797,3 +797,97 @@ async fn item11_tokens_never_reach_the_logs() {
         assert!(!log.contains(token.as_str()));
     }
 }
+
+/// Admissions of `kind` the service has answered, from its own counters.
+async fn admissions(inj: &Injector, kind: &str) -> u64 {
+    let (code, metrics) = get(&inj.certs, &inj.url().replace("/mutate", "/metrics")).await;
+    assert_eq!(code, 200, "{metrics}");
+    let prefix = format!("pull_secret_injector_admissions_total{{kind=\"{kind}\",");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The shipped webhook's `matchConditions` (every test here registers them): the API server
+/// does not call the service for a Pod or ServiceAccount that already lists the Secret, or for
+/// a mirror Pod, and still calls it for everything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item12_the_api_server_skips_the_call_for_objects_that_list_the_secret() {
+    let _serial = serial();
+    let mut inj = Injector::start("t12").await;
+    let c = inj.client.clone();
+    let ns = inj.namespace("conditions", true).await;
+    detach_from_default(&c, &ns).await;
+    let (pods, sas) = (
+        admissions(&inj, "Pod").await,
+        admissions(&inj, "ServiceAccount").await,
+    );
+
+    let listed = json!({"imagePullSecrets": [{"name": "mine"}, {"name": "pull-secret"}]});
+    let pod = create_pod(&c, &ns, "lists-it", listed, false).await.pod;
+    assert_eq!(pull_secret_names(&pod), ["mine", "pull-secret"]);
+    assert_eq!(
+        admissions(&inj, "Pod").await,
+        pods,
+        "no call for a Pod that lists it"
+    );
+
+    let (status, _, text) = post(
+        &c,
+        &format!("/api/v1/namespaces/{ns}/pods?dryRun=All"),
+        &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "mirror", "annotations": {"kubernetes.io/config.mirror": "x"}},
+                "spec": {"nodeName": "some-node", "automountServiceAccountToken": false,
+                         "containers": [{"name": "app", "image": format!("{HOST}/team/app:1")}]}}),
+    )
+    .await;
+    assert!(status.is_success(), "{status} {text}");
+    assert_eq!(
+        admissions(&inj, "Pod").await,
+        pods,
+        "no call for a mirror Pod"
+    );
+
+    let pod = create_pod(
+        &c,
+        &ns,
+        "lists-another",
+        json!({"imagePullSecrets": [{"name": "mine"}]}),
+        false,
+    )
+    .await
+    .pod;
+    assert_eq!(pull_secret_names(&pod), ["mine", "pull-secret"]);
+    assert_eq!(
+        admissions(&inj, "Pod").await,
+        pods + 1,
+        "the others are still called"
+    );
+
+    let sa_api: Api<ServiceAccount> = Api::namespaced(c.clone(), &ns);
+    let both = json!({"metadata": {"name": "has-both"},
+                      "imagePullSecrets": [{"name": "pull-secret"}], "secrets": [{"name": "pull-secret"}]});
+    sa_api
+        .create(&Default::default(), &serde_json::from_value(both).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        admissions(&inj, "ServiceAccount").await,
+        sas,
+        "no call for a ServiceAccount listing it"
+    );
+    let one =
+        json!({"metadata": {"name": "has-one"}, "imagePullSecrets": [{"name": "pull-secret"}]});
+    let created = sa_api
+        .create(&Default::default(), &serde_json::from_value(one).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(admissions(&inj, "ServiceAccount").await, sas + 1);
+    assert_eq!(
+        sa_refs(&created),
+        (vec!["pull-secret".into()], vec!["pull-secret".into()])
+    );
+    inj.cleanup().await;
+}

@@ -4,6 +4,7 @@
 //! MutatingWebhookConfiguration that the API server calls over TLS.
 #![allow(dead_code)]
 
+pub mod registry;
 pub mod standin;
 
 use std::collections::BTreeMap;
@@ -37,20 +38,55 @@ pub fn repo() -> PathBuf {
 impl ControlPlane {
     /// The control plane for this test binary, started on first use.
     pub fn get() -> &'static ControlPlane {
-        CONTROL_PLANE.get_or_init(|| {
+        Self::start(false)
+    }
+
+    /// The control plane with a node beside it (kubelet, containerd, CNI in a network
+    /// namespace of its own): for the tests where a real kubelet pulls images.
+    pub fn with_node() -> &'static ControlPlane {
+        Self::start(true)
+    }
+
+    fn start(node: bool) -> &'static ControlPlane {
+        let cp = CONTROL_PLANE.get_or_init(|| {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let dir =
                 std::env::temp_dir().join(format!("psi-control-plane-{}", std::process::id()));
-            let status = Command::new(repo().join("hack/control-plane"))
-                .arg("up")
-                .arg(&dir)
+            let mut cmd = Command::new(repo().join("hack/control-plane"));
+            cmd.arg("up").arg(&dir);
+            if node {
+                cmd.arg("--node");
+            }
+            let status = cmd
                 .arg("--owner")
                 .arg(std::process::id().to_string())
                 .status()
                 .expect("run hack/control-plane");
             assert!(status.success(), "hack/control-plane up failed");
             ControlPlane { dir }
-        })
+        });
+        assert!(
+            !node || cp.dir.join("node.json").exists(),
+            "this test binary started its control plane without a node"
+        );
+        cp
+    }
+
+    /// The API server's URL.
+    pub fn server(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server"))
+            .expect("server")
+            .trim()
+            .to_string()
+    }
+
+    /// The address this machine has for the node (the host side of its veth link), or
+    /// 127.0.0.1 without a node: servers the node must reach listen here.
+    pub fn host_ip(&self) -> String {
+        std::fs::read_to_string(self.dir.join("host-ip"))
+            .expect("host-ip")
+            .trim()
+            .to_string()
     }
 
     pub async fn client(&self) -> Client {
@@ -127,7 +163,8 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A CA and a serving certificate for 127.0.0.1, written to a temporary directory.
+/// A CA and a serving certificate for 127.0.0.1 (and more addresses with `for_ips`), written
+/// to a temporary directory.
 pub struct Certs {
     pub dir: tempfile::TempDir,
     pub ca_pem: String,
@@ -135,6 +172,10 @@ pub struct Certs {
 
 impl Certs {
     pub fn new() -> Self {
+        Self::for_ips(&[])
+    }
+
+    pub fn for_ips(extra: &[&str]) -> Self {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -148,6 +189,11 @@ impl Certs {
         params
             .subject_alt_names
             .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        for ip in extra {
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(ip.parse().expect("an IP address")));
+        }
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "127.0.0.1");
@@ -311,13 +357,19 @@ impl Injector {
         namespace_selector: Value,
         resources: &[&str],
     ) {
-        register_webhook(
+        // The shipped conditions name the Secret `pull-secret` of the namespace scope; with
+        // identityScope serviceAccount the API server calls for every object, as before.
+        let conditions = (!self.config_yaml.contains("identityScope: serviceAccount"))
+            .then(shipped_match_conditions);
+        register_webhook_with(
             &self.client,
             name,
+            "inject.pull-secret-injector.io",
             &self.url(),
             &self.certs.ca_pem,
             namespace_selector,
             resources,
+            conditions,
         )
         .await;
         self.webhooks.push(name.into());
@@ -439,6 +491,42 @@ pub async fn register_webhook_named(
     namespace_selector: Value,
     resources: &[&str],
 ) {
+    register_webhook_with(
+        client,
+        name,
+        webhook_name,
+        url,
+        ca_pem,
+        namespace_selector,
+        resources,
+        None,
+    )
+    .await
+}
+
+/// The `matchConditions` of the shipped webhook configuration (`deploy/kustomize/base`).
+pub fn shipped_match_conditions() -> Value {
+    let path = repo().join("deploy/kustomize/base/mutatingwebhookconfiguration.yaml");
+    let doc: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let conditions = doc["webhooks"][0]["matchConditions"].clone();
+    assert!(
+        conditions.is_array(),
+        "the shipped webhook has matchConditions"
+    );
+    conditions
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn register_webhook_with(
+    client: &Client,
+    name: &str,
+    webhook_name: &str,
+    url: &str,
+    ca_pem: &str,
+    namespace_selector: Value,
+    resources: &[&str],
+    match_conditions: Option<Value>,
+) {
     let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     let webhook: MutatingWebhookConfiguration = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
@@ -453,7 +541,8 @@ pub async fn register_webhook_named(
             "timeoutSeconds": 10,
             "namespaceSelector": namespace_selector,
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": resources}],
-            "clientConfig": {"url": url, "caBundle": ca}
+            "clientConfig": {"url": url, "caBundle": ca},
+            "matchConditions": match_conditions.unwrap_or_else(|| json!([])),
         }]
     }))
     .unwrap();
@@ -510,24 +599,12 @@ pub async fn create_pod(
     let body =
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": full_spec});
     let query = if dry_run { "?dryRun=All" } else { "" };
-    let mut attempt = 0;
-    let (status, warnings, text) = loop {
-        let (status, warnings, text) = post(
-            client,
-            &format!("/api/v1/namespaces/{ns}/pods{query}"),
-            &body,
-        )
-        .await;
-        // In a namespace created moments ago the API server (1.20) may refuse Pods until the
-        // token controller has given `default` its legacy token ("No API token found ...,
-        // retry after"): that is the API server's own race, retried as it asks.
-        if status.as_u16() == 500 && text.contains("No API token found") && attempt < 20 {
-            attempt += 1;
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            continue;
-        }
-        break (status, warnings, text);
-    };
+    let (status, warnings, text) = post(
+        client,
+        &format!("/api/v1/namespaces/{ns}/pods{query}"),
+        &body,
+    )
+    .await;
     assert!(
         status.is_success(),
         "creating pod {ns}/{name}: {status} {text}"
