@@ -89,8 +89,7 @@ impl Service {
         let events = Events::new(client.clone(), settings.instance.clone());
         let (stop, stopped) = watch::channel(false);
         let inbox = Inbox::default();
-        let (namespaces, ready, tasks) = Self::watch_namespaces(&client, &inbox, &stopped);
-        let mut background = Vec::from(tasks);
+        let (namespaces, writer) = reflector::store();
 
         let http = sources::http::HttpClient::new(&config.http)?;
         let provisioner = Arc::new(Provisioner::new(
@@ -101,6 +100,15 @@ impl Service {
             events.clone(),
             metrics.clone(),
         ));
+        let (ready, tasks) = Self::watch_namespaces(
+            &client,
+            writer,
+            namespaces.clone(),
+            &inbox,
+            provisioner.clone(),
+            &stopped,
+        );
+        let mut background = Vec::from(tasks);
         let (c, s, p, store, m) = (
             client.clone(),
             settings.clone(),
@@ -173,18 +181,17 @@ impl Service {
     }
 
     /// The one Namespace watch: every replica reads it to answer "opted in?" without an API
-    /// call, and the refresher, where it runs, is fed its changes through the inbox. Returns the
-    /// store, the readiness flag (set once the watch has listed), and the two tasks behind them.
+    /// call, and the refresher, where it runs, is fed its changes through the inbox. A deleted
+    /// namespace (or one gone when the watch relists) is forgotten by the provisioner. Returns
+    /// the readiness flag (set once the watch has listed), and the two tasks behind it.
     fn watch_namespaces(
         client: &kube::Client,
+        writer: reflector::store::Writer<Namespace>,
+        namespaces: reflector::Store<Namespace>,
         inbox: &Inbox,
+        provisioner: Arc<Provisioner>,
         stopped: &watch::Receiver<bool>,
-    ) -> (
-        reflector::Store<Namespace>,
-        Arc<AtomicBool>,
-        [JoinHandle<()>; 2],
-    ) {
-        let (namespaces, writer) = reflector::store();
+    ) -> (Arc<AtomicBool>, [JoinHandle<()>; 2]) {
         let inbox = inbox.clone();
         let watch = reflector::reflector(
             writer,
@@ -195,12 +202,21 @@ impl Service {
             .modify(refresher::slim_namespace),
         )
         .default_backoff()
-        .applied_objects()
-        .for_each(move |ns| {
-            if let Ok(ns) = ns {
-                inbox.namespace_changed(Arc::new(ns));
+        .for_each(move |event| {
+            let provisioner = provisioner.clone();
+            let inbox = inbox.clone();
+            async move {
+                match event {
+                    Ok(watcher::Event::Apply(ns) | watcher::Event::InitApply(ns)) => {
+                        inbox.namespace_changed(Arc::new(ns))
+                    }
+                    // The reflector has updated the store by now.
+                    Ok(watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                        provisioner.forget_gone().await
+                    }
+                    Ok(watcher::Event::Init) | Err(_) => {}
+                }
             }
-            futures::future::ready(())
         });
         let mut until_stopped = stopped.clone();
         let watch = tokio::spawn(async move {
@@ -217,7 +233,7 @@ impl Service {
                 tracing::info!("namespace watch synced; ready");
             }
         });
-        (namespaces, ready, [watch, readiness])
+        (ready, [watch, readiness])
     }
 
     /// Whether `/readyz` answers 200: the namespace watch has synced.
