@@ -16,6 +16,7 @@ pub mod admission;
 pub mod cluster;
 pub mod compat;
 pub mod config;
+pub mod connections;
 pub mod core;
 pub mod metrics;
 pub mod ops;

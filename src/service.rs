@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::admission::{coarse_timer, server, webhook};
 use crate::cluster::Events;
 use crate::compat::updater;
+use crate::connections;
 use crate::metrics;
 use crate::refresh::leadership::{self, Inbox};
 use crate::refresh::refresher::{self, Refresher};
@@ -156,18 +157,24 @@ impl Service {
             read_timeout: admission.read_timeout,
             timer: timer.clone(),
             metrics,
+            body_bytes: Arc::new(tokio::sync::Semaphore::new(admission.max_bytes_in_flight)),
         });
         let handle = axum_server::Handle::new();
-        let mut server = axum_server::from_tcp_rustls(listener, tls)
-            .map_err(listen_error)?
-            .handle(handle.clone());
-        // A client that trickles its headers is cut off (HTTP/1; HTTP/2 has its own keep-alive).
-        server
-            .http_builder()
-            .http1()
-            .timer(timer)
-            .header_read_timeout(admission.read_timeout);
-        let server = server.serve(server::router(state).into_make_service());
+        let limits = connections::Limits {
+            max_connections: admission.max_connections,
+            idle_timeout: admission.idle_timeout,
+        };
+        let server = connections::serve(
+            listener,
+            tls,
+            "webhook",
+            limits,
+            admission.read_timeout,
+            timer,
+            handle.clone(),
+            server::router(state),
+        )
+        .map_err(listen_error)?;
         let server = tokio::spawn(server);
         tracing::info!(%local_addr, "serving admission webhook over TLS");
         Ok(Self {

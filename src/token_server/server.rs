@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -71,6 +72,11 @@ impl TokenServer {
         let listener = std::net::TcpListener::bind(config.listen).map_err(listen_error)?;
         listener.set_nonblocking(true).map_err(listen_error)?;
         let local_addr = listener.local_addr().map_err(listen_error)?;
+        let limits = crate::connections::Limits {
+            max_connections: config.max_connections,
+            idle_timeout: config.idle_timeout,
+        };
+        let read_timeout = config.read_timeout;
         let state = Arc::new(AppState {
             config,
             verifier,
@@ -82,10 +88,29 @@ impl TokenServer {
             .route("/healthz", get(|| async { "ok" }))
             .with_state(state);
         let handle = axum_server::Handle::new();
-        let server = axum_server::from_tcp_rustls(listener, tls)
-            .map_err(listen_error)?
-            .handle(handle.clone());
-        let task = tokio::spawn(server.serve(app.into_make_service()));
+        let timer = crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(100));
+        let app = app.layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+                // No request here needs a body or waits long: a stalled one is cut off.
+                match tokio::time::timeout(read_timeout, next.run(request)).await {
+                    Ok(response) => response,
+                    Err(_) => (StatusCode::REQUEST_TIMEOUT, "request not answered in time")
+                        .into_response(),
+                }
+            },
+        ));
+        let server = crate::connections::serve(
+            listener,
+            tls,
+            "token-server",
+            limits,
+            read_timeout,
+            timer,
+            handle.clone(),
+            app,
+        )
+        .map_err(listen_error)?;
+        let task = tokio::spawn(server);
         tracing::info!(%local_addr, "serving registry tokens over TLS");
         Ok(Self {
             local_addr,
