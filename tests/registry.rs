@@ -236,12 +236,12 @@ async fn pods_pull_with_the_secret_the_webhook_made_and_nothing_else_does() {
     // Every decision was logged, with who and what, and no token.
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
     assert!(
-        logs.contains(&format!("namespace={team_a}"))
-            && logs.contains("granted=repository:team-a/app:pull"),
+        logs.contains(&format!("namespace={team_a:?}"))
+            && logs.contains("granted=\"repository:team-a/app:pull\""),
         "{logs}"
     );
     assert!(
-        logs.contains(&format!("namespace={team_b}")) && logs.contains("granted=nothing"),
+        logs.contains(&format!("namespace={team_b:?}")) && logs.contains("granted=\"nothing\""),
         "{logs}"
     );
     assert!(

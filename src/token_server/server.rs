@@ -83,10 +83,7 @@ impl TokenServer {
             signer,
             clock,
         });
-        let app = axum::Router::new()
-            .route("/token", get(token))
-            .route("/healthz", get(|| async { "ok" }))
-            .with_state(state);
+        let app = router(state);
         let handle = axum_server::Handle::new();
         let timer = crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(100));
         let app = app.layer(axum::middleware::from_fn(
@@ -139,6 +136,13 @@ impl TokenServer {
             .graceful_shutdown(Some(std::time::Duration::from_secs(1)));
         let _ = self.task.await;
     }
+}
+
+fn router(state: Arc<AppState>) -> axum::Router {
+    axum::Router::new()
+        .route("/token", get(token))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
 }
 
 fn unauthorized(message: &str) -> Response {
@@ -204,20 +208,32 @@ async fn token(
     if service != Some(state.config.service.as_str()) {
         return bad_request("unknown service");
     }
+    // A control character has no place in a scope, and in a log line it could forge another.
+    if params
+        .iter()
+        .any(|(k, v)| k == "scope" && v.chars().any(char::is_control))
+    {
+        tracing::info!(
+            granted = "nothing",
+            reason = "control characters in scope",
+            "token refused"
+        );
+        return bad_request("scope contains control characters");
+    }
     let requested: Vec<Access> = params
         .iter()
         .filter(|(k, _)| k == "scope")
         .flat_map(|(_, v)| rules::parse_scope(v))
         .collect();
     let Some(password) = basic_password(&headers) else {
-        tracing::info!(requested = %describe(&requested), granted = "nothing", reason = "no credentials", "token refused");
+        tracing::info!(requested = ?describe(&requested), granted = "nothing", reason = "no credentials", "token refused");
         return unauthorized("credentials required: Basic <any user>:<service-account token>");
     };
     let now = (state.clock)();
     let verified = match state.verifier.verify(&password, now).await {
         Ok(v) => v,
         Err(e) => {
-            tracing::info!(requested = %describe(&requested), granted = "nothing", reason = %e, "token refused");
+            tracing::info!(requested = ?describe(&requested), granted = "nothing", reason = ?e.to_string(), "token refused");
             return unauthorized(&format!("service-account token refused: {e}"));
         }
     };
@@ -234,13 +250,121 @@ async fn token(
         Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "signing failed").into_response(),
     };
     tracing::info!(
-        subject = %verified.subject,
-        namespace = %verified.identity.namespace,
-        service_account = %verified.identity.service_account,
-        requested = %describe(&requested),
-        granted = %describe(&granted),
+        subject = ?verified.subject,
+        namespace = ?verified.identity.namespace,
+        service_account = ?verified.identity.service_account,
+        // Request values are logged escaped (Debug): they cannot start a line of their own.
+        requested = ?describe(&requested),
+        granted = ?describe(&granted),
         "token issued"
     );
     let body = json!({"token": token, "access_token": token, "expires_in": lifetime.as_secs(), "issued_at": now.to_string()});
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
+}
+
+/// The token endpoint in-process (`oneshot`, no sockets): what a caller with no credentials can
+/// make it write to its log.
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    const CONFIG: &str = r#"
+tls: {certFile: t.crt, keyFile: t.key}
+issuer: {url: "https://issuer.example", jwksUri: "https://127.0.0.1:1/jwks", audiences: [registry.test]}
+service: registry.test
+signing: {certFile: s.crt, keyFile: s.key}
+rules:
+  - {namespace: team-a, repositories: ["team-a/*"]}
+"#;
+
+    fn app(dir: &std::path::Path) -> axum::Router {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let config = TokenServerConfig::from_yaml(CONFIG).unwrap();
+        router(Arc::new(AppState {
+            verifier: Verifier::new(config.issuer.clone(), config.leeway).unwrap(),
+            signer: Signer::from_files(&c, &k, "psi").unwrap(),
+            config,
+            clock: Arc::new(Timestamp::now),
+        }))
+    }
+
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    async fn call(app: axum::Router, query: &str) -> (StatusCode, serde_json::Value) {
+        let request = axum::http::Request::get(format!("/token?{query}"))
+            .body(Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn a_newline_in_a_scope_is_refused_and_cannot_forge_a_log_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let forged = "repository:team-a/app:pull\n2026-12-01T00:00:00Z  INFO token issued \
+                      subject=system:serviceaccount:kube-system:admin";
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("service", "registry.test")
+            .append_pair("scope", forged)
+            .finish();
+        let (status, body) = call(app(dir.path()), &query).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            body["errors"][0]["message"],
+            "scope contains control characters"
+        );
+        // Without control characters, a scope that looks like a log line is logged quoted, on
+        // the refusal's own line.
+        let quoted = "repository:team-a/app:pull\" token issued subject=x";
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("service", "registry.test")
+            .append_pair("scope", quoted)
+            .finish();
+        let (status, _) = call(app(dir.path()), &query).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        for line in text.lines() {
+            assert!(line.contains("token refused"), "{line}");
+            assert!(!line.contains(" INFO token issued"), "{line}");
+        }
+        assert!(
+            text.contains("reason=\"control characters in scope\""),
+            "{text}"
+        );
+    }
 }
