@@ -154,6 +154,15 @@ pub fn decide(
             "pull-secret-injector: the request carries no object to patch",
         );
     };
+    if let Some(list) = object.too_long_list() {
+        return Decision::warn(
+            Outcome::Invalid,
+            format!(
+                "pull-secret-injector: {list} has more than {} entries; nothing injected",
+                review::MAX_REFERENCES
+            ),
+        );
+    }
     if settings.inject() == InjectMode::MatchingImages {
         if target != Target::Pod {
             return Decision::unchanged();
@@ -504,6 +513,19 @@ mod tests {
                 "a crafted name is not echoed whole: {warned}"
             );
         }
+        let many: Vec<Value> = (0..=review::MAX_REFERENCES)
+            .map(|i| json!({"name": format!("s{i}")}))
+            .collect();
+        let (got, warned) = run(
+            &always,
+            &served(&["ghcr.io"]),
+            &with("team-a", "Pod", json!({"spec": {"imagePullSecrets": many}})),
+        );
+        assert_eq!(got, "invalid");
+        assert!(
+            warned.contains("spec.imagePullSecrets has more than 1024 entries"),
+            "{warned}"
+        );
         // The same long ServiceAccount is fine with one Secret per namespace.
         let (got, _) = run(
             &always,
