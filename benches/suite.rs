@@ -14,6 +14,9 @@
 //!                 resident memory after the first and the last round
 //!   5. scale      N opted-in namespaces (BENCH_NAMESPACES, default 10000): start-up, memory,
 //!                 paced renewals, CPU per renewal
+//!   7. memory     peak resident memory above idle for a 3 MiB review: one, 16 at once (HTTP/1,
+//!                 16 connections), 100 at once as streams of one HTTP/2 connection; baseline:
+//!                 the body's own size
 //! ```
 //!
 //! BENCH_ONLY=handler,tls,... runs a subset.
@@ -657,6 +660,101 @@ async fn cold_burst() -> Vec<Figure> {
     figures
 }
 
+/// A Pod review of about 3 MiB, as large as the API server lets through: 1,000
+/// `imagePullSecrets` entries and forty containers with 600 environment variables each.
+fn big_review(namespace: &str) -> Value {
+    let mut review = pod_review(namespace, "b5e1c0de-0000-4000-8000-000000000007");
+    let env: Vec<Value> = (0..600)
+        .map(|i| json!({"name": format!("SETTING_{i:04}"), "value": format!("{i:04}-{}", "v".repeat(88))}))
+        .collect();
+    let containers: Vec<Value> = (0..40)
+        .map(|i| json!({"name": format!("c{i}"), "image": "registry.example.com/team/app:1", "env": env}))
+        .collect();
+    let spec = &mut review["request"]["object"]["spec"];
+    spec["containers"] = json!(containers);
+    spec["imagePullSecrets"] = json!((0..1000)
+        .map(|i| json!({"name": format!("existing-secret-{i}")}))
+        .collect::<Vec<_>>());
+    review
+}
+
+/// Resets the process's peak resident memory (VmHWM) to its current size.
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+async fn memory() -> Vec<Figure> {
+    println!("7. memory: peak RSS above idle for a 3 MiB review (one, 16 at once, 100 HTTP/2 streams)");
+    let mut inj = Injector::start("bench-memory").await;
+    let ns = inj.namespace("big", true).await;
+    wait_secret(&inj.client, &ns, "warm", |_| true).await;
+    // One buffer shared by every request: the client side adds little to the figures.
+    let body = axum::body::Bytes::from(serde_json::to_vec(&big_review(&ns)).unwrap());
+    let body_mib = body.len() as f64 / (1024.0 * 1024.0);
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(inj.certs.ca()).unwrap()).unwrap();
+    let http1 = reqwest::Client::builder()
+        .add_root_certificate(ca.clone())
+        .http1_only()
+        .build()
+        .unwrap();
+    let http2 = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let url = inj.url();
+    let pid = std::process::id();
+    let mut figures = Vec::new();
+    let cases: [(&str, &reqwest::Client, usize); 3] = [
+        ("one review", &http1, 1),
+        ("16 at once (16 connections)", &http1, 16),
+        ("100 at once (one HTTP/2 connection)", &http2, 100),
+    ];
+    for (what, client, n) in cases {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle = proc_status(pid, "VmRSS:") / 1024.0;
+        reset_peak();
+        let calls = (0..n).map(|_| {
+            let request = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.clone());
+            async move {
+                let r = request.send().await.expect("answered");
+                let status = r.status().as_u16();
+                let text = r.text().await.unwrap_or_default();
+                (status, text)
+            }
+        });
+        let answers = futures::future::join_all(calls).await;
+        let peak = proc_status(pid, "VmHWM:") / 1024.0 - idle;
+        for (status, text) in &answers {
+            assert_eq!(*status, 200, "{text}");
+            assert!(text.contains("\"patch\""), "answered with a patch: {text}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = proc_status(pid, "VmRSS:") / 1024.0 - idle;
+        println!("   {what}: peak {peak:.1} MiB above idle ({idle:.1} MiB), {after:.1} MiB above idle 2 s later");
+        let target = if n == 1 { "target < 64 MiB" } else { "bounded by admission.maxBytesInFlight (32 MiB of bodies)" };
+        figures.push(figure(
+            format!("peak resident memory above idle, {what}"),
+            peak,
+            "MiB",
+            Some(("the body's size", body_mib)),
+            target,
+        ));
+        figures.push(figure(
+            format!("resident memory above idle 2 s after, {what}"),
+            after,
+            "MiB",
+            Some(("the body's size", body_mib)),
+            "returned to the system: ≈ 0",
+        ));
+    }
+    inj.cleanup().await;
+    figures
+}
+
 fn proc_status(pid: u32, field: &str) -> f64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     text.lines()
@@ -1059,6 +1157,9 @@ fn main() {
         }
         if wanted("scale") {
             sections.push(("5. Scale", scale().await));
+        }
+        if wanted("memory") {
+            sections.push(("7. Memory per review", memory().await));
         }
     });
     let machine = machine();
