@@ -684,7 +684,9 @@ fn reset_peak() {
 }
 
 async fn memory() -> Vec<Figure> {
-    println!("7. memory: peak RSS above idle for a 3 MiB review (one, 16 at once, 100 HTTP/2 streams)");
+    println!(
+        "7. memory: peak RSS above idle for a 3 MiB review (one, 16 at once, 100 HTTP/2 streams)"
+    );
     let mut inj = Injector::start("bench-memory").await;
     let ns = inj.namespace("big", true).await;
     wait_secret(&inj.client, &ns, "warm", |_| true).await;
@@ -735,7 +737,11 @@ async fn memory() -> Vec<Figure> {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let after = proc_status(pid, "VmRSS:") / 1024.0 - idle;
         println!("   {what}: peak {peak:.1} MiB above idle ({idle:.1} MiB), {after:.1} MiB above idle 2 s later");
-        let target = if n == 1 { "target < 64 MiB" } else { "bounded by admission.maxBytesInFlight (32 MiB of bodies)" };
+        let target = if n == 1 {
+            "target < 64 MiB"
+        } else {
+            "bounded by admission.maxBytesInFlight (32 MiB of bodies)"
+        };
         figures.push(figure(
             format!("peak resident memory above idle, {what}"),
             peak,

@@ -17,6 +17,7 @@ use serde_json::json;
 
 use super::issue::{Signer, SignerError};
 use super::oidc::Verifier;
+use super::review::TokenReviewer;
 use super::rules::{self, Access};
 use super::TokenServerConfig;
 
@@ -42,6 +43,8 @@ pub enum TokenServerError {
 struct AppState {
     config: TokenServerConfig,
     verifier: Verifier,
+    /// `tokenReview.enabled`: the API server confirms each verified token.
+    reviewer: Option<TokenReviewer>,
     signer: Signer,
     clock: Clock,
 }
@@ -67,6 +70,14 @@ impl TokenServer {
             &config.signing.issuer,
         )?;
         let verifier = Verifier::new(config.issuer.clone(), config.leeway)?;
+        let reviewer = match config.token_review.enabled {
+            true => Some(TokenReviewer::new(
+                &config.token_review,
+                config.issuer.ca_file.clone(),
+                config.issuer.token_file.clone(),
+            )?),
+            false => None,
+        };
         let addr = config.listen;
         let listen_error = move |source| TokenServerError::Listen { addr, source };
         let listener = std::net::TcpListener::bind(config.listen).map_err(listen_error)?;
@@ -80,6 +91,7 @@ impl TokenServer {
         let state = Arc::new(AppState {
             config,
             verifier,
+            reviewer,
             signer,
             clock,
         });
@@ -237,6 +249,16 @@ async fn token(
             return unauthorized(&format!("service-account token refused: {e}"));
         }
     };
+    if let Some(reviewer) = &state.reviewer {
+        let audiences = &state.config.issuer.audiences;
+        if let Err(e) = reviewer
+            .confirm(&password, &verified.subject, audiences)
+            .await
+        {
+            tracing::info!(subject = ?verified.subject, requested = ?describe(&requested), granted = "nothing", reason = ?e.to_string(), "token refused");
+            return unauthorized(&format!("service-account token refused: {e}"));
+        }
+    }
     let granted = rules::grant(&state.config.rules, &verified.identity, &requested);
     let lifetime = state.config.token_lifetime;
     let token = match state.signer.sign(
@@ -296,6 +318,7 @@ rules:
         let config = TokenServerConfig::from_yaml(CONFIG).unwrap();
         router(Arc::new(AppState {
             verifier: Verifier::new(config.issuer.clone(), config.leeway).unwrap(),
+            reviewer: None,
             signer: Signer::from_files(&c, &k, "psi").unwrap(),
             config,
             clock: Arc::new(Timestamp::now),
