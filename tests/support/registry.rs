@@ -113,9 +113,15 @@ impl PrivateRegistry {
             "subjects": [{"kind": "ServiceAccount", "name": "token-server", "namespace": infra}]
         }))
         .unwrap();
-        let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client.clone());
-        let _ = bindings.delete(&format!("{infra}-token-review"), &Default::default()).await;
-        bindings.create(&PostParams::default(), &binding).await.unwrap();
+        let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
+            Api::all(client.clone());
+        let _ = bindings
+            .delete(&format!("{infra}-token-review"), &Default::default())
+            .await;
+        bindings
+            .create(&PostParams::default(), &binding)
+            .await
+            .unwrap();
         let discovery_file = dir.join("discovery-token");
         std::fs::write(&discovery_file, discovery_token).unwrap();
         let ts_port = free_port(ip);
