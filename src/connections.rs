@@ -272,12 +272,19 @@ pub fn serve(
     builder
         .http2()
         .timer(timer)
-        .max_concurrent_streams(MAX_STREAMS);
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(STREAM_WINDOW * (MAX_STREAMS + 1));
     Ok(server.serve(router.into_make_service()))
 }
 
 /// Concurrent HTTP/2 streams per connection: the API server needs a handful.
-pub const MAX_STREAMS: u32 = 100;
+pub const MAX_STREAMS: u32 = 16;
+/// What one HTTP/2 stream may send ahead of being read. The connection's window holds every
+/// stream's at once, so a stream that waits for room in the in-flight byte budget (and is not
+/// read meanwhile) never starves the streams that are being read: no deadlock on one
+/// connection. Per connection that is about 1 MiB buffered unread, as with hyper's default.
+pub const STREAM_WINDOW: u32 = 64 * 1024;
 
 /// A real TLS listener on 127.0.0.1 and raw clients that misbehave as the issue describes: the
 /// server must close what they leave open, and refuse connections over the cap.
