@@ -115,6 +115,7 @@ fn the_helm_chart_renders_the_same_objects_as_kustomize() {
             r#"{"pullSecretUpdater": {"enabled": true}}"#,
             "pull-secret-updater",
         ),
+        (r#"{"networkPolicy": {"enabled": true}}"#, "network-policy"),
     ] {
         let helm = normalised(helm_objects(values));
         let kustomize = normalised(kustomize(&repo().join("deploy/kustomize").join(overlay)));
@@ -472,7 +473,13 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
 async fn the_token_server_manifests_are_valid() {
     let _serial = serial();
     let admin = ControlPlane::get().client().await;
-    for object in kustomize(&repo().join("deploy/kustomize/token-server")) {
+    let mut objects = kustomize(&repo().join("deploy/kustomize/token-server-network-policy"));
+    // And the webhook's optional NetworkPolicy.
+    objects.extend(yaml_docs(
+        &std::fs::read_to_string(repo().join("deploy/kustomize/network-policy/networkpolicy.yaml"))
+            .unwrap(),
+    ));
+    for object in objects {
         let kind = object["kind"].as_str().unwrap().to_string();
         // The namespace for real (the same object as the base's), the rest as dry runs.
         let dry_run = kind != "Namespace";
