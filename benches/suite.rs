@@ -19,7 +19,7 @@
 //!                 the body's own size
 //! ```
 //!
-//! BENCH_ONLY=handler,tls,... runs a subset.
+//! BENCH_ONLY=handler,tls,...,memory runs a subset.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
