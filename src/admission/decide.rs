@@ -99,9 +99,7 @@ pub fn invalid_names(review: &Review, settings: &Settings) -> Option<String> {
     if let Err(e) = names::validate_dns_label(namespace) {
         return refuse(e);
     }
-    let Some(object) = req.object.as_ref() else {
-        return None;
-    };
+    let object = req.object.as_ref()?;
     let service_account = match target {
         Target::Pod => object.pod_service_account(),
         Target::ServiceAccount => object.name(),

@@ -220,7 +220,7 @@ impl<'de> Deserialize<'de> for ReferenceName {
                         map.next_value::<serde::de::IgnoredAny>()?;
                     }
                 }
-                Ok(ReferenceName(name.filter(|n: &Box<str>| n.len() <= 253)))
+                Ok(ReferenceName(name.filter(|n| n.len() <= 253)))
             }
         }
         d.deserialize_any(Visit)

@@ -77,9 +77,11 @@ pub struct TokenReviewer {
     http: HttpClient,
     token_file: Option<PathBuf>,
     cache_for: Duration,
-    /// By the token's SHA-256: the username it was confirmed for, or why not.
-    cache: Mutex<HashMap<[u8; 32], (Instant, Result<String, ReviewError>)>>,
+    cache: Mutex<HashMap<[u8; 32], Answer>>,
 }
+
+/// By the token's SHA-256: when it was asked, and the username it was confirmed for or why not.
+type Answer = (Instant, Result<String, ReviewError>);
 
 #[derive(Deserialize)]
 struct Review {
