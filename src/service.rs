@@ -30,8 +30,8 @@ use crate::tls::{self, ReloadingCert};
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Waits for a store's first full list. Polled on a short timer: the store's readiness signal
-/// wakes only its most recent waiter.
-async fn wait_until_ready<K>(store: &reflector::Store<K>) -> bool
+/// wakes only its most recent waiter (the refresher and its controller wait on the same store).
+pub(crate) async fn wait_until_ready<K>(store: &reflector::Store<K>) -> bool
 where
     K: kube::Resource + Clone + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,

@@ -136,7 +136,9 @@ impl Refresher {
         // as the shared watch sees it change.
         let store = namespaces.clone();
         let listed = futures::stream::once(async move {
-            let _ = store.wait_until_ready().await;
+            // Not `store.wait_until_ready()` alone: with other waiters on the same store it
+            // may never wake, and then no namespace event ever reaches the controller.
+            let _ = crate::service::wait_until_ready(&store).await;
             futures::stream::iter(store.state())
         })
         .flatten();
