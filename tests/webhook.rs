@@ -302,7 +302,16 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
     let c = inj.client.clone();
     let ns = inj.namespace("failing", true).await;
     let started = std::time::Instant::now();
-    let created = create_pod(&c, &ns, "app", json!({}), false).await;
+    // A list of its own: the API server does not copy the ServiceAccount's (which already
+    // names the Secret) into it, so the shipped matchConditions let the call through.
+    let created = create_pod(
+        &c,
+        &ns,
+        "app",
+        json!({"imagePullSecrets": [{"name": "mine"}]}),
+        false,
+    )
+    .await;
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "took {:?}",
@@ -633,7 +642,14 @@ async fn item9_dry_run_admissions_have_no_side_effects() {
     assert_eq!(cp.token_attempts(&ns), attempts, "a dry run must not mint");
     assert_eq!(cp.secret_writes(&ns), 0);
     // The same request for real does try to mint at once: the dry-run check above can fail.
-    create_pod(&c, &ns, "app", json!({}), false).await;
+    create_pod(
+        &c,
+        &ns,
+        "app",
+        json!({"imagePullSecrets": [{"name": "mine"}]}),
+        false,
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(cp.token_attempts(&ns) > attempts);
     inj.cleanup().await;
