@@ -194,7 +194,7 @@ impl Service {
             )
             .modify(refresher::slim_namespace),
         )
-        .default_backoff()
+        .backoff(crate::cluster::WatchBackoff::default())
         .scan(Vec::new(), move |relisted, event| {
             // The reflector fills the store from a (re)list only at its end: what the list
             // shows is passed on then, or the refresher would look for it in a store that does

@@ -252,7 +252,7 @@ where
 {
     use futures::FutureExt;
     watcher(api, config)
-        .default_backoff()
+        .backoff(crate::cluster::WatchBackoff::default())
         .for_each(move |event| {
             match event {
                 Ok(event) => {
@@ -462,7 +462,10 @@ mod tests {
         retry.send("never".to_string()).unwrap();
         assert_eq!(passed.recv().await.as_deref(), Some("known"));
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(passed.try_recv().is_err(), "nothing passes before it is listed");
+        assert!(
+            passed.try_recv().is_err(),
+            "nothing passes before it is listed"
+        );
 
         writer.apply_watcher_event(&watcher::Event::Apply(namespace("late")));
         assert_eq!(passed.recv().await.as_deref(), Some("late"));
