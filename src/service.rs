@@ -208,20 +208,41 @@ impl Service {
             )
             .modify(refresher::slim_namespace),
         )
-        .default_backoff()
-        .for_each(move |event| {
+        .backoff(crate::cluster::WatchBackoff::default())
+        .scan(Vec::new(), move |relisted, event| {
+            // The reflector fills the store from a (re)list only at its end: what the list
+            // shows is passed on then, or the refresher would look for it in a store that does
+            // not have it yet and drop it (a namespace created while the watch was down).
+            // After a deletion or a relist, namespaces gone from the store are forgotten.
+            let forget = match event {
+                Ok(watcher::Event::Apply(ns)) => {
+                    inbox.namespace_changed(Arc::new(ns));
+                    false
+                }
+                Ok(watcher::Event::Init) => {
+                    relisted.clear();
+                    false
+                }
+                Ok(watcher::Event::InitApply(ns)) => {
+                    relisted.push(Arc::new(ns));
+                    false
+                }
+                Ok(watcher::Event::InitDone) => {
+                    for ns in relisted.drain(..) {
+                        inbox.namespace_changed(ns);
+                    }
+                    true
+                }
+                Ok(watcher::Event::Delete(_)) => true,
+                Err(_) => false,
+            };
+            futures::future::ready(Some(forget))
+        })
+        .for_each(move |forget| {
             let provisioner = provisioner.clone();
-            let inbox = inbox.clone();
             async move {
-                match event {
-                    Ok(watcher::Event::Apply(ns) | watcher::Event::InitApply(ns)) => {
-                        inbox.namespace_changed(Arc::new(ns))
-                    }
-                    // The reflector has updated the store by now.
-                    Ok(watcher::Event::Delete(_) | watcher::Event::InitDone) => {
-                        provisioner.forget_gone().await
-                    }
-                    Ok(watcher::Event::Init) | Err(_) => {}
+                if forget {
+                    provisioner.forget_gone().await
                 }
             }
         });

@@ -125,24 +125,38 @@ impl Refresher {
                 accounts
             });
         let (nudge, nudged) = mpsc::unbounded_channel();
+        let (listed_retry, retry_now) = mpsc::unbounded_channel();
+        watches.push(Box::pin(await_listed(
+            retry,
+            namespaces.clone(),
+            listed_retry,
+        )));
         let by_name = futures::stream::select(
-            UnboundedReceiverStream::new(retry),
+            UnboundedReceiverStream::new(retry_now),
             UnboundedReceiverStream::new(nudged),
         );
         let triggers =
             futures::stream::select(by_name, UnboundedReceiverStream::new(touched_namespaces))
                 .map(|ns| ObjectRef::<Namespace>::new(&ns));
         // Every namespace once the store has listed them (a new leader looks at all), then each
-        // as the shared watch sees it change.
+        // as the shared watch sees it change. The full list is sent from beside the controller,
+        // like the watches: a stream the controller polls would only start when it is polled.
+        let (seed, seeded) = mpsc::unbounded_channel();
         let store = namespaces.clone();
-        let listed = futures::stream::once(async move {
-            // Not `store.wait_until_ready()` alone: with other waiters on the same store it
-            // may never wake, and then no namespace event ever reaches the controller.
-            let _ = crate::service::wait_until_ready(&store).await;
-            futures::stream::iter(store.state())
-        })
-        .flatten();
-        let namespace_events = listed.chain(UnboundedReceiverStream::new(changed));
+        watches.push(Box::pin(async move {
+            // Not `store.wait_until_ready()` alone: the store's readiness signal wakes only its
+            // latest waiter, and the controller waits on the same store.
+            if crate::service::wait_until_ready(&store).await {
+                for ns in store.state() {
+                    let _ = seed.send(ns);
+                }
+            }
+            std::future::pending::<()>().await
+        }));
+        let namespace_events = futures::stream::select(
+            UnboundedReceiverStream::new(seeded),
+            UnboundedReceiverStream::new(changed),
+        );
         let controller = Controller::for_shared_stream(namespace_events, namespaces)
             .with_config(ControllerConfig::default().concurrency(16))
             .reconcile_on(triggers);
@@ -194,6 +208,44 @@ impl Refresher {
     }
 }
 
+/// How long a retry waits for its namespace to appear in the store.
+const RETRY_WAIT: Duration = Duration::from_secs(120);
+/// Retries waiting at most at once (names come from admissions).
+const RETRIES_WAITING: usize = 1024;
+
+/// Passes on the retries of namespaces the store holds, and holds back the others until it
+/// does (a namespace created while the watch was catching up, e.g. after an API server
+/// restart) instead of handing them to the controller, which drops what its store lacks.
+async fn await_listed(
+    mut retry: mpsc::UnboundedReceiver<String>,
+    store: Store<Namespace>,
+    ready: mpsc::UnboundedSender<String>,
+) {
+    let mut waiting = std::collections::HashMap::<String, tokio::time::Instant>::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            name = retry.recv() => match name {
+                Some(name) if waiting.len() < RETRIES_WAITING || waiting.contains_key(&name) => {
+                    waiting.entry(name).or_insert_with(tokio::time::Instant::now);
+                }
+                Some(name) => tracing::debug!(namespace = %name, "too many retries waiting; dropped"),
+                None => return,
+            },
+            _ = tick.tick() => {}
+        }
+        waiting.retain(|name, since| {
+            if store.get(&ObjectRef::new(name)).is_some() {
+                let _ = ready.send(name.clone());
+                false
+            } else {
+                since.elapsed() < RETRY_WAIT
+            }
+        });
+    }
+}
+
 /// Folds a watch of `K` into `view`, and names each touched object's namespace on `touched`, if
 /// given (after `view` shows the change).
 fn follow<K, S>(
@@ -210,7 +262,7 @@ where
 {
     use futures::FutureExt;
     watcher(api, config)
-        .default_backoff()
+        .backoff(crate::cluster::WatchBackoff::default())
         .for_each(move |event| {
             match event {
                 Ok(event) => {
@@ -292,6 +344,7 @@ impl Context {
 
 async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let name = ns.name_any();
+    tracing::trace!(namespace = %name, "reconcile");
     if ns.metadata.deletion_timestamp.is_some() {
         // Deleting the namespace deletes its Secret; writing into it would be refused.
         return Ok(Action::await_change());
@@ -396,4 +449,41 @@ fn error_policy(ns: Arc<Namespace>, error: &ReconcileError, ctx: Arc<Context>) -
     let wait = renewal::retry_delay(attempt, 0.5 + fastrand::f64());
     tracing::warn!(namespace = %name, error = %error, attempt, retry_in_ms = wait.as_millis() as u64, "reconcile failed; retrying");
     Action::requeue(wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector;
+
+    fn namespace(name: &str) -> Namespace {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_waits_for_its_namespace_to_be_listed() {
+        let (store, mut writer) = reflector::store::<Namespace>();
+        writer.apply_watcher_event(&watcher::Event::Apply(namespace("known")));
+        let (retry, retries) = mpsc::unbounded_channel();
+        let (ready, mut passed) = mpsc::unbounded_channel();
+        tokio::spawn(await_listed(retries, store, ready));
+
+        retry.send("known".to_string()).unwrap();
+        retry.send("late".to_string()).unwrap();
+        retry.send("never".to_string()).unwrap();
+        assert_eq!(passed.recv().await.as_deref(), Some("known"));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            passed.try_recv().is_err(),
+            "nothing passes before it is listed"
+        );
+
+        writer.apply_watcher_event(&watcher::Event::Apply(namespace("late")));
+        assert_eq!(passed.recv().await.as_deref(), Some("late"));
+        // `never` is given up after RETRY_WAIT; listed later, it is not passed on.
+        tokio::time::sleep(RETRY_WAIT).await;
+        writer.apply_watcher_event(&watcher::Event::Apply(namespace("never")));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(passed.try_recv().is_err());
+    }
 }
