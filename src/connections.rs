@@ -417,6 +417,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_that_never_starts_its_tls_handshake_is_disconnected() {
+        let server = start(Limits {
+            max_connections: 2,
+            // Longer than the handshake deadline (300 ms): this is the handshake's doing.
+            idle_timeout: Duration::from_secs(60),
+        })
+        .await;
+        let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(20), tcp.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "closed by the server: {read:?}"
+        );
+        server.handle.shutdown();
+    }
+
+    #[tokio::test]
     async fn an_http2_preface_and_nothing_more_is_disconnected() {
         let server = start(LIMITS).await;
         let mut tls = connect(&server, b"h2").await.unwrap();

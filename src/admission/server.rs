@@ -215,6 +215,15 @@ mod tests {
 
     /// The router over a service whose Kubernetes client points nowhere: nothing here needs it.
     fn app(max_body_bytes: usize, read_timeout: Duration, ready: bool) -> Router {
+        app_with_budget(max_body_bytes, read_timeout, ready, 1 << 20)
+    }
+
+    fn app_with_budget(
+        max_body_bytes: usize,
+        read_timeout: Duration,
+        ready: bool,
+        bytes_in_flight: usize,
+    ) -> Router {
         let yaml = "tls: {certFile: a, keyFile: b}\nregistries: [{host: r.example, kubernetes: {audience: a}}]\n";
         let settings = Arc::new(
             Settings::new(Config::from_yaml(yaml).unwrap(), &Environment::default()).unwrap(),
@@ -246,7 +255,7 @@ mod tests {
             read_timeout,
             timer: crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(10)),
             metrics,
-            body_bytes: Arc::new(tokio::sync::Semaphore::new(1 << 20)),
+            body_bytes: Arc::new(tokio::sync::Semaphore::new(bytes_in_flight)),
         }))
     }
 
@@ -360,5 +369,82 @@ mod tests {
             content_type.starts_with("application/openmetrics-text"),
             "{content_type}"
         );
+    }
+
+    /// Issue 18, point 3: the bytes of bodies in flight are bounded, and on one HTTP/2
+    /// connection the requests waiting for room do not starve those being read: 40 bodies of
+    /// 1 MiB as streams of one connection, against a budget of 3 MiB, are all answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_large_streams_on_one_http2_connection_share_the_byte_budget() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("c"), dir.path().join("k"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let reloading = Arc::new(crate::tls::ReloadingCert::load(&c, &k).unwrap());
+        let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(
+            crate::tls::server_config(reloading).unwrap(),
+        ));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mib = 1024 * 1024;
+        let router = app_with_budget(2 * mib, Duration::from_secs(10), true, 3 * mib);
+        let limits = crate::connections::Limits {
+            max_connections: 8,
+            idle_timeout: Duration::from_secs(30),
+        };
+        let handle = axum_server::Handle::new();
+        let serving = crate::connections::serve(
+            listener,
+            tls,
+            "test",
+            limits,
+            Duration::from_secs(10),
+            crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(10)),
+            handle.clone(),
+            router,
+        )
+        .unwrap();
+        tokio::spawn(serving);
+        let padded = CONFIGMAP.replacen(
+            r#""operation""#,
+            &format!(r#""pad":"{}","operation""#, "x".repeat(mib - 300)),
+            1,
+        );
+        let body = axum::body::Bytes::from(padded);
+        let url = format!("https://localhost:{}/mutate", addr.port());
+        let client = reqwest::Client::builder()
+            .resolve("localhost", addr)
+            .add_root_certificate(reqwest::Certificate::from_der(cert.der()).unwrap())
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let calls = (0..40).map(|_| {
+            let request = client
+                .post(&url)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
+            async move {
+                let r = request.send().await.unwrap();
+                (r.version(), r.status())
+            }
+        });
+        let answers =
+            tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(calls))
+                .await
+                .expect("answered");
+        for (version, status) in answers {
+            assert_eq!(
+                (version, status),
+                (axum::http::Version::HTTP_2, StatusCode::OK)
+            );
+        }
+        handle.shutdown();
     }
 }

@@ -390,4 +390,83 @@ rules:
             "{text}"
         );
     }
+
+    /// Issue 18, point 7: the token server has the webhook's deadlines. A real TLS listener on
+    /// 127.0.0.1: a client that completes TLS and sends nothing, and one that trickles its
+    /// request headers, are both disconnected; a real request is still answered.
+    #[tokio::test]
+    async fn idle_and_slow_clients_are_disconnected() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        for name in ["t", "s"] {
+            std::fs::write(dir.path().join(format!("{name}.crt")), cert.pem()).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+        let yaml = CONFIG
+            .replace("t.crt", &dir.path().join("t.crt").display().to_string())
+            .replace("t.key", &dir.path().join("t.key").display().to_string())
+            .replace("s.crt", &dir.path().join("s.crt").display().to_string())
+            .replace("s.key", &dir.path().join("s.key").display().to_string())
+            + "listen: 127.0.0.1:0\nreadTimeout: 500ms\nidleTimeout: 500ms\nmaxConnections: 8\n";
+        let config = TokenServerConfig::from_yaml(&yaml).unwrap();
+        let server = TokenServer::start(config, Arc::new(Timestamp::now))
+            .await
+            .unwrap();
+        let connect = || async {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(cert.der().clone()).unwrap();
+            let tls = rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let tcp = tokio::net::TcpStream::connect(server.local_addr)
+                .await
+                .unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(tls))
+                .connect(name, tcp)
+                .await
+                .unwrap()
+        };
+        let closed = |mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>| async move {
+            let mut buf = [0u8; 1024];
+            let read = async {
+                loop {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(20), read)
+                .await
+                .is_ok()
+        };
+        assert!(
+            closed(connect().await).await,
+            "an idle TLS client is disconnected"
+        );
+        let mut slow = connect().await;
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: loc")
+            .await
+            .unwrap();
+        slow.flush().await.unwrap();
+        assert!(
+            closed(slow).await,
+            "a client that trickles its headers is disconnected"
+        );
+        let mut ok = connect().await;
+        ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = ok.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).ends_with("ok"));
+        server.shutdown().await;
+    }
 }
