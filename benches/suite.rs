@@ -684,8 +684,10 @@ fn reset_peak(pid: u32) {
 }
 
 /// The release binary as its own process (`serve`, with the allocator it ships with), so that
-/// nothing the benchmark itself allocates is counted: memory for 3 MiB reviews sent directly to
-/// its port, in an opted-in namespace with a fresh Secret (every answer is a patch).
+/// nothing the benchmark itself allocates is counted, started afresh for each case (memory a
+/// case leaves behind would hide the next one's): peak resident memory above idle for 3 MiB
+/// reviews sent directly to its port, in an opted-in namespace with a fresh Secret (every
+/// answer is a patch), and what is still held 2 s after.
 async fn memory() -> Vec<Figure> {
     use std::process::{Command, Stdio};
     println!(
@@ -713,47 +715,43 @@ async fn memory() -> Vec<Figure> {
         .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
     let config = certs.dir.path().join("config.yaml");
     std::fs::write(&config, yaml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pull-secret-injector"))
-        .args(["serve", "--config", path_str(&config)])
-        .env("KUBECONFIG", cp.kubeconfig())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
     let url = format!("https://127.0.0.1:{port}/mutate");
-    wait_secret(&admin, &ns, "the service's Secret", |_| true).await;
-    wait_for("ready", Duration::from_secs(30), || async {
-        get(&certs, &url.replace("/mutate", "/readyz")).await.0 == 200
-    })
-    .await;
     let body = axum::body::Bytes::from(serde_json::to_vec(&big_review(&ns)).unwrap());
     let body_mib = body.len() as f64 / (1024.0 * 1024.0);
     let ca = reqwest::Certificate::from_pem(&std::fs::read(certs.ca()).unwrap()).unwrap();
-    let http1 = reqwest::Client::builder()
-        .add_root_certificate(ca.clone())
-        .http1_only()
-        .build()
-        .unwrap();
-    let http2 = reqwest::Client::builder()
-        .add_root_certificate(ca)
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
-    // One warm-up review: the first answer's one-off allocations are not a review's cost.
-    let warm = http1
-        .post(&url)
-        .header("content-type", "application/json")
-        .body(body.clone());
-    assert_eq!(warm.send().await.unwrap().status().as_u16(), 200);
     let mut figures = Vec::new();
-    let cases: [(&str, &reqwest::Client, usize); 3] = [
-        ("one review", &http1, 1),
-        ("16 at once (16 connections)", &http1, 16),
-        ("100 at once (one HTTP/2 connection)", &http2, 100),
+    let cases: [(&str, bool, usize); 3] = [
+        ("one review", false, 1),
+        ("16 at once (16 connections)", false, 16),
+        ("100 at once (one HTTP/2 connection)", true, 100),
     ];
-    for (what, client, n) in cases {
+    for (what, http2, n) in cases {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pull-secret-injector"))
+            .args(["serve", "--config", path_str(&config)])
+            .env("KUBECONFIG", cp.kubeconfig())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        wait_secret(&admin, &ns, "the service's Secret", |_| true).await;
+        wait_for("ready", Duration::from_secs(30), || async {
+            get(&certs, &url.replace("/mutate", "/readyz")).await.0 == 200
+        })
+        .await;
+        let builder = reqwest::Client::builder().add_root_certificate(ca.clone());
+        let client = if http2 {
+            builder.http2_prior_knowledge()
+        } else {
+            builder.http1_only()
+        }
+        .build()
+        .unwrap();
+        // One small review first: the first answer's one-off allocations are not a review's.
+        let warm = client.post(&url).header("content-type", "application/json");
+        let warm = warm.body(serde_json::to_vec(&pod_review(&ns, "warm")).unwrap());
+        assert_eq!(warm.send().await.unwrap().status().as_u16(), 200);
         tokio::time::sleep(Duration::from_secs(2)).await;
         let idle = proc_status(pid, "VmRSS:") / 1024.0;
         reset_peak(pid);
@@ -777,6 +775,8 @@ async fn memory() -> Vec<Figure> {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         let after = proc_status(pid, "VmRSS:") / 1024.0 - idle;
+        let _ = child.kill();
+        let _ = child.wait();
         println!("   {what}: peak {peak:.1} MiB above idle ({idle:.1} MiB), {after:.1} MiB above idle 2 s later");
         let target = if n == 1 {
             "target < 64 MiB"
@@ -798,8 +798,6 @@ async fn memory() -> Vec<Figure> {
             "returned to the system: ≈ 0",
         ));
     }
-    let _ = child.kill();
-    let _ = child.wait();
     let _ = Api::<Namespace>::all(admin)
         .delete(&ns, &Default::default())
         .await;
