@@ -26,22 +26,7 @@ pub struct Webhook {
     /// Namespaces whose Secret could not be made during an admission: the refresher retries.
     inbox: Inbox,
     metrics: Arc<Metrics>,
-    /// Subjects this replica is retrying itself after a failed admission (see `retry_here`).
-    retrying: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
-
-/// When an admission's attempt fails, this replica tries again after these pauses, whether or
-/// not a refresher runs here and whether or not its Namespace watch has caught up (after an
-/// API-server restart the refresher drops retries for namespaces its store does not show yet).
-const RETRY_HERE: [Duration; 5] = [
-    Duration::from_secs(1),
-    Duration::from_secs(2),
-    Duration::from_secs(4),
-    Duration::from_secs(8),
-    Duration::from_secs(16),
-];
-/// Subjects retried that way at once, at most; beyond, the refresher's retries alone.
-const MAX_RETRYING_HERE: usize = 256;
 
 /// How long a slow admission-time failure stops further admission-time attempts for that
 /// Secret: while a token endpoint hangs, admissions answer at once instead of each waiting the
@@ -67,7 +52,6 @@ impl Webhook {
             provisioner,
             inbox,
             metrics,
-            retrying: Default::default(),
         }
     }
 
@@ -173,7 +157,6 @@ impl Webhook {
                 }
                 tracing::warn!(namespace, error = %e, "pull Secret not ready at admission; retrying in the background");
                 self.inbox.retry(namespace);
-                self.retry_here(subject);
                 not_ready(patched, &format!("is not ready yet ({e})"))
             }
             Ok(Err(join_error)) => {
@@ -196,62 +179,6 @@ impl Webhook {
                 (patched.warn(warning), Outcome::NotReady)
             }
         }
-    }
-
-    /// Provisions `subject` again after [`RETRY_HERE`]'s pauses until it succeeds, the Secret
-    /// turns out to be someone else's, or the watch shows the namespace no longer served. Only
-    /// subjects of namespaces confirmed at admission come here.
-    fn retry_here(&self, subject: &Subject) {
-        let key = subject.key();
-        {
-            let mut retrying = self.retrying.lock().unwrap_or_else(|p| p.into_inner());
-            if retrying.len() >= MAX_RETRYING_HERE || !retrying.insert(key.clone()) {
-                return;
-            }
-        }
-        let (provisioner, retrying, subject) = (
-            self.provisioner.clone(),
-            self.retrying.clone(),
-            subject.clone(),
-        );
-        let (namespaces, settings) = (self.namespaces.clone(), self.settings.clone());
-        tokio::spawn(async move {
-            for pause in RETRY_HERE {
-                tokio::time::sleep(pause).await;
-                let watched = namespaces.get(&ObjectRef::new(&subject.namespace));
-                let served = watched.as_deref().is_none_or(|ns| {
-                    settings
-                        .policy
-                        .eligibility(&subject.namespace, ns.metadata.labels.as_ref())
-                        == Eligibility::OptedIn
-                });
-                if !served || provisioner.is_fresh(&subject).await {
-                    break;
-                }
-                match provisioner.ensure(&subject).await {
-                    Ok(_) => {
-                        tracing::info!(%subject, "pull Secret made on retry after a failed admission");
-                        break;
-                    }
-                    Err(e)
-                        if matches!(
-                            *e,
-                            ProvisionError::Conflict { .. }
-                                | ProvisionError::NothingSelected { .. }
-                        ) =>
-                    {
-                        break
-                    }
-                    Err(e) => {
-                        tracing::debug!(%subject, error = %e, "retry after a failed admission failed")
-                    }
-                }
-            }
-            retrying
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
-        });
     }
 
     /// Whether the namespace is served, and the registries it selects (as the watch last saw its
