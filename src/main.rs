@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use pull_secret_injector::config::Config;
-use pull_secret_injector::credential_provider::{Plugin, PluginConfig, PluginError};
+use pull_secret_injector::credential_provider::{self, Plugin, PluginConfig, PluginError};
 use pull_secret_injector::ops::{certs, status};
 use pull_secret_injector::settings::{Environment, Settings};
 use pull_secret_injector::token_server::server::{Clock, TokenServer};
@@ -96,6 +96,14 @@ enum Command {
         /// `http` and `registries`, as in the service's config.
         #[arg(long, env = "PULL_SECRET_INJECTOR_CREDENTIAL_PROVIDER_CONFIG")]
         config: PathBuf,
+        /// Instead of answering: check the config, then copy this binary to DIR/NAME and the
+        /// config to DIR/NAME.yaml (a DaemonSet's init container filling the kubelet's
+        /// --image-credential-provider-bin-dir).
+        #[arg(long, value_name = "DIR")]
+        install_to: Option<PathBuf>,
+        /// The file name under --install-to: the provider's `name` in the kubelet's config.
+        #[arg(long, default_value = "pull-secret-injector", requires = "install_to")]
+        name: String,
     },
     /// Check a config file and print what is wrong with it, without starting anything.
     CheckConfig {
@@ -121,7 +129,18 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("a TLS crypto provider was already installed"))?;
 
     match cli.command {
-        Command::CredentialProvider { config } => {
+        Command::CredentialProvider {
+            config,
+            install_to: Some(dir),
+            name,
+        } => {
+            PluginConfig::from_file(&config)?;
+            let binary = std::env::current_exe().context("locating this binary")?;
+            for path in credential_provider::install::install(&binary, &config, &dir, &name)? {
+                println!("installed {}", path.display());
+            }
+        }
+        Command::CredentialProvider { config, .. } => {
             let code = match credential_provider(&config).await {
                 Ok(response) => {
                     println!("{response}");

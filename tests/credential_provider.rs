@@ -230,6 +230,98 @@ async fn failures_are_one_line_on_stderr_without_the_token() {
     );
 }
 
+fn kubernetes_only_config(dir: &Path) -> PathBuf {
+    let path = dir.join("plugin.yaml");
+    std::fs::write(
+        &path,
+        "registries:\n  - host: registry.test\n    kubernetes: {audience: registry.test}\n",
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn the_daemonsets_install_step_puts_a_working_plugin_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubernetes_only_config(dir.path());
+    // The init container's arguments as shipped, with this machine's paths.
+    let daemonset: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("deploy/credential-provider/daemonset.yaml")).unwrap(),
+    )
+    .unwrap();
+    let providers = dir.path().join("host/credential-providers");
+    let args: Vec<String> = daemonset["spec"]["template"]["spec"]["initContainers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .unwrap()
+                .replace(
+                    "/config/pull-secret-injector.yaml",
+                    config.to_str().unwrap(),
+                )
+                .replace("/host/credential-providers", providers.to_str().unwrap())
+        })
+        .collect();
+    let out = Command::new(BIN).args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let installed = providers.join("pull-secret-injector");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "installed {}\ninstalled {}.yaml\n",
+            installed.display(),
+            installed.display()
+        )
+    );
+    // The copy is the plugin, reading the copied config.
+    let mut child = Command::new(&installed)
+        .args(["credential-provider", "--config"])
+        .arg(installed.with_extension("yaml"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let token = pod_token("registry.test", "builder");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request("registry.test/a/b", Some(&token)).as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let response: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        response["auth"]["registry.test"]["password"],
+        token.as_str()
+    );
+
+    // A config the plugin could not use is not installed.
+    std::fs::write(&config, "registries: []\n").unwrap();
+    let other = dir.path().join("other");
+    let out = Command::new(BIN)
+        .args(["credential-provider", "--config"])
+        .arg(&config)
+        .arg("--install-to")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("registries: at least one registry is required"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!other.exists(), "nothing written");
+}
+
 // --- Through a real kubelet -------------------------------------------------------------
 
 /// The token audiences of the two providers.
@@ -484,6 +576,18 @@ async fn the_kubelet_pulls_with_the_pods_own_identity_and_no_secret() {
         .await
         .unwrap();
     assert!(webhooks.items.is_empty(), "no webhook in this cluster");
+    // The shipped DaemonSet that puts the plugin on nodes is one the API server accepts.
+    let daemonset: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("deploy/credential-provider/daemonset.yaml")).unwrap(),
+    )
+    .unwrap();
+    let (status, _, text) = post(
+        &c,
+        "/apis/apps/v1/namespaces/kube-system/daemonsets?dryRun=All",
+        &daemonset,
+    )
+    .await;
+    assert!(status.is_success(), "the DaemonSet: {status} {text}");
 
     // 1. Pass-through: the Pod's own token, bound to it, is the registry password. The
     // namespace has no Secret, before and after.

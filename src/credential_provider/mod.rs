@@ -10,6 +10,7 @@
 //!
 //! [`sources`]: crate::sources
 
+pub mod install;
 pub mod protocol;
 
 use std::collections::BTreeMap;
@@ -275,6 +276,31 @@ registries:
         let e = PluginConfig::from_yaml(&format!("tls: {{certFile: a, keyFile: b}}\n{CONFIG}"))
             .unwrap_err();
         assert!(e.to_string().contains("unknown field `tls`"), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let c = PluginConfig::from_yaml(include_str!(
+            "../../deploy/credential-provider/pull-secret-injector.yaml"
+        ))
+        .unwrap();
+        let audiences: Vec<String> = c
+            .registries
+            .iter()
+            .map(|r| r.source.token_audience())
+            .collect();
+        assert_eq!(
+            audiences,
+            [
+                "registry.example.com",
+                "quay.example.com",
+                "sts.amazonaws.com"
+            ]
+        );
+        assert_eq!(
+            c.registries[2].source.annotation_keys(),
+            ["eks.amazonaws.com/role-arn"]
+        );
     }
 
     #[test]
