@@ -230,6 +230,86 @@ async fn failures_are_one_line_on_stderr_without_the_token() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ecr_takes_the_role_from_the_annotation_the_kubelet_passes() {
+    let role = "arn:aws:iam::123456789012:role/team-a-puller";
+    let expires_at = now() + 12 * 3600;
+    let standin = StandIn::start(move |s: &Seen| match s.path.as_str() {
+        "/sts/" if s.field("RoleArn").as_deref() == Some(role) => (
+            200,
+            "<AssumeRoleWithWebIdentityResponse><AssumeRoleWithWebIdentityResult><Credentials>\
+             <AccessKeyId>ASIAEXAMPLE</AccessKeyId><SecretAccessKey>aws-secret-key</SecretAccessKey>\
+             <SessionToken>aws-session-token</SessionToken></Credentials>\
+             </AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>"
+                .into(),
+        ),
+        "/ecr/" => {
+            let token = base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                "AWS:ecr-password",
+            );
+            (
+                200,
+                json!({"authorizationData": [{"authorizationToken": token, "expiresAt": expires_at}]})
+                    .to_string(),
+            )
+        }
+        _ => (403, "<Error><Code>AccessDenied</Code></Error>".into()),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("plugin.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "http: {{caFile: {}}}\nregistries:\n  - host: 123456789012.dkr.ecr.eu-west-1.amazonaws.com\n    \
+             ecr: {{region: eu-west-1, stsEndpoint: \"{url}/sts\", ecrEndpoint: \"{url}/ecr\"}}\n",
+            standin.certs.ca().display(),
+            url = standin.url
+        ),
+    )
+    .unwrap();
+    let token = pod_token("sts.amazonaws.com", "builder");
+    let input = json!({"apiVersion": API_VERSION, "kind": "CredentialProviderRequest",
+        "image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/app:v1", "serviceAccountToken": token,
+        "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": role}});
+    let run = run_plugin(&config, &input.to_string());
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let response: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        response["auth"]["123456789012.dkr.ecr.eu-west-1.amazonaws.com"],
+        json!({"username": "AWS", "password": "ecr-password"})
+    );
+    // ECR's 12 hours: reused for 8.
+    let cache: u64 = response["cacheDuration"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('s')
+        .parse()
+        .unwrap();
+    assert!((28790..=28800).contains(&cache), "cacheDuration {cache}s");
+    let sts = &standin.seen()[0];
+    assert_eq!(sts.field("WebIdentityToken"), Some(token.clone()));
+    assert_eq!(
+        sts.field("RoleSessionName").as_deref(),
+        Some("pull-secret-injector-team-a"),
+        "the session names the Pod's namespace, read from its token"
+    );
+    // Without the annotation in the request (the kubelet was not told to pass it).
+    let mut bare = input.clone();
+    bare.as_object_mut()
+        .unwrap()
+        .remove("serviceAccountAnnotations");
+    let run = run_plugin(&config, &bare.to_string());
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("ServiceAccount team-a/builder has no eks.amazonaws.com/role-arn annotation in the request"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(standin.seen().len(), 2, "no call without a role");
+}
+
 fn kubernetes_only_config(dir: &Path) -> PathBuf {
     let path = dir.join("plugin.yaml");
     std::fs::write(

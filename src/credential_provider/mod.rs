@@ -24,7 +24,7 @@ use crate::core::credential::Sensitive;
 use crate::core::images;
 use crate::sources::http::{HttpClient, HttpClientError, HttpConfig};
 use crate::sources::kubernetes::{self, ServiceAccountToken};
-use crate::sources::{MintError, Presented};
+use crate::sources::{acr, ecr, MintError, Presented};
 
 use protocol::{Request, RequestError, Response};
 
@@ -116,6 +116,13 @@ pub enum PluginError {
         expected: String,
         found: String,
     },
+    #[error("registry {host}: ServiceAccount {service_account} has no {key} annotation in the request and the config sets no {field}: annotate the ServiceAccount and list the key in tokenAttributes.requiredServiceAccountAnnotationKeys (the kubelet passes only the keys listed there)")]
+    Annotation {
+        host: String,
+        service_account: String,
+        key: &'static str,
+        field: &'static str,
+    },
     #[error("registry {host}: {source}")]
     Mint {
         host: String,
@@ -168,6 +175,19 @@ impl Plugin {
             });
         }
         let annotations: BTreeMap<String, String> = request.service_account_annotations;
+        if let Some(key) = registry
+            .source
+            .annotation_keys()
+            .into_iter()
+            .find(|k| !annotations.contains_key(*k))
+        {
+            return Err(PluginError::Annotation {
+                host: host(),
+                service_account: format!("{}/{}", identity.namespace, identity.service_account),
+                key,
+                field: setting_for(key),
+            });
+        }
         let presented = Presented {
             token: &token,
             namespace: &identity.namespace,
@@ -215,6 +235,16 @@ impl Plugin {
                 audience: registry.source.token_audience(),
             }),
         }
+    }
+}
+
+/// The config field an annotation stands in for.
+fn setting_for(annotation: &str) -> &'static str {
+    match annotation {
+        ecr::ROLE_ANNOTATION => "ecr.roleArn",
+        acr::CLIENT_ID_ANNOTATION => "acr.clientId",
+        acr::TENANT_ID_ANNOTATION => "acr.tenantId",
+        _ => "setting",
     }
 }
 
