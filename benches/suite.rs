@@ -999,6 +999,23 @@ async fn scale() -> Vec<Figure> {
     figures
 }
 
+/// The release hack/control-plane runs (KUBERNETES_VERSION, or KUBEBUILDER_ASSETS' binary).
+fn kube_apiserver_version() -> String {
+    let binary = match std::env::var_os("KUBEBUILDER_ASSETS") {
+        Some(dir) => std::path::PathBuf::from(dir).join("kube-apiserver"),
+        None => std::process::Command::new(support::repo().join("hack/build-kubernetes"))
+            .args(["path", "kube-apiserver"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().into())
+            .unwrap_or_default(),
+    };
+    std::process::Command::new(&binary)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpu
@@ -1028,7 +1045,7 @@ fn machine() -> Value {
     json!({
         "cpu": model, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "memory": mem,
         "rustc": version("rustc", "--version"), "wrk": version("wrk", "--version"),
-        "kube-apiserver": "v1.20.2 (hack/control-plane)", "pull-secret-injector": env!("CARGO_PKG_VERSION"),
+        "kube-apiserver": kube_apiserver_version(), "pull-secret-injector": env!("CARGO_PKG_VERSION"),
         "date": Timestamp::now().to_string(),
     })
 }

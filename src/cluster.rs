@@ -106,3 +106,60 @@ pub fn reference(kind: &str, namespace: &str, name: &str) -> ObjectReference {
         ..Default::default()
     }
 }
+
+/// The backoff of this service's watches: 250 ms doubling up to 5 s, from the start again after
+/// the first event that gets through. kube's default grows to 30 s and resets only after two
+/// quiet minutes, so a watch that failed a few times while the API server restarted stayed
+/// blind for half a minute after it was back: to namespaces opted in meanwhile, too.
+#[derive(Clone, Debug)]
+pub struct WatchBackoff {
+    next: std::time::Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(250);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let now = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        // Up to a quarter less, so that many watches failing together do not retry together.
+        Some(now.mul_f64(1.0 - fastrand::f64() / 4.0))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::WatchBackoff;
+    use kube::runtime::utils::Backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn doubles_up_to_five_seconds_and_starts_again_after_a_reset() {
+        let mut b = WatchBackoff::default();
+        let delays: Vec<Duration> = (&mut b).take(8).collect();
+        let bounds = [250, 500, 1000, 2000, 4000, 5000, 5000, 5000];
+        for (d, max) in delays.iter().zip(bounds) {
+            let max = Duration::from_millis(max);
+            assert!(*d <= max && *d >= max.mul_f64(0.75), "{delays:?}");
+        }
+        b.reset();
+        assert!(b.next().unwrap() <= Duration::from_millis(250));
+    }
+}

@@ -194,14 +194,25 @@ impl Service {
             )
             .modify(refresher::slim_namespace),
         )
-        .default_backoff()
-        .applied_objects()
-        .for_each(move |ns| {
-            if let Ok(ns) = ns {
-                inbox.namespace_changed(Arc::new(ns));
+        .backoff(crate::cluster::WatchBackoff::default())
+        .scan(Vec::new(), move |relisted, event| {
+            // The reflector fills the store from a (re)list only at its end: what the list
+            // shows is passed on then, or the refresher would look for it in a store that does
+            // not have it yet and drop it (a namespace created while the watch was down).
+            match event {
+                Ok(watcher::Event::Apply(ns)) => inbox.namespace_changed(Arc::new(ns)),
+                Ok(watcher::Event::Init) => relisted.clear(),
+                Ok(watcher::Event::InitApply(ns)) => relisted.push(Arc::new(ns)),
+                Ok(watcher::Event::InitDone) => {
+                    for ns in relisted.drain(..) {
+                        inbox.namespace_changed(ns);
+                    }
+                }
+                Ok(watcher::Event::Delete(_)) | Err(_) => {}
             }
-            futures::future::ready(())
-        });
+            futures::future::ready(Some(()))
+        })
+        .for_each(|()| futures::future::ready(()));
         let mut until_stopped = stopped.clone();
         let watch = tokio::spawn(async move {
             tokio::select! {

@@ -15,6 +15,10 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_resume_after_the_api_server_restarts() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("pull_secret_injector=debug,kube_runtime=debug")
+        .with_test_writer()
+        .try_init();
     let _serial = serial();
     let cp = ControlPlane::get();
     let mut inj = Injector::start("t-f1").await;
@@ -339,9 +343,12 @@ async fn admissions_alone_provision_a_new_namespace_after_a_quick_failure() {
     let mut inj = Injector::start_with("t-f5", &kubernetes_registry("default", 3600), &extra).await;
     let ns = inj.namespace("cold", true).await;
     // Pods right away: the first admission may come before the namespace's `default`
-    // ServiceAccount exists, and its TokenRequest fails.
+    // ServiceAccount exists, and its TokenRequest fails. (Each Pod lists a Secret of its own:
+    // one with none would inherit `pull-secret` from `default`, and the shipped
+    // matchConditions spare the service the call for a Pod that lists it.)
     for i in 0..10 {
-        create_pod(&admin, &ns, &format!("p{i}"), json!({}), false).await;
+        let spec = json!({"imagePullSecrets": [{"name": "mine"}]});
+        create_pod(&admin, &ns, &format!("p{i}"), spec, false).await;
         if get_secret(&admin, &ns).await.is_some() {
             break;
         }

@@ -230,7 +230,7 @@ impl Updater {
                 m.metadata.annotations = kept.filter(|a| !a.is_empty());
             }),
         )
-        .default_backoff()
+        .backoff(crate::cluster::WatchBackoff::default())
         .applied_objects()
         .try_filter(|m| futures::future::ready(m.annotations().contains_key(IDENTITY_ANNOTATION)));
         let context = Arc::new(Context {

@@ -125,8 +125,14 @@ impl Refresher {
                 accounts
             });
         let (nudge, nudged) = mpsc::unbounded_channel();
+        let (listed_retry, retry_now) = mpsc::unbounded_channel();
+        watches.push(Box::pin(await_listed(
+            retry,
+            namespaces.clone(),
+            listed_retry,
+        )));
         let by_name = futures::stream::select(
-            UnboundedReceiverStream::new(retry),
+            UnboundedReceiverStream::new(retry_now),
             UnboundedReceiverStream::new(nudged),
         );
         let triggers =
@@ -192,6 +198,44 @@ impl Refresher {
     }
 }
 
+/// How long a retry waits for its namespace to appear in the store.
+const RETRY_WAIT: Duration = Duration::from_secs(120);
+/// Retries waiting at most at once (names come from admissions).
+const RETRIES_WAITING: usize = 1024;
+
+/// Passes on the retries of namespaces the store holds, and holds back the others until it
+/// does (a namespace created while the watch was catching up, e.g. after an API server
+/// restart) instead of handing them to the controller, which drops what its store lacks.
+async fn await_listed(
+    mut retry: mpsc::UnboundedReceiver<String>,
+    store: Store<Namespace>,
+    ready: mpsc::UnboundedSender<String>,
+) {
+    let mut waiting = std::collections::HashMap::<String, tokio::time::Instant>::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            name = retry.recv() => match name {
+                Some(name) if waiting.len() < RETRIES_WAITING || waiting.contains_key(&name) => {
+                    waiting.entry(name).or_insert_with(tokio::time::Instant::now);
+                }
+                Some(name) => tracing::debug!(namespace = %name, "too many retries waiting; dropped"),
+                None => return,
+            },
+            _ = tick.tick() => {}
+        }
+        waiting.retain(|name, since| {
+            if store.get(&ObjectRef::new(name)).is_some() {
+                let _ = ready.send(name.clone());
+                false
+            } else {
+                since.elapsed() < RETRY_WAIT
+            }
+        });
+    }
+}
+
 /// Folds a watch of `K` into `view`, and names each touched object's namespace on `touched`, if
 /// given (after `view` shows the change).
 fn follow<K, S>(
@@ -208,7 +252,7 @@ where
 {
     use futures::FutureExt;
     watcher(api, config)
-        .default_backoff()
+        .backoff(crate::cluster::WatchBackoff::default())
         .for_each(move |event| {
             match event {
                 Ok(event) => {
@@ -394,4 +438,41 @@ fn error_policy(ns: Arc<Namespace>, error: &ReconcileError, ctx: Arc<Context>) -
     let wait = renewal::retry_delay(attempt, 0.5 + fastrand::f64());
     tracing::warn!(namespace = %name, error = %error, attempt, retry_in_ms = wait.as_millis() as u64, "reconcile failed; retrying");
     Action::requeue(wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector;
+
+    fn namespace(name: &str) -> Namespace {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_waits_for_its_namespace_to_be_listed() {
+        let (store, mut writer) = reflector::store::<Namespace>();
+        writer.apply_watcher_event(&watcher::Event::Apply(namespace("known")));
+        let (retry, retries) = mpsc::unbounded_channel();
+        let (ready, mut passed) = mpsc::unbounded_channel();
+        tokio::spawn(await_listed(retries, store, ready));
+
+        retry.send("known".to_string()).unwrap();
+        retry.send("late".to_string()).unwrap();
+        retry.send("never".to_string()).unwrap();
+        assert_eq!(passed.recv().await.as_deref(), Some("known"));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            passed.try_recv().is_err(),
+            "nothing passes before it is listed"
+        );
+
+        writer.apply_watcher_event(&watcher::Event::Apply(namespace("late")));
+        assert_eq!(passed.recv().await.as_deref(), Some("late"));
+        // `never` is given up after RETRY_WAIT; listed later, it is not passed on.
+        tokio::time::sleep(RETRY_WAIT).await;
+        writer.apply_watcher_event(&watcher::Event::Apply(namespace("never")));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(passed.try_recv().is_err());
+    }
 }
