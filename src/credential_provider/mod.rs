@@ -24,7 +24,7 @@ use crate::core::credential::Sensitive;
 use crate::core::images;
 use crate::sources::http::{HttpClient, HttpClientError, HttpConfig};
 use crate::sources::kubernetes::{self, ServiceAccountToken};
-use crate::sources::{acr, ecr, MintError, Presented};
+use crate::sources::{self, MintError, Presented};
 
 use protocol::{Request, RequestError, Response};
 
@@ -185,7 +185,7 @@ impl Plugin {
                 host: host(),
                 service_account: format!("{}/{}", identity.namespace, identity.service_account),
                 key,
-                field: setting_for(key),
+                field: sources::setting_for(key),
             });
         }
         let presented = Presented {
@@ -235,16 +235,6 @@ impl Plugin {
                 audience: registry.source.token_audience(),
             }),
         }
-    }
-}
-
-/// The config field an annotation stands in for.
-fn setting_for(annotation: &str) -> &'static str {
-    match annotation {
-        ecr::ROLE_ANNOTATION => "ecr.roleArn",
-        acr::CLIENT_ID_ANNOTATION => "acr.clientId",
-        acr::TENANT_ID_ANNOTATION => "acr.tenantId",
-        _ => "setting",
     }
 }
 

@@ -263,7 +263,7 @@ impl TokenSourceConfig {
         };
         let service_account = token_source.service_account(cx);
         let keys = self.annotation_keys();
-        // Settings first: a ServiceAccount without them needs no token.
+        // Settings first: without them no token is requested.
         let annotations = match (keys.is_empty(), service_account) {
             (true, _) => BTreeMap::new(),
             (false, Some(sa)) => {
@@ -279,6 +279,19 @@ impl TokenSourceConfig {
                 })
             }
         };
+        if let (Some(key), Some(sa)) = (
+            keys.iter().find(|k| !annotations.contains_key(**k)),
+            service_account,
+        ) {
+            return Err(MintError::Settings {
+                source_name: self.name(),
+                message: format!(
+                    "ServiceAccount {}/{sa} has no {key} annotation and the config sets no {}",
+                    cx.namespace,
+                    setting_for(key)
+                ),
+            });
+        }
         let token = token_source.fetch(cx, &self.token_audience()).await?;
         let presented = Presented {
             token: &token,
@@ -306,6 +319,16 @@ impl TokenSourceConfig {
             Self::Acr(s) => s.exchange(http, host, id).await,
             Self::TokenExchange(s) => s.exchange(http, id).await,
         }
+    }
+}
+
+/// The config field a ServiceAccount annotation stands in for.
+pub fn setting_for(annotation: &str) -> &'static str {
+    match annotation {
+        ecr::ROLE_ANNOTATION => "ecr.roleArn",
+        acr::CLIENT_ID_ANNOTATION => "acr.clientId",
+        acr::TENANT_ID_ANNOTATION => "acr.tenantId",
+        _ => "setting",
     }
 }
 

@@ -78,6 +78,19 @@ pub async fn create(c: &kube::Client, ns: &str, pod: serde_json::Value) -> Pod {
 /// Waits until the Pod has run to completion and returns what its container printed, read
 /// from the kubelet's log file for it.
 pub async fn wait_succeeded(cp: &ControlPlane, c: &kube::Client, ns: &str, name: &str) -> String {
+    match wait_finished(cp, c, ns, name).await {
+        Ok(printed) => printed,
+        Err(status) => panic!("pod {ns}/{name} failed: {status}"),
+    }
+}
+
+/// As `wait_succeeded`, a Pod that failed is an `Err` with its status.
+pub async fn wait_finished(
+    cp: &ControlPlane,
+    c: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> Result<String, String> {
     let api: Api<Pod> = Api::namespaced(c.clone(), ns);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -91,10 +104,10 @@ pub async fn wait_succeeded(cp: &ControlPlane, c: &kube::Client, ns: &str, name:
                     .join("node/pod-logs")
                     .join(format!("{ns}_{name}_{uid}"))
                     .join("app/0.log");
-                return std::fs::read_to_string(&log)
-                    .unwrap_or_else(|e| panic!("reading {}: {e}", log.display()));
+                return Ok(std::fs::read_to_string(&log)
+                    .unwrap_or_else(|e| panic!("reading {}: {e}", log.display())));
             }
-            Some("Failed") => panic!("pod {ns}/{name} failed: {status:?}"),
+            Some("Failed") => return Err(format!("{status:?}")),
             _ => {}
         }
         assert!(
