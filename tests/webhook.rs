@@ -302,7 +302,10 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
     let c = inj.client.clone();
     let ns = inj.namespace("failing", true).await;
     let started = std::time::Instant::now();
-    let created = create_pod(&c, &ns, "app", json!({}), false).await;
+    // A Pod with a pull Secret of its own: one with none would inherit `pull-secret` from
+    // `default`, and the shipped matchConditions keep such a Pod from the webhook.
+    let own = json!({"imagePullSecrets": [{"name": "mine"}]});
+    let created = create_pod(&c, &ns, "app", own, false).await;
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "took {:?}",
@@ -633,7 +636,14 @@ async fn item9_dry_run_admissions_have_no_side_effects() {
     assert_eq!(cp.token_attempts(&ns), attempts, "a dry run must not mint");
     assert_eq!(cp.secret_writes(&ns), 0);
     // The same request for real does try to mint at once: the dry-run check above can fail.
-    create_pod(&c, &ns, "app", json!({}), false).await;
+    create_pod(
+        &c,
+        &ns,
+        "app",
+        json!({"imagePullSecrets": [{"name": "mine"}]}),
+        false,
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(cp.token_attempts(&ns) > attempts);
     inj.cleanup().await;
@@ -660,7 +670,20 @@ async fn item10_http_errors_other_kinds_and_readiness() {
         r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","pad":"{}"}}"#,
         "x".repeat(5 * 1024 * 1024)
     );
-    let (code, body) = post_json(&inj.certs, &url, big).await;
+    // curl reads the early 413 while it still sends; reqwest reports the closed connection.
+    let body_file = inj.certs.dir.path().join("big.json");
+    std::fs::write(&body_file, big).unwrap();
+    let (code, body) = curl(
+        &inj.certs,
+        &[
+            "-H",
+            "content-type: application/json",
+            "--http1.1",
+            "--data-binary",
+            &format!("@{}", body_file.display()),
+            &url,
+        ],
+    );
     assert_eq!(code, 413, "{body}");
     assert!(serde_json::from_str::<Value>(&body).unwrap()["error"]
         .as_str()

@@ -139,14 +139,22 @@ impl Refresher {
             futures::stream::select(by_name, UnboundedReceiverStream::new(touched_namespaces))
                 .map(|ns| ObjectRef::<Namespace>::new(&ns));
         // Every namespace once the store has listed them (a new leader looks at all), then each
-        // as the shared watch sees it change.
+        // as the shared watch sees it change. The full list is sent from beside the controller,
+        // like the watches: a stream the controller polls would only start when it is polled.
+        let (seed, seeded) = mpsc::unbounded_channel();
         let store = namespaces.clone();
-        let listed = futures::stream::once(async move {
-            let _ = store.wait_until_ready().await;
-            futures::stream::iter(store.state())
-        })
-        .flatten();
-        let namespace_events = listed.chain(UnboundedReceiverStream::new(changed));
+        watches.push(Box::pin(async move {
+            if store.wait_until_ready().await.is_ok() {
+                for ns in store.state() {
+                    let _ = seed.send(ns);
+                }
+            }
+            std::future::pending::<()>().await
+        }));
+        let namespace_events = futures::stream::select(
+            UnboundedReceiverStream::new(seeded),
+            UnboundedReceiverStream::new(changed),
+        );
         let controller = Controller::for_shared_stream(namespace_events, namespaces)
             .with_config(ControllerConfig::default().concurrency(16))
             .reconcile_on(triggers);
@@ -334,6 +342,7 @@ impl Context {
 
 async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let name = ns.name_any();
+    tracing::trace!(namespace = %name, "reconcile");
     if ns.metadata.deletion_timestamp.is_some() {
         // Deleting the namespace deletes its Secret; writing into it would be refused.
         return Ok(Action::await_change());

@@ -57,6 +57,13 @@ impl ControlPlane {
     fn start(node: bool, kubelet_args: &[String]) -> &'static ControlPlane {
         let cp = CONTROL_PLANE.get_or_init(|| {
             let _ = rustls::crypto::ring::default_provider().install_default();
+            // PSI_TEST_LOG=pull_secret_injector=debug shows the service's log beside a test's.
+            if let Ok(filter) = std::env::var("PSI_TEST_LOG") {
+                let _ = tracing_subscriber::fmt()
+                    .with_env_filter(filter)
+                    .with_test_writer()
+                    .try_init();
+            }
             let dir =
                 std::env::temp_dir().join(format!("psi-control-plane-{}", std::process::id()));
             let mut cmd = Command::new(repo().join("hack/control-plane"));
