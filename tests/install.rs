@@ -499,6 +499,9 @@ async fn the_token_server_manifests_are_valid() {
 /// webhook configuration whose CEL does not compile).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_account_scope_match_conditions_compile_on_the_api_server() {
+    // Takes turns with the base install, which creates a webhook configuration of this name
+    // (with a `url`) for a while: a dry-run apply over it would merge the two.
+    let _serial = serial();
     let admin = ControlPlane::get().client().await;
     let values = r#"{"config": {"identityScope": "serviceAccount", "secretName": "pull-creds",
         "namespaceSelector": {"matchLabels": {"pull-secret-injector.io/inject": "enabled"}},
