@@ -572,36 +572,23 @@ fn pod_pull_secrets(pod: &Pod) -> usize {
     pull_secret_names(pod).len()
 }
 
-/// Runs the Pod to completion and checks that it pulled its image. A Pod whose sandbox died
-/// before its container started (`StartError`, "sandbox container ... is not running": the
-/// container runtime under load on this shared machine, after the pull) is run once more
-/// under another name; a second failure, or any other, fails the test.
+/// Runs the Pod to completion (`run_pod`, which tries once more when the runtime lost its
+/// sandbox) and checks that it pulled its image with no pull Secret.
 async fn run_to_completion(cp: &ControlPlane, c: &kube::Client, ns: &str, pod: Value) {
-    let name = pod["metadata"]["name"].as_str().unwrap().to_string();
-    for attempt in [name.clone(), format!("{name}-again")] {
-        let mut pod = pod.clone();
-        pod["metadata"]["name"] = json!(attempt);
-        let created = create(c, ns, pod).await;
-        assert_eq!(pod_pull_secrets(&created), 0, "no imagePullSecrets");
-        let printed = match wait_finished(cp, c, ns, &attempt).await {
-            Ok(printed) => printed,
-            Err(status) if attempt == name && status.contains("is not running") => {
-                eprintln!("{ns}/{attempt}: its sandbox died before the container started; once more: {status}");
-                continue;
-            }
-            Err(status) => panic!("pod {ns}/{attempt} failed: {status}"),
-        };
-        assert!(
-            printed.contains(MARKER),
-            "{ns}/{attempt} printed: {printed}"
-        );
-        let evs = events(c, ns, &attempt).await;
-        assert!(
-            evs.iter().any(|e| e.starts_with("Pulled:")),
-            "{ns}/{attempt} pulled its image: {evs:?}"
-        );
-        return;
-    }
+    let ran = run_pod(cp, c, ns, pod).await;
+    assert_eq!(pod_pull_secrets(&ran.pod), 0, "no imagePullSecrets");
+    assert!(
+        ran.printed.contains(MARKER),
+        "{ns}/{} printed: {}",
+        ran.name,
+        ran.printed
+    );
+    let evs = events(c, ns, &ran.name).await;
+    assert!(
+        evs.iter().any(|e| e.starts_with("Pulled:")),
+        "{ns}/{} pulled its image: {evs:?}",
+        ran.name
+    );
 }
 
 /// KEP-4412's service-account tokens for providers are beta, on by default, from 1.34; an

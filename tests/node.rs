@@ -60,11 +60,14 @@ async fn the_kubelet_pulls_with_the_injected_secret_and_only_with_it() {
 
     // 2. No imagePullSecrets, no annotation, imagePullPolicy Always: it runs and prints the
     // file from the image.
-    let pod = create(&c, &team_a, app_pod("app", &image, "Always")).await;
-    assert_eq!(pull_secret_names(&pod), ["pull-secret"]);
-    let printed = wait_succeeded(cp, &c, &team_a, "app").await;
-    assert!(printed.contains(MARKER), "the container printed: {printed}");
-    let evs = events(&c, &team_a, "app").await;
+    let ran = run_pod(cp, &c, &team_a, app_pod("app", &image, "Always")).await;
+    assert_eq!(pull_secret_names(&ran.pod), ["pull-secret"]);
+    assert!(
+        ran.printed.contains(MARKER),
+        "the container printed: {}",
+        ran.printed
+    );
+    let evs = events(&c, &team_a, &ran.name).await;
     assert!(
         evs.iter().any(|e| e.starts_with("Pulled:")),
         "the kubelet pulled the image: {evs:?}"
@@ -99,10 +102,8 @@ async fn the_kubelet_pulls_with_the_injected_secret_and_only_with_it() {
         uid(&before),
         "the Secret was updated in place"
     );
-    create(&c, &team_a, app_pod("app-2", &image, "Always")).await;
-    assert!(wait_succeeded(cp, &c, &team_a, "app-2")
-        .await
-        .contains(MARKER));
+    let ran = run_pod(cp, &c, &team_a, app_pod("app-2", &image, "Always")).await;
+    assert!(ran.printed.contains(MARKER));
 
     // The node has the image now. With IfNotPresent the kubelet lets a Pod use that copy only
     // if it presents the Secret the image was pulled with (KEP-2535): team-a's Pod does, by
@@ -112,11 +113,9 @@ async fn the_kubelet_pulls_with_the_injected_secret_and_only_with_it() {
         password(s, &host) != password(&renewed, &host)
     })
     .await;
-    create(&c, &team_a, app_pod("app-3", &image, "IfNotPresent")).await;
-    assert!(wait_succeeded(cp, &c, &team_a, "app-3")
-        .await
-        .contains(MARKER));
-    let evs = events(&c, &team_a, "app-3").await;
+    let ran = run_pod(cp, &c, &team_a, app_pod("app-3", &image, "IfNotPresent")).await;
+    assert!(ran.printed.contains(MARKER));
+    let evs = events(&c, &team_a, &ran.name).await;
     eprintln!("{team_a}/app-3: {evs:#?}");
     assert!(
         evs.iter().any(|e| e.contains("already present on machine"))

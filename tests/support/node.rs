@@ -187,3 +187,41 @@ pub fn app_pod_as(
     pod["spec"]["serviceAccountName"] = json!(service_account);
     pod
 }
+
+/// A Pod that ran to completion: the name it ran under, the stored Pod, what it printed.
+pub struct Ran {
+    pub name: String,
+    pub pod: Pod,
+    pub printed: String,
+}
+
+/// Creates the Pod and waits until it has run to completion. Under load this machine's
+/// runtime now and then loses a Pod's sandbox before its container starts ("sandbox container
+/// ... is not running"); such a Pod is created once more under another name. Any other
+/// failure fails the test.
+pub async fn run_pod(cp: &ControlPlane, c: &kube::Client, ns: &str, pod: serde_json::Value) -> Ran {
+    let name = pod["metadata"]["name"]
+        .as_str()
+        .expect("a name")
+        .to_string();
+    let again = format!("{name}-again");
+    for attempt in [&name, &again] {
+        let mut pod = pod.clone();
+        pod["metadata"]["name"] = json!(attempt);
+        let created = create(c, ns, pod).await;
+        match wait_finished(cp, c, ns, attempt).await {
+            Ok(printed) => {
+                return Ran {
+                    name: attempt.clone(),
+                    pod: created,
+                    printed,
+                }
+            }
+            Err(status) if *attempt == name && status.contains("is not running") => {
+                eprintln!("{ns}/{attempt}: its sandbox died before the container started; once more: {status}");
+            }
+            Err(status) => panic!("pod {ns}/{attempt} failed: {status}"),
+        }
+    }
+    unreachable!("the second attempt returns or panics")
+}
