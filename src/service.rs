@@ -29,21 +29,6 @@ use crate::tls::{self, ReloadingCert};
 /// How long in-flight admissions get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Waits for a store's first full list. Polled on a short timer: the store's readiness signal
-/// wakes only its most recent waiter (the refresher and its controller wait on the same store).
-pub(crate) async fn wait_until_ready<K>(store: &reflector::Store<K>) -> bool
-where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    loop {
-        match tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
-            Ok(ready) => return ready.is_ok(),
-            Err(_) => continue,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("TLS: {0}")]
@@ -256,7 +241,7 @@ impl Service {
         let ready = Arc::new(AtomicBool::new(false));
         let (flag, store) = (ready.clone(), namespaces.clone());
         let readiness = tokio::spawn(async move {
-            if wait_until_ready(&store).await {
+            if crate::cluster::wait_until_ready(&store).await {
                 flag.store(true, Ordering::Release);
                 tracing::info!("namespace watch synced; ready");
             }

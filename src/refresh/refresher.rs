@@ -146,7 +146,7 @@ impl Refresher {
         watches.push(Box::pin(async move {
             // Not `store.wait_until_ready()` alone: the store's readiness signal wakes only its
             // latest waiter, and the controller waits on the same store.
-            if crate::service::wait_until_ready(&store).await {
+            if crate::cluster::wait_until_ready(&store).await {
                 for ns in store.state() {
                     let _ = seed.send(ns);
                 }
