@@ -386,28 +386,43 @@ impl Config {
         if let Some(u) = &self.pull_secret_updater {
             u.validate(&mut err);
         }
-        if self.registries.is_empty() {
-            err("registries", "at least one registry is required".into());
-        }
-        let mut hosts = BTreeSet::new();
-        for (i, r) in self.registries.iter().enumerate() {
-            let path = format!("registries[{i}]");
-            if r.host.is_empty() || r.host.contains("://") || r.host.contains(char::is_whitespace) {
-                err(&format!("{path}.host"), format!("{:?} must be a registry host such as registry.example.com, without a scheme", r.host));
-            } else if !hosts.insert(r.host.as_str()) {
-                err(
-                    &format!("{path}.host"),
-                    format!("{:?} is listed twice", r.host),
-                );
-            }
-            r.source
-                .validate(&path, self.refresh.renew_before, &mut err);
-        }
+        validate_registries(&self.registries, self.refresh.renew_before, &mut err);
         if errors.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid(errors))
         }
+    }
+}
+
+/// The `registries` list, wherever it is read (the service, the credential provider): at least
+/// one, hosts without a scheme and listed once, each source valid.
+pub fn validate_registries(
+    registries: &[RegistryConfig],
+    renew_before: Option<Duration>,
+    err: &mut impl FnMut(&str, String),
+) {
+    if registries.is_empty() {
+        err("registries", "at least one registry is required".into());
+    }
+    let mut hosts = BTreeSet::new();
+    for (i, r) in registries.iter().enumerate() {
+        let path = format!("registries[{i}]");
+        if r.host.is_empty() || r.host.contains("://") || r.host.contains(char::is_whitespace) {
+            err(
+                &format!("{path}.host"),
+                format!(
+                    "{:?} must be a registry host such as registry.example.com, without a scheme",
+                    r.host
+                ),
+            );
+        } else if !hosts.insert(r.host.as_str()) {
+            err(
+                &format!("{path}.host"),
+                format!("{:?} is listed twice", r.host),
+            );
+        }
+        r.source.validate(&path, renew_before, err);
     }
 }
 

@@ -8,7 +8,8 @@
 //! the Secret and knows when to renew, and [`refresh`] keeps every Secret renewed in the
 //! leading replica. Both paths rest on [`core`] (value types and rules, no client, no HTTP).
 //! [`settings`] is built once from [`config`] and the environment and handed to all of them;
-//! [`service`] assembles them. [`compat`], [`ops`] and [`token_server`] are the other
+//! [`service`] assembles them. [`compat`], [`ops`], [`token_server`] and
+//! [`credential_provider`] (the kubelet plugin, minting with the same sources) are the other
 //! entry points.
 #![forbid(unsafe_code)]
 
@@ -17,6 +18,7 @@ pub mod cluster;
 pub mod compat;
 pub mod config;
 pub mod core;
+pub mod credential_provider;
 pub mod metrics;
 pub mod ops;
 pub mod refresh;

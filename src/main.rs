@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use pull_secret_injector::config::Config;
+use pull_secret_injector::credential_provider::{self, Plugin, PluginConfig, PluginError};
 use pull_secret_injector::ops::{certs, status};
 use pull_secret_injector::settings::{Environment, Settings};
 use pull_secret_injector::token_server::server::{Clock, TokenServer};
@@ -88,6 +89,22 @@ enum Command {
         #[arg(long, env = "PULL_SECRET_INJECTOR_TOKEN_SERVER_CONFIG")]
         config: PathBuf,
     },
+    /// Kubelet image credential provider (credentialprovider.kubelet.k8s.io/v1): reads a
+    /// CredentialProviderRequest on stdin, writes the credential for the image's registry,
+    /// minted from the Pod's service-account token, on stdout. See docs/credential-provider.md.
+    CredentialProvider {
+        /// `http` and `registries`, as in the service's config.
+        #[arg(long, env = "PULL_SECRET_INJECTOR_CREDENTIAL_PROVIDER_CONFIG")]
+        config: PathBuf,
+        /// Instead of answering: check the config, then copy this binary to DIR/NAME and the
+        /// config to DIR/NAME.yaml (a DaemonSet's init container filling the kubelet's
+        /// --image-credential-provider-bin-dir).
+        #[arg(long, value_name = "DIR")]
+        install_to: Option<PathBuf>,
+        /// The file name under --install-to: the provider's `name` in the kubelet's config.
+        #[arg(long, default_value = "pull-secret-injector", requires = "install_to")]
+        name: String,
+    },
     /// Check a config file and print what is wrong with it, without starting anything.
     CheckConfig {
         #[arg(long, env = "PULL_SECRET_INJECTOR_CONFIG")]
@@ -100,12 +117,42 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The one place the environment is read; everything below is handed what it needs.
     let env = Environment::from_process();
-    init_tracing(cli.log_format);
+    // The kubelet shows a failing plugin's stderr: the one error line, no log lines unless
+    // RUST_LOG asks for them.
+    let default_log = match cli.command {
+        Command::CredentialProvider { .. } => "off",
+        _ => "info,kube=warn,hyper=warn",
+    };
+    init_tracing(cli.log_format, default_log);
     rustls::crypto::ring::default_provider()
         .install_default()
         .map_err(|_| anyhow::anyhow!("a TLS crypto provider was already installed"))?;
 
     match cli.command {
+        Command::CredentialProvider {
+            config,
+            install_to: Some(dir),
+            name,
+        } => {
+            PluginConfig::from_file(&config)?;
+            let binary = std::env::current_exe().context("locating this binary")?;
+            for path in credential_provider::install::install(&binary, &config, &dir, &name)? {
+                println!("installed {}", path.display());
+            }
+        }
+        Command::CredentialProvider { config, .. } => {
+            let code = match credential_provider(&config).await {
+                Ok(response) => {
+                    println!("{response}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("{}", e.line());
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
         Command::CheckConfig { config } => {
             Settings::new(Config::from_file(&config)?, &env)?;
             println!("{}: ok", config.display());
@@ -160,15 +207,24 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One request from stdin, answered.
+async fn credential_provider(config: &std::path::Path) -> Result<String, PluginError> {
+    let plugin = Plugin::new(PluginConfig::from_file(config)?)?;
+    let mut input = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut input)
+        .map_err(|e| PluginError::Stdin(e.to_string()))?;
+    Ok(plugin.answer(&input).await?.to_json())
+}
+
 async fn client() -> anyhow::Result<kube::Client> {
     kube::Client::try_default()
         .await
         .context("cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment")
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,kube=warn,hyper=warn".into());
+fn init_tracing(format: LogFormat, default: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

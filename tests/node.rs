@@ -10,166 +10,10 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
-
-use k8s_openapi::api::core::v1::{Event, Pod, Secret};
-use kube::api::{Api, ListParams};
-use serde_json::json;
+use k8s_openapi::api::core::v1::Secret;
+use support::node::*;
 use support::registry::*;
 use support::*;
-
-const MARKER: &str = "pulled by the kubelet with a short-lived service-account credential";
-
-/// A one-layer image of Debian's static busybox with a file the Pod prints.
-fn busybox_image(dir: &Path, name: &str) -> String {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is installed (hack/test installs it)");
-    let hello = dir.join("hello.txt");
-    std::fs::write(&hello, format!("{MARKER}\n")).unwrap();
-    let archive = dir.join("app.tar");
-    let out = Command::new(repo().join("hack/oci-image"))
-        .arg("--out")
-        .arg(&archive)
-        .args(["--name", name])
-        .arg(format!("--file={busybox}:/bin/busybox:0755"))
-        .arg("--symlink=/bin/sh:busybox")
-        .arg(format!("--file={}:/hello.txt:0644", hello.display()))
-        .args(["--entrypoint", "/bin/sh"])
-        .output()
-        .expect("run hack/oci-image");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    format!("oci-archive:{}", archive.display())
-}
-
-/// containerd's host configuration for the registry: its CA, read at each pull.
-fn trust_registry(cp: &ControlPlane, registry: &PrivateRegistry) {
-    let dir = cp.dir.join("node/certs.d").join(&registry.host);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("hosts.toml"),
-        format!(
-            "server = \"https://{host}\"\n[host.\"https://{host}\"]\n  \
-             capabilities = [\"pull\", \"resolve\"]\n  ca = \"{ca}\"\n",
-            host = registry.host,
-            ca = registry.certs.ca().display()
-        ),
-    )
-    .unwrap();
-}
-
-fn app_pod(name: &str, image: &str, policy: &str) -> serde_json::Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
-                 "containers": [{"name": "app", "image": image, "imagePullPolicy": policy,
-                                 "command": ["/bin/sh", "-c", "cat /hello.txt"]}]}
-    })
-}
-
-async fn create(c: &kube::Client, ns: &str, pod: serde_json::Value) -> Pod {
-    let (status, _, text) = post(c, &format!("/api/v1/namespaces/{ns}/pods"), &pod).await;
-    assert!(
-        status.is_success(),
-        "creating a pod in {ns}: {status} {text}"
-    );
-    serde_json::from_str(&text).unwrap()
-}
-
-/// Waits until the Pod has run to completion and returns what its container printed, read
-/// from the kubelet's log file for it.
-async fn wait_succeeded(cp: &ControlPlane, c: &kube::Client, ns: &str, name: &str) -> String {
-    let api: Api<Pod> = Api::namespaced(c.clone(), ns);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let pod = api.get(name).await.unwrap();
-        let status = pod.status.clone().unwrap_or_default();
-        match status.phase.as_deref() {
-            Some("Succeeded") => {
-                let uid = pod.metadata.uid.clone().unwrap();
-                let log = cp
-                    .dir
-                    .join("node/pod-logs")
-                    .join(format!("{ns}_{name}_{uid}"))
-                    .join("app/0.log");
-                return std::fs::read_to_string(&log)
-                    .unwrap_or_else(|e| panic!("reading {}: {e}", log.display()));
-            }
-            Some("Failed") => panic!("pod {ns}/{name} failed: {status:?}"),
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pod {ns}/{name} did not succeed: {status:?}\nevents: {:?}",
-            events(c, ns, name).await
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// Waits until the kubelet reports that the Pod's image cannot be pulled; returns the Pod's
-/// Events, which carry the registry's answer.
-async fn wait_pull_refused(c: &kube::Client, ns: &str, name: &str) -> Vec<String> {
-    let api: Api<Pod> = Api::namespaced(c.clone(), ns);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let pod = api.get(name).await.unwrap();
-        let status = pod.status.clone().unwrap_or_default();
-        let waiting = status
-            .container_statuses
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|s| s.state.and_then(|s| s.waiting).and_then(|w| w.reason))
-            .collect::<Vec<_>>();
-        if waiting
-            .iter()
-            .any(|r| r == "ErrImagePull" || r == "ImagePullBackOff")
-        {
-            let evs = events(c, ns, name).await;
-            if evs.iter().any(|e| e.starts_with("Failed:")) {
-                eprintln!("{ns}/{name}: {evs:#?}");
-                return evs;
-            }
-        }
-        assert_ne!(
-            status.phase.as_deref(),
-            Some("Succeeded"),
-            "{ns}/{name} ran"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "pod {ns}/{name} did not fail to pull: {waiting:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// The Pod's Events as `reason: message`, oldest first.
-async fn events(c: &kube::Client, ns: &str, pod: &str) -> Vec<String> {
-    let api: Api<Event> = Api::namespaced(c.clone(), ns);
-    let mut list = api
-        .list(&ListParams::default().fields(&format!("involvedObject.name={pod}")))
-        .await
-        .unwrap()
-        .items;
-    list.sort_by_key(|e| e.first_timestamp.clone().map(|t| t.0));
-    list.into_iter()
-        .map(|e| {
-            format!(
-                "{}: {}",
-                e.reason.unwrap_or_default(),
-                e.message.unwrap_or_default()
-            )
-        })
-        .collect()
-}
 
 fn uid(secret: &Secret) -> String {
     secret.metadata.uid.clone().unwrap()
@@ -216,11 +60,14 @@ async fn the_kubelet_pulls_with_the_injected_secret_and_only_with_it() {
 
     // 2. No imagePullSecrets, no annotation, imagePullPolicy Always: it runs and prints the
     // file from the image.
-    let pod = create(&c, &team_a, app_pod("app", &image, "Always")).await;
-    assert_eq!(pull_secret_names(&pod), ["pull-secret"]);
-    let printed = wait_succeeded(cp, &c, &team_a, "app").await;
-    assert!(printed.contains(MARKER), "the container printed: {printed}");
-    let evs = events(&c, &team_a, "app").await;
+    let ran = run_pod(cp, &c, &team_a, app_pod("app", &image, "Always")).await;
+    assert_eq!(pull_secret_names(&ran.pod), ["pull-secret"]);
+    assert!(
+        ran.printed.contains(MARKER),
+        "the container printed: {}",
+        ran.printed
+    );
+    let evs = events(&c, &team_a, &ran.name).await;
     assert!(
         evs.iter().any(|e| e.starts_with("Pulled:")),
         "the kubelet pulled the image: {evs:?}"
@@ -255,10 +102,8 @@ async fn the_kubelet_pulls_with_the_injected_secret_and_only_with_it() {
         uid(&before),
         "the Secret was updated in place"
     );
-    create(&c, &team_a, app_pod("app-2", &image, "Always")).await;
-    assert!(wait_succeeded(cp, &c, &team_a, "app-2")
-        .await
-        .contains(MARKER));
+    let ran = run_pod(cp, &c, &team_a, app_pod("app-2", &image, "Always")).await;
+    assert!(ran.printed.contains(MARKER));
 
     // The node has the image now. With IfNotPresent the kubelet lets a Pod use that copy only
     // if it presents the Secret the image was pulled with (KEP-2535): team-a's Pod does, by
@@ -268,11 +113,9 @@ async fn the_kubelet_pulls_with_the_injected_secret_and_only_with_it() {
         password(s, &host) != password(&renewed, &host)
     })
     .await;
-    create(&c, &team_a, app_pod("app-3", &image, "IfNotPresent")).await;
-    assert!(wait_succeeded(cp, &c, &team_a, "app-3")
-        .await
-        .contains(MARKER));
-    let evs = events(&c, &team_a, "app-3").await;
+    let ran = run_pod(cp, &c, &team_a, app_pod("app-3", &image, "IfNotPresent")).await;
+    assert!(ran.printed.contains(MARKER));
+    let evs = events(&c, &team_a, &ran.name).await;
     eprintln!("{team_a}/app-3: {evs:#?}");
     assert!(
         evs.iter().any(|e| e.contains("already present on machine"))

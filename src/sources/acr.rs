@@ -5,12 +5,12 @@
 
 use serde::Deserialize;
 
-use super::kubernetes::{self, ServiceAccountToken};
-use super::{http, Credential, MintContext, MintError, Sensitive};
+use super::kubernetes::ServiceAccountToken;
+use super::{http, Credential, MintError, Presented, Sensitive};
 
 const NAME: &str = "acr";
-const CLIENT_ID_ANNOTATION: &str = "azure.workload.identity/client-id";
-const TENANT_ID_ANNOTATION: &str = "azure.workload.identity/tenant-id";
+pub const CLIENT_ID_ANNOTATION: &str = "azure.workload.identity/client-id";
+pub const TENANT_ID_ANNOTATION: &str = "azure.workload.identity/tenant-id";
 /// ACR's fixed username for refresh tokens.
 const USERNAME: &str = "00000000-0000-0000-0000-000000000000";
 
@@ -79,41 +79,27 @@ impl AcrSource {
             .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
-    /// The tenant and client ids: from the config, else from the ServiceAccount's annotations.
-    async fn ids(&self, cx: MintContext<'_>) -> Result<(String, String), MintError> {
-        if let (Some(t), Some(c)) = (&self.tenant_id, &self.client_id) {
-            return Ok((t.clone(), c.clone()));
-        }
-        let ServiceAccountToken::FromNamespace(from) = &self.service_account_token else {
-            return Err(MintError::Settings {
-                source_name: NAME,
-                message: "tenantId and clientId are required with a token file".into(),
-            });
-        };
-        let service_account = cx.service_account.unwrap_or(&from.service_account);
-        let annotations =
-            kubernetes::service_account_annotations(cx.kube, cx.namespace, service_account).await?;
-        let pick = |configured: &Option<String>, key: &str| {
-            configured
-                .clone()
-                .or_else(|| annotations.get(key).cloned())
-                .ok_or_else(|| MintError::Settings {
-                    source_name: NAME,
-                    message: format!(
-                        "ServiceAccount {}/{} has no {key} annotation and the config sets none",
-                        cx.namespace, service_account
-                    ),
-                })
-        };
-        Ok((
-            pick(&self.tenant_id, TENANT_ID_ANNOTATION)?,
-            pick(&self.client_id, CLIENT_ID_ANNOTATION)?,
-        ))
+    /// The annotations read for ids the config does not set.
+    pub fn annotation_keys(&self) -> Vec<&'static str> {
+        [
+            (&self.tenant_id, TENANT_ID_ANNOTATION),
+            (&self.client_id, CLIENT_ID_ANNOTATION),
+        ]
+        .into_iter()
+        .filter(|(configured, _)| configured.is_none())
+        .map(|(_, key)| key)
+        .collect()
     }
 
-    pub async fn mint(&self, cx: MintContext<'_>, host: &str) -> Result<Credential, MintError> {
-        let (tenant, client_id) = self.ids(cx).await?;
-        let sa_token = self.service_account_token.fetch(cx, &self.audience).await?;
+    pub async fn exchange(
+        &self,
+        http: &http::HttpClient,
+        host: &str,
+        id: &Presented<'_>,
+    ) -> Result<Credential, MintError> {
+        let tenant = id.setting(NAME, &self.tenant_id, TENANT_ID_ANNOTATION, "tenantId")?;
+        let client_id = id.setting(NAME, &self.client_id, CLIENT_ID_ANNOTATION, "clientId")?;
+        let sa_token = id.token;
         let url = format!(
             "{}/{tenant}/oauth2/v2.0/token",
             super::base(&self.authority_host)
@@ -128,9 +114,8 @@ impl AcrSource {
             ),
             ("client_assertion", sa_token.expose()),
         ];
-        let body = cx
-            .http
-            .send(NAME, &[&sa_token], |c| c.post(&url).form(&form))
+        let body = http
+            .send(NAME, &[sa_token], |c| c.post(&url).form(&form))
             .await?;
         let entra: EntraResponse = http::parse_json(
             NAME,
@@ -150,9 +135,8 @@ impl AcrSource {
             ("tenant", tenant.as_str()),
             ("access_token", entra_token.expose()),
         ];
-        let body = cx
-            .http
-            .send(NAME, &[&sa_token, &entra_token], |c| {
+        let body = http
+            .send(NAME, &[sa_token, &entra_token], |c| {
                 c.post(&url).form(&form)
             })
             .await?;

@@ -6,7 +6,7 @@
 use serde::Deserialize;
 
 use super::kubernetes::ServiceAccountToken;
-use super::{http, Credential, MintContext, MintError};
+use super::{http, Credential, MintContext, MintError, Presented};
 
 const NAME: &str = "chainguard";
 
@@ -70,12 +70,29 @@ impl ChainguardSource {
             .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
+    /// A token from [`serviceAccountToken`](Self::service_account_token), exchanged (the
+    /// pull-secret-updater compatibility mints through here).
     pub async fn mint(&self, cx: MintContext<'_>) -> Result<Credential, MintError> {
-        let sa_token = self.service_account_token.fetch(cx, &self.audience).await?;
+        let token = self.service_account_token.fetch(cx, &self.audience).await?;
+        let no_annotations = Default::default();
+        let id = Presented {
+            token: &token,
+            namespace: cx.namespace,
+            service_account: self.service_account_token.service_account(cx),
+            annotations: &no_annotations,
+        };
+        self.exchange(cx.http, &id).await
+    }
+
+    pub async fn exchange(
+        &self,
+        http: &http::HttpClient,
+        id: &Presented<'_>,
+    ) -> Result<Credential, MintError> {
+        let sa_token = id.token;
         let url = format!("{}/sts/exchange", super::base(&self.issuer));
-        let body = cx
-            .http
-            .send(NAME, &[&sa_token], |c| {
+        let body = http
+            .send(NAME, &[sa_token], |c| {
                 c.post(&url)
                     .query(&[
                         ("aud", self.registry_audience.as_str()),

@@ -8,12 +8,12 @@ use base64::Engine;
 use jiff::Timestamp;
 use serde::Deserialize;
 
-use super::kubernetes::{self, ServiceAccountToken};
+use super::kubernetes::ServiceAccountToken;
 use super::sigv4::{self, AwsKeys, SignableRequest};
-use super::{http, Credential, MintContext, MintError, Sensitive};
+use super::{http, Credential, MintError, Presented, Sensitive};
 
 const NAME: &str = "ecr";
-const ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
+pub const ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -111,31 +111,24 @@ impl EcrSource {
             .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
-    async fn role_arn(&self, cx: MintContext<'_>) -> Result<String, MintError> {
-        if let Some(arn) = &self.role_arn {
-            return Ok(arn.clone());
+    /// The annotation read when the config sets no `roleArn`.
+    pub fn annotation_keys(&self) -> Vec<&'static str> {
+        match self.role_arn {
+            Some(_) => vec![],
+            None => vec![ROLE_ANNOTATION],
         }
-        let ServiceAccountToken::FromNamespace(from) = &self.service_account_token else {
-            return Err(MintError::Settings {
-                source_name: NAME,
-                message: "roleArn is required with a token file".into(),
-            });
-        };
-        let service_account = cx.service_account.unwrap_or(&from.service_account);
-        let annotations =
-            kubernetes::service_account_annotations(cx.kube, cx.namespace, service_account).await?;
-        annotations.get(ROLE_ANNOTATION).cloned().ok_or_else(|| MintError::Settings {
-            source_name: NAME,
-            message: format!("ServiceAccount {}/{} has no {ROLE_ANNOTATION} annotation and the config sets no roleArn", cx.namespace, service_account),
-        })
     }
 
-    pub async fn mint(&self, cx: MintContext<'_>) -> Result<Credential, MintError> {
-        let role_arn = self.role_arn(cx).await?;
-        let sa_token = self.service_account_token.fetch(cx, &self.audience).await?;
+    pub async fn exchange(
+        &self,
+        http: &http::HttpClient,
+        id: &Presented<'_>,
+    ) -> Result<Credential, MintError> {
+        let role_arn = id.setting(NAME, &self.role_arn, ROLE_ANNOTATION, "roleArn")?;
+        let sa_token = id.token;
 
         // AssumeRoleWithWebIdentity is not signed: the web identity token is the credential.
-        let session_name = session_name(cx.namespace);
+        let session_name = session_name(id.namespace);
         let duration = self.duration_seconds.to_string();
         let form = [
             ("Action", "AssumeRoleWithWebIdentity"),
@@ -146,9 +139,8 @@ impl EcrSource {
             ("DurationSeconds", duration.as_str()),
         ];
         let sts_url = format!("{}/", super::base(&self.sts_endpoint()));
-        let body = cx
-            .http
-            .send(NAME, &[&sa_token], |c| c.post(&sts_url).form(&form))
+        let body = http
+            .send(NAME, &[sa_token], |c| c.post(&sts_url).form(&form))
             .await?;
         let text = String::from_utf8_lossy(&body);
         let field = |tag: &str| {
@@ -188,9 +180,8 @@ impl EcrSource {
                 "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken",
             ),
         ];
-        let secrets = [&sa_token, &secret_access_key, &session_token];
-        let body = cx
-            .http
+        let secrets = [sa_token, &secret_access_key, &session_token];
+        let body = http
             .send(NAME, &secrets, |c| {
                 // Signed per attempt: the signature carries the time.
                 let request = SignableRequest {

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 use super::kubernetes::ServiceAccountToken;
-use super::{http, Credential, MintContext, MintError};
+use super::{http, Credential, MintError, Presented};
 
 const NAME: &str = "tokenExchange";
 const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -59,11 +59,12 @@ impl TokenExchangeSource {
             .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
-    pub async fn mint(&self, cx: MintContext<'_>) -> Result<Credential, MintError> {
-        let sa_token = self
-            .service_account_token
-            .fetch(cx, &self.subject_token_audience)
-            .await?;
+    pub async fn exchange(
+        &self,
+        http: &http::HttpClient,
+        id: &Presented<'_>,
+    ) -> Result<Credential, MintError> {
+        let sa_token = id.token;
         let mut form: Vec<(&str, &str)> = vec![
             ("grant_type", GRANT_TYPE),
             ("subject_token", sa_token.expose()),
@@ -81,9 +82,8 @@ impl TokenExchangeSource {
                 .iter()
                 .filter_map(|(k, v)| v.as_deref().map(|v| (*k, v))),
         );
-        let body = cx
-            .http
-            .send(NAME, &[&sa_token], |c| c.post(&self.endpoint).form(&form))
+        let body = http
+            .send(NAME, &[sa_token], |c| c.post(&self.endpoint).form(&form))
             .await?;
         let answer: ExchangeResponse = http::parse_json(
             NAME,

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::kubernetes::ServiceAccountToken;
-use super::{http, Credential, MintContext, MintError, Sensitive};
+use super::{http, Credential, MintError, Presented, Sensitive};
 
 const NAME: &str = "gcp";
 const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -106,12 +106,19 @@ impl GcpSource {
             .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
-    pub async fn mint(&self, cx: MintContext<'_>) -> Result<Credential, MintError> {
-        let audience = self
-            .audience
+    /// The `aud` of the service-account token: the configured one or the provider's default.
+    pub fn token_audience(&self) -> String {
+        self.audience
             .clone()
-            .unwrap_or_else(|| format!("https://iam.googleapis.com/{}", self.provider()));
-        let sa_token = self.service_account_token.fetch(cx, &audience).await?;
+            .unwrap_or_else(|| format!("https://iam.googleapis.com/{}", self.provider()))
+    }
+
+    pub async fn exchange(
+        &self,
+        http: &http::HttpClient,
+        id: &Presented<'_>,
+    ) -> Result<Credential, MintError> {
+        let sa_token = id.token;
         let url = format!("{}/v1/token", super::base(&self.sts_endpoint));
         let request = json!({
             "grantType": "urn:ietf:params:oauth:grant-type:token-exchange",
@@ -121,9 +128,8 @@ impl GcpSource {
             "subjectToken": sa_token.expose(),
             "subjectTokenType": "urn:ietf:params:oauth:token-type:jwt",
         });
-        let body = cx
-            .http
-            .send(NAME, &[&sa_token], |c| c.post(&url).json(&request))
+        let body = http
+            .send(NAME, &[sa_token], |c| c.post(&url).json(&request))
             .await?;
         let sts: StsResponse = http::parse_json(
             NAME,
@@ -149,9 +155,8 @@ impl GcpSource {
             super::base(&self.iam_credentials_endpoint)
         );
         let request = json!({"scope": [SCOPE], "lifetime": format!("{}s", self.lifetime_seconds)});
-        let body = cx
-            .http
-            .send(NAME, &[&sa_token, &federated], |c| {
+        let body = http
+            .send(NAME, &[sa_token, &federated], |c| {
                 c.post(&url).bearer_auth(federated.expose()).json(&request)
             })
             .await?;

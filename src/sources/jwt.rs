@@ -27,13 +27,20 @@ pub fn encode_part(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// The `exp` claim of `token`, or why it cannot be read.
-pub fn expiry(token: &str) -> Result<Timestamp, String> {
+/// The claims of `token`, unverified, or why they cannot be read.
+pub fn claims(token: &str) -> Result<serde_json::Value, String> {
     let [_header, payload, _signature] =
         split(token).ok_or("not a JWT (expected three dot-separated parts)")?;
     let bytes = decode_part(payload).ok_or("JWT payload is not base64url")?;
-    let claims: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|_| "JWT payload is not JSON".to_string())?;
+    match serde_json::from_slice(&bytes) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+        _ => Err("JWT payload is not a JSON object".to_string()),
+    }
+}
+
+/// The `exp` claim of `token`, or why it cannot be read.
+pub fn expiry(token: &str) -> Result<Timestamp, String> {
+    let claims = claims(token)?;
     let exp = claims
         .get("exp")
         .and_then(serde_json::Value::as_i64)

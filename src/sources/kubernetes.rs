@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, PostParams};
 use serde::Deserialize;
 
-use super::{Credential, MintError, Sensitive};
+use super::{Credential, MintError, Presented, Sensitive};
 
 /// The API server refuses TokenRequests for less than ten minutes.
 pub const MIN_EXPIRATION_SECONDS: i64 = 600;
@@ -103,6 +103,25 @@ impl KubernetesSource {
             issued_at,
             expires_at,
         })
+    }
+}
+
+impl KubernetesSource {
+    /// The credential is the presented token itself (the kubelet's, bound to one Pod): it
+    /// lasts as long as the token, and the username is the configured one or the
+    /// ServiceAccount's name.
+    pub fn pass_through(&self, id: &Presented<'_>) -> Result<Credential, MintError> {
+        let expires_at =
+            super::jwt::expiry(id.token.expose()).map_err(|reason| MintError::Unusable {
+                source_name: "kubernetes",
+                reason: format!("the service-account token: {reason}"),
+            })?;
+        let username = self
+            .username
+            .clone()
+            .or_else(|| id.service_account.map(str::to_string))
+            .unwrap_or_else(|| self.service_account.clone());
+        super::checked("kubernetes", username, id.token.clone(), expires_at)
     }
 }
 
@@ -243,6 +262,14 @@ impl ServiceAccountToken {
         }
     }
 
+    /// The ServiceAccount whose token [`fetch`](Self::fetch) gets; unknown for a file.
+    pub fn service_account<'a>(&'a self, cx: super::MintContext<'a>) -> Option<&'a str> {
+        match self {
+            Self::FromNamespace(f) => Some(cx.service_account.unwrap_or(&f.service_account)),
+            Self::File(_) => None,
+        }
+    }
+
     /// The token to exchange, with `audience` when it is requested here (a projected file
     /// carries whatever audience its volume was given).
     pub async fn fetch(
@@ -263,24 +290,27 @@ impl ServiceAccountToken {
                 .await?
                 .0)
             }
-            Self::File(p) => {
-                let raw = tokio::fs::read_to_string(p)
-                    .await
-                    .map_err(|e| MintError::TokenFile {
-                        path: p.display().to_string(),
-                        message: e.to_string(),
-                    })?;
-                let token = raw.trim();
-                if token.is_empty() {
-                    return Err(MintError::TokenFile {
-                        path: p.display().to_string(),
-                        message: "file is empty".into(),
-                    });
-                }
-                Ok(Sensitive::new(token))
-            }
+            Self::File(p) => read_token_file(p).await,
         }
     }
+}
+
+/// A projected service-account token from its file, trimmed.
+pub async fn read_token_file(path: &std::path::Path) -> Result<Sensitive, MintError> {
+    let raw = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| MintError::TokenFile {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    let token = raw.trim();
+    if token.is_empty() {
+        return Err(MintError::TokenFile {
+            path: path.display().to_string(),
+            message: "file is empty".into(),
+        });
+    }
+    Ok(Sensitive::new(token))
 }
 
 #[cfg(test)]

@@ -1,6 +1,11 @@
-//! Where credentials come from. A token source turns a namespace's identity into a registry
+//! Where credentials come from. A token source turns a service-account identity into a registry
 //! credential; each source lives in its own module and is one variant of [`TokenSourceConfig`],
 //! so adding a source touches that enum and a new module, nothing else.
+//!
+//! A mint has two halves. Getting the identity: the service asks the API server for a token
+//! of the namespace's ServiceAccount ([`TokenSourceConfig::mint`]), the kubelet hands the
+//! credential provider the Pod's own ([`crate::credential_provider`]). Exchanging it
+//! ([`TokenSourceConfig::exchange`]): the same code for both, given a [`Presented`] identity.
 
 pub mod acr;
 pub mod chainguard;
@@ -13,6 +18,7 @@ pub mod kubernetes;
 pub mod quay;
 pub mod sigv4;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -97,6 +103,48 @@ pub struct MintContext<'a> {
     pub service_account: Option<&'a str>,
 }
 
+/// The identity an exchange starts from: a service-account token with the source's audience
+/// ([`TokenSourceConfig::token_audience`]), whose it is, and the annotations of its
+/// ServiceAccount that the source reads ([`TokenSourceConfig::annotation_keys`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Presented<'a> {
+    pub token: &'a Sensitive,
+    pub namespace: &'a str,
+    /// Unknown for a token read from a file.
+    pub service_account: Option<&'a str>,
+    pub annotations: &'a BTreeMap<String, String>,
+}
+
+impl Presented<'_> {
+    /// `the ServiceAccount ns/sa` or `the token's ServiceAccount`, for messages.
+    pub(crate) fn whose(&self) -> String {
+        match self.service_account {
+            Some(sa) => format!("ServiceAccount {}/{sa}", self.namespace),
+            None => "the token's ServiceAccount".into(),
+        }
+    }
+
+    /// The configured value, else the ServiceAccount's annotation `key`.
+    pub(crate) fn setting(
+        &self,
+        source_name: &'static str,
+        configured: &Option<String>,
+        key: &str,
+        field: &str,
+    ) -> Result<String, MintError> {
+        configured
+            .clone()
+            .or_else(|| self.annotations.get(key).cloned())
+            .ok_or_else(|| MintError::Settings {
+                source_name,
+                message: format!(
+                    "{} has no {key} annotation and the config sets no {field}",
+                    self.whose()
+                ),
+            })
+    }
+}
+
 impl TokenSourceConfig {
     /// The config keys, one per variant.
     pub const NAMES: &'static [&'static str] = &[
@@ -129,16 +177,10 @@ impl TokenSourceConfig {
     /// Whether the exchanged token comes from the injector's own token file (one identity for
     /// all) rather than from each namespace's ServiceAccount.
     pub fn uses_token_file(&self) -> bool {
-        let token = match self {
-            Self::Kubernetes(_) => return false,
-            Self::Chainguard(s) => &s.service_account_token,
-            Self::Quay(s) => &s.service_account_token,
-            Self::Ecr(s) => &s.service_account_token,
-            Self::Gcp(s) => &s.service_account_token,
-            Self::Acr(s) => &s.service_account_token,
-            Self::TokenExchange(s) => &s.service_account_token,
-        };
-        matches!(token, kubernetes::ServiceAccountToken::File(_))
+        matches!(
+            self.service_account_token(),
+            Some(kubernetes::ServiceAccountToken::File(_))
+        )
     }
 
     /// The name used in logs, metrics and errors.
@@ -171,17 +213,122 @@ impl TokenSourceConfig {
         }
     }
 
+    /// Where an exchanging source gets the token it presents; `None` for `kubernetes`, whose
+    /// token is the credential itself.
+    pub fn service_account_token(&self) -> Option<&kubernetes::ServiceAccountToken> {
+        self.presents().ok()
+    }
+
+    /// The token source of an exchanging source, or the `kubernetes` source itself.
+    fn presents(&self) -> Result<&kubernetes::ServiceAccountToken, &kubernetes::KubernetesSource> {
+        match self {
+            Self::Kubernetes(k) => Err(k),
+            Self::Chainguard(s) => Ok(&s.service_account_token),
+            Self::Quay(s) => Ok(&s.service_account_token),
+            Self::Ecr(s) => Ok(&s.service_account_token),
+            Self::Gcp(s) => Ok(&s.service_account_token),
+            Self::Acr(s) => Ok(&s.service_account_token),
+            Self::TokenExchange(s) => Ok(&s.service_account_token),
+        }
+    }
+
+    /// The `aud` the presented service-account token must carry.
+    pub fn token_audience(&self) -> String {
+        match self {
+            Self::Kubernetes(k) => k.audience.clone(),
+            Self::Chainguard(s) => s.audience.clone(),
+            Self::Quay(s) => s.audience.clone(),
+            Self::Ecr(s) => s.audience.clone(),
+            Self::Gcp(s) => s.token_audience(),
+            Self::Acr(s) => s.audience.clone(),
+            Self::TokenExchange(s) => s.subject_token_audience.clone(),
+        }
+    }
+
+    /// The ServiceAccount annotations this source reads, because the config leaves the
+    /// setting out (`eks.amazonaws.com/role-arn`, `azure.workload.identity/*`).
+    pub fn annotation_keys(&self) -> Vec<&'static str> {
+        match self {
+            Self::Ecr(s) => s.annotation_keys(),
+            Self::Acr(s) => s.annotation_keys(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Mints a fresh credential for the context's namespace; `host` is the registry entry's.
     pub async fn mint(&self, cx: MintContext<'_>, host: &str) -> Result<Credential, MintError> {
-        match self {
-            Self::Kubernetes(k) => k.mint(cx.kube, cx.namespace, cx.service_account).await,
-            Self::Chainguard(s) => s.mint(cx).await,
-            Self::Quay(s) => s.mint(cx, host).await,
-            Self::Ecr(s) => s.mint(cx).await,
-            Self::Gcp(s) => s.mint(cx).await,
-            Self::Acr(s) => s.mint(cx, host).await,
-            Self::TokenExchange(s) => s.mint(cx).await,
+        let token_source = match self.presents() {
+            Ok(t) => t,
+            Err(k) => return k.mint(cx.kube, cx.namespace, cx.service_account).await,
+        };
+        let service_account = token_source.service_account(cx);
+        let keys = self.annotation_keys();
+        // Settings first: without them no token is requested.
+        let annotations = match (keys.is_empty(), service_account) {
+            (true, _) => BTreeMap::new(),
+            (false, Some(sa)) => {
+                kubernetes::service_account_annotations(cx.kube, cx.namespace, sa).await?
+            }
+            (false, None) => {
+                return Err(MintError::Settings {
+                    source_name: self.name(),
+                    message: format!(
+                        "with a token file there is no ServiceAccount to read {} from: set it in the config",
+                        keys.join(", ")
+                    ),
+                })
+            }
+        };
+        if let (Some(key), Some(sa)) = (
+            keys.iter().find(|k| !annotations.contains_key(**k)),
+            service_account,
+        ) {
+            return Err(MintError::Settings {
+                source_name: self.name(),
+                message: format!(
+                    "ServiceAccount {}/{sa} has no {key} annotation and the config sets no {}",
+                    cx.namespace,
+                    setting_for(key)
+                ),
+            });
         }
+        let token = token_source.fetch(cx, &self.token_audience()).await?;
+        let presented = Presented {
+            token: &token,
+            namespace: cx.namespace,
+            service_account,
+            annotations: &annotations,
+        };
+        self.exchange(cx.http, host, &presented).await
+    }
+
+    /// The credential for `host` from an identity already in hand: the token exchanged at the
+    /// source's endpoints, or for `kubernetes` the token itself.
+    pub async fn exchange(
+        &self,
+        http: &http::HttpClient,
+        host: &str,
+        id: &Presented<'_>,
+    ) -> Result<Credential, MintError> {
+        match self {
+            Self::Kubernetes(k) => k.pass_through(id),
+            Self::Chainguard(s) => s.exchange(http, id).await,
+            Self::Quay(s) => s.exchange(http, host, id).await,
+            Self::Ecr(s) => s.exchange(http, id).await,
+            Self::Gcp(s) => s.exchange(http, id).await,
+            Self::Acr(s) => s.exchange(http, host, id).await,
+            Self::TokenExchange(s) => s.exchange(http, id).await,
+        }
+    }
+}
+
+/// The config field a ServiceAccount annotation stands in for.
+pub fn setting_for(annotation: &str) -> &'static str {
+    match annotation {
+        ecr::ROLE_ANNOTATION => "ecr.roleArn",
+        acr::CLIENT_ID_ANNOTATION => "acr.clientId",
+        acr::TENANT_ID_ANNOTATION => "acr.tenantId",
+        _ => "setting",
     }
 }
 

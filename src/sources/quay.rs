@@ -6,7 +6,7 @@
 use serde::Deserialize;
 
 use super::kubernetes::ServiceAccountToken;
-use super::{http, Credential, MintContext, MintError};
+use super::{http, Credential, MintError, Presented};
 
 const NAME: &str = "quay";
 
@@ -58,16 +58,20 @@ impl QuaySource {
             .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
-    pub async fn mint(&self, cx: MintContext<'_>, host: &str) -> Result<Credential, MintError> {
-        let sa_token = self.service_account_token.fetch(cx, &self.audience).await?;
+    pub async fn exchange(
+        &self,
+        http: &http::HttpClient,
+        host: &str,
+        id: &Presented<'_>,
+    ) -> Result<Credential, MintError> {
+        let sa_token = id.token;
         let base = self
             .endpoint
             .clone()
             .unwrap_or_else(|| format!("https://{host}"));
         let url = format!("{}/oauth2/federation/robot/token", super::base(&base));
-        let body = cx
-            .http
-            .send(NAME, &[&sa_token], |c| {
+        let body = http
+            .send(NAME, &[sa_token], |c| {
                 c.get(&url).basic_auth(&self.robot, Some(sa_token.expose()))
             })
             .await?;

@@ -4,6 +4,7 @@
 //! MutatingWebhookConfiguration that the API server calls over TLS.
 #![allow(dead_code)]
 
+pub mod node;
 pub mod registry;
 pub mod standin;
 
@@ -38,16 +39,22 @@ pub fn repo() -> PathBuf {
 impl ControlPlane {
     /// The control plane for this test binary, started on first use.
     pub fn get() -> &'static ControlPlane {
-        Self::start(false)
+        Self::start(false, &[])
     }
 
     /// The control plane with a node beside it (kubelet, containerd, CNI in a network
     /// namespace of its own): for the tests where a real kubelet pulls images.
     pub fn with_node() -> &'static ControlPlane {
-        Self::start(true)
+        Self::start(true, &[])
     }
 
-    fn start(node: bool) -> &'static ControlPlane {
+    /// As `with_node`, the kubelet started with `kubelet_args` as well (a credential provider).
+    /// The first caller's arguments win: the control plane is one per test binary.
+    pub fn with_node_args(kubelet_args: &[String]) -> &'static ControlPlane {
+        Self::start(true, kubelet_args)
+    }
+
+    fn start(node: bool, kubelet_args: &[String]) -> &'static ControlPlane {
         let cp = CONTROL_PLANE.get_or_init(|| {
             let _ = rustls::crypto::ring::default_provider().install_default();
             // PSI_TEST_LOG=pull_secret_injector=debug shows the service's log beside a test's.
@@ -63,6 +70,9 @@ impl ControlPlane {
             cmd.arg("up").arg(&dir);
             if node {
                 cmd.arg("--node");
+                for a in kubelet_args {
+                    cmd.arg("--kubelet-arg").arg(a);
+                }
             }
             let status = cmd
                 .arg("--owner")

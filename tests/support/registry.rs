@@ -83,6 +83,20 @@ impl PrivateRegistry {
         infra: &str,
         rules: &str,
     ) -> Self {
+        Self::start_at(cp, client, dir, ip, free_port(ip), infra, rules).await
+    }
+
+    /// As `start`, the registry on `port` (chosen before the kubelet started, whose
+    /// credential provider config names it).
+    pub async fn start_at(
+        cp: &ControlPlane,
+        client: &kube::Client,
+        dir: &Path,
+        ip: &str,
+        port: u16,
+        infra: &str,
+        rules: &str,
+    ) -> Self {
         let certs = Certs::for_ips(&[ip]);
         let cert_dir = dir.join("certs.d");
         std::fs::create_dir_all(&cert_dir).unwrap();
@@ -140,7 +154,6 @@ rules:
             .expect("token server starts");
         let realm = format!("https://{ip}:{ts_port}/token");
 
-        let port = free_port(ip);
         let config = dir.join("registry.yml");
         std::fs::write(
             &config,

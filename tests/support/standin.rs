@@ -83,8 +83,21 @@ impl StandIn {
     pub async fn start(
         handler: impl Fn(&Seen) -> (u16, String) + Send + Sync + 'static,
     ) -> StandIn {
+        Self::start_on("127.0.0.1", handler).await
+    }
+
+    /// As `start`, listening on `ip` (the host side of the node's link, for a plugin the
+    /// kubelet runs in the node's network namespace).
+    pub async fn start_on(
+        ip: &str,
+        handler: impl Fn(&Seen) -> (u16, String) + Send + Sync + 'static,
+    ) -> StandIn {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let certs = Certs::new();
+        let certs = if ip == "127.0.0.1" {
+            Certs::new()
+        } else {
+            Certs::for_ips(&[ip])
+        };
         let seen = Arc::new(Mutex::new(Vec::new()));
         let faults = Arc::new(Mutex::new(VecDeque::new()));
         let persistent = Arc::new(Mutex::new(None));
@@ -101,7 +114,7 @@ impl StandIn {
                 async move { serve(shared, method, uri, headers, body).await }
             },
         );
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
         let addr = listener.local_addr().unwrap();
         let handle = serve_on(listener, &certs, app.clone());
         StandIn {

@@ -1,0 +1,818 @@
+//! `pull-secret-injector credential-provider`, the kubelet's image credential provider.
+//!
+//! First the binary as the kubelet runs it (a request on stdin, the answer on stdout, errors
+//! on stderr) against a local stand-in of an exchange endpoint. Then a real kubelet: this test
+//! binary's control plane starts its node with two providers that run this binary, one passing
+//! the Pod's token through to the private registry's token server (`kubernetes`), one
+//! exchanging it at an RFC 8693 stand-in (`tokenExchange`) for a credential the token server
+//! accepts. No webhook runs and no Secret exists: the Pods pull with their own identity.
+
+// The `serial()` guard is held across awaits on purpose: these tests take turns.
+#![allow(clippy::await_holding_lock)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::{json, Value};
+use support::node::*;
+use support::registry::*;
+use support::standin::{jwt, now, Seen, StandIn};
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pull-secret-injector");
+const API_VERSION: &str = "credentialprovider.kubelet.k8s.io/v1";
+
+/// What the plugin did with one request.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the plugin as the kubelet does: `credential-provider --config FILE`, the request on
+/// stdin.
+fn run_plugin(config: &Path, request: &str) -> Run {
+    let mut child = Command::new(BIN)
+        .args(["credential-provider", "--config"])
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the plugin");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn request(image: &str, token: Option<&str>) -> String {
+    json!({"apiVersion": API_VERSION, "kind": "CredentialProviderRequest", "image": image,
+           "serviceAccountToken": token})
+    .to_string()
+}
+
+/// A service-account token as the kubelet hands it over (the stand-ins do not verify it).
+fn pod_token(audience: &str, sa: &str) -> String {
+    jwt(json!({
+        "iss": "https://kubernetes.default.svc.cluster.local", "aud": [audience],
+        "sub": format!("system:serviceaccount:team-a:{sa}"), "exp": now() + 3600,
+        "kubernetes.io": {"namespace": "team-a", "serviceaccount": {"name": sa}},
+        "secret": "pod-token-secret",
+    }))
+}
+
+/// A quay stand-in: robot tokens of an hour for `org+puller`, 401 (echoing the password, as
+/// a careless server might) for anything else.
+async fn quay_standin() -> StandIn {
+    StandIn::start(|seen: &Seen| match seen.basic() {
+        Some((user, _)) if user == "org+puller" => (
+            200,
+            json!({"token": jwt(json!({"exp": now() + 3600, "sub": "robot-token-secret"}))})
+                .to_string(),
+        ),
+        Some((_, password)) => (
+            401,
+            format!("{{\"error\": \"robot federation refused for {password}\"}}"),
+        ),
+        None => (401, "{}".into()),
+    })
+    .await
+}
+
+fn write_config(dir: &Path, standin: &StandIn, robot: &str) -> PathBuf {
+    let path = dir.join("plugin.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "http: {{caFile: {ca}, retries: 0}}\nregistries:\n  - host: quay.test\n    \
+             quay: {{robot: \"{robot}\", audience: quay.test, endpoint: \"{url}\"}}\n  \
+             - host: registry.test\n    kubernetes: {{audience: registry.test}}\n",
+            ca = standin.certs.ca().display(),
+            url = standin.url,
+        ),
+    )
+    .unwrap();
+    path
+}
+
+// The plugin runs as a child process while this runtime serves the stand-in: two threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_answers_the_kubelet_with_an_exchanged_credential() {
+    let standin = quay_standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &standin, "org+puller");
+    let token = pod_token("quay.test", "builder");
+    let run = run_plugin(&config, &request("quay.test/org/app:v1", Some(&token)));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stderr, "", "nothing on stderr when all is well");
+    let response: Value = serde_json::from_str(&run.stdout).expect("the response is JSON");
+    assert_eq!(response["apiVersion"], API_VERSION);
+    assert_eq!(response["kind"], "CredentialProviderResponse");
+    assert_eq!(response["cacheKeyType"], "Registry");
+    let auth = &response["auth"]["quay.test"];
+    assert_eq!(auth["username"], "org+puller");
+    let robot_token = auth["password"].as_str().unwrap();
+    assert_eq!(claims(robot_token)["sub"], "robot-token-secret");
+    // An hour's robot token is reused for 40 minutes (give or take the second it took).
+    let cache: u64 = response["cacheDuration"]
+        .as_str()
+        .and_then(|d| d.strip_suffix('s'))
+        .and_then(|d| d.parse().ok())
+        .expect("cacheDuration in seconds");
+    assert!((2390..=2400).contains(&cache), "cacheDuration {cache}s");
+    // What Quay received: the Pod's token as the robot's password, nothing else.
+    let seen = standin.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/oauth2/federation/robot/token");
+    assert_eq!(seen[0].basic(), Some(("org+puller".into(), token)));
+}
+
+// The plugin runs as a child process while this runtime serves the stand-in: two threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_through_token_is_never_reused() {
+    let standin = quay_standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &standin, "org+puller");
+    let token = pod_token("registry.test", "builder");
+    let run = run_plugin(&config, &request("registry.test/team-a/app", Some(&token)));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let response: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(response["cacheDuration"], "0s");
+    assert_eq!(
+        response["auth"]["registry.test"],
+        json!({"username": "builder", "password": token})
+    );
+    assert!(standin.seen().is_empty(), "nothing to exchange");
+}
+
+// The plugin runs as a child process while this runtime serves the stand-in: two threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_one_line_on_stderr_without_the_token() {
+    let standin = quay_standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &standin, "org+stranger");
+    let token = pod_token("quay.test", "builder");
+    let cases = [
+        // The server's refusal: registry, status, its text with the token redacted.
+        (
+            request("quay.test/org/app:v1", Some(&token)),
+            format!(
+                "pull-secret-injector credential-provider: registry quay.test: quay: GET {}/oauth2/federation/robot/token answered 401: robot federation refused for <redacted>\n",
+                standin.url
+            ),
+        ),
+        (
+            request("quay.test/org/app:v1", Some(&pod_token("registry.test", "b"))),
+            "pull-secret-injector credential-provider: registry quay.test: the service-account token is for audience [\"registry.test\"], the config expects \"quay.test\"".into(),
+        ),
+        (
+            request("quay.test/org/app:v1", None),
+            "pull-secret-injector credential-provider: registry quay.test: the request has no serviceAccountToken, which the quay source needs".into(),
+        ),
+        (
+            request("ghcr.io/org/app:v1", Some(&token)),
+            "pull-secret-injector credential-provider: image \"ghcr.io/org/app:v1\" is on registry ghcr.io, which the config does not list (it lists quay.test, registry.test)".into(),
+        ),
+        (
+            request("quay.test/org/app:v1", Some(&token)).replace("/v1\"", "/v1beta1\""),
+            "pull-secret-injector credential-provider: the request's apiVersion is \"credentialprovider.kubelet.k8s.io/v1beta1\"".into(),
+        ),
+        (
+            format!("{{\"serviceAccountToken\": \"{token}"),
+            "pull-secret-injector credential-provider: the request on stdin is not JSON".into(),
+        ),
+    ];
+    for (input, expected) in cases {
+        let run = run_plugin(&config, &input);
+        assert_eq!(run.code, 1, "{}", run.stderr);
+        assert_eq!(run.stdout, "", "no response with an error");
+        assert!(
+            run.stderr.starts_with(&expected),
+            "expected {expected:?}, got {:?}",
+            run.stderr
+        );
+        assert_eq!(run.stderr.lines().count(), 1, "{:?}", run.stderr);
+        assert!(
+            !run.stderr.contains(&token) && !run.stderr.contains("pod-token-secret"),
+            "{:?}",
+            run.stderr
+        );
+    }
+    let run = run_plugin(
+        &dir.path().join("missing.yaml"),
+        &request("quay.test/a", None),
+    );
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .starts_with("pull-secret-injector credential-provider: cannot read config file "),
+        "{}",
+        run.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ecr_takes_the_role_from_the_annotation_the_kubelet_passes() {
+    let role = "arn:aws:iam::123456789012:role/team-a-puller";
+    let expires_at = now() + 12 * 3600;
+    let standin = StandIn::start(move |s: &Seen| match s.path.as_str() {
+        "/sts/" if s.field("RoleArn").as_deref() == Some(role) => (
+            200,
+            "<AssumeRoleWithWebIdentityResponse><AssumeRoleWithWebIdentityResult><Credentials>\
+             <AccessKeyId>ASIAEXAMPLE</AccessKeyId><SecretAccessKey>aws-secret-key</SecretAccessKey>\
+             <SessionToken>aws-session-token</SessionToken></Credentials>\
+             </AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>"
+                .into(),
+        ),
+        "/ecr/" => {
+            let token = base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                "AWS:ecr-password",
+            );
+            (
+                200,
+                json!({"authorizationData": [{"authorizationToken": token, "expiresAt": expires_at}]})
+                    .to_string(),
+            )
+        }
+        _ => (403, "<Error><Code>AccessDenied</Code></Error>".into()),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("plugin.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "http: {{caFile: {}}}\nregistries:\n  - host: 123456789012.dkr.ecr.eu-west-1.amazonaws.com\n    \
+             ecr: {{region: eu-west-1, stsEndpoint: \"{url}/sts\", ecrEndpoint: \"{url}/ecr\"}}\n",
+            standin.certs.ca().display(),
+            url = standin.url
+        ),
+    )
+    .unwrap();
+    let token = pod_token("sts.amazonaws.com", "builder");
+    let input = json!({"apiVersion": API_VERSION, "kind": "CredentialProviderRequest",
+        "image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/app:v1", "serviceAccountToken": token,
+        "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": role}});
+    let run = run_plugin(&config, &input.to_string());
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let response: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        response["auth"]["123456789012.dkr.ecr.eu-west-1.amazonaws.com"],
+        json!({"username": "AWS", "password": "ecr-password"})
+    );
+    // ECR's 12 hours: reused for 8.
+    let cache: u64 = response["cacheDuration"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('s')
+        .parse()
+        .unwrap();
+    assert!((28790..=28800).contains(&cache), "cacheDuration {cache}s");
+    let sts = &standin.seen()[0];
+    assert_eq!(sts.field("WebIdentityToken"), Some(token.clone()));
+    assert_eq!(
+        sts.field("RoleSessionName").as_deref(),
+        Some("pull-secret-injector-team-a"),
+        "the session names the Pod's namespace, read from its token"
+    );
+    // Without the annotation in the request (the kubelet was not told to pass it).
+    let mut bare = input.clone();
+    bare.as_object_mut()
+        .unwrap()
+        .remove("serviceAccountAnnotations");
+    let run = run_plugin(&config, &bare.to_string());
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("ServiceAccount team-a/builder has no eks.amazonaws.com/role-arn annotation in the request"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(standin.seen().len(), 2, "no call without a role");
+}
+
+fn kubernetes_only_config(dir: &Path) -> PathBuf {
+    let path = dir.join("plugin.yaml");
+    std::fs::write(
+        &path,
+        "registries:\n  - host: registry.test\n    kubernetes: {audience: registry.test}\n",
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn the_daemonsets_install_step_puts_a_working_plugin_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubernetes_only_config(dir.path());
+    // The init container's arguments as shipped, with this machine's paths.
+    let daemonset: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("deploy/credential-provider/daemonset.yaml")).unwrap(),
+    )
+    .unwrap();
+    let providers = dir.path().join("host/credential-providers");
+    let args: Vec<String> = daemonset["spec"]["template"]["spec"]["initContainers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .unwrap()
+                .replace(
+                    "/config/pull-secret-injector.yaml",
+                    config.to_str().unwrap(),
+                )
+                .replace("/host/credential-providers", providers.to_str().unwrap())
+        })
+        .collect();
+    let out = Command::new(BIN).args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let installed = providers.join("pull-secret-injector");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "installed {}\ninstalled {}.yaml\n",
+            installed.display(),
+            installed.display()
+        )
+    );
+    // The copy is the plugin, reading the copied config.
+    let mut child = Command::new(&installed)
+        .args(["credential-provider", "--config"])
+        .arg(installed.with_extension("yaml"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let token = pod_token("registry.test", "builder");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request("registry.test/a/b", Some(&token)).as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let response: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        response["auth"]["registry.test"]["password"],
+        token.as_str()
+    );
+
+    // A config the plugin could not use is not installed.
+    std::fs::write(&config, "registries: []\n").unwrap();
+    let other = dir.path().join("other");
+    let out = Command::new(BIN)
+        .args(["credential-provider", "--config"])
+        .arg(&config)
+        .arg("--install-to")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("registries: at least one registry is required"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!other.exists(), "nothing written");
+}
+
+// --- Through a real kubelet -------------------------------------------------------------
+
+/// The token audiences of the two providers.
+const EXCHANGE_AUDIENCE: &str = "exchange.test";
+const DIRECT: &str = "cp-direct";
+const EXCHANGE: &str = "cp-exchange";
+
+/// What the kubelet was configured with before it started: its providers run this binary
+/// with configs in `dir` that the test writes once the registry runs (the plugin reads its
+/// config at every call).
+struct NodeSetup {
+    dir: PathBuf,
+    port: u16,
+}
+
+fn node_setup() -> &'static NodeSetup {
+    static SETUP: OnceLock<NodeSetup> = OnceLock::new();
+    SETUP.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("psi-credprov-{}", std::process::id()));
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        // The kubelet runs `<bin dir>/<provider name>`: this build's binary, twice.
+        for name in ["psi-direct", "psi-exchange"] {
+            std::os::unix::fs::symlink(BIN, bin.join(name)).unwrap();
+        }
+        // The registry's port goes into matchImages, so it is chosen now; the host is the
+        // node's link address, known once the node runs (matchImages globs it).
+        let port = free_port("127.0.0.1");
+        let provider = |name: &str, path: &str, audience: &str, cache_type: &str| {
+            json!({
+                "name": name, "apiVersion": API_VERSION,
+                "matchImages": [format!("*.*.*.*:{port}/{path}")],
+                "defaultCacheDuration": "0s",
+                "args": ["credential-provider", "--config", dir.join(format!("{name}.yaml"))],
+                "tokenAttributes": {"serviceAccountTokenAudience": audience,
+                                    "cacheType": cache_type, "requireServiceAccount": true},
+            })
+        };
+        let config = json!({
+            "apiVersion": "kubelet.config.k8s.io/v1", "kind": "CredentialProviderConfig",
+            "providers": [
+                provider("psi-direct", "direct", SERVICE, "Token"),
+                provider("psi-exchange", "exchanged", EXCHANGE_AUDIENCE, "ServiceAccount"),
+            ],
+        });
+        let config_file = dir.join("credential-providers.yaml");
+        std::fs::write(&config_file, serde_yaml::to_string(&config).unwrap()).unwrap();
+        NodeSetup { dir, port }
+    })
+}
+
+fn control_plane() -> &'static ControlPlane {
+    let setup = node_setup();
+    ControlPlane::with_node_args(&[
+        format!(
+            "--image-credential-provider-config={}",
+            setup.dir.join("credential-providers.yaml").display()
+        ),
+        format!(
+            "--image-credential-provider-bin-dir={}",
+            setup.dir.join("bin").display()
+        ),
+    ])
+}
+
+/// The shipped node RBAC, for the test's two audiences.
+async fn grant_node_audiences(c: &kube::Client) {
+    let text =
+        std::fs::read_to_string(repo().join("deploy/credential-provider/rbac.yaml")).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let mut object: Value = serde::Deserialize::deserialize(doc).unwrap();
+        let (path, kind) = match object["kind"].as_str().unwrap() {
+            "ClusterRole" => {
+                object["rules"][0]["resources"] = json!([SERVICE, EXCHANGE_AUDIENCE]);
+                ("clusterroles", "ClusterRole")
+            }
+            other => ("clusterrolebindings", other),
+        };
+        let (status, _, text) = post(
+            c,
+            &format!("/apis/rbac.authorization.k8s.io/v1/{path}"),
+            &object,
+        )
+        .await;
+        assert!(status.is_success(), "creating the {kind}: {status} {text}");
+    }
+}
+
+/// An RFC 8693 stand-in on the node's link: it exchanges a Pod's token (audience
+/// `exchange.test`) for a credential of that ServiceAccount the registry's token server
+/// accepts (a token with the registry's audience, minted beforehand), valid `expires_in`.
+async fn exchange_standin(ip: &str, identities: BTreeMap<String, (String, i64)>) -> StandIn {
+    StandIn::start_on(ip, move |seen: &Seen| {
+        let subject = seen.field("subject_token").unwrap_or_default();
+        let claims = token_claims(&subject);
+        let audience_ok = claims["aud"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|a| a == EXCHANGE_AUDIENCE));
+        let sub = claims["sub"].as_str().unwrap_or_default();
+        match identities.get(sub) {
+            _ if seen.field("grant_type").as_deref()
+                != Some("urn:ietf:params:oauth:grant-type:token-exchange")
+                || !audience_ok =>
+            {
+                (400, json!({"error": "invalid_request"}).to_string())
+            }
+            Some((token, expires_in)) => (
+                200,
+                json!({"access_token": token, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                       "token_type": "N_A", "expires_in": expires_in})
+                .to_string(),
+            ),
+            None => (
+                400,
+                json!({"error": "invalid_grant", "error_description": format!("no identity is bound to {sub}")})
+                    .to_string(),
+            ),
+        }
+    })
+    .await
+}
+
+fn token_claims(token: &str) -> Value {
+    if token.split('.').count() == 3 {
+        claims(token)
+    } else {
+        Value::Null
+    }
+}
+
+/// Exchanges the stand-in answered for `namespace/sa`.
+fn exchanges(standin: &StandIn, namespace: &str, sa: &str) -> Vec<Seen> {
+    let sub = format!("system:serviceaccount:{namespace}:{sa}");
+    standin
+        .seen()
+        .into_iter()
+        .filter(|s| token_claims(&s.field("subject_token").unwrap_or_default())["sub"] == sub)
+        .collect()
+}
+
+async fn create_service_account(c: &kube::Client, ns: &str, name: &str) {
+    let api: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(c.clone(), ns);
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+async fn assert_no_secrets(c: &kube::Client, ns: &str) {
+    let secrets = Api::<Secret>::namespaced(c.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(
+        secrets.items.is_empty(),
+        "{ns} has Secrets: {:?}",
+        secrets
+            .items
+            .iter()
+            .map(|s| s.metadata.name.clone())
+            .collect::<Vec<_>>()
+    );
+}
+
+fn pod_pull_secrets(pod: &Pod) -> usize {
+    pull_secret_names(pod).len()
+}
+
+/// Runs the Pod to completion (`run_pod`, which tries once more when the runtime lost its
+/// sandbox) and checks that it pulled its image with no pull Secret.
+async fn run_to_completion(cp: &ControlPlane, c: &kube::Client, ns: &str, pod: Value) {
+    let ran = run_pod(cp, c, ns, pod).await;
+    assert_eq!(pod_pull_secrets(&ran.pod), 0, "no imagePullSecrets");
+    assert!(
+        ran.printed.contains(MARKER),
+        "{ns}/{} printed: {}",
+        ran.name,
+        ran.printed
+    );
+    let evs = events(c, ns, &ran.name).await;
+    assert!(
+        evs.iter().any(|e| e.starts_with("Pulled:")),
+        "{ns}/{} pulled its image: {evs:?}",
+        ran.name
+    );
+}
+
+/// KEP-4412's service-account tokens for providers are beta, on by default, from 1.34; an
+/// older kubelet refuses `tokenAttributes`. `KUBERNETES_VERSION` is what the harness builds.
+fn kubelet_has_service_account_tokens() -> bool {
+    let version = std::env::var("KUBERNETES_VERSION").unwrap_or_else(|_| "1.37".into());
+    let minor = version
+        .split('.')
+        .nth(1)
+        .and_then(|m| m.parse::<u32>().ok())
+        .unwrap_or(0);
+    if version.starts_with("1.") && minor < 34 {
+        eprintln!("SKIPPED: Kubernetes {version}: the kubelet hands plugins service-account tokens from 1.34");
+        return false;
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubelet_pulls_with_the_pods_own_identity_and_no_secret() {
+    if !tools_present() || !kubelet_has_service_account_tokens() {
+        return;
+    }
+    let _serial = serial();
+    let setup = node_setup();
+    let cp = control_plane();
+    let c = cp.client().await;
+    let ip = cp.host_ip();
+    grant_node_audiences(&c).await;
+    let work = tempfile::tempdir().unwrap();
+    let rules = format!(
+        "  - {{namespace: {DIRECT}, serviceAccount: default, repositories: [\"direct/*\"]}}\n  \
+         - {{namespace: {EXCHANGE}, serviceAccount: builder, repositories: [\"exchanged/*\"]}}\n  \
+         - {{namespace: {EXCHANGE}, serviceAccount: deployer, repositories: [\"exchanged/*\"]}}\n  \
+         - {{namespace: cp-ci, serviceAccount: pusher, repositories: [\"*\"], actions: [pull, push]}}\n"
+    );
+    let registry =
+        PrivateRegistry::start_at(cp, &c, work.path(), &ip, setup.port, "cp-infra", &rules).await;
+    trust_registry(cp, &registry);
+    let host = registry.host.clone();
+    let direct_image = format!("{host}/direct/app:v1");
+    let exchanged_image = format!("{host}/exchanged/app:v1");
+    create_namespace(&c, "cp-ci", Default::default()).await;
+    let pusher = service_account_token(&c, "cp-ci", "pusher", vec![SERVICE.into()]).await;
+    for (image, repository) in [
+        (&direct_image, "direct/app:v1"),
+        (&exchanged_image, "exchanged/app:v1"),
+    ] {
+        registry.push(
+            &busybox_image(work.path(), image),
+            repository,
+            &format!("pusher:{pusher}"),
+        );
+    }
+
+    // The exchange's identities: builder's credential lasts an hour, deployer's 90 s (reused
+    // for 30 s), outsider's is one the token server's rules grant nothing; stranger has none.
+    create_namespace(&c, EXCHANGE, Default::default()).await;
+    let mut identities = BTreeMap::new();
+    for (sa, expires_in) in [("builder", 3600), ("deployer", 90), ("outsider", 3600)] {
+        let token = service_account_token(&c, EXCHANGE, sa, vec![SERVICE.into()]).await;
+        identities.insert(
+            format!("system:serviceaccount:{EXCHANGE}:{sa}"),
+            (token, expires_in),
+        );
+    }
+    create_service_account(&c, EXCHANGE, "stranger").await;
+    let standin = exchange_standin(&ip, identities).await;
+    std::fs::write(
+        setup.dir.join("psi-direct.yaml"),
+        format!("registries:\n  - host: \"{host}\"\n    kubernetes: {{audience: {SERVICE}}}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        setup.dir.join("psi-exchange.yaml"),
+        format!(
+            "http: {{caFile: {ca}}}\nregistries:\n  - host: \"{host}\"\n    tokenExchange: \
+             {{endpoint: \"{url}/token\", username: exchanged, subjectTokenAudience: {EXCHANGE_AUDIENCE}, \
+             audience: {SERVICE}}}\n",
+            ca = standin.certs.ca().display(),
+            url = standin.url,
+        ),
+    )
+    .unwrap();
+    let webhooks = Api::<MutatingWebhookConfiguration>::all(c.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(webhooks.items.is_empty(), "no webhook in this cluster");
+    // The shipped DaemonSet that puts the plugin on nodes is one the API server accepts.
+    let daemonset: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("deploy/credential-provider/daemonset.yaml")).unwrap(),
+    )
+    .unwrap();
+    let (status, _, text) = post(
+        &c,
+        "/apis/apps/v1/namespaces/kube-system/daemonsets?dryRun=All",
+        &daemonset,
+    )
+    .await;
+    assert!(status.is_success(), "the DaemonSet: {status} {text}");
+
+    // 1. Pass-through: the Pod's own token, bound to it, is the registry password. The
+    // namespace has no Secret, before and after.
+    create_namespace(&c, DIRECT, Default::default()).await;
+    create_service_account(&c, DIRECT, "other").await;
+    run_to_completion(cp, &c, DIRECT, app_pod("app", &direct_image, "Always")).await;
+    // A ServiceAccount the rules do not name: its token is valid and granted nothing.
+    create(
+        &c,
+        DIRECT,
+        app_pod_as("other", &direct_image, "Always", "other"),
+    )
+    .await;
+    let evs = wait_pull_refused(&c, DIRECT, "other").await;
+    assert!(
+        evs.iter()
+            .any(|e| e.contains("insufficient_scope") || e.contains("authorization failed")),
+        "the registry's refusal: {evs:?}"
+    );
+    assert_no_secrets(&c, DIRECT).await;
+
+    // 2. Exchanged: one exchange per ServiceAccount while its credential lasts.
+    run_to_completion(
+        cp,
+        &c,
+        EXCHANGE,
+        app_pod_as("b1", &exchanged_image, "Always", "builder"),
+    )
+    .await;
+    let first = exchanges(&standin, EXCHANGE, "builder");
+    assert_eq!(first.len(), 1, "builder's first pull exchanged once");
+    assert_eq!(first[0].field("audience").as_deref(), Some(SERVICE));
+    run_to_completion(
+        cp,
+        &c,
+        EXCHANGE,
+        app_pod_as("b2", &exchanged_image, "Always", "builder"),
+    )
+    .await;
+    assert_eq!(
+        exchanges(&standin, EXCHANGE, "builder").len(),
+        1,
+        "a second Pod of builder pulled with the kubelet's cached credential"
+    );
+    run_to_completion(
+        cp,
+        &c,
+        EXCHANGE,
+        app_pod_as("d1", &exchanged_image, "Always", "deployer"),
+    )
+    .await;
+    let deployer = exchanges(&standin, EXCHANGE, "deployer");
+    assert_eq!(
+        deployer.len(),
+        1,
+        "another ServiceAccount, its own exchange"
+    );
+    // deployer's 90 s credential was handed out for 30 s; past that, a Pod exchanges again,
+    // while builder's hour-long one is still reused.
+    let reusable_until = deployer[0].at + Duration::from_secs(32);
+    tokio::time::sleep(reusable_until.saturating_duration_since(Instant::now())).await;
+    run_to_completion(
+        cp,
+        &c,
+        EXCHANGE,
+        app_pod_as("d2", &exchanged_image, "Always", "deployer"),
+    )
+    .await;
+    run_to_completion(
+        cp,
+        &c,
+        EXCHANGE,
+        app_pod_as("b3", &exchanged_image, "Always", "builder"),
+    )
+    .await;
+    assert_eq!(exchanges(&standin, EXCHANGE, "deployer").len(), 2);
+    assert_eq!(exchanges(&standin, EXCHANGE, "builder").len(), 1);
+
+    // An identity the exchange vouches for but the rules do not grant: refused at the registry.
+    create(
+        &c,
+        EXCHANGE,
+        app_pod_as("o1", &exchanged_image, "Always", "outsider"),
+    )
+    .await;
+    let evs = wait_pull_refused(&c, EXCHANGE, "o1").await;
+    assert!(
+        evs.iter()
+            .any(|e| e.contains("insufficient_scope") || e.contains("authorization failed")),
+        "the registry's refusal: {evs:?}"
+    );
+    // One the exchange refuses: the plugin fails, the kubelet pulls without credentials and
+    // logs the plugin's line (registry, status, the server's text), with no token in it.
+    create(
+        &c,
+        EXCHANGE,
+        app_pod_as("s1", &exchanged_image, "Always", "stranger"),
+    )
+    .await;
+    let evs = wait_pull_refused(&c, EXCHANGE, "s1").await;
+    assert!(
+        evs.iter().any(|e| e.contains("401 Unauthorized")),
+        "no credential, the registry's refusal: {evs:?}"
+    );
+    let kubelet_log = std::fs::read_to_string(cp.dir.join("node/kubelet.log")).unwrap();
+    let expected = format!(
+        "pull-secret-injector credential-provider: registry {host}: tokenExchange: POST {}/token answered 400: ",
+        standin.url
+    );
+    let line = kubelet_log
+        .lines()
+        .find(|l| l.contains(&expected))
+        .unwrap_or_else(|| panic!("the kubelet logged the plugin's error {expected:?}"));
+    eprintln!("kubelet: {line}");
+    assert!(
+        line.contains("no identity is bound to system:serviceaccount:cp-exchange:stranger"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("eyJ"),
+        "no token in the kubelet's log: {line}"
+    );
+    assert_no_secrets(&c, EXCHANGE).await;
+
+    registry.shutdown().await;
+}
