@@ -177,7 +177,10 @@ fn the_helm_chart_renders_the_same_objects_as_kustomize() {
         ("token-server", "{}", &["token-server"]),
     ] {
         let overlay = overlays.join("+");
-        let helm = normalised(chart_objects(chart, values));
+        // The kustomizations make the namespace; the charts do when asked (`helm template`).
+        let mut values: Value = serde_json::from_str(values).unwrap();
+        values["createNamespace"] = json!(true);
+        let helm = normalised(chart_objects(chart, &values.to_string()));
         let kustomize = normalised(
             overlays
                 .iter()
@@ -272,6 +275,7 @@ fn find<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_knobs_land_where_kubernetes_reads_them() {
     let values = r#"{
+        "createNamespace": true,
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}],
         "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms":
@@ -1009,7 +1013,7 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
     let admin = ControlPlane::get().client().await;
     let sa = "psi-sa-scope";
     let values = format!(
-        r#"{{"name": "{sa}", "rbac": {{"serviceAccountScope": true}},
+        r#"{{"name": "{sa}", "createNamespace": true, "rbac": {{"serviceAccountScope": true}},
             "config": {{"identityScope": "serviceAccount"}}}}"#
     );
     for object in helm_objects(&values).iter().filter(|o| {
