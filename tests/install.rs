@@ -42,6 +42,37 @@ fn kustomize(dir: &std::path::Path) -> Vec<Value> {
             objects.extend(yaml_docs(&std::fs::read_to_string(path).unwrap()));
         }
     }
+    // configMapGenerator, as this project uses it: files below the kustomization, keyed by their
+    // name, no name suffix (so that other objects can name the ConfigMap), labels.
+    for g in k["configMapGenerator"].as_array().into_iter().flatten() {
+        assert_eq!(
+            g["options"]["disableNameSuffixHash"], true,
+            "generated names are fixed"
+        );
+        let mut data = serde_json::Map::new();
+        for file in g["files"].as_array().expect("files") {
+            let file = file.as_str().unwrap();
+            let (key, path) = file.split_once('=').unwrap_or((
+                std::path::Path::new(file)
+                    .file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap(),
+                file,
+            ));
+            data.insert(
+                key.to_string(),
+                Value::String(std::fs::read_to_string(dir.join(path)).unwrap()),
+            );
+        }
+        let mut metadata = json!({"name": g["name"], "namespace": g["namespace"]});
+        if let Some(labels) = g["options"].get("labels") {
+            metadata["labels"] = labels.clone();
+        }
+        objects.push(
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}),
+        );
+    }
     for p in k["patches"].as_array().into_iter().flatten() {
         let ops: json_patch::Patch = serde_yaml::from_str(p["patch"].as_str().unwrap()).unwrap();
         let target = &p["target"];
@@ -64,26 +95,37 @@ fn base_objects() -> Vec<Value> {
     kustomize(&repo().join("deploy/kustomize/base"))
 }
 
-/// The Helm chart, linted (strict) and rendered offline by Helm's own library.
-fn helm_objects(values: &str) -> Vec<Value> {
+/// `hack/helm-render` of a chart of `deploy/helm`: stdout on success, stderr on failure.
+fn helm_render(chart: &str, args: &[&str], values: &str) -> Result<String, String> {
     let out = std::process::Command::new("python3")
         .arg(repo().join("hack/helm-render"))
-        .arg(repo().join("deploy/helm/pull-secret-injector"))
+        .args(args)
+        .arg(repo().join("deploy/helm").join(chart))
         .arg(NS)
         .arg(values)
         .output()
         .expect("run hack/helm-render");
-    assert!(
-        out.status.success(),
-        "helm lint/render failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    yaml_docs(&String::from_utf8(out.stdout).unwrap())
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The Helm chart, linted (strict) and rendered offline by Helm's own library.
+fn helm_objects(values: &str) -> Vec<Value> {
+    chart_objects("pull-secret-injector", values)
+}
+
+fn chart_objects(chart: &str, values: &str) -> Vec<Value> {
+    let text = helm_render(chart, &[], values)
+        .unwrap_or_else(|e| panic!("helm lint/render of {chart} failed: {e}"));
+    yaml_docs(&text)
 }
 
 /// Objects keyed by kind/namespace/name, with what legitimately differs between the two
-/// renderings normalised: Helm's config checksum annotation, and the config file's text (which
-/// is compared as parsed YAML).
+/// renderings normalised: the Pod template's annotations (Helm's config checksum), and the config
+/// files' text (compared as parsed YAML).
 fn normalised(objects: Vec<Value>) -> std::collections::BTreeMap<String, Value> {
     objects
         .into_iter()
@@ -97,9 +139,11 @@ fn normalised(objects: Vec<Value>) -> std::collections::BTreeMap<String, Value> 
             if let Some(t) = o.pointer_mut("/spec/template/metadata") {
                 t.as_object_mut().unwrap().remove("annotations");
             }
-            if let Some(c) = o.pointer_mut("/data/config.yaml") {
-                let parsed: Value = serde_yaml::from_str(c.as_str().unwrap()).unwrap();
-                *c = parsed;
+            for key in ["config.yaml", "token-server.yaml"] {
+                if let Some(c) = o.pointer_mut(&format!("/data/{key}")) {
+                    let parsed: Value = serde_yaml::from_str(c.as_str().unwrap()).unwrap();
+                    *c = parsed;
+                }
             }
             (key, o)
         })
@@ -108,17 +152,46 @@ fn normalised(objects: Vec<Value>) -> std::collections::BTreeMap<String, Value> 
 
 #[test]
 fn the_helm_chart_renders_the_same_objects_as_kustomize() {
-    for (values, overlay) in [
-        ("{}", "base"),
-        (r#"{"certManager": {"enabled": true}}"#, "cert-manager"),
+    let monitoring = r#"{"metrics": {"serviceMonitor": {"enabled": true},
+        "prometheusRule": {"enabled": true}, "dashboard": {"enabled": true}}}"#;
+    let service_account_scope = r#"{"config": {"identityScope": "serviceAccount"},
+        "rbac": {"serviceAccountScope": true}}"#;
+    for (chart, values, overlays) in [
+        ("pull-secret-injector", "{}", &["base"][..]),
         (
-            r#"{"pullSecretUpdater": {"enabled": true}}"#,
-            "pull-secret-updater",
+            "pull-secret-injector",
+            r#"{"certManager": {"enabled": true}}"#,
+            &["cert-manager"],
         ),
-        (r#"{"networkPolicy": {"enabled": true}}"#, "network-policy"),
+        (
+            "pull-secret-injector",
+            r#"{"networkPolicy": {"enabled": true}}"#,
+            &["network-policy"],
+        ),
+        (
+            "pull-secret-injector",
+            r#"{"pullSecretUpdater": {"enabled": true}}"#,
+            &["pull-secret-updater"],
+        ),
+        (
+            "pull-secret-injector",
+            service_account_scope,
+            &["service-account-scope"],
+        ),
+        ("pull-secret-injector", monitoring, &["base", "monitoring"]),
+        ("token-server", "{}", &["token-server"]),
     ] {
-        let helm = normalised(helm_objects(values));
-        let kustomize = normalised(kustomize(&repo().join("deploy/kustomize").join(overlay)));
+        let overlay = overlays.join("+");
+        // The kustomizations make the namespace; the charts do when asked (`helm template`).
+        let mut values: Value = serde_json::from_str(values).unwrap();
+        values["createNamespace"] = json!(true);
+        let helm = normalised(chart_objects(chart, &values.to_string()));
+        let kustomize = normalised(
+            overlays
+                .iter()
+                .flat_map(|o| kustomize(&repo().join("deploy/kustomize").join(o)))
+                .collect(),
+        );
         assert_eq!(
             helm.keys().collect::<Vec<_>>(),
             kustomize.keys().collect::<Vec<_>>(),
@@ -130,6 +203,404 @@ fn the_helm_chart_renders_the_same_objects_as_kustomize() {
                 "{overlay}: {key} differs between Helm and kustomize"
             );
         }
+    }
+}
+
+/// A wrong value fails the chart's lint and render with a message that names it, as `helm lint`,
+/// `helm template` and `helm install` print it.
+#[test]
+fn a_wrong_value_fails_the_chart_with_a_message_naming_it() {
+    for (values, expected) in [
+        (
+            r#"{"webhook": {"failurePolicy": "Never"}}"#,
+            &["/webhook/failurePolicy", "'Ignore', 'Fail'"][..],
+        ),
+        (
+            r#"{"webhook": {"timeoutSeconds": 60}}"#,
+            &["/webhook/timeoutSeconds", "30"],
+        ),
+        (r#"{"replicas": 3}"#, &["'replicas' not allowed"]),
+        (r#"{"replicaCount": "two"}"#, &["/replicaCount", "integer"]),
+        (
+            r#"{"config": {"secretName": "Pull_Secret"}}"#,
+            &["/config/secretName", "Pull_Secret"],
+        ),
+        // The chart writes these into the config file itself.
+        (
+            r#"{"config": {"listen": "0.0.0.0:9443"}}"#,
+            &["/config", "'listen' not allowed"],
+        ),
+        (
+            r#"{"config": {"identityScope": "serviceaccount"}}"#,
+            &["/config/identityScope", "'namespace', 'serviceAccount'"],
+        ),
+        (
+            r#"{"config": {"registries": []}}"#,
+            &["/config/registries", "minItems"],
+        ),
+        (
+            r#"{"metrics": {"prometheusRule": {"enabled": "yes"}}}"#,
+            &["/metrics/prometheusRule/enabled", "boolean"],
+        ),
+        // Not a schema rule: the wider RBAC is asked for explicitly.
+        (
+            r#"{"config": {"identityScope": "serviceAccount"}}"#,
+            &["rbac.serviceAccountScope: true"],
+        ),
+    ] {
+        let err = helm_render("pull-secret-injector", &[], values)
+            .expect_err(&format!("{values} must be refused"));
+        for e in expected {
+            assert!(err.contains(e), "{values}: {e:?} not in: {err}");
+        }
+    }
+    let err = helm_render(
+        "token-server",
+        &[],
+        r#"{"config": {"rules": [{"repositories": ["x"]}]}}"#,
+    )
+    .expect_err("a rule without a namespace");
+    assert!(
+        err.contains("/config/rules/0") && err.contains("namespace"),
+        "{err}"
+    );
+    // And the defaults pass.
+    helm_render("pull-secret-injector", &[], "{}").unwrap();
+    helm_render("token-server", &[], "{}").unwrap();
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} rendered"))
+}
+
+/// Every knob lands where Kubernetes reads it, and the API server accepts the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_knobs_land_where_kubernetes_reads_them() {
+    let values = r#"{
+        "createNamespace": true,
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms":
+            [{"matchExpressions": [{"key": "node-role", "operator": "In", "values": ["infra"]}]}]}}},
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "ScheduleAnyway"}],
+        "priorityClassName": "system-cluster-critical",
+        "podAnnotations": {"example.com/team": "platform"},
+        "podLabels": {"example.com/tier": "infra"},
+        "extraEnv": [{"name": "RUST_LOG", "value": "debug"}],
+        "imagePullSecrets": [{"name": "my-registry"}],
+        "podSecurityContext": {"runAsNonRoot": true, "runAsUser": 10001, "runAsGroup": 10001,
+            "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": true},
+        "webhook": {"timeoutSeconds": 3, "failurePolicy": "Fail",
+            "objectSelector": {"matchExpressions": [{"key": "example.com/no-inject", "operator": "DoesNotExist"}]}},
+        "config": {"excludedNamespaces": ["monitoring"],
+            "namespaceSelector": {"matchLabels": {"pull-secret-injector.io/inject": "enabled"},
+                "matchExpressions": [{"key": "team", "operator": "Exists"}]}}
+    }"#;
+    let objects = helm_objects(values);
+    let deployment = find(&objects, "Deployment");
+    let pod = &deployment["spec"]["template"];
+    let spec = &pod["spec"];
+    assert_eq!(spec["nodeSelector"], json!({"kubernetes.io/os": "linux"}));
+    assert_eq!(spec["tolerations"][0]["key"], "dedicated");
+    assert!(
+        spec["affinity"].get("podAntiAffinity").is_none(),
+        "affinity replaces the default"
+    );
+    assert_eq!(
+        spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"][0]["matchExpressions"][0]["key"],
+        "node-role"
+    );
+    assert_eq!(
+        spec["topologySpreadConstraints"][0],
+        json!({"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+               "whenUnsatisfiable": "ScheduleAnyway",
+               "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "pull-secret-injector"}}}),
+        "the chart selects its own Pods"
+    );
+    assert_eq!(spec["priorityClassName"], "system-cluster-critical");
+    assert_eq!(
+        pod["metadata"]["annotations"]["example.com/team"],
+        "platform"
+    );
+    assert!(pod["metadata"]["annotations"]["checksum/config"].is_string());
+    assert_eq!(pod["metadata"]["labels"]["example.com/tier"], "infra");
+    assert_eq!(
+        deployment["spec"]["selector"],
+        json!({"matchLabels": {"app.kubernetes.io/name": "pull-secret-injector"}}),
+        "podLabels stay out of the selector (it cannot change after install)"
+    );
+    assert_eq!(spec["imagePullSecrets"], json!([{"name": "my-registry"}]));
+    assert_eq!(spec["securityContext"]["fsGroup"], 10001);
+    let serve = &spec["containers"][0];
+    assert!(serve["env"]
+        .as_array()
+        .unwrap()
+        .contains(&json!({"name": "RUST_LOG", "value": "debug"})));
+    for container in [serve, &spec["initContainers"][0]] {
+        assert_eq!(container["securityContext"]["runAsNonRoot"], true);
+    }
+    let hook = &find(&objects, "MutatingWebhookConfiguration")["webhooks"][0];
+    assert_eq!(hook["timeoutSeconds"], 3);
+    assert_eq!(hook["failurePolicy"], "Fail");
+    assert_eq!(
+        hook["objectSelector"]["matchExpressions"][0]["key"],
+        "example.com/no-inject"
+    );
+    assert_eq!(
+        hook["namespaceSelector"]["matchExpressions"],
+        json!([{"key": "team", "operator": "Exists"},
+               {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                "values": [NS, "kube-system", "monitoring"]}]),
+        "the user's expressions and the exclusions together"
+    );
+    let config: Value = serde_yaml::from_str(
+        find(&objects, "ConfigMap")["data"]["config.yaml"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    pull_secret_injector::config::Config::from_yaml(&serde_yaml::to_string(&config).unwrap())
+        .expect("the rendered config is valid");
+    let ts = chart_objects(
+        "token-server",
+        r#"{"nodeSelector": {"kubernetes.io/os": "linux"}, "priorityClassName": "high",
+            "extraEnv": [{"name": "RUST_LOG", "value": "debug"}], "podLabels": {"a": "b"}}"#,
+    );
+    let ts_spec = &find(&ts, "Deployment")["spec"]["template"]["spec"];
+    assert_eq!(ts_spec["nodeSelector"]["kubernetes.io/os"], "linux");
+    assert_eq!(ts_spec["priorityClassName"], "high");
+    assert_eq!(ts_spec["containers"][0]["env"][0]["name"], "RUST_LOG");
+
+    // The API server takes them as they are (server-side dry run).
+    let admin = ControlPlane::get().client().await;
+    apply(&admin, find(&objects, "Namespace"), false)
+        .await
+        .expect("served")
+        .unwrap();
+    for object in objects.iter().chain(ts.iter()).filter(|o| {
+        matches!(
+            o["kind"].as_str(),
+            Some("Deployment" | "MutatingWebhookConfiguration")
+        )
+    }) {
+        apply(&admin, object, true)
+            .await
+            .expect("served")
+            .unwrap_or_else(|e| panic!("{} refused: {e}", object["kind"]));
+    }
+}
+
+/// The chart's NOTES tell how to opt a namespace in and how to check `status`, with the values
+/// of this release.
+#[test]
+fn the_chart_notes_say_how_to_opt_in_and_check_status() {
+    let notes = helm_render(
+        "pull-secret-injector",
+        &["--notes"],
+        r#"{"config": {"secretName": "registry-creds",
+            "namespaceSelector": {"matchLabels": {"example.com/pulls": "short-lived"}}}}"#,
+    )
+    .unwrap();
+    for needle in [
+        "kubectl label namespace <namespace> example.com/pulls=short-lived",
+        "Secret registry-creds",
+        "pull-secret-injector status --config config.yaml",
+        &format!("kubectl -n {NS} rollout status deployment/pull-secret-injector"),
+    ] {
+        assert!(notes.contains(needle), "{needle:?} not in:\n{notes}");
+    }
+    let notes = helm_render("token-server", &["--notes"], "{}").unwrap();
+    assert!(
+        notes.contains("create secret tls token-server-signing"),
+        "{notes}"
+    );
+}
+
+/// Everything the Prometheus rules and the Grafana dashboard query, as the chart renders them:
+/// metric families the service exports (`src/metrics.rs`), label names they carry and label
+/// values the code sets.
+#[test]
+fn the_alerts_and_dashboard_query_only_what_the_service_exports() {
+    use pull_secret_injector::admission::decide::Outcome;
+    // Off by default.
+    let default_kinds: Vec<Value> = helm_objects("{}")
+        .into_iter()
+        .map(|o| o["kind"].clone())
+        .collect();
+    for kind in ["ServiceMonitor", "PrometheusRule"] {
+        assert!(
+            !default_kinds.contains(&json!(kind)),
+            "{kind} is off by default"
+        );
+    }
+    assert!(!helm_objects("{}")
+        .iter()
+        .any(|o| o["metadata"]["name"] == "pull-secret-injector-dashboard"));
+
+    let objects = helm_objects(
+        r#"{"metrics": {"serviceMonitor": {"enabled": true}, "prometheusRule": {"enabled": true},
+            "dashboard": {"enabled": true}}}"#,
+    );
+    // What the service exports, with every label value the code can set.
+    let metrics = pull_secret_injector::metrics::Metrics::default();
+    for outcome in [
+        Outcome::Unchanged,
+        Outcome::Patched,
+        Outcome::NotReady,
+        Outcome::Conflict,
+        Outcome::Invalid,
+    ] {
+        metrics.admission("Pod", outcome.as_str());
+    }
+    metrics.mint("kubernetes", true, 0.01);
+    metrics.mint("kubernetes", false, 0.01);
+    metrics.cache_lookup(true);
+    metrics.cache_lookup(false);
+    let exposition = metrics.encode();
+    let family = |word: &str| {
+        ["_total", "_bucket", "_count", "_sum"]
+            .iter()
+            .fold(word.to_string(), |w, s| {
+                w.strip_suffix(s).unwrap_or(&w).to_string()
+            })
+    };
+    let exported: Vec<String> = exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    // label=value pairs seen per family.
+    let mut labels: std::collections::BTreeMap<String, Vec<(String, String)>> = Default::default();
+    for line in exposition.lines().filter(|l| !l.starts_with('#')) {
+        if let Some((name, rest)) = line.split_once('{') {
+            for pair in rest.split('}').next().unwrap().split(',') {
+                let (k, v) = pair.split_once('=').unwrap();
+                labels
+                    .entry(family(name))
+                    .or_default()
+                    .push((k.to_string(), v.trim_matches('"').to_string()));
+            }
+        }
+    }
+
+    let rule = find(&objects, "PrometheusRule");
+    let mut expressions: Vec<(String, String)> = rule["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().iter())
+        .map(|r| {
+            (
+                r["alert"].as_str().unwrap().to_string(),
+                r["expr"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let alerts: Vec<&str> = expressions.iter().map(|(a, _)| a.as_str()).collect();
+    for needed in [
+        "earliest_expiry_seconds",
+        "mints_total{outcome=\"error\"}",
+        "not_ready",
+        "invalid",
+    ] {
+        assert!(
+            expressions.iter().any(|(_, e)| e.contains(needed)),
+            "no alert on {needed}: {alerts:?}"
+        );
+    }
+    let dashboard = objects
+        .iter()
+        .find(|o| o["metadata"]["name"] == "pull-secret-injector-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let board: Value = serde_json::from_str(
+        dashboard["data"]["pull-secret-injector.json"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    for panel in board["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            expressions.push((
+                format!("dashboard: {}", panel["title"]),
+                target["expr"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    let mut checked = 0;
+    for (what, expr) in &expressions {
+        let mut rest = expr.as_str();
+        while let Some(at) = rest.find("pull_secret_injector_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = family(&tail[..end]);
+            assert!(
+                exported.contains(&name),
+                "{what}: {} is not exported: {exported:?}",
+                &tail[..end]
+            );
+            // Its label matchers, if any: {label op "value", ...}.
+            if let Some(matchers) = tail[end..].strip_prefix('{') {
+                let matchers = &matchers[..matchers.find('}').unwrap()];
+                for m in matchers.split(',') {
+                    let op_at = m.find(['=', '!']).unwrap();
+                    let label = m[..op_at].trim();
+                    let value = m[op_at..]
+                        .trim_start_matches(['=', '!', '~'])
+                        .trim()
+                        .trim_matches('"');
+                    let seen = labels.get(&name).cloned().unwrap_or_default();
+                    for v in value.split('|') {
+                        assert!(
+                            seen.iter().any(|(k, sv)| k == label && sv == v),
+                            "{what}: {name} has no {label}=\"{v}\"; the code sets {seen:?}"
+                        );
+                    }
+                }
+            }
+            checked += 1;
+            rest = &tail[end..];
+        }
+    }
+    assert!(checked >= 14, "only {checked} metric references checked");
+
+    let monitor = find(&objects, "ServiceMonitor");
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["scheme"], "https");
+    assert_eq!(endpoint["path"], "/metrics");
+    let service = find(&objects, "Service");
+    assert_eq!(endpoint["port"], service["spec"]["ports"][0]["name"]);
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"],
+        service["metadata"]["labels"]
+    );
+}
+
+/// The dashboard in the chart and in the kustomize overlay are copies of
+/// `deploy/grafana/pull-secret-injector.json` (Helm and kustomize read files only below their
+/// own directory).
+#[test]
+fn the_dashboard_copies_agree() {
+    let canonical =
+        std::fs::read_to_string(repo().join("deploy/grafana/pull-secret-injector.json")).unwrap();
+    for copy in [
+        "deploy/helm/pull-secret-injector/dashboards/pull-secret-injector.json",
+        "deploy/kustomize/monitoring/pull-secret-injector.json",
+    ] {
+        assert!(
+            std::fs::read_to_string(repo().join(copy)).unwrap() == canonical,
+            "{copy} differs from deploy/grafana/pull-secret-injector.json: copy it again"
+        );
     }
 }
 
@@ -169,9 +640,22 @@ async fn can(
     namespace: Option<&str>,
     name: Option<&str>,
 ) -> bool {
+    can_as(client, SA, verb, group, resource, namespace, name).await
+}
+
+/// What ServiceAccount `sa` of the service's namespace may do (SubjectAccessReview).
+async fn can_as(
+    client: &kube::Client,
+    sa: &str,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: Option<&str>,
+    name: Option<&str>,
+) -> bool {
     let review: SubjectAccessReview = serde_json::from_value(json!({
         "spec": {
-            "user": format!("system:serviceaccount:{NS}:{SA}"),
+            "user": format!("system:serviceaccount:{NS}:{sa}"),
             "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{NS}"), "system:authenticated"],
             "resourceAttributes": {
                 "verb": verb, "group": group,
@@ -503,7 +987,8 @@ async fn the_service_account_scope_match_conditions_compile_on_the_api_server() 
     // (with a `url`) for a while: a dry-run apply over it would merge the two.
     let _serial = serial();
     let admin = ControlPlane::get().client().await;
-    let values = r#"{"config": {"identityScope": "serviceAccount", "secretName": "pull-creds",
+    let values = r#"{"rbac": {"serviceAccountScope": true},
+        "config": {"identityScope": "serviceAccount", "secretName": "pull-creds",
         "namespaceSelector": {"matchLabels": {"pull-secret-injector.io/inject": "enabled"}},
         "registries": [{"host": "registry.example.com", "kubernetes": {"serviceAccount": "default",
         "audience": "https://registry.example.com", "expirationSeconds": 3600}}]}}"#;
@@ -531,4 +1016,78 @@ async fn the_service_account_scope_match_conditions_compile_on_the_api_server() 
     );
     let result = apply(&admin, &hook, true).await.expect("served");
     result.expect("the API server accepts the webhook configuration");
+}
+
+/// `rbac.serviceAccountScope` grants what `identityScope: serviceAccount` needs (Secrets named
+/// `<serviceAccount>-<secretName>`, TokenRequests for any ServiceAccount) and still nothing
+/// else; the API server's own authorizer answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_tokens() {
+    let _serial = serial();
+    let admin = ControlPlane::get().client().await;
+    let sa = "psi-sa-scope";
+    let values = format!(
+        r#"{{"name": "{sa}", "createNamespace": true, "rbac": {{"serviceAccountScope": true}},
+            "config": {{"identityScope": "serviceAccount"}}}}"#
+    );
+    for object in helm_objects(&values).iter().filter(|o| {
+        matches!(
+            o["kind"].as_str(),
+            Some(
+                "Namespace"
+                    | "ServiceAccount"
+                    | "ClusterRole"
+                    | "ClusterRoleBinding"
+                    | "Role"
+                    | "RoleBinding"
+            )
+        )
+    }) {
+        apply(&admin, object, false)
+            .await
+            .expect("served")
+            .unwrap_or_else(|e| panic!("{}: {e}", object["kind"]));
+    }
+    let ns = Some("some-team");
+    type Access<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, Option<&'a str>);
+    let needed: &[Access] = &[
+        ("get", "", "secrets", ns, Some("app-pull-secret")),
+        ("list", "", "secrets", None, None),
+        ("watch", "", "secrets", None, None),
+        ("update", "", "secrets", ns, Some("app-pull-secret")),
+        ("delete", "", "secrets", ns, Some("app-pull-secret")),
+        ("create", "", "secrets", ns, None),
+        ("create", "", "serviceaccounts/token", ns, Some("app")),
+        ("patch", "", "serviceaccounts", ns, Some("app")),
+    ];
+    for &(verb, group, resource, namespace, name) in needed {
+        assert!(
+            can_as(&admin, sa, verb, group, resource, namespace, name).await,
+            "needs {verb} {group}/{resource} {namespace:?} {name:?}"
+        );
+    }
+    let refused: &[Access] = &[
+        ("create", "", "pods", ns, None),
+        ("get", "", "configmaps", ns, Some("x")),
+        ("delete", "", "serviceaccounts", ns, Some("app")),
+        ("update", "", "namespaces", None, Some("some-team")),
+        ("create", "", "serviceaccounts", ns, None),
+        ("*", "*", "*", ns, None),
+    ];
+    for &(verb, group, resource, namespace, name) in refused {
+        assert!(
+            !can_as(&admin, sa, verb, group, resource, namespace, name).await,
+            "must not {verb} {group}/{resource} {namespace:?} {name:?}"
+        );
+    }
+    // Without the value, the chart keeps the narrow rules (the same test as the base's).
+    let narrow = helm_objects(&format!(r#"{{"name": "{sa}"}}"#));
+    let role = find(&narrow, "ClusterRole");
+    let secrets = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resources"] == json!(["secrets"]) && r["verbs"].as_array().unwrap().len() > 1)
+        .unwrap();
+    assert_eq!(secrets["resourceNames"], json!(["pull-secret"]));
 }

@@ -1,0 +1,3 @@
+{{- define "ts.labels" -}}
+app.kubernetes.io/name: pull-secret-injector-token-server
+{{- end -}}
