@@ -503,8 +503,10 @@ async fn apiserver_path() -> Vec<Figure> {
     .await;
     wait_secret(&c, &with, "warm", |_| true).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // the API server loads the new configuration
+                                                      // Each Pod lists a pull Secret of its own, so that the webhook is called for every one
+                                                      // (a Pod that inherits `pull-secret` from `default` is left out by the matchConditions).
     let pod = |i: usize| -> Pod {
-        serde_json::from_value(json!({"metadata": {"name": format!("p{i}")}, "spec": {"containers": [{"name": "app", "image": "registry.example.com/app:1"}]}})).unwrap()
+        serde_json::from_value(json!({"metadata": {"name": format!("p{i}")}, "spec": {"imagePullSecrets": [{"name": "mine"}], "containers": [{"name": "app", "image": "registry.example.com/app:1"}]}})).unwrap()
     };
     let (mut a, mut b, mut n) = (Vec::new(), Vec::new(), Vec::new());
     let calls_before = webhook_calls(&c).await;
