@@ -14,9 +14,12 @@
 //!                 resident memory after the first and the last round
 //!   5. scale      N opted-in namespaces (BENCH_NAMESPACES, default 10000): start-up, memory,
 //!                 paced renewals, CPU per renewal
+//!   7. memory     peak resident memory above idle for a 3 MiB review: one, 16 at once (HTTP/1,
+//!                 16 connections), 100 at once as streams of one HTTP/2 connection; baseline:
+//!                 the body's own size
 //! ```
 //!
-//! BENCH_ONLY=handler,tls,... runs a subset.
+//! BENCH_ONLY=handler,tls,...,memory runs a subset.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -657,6 +660,150 @@ async fn cold_burst() -> Vec<Figure> {
     figures
 }
 
+/// A Pod review of about 3 MiB, as large as the API server lets through: 1,000
+/// `imagePullSecrets` entries and forty containers with 600 environment variables each.
+fn big_review(namespace: &str) -> Value {
+    let mut review = pod_review(namespace, "b5e1c0de-0000-4000-8000-000000000007");
+    let env: Vec<Value> = (0..600)
+        .map(|i| json!({"name": format!("SETTING_{i:04}"), "value": format!("{i:04}-{}", "v".repeat(88))}))
+        .collect();
+    let containers: Vec<Value> = (0..40)
+        .map(|i| json!({"name": format!("c{i}"), "image": "registry.example.com/team/app:1", "env": env}))
+        .collect();
+    let spec = &mut review["request"]["object"]["spec"];
+    spec["containers"] = json!(containers);
+    spec["imagePullSecrets"] = json!((0..1000)
+        .map(|i| json!({"name": format!("existing-secret-{i}")}))
+        .collect::<Vec<_>>());
+    review
+}
+
+/// Resets a process's peak resident memory (VmHWM) to its current size.
+fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// The release binary as its own process (`serve`, with the allocator it ships with), so that
+/// nothing the benchmark itself allocates is counted, started afresh for each case (memory a
+/// case leaves behind would hide the next one's): peak resident memory above idle for 3 MiB
+/// reviews sent directly to its port, in an opted-in namespace with a fresh Secret (every
+/// answer is a patch), and what is still held 2 s after.
+async fn memory() -> Vec<Figure> {
+    use std::process::{Command, Stdio};
+    println!(
+        "7. memory: peak RSS above idle for a 3 MiB review (one, 16 at once, 100 HTTP/2 streams)"
+    );
+    let cp = ControlPlane::get();
+    let admin = cp.client().await;
+    let certs = Certs::new();
+    let id = "bench-mem";
+    let ns = format!("{id}-big");
+    let labels = BTreeMap::from([
+        ("e2e-run".to_string(), id.to_string()),
+        (
+            "pull-secret-injector.io/inject".to_string(),
+            "enabled".to_string(),
+        ),
+    ]);
+    create_namespace(&admin, &ns, labels).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = config_yaml(id, &certs, &kubernetes_registry("default", 3600), "")
+        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+    let config = certs.dir.path().join("config.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let url = format!("https://127.0.0.1:{port}/mutate");
+    let body = axum::body::Bytes::from(serde_json::to_vec(&big_review(&ns)).unwrap());
+    let body_mib = body.len() as f64 / (1024.0 * 1024.0);
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(certs.ca()).unwrap()).unwrap();
+    let mut figures = Vec::new();
+    let cases: [(&str, bool, usize); 3] = [
+        ("one review", false, 1),
+        ("16 at once (16 connections)", false, 16),
+        ("100 at once (one HTTP/2 connection)", true, 100),
+    ];
+    for (what, http2, n) in cases {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pull-secret-injector"))
+            .args(["serve", "--config", path_str(&config)])
+            .env("KUBECONFIG", cp.kubeconfig())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        wait_secret(&admin, &ns, "the service's Secret", |_| true).await;
+        wait_for("ready", Duration::from_secs(30), || async {
+            get(&certs, &url.replace("/mutate", "/readyz")).await.0 == 200
+        })
+        .await;
+        let builder = reqwest::Client::builder().add_root_certificate(ca.clone());
+        let client = if http2 {
+            builder.http2_prior_knowledge()
+        } else {
+            builder.http1_only()
+        }
+        .build()
+        .unwrap();
+        // One small review first: the first answer's one-off allocations are not a review's.
+        let warm = client.post(&url).header("content-type", "application/json");
+        let warm = warm.body(serde_json::to_vec(&pod_review(&ns, "warm")).unwrap());
+        assert_eq!(warm.send().await.unwrap().status().as_u16(), 200);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle = proc_status(pid, "VmRSS:") / 1024.0;
+        reset_peak(pid);
+        let calls = (0..n).map(|_| {
+            let request = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.clone());
+            async move {
+                let r = request.send().await.expect("answered");
+                let status = r.status().as_u16();
+                let text = r.text().await.unwrap_or_default();
+                (status, text)
+            }
+        });
+        let answers = futures::future::join_all(calls).await;
+        let peak = proc_status(pid, "VmHWM:") / 1024.0 - idle;
+        for (status, text) in &answers {
+            assert_eq!(*status, 200, "{text}");
+            assert!(text.contains("\"patch\""), "answered with a patch: {text}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = proc_status(pid, "VmRSS:") / 1024.0 - idle;
+        let _ = child.kill();
+        let _ = child.wait();
+        println!("   {what}: peak {peak:.1} MiB above idle ({idle:.1} MiB), {after:.1} MiB above idle 2 s later");
+        let target = if n == 1 {
+            "target < 64 MiB"
+        } else {
+            "bounded: admission.maxBytesInFlight is 32 MiB of bodies"
+        };
+        figures.push(figure(
+            format!("peak resident memory above idle, {what}"),
+            peak,
+            "MiB",
+            Some(("the body's size", body_mib)),
+            target,
+        ));
+        figures.push(figure(
+            format!("resident memory above idle 2 s after, {what}"),
+            after,
+            "MiB",
+            Some(("the body's size", body_mib)),
+            "returned to the system: ≈ 0",
+        ));
+    }
+    let _ = Api::<Namespace>::all(admin)
+        .delete(&ns, &Default::default())
+        .await;
+    figures
+}
+
 fn proc_status(pid: u32, field: &str) -> f64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     text.lines()
@@ -1076,6 +1223,9 @@ fn main() {
         }
         if wanted("scale") {
             sections.push(("5. Scale", scale().await));
+        }
+        if wanted("memory") {
+            sections.push(("7. Memory per review", memory().await));
         }
     });
     let machine = machine();

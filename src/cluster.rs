@@ -107,6 +107,26 @@ pub fn reference(kind: &str, namespace: &str, name: &str) -> ObjectReference {
     }
 }
 
+/// Waits for a store's first full list. Polled on a short timer: the store's readiness signal
+/// wakes only its most recent waiter (the refresher and its controller wait on the same store).
+pub(crate) async fn wait_until_ready<K>(store: &kube::runtime::reflector::Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            store.wait_until_ready(),
+        )
+        .await
+        {
+            Ok(ready) => return ready.is_ok(),
+            Err(_) => continue,
+        }
+    }
+}
+
 /// The backoff of this service's watches: 250 ms doubling up to 5 s, from the start again after
 /// the first event that gets through. kube's default grows to 30 s and resets only after two
 /// quiet minutes, so a watch that failed a few times while the API server restarted stayed

@@ -158,6 +158,20 @@ pub struct AdmissionConfig {
         deserialize_with = "crate::core::duration::field"
     )]
     pub read_timeout: Duration,
+    /// A connection with no request in progress for this long is closed (before its first
+    /// request and between requests, HTTP/1 and HTTP/2).
+    #[serde(
+        default = "default_idle_timeout",
+        deserialize_with = "crate::core::duration::field"
+    )]
+    pub idle_timeout: Duration,
+    /// Connections open at once; further ones are closed at once, with a log line.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Bytes of request bodies held at once, over all connections and streams: a request that
+    /// would go over waits for room up to `readTimeout`, then gets 503.
+    #[serde(default = "default_max_bytes_in_flight")]
+    pub max_bytes_in_flight: usize,
 }
 
 impl Default for AdmissionConfig {
@@ -166,12 +180,28 @@ impl Default for AdmissionConfig {
             budget: default_budget(),
             max_body_bytes: default_max_body_bytes(),
             read_timeout: default_read_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: default_max_connections(),
+            max_bytes_in_flight: default_max_bytes_in_flight(),
         }
     }
 }
 
-fn default_read_timeout() -> Duration {
+pub fn default_read_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+pub fn default_idle_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+pub fn default_max_connections() -> usize {
+    512
+}
+
+fn default_max_bytes_in_flight() -> usize {
+    // Eight of the largest bodies the API server sends: about 32 MiB, far below the memory limit.
+    8 * default_max_body_bytes()
 }
 
 /// One `auths` entry of the pull Secret and the source its credential is minted from:
@@ -344,6 +374,18 @@ impl Config {
         }
         if self.admission.max_body_bytes < 1024 {
             err("admission.maxBodyBytes", "must be at least 1024".into());
+        }
+        if self.admission.idle_timeout.is_zero() {
+            err("admission.idleTimeout", "must be more than 0s".into());
+        }
+        if self.admission.max_connections == 0 {
+            err("admission.maxConnections", "must be at least 1".into());
+        }
+        if self.admission.max_bytes_in_flight < self.admission.max_body_bytes {
+            err(
+                "admission.maxBytesInFlight",
+                "must be at least admission.maxBodyBytes".into(),
+            );
         }
         if !(self.refresh.max_mints_per_second > 0.0
             && self.refresh.max_mints_per_second.is_finite())

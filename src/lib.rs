@@ -17,6 +17,7 @@ pub mod admission;
 pub mod cluster;
 pub mod compat;
 pub mod config;
+pub mod connections;
 pub mod core;
 pub mod credential_provider;
 pub mod metrics;

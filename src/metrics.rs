@@ -169,6 +169,14 @@ impl Metrics {
             .remove(namespace);
     }
 
+    /// Forgets the Secrets whose key `keep` refuses (their namespace is gone).
+    pub fn retain_secrets(&self, keep: impl Fn(&str) -> bool) {
+        self.expiries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| keep(k));
+    }
+
     /// The Prometheus text exposition, with the gauges computed now.
     pub fn encode(&self) -> String {
         {

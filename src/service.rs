@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::admission::{coarse_timer, server, webhook};
 use crate::cluster::Events;
 use crate::compat::updater;
+use crate::connections;
 use crate::metrics;
 use crate::refresh::leadership::{self, Inbox};
 use crate::refresh::refresher::{self, Refresher};
@@ -27,21 +28,6 @@ use crate::tls::{self, ReloadingCert};
 
 /// How long in-flight admissions get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// Waits for a store's first full list. Polled on a short timer: the store's readiness signal
-/// wakes only its most recent waiter.
-async fn wait_until_ready<K>(store: &reflector::Store<K>) -> bool
-where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    loop {
-        match tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
-            Ok(ready) => return ready.is_ok(),
-            Err(_) => continue,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -89,8 +75,7 @@ impl Service {
         let events = Events::new(client.clone(), settings.instance.clone());
         let (stop, stopped) = watch::channel(false);
         let inbox = Inbox::default();
-        let (namespaces, ready, tasks) = Self::watch_namespaces(&client, &inbox, &stopped);
-        let mut background = Vec::from(tasks);
+        let (namespaces, writer) = reflector::store();
 
         let http = sources::http::HttpClient::new(&config.http)?;
         let provisioner = Arc::new(Provisioner::new(
@@ -101,6 +86,15 @@ impl Service {
             events.clone(),
             metrics.clone(),
         ));
+        let (ready, tasks) = Self::watch_namespaces(
+            &client,
+            writer,
+            namespaces.clone(),
+            &inbox,
+            provisioner.clone(),
+            &stopped,
+        );
+        let mut background = Vec::from(tasks);
         let (c, s, p, store, m) = (
             client.clone(),
             settings.clone(),
@@ -148,18 +142,24 @@ impl Service {
             read_timeout: admission.read_timeout,
             timer: timer.clone(),
             metrics,
+            body_bytes: Arc::new(tokio::sync::Semaphore::new(admission.max_bytes_in_flight)),
         });
         let handle = axum_server::Handle::new();
-        let mut server = axum_server::from_tcp_rustls(listener, tls)
-            .map_err(listen_error)?
-            .handle(handle.clone());
-        // A client that trickles its headers is cut off (HTTP/1; HTTP/2 has its own keep-alive).
-        server
-            .http_builder()
-            .http1()
-            .timer(timer)
-            .header_read_timeout(admission.read_timeout);
-        let server = server.serve(server::router(state).into_make_service());
+        let limits = connections::Limits {
+            max_connections: admission.max_connections,
+            idle_timeout: admission.idle_timeout,
+        };
+        let server = connections::serve(
+            listener,
+            tls,
+            "webhook",
+            limits,
+            admission.read_timeout,
+            timer,
+            handle.clone(),
+            server::router(state),
+        )
+        .map_err(listen_error)?;
         let server = tokio::spawn(server);
         tracing::info!(%local_addr, "serving admission webhook over TLS");
         Ok(Self {
@@ -173,18 +173,17 @@ impl Service {
     }
 
     /// The one Namespace watch: every replica reads it to answer "opted in?" without an API
-    /// call, and the refresher, where it runs, is fed its changes through the inbox. Returns the
-    /// store, the readiness flag (set once the watch has listed), and the two tasks behind them.
+    /// call, and the refresher, where it runs, is fed its changes through the inbox. A deleted
+    /// namespace (or one gone when the watch relists) is forgotten by the provisioner. Returns
+    /// the readiness flag (set once the watch has listed), and the two tasks behind it.
     fn watch_namespaces(
         client: &kube::Client,
+        writer: reflector::store::Writer<Namespace>,
+        namespaces: reflector::Store<Namespace>,
         inbox: &Inbox,
+        provisioner: Arc<Provisioner>,
         stopped: &watch::Receiver<bool>,
-    ) -> (
-        reflector::Store<Namespace>,
-        Arc<AtomicBool>,
-        [JoinHandle<()>; 2],
-    ) {
-        let (namespaces, writer) = reflector::store();
+    ) -> (Arc<AtomicBool>, [JoinHandle<()>; 2]) {
         let inbox = inbox.clone();
         let watch = reflector::reflector(
             writer,
@@ -199,20 +198,39 @@ impl Service {
             // The reflector fills the store from a (re)list only at its end: what the list
             // shows is passed on then, or the refresher would look for it in a store that does
             // not have it yet and drop it (a namespace created while the watch was down).
-            match event {
-                Ok(watcher::Event::Apply(ns)) => inbox.namespace_changed(Arc::new(ns)),
-                Ok(watcher::Event::Init) => relisted.clear(),
-                Ok(watcher::Event::InitApply(ns)) => relisted.push(Arc::new(ns)),
+            // After a deletion or a relist, namespaces gone from the store are forgotten.
+            let forget = match event {
+                Ok(watcher::Event::Apply(ns)) => {
+                    inbox.namespace_changed(Arc::new(ns));
+                    false
+                }
+                Ok(watcher::Event::Init) => {
+                    relisted.clear();
+                    false
+                }
+                Ok(watcher::Event::InitApply(ns)) => {
+                    relisted.push(Arc::new(ns));
+                    false
+                }
                 Ok(watcher::Event::InitDone) => {
                     for ns in relisted.drain(..) {
                         inbox.namespace_changed(ns);
                     }
+                    true
                 }
-                Ok(watcher::Event::Delete(_)) | Err(_) => {}
-            }
-            futures::future::ready(Some(()))
+                Ok(watcher::Event::Delete(_)) => true,
+                Err(_) => false,
+            };
+            futures::future::ready(Some(forget))
         })
-        .for_each(|()| futures::future::ready(()));
+        .for_each(move |forget| {
+            let provisioner = provisioner.clone();
+            async move {
+                if forget {
+                    provisioner.forget_gone().await
+                }
+            }
+        });
         let mut until_stopped = stopped.clone();
         let watch = tokio::spawn(async move {
             tokio::select! {
@@ -223,12 +241,12 @@ impl Service {
         let ready = Arc::new(AtomicBool::new(false));
         let (flag, store) = (ready.clone(), namespaces.clone());
         let readiness = tokio::spawn(async move {
-            if wait_until_ready(&store).await {
+            if crate::cluster::wait_until_ready(&store).await {
                 flag.store(true, Ordering::Release);
                 tracing::info!("namespace watch synced; ready");
             }
         });
-        (namespaces, ready, [watch, readiness])
+        (ready, [watch, readiness])
     }
 
     /// Whether `/readyz` answers 200: the namespace watch has synced.

@@ -244,8 +244,9 @@ async fn token_endpoint_outage_longer_than_a_credential_lifetime() {
             // API server's timeout, `failurePolicy: Ignore` would admit the Pod unpatched.
             for ns in [&namespaces[0], &late] {
                 let started = Instant::now();
-                let pod =
-                    create_pod(&c, ns, &format!("p{}", fastrand::u32(..)), json!({}), false).await;
+                // A Secret of its own, so that the webhook sees the Pod (matchConditions).
+                let own = json!({"imagePullSecrets": [{"name": "mine"}]});
+                let pod = create_pod(&c, ns, &format!("p{}", fastrand::u32(..)), own, false).await;
                 admissions.push(started.elapsed());
                 assert!(
                     pull_secret_names(&pod.pod).contains(&"pull-secret".to_string()),

@@ -165,6 +165,11 @@ fn the_helm_chart_renders_the_same_objects_as_kustomize() {
         ),
         (
             "pull-secret-injector",
+            r#"{"networkPolicy": {"enabled": true}}"#,
+            &["network-policy"],
+        ),
+        (
+            "pull-secret-injector",
             r#"{"pullSecretUpdater": {"enabled": true}}"#,
             &["pull-secret-updater"],
         ),
@@ -949,7 +954,13 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
 async fn the_token_server_manifests_are_valid() {
     let _serial = serial();
     let admin = ControlPlane::get().client().await;
-    for object in kustomize(&repo().join("deploy/kustomize/token-server")) {
+    let mut objects = kustomize(&repo().join("deploy/kustomize/token-server-network-policy"));
+    // And the webhook's optional NetworkPolicy.
+    objects.extend(yaml_docs(
+        &std::fs::read_to_string(repo().join("deploy/kustomize/network-policy/networkpolicy.yaml"))
+            .unwrap(),
+    ));
+    for object in objects {
         let kind = object["kind"].as_str().unwrap().to_string();
         // The namespace for real (the same object as the base's), the rest as dry runs.
         let dry_run = kind != "Namespace";
@@ -972,6 +983,9 @@ async fn the_token_server_manifests_are_valid() {
 /// webhook configuration whose CEL does not compile).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_account_scope_match_conditions_compile_on_the_api_server() {
+    // Takes turns with the base install, which creates a webhook configuration of this name
+    // (with a `url`) for a while: a dry-run apply over it would merge the two.
+    let _serial = serial();
     let admin = ControlPlane::get().client().await;
     let values = r#"{"rbac": {"serviceAccountScope": true},
         "config": {"identityScope": "serviceAccount", "secretName": "pull-creds",

@@ -221,6 +221,39 @@ async fn pods_pull_with_the_secret_the_webhook_made_and_nothing_else_does() {
     );
     offset.store(0, Ordering::SeqCst);
 
+    // 4. A token whose ServiceAccount was deleted: its signature and expiry still check out
+    // offline, the API server's TokenReview refuses it, and so does the token server (within
+    // tokenReview.cacheFor, 1 s here).
+    let doomed = service_account_token(&c, &team_a, "doomed", vec![SERVICE.into()]).await;
+    let token_url = format!(
+        "{}?service={SERVICE}&scope=repository:team-a/app:pull",
+        registry.realm
+    );
+    let ask = || async {
+        let r = https_client(&registry.certs)
+            .get(&token_url)
+            .basic_auth("doomed", Some(&doomed))
+            .send()
+            .await
+            .expect("the token server answers");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    };
+    let (status, body) = ask().await;
+    assert_eq!(status, 200, "{body}");
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(c.clone(), &team_a)
+        .delete("doomed", &Default::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the deleted ServiceAccount's token refused",
+        Duration::from_secs(30),
+        || async {
+            let (status, body) = ask().await;
+            status == 401 && body.contains("no longer accepts this token")
+        },
+    )
+    .await;
+
     // After the refresher renews the Secret, the new credential works.
     wait_secret(&c, &team_a, "a renewed credential", |s| {
         password_of(s) != first_password
@@ -236,19 +269,19 @@ async fn pods_pull_with_the_secret_the_webhook_made_and_nothing_else_does() {
     // Every decision was logged, with who and what, and no token.
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
     assert!(
-        logs.contains(&format!("namespace={team_a}"))
-            && logs.contains("granted=repository:team-a/app:pull"),
+        logs.contains(&format!("namespace={team_a:?}"))
+            && logs.contains("granted=\"repository:team-a/app:pull\""),
         "{logs}"
     );
     assert!(
-        logs.contains(&format!("namespace={team_b}")) && logs.contains("granted=nothing"),
+        logs.contains(&format!("namespace={team_b:?}")) && logs.contains("granted=\"nothing\""),
         "{logs}"
     );
     assert!(
         logs.contains("token refused") && logs.contains("reason=\"no credentials\""),
         "{logs}"
     );
-    for secret in [&pusher, &first_password, &second_password] {
+    for secret in [&pusher, &first_password, &second_password, &doomed] {
         assert!(!logs.contains(secret.as_str()), "a token reached the logs");
     }
 

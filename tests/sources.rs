@@ -709,7 +709,8 @@ mod end_to_end {
         let c = inj.client.clone();
         let ns = inj.namespace("cg", true).await;
 
-        let pod = create_pod(&c, &ns, "app", json!({}), false).await.pod;
+        let own = json!({"imagePullSecrets": [{"name": "mine"}]});
+        let pod = create_pod(&c, &ns, "app", own, false).await.pod;
         assert!(
             pull_secret_names(&pod).contains(&"pull-secret".to_string()),
             "{:?}",

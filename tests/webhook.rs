@@ -173,7 +173,15 @@ async fn item3_the_secret_holds_a_real_token_for_the_namespace() {
     let mut inj = Injector::start("t3").await;
     let c = inj.client.clone();
     let ns = inj.namespace("secret", true).await;
-    create_pod(&c, &ns, "app", json!({}), false).await;
+    // A Secret of its own, so that the webhook sees the Pod (matchConditions).
+    create_pod(
+        &c,
+        &ns,
+        "app",
+        json!({"imagePullSecrets": [{"name": "mine"}]}),
+        false,
+    )
+    .await;
     // The patch was returned, so the Secret exists now, without waiting.
     let secret = get_secret(&c, &ns)
         .await
@@ -272,9 +280,11 @@ async fn item4_fresh_tokens_are_cached_and_a_cold_burst_mints_once() {
     assert_eq!(cp.token_requests(&ns), 1, "one mint for the burst");
     assert_eq!(cp.secret_writes(&ns), 1, "one Secret write for the burst");
 
-    // Warm: more admissions make no TokenRequest and no write.
+    // Warm: more admissions make no TokenRequest and no write. (With a Secret of their own,
+    // as above: the webhook would not see a Pod that inherits `pull-secret` from `default`.)
     for i in 0..10 {
-        create_pod(&c, &ns, &format!("warm{i}"), json!({}), false).await;
+        let own = json!({"imagePullSecrets": [{"name": "mine"}]});
+        create_pod(&c, &ns, &format!("warm{i}"), own, false).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(cp.token_requests(&ns), 1);

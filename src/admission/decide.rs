@@ -8,6 +8,7 @@ use json_patch::Patch;
 use super::review::{self, Review, Target, Verdict};
 use crate::config::InjectMode;
 use crate::core::images;
+use crate::core::names;
 use crate::core::namespaces::{Selection, REGISTRIES_ANNOTATION};
 use crate::core::subject::{IdentityScope, Subject};
 use crate::settings::Settings;
@@ -85,6 +86,38 @@ impl Decision {
     }
 }
 
+/// Why the names a review carries cannot be used, if they cannot: the namespace, the object's
+/// name, the ServiceAccount it runs as and the Secret name built from them all go into API
+/// paths, cache keys and Events, so each must be a name Kubernetes allows before anything is
+/// looked up. Only requests this service acts on are checked.
+pub fn invalid_names(review: &Review, settings: &Settings) -> Option<String> {
+    let req = &review.request;
+    let (Some(target), Some(namespace)) = (req.target(), req.namespace.as_deref()) else {
+        return None;
+    };
+    let refuse = |e: String| Some(format!("pull-secret-injector: {e}; nothing injected"));
+    if let Err(e) = names::validate_dns_label(namespace) {
+        return refuse(e);
+    }
+    let object = req.object.as_ref()?;
+    let service_account = match target {
+        Target::Pod => object.pod_service_account(),
+        Target::ServiceAccount => object.name(),
+    };
+    // Empty: a ServiceAccount named by `generateName`, answered by `decide`.
+    if service_account.is_empty() {
+        return None;
+    }
+    if let Err(e) = names::validate_dns_subdomain(service_account) {
+        return refuse(format!("ServiceAccount name: {e}"));
+    }
+    let secret = settings.secret_of(&settings.subject_for(namespace, service_account));
+    if let Err(e) = names::validate_dns_subdomain(&secret) {
+        return refuse(format!("Secret name: {e}"));
+    }
+    None
+}
+
 /// Decides one admission. `body` is the review as received, read again only for what `review`
 /// does not hold (container images, with `inject: matchingImages`).
 pub fn decide(
@@ -97,6 +130,9 @@ pub fn decide(
     let (Some(target), Some(namespace)) = (req.target(), req.namespace.as_deref()) else {
         return Decision::unchanged();
     };
+    if let Some(why) = invalid_names(review, settings) {
+        return Decision::warn(Outcome::Invalid, why);
+    }
     if !facts.opted_in {
         return Decision::unchanged();
     }
@@ -116,6 +152,15 @@ pub fn decide(
             "pull-secret-injector: the request carries no object to patch",
         );
     };
+    if let Some(list) = object.too_long_list() {
+        return Decision::warn(
+            Outcome::Invalid,
+            format!(
+                "pull-secret-injector: {list} has more than {} entries; nothing injected",
+                review::MAX_REFERENCES
+            ),
+        );
+    }
     if settings.inject() == InjectMode::MatchingImages {
         if target != Target::Pod {
             return Decision::unchanged();
@@ -389,5 +434,102 @@ mod tests {
             assert!(warned.contains(warning), "{name}: {warned:?}");
             assert_eq!(warning.is_empty(), warned.is_empty(), "{name}: {warned:?}");
         }
+    }
+
+    /// Names a hostile review carries: each would have gone into an API path or a cache key.
+    /// They are refused whatever the facts say (the shell asks nothing for them).
+    #[test]
+    fn crafted_names_are_refused() {
+        let always = settings("");
+        let per_sa = settings("identityScope: serviceAccount\n");
+        let with = |namespace: &str, kind: &str, object: Value| {
+            let mut b: Value =
+                serde_json::from_slice(&body(kind, "CREATE", false, object)).unwrap();
+            b["request"]["namespace"] = json!(namespace);
+            serde_json::to_vec(&b).unwrap()
+        };
+        let long = [
+            "a".repeat(62),
+            "b".repeat(62),
+            "c".repeat(62),
+            "d".repeat(62),
+        ]
+        .join(".");
+        let cases: Vec<(&Settings, Vec<u8>, &str)> = vec![
+            (
+                &always,
+                with("team-a?watch=true", "Pod", pod("x", "d")),
+                "namespace name",
+            ),
+            (
+                &always,
+                with("team-a?x=1", "Pod", pod("x", "d")),
+                "namespace name",
+            ),
+            (
+                &always,
+                with("team-a//", "Pod", pod("x", "d")),
+                "namespace name",
+            ),
+            (
+                &always,
+                with("team%2Da", "Pod", pod("x", "d")),
+                "namespace name",
+            ),
+            (
+                &always,
+                with(&"a".repeat(64), "Pod", pod("x", "d")),
+                "namespace name",
+            ),
+            (
+                &always,
+                with("team-a", "Pod", pod("x", "../x")),
+                "ServiceAccount name",
+            ),
+            (
+                &always,
+                with(
+                    "team-a",
+                    "ServiceAccount",
+                    json!({"metadata": {"name": "a?b"}}),
+                ),
+                "ServiceAccount name",
+            ),
+            // Valid on its own, too long once `-pull-secret` is appended.
+            (
+                &per_sa,
+                with("team-a", "Pod", pod("x", &long)),
+                "Secret name",
+            ),
+        ];
+        for (settings, body, warning) in cases {
+            let (got, warned) = run(settings, &served(&["ghcr.io"]), &body);
+            assert_eq!(got, "invalid", "{warned}");
+            assert!(warned.contains(warning), "{warned}");
+            assert!(
+                warned.len() < 300,
+                "a crafted name is not echoed whole: {warned}"
+            );
+        }
+        let many: Vec<Value> = (0..=review::MAX_REFERENCES)
+            .map(|i| json!({"name": format!("s{i}")}))
+            .collect();
+        let (got, warned) = run(
+            &always,
+            &served(&["ghcr.io"]),
+            &with("team-a", "Pod", json!({"spec": {"imagePullSecrets": many}})),
+        );
+        assert_eq!(got, "invalid");
+        assert!(
+            warned.contains("spec.imagePullSecrets has more than 1024 entries"),
+            "{warned}"
+        );
+        // The same long ServiceAccount is fine with one Secret per namespace.
+        let (got, _) = run(
+            &always,
+            &served(&["ghcr.io"]),
+            &with("team-a", "Pod", pod("x", &long)),
+        );
+        assert_eq!(got, "provision team-a pull-secret");
     }
 }

@@ -80,8 +80,8 @@ object_view! {
     ObjectView {
         spec: SpecView = "spec",
         metadata: MetadataView = "metadata",
-        image_pull_secrets: Value = "imagePullSecrets",
-        secrets: Value = "secrets",
+        image_pull_secrets: References = "imagePullSecrets",
+        secrets: References = "secrets",
     }
 }
 
@@ -89,8 +89,238 @@ object_view! {
     /// Container lists are not read here (see [`images`]): walking every key of every container
     /// costs more than skipping over them, and most admissions never look.
     SpecView {
-        image_pull_secrets: Value = "imagePullSecrets",
+        image_pull_secrets: References = "imagePullSecrets",
         service_account_name: String = "serviceAccountName",
+    }
+}
+
+/// The longest reference list (`imagePullSecrets`, `secrets`) a review may carry. A Pod with
+/// hundreds of thousands of entries passes the API server's size limit; reading them costs
+/// memory in proportion, so such a review is answered, unchanged, with a warning.
+pub const MAX_REFERENCES: usize = 1024;
+
+/// A reference list reduced to the names it holds: what a patch needs (is it a list, is our
+/// Secret in it), never a JSON tree of its entries.
+#[derive(Debug, Default)]
+pub enum References {
+    /// Not a list (a list is made in its place, as for an absent one).
+    #[default]
+    NotAList,
+    /// The `name` of each entry that has one (names longer than any Kubernetes name are left
+    /// out: they cannot be ours).
+    Names(Vec<Box<str>>),
+    /// More than [`MAX_REFERENCES`] entries: skipped unread.
+    TooLong,
+}
+
+impl References {
+    fn holds(&self, name: &str) -> bool {
+        matches!(self, Self::Names(names) if names.iter().any(|n| &**n == name))
+    }
+}
+
+/// Deserialises anything, keeping nothing: for values whose shape only matters when it is the
+/// expected one.
+macro_rules! accept_any_other {
+    ($value:expr) => {
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+    };
+}
+
+impl<'de> Deserialize<'de> for References {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = References;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of references")
+            }
+            accept_any_other!(References::NotAList);
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<References, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(References::NotAList)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<References, A::Error> {
+                let mut names = Vec::new();
+                let mut count = 0usize;
+                while count <= MAX_REFERENCES {
+                    match seq.next_element::<ReferenceName>()? {
+                        Some(ReferenceName(Some(name))) => names.push(name),
+                        Some(ReferenceName(None)) => {}
+                        None => return Ok(References::Names(names)),
+                    }
+                    count += 1;
+                }
+                // Too long: the rest is skipped without keeping anything.
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(References::TooLong)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// One entry's `name`, when it is an object with a string name of Kubernetes length.
+struct ReferenceName(Option<Box<str>>);
+
+impl<'de> Deserialize<'de> for ReferenceName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = ReferenceName;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a reference")
+            }
+            accept_any_other!(ReferenceName(None));
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ReferenceName, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(ReferenceName(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ReferenceName, A::Error> {
+                let mut name = None;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "name" {
+                        name = map.next_value::<StringOrOther>()?.0;
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(ReferenceName(name.filter(|n| n.len() <= 253)))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// A string value, or `None` for a value of any other type.
+struct StringOrOther(Option<Box<str>>);
+
+impl<'de> Deserialize<'de> for StringOrOther {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = StringOrOther;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<StringOrOther, E> {
+                Ok(StringOrOther(Some(v.into())))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<StringOrOther, E> {
+                Ok(StringOrOther(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<StringOrOther, E> {
+                Ok(StringOrOther(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<StringOrOther, E> {
+                Ok(StringOrOther(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<StringOrOther, E> {
+                Ok(StringOrOther(None))
+            }
+            fn visit_unit<E>(self) -> Result<StringOrOther, E> {
+                Ok(StringOrOther(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<StringOrOther, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(StringOrOther(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<StringOrOther, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(StringOrOther(None))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// `metadata.annotations` reduced to whether it is an object and the one annotation a patch
+/// reads (which lists this service added to); other values are skipped unread.
+#[derive(Debug, Default)]
+pub struct Annotations {
+    is_object: bool,
+    injected_into: Option<Box<str>>,
+}
+
+impl<'de> Deserialize<'de> for Annotations {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Annotations;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("annotations")
+            }
+            accept_any_other!(Annotations::default());
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Annotations, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Annotations::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Annotations, A::Error> {
+                let mut out = Annotations {
+                    is_object: true,
+                    injected_into: None,
+                };
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == patch::INJECTED_ANNOTATION {
+                        out.injected_into = map.next_value::<StringOrOther>()?.0;
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_any(Visit)
     }
 }
 
@@ -144,7 +374,7 @@ pub fn images(body: &[u8]) -> Result<Vec<String>, ReviewError> {
 }
 
 object_view! {
-    MetadataView { name: String = "name", annotations: Value = "annotations" }
+    MetadataView { name: String = "name", annotations: Annotations = "annotations" }
 }
 
 impl ObjectView {
@@ -165,12 +395,43 @@ impl ObjectView {
             .unwrap_or("")
     }
 
-    /// The object reduced to the fields the patch functions read, in their JSON shape.
-    pub fn to_value(&self) -> Value {
+    /// Which reference list holds more than [`MAX_REFERENCES`] entries, if one does.
+    pub fn too_long_list(&self) -> Option<&'static str> {
+        let too_long = |r: &Option<References>| matches!(r, Some(References::TooLong));
+        if self
+            .spec
+            .as_ref()
+            .is_some_and(|s| too_long(&s.image_pull_secrets))
+        {
+            Some("spec.imagePullSecrets")
+        } else if too_long(&self.image_pull_secrets) {
+            Some("imagePullSecrets")
+        } else if too_long(&self.secrets) {
+            Some("secrets")
+        } else {
+            None
+        }
+    }
+
+    /// The object reduced to what the patch functions read about `secret`, in their JSON
+    /// shape: each list as empty or holding only `secret`, the annotations as the marker alone.
+    /// A few bytes, whatever the review's size.
+    pub fn to_value(&self, secret: &str) -> Value {
         let mut object = serde_json::Map::new();
-        let put = |map: &mut serde_json::Map<String, Value>, key: &str, v: &Option<Value>| {
-            if let Some(v) = v {
-                map.insert(key.to_string(), v.clone());
+        let put = |map: &mut serde_json::Map<String, Value>, key: &str, v: &Option<References>| {
+            match v {
+                Some(r @ References::Names(_)) => {
+                    let ours = r
+                        .holds(secret)
+                        .then(|| serde_json::json!({ "name": secret }));
+                    map.insert(key.to_string(), Value::Array(ours.into_iter().collect()));
+                }
+                // Not a list: the patch makes one, as for an absent list.
+                Some(References::NotAList) | None => {}
+                // Refused before a patch is made (`too_long_list`).
+                Some(References::TooLong) => {
+                    map.insert(key.to_string(), Value::Array(Vec::new()));
+                }
             }
         };
         if let Some(spec) = &self.spec {
@@ -180,7 +441,13 @@ impl ObjectView {
         }
         if let Some(meta) = &self.metadata {
             let mut m = serde_json::Map::new();
-            put(&mut m, "annotations", &meta.annotations);
+            if let Some(a) = meta.annotations.as_ref().filter(|a| a.is_object) {
+                let mut annotations = serde_json::Map::new();
+                if let Some(v) = &a.injected_into {
+                    annotations.insert(patch::INJECTED_ANNOTATION.into(), Value::from(&**v));
+                }
+                m.insert("annotations".into(), Value::Object(annotations));
+            }
             object.insert("metadata".into(), Value::Object(m));
         }
         put(&mut object, "imagePullSecrets", &self.image_pull_secrets);
@@ -267,7 +534,7 @@ impl AdmissionRequest {
 }
 
 pub fn patch_for(target: Target, object: &ObjectView, secret_name: &str) -> Patch {
-    let object = object.to_value();
+    let object = object.to_value(secret_name);
     match target {
         Target::Pod => patch::for_pod(&object, secret_name),
         Target::ServiceAccount => patch::for_service_account(&object, secret_name),
@@ -503,17 +770,66 @@ mod tests {
         );
         let view = decode(&body).unwrap().request.object.unwrap();
         assert_eq!(
-            view.to_value(),
-            json!({"metadata": {"annotations": {"a": "b"}}, "imagePullSecrets": [{"name": "mine"}]})
+            view.to_value("mine"),
+            json!({"metadata": {"annotations": {}}, "imagePullSecrets": [{"name": "mine"}]})
+        );
+        assert_eq!(
+            view.to_value("pull-secret"),
+            json!({"metadata": {"annotations": {}}, "imagePullSecrets": []})
         );
         let pod = review(
             "Pod",
             "CREATE",
-            json!({"spec": {"containers": [{"name": "c"}], "imagePullSecrets": [{"name": "x"}]}}),
+            json!({"spec": {"containers": [{"name": "c"}], "imagePullSecrets": [{"name": "x"}, 7, {"name": 1}]}}),
         );
         assert_eq!(
-            decode(&pod).unwrap().request.object.unwrap().to_value(),
+            decode(&pod).unwrap().request.object.unwrap().to_value("x"),
             json!({"spec": {"imagePullSecrets": [{"name": "x"}]}})
+        );
+        let marked = review(
+            "ServiceAccount",
+            "CREATE",
+            json!({"metadata": {"name": "sa", "annotations": {patch::INJECTED_ANNOTATION: "secrets", "big": "x".repeat(1000)}},
+                   "secrets": {"not": "a list"}}),
+        );
+        assert_eq!(
+            decode(&marked)
+                .unwrap()
+                .request
+                .object
+                .unwrap()
+                .to_value("s"),
+            json!({"metadata": {"annotations": {patch::INJECTED_ANNOTATION: "secrets"}}})
+        );
+    }
+
+    /// The 230k-entry Pod of the issue, scaled: its list is counted, not kept, and said to be
+    /// too long; one entry under the limit is still read.
+    #[test]
+    fn reference_lists_longer_than_the_limit_are_refused_unread() {
+        let entries = |n: usize| {
+            (0..n)
+                .map(|i| json!({"name": format!("s{i}")}))
+                .collect::<Vec<_>>()
+        };
+        let long = review(
+            "Pod",
+            "CREATE",
+            json!({"spec": {"imagePullSecrets": entries(MAX_REFERENCES + 1)}}),
+        );
+        let view = decode(&long).unwrap().request.object.unwrap();
+        assert_eq!(view.too_long_list(), Some("spec.imagePullSecrets"));
+        let fits = review(
+            "Pod",
+            "CREATE",
+            json!({"spec": {"imagePullSecrets": entries(MAX_REFERENCES)}}),
+        );
+        let view = decode(&fits).unwrap().request.object.unwrap();
+        assert_eq!(view.too_long_list(), None);
+        let last = format!("s{}", MAX_REFERENCES - 1);
+        assert_eq!(
+            view.to_value(&last),
+            json!({"spec": {"imagePullSecrets": [{"name": last}]}})
         );
     }
 

@@ -12,6 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::admission::webhook::Webhook;
 
@@ -24,6 +25,9 @@ pub struct AppState {
     /// Times the body read: armed for every request, so coarse and cheap (see `coarse_timer`).
     pub timer: crate::admission::coarse_timer::CoarseTimer,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// One permit per byte of request body held (`admission.maxBytesInFlight`): what many
+    /// connections or HTTP/2 streams can make the webhook hold at once is bounded.
+    pub body_bytes: Arc<tokio::sync::Semaphore>,
 }
 
 /// An HTTP error with a JSON body: `{"error": "...", "code": 400}`.
@@ -91,11 +95,15 @@ async fn mutate(
     if declared.is_some_and(|n| n > state.max_body_bytes) {
         return Err(too_large());
     }
-    let collect = Limited::new(request.into_body(), state.max_body_bytes).collect();
+    // A declared length takes its room in the in-flight budget before anything is read.
+    let reserved = match declared {
+        Some(n) if n > 0 => Some(reserve(&state, n).await?),
+        _ => None,
+    };
     let deadline = hyper::rt::Timer::sleep(&state.timer, state.read_timeout);
     let body = tokio::select! {
         biased;
-        body = collect => body,
+        body = read_body(&state, request.into_body(), declared, reserved) => body?,
         () = deadline => {
             return Err(ApiError {
                 status: StatusCode::REQUEST_TIMEOUT,
@@ -103,19 +111,9 @@ async fn mutate(
             })
         }
     };
-    let body = body.map_err(|e| {
-        if e.is::<LengthLimitError>() {
-            too_large()
-        } else {
-            ApiError {
-                status: StatusCode::BAD_REQUEST,
-                message: format!("cannot read request body: {e}"),
-            }
-        }
-    })?;
     let answer = state
         .webhook
-        .review(&body.to_bytes())
+        .review(&body.bytes)
         .await
         .map_err(|e| ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -126,6 +124,78 @@ async fn mutate(
         Body::from(answer),
     )
         .into_response())
+}
+
+/// A request body, and its share of the bytes in flight (released when dropped).
+struct HeldBody {
+    bytes: Vec<u8>,
+    _permits: Option<OwnedSemaphorePermit>,
+}
+
+/// `n` bytes of the in-flight budget. The common case takes them at once; when the budget is
+/// spent, a request waits up to `readTimeout` for room, then gets 503.
+async fn reserve(state: &AppState, n: usize) -> Result<OwnedSemaphorePermit, ApiError> {
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    if let Ok(p) = state.body_bytes.clone().try_acquire_many_owned(n) {
+        return Ok(p);
+    }
+    let wait = state.body_bytes.clone().acquire_many_owned(n);
+    match tokio::time::timeout(state.read_timeout, wait).await {
+        Ok(Ok(p)) => Ok(p),
+        _ => Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "too many request bytes in flight; retry".into(),
+        }),
+    }
+}
+
+/// Reads a body of at most `max_body_bytes`. Its bytes come from the in-flight budget:
+/// `reserved` for a declared length (the API server declares it), frame by frame beyond that.
+async fn read_body(
+    state: &AppState,
+    body: Body,
+    declared: Option<usize>,
+    reserved: Option<OwnedSemaphorePermit>,
+) -> Result<HeldBody, ApiError> {
+    let max = state.max_body_bytes;
+    let too_large = || ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!("request body exceeds {max} bytes"),
+    };
+    let mut permits = reserved;
+    let mut held = declared.unwrap_or(0);
+    // Declared lengths are already bounded by `max`; nothing larger is reserved up front.
+    let mut bytes = Vec::with_capacity(declared.unwrap_or(0).min(max));
+    let mut body = Limited::new(body, max);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                too_large()
+            } else {
+                ApiError {
+                    status: StatusCode::BAD_REQUEST,
+                    message: format!("cannot read request body: {e}"),
+                }
+            }
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        let after = bytes.len() + data.len();
+        if after > held {
+            let more = reserve(state, after - held).await?;
+            match permits.as_mut() {
+                Some(p) => p.merge(more),
+                None => permits = Some(more),
+            }
+            held = after;
+        }
+        bytes.extend_from_slice(&data);
+    }
+    Ok(HeldBody {
+        bytes,
+        _permits: permits,
+    })
 }
 
 /// The HTTP layer in-process (`oneshot` on the router, no sockets): status codes and content
@@ -145,6 +215,15 @@ mod tests {
 
     /// The router over a service whose Kubernetes client points nowhere: nothing here needs it.
     fn app(max_body_bytes: usize, read_timeout: Duration, ready: bool) -> Router {
+        app_with_budget(max_body_bytes, read_timeout, ready, 1 << 20)
+    }
+
+    fn app_with_budget(
+        max_body_bytes: usize,
+        read_timeout: Duration,
+        ready: bool,
+        bytes_in_flight: usize,
+    ) -> Router {
         let yaml = "tls: {certFile: a, keyFile: b}\nregistries: [{host: r.example, kubernetes: {audience: a}}]\n";
         let settings = Arc::new(
             Settings::new(Config::from_yaml(yaml).unwrap(), &Environment::default()).unwrap(),
@@ -176,6 +255,7 @@ mod tests {
             read_timeout,
             timer: crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(10)),
             metrics,
+            body_bytes: Arc::new(tokio::sync::Semaphore::new(bytes_in_flight)),
         }))
     }
 
@@ -289,5 +369,82 @@ mod tests {
             content_type.starts_with("application/openmetrics-text"),
             "{content_type}"
         );
+    }
+
+    /// Issue 18, point 3: the bytes of bodies in flight are bounded, and on one HTTP/2
+    /// connection the requests waiting for room do not starve those being read: 40 bodies of
+    /// 1 MiB as streams of one connection, against a budget of 3 MiB, are all answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_large_streams_on_one_http2_connection_share_the_byte_budget() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("c"), dir.path().join("k"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let reloading = Arc::new(crate::tls::ReloadingCert::load(&c, &k).unwrap());
+        let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(
+            crate::tls::server_config(reloading).unwrap(),
+        ));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mib = 1024 * 1024;
+        let router = app_with_budget(2 * mib, Duration::from_secs(10), true, 3 * mib);
+        let limits = crate::connections::Limits {
+            max_connections: 8,
+            idle_timeout: Duration::from_secs(30),
+        };
+        let handle = axum_server::Handle::new();
+        let serving = crate::connections::serve(
+            listener,
+            tls,
+            "test",
+            limits,
+            Duration::from_secs(10),
+            crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(10)),
+            handle.clone(),
+            router,
+        )
+        .unwrap();
+        tokio::spawn(serving);
+        let padded = CONFIGMAP.replacen(
+            r#""operation""#,
+            &format!(r#""pad":"{}","operation""#, "x".repeat(mib - 300)),
+            1,
+        );
+        let body = axum::body::Bytes::from(padded);
+        let url = format!("https://localhost:{}/mutate", addr.port());
+        let client = reqwest::Client::builder()
+            .resolve("localhost", addr)
+            .add_root_certificate(reqwest::Certificate::from_der(cert.der()).unwrap())
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let calls = (0..40).map(|_| {
+            let request = client
+                .post(&url)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
+            async move {
+                let r = request.send().await.unwrap();
+                (r.version(), r.status())
+            }
+        });
+        let answers =
+            tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(calls))
+                .await
+                .expect("answered");
+        for (version, status) in answers {
+            assert_eq!(
+                (version, status),
+                (axum::http::Version::HTTP_2, StatusCode::OK)
+            );
+        }
+        handle.shutdown();
     }
 }

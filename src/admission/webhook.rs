@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 
-use super::decide::{decide, Decision, NamespaceFacts, Outcome};
+use super::decide::{decide, invalid_names, Decision, NamespaceFacts, Outcome};
 use super::review::{self, Review, ReviewError, Verdict};
 use crate::cluster::KubeError;
 use crate::core::namespaces::Eligibility;
@@ -75,9 +75,17 @@ impl Webhook {
     }
 
     async fn answer(&self, review: &Review, body: &[u8]) -> (Verdict, Outcome) {
+        // Everything the admission waits for (the namespace lookup, the Secret) shares one
+        // budget, whatever the API server or a token endpoint does.
+        let deadline = tokio::time::Instant::now() + self.settings.admission().budget;
+        // Before any lookup: a crafted name must cost no API call, no mint and no state.
+        if let Some(why) = invalid_names(review, &self.settings) {
+            tracing::debug!("admission with an invalid name; nothing injected");
+            return (Verdict::unchanged().warn(why), Outcome::Invalid);
+        }
         let req = &review.request;
         let facts = match (req.target(), req.namespace.as_deref()) {
-            (Some(_), Some(namespace)) => self.facts(namespace).await,
+            (Some(_), Some(namespace)) => self.facts(namespace, deadline).await,
             _ => NamespaceFacts::not_served(),
         };
         match decide(review, body, &facts, &self.settings) {
@@ -88,7 +96,7 @@ impl Webhook {
                 patch,
             } => {
                 tracing::debug!(%subject, ops = patch.0.len(), "admission");
-                self.provisioned(&subject, &secret, Verdict::patched(patch))
+                self.provisioned(&subject, &secret, Verdict::patched(patch), deadline)
                     .await
             }
         }
@@ -101,6 +109,7 @@ impl Webhook {
         subject: &Subject,
         secret: &str,
         patched: Verdict,
+        deadline: tokio::time::Instant,
     ) -> (Verdict, Outcome) {
         let fresh = self.provisioner.is_fresh(subject).await;
         self.metrics.cache_lookup(fresh);
@@ -128,7 +137,7 @@ impl Webhook {
         let attempt = tokio::spawn(async move { provisioner.ensure(&s).await });
         let budget = self.settings.admission().budget;
         let namespace = subject.namespace.as_str();
-        match tokio::time::timeout(budget, attempt).await {
+        match tokio::time::timeout_at(deadline, attempt).await {
             Ok(Ok(Ok(_))) => (patched, Outcome::Patched),
             Ok(Ok(Err(e)))
                 if matches!(
@@ -175,7 +184,7 @@ impl Webhook {
     /// Whether the namespace is served, and the registries it selects (as the watch last saw its
     /// annotation). The watch-fed store answers at no cost; a namespace it does not show as
     /// selected (new, or its label just added) is read from the API server.
-    async fn facts(&self, namespace: &str) -> NamespaceFacts {
+    async fn facts(&self, namespace: &str, deadline: tokio::time::Instant) -> NamespaceFacts {
         let policy = &self.settings.policy;
         if policy.is_excluded(namespace) {
             return NamespaceFacts::not_served();
@@ -186,17 +195,22 @@ impl Webhook {
         let watched = self.namespaces.get(&ObjectRef::new(namespace));
         let opted_in = match watched.as_deref() {
             Some(ns) if opted_in(ns) => true,
-            _ => match Api::<Namespace>::all(self.client.clone())
-                .get_opt(namespace)
-                .await
-            {
-                Ok(Some(ns)) => opted_in(&ns),
-                Ok(None) => false,
-                Err(e) => {
-                    tracing::warn!(namespace, error = %KubeError::from(e), "cannot read namespace; not injecting");
-                    false
+            _ => {
+                let api = Api::<Namespace>::all(self.client.clone());
+                match tokio::time::timeout_at(deadline, api.get_opt(namespace)).await {
+                    Ok(Ok(Some(ns))) => opted_in(&ns),
+                    Ok(Ok(None)) => false,
+                    Ok(Err(e)) => {
+                        tracing::warn!(namespace, error = %KubeError::from(e), "cannot read namespace; not injecting");
+                        false
+                    }
+                    // Unconfirmed within the budget: not served, so it gets no mint slot.
+                    Err(_elapsed) => {
+                        tracing::warn!(namespace, "namespace not confirmed by the API server within the admission budget; not injecting");
+                        false
+                    }
                 }
-            },
+            }
         };
         NamespaceFacts {
             opted_in,

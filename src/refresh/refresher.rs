@@ -144,7 +144,9 @@ impl Refresher {
         let (seed, seeded) = mpsc::unbounded_channel();
         let store = namespaces.clone();
         watches.push(Box::pin(async move {
-            if store.wait_until_ready().await.is_ok() {
+            // Not `store.wait_until_ready()` alone: the store's readiness signal wakes only its
+            // latest waiter, and the controller waits on the same store.
+            if crate::cluster::wait_until_ready(&store).await {
                 for ns in store.state() {
                     let _ = seed.send(ns);
                 }

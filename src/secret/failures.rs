@@ -85,6 +85,17 @@ impl Failures {
             .collect()
     }
 
+    /// Forgets every entry whose key `keep` refuses (its namespace is gone).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|k, _| keep(k));
+    }
+
+    /// How many Secrets or namespaces have something remembered.
+    pub fn remembered(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Admissions stop waiting on the Secret for `hold`.
     pub fn hold(&self, key: &str, hold: Duration) {
         self.update(key, |e| e.held_until = Some(Instant::now() + hold))

@@ -237,6 +237,33 @@ impl Provisioner {
         }
     }
 
+    /// Drops everything remembered about namespaces the Namespace watch no longer shows
+    /// (deleted, or gone while the watch was down): cache entries, failure counts and their
+    /// metrics. State is kept only for namespaces that exist.
+    pub async fn forget_gone(&self) {
+        let known = |key: &str| {
+            let namespace = key.split('/').next().unwrap_or(key);
+            self.namespaces.get(&ObjectRef::new(namespace)).is_some()
+        };
+        let gone: Vec<String> = self
+            .cache
+            .iter()
+            .map(|(k, _)| k.to_string())
+            .filter(|k| !known(k))
+            .collect();
+        for key in &gone {
+            self.cache.invalidate(key).await;
+        }
+        self.failures.retain(known);
+        self.metrics.retain_secrets(known);
+        if !gone.is_empty() {
+            tracing::debug!(
+                secrets = gone.len(),
+                "forgot the Secrets of deleted namespaces"
+            );
+        }
+    }
+
     /// The names of the namespace's ServiceAccounts.
     pub async fn service_accounts(&self, namespace: &str) -> Result<Vec<String>, ProvisionError> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
@@ -488,6 +515,12 @@ impl Provisioner {
         let namespace = subject.namespace.as_str();
         let name = self.settings.secret_of(subject);
         let api = self.secrets(namespace);
+        // Per ServiceAccount, one that does not exist gets nothing: no read of its Secret, no
+        // mint slot, no TokenRequest and no Event (a crafted review can name any).
+        let owner = match &subject.service_account {
+            Some(sa) => Some(self.owner(namespace, sa).await?),
+            None => None,
+        };
         let selected = self.selected(namespace).await?;
         let configured: Vec<&str> = selected.iter().map(String::as_str).collect();
         for attempt in 0..2 {
@@ -514,9 +547,9 @@ impl Provisioner {
                 .credentials(subject, &name, &configured, &plan, carried, now)
                 .await?;
             let (mut secret, issued) = layout::build(namespace, &name, &credentials);
-            if let Some(sa) = &subject.service_account {
+            if let Some(owner) = &owner {
                 // Owned by its ServiceAccount: deleting the ServiceAccount deletes the Secret.
-                secret.metadata.owner_references = Some(vec![self.owner(namespace, sa).await?]);
+                secret.metadata.owner_references = Some(vec![owner.clone()]);
             }
             match cluster::create_or_replace(&api, stored.as_ref(), secret).await {
                 Ok(_) => {

@@ -8,6 +8,7 @@
 
 pub mod issue;
 pub mod oidc;
+pub mod review;
 pub mod rules;
 pub mod server;
 
@@ -43,6 +44,25 @@ pub struct TokenServerConfig {
     )]
     pub leeway: Duration,
     pub rules: Vec<rules::Rule>,
+    /// Each verified token is confirmed with the API server (so deleting a ServiceAccount
+    /// revokes its tokens here within `cacheFor`).
+    #[serde(default)]
+    pub token_review: review::TokenReviewConfig,
+    /// A client gets this long for its TLS handshake and for each request's headers.
+    #[serde(
+        default = "crate::config::default_read_timeout",
+        deserialize_with = "crate::core::duration::field"
+    )]
+    pub read_timeout: Duration,
+    /// A connection with no request in progress for this long is closed.
+    #[serde(
+        default = "crate::config::default_idle_timeout",
+        deserialize_with = "crate::core::duration::field"
+    )]
+    pub idle_timeout: Duration,
+    /// Connections open at once; further ones are closed at once, with a log line.
+    #[serde(default = "crate::config::default_max_connections")]
+    pub max_connections: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -107,6 +127,25 @@ impl TokenServerConfig {
             || config.token_lifetime > Duration::from_secs(3600)
         {
             err("tokenLifetime", "must be between 30s and 1h".into());
+        }
+        if config.token_review.enabled {
+            crate::sources::validate_endpoint(
+                "tokenReview.url",
+                &config.token_review.url,
+                &mut err,
+            );
+            if config.token_review.cache_for > Duration::from_secs(300) {
+                err("tokenReview.cacheFor", "must be at most 5m".into());
+            }
+        }
+        if config.read_timeout.is_zero() {
+            err("readTimeout", "must be more than 0s".into());
+        }
+        if config.idle_timeout.is_zero() {
+            err("idleTimeout", "must be more than 0s".into());
+        }
+        if config.max_connections == 0 {
+            err("maxConnections", "must be at least 1".into());
         }
         if config.leeway > Duration::from_secs(300) {
             err("leeway", "must be at most 5m".into());

@@ -80,12 +80,21 @@ pub struct Verifier {
     http: HttpClient,
     leeway: Duration,
     keys: tokio::sync::RwLock<HashMap<String, RsaKey>>,
-    /// Fetches are at most this often: a stream of tokens with made-up key ids must not turn
-    /// into a stream of requests to the API server.
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// One fetch at a time, at most every [`MIN_REFETCH`]: a stream of tokens with made-up key
+    /// ids must not turn into a stream of requests to the API server. Holds when the last
+    /// fetch ended.
+    fetching: tokio::sync::Mutex<Option<Instant>>,
+    /// Fetches ended so far: a caller that waited for someone else's fetch takes its result
+    /// instead of fetching again.
+    fetches: std::sync::atomic::AtomicU64,
 }
 
 const MIN_REFETCH: Duration = Duration::from_secs(10);
+/// A fetch (discovery document and key set) that takes longer is abandoned: callers waiting
+/// for it get an answer in about this long, however the issuer behaves.
+const FETCH_BUDGET: Duration = Duration::from_secs(5);
+/// Each request of a fetch; no retries (the next unknown key id tries again).
+const FETCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Deserialize)]
 struct Header {
@@ -139,14 +148,16 @@ impl Verifier {
     ) -> Result<Self, crate::sources::http::HttpClientError> {
         let http = HttpClient::new(&HttpConfig {
             ca_file: config.ca_file.clone(),
-            ..Default::default()
+            timeout: FETCH_REQUEST_TIMEOUT,
+            retries: 0,
         })?;
         Ok(Self {
             config,
             http,
             leeway,
             keys: Default::default(),
-            last_fetch: Default::default(),
+            fetching: Default::default(),
+            fetches: Default::default(),
         })
     }
 
@@ -220,14 +231,30 @@ impl Verifier {
         })
     }
 
-    /// Fetches the keys again, unless that was done moments ago.
+    /// Fetches the keys again, unless that was done moments ago. Callers that arrive while a
+    /// fetch runs wait for that one (at most [`FETCH_BUDGET`]) and take its outcome; the time
+    /// is stamped when a fetch ends, so a slow one is not followed at once by another.
     async fn refresh(&self) -> Result<(), VerifyError> {
-        let mut last = self.last_fetch.lock().await;
-        if last.is_some_and(|t| t.elapsed() < MIN_REFETCH) {
+        use std::sync::atomic::Ordering;
+        let seen = self.fetches.load(Ordering::Acquire);
+        let mut last = self.fetching.lock().await;
+        if self.fetches.load(Ordering::Acquire) != seen
+            || last.is_some_and(|t| t.elapsed() < MIN_REFETCH)
+        {
             return Ok(());
         }
+        let fetched = tokio::time::timeout(FETCH_BUDGET, self.fetch()).await;
         *last = Some(Instant::now());
-        let keys = self.fetch().await?;
+        self.fetches.fetch_add(1, Ordering::AcqRel);
+        let keys = match fetched {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(VerifyError::Keys(format!(
+                    "the issuer did not answer within {}s",
+                    FETCH_BUDGET.as_secs()
+                )))
+            }
+        };
         tracing::info!(keys = keys.len(), "fetched the issuer's signing keys");
         *self.keys.write().await = keys;
         Ok(())
@@ -353,5 +380,69 @@ mod tests {
             v.verify(&token, Timestamp::now()).await,
             Err(VerifyError::UnknownKey)
         );
+    }
+
+    /// An issuer that accepts connections and never answers: callers with unknown key ids
+    /// share one fetch, get an answer when it is abandoned, and do not start another at once.
+    #[tokio::test]
+    async fn a_hanging_issuer_costs_one_fetch_and_waiters_get_an_answer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(socket); // never answered, never closed
+            }
+        });
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let v = std::sync::Arc::new(
+            Verifier::new(
+                IssuerConfig {
+                    url: "https://issuer.example".into(),
+                    jwks_uri: Some(format!("https://127.0.0.1:{port}/jwks")),
+                    ca_file: None,
+                    token_file: None,
+                    audiences: vec!["registry.test".into()],
+                },
+                Duration::from_secs(10),
+            )
+            .unwrap(),
+        );
+        let token = |kid: usize| {
+            format!(
+                "{}.{}.{}",
+                b64(&format!(r#"{{"alg":"RS256","kid":"k{kid}"}}"#)),
+                b64("{}"),
+                b64("sig")
+            )
+        };
+        let callers = (0..20).map(|i| {
+            let (v, t) = (v.clone(), token(i));
+            tokio::spawn(async move { v.verify(&t, Timestamp::now()).await })
+        });
+        // Bounded: waiters that each ran their own fetch would take minutes.
+        let answers =
+            tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(callers))
+                .await
+                .expect("every caller got an answer");
+        for answer in answers {
+            let e = answer.unwrap().unwrap_err();
+            assert!(
+                matches!(e, VerifyError::Keys(_) | VerifyError::UnknownKey),
+                "{e:?}"
+            );
+        }
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one fetch for all"
+        );
+        // Right after, another unknown key costs no fetch.
+        let e = v.verify(&token(99), Timestamp::now()).await.unwrap_err();
+        assert_eq!(e, VerifyError::UnknownKey);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

@@ -89,6 +89,63 @@ fn pattern_matches(pattern: &str, name: &str) -> bool {
     }
 }
 
+/// Whether `name` is a repository name as distribution's reference grammar has it: path
+/// components of lowercase letters and digits joined by `.`, `_`, `__` or dashes, separated by
+/// single `/`, optionally after a registry host (`host[:port]/`), at most 255 characters. So no
+/// `..`, `.`, empty or `*` component, and no control characters: a grant names only what the
+/// registry itself would accept, not whatever a prefix pattern happens to match.
+pub fn valid_repository(name: &str) -> bool {
+    if name.is_empty() || name.len() > 255 {
+        return false;
+    }
+    let components: Vec<&str> = name.split('/').collect();
+    let (first, rest) = components.split_first().unwrap_or((&"", &[]));
+    let first_ok = path_component(first) || (!rest.is_empty() && domain(first));
+    first_ok && rest.iter().all(|c| path_component(c))
+}
+
+fn path_component(c: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = c.as_bytes();
+    if !bytes.first().is_some_and(|b| alnum(*b)) || !bytes.last().is_some_and(|b| alnum(*b)) {
+        return false;
+    }
+    // Runs of separators between letters and digits: `.`, `_`, `__` or dashes only.
+    let mut i = 0;
+    while i < bytes.len() {
+        if alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i]) {
+            i += 1;
+        }
+        let run = &c[start..i];
+        if !(run == "." || run == "_" || run == "__" || run.bytes().all(|b| b == b'-')) {
+            return false;
+        }
+    }
+    true
+}
+
+/// `host[:port]`: DNS-style labels (any case) and an optional numeric port.
+fn domain(c: &str) -> bool {
+    let (host, port) = match c.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (c, None),
+    };
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    !host.is_empty()
+        && host.split('.').all(label)
+        && port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// What `identity` gets of `requested`: per repository scope, the requested actions some rule
 /// allows; scopes with nothing allowed, and non-repository scopes, are left out.
 pub fn grant(rules: &[Rule], identity: &Identity, requested: &[Access]) -> Vec<Access> {
@@ -103,7 +160,7 @@ pub fn grant(rules: &[Rule], identity: &Identity, requested: &[Access]) -> Vec<A
         .collect();
     requested
         .iter()
-        .filter(|a| a.kind == "repository")
+        .filter(|a| a.kind == "repository" && valid_repository(&a.name))
         .filter_map(|a| {
             let allowed: Vec<String> = a
                 .actions
@@ -237,5 +294,44 @@ mod tests {
             None
         );
         assert_eq!(Identity::from_subject("system:serviceaccount:a:b:c"), None);
+    }
+
+    /// Names that a `team-a/*` prefix would match but distribution's grammar refuses: never
+    /// granted.
+    #[test]
+    fn grants_name_only_what_the_repository_grammar_accepts() {
+        let all = [Rule {
+            namespace: "team-a".into(),
+            service_account: None,
+            repositories: vec!["team-a/*".into()],
+            actions: vec!["pull".into()],
+        }];
+        for bad in [
+            "team-a/../team-b/app",
+            "team-a/./app",
+            "team-a//app",
+            "team-a/*",
+            "team-a/app\n",
+            "team-a/App",
+            "team-a/-app",
+            "team-a/app.",
+            "team-a/a...b",
+            "team-a/a___b",
+        ] {
+            let req = [Access {
+                kind: "repository".into(),
+                name: bad.into(),
+                actions: vec!["pull".into()],
+            }];
+            assert!(grant(&all, &who("team-a", "d"), &req).is_empty(), "{bad:?}");
+        }
+        for good in ["team-a/app", "team-a/a.b_c__d--e/f", "team-a/x/y/z"] {
+            let req = parse_scope(&format!("repository:{good}:pull"));
+            assert_eq!(grant(&all, &who("team-a", "d"), &req).len(), 1, "{good}");
+        }
+        assert!(valid_repository("localhost:5000/team-a/app"));
+        assert!(valid_repository("Registry.Example.com/app"));
+        assert!(!valid_repository("registry.example.com/"));
+        assert!(!valid_repository(&format!("team-a/{}", "a".repeat(250))));
     }
 }

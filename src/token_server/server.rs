@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -16,6 +17,7 @@ use serde_json::json;
 
 use super::issue::{Signer, SignerError};
 use super::oidc::Verifier;
+use super::review::TokenReviewer;
 use super::rules::{self, Access};
 use super::TokenServerConfig;
 
@@ -41,6 +43,8 @@ pub enum TokenServerError {
 struct AppState {
     config: TokenServerConfig,
     verifier: Verifier,
+    /// `tokenReview.enabled`: the API server confirms each verified token.
+    reviewer: Option<TokenReviewer>,
     signer: Signer,
     clock: Clock,
 }
@@ -66,26 +70,56 @@ impl TokenServer {
             &config.signing.issuer,
         )?;
         let verifier = Verifier::new(config.issuer.clone(), config.leeway)?;
+        let reviewer = match config.token_review.enabled {
+            true => Some(TokenReviewer::new(
+                &config.token_review,
+                config.issuer.ca_file.clone(),
+                config.issuer.token_file.clone(),
+            )?),
+            false => None,
+        };
         let addr = config.listen;
         let listen_error = move |source| TokenServerError::Listen { addr, source };
         let listener = std::net::TcpListener::bind(config.listen).map_err(listen_error)?;
         listener.set_nonblocking(true).map_err(listen_error)?;
         let local_addr = listener.local_addr().map_err(listen_error)?;
+        let limits = crate::connections::Limits {
+            max_connections: config.max_connections,
+            idle_timeout: config.idle_timeout,
+        };
+        let read_timeout = config.read_timeout;
         let state = Arc::new(AppState {
             config,
             verifier,
+            reviewer,
             signer,
             clock,
         });
-        let app = axum::Router::new()
-            .route("/token", get(token))
-            .route("/healthz", get(|| async { "ok" }))
-            .with_state(state);
+        let app = router(state);
         let handle = axum_server::Handle::new();
-        let server = axum_server::from_tcp_rustls(listener, tls)
-            .map_err(listen_error)?
-            .handle(handle.clone());
-        let task = tokio::spawn(server.serve(app.into_make_service()));
+        let timer = crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(100));
+        let app = app.layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+                // No request here needs a body or waits long: a stalled one is cut off.
+                match tokio::time::timeout(read_timeout, next.run(request)).await {
+                    Ok(response) => response,
+                    Err(_) => (StatusCode::REQUEST_TIMEOUT, "request not answered in time")
+                        .into_response(),
+                }
+            },
+        ));
+        let server = crate::connections::serve(
+            listener,
+            tls,
+            "token-server",
+            limits,
+            read_timeout,
+            timer,
+            handle.clone(),
+            app,
+        )
+        .map_err(listen_error)?;
+        let task = tokio::spawn(server);
         tracing::info!(%local_addr, "serving registry tokens over TLS");
         Ok(Self {
             local_addr,
@@ -114,6 +148,13 @@ impl TokenServer {
             .graceful_shutdown(Some(std::time::Duration::from_secs(1)));
         let _ = self.task.await;
     }
+}
+
+fn router(state: Arc<AppState>) -> axum::Router {
+    axum::Router::new()
+        .route("/token", get(token))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
 }
 
 fn unauthorized(message: &str) -> Response {
@@ -179,23 +220,45 @@ async fn token(
     if service != Some(state.config.service.as_str()) {
         return bad_request("unknown service");
     }
+    // A control character has no place in a scope, and in a log line it could forge another.
+    if params
+        .iter()
+        .any(|(k, v)| k == "scope" && v.chars().any(char::is_control))
+    {
+        tracing::info!(
+            granted = "nothing",
+            reason = "control characters in scope",
+            "token refused"
+        );
+        return bad_request("scope contains control characters");
+    }
     let requested: Vec<Access> = params
         .iter()
         .filter(|(k, _)| k == "scope")
         .flat_map(|(_, v)| rules::parse_scope(v))
         .collect();
     let Some(password) = basic_password(&headers) else {
-        tracing::info!(requested = %describe(&requested), granted = "nothing", reason = "no credentials", "token refused");
+        tracing::info!(requested = ?describe(&requested), granted = "nothing", reason = "no credentials", "token refused");
         return unauthorized("credentials required: Basic <any user>:<service-account token>");
     };
     let now = (state.clock)();
     let verified = match state.verifier.verify(&password, now).await {
         Ok(v) => v,
         Err(e) => {
-            tracing::info!(requested = %describe(&requested), granted = "nothing", reason = %e, "token refused");
+            tracing::info!(requested = ?describe(&requested), granted = "nothing", reason = ?e.to_string(), "token refused");
             return unauthorized(&format!("service-account token refused: {e}"));
         }
     };
+    if let Some(reviewer) = &state.reviewer {
+        let audiences = &state.config.issuer.audiences;
+        if let Err(e) = reviewer
+            .confirm(&password, &verified.subject, audiences)
+            .await
+        {
+            tracing::info!(subject = ?verified.subject, requested = ?describe(&requested), granted = "nothing", reason = ?e.to_string(), "token refused");
+            return unauthorized(&format!("service-account token refused: {e}"));
+        }
+    }
     let granted = rules::grant(&state.config.rules, &verified.identity, &requested);
     let lifetime = state.config.token_lifetime;
     let token = match state.signer.sign(
@@ -209,13 +272,201 @@ async fn token(
         Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "signing failed").into_response(),
     };
     tracing::info!(
-        subject = %verified.subject,
-        namespace = %verified.identity.namespace,
-        service_account = %verified.identity.service_account,
-        requested = %describe(&requested),
-        granted = %describe(&granted),
+        subject = ?verified.subject,
+        namespace = ?verified.identity.namespace,
+        service_account = ?verified.identity.service_account,
+        // Request values are logged escaped (Debug): they cannot start a line of their own.
+        requested = ?describe(&requested),
+        granted = ?describe(&granted),
         "token issued"
     );
     let body = json!({"token": token, "access_token": token, "expires_in": lifetime.as_secs(), "issued_at": now.to_string()});
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
+}
+
+/// The token endpoint in-process (`oneshot`, no sockets): what a caller with no credentials can
+/// make it write to its log.
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    const CONFIG: &str = r#"
+tls: {certFile: t.crt, keyFile: t.key}
+issuer: {url: "https://issuer.example", jwksUri: "https://127.0.0.1:1/jwks", audiences: [registry.test]}
+service: registry.test
+signing: {certFile: s.crt, keyFile: s.key}
+rules:
+  - {namespace: team-a, repositories: ["team-a/*"]}
+"#;
+
+    fn app(dir: &std::path::Path) -> axum::Router {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let config = TokenServerConfig::from_yaml(CONFIG).unwrap();
+        router(Arc::new(AppState {
+            verifier: Verifier::new(config.issuer.clone(), config.leeway).unwrap(),
+            reviewer: None,
+            signer: Signer::from_files(&c, &k, "psi").unwrap(),
+            config,
+            clock: Arc::new(Timestamp::now),
+        }))
+    }
+
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    async fn call(app: axum::Router, query: &str) -> (StatusCode, serde_json::Value) {
+        let request = axum::http::Request::get(format!("/token?{query}"))
+            .body(Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn a_newline_in_a_scope_is_refused_and_cannot_forge_a_log_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let forged = "repository:team-a/app:pull\n2026-12-01T00:00:00Z  INFO token issued \
+                      subject=system:serviceaccount:kube-system:admin";
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("service", "registry.test")
+            .append_pair("scope", forged)
+            .finish();
+        let (status, body) = call(app(dir.path()), &query).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            body["errors"][0]["message"],
+            "scope contains control characters"
+        );
+        // Without control characters, a scope that looks like a log line is logged quoted, on
+        // the refusal's own line.
+        let quoted = "repository:team-a/app:pull\" token issued subject=x";
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("service", "registry.test")
+            .append_pair("scope", quoted)
+            .finish();
+        let (status, _) = call(app(dir.path()), &query).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        for line in text.lines() {
+            assert!(line.contains("token refused"), "{line}");
+            assert!(!line.contains(" INFO token issued"), "{line}");
+        }
+        assert!(
+            text.contains("reason=\"control characters in scope\""),
+            "{text}"
+        );
+    }
+
+    /// Issue 18, point 7: the token server has the webhook's deadlines. A real TLS listener on
+    /// 127.0.0.1: a client that completes TLS and sends nothing, and one that trickles its
+    /// request headers, are both disconnected; a real request is still answered.
+    #[tokio::test]
+    async fn idle_and_slow_clients_are_disconnected() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        for name in ["t", "s"] {
+            std::fs::write(dir.path().join(format!("{name}.crt")), cert.pem()).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+        let yaml = CONFIG
+            .replace("t.crt", &dir.path().join("t.crt").display().to_string())
+            .replace("t.key", &dir.path().join("t.key").display().to_string())
+            .replace("s.crt", &dir.path().join("s.crt").display().to_string())
+            .replace("s.key", &dir.path().join("s.key").display().to_string())
+            + "listen: 127.0.0.1:0\nreadTimeout: 500ms\nidleTimeout: 500ms\nmaxConnections: 8\n";
+        let config = TokenServerConfig::from_yaml(&yaml).unwrap();
+        let server = TokenServer::start(config, Arc::new(Timestamp::now))
+            .await
+            .unwrap();
+        let connect = || async {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(cert.der().clone()).unwrap();
+            let tls = rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let tcp = tokio::net::TcpStream::connect(server.local_addr)
+                .await
+                .unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(tls))
+                .connect(name, tcp)
+                .await
+                .unwrap()
+        };
+        let closed = |mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>| async move {
+            let mut buf = [0u8; 1024];
+            let read = async {
+                loop {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(20), read)
+                .await
+                .is_ok()
+        };
+        assert!(
+            closed(connect().await).await,
+            "an idle TLS client is disconnected"
+        );
+        let mut slow = connect().await;
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: loc")
+            .await
+            .unwrap();
+        slow.flush().await.unwrap();
+        assert!(
+            closed(slow).await,
+            "a client that trickles its headers is disconnected"
+        );
+        let mut ok = connect().await;
+        ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = ok.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).ends_with("ok"));
+        server.shutdown().await;
+    }
 }

@@ -59,6 +59,8 @@ pub struct PrivateRegistry {
     pub cert_dir: PathBuf,
     /// Seconds added to the token server's clock (tokens can be made to look expired).
     pub clock_offset: Arc<AtomicI64>,
+    /// The token server's endpoint, `https://ip:port/token`.
+    pub realm: String,
     token_server: Option<TokenServer>,
     child: Child,
     dir: PathBuf,
@@ -118,6 +120,22 @@ impl PrivateRegistry {
         // ServiceAccount (discovery is for authenticated clients on this API server).
         create_namespace(client, infra, Default::default()).await;
         let discovery_token = service_account_token(client, infra, "token-server", vec![]).await;
+        // And confirms the tokens it is shown (TokenReview), as the shipped install lets it.
+        let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": format!("{infra}-token-review")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator"},
+            "subjects": [{"kind": "ServiceAccount", "name": "token-server", "namespace": infra}]
+        }))
+        .unwrap();
+        let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
+            Api::all(client.clone());
+        let _ = bindings
+            .delete(&format!("{infra}-token-review"), &Default::default())
+            .await;
+        bindings
+            .create(&PostParams::default(), &binding)
+            .await
+            .unwrap();
         let discovery_file = dir.join("discovery-token");
         std::fs::write(&discovery_file, discovery_token).unwrap();
         let ts_port = free_port(ip);
@@ -133,6 +151,7 @@ issuer:
   audiences: [{SERVICE}]
 service: {SERVICE}
 signing: {{certFile: {signing_crt}, keyFile: {signing_key}}}
+tokenReview: {{url: "{server}", cacheFor: 1s}}
 rules:
 {rules}"#,
             server = cp.server(),
@@ -191,6 +210,7 @@ rules:
             certs,
             cert_dir,
             clock_offset,
+            realm,
             token_server: Some(token_server),
             child,
             dir: dir.to_path_buf(),

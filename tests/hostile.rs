@@ -1,0 +1,378 @@
+//! Hostile callers against the real control plane: anything that can reach the webhook's port
+//! can POST an AdmissionReview, and anyone who may create a Pod sends one through the API
+//! server. Each test asserts the answer and, from the API server's audit log, what the service
+//! did (or did not) ask of it.
+
+// The `serial()` guard is held across awaits on purpose: these tests take turns.
+#![allow(clippy::await_holding_lock)]
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{Api, PostParams};
+use serde_json::{json, Value};
+use support::*;
+
+fn pod_review(namespace: &str, service_account: &str) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "hostile", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "namespace": namespace, "operation": "CREATE",
+            "object": {"spec": {"serviceAccountName": service_account, "containers": [{"name": "c", "image": "x"}]}}
+        }
+    })
+}
+
+/// Everything the service asks is in the audit log when it runs as this identity (see the
+/// audit policy in hack/control-plane).
+const AUDITED_NS: &str = "psi-audited";
+const AUDITED_USER: &str = "system:serviceaccount:psi-audited:injector";
+
+/// The service, run as [`AUDITED_USER`] (bound to cluster-admin: what is shown here is what it
+/// asks, not what RBAC lets it), its webhook registered with the API server.
+async fn start_audited(id: &str, registry: &str, extra: &str) -> Injector {
+    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+    let cp = ControlPlane::get();
+    let admin = cp.client().await;
+    if Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
+        .get_opt(AUDITED_NS)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        create_namespace(&admin, AUDITED_NS, Default::default()).await;
+        let sa: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": "injector"}})).unwrap();
+        Api::<ServiceAccount>::namespaced(admin.clone(), AUDITED_NS)
+            .create(&PostParams::default(), &sa)
+            .await
+            .unwrap();
+        let binding: ClusterRoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": "psi-audited-injector"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": "injector", "namespace": AUDITED_NS}]
+        }))
+        .unwrap();
+        let _ = Api::<ClusterRoleBinding>::all(admin.clone())
+            .create(&PostParams::default(), &binding)
+            .await;
+    }
+    let request: k8s_openapi::api::authentication::v1::TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
+            .unwrap();
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), AUDITED_NS)
+        .create_token_request("injector", &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let mut config = kube::Config::new(cp.server().parse().unwrap());
+    config.accept_invalid_certs = true;
+    config.auth_info.token = Some(token.into());
+    let client = kube::Client::try_from(config).unwrap();
+    let certs = Certs::new();
+    let yaml = config_yaml(id, &certs, registry, extra);
+    let settings = settings(pull_secret_injector::config::Config::from_yaml(&yaml).unwrap());
+    let service = pull_secret_injector::Service::start(settings, client)
+        .await
+        .expect("service starts");
+    wait_for("ready", Duration::from_secs(30), || async {
+        service.is_ready()
+    })
+    .await;
+    Injector::attach(id, service, certs, admin, yaml).await
+}
+
+/// Requests the service made (any stage: a crafted `?watch=true` never completes) whose URI
+/// names namespace `ns` in any form.
+fn requests_about(cp: &ControlPlane, ns: &str) -> Vec<String> {
+    let path = format!("/namespaces/{ns}");
+    let text = std::fs::read_to_string(cp.dir.join("audit.log")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["user"]["username"] == AUDITED_USER)
+        .filter(|e| e["stage"] != "ResponseComplete" || e["verb"] != "watch")
+        .filter_map(|e| e["requestURI"].as_str().map(str::to_string))
+        .filter(|u| u.contains(&path))
+        .collect()
+}
+
+/// The answer's `response`, with its warnings.
+async fn review(inj: &Injector, body: &Value) -> Value {
+    let (code, text) = post_json(&inj.certs, &inj.url(), body.to_string()).await;
+    assert_eq!(code, 200, "{text}");
+    serde_json::from_str::<Value>(&text).unwrap()["response"].clone()
+}
+
+/// Waits until everything the API server did so far is in its audit log: a marker request
+/// (a Secret of another name, which the service ignores) is.
+async fn audit_flushed(cp: &ControlPlane, c: &kube::Client, ns: &str, marker: &str) {
+    let secret: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(json!({"metadata": {"name": marker}})).unwrap();
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    wait_for(
+        "the marker in the audit log",
+        Duration::from_secs(20),
+        || async { !cp.audit(|e| e["objectRef"]["name"] == marker).is_empty() },
+    )
+    .await;
+}
+
+/// Events the service wrote in namespace `ns` (or in one whose name starts like it).
+fn events_in(cp: &ControlPlane, ns: &str) -> usize {
+    cp.audit(|e| {
+        e["objectRef"]["resource"] == "events"
+            && e["user"]["username"] == AUDITED_USER
+            && e["objectRef"]["namespace"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(ns))
+    })
+    .len()
+}
+
+fn managed_secrets(metrics: &str) -> String {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("pull_secret_injector_managed_secrets "))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Issue 18, points 1 and 2: a namespace name with a query, extra slashes or percent-escapes
+/// gets a clear answer and costs nothing: no API request, no mint, no Event, no state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_namespace_names_are_answered_and_cause_no_request() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let mut inj = start_audited("t-h1", &kubernetes_registry("default", 3600), "").await;
+    let c = inj.client.clone();
+    let ns = inj.namespace("real", true).await;
+    wait_secret(&c, &ns, "the real namespace's Secret", |_| true).await;
+    // And the refresher is done with it: its ServiceAccount references the Secret.
+    wait_for("default attached", Duration::from_secs(30), || async {
+        Api::<ServiceAccount>::namespaced(c.clone(), &ns)
+            .get("default")
+            .await
+            .ok()
+            .and_then(|sa| sa.image_pull_secrets)
+            .is_some_and(|refs| refs.iter().any(|r| r.name == "pull-secret"))
+    })
+    .await;
+    let own = format!("{}-own", inj.id);
+    let metrics_url = inj.url().replace("/mutate", "/metrics");
+    let before_metrics = get(&inj.certs, &metrics_url).await.1;
+    audit_flushed(cp, &c, &ns, "before-crafted").await;
+    let (about_ns, about_own) = (
+        requests_about(cp, &ns).len(),
+        requests_about(cp, &own).len(),
+    );
+    let (tokens, writes) = (cp.token_attempts(&ns), cp.secret_writes(&ns));
+    let events = events_in(cp, &ns);
+
+    let mut crafted = vec![
+        format!("{ns}?watch=true"),
+        format!("{ns}?x=1"),
+        format!("{own}?x=1"),
+        format!("{ns}/"),
+        format!("{ns}%2F"),
+        format!("{ns}#x"),
+        format!("{ns}\n"),
+        "..".to_string(),
+    ];
+    crafted.extend((1..=20).map(|k| format!("{ns}{}", "/".repeat(k))));
+    for name in &crafted {
+        let answer = review(&inj, &pod_review(name, "default")).await;
+        assert_eq!(answer["allowed"], true, "{name:?}: {answer}");
+        assert!(
+            answer.get("patch").is_none(),
+            "{name:?} was patched: {answer}"
+        );
+        let warning = answer["warnings"][0].as_str().unwrap_or_default();
+        assert!(
+            warning.contains("is not a valid Kubernetes namespace name"),
+            "{name:?}: {answer}"
+        );
+    }
+    // The real namespace is still served at once.
+    let answer = review(&inj, &pod_review(&ns, "default")).await;
+    assert!(answer.get("patch").is_some(), "{answer}");
+
+    audit_flushed(cp, &c, &ns, "after-crafted").await;
+    let asked = requests_about(cp, &ns);
+    assert_eq!(
+        asked.len(),
+        about_ns,
+        "requests for crafted names: {:?}",
+        &asked[about_ns.min(asked.len())..]
+    );
+    assert_eq!(requests_about(cp, &own).len(), about_own);
+    assert_eq!(cp.token_attempts(&ns), tokens, "no TokenRequest");
+    assert_eq!(cp.secret_writes(&ns), writes, "no Secret write");
+    assert_eq!(events_in(cp, &ns), events, "Events written");
+    let after_metrics = get(&inj.certs, &metrics_url).await.1;
+    assert_eq!(
+        managed_secrets(&after_metrics),
+        managed_secrets(&before_metrics),
+        "no crafted name was adopted as a managed Secret"
+    );
+    inj.cleanup().await;
+}
+
+/// Issue 18, point 1 (per ServiceAccount): a ServiceAccount that does not exist gets no
+/// TokenRequest and no Event, however many reviews name one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_service_account_an_unknown_service_account_gets_no_token_and_no_event() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let mut inj = start_audited(
+        "t-h2",
+        &kubernetes_registry("default", 3600),
+        "identityScope: serviceAccount\n",
+    )
+    .await;
+    let c = inj.client.clone();
+    let ns = inj.namespace("sa", true).await;
+    let real = "default-pull-secret".to_string();
+    wait_for(
+        "the default ServiceAccount's Secret",
+        Duration::from_secs(30),
+        || async {
+            Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), &ns)
+                .get_opt(&real)
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        },
+    )
+    .await;
+    audit_flushed(cp, &c, &ns, "before-ghosts").await;
+    let tokens = cp.token_attempts(&ns);
+    let events = events_in(cp, &ns);
+    for i in 0..30 {
+        let answer = review(&inj, &pod_review(&ns, &format!("ghost-{i}"))).await;
+        assert_eq!(answer["allowed"], true, "{answer}");
+        assert!(
+            answer["warnings"][0].as_str().is_some_and(|w| w
+                .contains(&format!("ghost-{i}-pull-secret"))
+                && w.contains("not ready")),
+            "{answer}"
+        );
+    }
+    audit_flushed(cp, &c, &ns, "after-ghosts").await;
+    assert_eq!(
+        cp.token_attempts(&ns),
+        tokens,
+        "no TokenRequest for a ServiceAccount that does not exist"
+    );
+    assert_eq!(events_in(cp, &ns), events, "Events written");
+    let ghost_secrets = cp.audit(|e| {
+        e["objectRef"]["resource"] == "secrets"
+            && e["objectRef"]["namespace"] == ns.as_str()
+            && e["objectRef"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("ghost-"))
+    });
+    assert!(ghost_secrets.is_empty(), "{ghost_secrets:?}");
+    inj.cleanup().await;
+}
+
+/// Issue 18, point 3: a Pod with more pull Secrets than the webhook reads is created (201)
+/// through the API server, unchanged, with the webhook's warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_with_too_many_pull_secrets_is_created_unchanged_with_a_warning() {
+    let _serial = serial();
+    let mut inj = Injector::start("t-h3").await;
+    let c = inj.client.clone();
+    let ns = inj.namespace("big", true).await;
+    wait_secret(&c, &ns, "warm", |_| true).await;
+    let many: Vec<Value> = (0..5000)
+        .map(|i| json!({"name": format!("s{i}")}))
+        .collect();
+    let created = create_pod(&c, &ns, "many", json!({"imagePullSecrets": many}), false).await;
+    let names = pull_secret_names(&created.pod);
+    assert_eq!(names.len(), 5000);
+    assert!(!names.contains(&"pull-secret".to_string()));
+    assert!(
+        created
+            .warnings
+            .iter()
+            .any(|w| w.contains("spec.imagePullSecrets has more than 1024 entries")),
+        "{:?}",
+        created.warnings
+    );
+    inj.cleanup().await;
+}
+
+/// Resumes a stopped API server when dropped, whatever the test did.
+struct Frozen(u32);
+
+impl Frozen {
+    fn api_server(cp: &ControlPlane) -> Self {
+        let pid: u32 = std::fs::read_to_string(cp.dir.join("apiserver.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// Issue 18, point 5: with the API server frozen (it accepts connections and answers
+/// nothing), a review for a namespace the watch does not know is still answered: the lookup is
+/// inside the admission budget. The answer is unchanged: the namespace was not confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_holds_while_the_api_server_is_frozen() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let inj = Injector::start_with(
+        "t-h5",
+        &kubernetes_registry("default", 3600),
+        "admission: {budget: 1s}\n",
+    )
+    .await;
+    let frozen = Frozen::api_server(cp);
+    // The test client gives up after 10 s: an answer after the budget arrives well before.
+    let bodies: Vec<Value> = (0..5)
+        .map(|i| pod_review(&format!("t-h5-unknown-{i}"), "default"))
+        .collect();
+    let answers = futures::future::join_all(bodies.iter().map(|b| review(&inj, b))).await;
+    drop(frozen);
+    for answer in answers {
+        assert_eq!(answer["allowed"], true, "{answer}");
+        assert!(answer.get("patch").is_none(), "{answer}");
+    }
+    // The API server is back.
+    wait_for(
+        "the API server answering",
+        Duration::from_secs(30),
+        || async {
+            Api::<ServiceAccount>::namespaced(inj.client.clone(), "default")
+                .get_opt("default")
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    inj.cleanup().await;
+}
