@@ -1,0 +1,853 @@
+//! The install as a user runs it, on the real node: the project's own image (`hack/image`,
+//! pushed to the private registry, pulled by the kubelet with credentials), `kubectl apply -k`
+//! of the kustomize base, then the Helm chart installed with Helm's own library. Both replicas
+//! run as Pods: the `certs` init container, HTTPS probes, the API server calling the webhook
+//! through its Service (at the Pods' addresses on the node's bridge: `hack/control-plane`), the
+//! Lease hand-over when its holder is deleted, a rolling update, and uninstall.
+
+// The `serial()` guard is held across awaits on purpose: these tests take turns.
+#![allow(clippy::await_holding_lock)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{json, Value};
+use support::node::*;
+use support::registry::*;
+use support::*;
+
+const NS: &str = "pull-secret-injector";
+const NAME: &str = "pull-secret-injector";
+const IMAGE_REPOSITORY: &str = "pull-secret-injector/pull-secret-injector";
+
+fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
+    let out = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", cp.kubeconfig())
+        .output()
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn helm_release(cp: &ControlPlane, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(repo().join("hack/helm-release"))
+        .arg(args[0])
+        .arg(cp.kubeconfig())
+        .args(&args[1..])
+        .output()
+        .expect("run hack/helm-release");
+    assert!(
+        out.status.success(),
+        "hack/helm-release {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The config a user writes for this registry: tokens of each namespace's `default`
+/// ServiceAccount with the registry's audience.
+fn registry_config(host: &str) -> Value {
+    json!([{"host": host, "kubernetes": {"serviceAccount": "default", "audience": SERVICE,
+            "expirationSeconds": 600, "username": "k8s"}}])
+}
+
+/// The service's own namespace with the Secret its Pods pull the image with (the namespace is
+/// never injected into): a token of a ServiceAccount there, which the token server's rules let
+/// pull `pull-secret-injector/*`.
+async fn namespace_with_image_pull_secret(c: &kube::Client, host: &str) {
+    if Api::<Namespace>::all(c.clone())
+        .get_opt(NS)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        create_namespace(c, NS, Default::default()).await;
+    }
+    let token = service_account_token(c, NS, "image-puller", vec![SERVICE.into()]).await;
+    let auth = base64_encode(&format!("k8s:{token}"));
+    let config = json!({"auths": {host: {"username": "k8s", "password": token, "auth": auth}}});
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "registry-creds"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": config.to_string()}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(c.clone(), NS)
+        .patch(
+            "registry-creds",
+            &PatchParams::apply("install-test").force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .unwrap();
+}
+
+fn base64_encode(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// Both replicas of the Deployment up to date and Ready, and no other Pod of it left.
+async fn wait_rolled_out(c: &kube::Client, what: &str) {
+    let deployments: Api<Deployment> = Api::namespaced(c.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(c.clone(), NS);
+    wait_for(what, Duration::from_secs(300), || async {
+        let Some(d) = deployments.get_opt(NAME).await.ok().flatten() else {
+            return false;
+        };
+        let status = d.status.clone().unwrap_or_default();
+        let generation = d.metadata.generation.unwrap_or(0);
+        let listed = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/name=pull-secret-injector"))
+            .await
+            .map(|l| l.items.len())
+            .unwrap_or(0);
+        status.observed_generation.unwrap_or(0) >= generation
+            && status.updated_replicas == Some(2)
+            && status.ready_replicas == Some(2)
+            && status.replicas == Some(2)
+            && listed == 2
+    })
+    .await;
+}
+
+async fn service_pods(c: &kube::Client) -> Vec<Pod> {
+    Api::<Pod>::namespaced(c.clone(), NS)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=pull-secret-injector"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+/// Point 1: both replicas Ready through their HTTPS probes, the `certs` init container made
+/// the TLS Secret and set `caBundle`, and the Service's endpoints are the Pods on the node's
+/// bridge (addresses the harness made, never this machine's own).
+async fn check_running(cp: &ControlPlane, c: &kube::Client) {
+    let pods = service_pods(c).await;
+    assert_eq!(pods.len(), 2);
+    let node: Value =
+        serde_json::from_str(&std::fs::read_to_string(cp.dir.join("node.json")).unwrap()).unwrap();
+    let n = node["netns"].as_str().unwrap().trim_start_matches("psi-");
+    let pod_network = format!("10.214.{n}.");
+    for pod in &pods {
+        let spec = pod.spec.as_ref().unwrap();
+        let status = pod.status.as_ref().unwrap();
+        let name = pod.metadata.name.as_deref().unwrap();
+        assert!(
+            status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True"),
+            "{name} is Ready"
+        );
+        let probe = spec.containers[0].readiness_probe.as_ref().unwrap();
+        assert_eq!(
+            probe.http_get.as_ref().unwrap().scheme.as_deref(),
+            Some("HTTPS")
+        );
+        let init = &status.init_container_statuses.as_ref().unwrap()[0];
+        assert_eq!(init.name, "certs");
+        let done = init
+            .state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .expect("certs ran");
+        assert_eq!(done.exit_code, 0, "certs succeeded in {name}");
+        let ip = status.pod_ip.as_deref().unwrap();
+        assert!(
+            ip.starts_with(&pod_network),
+            "{name} runs at {ip}, on the node's bridge"
+        );
+        assert_eq!(
+            spec.image_pull_secrets.as_ref().unwrap()[0].name,
+            "registry-creds"
+        );
+    }
+    let tls = Api::<Secret>::namespaced(c.clone(), NS)
+        .get("pull-secret-injector-tls")
+        .await
+        .expect("the certs init container made the TLS Secret");
+    assert_eq!(tls.type_.as_deref(), Some("kubernetes.io/tls"));
+    let ca = tls.data.as_ref().unwrap()["ca.crt"].0.clone();
+    let hook = Api::<MutatingWebhookConfiguration>::all(c.clone())
+        .get(NAME)
+        .await
+        .unwrap();
+    let webhook = &hook.webhooks.as_ref().unwrap()[0];
+    assert_eq!(
+        webhook.client_config.ca_bundle.as_ref().unwrap().0,
+        ca,
+        "caBundle is the TLS Secret's CA"
+    );
+    let service = webhook.client_config.service.as_ref().expect("by Service");
+    assert_eq!(
+        (service.namespace.as_str(), service.name.as_str()),
+        (NS, NAME)
+    );
+    assert!(webhook.client_config.url.is_none());
+    // The Service's endpoints: both Pods, Ready.
+    let slices = Api::<EndpointSlice>::namespaced(c.clone(), NS)
+        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={NAME}")))
+        .await
+        .unwrap();
+    let mut ready: Vec<String> = slices
+        .items
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .flat_map(|e| e.addresses.clone())
+        .collect();
+    ready.sort();
+    let mut ips: Vec<String> = pods
+        .iter()
+        .map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap())
+        .collect();
+    ips.sort();
+    assert_eq!(ready, ips, "the Service's ready endpoints are the two Pods");
+}
+
+/// A Pod with a pull Secret of its own (so that the API server sends it to the webhook: the
+/// shipped matchConditions skip Pods that get the reference from their ServiceAccount).
+fn app_pod(name: &str, image: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
+                 "imagePullSecrets": [{"name": "mine"}],
+                 "containers": [{"name": "app", "image": image, "imagePullPolicy": "Always",
+                                 "command": ["/bin/sh", "-c", "cat /hello.txt"]}]}
+    })
+}
+
+/// Pod creations (dry runs: they go through the whole admission chain, webhook included, and
+/// nothing is scheduled) one after another until stopped: how many, and each that failed or
+/// came back without the Secret.
+struct Admissions {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Admissions {
+    fn start(c: &kube::Client, ns: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, ns, s) = (c.clone(), ns.to_string(), stop.clone());
+        let task = tokio::spawn(async move {
+            let (mut count, mut lost) = (0, Vec::new());
+            while !s.load(Ordering::SeqCst) {
+                count += 1;
+                let pod = app_pod(&format!("probe-{count}"), "registry.invalid/app:1");
+                let (status, warnings, text) = post(
+                    &c,
+                    &format!("/api/v1/namespaces/{ns}/pods?dryRun=All"),
+                    &pod,
+                )
+                .await;
+                let patched = serde_json::from_str::<Pod>(&text)
+                    .ok()
+                    .map(|p| pull_secret_names(&p).contains(&"pull-secret".to_string()))
+                    .unwrap_or(false);
+                if !status.is_success() || !patched {
+                    lost.push(format!("#{count}: {status} {warnings:?} {text:.200}"));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (count, lost)
+        });
+        Self { stop, task }
+    }
+
+    async fn finish(self, what: &str) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (count, lost) = self.task.await.unwrap();
+        eprintln!("{what}: {count} admissions, {} lost", lost.len());
+        assert!(count > 10, "{what}: only {count} admissions were tried");
+        assert!(lost.is_empty(), "{what}: admissions lost: {lost:#?}");
+    }
+}
+
+async fn label_namespace(c: &kube::Client, ns: &str, opted_in: bool) {
+    let value = if opted_in {
+        json!("enabled")
+    } else {
+        Value::Null
+    };
+    Api::<Namespace>::all(c.clone())
+        .patch(
+            ns,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {"pull-secret-injector.io/inject": value}}}),
+            ),
+        )
+        .await
+        .unwrap();
+}
+
+async fn lease_holder(c: &kube::Client) -> Option<String> {
+    Api::<Lease>::namespaced(c.clone(), NS)
+        .get_opt(NAME)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+}
+
+/// Points 2 to 4 on whichever install is running: a Pod patched and pulled with the injected
+/// Secret; the Lease holder deleted with admissions running; a rolling update (`restart`)
+/// with admissions running.
+async fn exercise(
+    cp: &ControlPlane,
+    c: &kube::Client,
+    team: &str,
+    late: &str,
+    image: &str,
+    restart: &dyn Fn(),
+) {
+    // 2. The namespace opts in; a Pod is patched and its image pulled with the Secret.
+    label_namespace(c, team, true).await;
+    wait_secret(c, team, "the Secret the installed service made", |_| true).await;
+    let ran = run_pod(cp, c, team, app_pod("app", image)).await;
+    assert_eq!(pull_secret_names(&ran.pod), ["mine", "pull-secret"]);
+    assert!(ran.printed.contains(MARKER), "printed: {}", ran.printed);
+    let evs = events(c, team, &ran.name).await;
+    assert!(
+        evs.iter().any(|e| e.starts_with("Pulled:")),
+        "the kubelet pulled it: {evs:?}"
+    );
+    // A ServiceAccount made now is patched at admission.
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "worker"}})).unwrap();
+    let sa = Api::<ServiceAccount>::namespaced(c.clone(), team)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    assert!(sa
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .any(|r| r.name == "pull-secret"));
+
+    // 3. The Pod holding the Lease is deleted: the other replica takes over the refresher, and
+    //    admissions never stop.
+    let holder = lease_holder(c).await.expect("a replica holds the Lease");
+    let holder_before = holder.clone();
+    let pods = service_pods(c).await;
+    let leader = pods
+        .iter()
+        .find(|p| holder.starts_with(p.metadata.name.as_deref().unwrap()))
+        .unwrap_or_else(|| panic!("the holder {holder} is one of the Pods"));
+    let leader_name = leader.metadata.name.clone().unwrap();
+    let other = pods
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .find(|n| *n != leader_name)
+        .unwrap();
+    let admissions = Admissions::start(c, team);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deleted_at = Instant::now();
+    Api::<Pod>::namespaced(c.clone(), NS)
+        .delete(&leader_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let holder = lease_holder(c).await;
+        if seen.last() != Some(&holder) {
+            seen.push(holder.clone());
+        }
+        // The survivor, or the Pod the Deployment started in the deleted one's place: whichever
+        // asks first once the holder has released the Lease on its way out.
+        if holder.as_ref().is_some_and(|h| *h != holder_before) {
+            break;
+        }
+        if deleted_at.elapsed() > Duration::from_secs(60) {
+            dump_logs(cp);
+            panic!("no other replica took the Lease; holders seen: {seen:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let successor = seen.last().cloned().flatten().unwrap();
+    eprintln!(
+        "Lease: {leader_name} deleted; {successor} ({}) holds it {:?} later (lease duration \
+         15 s); holders seen: {seen:?}",
+        if successor == other {
+            "the other replica"
+        } else {
+            "its replacement"
+        },
+        deleted_at.elapsed()
+    );
+    // The refresher runs there: a namespace opted in now gets its Secret.
+    label_namespace(c, late, true).await;
+    wait_secret(c, late, "a Secret made by the new leader", |_| true).await;
+    wait_rolled_out(c, "the Deployment back at two Ready replicas").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    admissions.finish("Lease holder deleted").await;
+
+    // 4. A rolling update completes with no admission lost.
+    let admissions = Admissions::start(c, team);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before: Vec<String> = service_pods(c)
+        .await
+        .into_iter()
+        .map(|p| p.metadata.name.unwrap())
+        .collect();
+    let started = Instant::now();
+    restart();
+    wait_for("the rollout to start", Duration::from_secs(60), || async {
+        !service_pods(c)
+            .await
+            .iter()
+            .all(|p| before.contains(p.metadata.name.as_ref().unwrap()))
+    })
+    .await;
+    wait_rolled_out(c, "the rolling update").await;
+    eprintln!("rolling update: {:?}", started.elapsed());
+    let after: Vec<String> = service_pods(c)
+        .await
+        .into_iter()
+        .map(|p| p.metadata.name.unwrap())
+        .collect();
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "every Pod was replaced: {before:?} -> {after:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    admissions.finish("rolling update").await;
+    check_running(cp, c).await;
+}
+
+/// The service's Pods' logs, as the kubelet keeps them, for a failure's message.
+fn dump_logs(cp: &ControlPlane) {
+    let logs = cp.dir.join("node/pod-logs");
+    for pod in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
+        if !pod
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{NS}_"))
+        {
+            continue;
+        }
+        for container in std::fs::read_dir(pod.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for log in std::fs::read_dir(container.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                eprintln!("== {}:", log.path().display());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// What is left of the install: objects named like it, cluster-wide and in its namespace.
+async fn leftovers(c: &kube::Client) -> Vec<String> {
+    let mut left = Vec::new();
+    if Api::<MutatingWebhookConfiguration>::all(c.clone())
+        .get_opt(NAME)
+        .await
+        .unwrap()
+        .is_some()
+    {
+        left.push("MutatingWebhookConfiguration".to_string());
+    }
+    if Api::<ClusterRole>::all(c.clone())
+        .get_opt(NAME)
+        .await
+        .unwrap()
+        .is_some()
+    {
+        left.push("ClusterRole".into());
+    }
+    if Api::<ClusterRoleBinding>::all(c.clone())
+        .get_opt(NAME)
+        .await
+        .unwrap()
+        .is_some()
+    {
+        left.push("ClusterRoleBinding".into());
+    }
+    let ns = Api::<Namespace>::all(c.clone()).get_opt(NS).await.unwrap();
+    if let Some(ns) = ns.filter(|n| n.metadata.deletion_timestamp.is_none()) {
+        left.push(format!("Namespace {}", ns.metadata.name.unwrap()));
+        for s in Api::<Secret>::namespaced(c.clone(), NS)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+        {
+            left.push(format!("Secret {}", s.metadata.name.unwrap()));
+        }
+        for l in Api::<Lease>::namespaced(c.clone(), NS)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+        {
+            left.push(format!("Lease {}", l.metadata.name.unwrap()));
+        }
+        for kind in [
+            "deployments",
+            "services",
+            "configmaps",
+            "serviceaccounts",
+            "poddisruptionbudgets",
+            "pods",
+        ] {
+            let out = Command::new("kubectl")
+                .args(["get", kind, "-n", NS, "-o", "name"])
+                .env("KUBECONFIG", ControlPlane::get().kubeconfig())
+                .output()
+                .unwrap();
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                left.push(line.to_string());
+            }
+        }
+    }
+    left.sort();
+    left
+}
+
+/// The order in which the audit log saw webhook configurations and Deployments deleted.
+fn deletions(cp: &ControlPlane) -> Vec<String> {
+    cp.audit(|e| {
+        e["verb"] == "delete"
+            && e["stage"] == "ResponseComplete"
+            && (e["objectRef"]["resource"] == "mutatingwebhookconfigurations"
+                || e["objectRef"]["resource"] == "deployments")
+            && e["objectRef"]["name"] == NAME
+            && e["responseStatus"]["code"]
+                .as_u64()
+                .is_some_and(|c| c < 300)
+    })
+    .iter()
+    .map(|e| e["objectRef"]["resource"].as_str().unwrap().to_string())
+    .collect()
+}
+
+/// Point 6 after either uninstall: what stays in the namespaces the service served. The one
+/// opted out before uninstalling has nothing left; the one still opted in keeps its Secret and
+/// its ServiceAccounts' references (no one is left to remove them), until deleted by hand.
+async fn check_served_namespaces_after_uninstall(c: &kube::Client, kept: &str, released: &str) {
+    let kept_secret = get_secret(c, kept).await.expect("the Secret stays");
+    assert_eq!(
+        kept_secret.metadata.labels.unwrap()["app.kubernetes.io/managed-by"],
+        "pull-secret-injector"
+    );
+    let kept_sa = Api::<ServiceAccount>::namespaced(c.clone(), kept)
+        .get("default")
+        .await
+        .unwrap();
+    assert!(kept_sa
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .any(|r| r.name == "pull-secret"));
+    assert!(get_secret(c, released).await.is_none());
+    let sa = Api::<ServiceAccount>::namespaced(c.clone(), released)
+        .get("default")
+        .await
+        .unwrap();
+    assert!(
+        !sa.image_pull_secrets
+            .iter()
+            .flatten()
+            .any(|r| r.name == "pull-secret"),
+        "opt-out took the reference back"
+    );
+    // What the README's cleanup command removes.
+    Api::<Secret>::namespaced(c.clone(), kept)
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("app.kubernetes.io/managed-by=pull-secret-injector"),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
+    if !tools_present() {
+        return;
+    }
+    let _serial = serial();
+    let cp = ControlPlane::with_node();
+    let c = cp.client().await;
+    let work = tempfile::tempdir().unwrap();
+    let rules = format!(
+        r#"  - {{namespace: {NS}, repositories: ["{IMAGE_REPOSITORY}"]}}
+  - {{namespace: install-ci, serviceAccount: pusher, repositories: ["{IMAGE_REPOSITORY}", "team-a/*"], actions: [pull, push]}}
+  - {{namespace: kustomize-team, repositories: ["team-a/*"]}}
+  - {{namespace: helm-team, repositories: ["team-a/*"]}}
+"#
+    );
+    let registry =
+        PrivateRegistry::start(cp, &c, work.path(), &cp.host_ip(), "install-infra", &rules).await;
+    trust_registry(cp, &registry);
+    let host = registry.host.clone();
+    create_namespace(&c, "install-ci", Default::default()).await;
+    let pusher = service_account_token(&c, "install-ci", "pusher", vec![SERVICE.into()]).await;
+
+    // The project's image, built without a container engine and pushed with skopeo.
+    let service_image = format!("{host}/{IMAGE_REPOSITORY}:test");
+    let built = Instant::now();
+    let out = Command::new(repo().join("hack/image"))
+        .arg("--out")
+        .arg(work.path().join("image.tar"))
+        .args(["--name", &service_image])
+        .args(["--push", &format!("docker://{service_image}")])
+        .args(["--dest-creds", &format!("pusher:{pusher}")])
+        .arg("--dest-cert-dir")
+        .arg(&registry.cert_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hack/image: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("hack/image built and pushed in {:?}", built.elapsed());
+    let app_image = format!("{host}/team-a/app:v1");
+    registry.push(
+        &busybox_image(work.path(), &app_image),
+        "team-a/app:v1",
+        &format!("pusher:{pusher}"),
+    );
+    for team in [
+        "kustomize-team",
+        "kustomize-late",
+        "kustomize-released",
+        "helm-team",
+        "helm-late",
+        "helm-released",
+    ] {
+        create_namespace(&c, team, BTreeMap::new()).await;
+    }
+
+    // ---- kustomize: `kubectl apply -k` of an overlay of the base, as a user writes it.
+    namespace_with_image_pull_secret(&c, &host).await;
+    // kustomize takes other kustomizations by relative path only: the overlay sits in this
+    // checkout's target directory.
+    let overlay = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("install-overlay-{}", std::process::id()));
+    std::fs::create_dir_all(&overlay).unwrap();
+    let depth = overlay
+        .strip_prefix(repo())
+        .expect("the target directory is in the checkout")
+        .components()
+        .count();
+    let base = format!("{}deploy/kustomize/base", "../".repeat(depth));
+    let mut config: Value = serde_yaml::from_str(
+        serde_yaml::from_str::<Value>(
+            &std::fs::read_to_string(repo().join("deploy/kustomize/base/configmap.yaml")).unwrap(),
+        )
+        .unwrap()["data"]["config.yaml"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    config["registries"] = registry_config(&host);
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        serde_yaml::to_string(&json!({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [base],
+            "images": [{"name": "pull-secret-injector", "newName": format!("{host}/{IMAGE_REPOSITORY}"), "newTag": "test"}],
+            "patches": [
+                {"target": {"kind": "Deployment", "name": NAME},
+                 "patch": serde_json::to_string(&json!([{"op": "add", "path": "/spec/template/spec/imagePullSecrets",
+                                                          "value": [{"name": "registry-creds"}]}])).unwrap()},
+                {"target": {"kind": "ConfigMap", "name": NAME},
+                 "patch": serde_json::to_string(&json!([{"op": "replace", "path": "/data/config.yaml",
+                                                          "value": serde_yaml::to_string(&config).unwrap()}])).unwrap()}
+            ]
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let applied = Instant::now();
+    kubectl(cp, &["apply", "-k", overlay.to_str().unwrap()]);
+    wait_rolled_out(&c, "both replicas Ready (kustomize)").await;
+    eprintln!(
+        "kustomize: both replicas Ready {:?} after apply",
+        applied.elapsed()
+    );
+    check_running(cp, &c).await;
+    let restart = || {
+        kubectl(
+            cp,
+            &[
+                "-n",
+                NS,
+                "patch",
+                "deployment",
+                NAME,
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"template":{"metadata":{"annotations":{"example.com/restarted":"1"}}}}}"#,
+            ],
+        );
+    };
+    exercise(
+        cp,
+        &c,
+        "kustomize-team",
+        "kustomize-late",
+        &app_image,
+        &restart,
+    )
+    .await;
+
+    // 6. Uninstall: opt one namespace out first (the service deletes its Secret), then the
+    //    webhook configuration, then the rest.
+    label_namespace(&c, "kustomize-released", true).await;
+    wait_secret(&c, "kustomize-released", "its Secret", |_| true).await;
+    label_namespace(&c, "kustomize-released", false).await;
+    wait_for(
+        "the opted-out Secret deleted",
+        Duration::from_secs(60),
+        || async { get_secret(&c, "kustomize-released").await.is_none() },
+    )
+    .await;
+    kubectl(cp, &["delete", "mutatingwebhookconfiguration", NAME]);
+    kubectl(
+        cp,
+        &[
+            "delete",
+            "-k",
+            overlay.to_str().unwrap(),
+            "--wait=true",
+            "--ignore-not-found",
+        ],
+    );
+    wait_for("the namespace gone", Duration::from_secs(120), || async {
+        Api::<Namespace>::all(c.clone())
+            .get_opt(NS)
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await;
+    assert_eq!(leftovers(&c).await, Vec::<String>::new());
+    assert_eq!(
+        deletions(cp),
+        ["mutatingwebhookconfigurations", "deployments"]
+    );
+    check_served_namespaces_after_uninstall(&c, "kustomize-team", "kustomize-released").await;
+    let _ = std::fs::remove_dir_all(&overlay);
+    // With no webhook, Pods are created as they are.
+    let pod = create_pod(
+        &c,
+        "kustomize-team",
+        "after",
+        json!({"imagePullSecrets": [{"name": "mine"}]}),
+        true,
+    )
+    .await;
+    assert_eq!(pull_secret_names(&pod.pod), ["mine"]);
+
+    // ---- 5. Helm: the chart installed with Helm's library, the image and config as values.
+    namespace_with_image_pull_secret(&c, &host).await;
+    let values = |annotation: &str| {
+        json!({
+            "image": {"repository": format!("{host}/{IMAGE_REPOSITORY}"), "tag": "test"},
+            "imagePullSecrets": [{"name": "registry-creds"}],
+            "podAnnotations": {"example.com/revision": annotation},
+            "config": {"registries": registry_config(&host)}
+        })
+        .to_string()
+    };
+    let chart = repo().join("deploy/helm/pull-secret-injector");
+    let notes = helm_release(
+        cp,
+        &["install", chart.to_str().unwrap(), NS, NAME, &values("1")],
+    );
+    assert!(
+        notes
+            .contains("kubectl label namespace <namespace> pull-secret-injector.io/inject=enabled"),
+        "helm install prints the NOTES: {notes}"
+    );
+    wait_rolled_out(&c, "both replicas Ready (Helm)").await;
+    check_running(cp, &c).await;
+    let restart = || {
+        helm_release(
+            cp,
+            &["upgrade", chart.to_str().unwrap(), NS, NAME, &values("2")],
+        );
+    };
+    exercise(cp, &c, "helm-team", "helm-late", &app_image, &restart).await;
+    label_namespace(&c, "helm-released", true).await;
+    wait_secret(&c, "helm-released", "its Secret", |_| true).await;
+    label_namespace(&c, "helm-released", false).await;
+    wait_for(
+        "the opted-out Secret deleted",
+        Duration::from_secs(60),
+        || async { get_secret(&c, "helm-released").await.is_none() },
+    )
+    .await;
+    let before = deletions(cp).len();
+    helm_release(cp, &["uninstall", NS, NAME]);
+    assert_eq!(
+        deletions(cp)[before..],
+        ["mutatingwebhookconfigurations", "deployments"],
+        "Helm deletes the webhook configuration first"
+    );
+    wait_for("the Pods gone", Duration::from_secs(120), || async {
+        Api::<Pod>::namespaced(c.clone(), NS)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    })
+    .await;
+    // The namespace was made by `helm install --create-namespace`, not by the chart, so it
+    // stays, with what the service and the user made in it.
+    assert_eq!(
+        leftovers(&c).await,
+        [
+            "Lease pull-secret-injector",
+            "Namespace pull-secret-injector",
+            "Secret pull-secret-injector-tls",
+            "Secret registry-creds",
+            "configmap/kube-root-ca.crt",
+            "serviceaccount/default",
+            "serviceaccount/image-puller",
+        ]
+    );
+    check_served_namespaces_after_uninstall(&c, "helm-team", "helm-released").await;
+    registry.shutdown().await;
+}
