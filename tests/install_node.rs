@@ -32,8 +32,13 @@ const NS: &str = "pull-secret-injector";
 const NAME: &str = "pull-secret-injector";
 const IMAGE_REPOSITORY: &str = "pull-secret-injector/pull-secret-injector";
 
+/// kubectl of the cluster's own release, built by hack/build-kubernetes with the node.
 fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
-    let out = Command::new("kubectl")
+    let path = Command::new(repo().join("hack/build-kubernetes"))
+        .args(["path", "kubectl"])
+        .output()
+        .expect("hack/build-kubernetes path kubectl");
+    let out = Command::new(String::from_utf8_lossy(&path.stdout).trim())
         .args(args)
         .env("KUBECONFIG", cp.kubeconfig())
         .output()
