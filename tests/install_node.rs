@@ -33,12 +33,16 @@ const NAME: &str = "pull-secret-injector";
 const IMAGE_REPOSITORY: &str = "pull-secret-injector/pull-secret-injector";
 
 /// kubectl of the cluster's own release, built by hack/build-kubernetes with the node.
-fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
+fn kubectl_binary() -> String {
     let path = Command::new(repo().join("hack/build-kubernetes"))
         .args(["path", "kubectl"])
         .output()
         .expect("hack/build-kubernetes path kubectl");
-    let out = Command::new(String::from_utf8_lossy(&path.stdout).trim())
+    String::from_utf8_lossy(&path.stdout).trim().to_string()
+}
+
+fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
+    let out = Command::new(kubectl_binary())
         .args(args)
         .env("KUBECONFIG", cp.kubeconfig())
         .output()
@@ -531,7 +535,7 @@ async fn leftovers(c: &kube::Client) -> Vec<String> {
             "poddisruptionbudgets",
             "pods",
         ] {
-            let out = Command::new("kubectl")
+            let out = Command::new(kubectl_binary())
                 .args(["get", kind, "-n", NS, "-o", "name"])
                 .env("KUBECONFIG", ControlPlane::get().kubeconfig())
                 .output()
