@@ -172,6 +172,14 @@ pub struct AdmissionConfig {
     /// would go over waits for room up to `readTimeout`, then gets 503.
     #[serde(default = "default_max_bytes_in_flight")]
     pub max_bytes_in_flight: usize,
+    /// After SIGTERM the server keeps answering this long before it stops accepting: the API
+    /// server learns of a terminating Pod's endpoint only after a moment, and a review it sends
+    /// to a closed port is an unpatched Pod (`failurePolicy: Ignore`).
+    #[serde(
+        default = "default_shutdown_delay",
+        deserialize_with = "crate::core::duration::field"
+    )]
+    pub shutdown_delay: Duration,
 }
 
 impl Default for AdmissionConfig {
@@ -183,8 +191,13 @@ impl Default for AdmissionConfig {
             idle_timeout: default_idle_timeout(),
             max_connections: default_max_connections(),
             max_bytes_in_flight: default_max_bytes_in_flight(),
+            shutdown_delay: default_shutdown_delay(),
         }
     }
+}
+
+fn default_shutdown_delay() -> Duration {
+    Duration::from_secs(5)
 }
 
 pub fn default_read_timeout() -> Duration {
@@ -374,6 +387,12 @@ impl Config {
         }
         if self.admission.max_body_bytes < 1024 {
             err("admission.maxBodyBytes", "must be at least 1024".into());
+        }
+        if self.admission.shutdown_delay > Duration::from_secs(60) {
+            err(
+                "admission.shutdownDelay",
+                "must be at most 60s (the Pod's terminationGracePeriodSeconds must cover it)".into(),
+            );
         }
         if self.admission.idle_timeout.is_zero() {
             err("admission.idleTimeout", "must be more than 0s".into());

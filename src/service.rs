@@ -51,6 +51,7 @@ pub struct Service {
     stop: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
     background: Vec<JoinHandle<()>>,
+    shutdown_delay: Duration,
 }
 
 impl Service {
@@ -169,6 +170,7 @@ impl Service {
             stop,
             server,
             background,
+            shutdown_delay: admission.shutdown_delay,
         })
     }
 
@@ -269,16 +271,21 @@ impl Service {
         Self::stop_background(stop, background).await;
     }
 
-    /// Runs until the server stops by itself (an error) or `signal` resolves.
+    /// Runs until the server stops by itself (an error) or `signal` resolves. Then: `/readyz`
+    /// fails and the refresher stops (releasing the Lease, so another replica takes over at
+    /// once) while reviews are still answered for `admission.shutdownDelay`, the time the API
+    /// server takes to stop routing to this Pod; then in-flight admissions get to finish.
     pub async fn run_until(
         self,
         signal: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
         let Self {
+            ready,
             handle,
             stop,
             mut server,
             background,
+            shutdown_delay,
             ..
         } = self;
         let result = tokio::select! {
@@ -286,14 +293,33 @@ impl Service {
             _ = signal => None,
         };
         let result = match result {
-            Some(r) => r,
+            Some(r) => {
+                Self::stop_background(stop, background).await;
+                r
+            }
             None => {
-                tracing::info!("shutting down: finishing in-flight admissions");
-                handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
-                server.await
+                ready.store(false, Ordering::Release);
+                tracing::info!(
+                    delay = ?shutdown_delay,
+                    "shutting down: still answering while the API server stops routing here"
+                );
+                let background = tokio::spawn(Self::stop_background(stop, background));
+                let result = tokio::select! {
+                    result = &mut server => Some(result),
+                    _ = tokio::time::sleep(shutdown_delay) => None,
+                };
+                let result = match result {
+                    Some(r) => r,
+                    None => {
+                        tracing::info!("shutting down: finishing in-flight admissions");
+                        handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+                        server.await
+                    }
+                };
+                let _ = background.await;
+                result
             }
         };
-        Self::stop_background(stop, background).await;
         result.unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 

@@ -1,6 +1,7 @@
 //! High availability with two real processes against the real API server: both answer
 //! admissions, only the Lease holder refreshes, killing it hands the work over within the lease
-//! duration, and a graceful stop releases the Lease at once.
+//! duration, and a graceful stop releases the Lease at once to the waiting replica while the
+//! stopping one still answers.
 
 // The `serial()` guard is held across awaits on purpose: these tests take turns.
 #![allow(clippy::await_holding_lock)]
@@ -36,7 +37,11 @@ impl Replica {
             .local_addr()
             .unwrap()
             .port();
-        let extra = format!("leaderElection: {{leaseDuration: 4s, renewGrace: 2s}}\n{extra}");
+        let extra = if extra.contains("leaderElection") {
+            extra.to_string()
+        } else {
+            format!("leaderElection: {{leaseDuration: 4s, renewGrace: 2s}}\n{extra}")
+        };
         let yaml = config_yaml("t-ha", certs, registry, &extra)
             .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"))
             .replace(
@@ -355,4 +360,87 @@ async fn no_secret_expires_unrenewed_while_leaders_are_killed() {
     let _ = Api::<Namespace>::all(c.clone())
         .delete(ns, &DeleteParams::default())
         .await;
+}
+
+/// A graceful stop (what Kubernetes does when it deletes the Pod): the waiting replica takes
+/// the Lease at once, long before the old term would have expired, and the stopping replica
+/// still answers reviews for its shutdown delay, with `/readyz` failing, then exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_hands_the_lease_over_at_once_and_keeps_answering_meanwhile() {
+    let _serial = serial();
+    let c = ControlPlane::get().client().await;
+    lease_namespace(&c).await;
+    let leases: Api<Lease> = Api::namespaced(c.clone(), LEASE_NS);
+    let certs = Certs::new();
+    // A long lease: a take-over by expiry would show as 15 s or more.
+    let extra = "leaderElection: {leaseDuration: 15s, renewGrace: 5s}\nadmission: {shutdownDelay: 4s}\n";
+    let start = |name: &str| {
+        Replica::start_with(name, &certs, &kubernetes_registry("default", 3600), extra)
+    };
+    let mut a = start("drain-a");
+    wait_for("drain-a holds the Lease", Duration::from_secs(30), || async {
+        holder(&leases).await.as_deref() == Some("drain-a")
+    })
+    .await;
+    let b = start("drain-b");
+    let ready = |r: &Replica| format!("https://127.0.0.1:{}/readyz", r.port);
+    wait_for("drain-b ready", Duration::from_secs(30), || async {
+        get(&certs, &ready(&b)).await.0 == 200
+    })
+    .await;
+    assert_eq!(holder(&leases).await.as_deref(), Some("drain-a"));
+
+    a.signal("-TERM");
+    let stopped = Instant::now();
+    wait_for("drain-b takes the Lease", Duration::from_secs(30), || async {
+        holder(&leases).await.as_deref() == Some("drain-b")
+    })
+    .await;
+    let hand_over = stopped.elapsed();
+    eprintln!("hand-over after a graceful stop: {hand_over:?} (lease duration 15 s)");
+    assert!(
+        hand_over < Duration::from_secs(4),
+        "the waiting replica took the Lease only after {hand_over:?}:\n{}\n{}",
+        a.log(),
+        b.log()
+    );
+
+    // Still within drain-a's 4 s delay: it answers a review, and says it is not ready.
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "drain", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "namespace": "t-ha-unlabelled", "operation": "CREATE",
+            "object": {"spec": {"containers": [{"name": "c", "image": "x"}]}}
+        }
+    });
+    let (code, text) = post_json(
+        &certs,
+        &format!("https://127.0.0.1:{}/mutate", a.port),
+        review.to_string(),
+    )
+    .await;
+    assert!(
+        a.child.try_wait().unwrap().is_none() && code == 200,
+        "a stopping replica answers reviews during its shutdown delay: {code} {text}"
+    );
+    let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["response"]["uid"], "drain", "{text}");
+    assert_eq!(answer["response"]["allowed"], true, "{text}");
+    assert_eq!(
+        get(&certs, &ready(&a)).await.0,
+        503,
+        "a stopping replica is not ready"
+    );
+
+    let status = a.child.wait().unwrap();
+    let took = stopped.elapsed();
+    assert!(status.success(), "drain-a exit: {status:?}\n{}", a.log());
+    assert!(
+        took >= Duration::from_secs(4),
+        "drain-a stopped after {took:?}, before its shutdown delay"
+    );
+    eprintln!("drain-a exited {took:?} after SIGTERM (shutdown delay 4 s)");
+    assert_eq!(holder(&leases).await.as_deref(), Some("drain-b"));
+    drop(b);
 }

@@ -750,6 +750,13 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
             Some("pull-secret-injector"),
         ),
         (
+            "watch",
+            "coordination.k8s.io",
+            "leases",
+            Some(NS),
+            Some("pull-secret-injector"),
+        ),
+        (
             "get",
             "",
             "secrets",
@@ -804,6 +811,7 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
             Some("kube-system"),
             Some("kube-controller-manager"),
         ),
+        ("watch", "coordination.k8s.io", "leases", Some(NS), None),
         (
             "update",
             "admissionregistration.k8s.io",

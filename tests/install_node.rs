@@ -387,8 +387,6 @@ async fn exercise(
         if seen.last() != Some(&holder) {
             seen.push(holder.clone());
         }
-        // The survivor, or the Pod the Deployment started in the deleted one's place: whichever
-        // asks first once the holder has released the Lease on its way out.
         if holder.as_ref().is_some_and(|h| *h != holder_before) {
             break;
         }
@@ -398,16 +396,21 @@ async fn exercise(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let hand_over = deleted_at.elapsed();
     let successor = seen.last().cloned().flatten().unwrap();
     eprintln!(
-        "Lease: {leader_name} deleted; {successor} ({}) holds it {:?} later (lease duration \
-         15 s); holders seen: {seen:?}",
-        if successor == other {
-            "the other replica"
-        } else {
-            "its replacement"
-        },
-        deleted_at.elapsed()
+        "Lease: {leader_name} deleted; {successor} holds it {hand_over:?} later (lease duration \
+         15 s; the other replica was {other}); holders seen: {seen:?}"
+    );
+    // The waiting replica watches the Lease and takes it when the holder releases it on its way
+    // out; the Pod started in the deleted one's place finds it held.
+    if !successor.starts_with(&other) {
+        dump_logs(cp);
+        panic!("the other replica {other} should take the Lease, not {successor}");
+    }
+    assert!(
+        hand_over < Duration::from_secs(15),
+        "hand-over took {hand_over:?}, more than the lease duration"
     );
     // The refresher runs there: a namespace opted in now gets its Secret.
     label_namespace(c, late, true).await;
