@@ -391,7 +391,8 @@ impl Config {
         if self.admission.shutdown_delay > Duration::from_secs(60) {
             err(
                 "admission.shutdownDelay",
-                "must be at most 60s (the Pod's terminationGracePeriodSeconds must cover it)".into(),
+                "must be at most 60s (the Pod's terminationGracePeriodSeconds must cover it)"
+                    .into(),
             );
         }
         if self.admission.idle_timeout.is_zero() {

@@ -53,6 +53,8 @@ pub struct Metrics {
     earliest_expiry_seconds: Gauge<f64, AtomicU64>,
     /// When each namespace's current credentials expire, as last written or adopted here.
     expiries: Mutex<HashMap<String, Timestamp>>,
+    /// Whether this replica's refresher runs: only then are expiries tracked.
+    refreshing: std::sync::atomic::AtomicBool,
 }
 
 fn latency_histogram() -> Histogram {
@@ -123,6 +125,7 @@ impl Default for Metrics {
             managed_secrets,
             earliest_expiry_seconds,
             expiries: Mutex::default(),
+            refreshing: Default::default(),
         }
     }
 }
@@ -155,7 +158,22 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// Starts or stops tracking expiries; stopping forgets them (`managed_secrets` reads 0).
+    pub fn set_refreshing(&self, refreshing: bool) {
+        let mut expiries = self.expiries.lock().unwrap_or_else(|p| p.into_inner());
+        self.refreshing
+            .store(refreshing, std::sync::atomic::Ordering::Release);
+        if !refreshing {
+            expiries.clear();
+        }
+    }
+
+    /// Records a Secret's expiry, where this replica refreshes (a Secret an admission writes
+    /// elsewhere is adopted by the refreshing replica's watch).
     pub fn secret_written(&self, namespace: &str, expires_at: Timestamp) {
+        if !self.refreshing.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         self.expiries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -203,6 +221,7 @@ mod tests {
     #[test]
     fn exposition_has_every_family_and_fixed_labels() {
         let m = Metrics::default();
+        m.set_refreshing(true);
         m.admission("Pod", "patched");
         m.cache_lookup(true);
         m.mint("kubernetes", true, 0.004);
@@ -230,6 +249,30 @@ mod tests {
             .unwrap();
         assert!((590.0..=600.0).contains(&earliest), "{earliest}");
         assert!(!text.contains("team-a"), "no namespace names in labels");
+    }
+
+    #[test]
+    fn expiries_are_kept_only_while_refreshing() {
+        let m = Metrics::default();
+        let soon = Timestamp::now() + jiff::SignedDuration::from_secs(600);
+        let managed = |m: &Metrics| {
+            m.encode()
+                .lines()
+                .find_map(|l| l.strip_prefix("pull_secret_injector_managed_secrets "))
+                .map(str::to_string)
+        };
+        m.secret_written("team-a", soon);
+        assert_eq!(
+            managed(&m).as_deref(),
+            Some("0"),
+            "not refreshing: not tracked"
+        );
+        m.set_refreshing(true);
+        m.secret_written("team-a", soon);
+        m.secret_written("team-b", soon);
+        assert_eq!(managed(&m).as_deref(), Some("2"));
+        m.set_refreshing(false);
+        assert_eq!(managed(&m).as_deref(), Some("0"), "stopping forgets them");
     }
 
     #[test]

@@ -373,14 +373,17 @@ async fn a_graceful_stop_hands_the_lease_over_at_once_and_keeps_answering_meanwh
     let leases: Api<Lease> = Api::namespaced(c.clone(), LEASE_NS);
     let certs = Certs::new();
     // A long lease: a take-over by expiry would show as 15 s or more.
-    let extra = "leaderElection: {leaseDuration: 15s, renewGrace: 5s}\nadmission: {shutdownDelay: 4s}\n";
+    let extra =
+        "leaderElection: {leaseDuration: 15s, renewGrace: 5s}\nadmission: {shutdownDelay: 4s}\n";
     let start = |name: &str| {
         Replica::start_with(name, &certs, &kubernetes_registry("default", 3600), extra)
     };
     let mut a = start("drain-a");
-    wait_for("drain-a holds the Lease", Duration::from_secs(30), || async {
-        holder(&leases).await.as_deref() == Some("drain-a")
-    })
+    wait_for(
+        "drain-a holds the Lease",
+        Duration::from_secs(30),
+        || async { holder(&leases).await.as_deref() == Some("drain-a") },
+    )
     .await;
     let b = start("drain-b");
     let ready = |r: &Replica| format!("https://127.0.0.1:{}/readyz", r.port);
@@ -392,9 +395,11 @@ async fn a_graceful_stop_hands_the_lease_over_at_once_and_keeps_answering_meanwh
 
     a.signal("-TERM");
     let stopped = Instant::now();
-    wait_for("drain-b takes the Lease", Duration::from_secs(30), || async {
-        holder(&leases).await.as_deref() == Some("drain-b")
-    })
+    wait_for(
+        "drain-b takes the Lease",
+        Duration::from_secs(30),
+        || async { holder(&leases).await.as_deref() == Some("drain-b") },
+    )
     .await;
     let hand_over = stopped.elapsed();
     eprintln!("hand-over after a graceful stop: {hand_over:?} (lease duration 15 s)");

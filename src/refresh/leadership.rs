@@ -180,7 +180,8 @@ pub fn is_released(lease: &Lease) -> bool {
 fn watch_released(client: Client, election: &Election) -> mpsc::Receiver<()> {
     let (tx, rx) = mpsc::channel(1);
     let leases: Api<Lease> = Api::namespaced(client, &election.namespace);
-    let config = watcher::Config::default().fields(&format!("metadata.name={}", election.lease_name));
+    let config =
+        watcher::Config::default().fields(&format!("metadata.name={}", election.lease_name));
     tokio::spawn(async move {
         let mut events = std::pin::pin!(watcher(leases, config));
         while let Some(event) = events.next().await {

@@ -182,6 +182,9 @@ impl Refresher {
     ) {
         use futures::FutureExt;
         let shutdown = shutdown.shared();
+        // Expiry figures come from the replica that renews: one that stops refreshing would
+        // report ever-shrinking times for Secrets another replica now keeps fresh.
+        let _refreshing = Refreshing::start(self.context.provisioner.clone());
         let namespaces = self
             .controller
             .graceful_shutdown_on(shutdown.clone())
@@ -205,6 +208,22 @@ impl Refresher {
             () = refresh => {}
             _ = futures::future::join_all(self.watches) => {}
         }
+    }
+}
+
+/// Marks the metrics as kept by a running refresher, until dropped (also when aborted).
+struct Refreshing(Arc<Provisioner>);
+
+impl Refreshing {
+    fn start(provisioner: Arc<Provisioner>) -> Self {
+        provisioner.metrics().set_refreshing(true);
+        Self(provisioner)
+    }
+}
+
+impl Drop for Refreshing {
+    fn drop(&mut self) {
+        self.0.metrics().set_refreshing(false);
     }
 }
 
