@@ -12,8 +12,7 @@ use pull_secret_injector::Service;
 
 // Under load, glibc's malloc and free were a tenth of the service's CPU (perf, hack/bench);
 // mimalloc's thread-local free lists make them cheap. See bench-results/HISTORY.md.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+mod allocator;
 
 #[derive(Parser)]
 #[command(
@@ -112,8 +111,17 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    allocator::purge_immediately();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(allocator::collect_on_park)
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The one place the environment is read; everything below is handed what it needs.
     let env = Environment::from_process();
