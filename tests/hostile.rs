@@ -376,3 +376,126 @@ async fn the_budget_holds_while_the_api_server_is_frozen() {
     .await;
     inj.cleanup().await;
 }
+
+fn status_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// Issue 18, point 3: memory a burst of large reviews took goes back to the system. The
+/// service's own binary (its allocator settings live in `main`), 16 reviews of about 3 MiB at
+/// once over 16 connections; once the client has gone, resident memory is back near idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_taken_by_a_burst_of_large_reviews_is_given_back() {
+    use std::process::{Command, Stdio};
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let c = cp.client().await;
+    let id = "t-h3m";
+    let ns = format!("{id}-big");
+    create_namespace(
+        &c,
+        &ns,
+        [
+            ("pull-secret-injector.io/inject".into(), "enabled".into()),
+            ("e2e-run".into(), id.into()),
+        ]
+        .into(),
+    )
+    .await;
+    let certs = Certs::new();
+    let port = support::registry::free_port("127.0.0.1");
+    let yaml = config_yaml(id, &certs, &kubernetes_registry("default", 3600), "")
+        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+    let config = certs.dir.path().join("config.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pull-secret-injector"))
+        .args(["serve", "--config", path_str(&config)])
+        .env("KUBECONFIG", cp.kubeconfig())
+        .env("RUST_LOG", "warn")
+        .env_remove("MIMALLOC_PURGE_DELAY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let url = format!("https://127.0.0.1:{port}/mutate");
+    wait_secret(&c, &ns, "the service's Secret", |_| true).await;
+    wait_for("ready", Duration::from_secs(30), || async {
+        get(&certs, &url.replace("/mutate", "/readyz")).await.0 == 200
+    })
+    .await;
+
+    let mut review = pod_review(&ns, "default");
+    let env: Vec<Value> = (0..600)
+        .map(|i| json!({"name": format!("SETTING_{i:04}"), "value": "v".repeat(93)}))
+        .collect();
+    review["request"]["object"]["spec"]["containers"] = json!((0..40)
+        .map(
+            |i| json!({"name": format!("c{i}"), "image": "registry.example.com/app:1", "env": env})
+        )
+        .collect::<Vec<_>>());
+    let body = axum::body::Bytes::from(serde_json::to_vec(&review).unwrap());
+    assert!(body.len() > 2 << 20, "a large review: {} bytes", body.len());
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(certs.ca()).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .http1_only()
+        .build()
+        .unwrap();
+    let small = serde_json::to_vec(&pod_review(&ns, "default")).unwrap();
+    let warm = client.post(&url).header("content-type", "application/json");
+    assert_eq!(warm.body(small).send().await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = status_mib(pid, "VmRSS:");
+    // The peak from here on.
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+
+    let calls = (0..16).map(|_| {
+        let request = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body.clone());
+        async move {
+            let r = request.send().await.expect("answered");
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    for (status, text) in &answers {
+        assert_eq!(*status, 200, "{text}");
+        assert!(
+            text.contains("\"patch\""),
+            "answered with a patch: {text:.300}"
+        );
+    }
+    let during = status_mib(pid, "VmHWM:");
+    drop(client);
+    let mut left = f64::NAN;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        left = status_mib(pid, "VmRSS:") - idle;
+        if left < 8.0 {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(c)
+        .delete(&ns, &Default::default())
+        .await;
+    eprintln!("idle {idle:.1} MiB, right after the burst {:.1} MiB above, {left:.1} MiB above once the client left", during - idle);
+    assert!(
+        during - idle > 16.0,
+        "the burst took memory ({:.1} MiB above idle), else this shows nothing",
+        during - idle
+    );
+    assert!(
+        left < 8.0,
+        "{left:.1} MiB above idle ({idle:.1} MiB) stays after the burst"
+    );
+}
