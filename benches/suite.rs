@@ -710,13 +710,7 @@ async fn memory() -> Vec<Figure> {
         ),
     ]);
     create_namespace(&admin, &ns, labels).await;
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    let free_port = || support::registry::free_port("127.0.0.1");
     // One config per port; `delay` is MIMALLOC_PURGE_DELAY (None: the binary's own setting).
     let spawn = |port: u16, delay: Option<&str>| {
         let yaml = config_yaml(id, &certs, &kubernetes_registry("default", 3600), "")
