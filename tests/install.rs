@@ -74,8 +74,20 @@ fn kustomize(dir: &std::path::Path) -> Vec<Value> {
         );
     }
     for p in k["patches"].as_array().into_iter().flatten() {
-        let ops: json_patch::Patch = serde_yaml::from_str(p["patch"].as_str().unwrap()).unwrap();
         let target = &p["target"];
+        let text = p["patch"].as_str().unwrap();
+        // A strategic-merge patch `$patch: delete`: the object is left out.
+        let strategic: Value = serde_yaml::from_str(text).unwrap();
+        if strategic.get("$patch").is_some() {
+            assert_eq!(strategic["$patch"], "delete", "only deletions are used");
+            let before = objects.len();
+            objects.retain(|o| {
+                !(o["kind"] == target["kind"] && o["metadata"]["name"] == target["name"])
+            });
+            assert_eq!(before - objects.len(), 1, "{target} must match one object");
+            continue;
+        }
+        let ops: json_patch::Patch = serde_yaml::from_str(text).unwrap();
         let mut hit = 0;
         for o in objects
             .iter_mut()
@@ -179,6 +191,11 @@ fn the_helm_chart_renders_the_same_objects_as_kustomize() {
             &["service-account-scope"],
         ),
         ("pull-secret-injector", monitoring, &["base", "monitoring"]),
+        (
+            "pull-secret-injector",
+            r#"{"config": {"admission": {"mode": "policy"}}}"#,
+            &["policy"],
+        ),
         ("token-server", "{}", &["token-server"]),
     ] {
         let overlay = overlays.join("+");
