@@ -700,7 +700,10 @@ registries:
   - {host: quay.io, quay: {robot: "acme+r", audience: quay-fed, serviceAccountToken: {file: /var/run/t}}}
 "#;
         let c = Config::from_yaml(yaml).unwrap();
-        assert_eq!(c.token_audiences(), ["https://a.example", "issuer.enforce.dev"]);
+        assert_eq!(
+            c.token_audiences(),
+            ["https://a.example", "issuer.enforce.dev"]
+        );
     }
 
     #[test]

@@ -845,7 +845,15 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
     }
 
     // 3. The `certs` step, as the ServiceAccount: makes the Secret, sets caBundle, and reuses it.
+    //    The self-fencing policy (applied above) is in force from here on: everything below
+    //    passes through it.
     let as_sa = client_as_service_account(&admin).await;
+    wait_for(
+        "the self-fencing policy in force",
+        Duration::from_secs(30),
+        || async { token_request(&as_sa, "some-other-audience").await.is_err() },
+    )
+    .await;
     let hooks: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
         Api::all(admin.clone());
     let _ = hooks
@@ -962,7 +970,130 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         lease.spec.unwrap().holder_identity.is_some(),
         "the Lease was taken with the ServiceAccount's rights"
     );
+
+    // 5. What the fence refuses the same identity, though RBAC would allow it.
+    let refusal = token_request(&as_sa, "https://attacker.example")
+        .await
+        .expect_err("a TokenRequest with another audience");
+    assert!(
+        refusal.contains("exactly one configured audience"),
+        "{refusal}"
+    );
+    token_request(&as_sa, AUDIENCE)
+        .await
+        .expect("the configured audience");
+    let opaque = create_secret_as(&as_sa, &team, "pull-secret", "Opaque", true).await;
+    assert!(
+        opaque
+            .as_ref()
+            .is_err_and(|e| e.contains("only kubernetes.io/dockerconfigjson")),
+        "{opaque:?}"
+    );
+    let other = create_secret_as(&as_sa, &team, "database-password", DOCKER, true).await;
+    assert!(
+        other
+            .as_ref()
+            .is_err_and(|e| e.contains("only Secrets of the configured name")),
+        "{other:?}"
+    );
+    let unlabelled = create_secret_as(&as_sa, &team, "pull-secret", DOCKER, false).await;
+    assert!(
+        unlabelled.as_ref().is_err_and(|e| e.contains("managed-by")),
+        "{unlabelled:?}"
+    );
+    create_secret_as(&as_sa, &team, "pull-secret", DOCKER, true)
+        .await
+        .expect("a pull Secret as the config names it");
     inj.cleanup().await;
+}
+
+const DOCKER: &str = "kubernetes.io/dockerconfigjson";
+
+/// A TokenRequest for `default` in the service's namespace as `client`, for one audience; the API
+/// server's refusal as text.
+async fn token_request(client: &kube::Client, audience: &str) -> Result<(), String> {
+    let request: k8s_openapi::api::authentication::v1::TokenRequest = serde_json::from_value(
+        json!({"spec": {"audiences": [audience], "expirationSeconds": 600}}),
+    )
+    .unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), NS)
+        .create_token_request("default", &PostParams::default(), &request)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Creates (dry run) a Secret as `client`: of `type_`, labelled managed-by this service or not.
+async fn create_secret_as(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    type_: &str,
+    labelled: bool,
+) -> Result<(), String> {
+    let labels = if labelled {
+        json!({"app.kubernetes.io/managed-by": "pull-secret-injector"})
+    } else {
+        json!({})
+    };
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels},
+        "type": type_,
+        "data": {".dockerconfigjson": "e30="},
+    }))
+    .unwrap();
+    let params = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), namespace)
+        .create(&params, &secret)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The audiences the chart's self-fencing policy allows are the ones the config it renders
+/// requests tokens for (`Config::token_audiences`), for every token source and its defaults.
+#[test]
+fn the_fence_allows_exactly_the_audiences_the_config_requests() {
+    let gcp =
+        "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/q";
+    for registries in [
+        json!([{"host": "registry.example.com", "kubernetes": {"audience": "https://registry.example.com"}}]),
+        json!([
+            {"host": "a.example", "kubernetes": {"audience": "https://a.example"}},
+            {"host": "b.example", "kubernetes": {"audience": "https://a.example"}},
+            {"host": "cgr.dev", "chainguard": {"identity": "0123abcd"}},
+            {"host": "quay.io", "quay": {"robot": "acme+r", "audience": "quay-fed"}},
+            {"host": "1.dkr.ecr.eu-west-1.amazonaws.com", "ecr": {"roleArn": "arn:aws:iam::1:role/r", "region": "eu-west-1"}},
+            {"host": "acme.azurecr.io", "acr": {"clientId": "c", "tenantId": "t"}},
+            {"host": "europe-docker.pkg.dev", "gcp": {"workloadIdentityProvider": gcp}},
+            {"host": "x.example", "tokenExchange": {"endpoint": "https://sts.example/token", "username": "u", "subjectTokenAudience": "sts.example"}},
+            {"host": "file.example", "quay": {"robot": "acme+f", "audience": "not-requested",
+                "serviceAccountToken": {"file": "/var/run/secrets/tokens/quay"}}}
+        ]),
+    ] {
+        let values = json!({"config": {"registries": registries}}).to_string();
+        let objects = helm_objects(&values);
+        let config = find(&objects, "ConfigMap")["data"]["config.yaml"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let config = pull_secret_injector::config::Config::from_yaml(&config)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let fence = find(&objects, "ValidatingAdmissionPolicy");
+        let variable = fence["spec"]["variables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "audiences")
+            .unwrap();
+        // The CEL list literal is a JSON array.
+        let allowed: Vec<String> =
+            serde_json::from_str(variable["expression"].as_str().unwrap()).unwrap();
+        assert_eq!(allowed, config.token_audiences(), "{registries}");
+    }
 }
 
 /// The token server's manifests are accepted by the API server, and the config they carry is a
