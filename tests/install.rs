@@ -757,6 +757,8 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         ("watch", "", "serviceaccounts", None, None),
         ("patch", "", "serviceaccounts", ns, Some("default")),
         ("create", "", "serviceaccounts/token", ns, Some("default")),
+        ("list", "", "pods", None, None),
+        ("watch", "", "pods", None, None),
         ("create", "events.k8s.io", "events", ns, None),
         ("create", "coordination.k8s.io", "leases", Some(NS), None),
         (
@@ -813,6 +815,9 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         ("delete", "", "serviceaccounts", ns, Some("default")),
         ("update", "", "namespaces", None, Some("some-team")),
         ("create", "", "pods", ns, None),
+        ("update", "", "pods", ns, Some("app")),
+        ("patch", "", "pods", ns, Some("app")),
+        ("delete", "", "pods", ns, Some("app")),
         ("get", "", "configmaps", ns, Some("x")),
         (
             "update",
