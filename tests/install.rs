@@ -1244,3 +1244,65 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
         .unwrap();
     assert_eq!(secrets["resourceNames"], json!(["pull-secret"]));
 }
+
+/// The policy overlay (and the chart with `config.admission.mode: policy`): the API server
+/// accepts every object, there is no webhook configuration, `certs` sets no `caBundle`, the
+/// service's config says `policy`, and no right on webhook configurations is granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_overlay_ships_admission_policies_and_no_webhook() {
+    let _serial = serial();
+    let admin = ControlPlane::get().client().await;
+    let objects = kustomize(&repo().join("deploy/kustomize/policy"));
+    let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    assert!(
+        !kinds.contains(&"MutatingWebhookConfiguration"),
+        "{kinds:?}"
+    );
+    for kind in [
+        "MutatingAdmissionPolicy",
+        "MutatingAdmissionPolicyBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing: {kinds:?}");
+    }
+    let deployment = find(&objects, "Deployment");
+    let args = &deployment["spec"]["template"]["spec"]["initContainers"][0]["args"];
+    assert!(
+        !args.to_string().contains("--webhook"),
+        "certs sets no caBundle: {args}"
+    );
+    let config = find(&objects, "ConfigMap")["data"]["config.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = pull_secret_injector::config::Config::from_yaml(&config).unwrap();
+    assert_eq!(
+        config.admission.mode,
+        pull_secret_injector::config::AdmissionMode::Policy
+    );
+    let role = find(&objects, "ClusterRole");
+    assert!(
+        !role.to_string().contains("mutatingwebhookconfigurations"),
+        "{role}"
+    );
+    for object in &objects {
+        let kind = object["kind"].as_str().unwrap();
+        // The Namespace for real (the base test's own); the rest as dry runs.
+        apply(&admin, object, kind != "Namespace")
+            .await
+            .unwrap_or_else(|| panic!("{kind} not served"))
+            .unwrap_or_else(|e| panic!("{kind} refused by the API server: {e}"));
+    }
+    // `matchingImages` is the webhook's alone: the chart refuses it in policy mode.
+    let err = helm_render(
+        "pull-secret-injector",
+        &[],
+        r#"{"config": {"admission": {"mode": "policy"}, "inject": "matchingImages"}}"#,
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("matchingImages needs config.admission.mode: webhook"),
+        "{err}"
+    );
+}
