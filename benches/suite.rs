@@ -7,9 +7,9 @@
 //!   2. tls        wrk over keep-alive TLS at concurrency 1/16/64, three alternating rounds of
 //!                 4 s, best round each; baseline: a null webhook on the same TLS/HTTP stack
 //!                 (context: null webhooks that read, validate or parse the body)
-//!   3. apiserver  4 × 500 interleaved Pod creations: with the webhook (shipped matchConditions),
+//!   3. apiserver  5 × 500 interleaved Pod creations: with the webhook (shipped matchConditions),
 //!                 with no admission, through a null webhook, and in policy mode (the shipped
-//!                 MutatingAdmissionPolicies); the API server's own time per webhook call
+//!                 MutatingAdmissionPolicies), and a null policy; the API server's own time per call
 //!   4. burst      1,000 concurrent Pod creations in a namespace without a Secret
 //!   6. soak       at least 50,000 admissions at concurrency 64 in five rounds: errors, and
 //!                 resident memory after the first and the last round
@@ -471,7 +471,7 @@ async fn soak() -> Vec<Figure> {
 }
 
 async fn apiserver_path() -> Vec<Figure> {
-    println!("3. through the API server: 4 x 500 interleaved Pod creations: webhook, none, null webhook, policy mode");
+    println!("3. through the API server: 5 x 500 interleaved Pod creations: webhook, none, null webhook, policy mode, null policy");
     let mut inj = Injector::start("bench-api").await;
     let c = inj.client.clone();
     let with = inj.namespace("with", true).await;
@@ -521,6 +521,33 @@ async fn apiserver_path() -> Vec<Figure> {
         o["spec"]["matchResources"]["namespaceSelector"] =
             json!({"matchLabels": {"psi-bench": "policy"}});
     }
+    // Context for policy mode, as the null webhook is for the webhook: a policy that matches
+    // every Pod of its namespace and patches nothing (its JSONPatch is empty), so what it costs
+    // is the API server's own policy machinery.
+    let null_policy_ns = inj.namespace("null-policy", false).await;
+    Api::<Namespace>::all(c.clone())
+        .patch(
+            &null_policy_ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {"psi-bench": "null-policy"}}})),
+        )
+        .await
+        .unwrap();
+    policies.push(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicy",
+        "metadata": {"name": "psi-bench-null-policy"},
+        "spec": {"failurePolicy": "Ignore", "reinvocationPolicy": "IfNeeded",
+            "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                "operations": ["CREATE"], "resources": ["pods"]}]},
+            "mutations": [{"patchType": "JSONPatch", "jsonPatch": {"expression":
+                "[JSONPatch{op: \"test\", path: \"/kind\", value: \"Pod\"}].filter(p, false)"}}]}
+    }));
+    policies.push(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicyBinding",
+        "metadata": {"name": "psi-bench-null-policy"},
+        "spec": {"policyName": "psi-bench-null-policy", "matchResources": {"namespaceSelector":
+            {"matchLabels": {"psi-bench": "null-policy"}}}}
+    }));
     apply_untyped(&c, &policies).await;
     wait_secret(&c, &with, "warm", |_| true).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // the API server loads the new configuration
@@ -540,7 +567,8 @@ async fn apiserver_path() -> Vec<Figure> {
     let pod = |i: usize| -> Pod {
         serde_json::from_value(json!({"metadata": {"name": format!("p{i}")}, "spec": {"imagePullSecrets": [{"name": "mine"}], "containers": [{"name": "app", "image": "registry.example.com/app:1"}]}})).unwrap()
     };
-    let (mut a, mut b, mut n, mut p) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut a, mut b, mut n, mut p, mut np) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let calls_before = webhook_calls(&c).await;
     for i in 0..500 {
         for (ns, out) in [
@@ -548,6 +576,7 @@ async fn apiserver_path() -> Vec<Figure> {
             (&without, &mut b),
             (&null_ns, &mut n),
             (&policy_ns, &mut p),
+            (&null_policy_ns, &mut np),
         ] {
             let start = Instant::now();
             Api::<Pod>::namespaced(c.clone(), ns)
@@ -575,7 +604,7 @@ async fn apiserver_path() -> Vec<Figure> {
         ["mine", "pull-secret"],
         "the policy patched what was measured"
     );
-    for v in [&mut a, &mut b, &mut n, &mut p] {
+    for v in [&mut a, &mut b, &mut n, &mut p, &mut np] {
         v.sort_by(f64::total_cmp);
     }
     let figures = vec![
@@ -620,6 +649,20 @@ async fn apiserver_path() -> Vec<Figure> {
             "ms",
             Some(("no admission", percentile(&b, 0.99))),
             "target ratio < 1.03",
+        ),
+        figure(
+            "create p50, policy mode (context)",
+            percentile(&p, 0.5),
+            "ms",
+            Some(("a null policy (empty patch)", percentile(&np, 0.5))),
+            "",
+        ),
+        figure(
+            "create p50, null policy (context)",
+            percentile(&np, 0.5),
+            "ms",
+            Some(("no admission", percentile(&b, 0.5))),
+            "",
         ),
         figure(
             "create p50, null webhook (context)",
