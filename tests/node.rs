@@ -209,7 +209,7 @@ async fn in_policy_mode_a_pod_created_before_its_secret_starts_once_the_secret_e
          expirationSeconds: 600, username: k8s}}\n"
     );
     let started = std::time::Instant::now();
-    let mut inj =
+    let inj =
         Injector::start_without_webhook("nodepol", &entry, "admission: {mode: policy}\n").await;
     wait_secret(&c, ns, "made by the refresher", |_| true).await;
     let secret_after = started.elapsed();
