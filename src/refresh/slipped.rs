@@ -3,7 +3,7 @@
 //! (`MissingPullSecret`) saying what to do. No Pod is ever changed: its pull Secrets cannot be
 //! after admission. Only what that needs is kept: the UIDs of the Pods flagged, not the Pods.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
@@ -23,8 +23,8 @@ pub const REASON: &str = "MissingPullSecret";
 
 #[derive(Default)]
 struct Flagged {
-    /// UID → namespace/name of the Pods lacking their Secret now.
-    now: HashMap<String, String>,
+    /// UIDs of the Pods lacking their Secret now.
+    now: HashSet<String>,
     /// UIDs whose Event this process recorded (a Pod is told once).
     told: HashSet<String>,
     /// During a (re)list: the UIDs listed so far; at its end the others are gone.
@@ -35,25 +35,20 @@ impl Flagged {
     /// A (re)list completed: what it did not list is gone.
     fn relisted(&mut self) {
         if let Some(listed) = self.listing.take() {
-            self.now.retain(|uid, _| listed.contains(uid));
+            self.now.retain(|uid| listed.contains(uid));
             self.told.retain(|uid| listed.contains(uid));
         }
     }
 }
 
 /// What one Pod event asks of the shell: tell this Pod (once), or nothing.
-fn note(
-    flagged: &mut Flagged,
-    uid: &str,
-    pod_key: String,
-    missing: Option<String>,
-) -> Option<String> {
+fn note(flagged: &mut Flagged, uid: &str, missing: Option<String>) -> Option<String> {
     if let Some(listing) = flagged.listing.as_mut() {
         listing.insert(uid.to_string());
     }
     match missing {
         Some(secret) => {
-            flagged.now.insert(uid.to_string(), pod_key);
+            flagged.now.insert(uid.to_string());
             flagged.told.insert(uid.to_string()).then_some(secret)
         }
         None => {
@@ -108,8 +103,7 @@ pub(super) fn follow(
                             watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
                                 let uid = pod.uid().unwrap_or_default();
                                 let missing = missing(pod, &settings, &namespaces);
-                                let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
-                                note(&mut f, &uid, key, missing).map(|secret| (pod.clone(), secret))
+                                note(&mut f, &uid, missing).map(|secret| (pod.clone(), secret))
                             }
                             watcher::Event::Delete(pod) => {
                                 let uid = pod.uid().unwrap_or_default();
@@ -183,20 +177,16 @@ mod tests {
     fn a_pod_is_told_once_and_counted_while_it_lacks_the_secret() {
         let mut f = Flagged::default();
         let secret = || Some("pull-secret".to_string());
-        assert_eq!(note(&mut f, "u1", "t/a".into(), secret()), secret());
-        assert_eq!(
-            note(&mut f, "u1", "t/a".into(), secret()),
-            None,
-            "told once"
-        );
+        assert_eq!(note(&mut f, "u1", secret()), secret());
+        assert_eq!(note(&mut f, "u1", secret()), None, "told once");
         assert_eq!(f.now.len(), 1);
-        assert_eq!(note(&mut f, "u1", "t/a".into(), None), None);
+        assert_eq!(note(&mut f, "u1", None), None);
         assert!(f.now.is_empty(), "finished: no longer counted");
         // A relist forgets what it did not list.
-        note(&mut f, "u2", "t/b".into(), secret());
+        note(&mut f, "u2", secret());
         f.listing = Some(HashSet::new());
-        note(&mut f, "u3", "t/c".into(), secret());
+        note(&mut f, "u3", secret());
         f.relisted();
-        assert_eq!(f.now.keys().collect::<Vec<_>>(), ["u3"]);
+        assert_eq!(f.now.iter().collect::<Vec<_>>(), ["u3"]);
     }
 }
