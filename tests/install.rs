@@ -692,11 +692,16 @@ async fn can_as(
 
 /// A client that authenticates with a token of the deployed ServiceAccount.
 async fn client_as_service_account(admin: &kube::Client) -> kube::Client {
+    client_as(admin, SA).await
+}
+
+/// A client that authenticates with a token of ServiceAccount `sa` of the service's namespace.
+async fn client_as(admin: &kube::Client, sa: &str) -> kube::Client {
     let request: k8s_openapi::api::authentication::v1::TokenRequest =
         serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
             .unwrap();
     let answer = Api::<ServiceAccount>::namespaced(admin.clone(), NS)
-        .create_token_request(SA, &PostParams::default(), &request)
+        .create_token_request(sa, &PostParams::default(), &request)
         .await
         .unwrap();
     let token = answer.status.unwrap().token;
@@ -1183,7 +1188,8 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
         r#"{{"name": "{sa}", "createNamespace": true, "rbac": {{"serviceAccountScope": true}},
             "config": {{"identityScope": "serviceAccount"}}}}"#
     );
-    for object in helm_objects(&values).iter().filter(|o| {
+    let rendered = helm_objects(&values);
+    for object in rendered.iter().filter(|o| {
         matches!(
             o["kind"].as_str(),
             Some(
@@ -1193,6 +1199,8 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
                     | "ClusterRoleBinding"
                     | "Role"
                     | "RoleBinding"
+                    | "ValidatingAdmissionPolicy"
+                    | "ValidatingAdmissionPolicyBinding"
             )
         )
     }) {
@@ -1233,6 +1241,69 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
             "must not {verb} {group}/{resource} {namespace:?} {name:?}"
         );
     }
+    // The self-fencing policy of this scope: a Secret named `<sa>-pull-secret` and owned by
+    // that ServiceAccount, nothing else, as the ServiceAccount's own token.
+    let as_sa = client_as(&admin, sa).await;
+    let secret_as = |name: &str, owner: Option<&str>| {
+        let owners = owner.map(|o| {
+            json!([{"apiVersion": "v1", "kind": "ServiceAccount", "name": o,
+                    "uid": "00000000-0000-0000-0000-000000000001"}])
+        });
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": name, "ownerReferences": owners,
+                         "labels": {"app.kubernetes.io/managed-by": "pull-secret-injector"}},
+            "type": DOCKER, "data": {".dockerconfigjson": "e30="},
+        }))
+        .unwrap();
+        let api = Api::<Secret>::namespaced(as_sa.clone(), NS);
+        async move {
+            let params = PostParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            api.create(&params, &secret)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    wait_for("the fence in force", Duration::from_secs(30), || async {
+        secret_as("builder-pull-secret", None).await.is_err()
+    })
+    .await;
+    secret_as("builder-pull-secret", Some("builder"))
+        .await
+        .expect("its own ServiceAccount's Secret");
+    for (name, owner) in [
+        ("builder-pull-secret", Some("deployer")),
+        ("database-password", Some("builder")),
+        ("builder-pull-secret", None),
+    ] {
+        let refused = secret_as(name, owner).await.expect_err(name);
+        assert!(
+            refused.contains("only Secrets of the configured name"),
+            "{name} {owner:?}: {refused}"
+        );
+    }
+    for object in rendered.iter().filter(|o| {
+        o["kind"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("Validating"))
+    }) {
+        let gvk = GroupVersionKind::gvk(
+            "admissionregistration.k8s.io",
+            "v1",
+            object["kind"].as_str().unwrap(),
+        );
+        let (resource, _) = kube::discovery::pinned_kind(&admin, &gvk).await.unwrap();
+        let _ = Api::<DynamicObject>::all_with(admin.clone(), &resource)
+            .delete(
+                object["metadata"]["name"].as_str().unwrap(),
+                &DeleteParams::default(),
+            )
+            .await;
+    }
+
     // Without the value, the chart keeps the narrow rules (the same test as the base's).
     let narrow = helm_objects(&format!(r#"{{"name": "{sa}"}}"#));
     let role = find(&narrow, "ClusterRole");
