@@ -7,8 +7,9 @@
 //!   2. tls        wrk over keep-alive TLS at concurrency 1/16/64, three alternating rounds of
 //!                 4 s, best round each; baseline: a null webhook on the same TLS/HTTP stack
 //!                 (context: null webhooks that read, validate or parse the body)
-//!   3. apiserver  500 + 500 interleaved Pod creations, with and without the webhook (and 500
-//!                 through a null webhook); the API server's own time per webhook call
+//!   3. apiserver  5 × 500 interleaved Pod creations: with the webhook (shipped matchConditions),
+//!                 with no admission, through a null webhook, and in policy mode (the shipped
+//!                 MutatingAdmissionPolicies), and a null policy; the API server's own time per call
 //!   4. burst      1,000 concurrent Pod creations in a namespace without a Secret
 //!   6. soak       at least 50,000 admissions at concurrency 64 in five rounds: errors, and
 //!                 resident memory after the first and the last round
@@ -472,7 +473,7 @@ async fn soak() -> Vec<Figure> {
 }
 
 async fn apiserver_path() -> Vec<Figure> {
-    println!("3. through the API server: 500 + 500 interleaved Pod creations (and 500 with a null webhook, for context)");
+    println!("3. through the API server: 5 x 500 interleaved Pod creations: webhook, none, null webhook, policy mode, null policy");
     let mut inj = Injector::start("bench-api").await;
     let c = inj.client.clone();
     let with = inj.namespace("with", true).await;
@@ -503,17 +504,82 @@ async fn apiserver_path() -> Vec<Figure> {
         &["pods"],
     )
     .await;
+    // Policy mode: the shipped policies, bound to this one namespace only (the shipped binding
+    // selects the opt-in label, which the webhook's namespace carries too).
+    let policy_ns = inj.namespace("policy", false).await;
+    Api::<Namespace>::all(c.clone())
+        .patch(
+            &policy_ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {"psi-bench": "policy"}}})),
+        )
+        .await
+        .unwrap();
+    let mut policies = shipped_admission_policies(None);
+    for o in policies
+        .iter_mut()
+        .filter(|o| o["kind"] == "MutatingAdmissionPolicyBinding")
+    {
+        o["spec"]["matchResources"]["namespaceSelector"] =
+            json!({"matchLabels": {"psi-bench": "policy"}});
+    }
+    // Context for policy mode, as the null webhook is for the webhook: a policy that matches
+    // every Pod of its namespace and patches nothing (its JSONPatch is empty), so what it costs
+    // is the API server's own policy machinery.
+    let null_policy_ns = inj.namespace("null-policy", false).await;
+    Api::<Namespace>::all(c.clone())
+        .patch(
+            &null_policy_ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {"psi-bench": "null-policy"}}})),
+        )
+        .await
+        .unwrap();
+    policies.push(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicy",
+        "metadata": {"name": "psi-bench-null-policy"},
+        "spec": {"failurePolicy": "Ignore", "reinvocationPolicy": "IfNeeded",
+            "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                "operations": ["CREATE"], "resources": ["pods"]}]},
+            "mutations": [{"patchType": "JSONPatch", "jsonPatch": {"expression":
+                "[JSONPatch{op: \"test\", path: \"/kind\", value: \"Pod\"}].filter(p, false)"}}]}
+    }));
+    policies.push(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicyBinding",
+        "metadata": {"name": "psi-bench-null-policy"},
+        "spec": {"policyName": "psi-bench-null-policy", "matchResources": {"namespaceSelector":
+            {"matchLabels": {"psi-bench": "null-policy"}}}}
+    }));
+    apply_untyped(&c, &policies).await;
     wait_secret(&c, &with, "warm", |_| true).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // the API server loads the new configuration
-                                                      // Each Pod lists a pull Secret of its own, so that the webhook is called for every one
-                                                      // (a Pod that inherits `pull-secret` from `default` is left out by the matchConditions).
+    let probe = json!({"imagePullSecrets": [{"name": "mine"}]});
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pull_secret_names(
+        &create_pod(&c, &policy_ns, "probe", probe.clone(), true)
+            .await
+            .pod,
+    ) != ["mine", "pull-secret"]
+    {
+        assert!(Instant::now() < deadline, "the policies never applied");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Each Pod lists a pull Secret of its own, so that the webhook is called for every one
+    // (a Pod that inherits `pull-secret` from `default` is left out by the matchConditions).
     let pod = |i: usize| -> Pod {
         serde_json::from_value(json!({"metadata": {"name": format!("p{i}")}, "spec": {"imagePullSecrets": [{"name": "mine"}], "containers": [{"name": "app", "image": "registry.example.com/app:1"}]}})).unwrap()
     };
-    let (mut a, mut b, mut n) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut a, mut b, mut n, mut p, mut np) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let calls_before = webhook_calls(&c).await;
     for i in 0..500 {
-        for (ns, out) in [(&with, &mut a), (&without, &mut b), (&null_ns, &mut n)] {
+        for (ns, out) in [
+            (&with, &mut a),
+            (&without, &mut b),
+            (&null_ns, &mut n),
+            (&policy_ns, &mut p),
+            (&null_policy_ns, &mut np),
+        ] {
             let start = Instant::now();
             Api::<Pod>::namespaced(c.clone(), ns)
                 .create(&PostParams::default(), &pod(i))
@@ -531,7 +597,16 @@ async fn apiserver_path() -> Vec<Figure> {
         (s1 - s0) * 1000.0 / (n1 - n0)
     };
     let (ours_call, null_call) = (mean_call_ms(OUR_WEBHOOK), mean_call_ms(NULL_WEBHOOK));
-    for v in [&mut a, &mut b, &mut n] {
+    let patched = Api::<Pod>::namespaced(c.clone(), &policy_ns)
+        .get("p499")
+        .await
+        .unwrap();
+    assert_eq!(
+        pull_secret_names(&patched),
+        ["mine", "pull-secret"],
+        "the policy patched what was measured"
+    );
+    for v in [&mut a, &mut b, &mut n, &mut p, &mut np] {
         v.sort_by(f64::total_cmp);
     }
     let figures = vec![
@@ -550,17 +625,52 @@ async fn apiserver_path() -> Vec<Figure> {
             "target ratio < 1.10",
         ),
         figure(
-            "create p50, webhook on (context)",
+            "create p50, webhook on",
             percentile(&a, 0.5),
             "ms",
             Some(("a null webhook selected", percentile(&n, 0.5))),
-            "",
+            "target ratio < 1.05",
         ),
         figure(
-            "create p99, webhook on (context)",
+            "create p99, webhook on",
             percentile(&a, 0.99),
             "ms",
             Some(("a null webhook selected", percentile(&n, 0.99))),
+            "target ratio < 1.05",
+        ),
+        figure(
+            "create p50, policy mode",
+            percentile(&p, 0.5),
+            "ms",
+            Some(("no admission", percentile(&b, 0.5))),
+            "target ratio < 1.03",
+        ),
+        figure(
+            "create p99, policy mode",
+            percentile(&p, 0.99),
+            "ms",
+            Some(("no admission", percentile(&b, 0.99))),
+            "target ratio < 1.03",
+        ),
+        figure(
+            "create p50, policy mode (context)",
+            percentile(&p, 0.5),
+            "ms",
+            Some(("a null policy (empty patch)", percentile(&np, 0.5))),
+            "",
+        ),
+        figure(
+            "create p50, null policy (context)",
+            percentile(&np, 0.5),
+            "ms",
+            Some(("no admission", percentile(&b, 0.5))),
+            "",
+        ),
+        figure(
+            "create p50, null webhook (context)",
+            percentile(&n, 0.5),
+            "ms",
+            Some(("no admission", percentile(&b, 0.5))),
             "",
         ),
         figure(
@@ -578,7 +688,36 @@ async fn apiserver_path() -> Vec<Figure> {
             "a ratio ≥ 0.10 here: no webhook meets target 3 on this API server",
         ),
     ];
+    // With no webhook to wait at admission (policy mode), the Secret must be there before Pods
+    // need it: the time from labelling a namespace to its Secret existing, polled every 5 ms.
+    let mut opt_in = Vec::new();
+    for i in 0..20 {
+        let ns = inj.namespace(&format!("label-{i}"), false).await;
+        let start = Instant::now();
+        inj.set_opt_in(&ns, true).await;
+        while get_secret(&c, &ns).await.is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        opt_in.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    opt_in.sort_by(f64::total_cmp);
+    let mut figures = figures;
+    figures.push(figure(
+        "label -> Secret exists, p50 (20 namespaces)",
+        percentile(&opt_in, 0.5),
+        "ms",
+        None,
+        "",
+    ));
+    figures.push(figure(
+        "label -> Secret exists, max (20 namespaces)",
+        percentile(&opt_in, 1.0),
+        "ms",
+        None,
+        "",
+    ));
     null_handle.shutdown();
+    delete_untyped(&c, &policies).await;
     let hooks: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
         Api::all(c.clone());
     let _ = hooks.delete("psi-bench-null", &Default::default()).await;

@@ -72,6 +72,24 @@ pub enum InjectMode {
     MatchingImages,
 }
 
+/// See [`AdmissionConfig::mode`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AdmissionMode {
+    #[default]
+    Webhook,
+    Policy,
+}
+
+impl AdmissionMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Webhook => "webhook",
+            Self::Policy => "policy",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LeaderElectionConfig {
@@ -142,6 +160,12 @@ impl Default for RefreshConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AdmissionConfig {
+    /// Who adds the Secret to Pods and ServiceAccounts at admission: this service's webhook
+    /// (`webhook`, the default) or the API server itself through the shipped
+    /// MutatingAdmissionPolicies (`policy`, Kubernetes 1.36+). The install reads the same value
+    /// to pick what it ships; the service serves `/mutate` and refreshes either way.
+    #[serde(default)]
+    pub mode: AdmissionMode,
     /// The longest an admission waits for a credential before it answers anyway.
     #[serde(
         default = "default_budget",
@@ -185,6 +209,7 @@ pub struct AdmissionConfig {
 impl Default for AdmissionConfig {
     fn default() -> Self {
         Self {
+            mode: AdmissionMode::default(),
             budget: default_budget(),
             max_body_bytes: default_max_body_bytes(),
             read_timeout: default_read_timeout(),
@@ -362,6 +387,20 @@ impl Config {
         Ok(config)
     }
 
+    /// The audiences of the TokenRequests this service makes, one per registry whose source
+    /// asks the API server for a token (not those reading a token file), in config order and
+    /// each once. The shipped self-fencing policy allows exactly these.
+    pub fn token_audiences(&self) -> Vec<String> {
+        let mut audiences: Vec<String> = Vec::new();
+        for r in &self.registries {
+            let audience = r.source.token_audience();
+            if !r.source.uses_token_file() && !audiences.contains(&audience) {
+                audiences.push(audience);
+            }
+        }
+        audiences
+    }
+
     /// Checks what types alone cannot express; reports every problem found.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
@@ -444,6 +483,13 @@ impl Config {
                     );
                 }
             }
+        }
+        if self.admission.mode == AdmissionMode::Policy && self.inject == InjectMode::MatchingImages
+        {
+            err(
+                "inject",
+                "matchingImages needs admission.mode webhook: which images match a registry is decided by the service, not by the shipped policies".into(),
+            );
         }
         if let Some(u) = &self.pull_secret_updater {
             u.validate(&mut err);
@@ -641,6 +687,42 @@ registries:
             e.to_string()
                 .starts_with("config: inject: unknown variant `sometimes`"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn admission_mode_parses_and_defaults_to_the_webhook() {
+        let base = "tls: {certFile: a, keyFile: b}\nregistries: [{host: r.example, kubernetes: {audience: a}}]\n";
+        for (extra, mode) in [
+            ("", AdmissionMode::Webhook),
+            ("admission: {mode: webhook}\n", AdmissionMode::Webhook),
+            ("admission: {mode: policy}\n", AdmissionMode::Policy),
+        ] {
+            let c = Config::from_yaml(&format!("{base}{extra}")).unwrap();
+            assert_eq!(c.admission.mode, mode, "{extra:?}");
+        }
+        let e = parse_error(&format!("{base}admission: {{mode: both}}\n"));
+        assert_eq!(e.path, "admission.mode");
+        let errors = invalid(&format!(
+            "{base}admission: {{mode: policy}}\ninject: matchingImages\n"
+        ));
+        assert_eq!(errors[0].path, "inject");
+    }
+
+    #[test]
+    fn token_audiences_are_those_of_token_requests_once_each() {
+        let yaml = r#"
+tls: {certFile: a, keyFile: b}
+registries:
+  - {host: a.example, kubernetes: {audience: https://a.example}}
+  - {host: b.example, kubernetes: {audience: https://a.example}}
+  - {host: cgr.dev, chainguard: {identity: 0123abcd}}
+  - {host: quay.io, quay: {robot: "acme+r", audience: quay-fed, serviceAccountToken: {file: /var/run/t}}}
+"#;
+        let c = Config::from_yaml(yaml).unwrap();
+        assert_eq!(
+            c.token_audiences(),
+            ["https://a.example", "issuer.enforce.dev"]
         );
     }
 

@@ -49,6 +49,10 @@ pub struct Metrics {
     pub mint_seconds: Histograms<SourceLabels>,
     pub cache: Family<CacheLabels, Counter>,
     pub renewal_failures: Counter,
+    /// Pods of opted-in namespaces that run without their pull Secret (admitted unpatched).
+    pub pods_without_pull_secret: Gauge,
+    /// `MissingPullSecret` Events recorded on such Pods.
+    pub missing_pull_secret_events: Counter,
     managed_secrets: Gauge,
     earliest_expiry_seconds: Gauge<f64, AtomicU64>,
     /// When each namespace's current credentials expire, as last written or adopted here.
@@ -102,6 +106,18 @@ impl Default for Metrics {
             "Background reconciles that failed (retried with backoff)",
             renewal_failures.clone(),
         );
+        let pods_without_pull_secret = Gauge::default();
+        registry.register(
+            "pods_without_pull_secret",
+            "Pods in opted-in namespaces admitted without the pull Secret (not finished, seen by the refresher)",
+            pods_without_pull_secret.clone(),
+        );
+        let missing_pull_secret_events = Counter::default();
+        registry.register(
+            "missing_pull_secret_events",
+            "MissingPullSecret Events recorded on Pods admitted without the pull Secret",
+            missing_pull_secret_events.clone(),
+        );
         let managed_secrets = Gauge::default();
         registry.register(
             "managed_secrets",
@@ -122,6 +138,8 @@ impl Default for Metrics {
             mint_seconds,
             cache,
             renewal_failures,
+            pods_without_pull_secret,
+            missing_pull_secret_events,
             managed_secrets,
             earliest_expiry_seconds,
             expiries: Mutex::default(),
@@ -238,6 +256,8 @@ mod tests {
             "pull_secret_injector_admission_duration_seconds_count 0",
             "pull_secret_injector_managed_secrets 1",
             "pull_secret_injector_renewal_failures_total 0",
+            "pull_secret_injector_pods_without_pull_secret 0",
+            "pull_secret_injector_missing_pull_secret_events_total 0",
         ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }

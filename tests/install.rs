@@ -74,8 +74,20 @@ fn kustomize(dir: &std::path::Path) -> Vec<Value> {
         );
     }
     for p in k["patches"].as_array().into_iter().flatten() {
-        let ops: json_patch::Patch = serde_yaml::from_str(p["patch"].as_str().unwrap()).unwrap();
         let target = &p["target"];
+        let text = p["patch"].as_str().unwrap();
+        // A strategic-merge patch `$patch: delete`: the object is left out.
+        let strategic: Value = serde_yaml::from_str(text).unwrap();
+        if strategic.get("$patch").is_some() {
+            assert_eq!(strategic["$patch"], "delete", "only deletions are used");
+            let before = objects.len();
+            objects.retain(|o| {
+                !(o["kind"] == target["kind"] && o["metadata"]["name"] == target["name"])
+            });
+            assert_eq!(before - objects.len(), 1, "{target} must match one object");
+            continue;
+        }
+        let ops: json_patch::Patch = serde_yaml::from_str(text).unwrap();
         let mut hit = 0;
         for o in objects
             .iter_mut()
@@ -179,6 +191,11 @@ fn the_helm_chart_renders_the_same_objects_as_kustomize() {
             &["service-account-scope"],
         ),
         ("pull-secret-injector", monitoring, &["base", "monitoring"]),
+        (
+            "pull-secret-injector",
+            r#"{"config": {"admission": {"mode": "policy"}}}"#,
+            &["policy"],
+        ),
         ("token-server", "{}", &["token-server"]),
     ] {
         let overlay = overlays.join("+");
@@ -675,11 +692,16 @@ async fn can_as(
 
 /// A client that authenticates with a token of the deployed ServiceAccount.
 async fn client_as_service_account(admin: &kube::Client) -> kube::Client {
+    client_as(admin, SA).await
+}
+
+/// A client that authenticates with a token of ServiceAccount `sa` of the service's namespace.
+async fn client_as(admin: &kube::Client, sa: &str) -> kube::Client {
     let request: k8s_openapi::api::authentication::v1::TokenRequest =
         serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
             .unwrap();
     let answer = Api::<ServiceAccount>::namespaced(admin.clone(), NS)
-        .create_token_request(SA, &PostParams::default(), &request)
+        .create_token_request(sa, &PostParams::default(), &request)
         .await
         .unwrap();
     let token = answer.status.unwrap().token;
@@ -740,6 +762,8 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         ("watch", "", "serviceaccounts", None, None),
         ("patch", "", "serviceaccounts", ns, Some("default")),
         ("create", "", "serviceaccounts/token", ns, Some("default")),
+        ("list", "", "pods", None, None),
+        ("watch", "", "pods", None, None),
         ("create", "events.k8s.io", "events", ns, None),
         ("create", "coordination.k8s.io", "leases", Some(NS), None),
         (
@@ -803,6 +827,9 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         ("delete", "", "serviceaccounts", ns, Some("default")),
         ("update", "", "namespaces", None, Some("some-team")),
         ("create", "", "pods", ns, None),
+        ("update", "", "pods", ns, Some("app")),
+        ("patch", "", "pods", ns, Some("app")),
+        ("delete", "", "pods", ns, Some("app")),
         ("get", "", "configmaps", ns, Some("x")),
         (
             "update",
@@ -836,7 +863,15 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
     }
 
     // 3. The `certs` step, as the ServiceAccount: makes the Secret, sets caBundle, and reuses it.
+    //    The self-fencing policy (applied above) is in force from here on: everything below
+    //    passes through it.
     let as_sa = client_as_service_account(&admin).await;
+    wait_for(
+        "the self-fencing policy in force",
+        Duration::from_secs(30),
+        || async { token_request(&as_sa, "some-other-audience").await.is_err() },
+    )
+    .await;
     let hooks: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
         Api::all(admin.clone());
     let _ = hooks
@@ -953,7 +988,130 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         lease.spec.unwrap().holder_identity.is_some(),
         "the Lease was taken with the ServiceAccount's rights"
     );
+
+    // 5. What the fence refuses the same identity, though RBAC would allow it.
+    let refusal = token_request(&as_sa, "https://attacker.example")
+        .await
+        .expect_err("a TokenRequest with another audience");
+    assert!(
+        refusal.contains("exactly one configured audience"),
+        "{refusal}"
+    );
+    token_request(&as_sa, AUDIENCE)
+        .await
+        .expect("the configured audience");
+    let opaque = create_secret_as(&as_sa, &team, "pull-secret", "Opaque", true).await;
+    assert!(
+        opaque
+            .as_ref()
+            .is_err_and(|e| e.contains("only kubernetes.io/dockerconfigjson")),
+        "{opaque:?}"
+    );
+    let other = create_secret_as(&as_sa, &team, "database-password", DOCKER, true).await;
+    assert!(
+        other
+            .as_ref()
+            .is_err_and(|e| e.contains("only Secrets of the configured name")),
+        "{other:?}"
+    );
+    let unlabelled = create_secret_as(&as_sa, &team, "pull-secret", DOCKER, false).await;
+    assert!(
+        unlabelled.as_ref().is_err_and(|e| e.contains("managed-by")),
+        "{unlabelled:?}"
+    );
+    create_secret_as(&as_sa, &team, "pull-secret", DOCKER, true)
+        .await
+        .expect("a pull Secret as the config names it");
     inj.cleanup().await;
+}
+
+const DOCKER: &str = "kubernetes.io/dockerconfigjson";
+
+/// A TokenRequest for `default` in the service's namespace as `client`, for one audience; the API
+/// server's refusal as text.
+async fn token_request(client: &kube::Client, audience: &str) -> Result<(), String> {
+    let request: k8s_openapi::api::authentication::v1::TokenRequest = serde_json::from_value(
+        json!({"spec": {"audiences": [audience], "expirationSeconds": 600}}),
+    )
+    .unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), NS)
+        .create_token_request("default", &PostParams::default(), &request)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Creates (dry run) a Secret as `client`: of `type_`, labelled managed-by this service or not.
+async fn create_secret_as(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    type_: &str,
+    labelled: bool,
+) -> Result<(), String> {
+    let labels = if labelled {
+        json!({"app.kubernetes.io/managed-by": "pull-secret-injector"})
+    } else {
+        json!({})
+    };
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels},
+        "type": type_,
+        "data": {".dockerconfigjson": "e30="},
+    }))
+    .unwrap();
+    let params = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), namespace)
+        .create(&params, &secret)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The audiences the chart's self-fencing policy allows are the ones the config it renders
+/// requests tokens for (`Config::token_audiences`), for every token source and its defaults.
+#[test]
+fn the_fence_allows_exactly_the_audiences_the_config_requests() {
+    let gcp =
+        "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/q";
+    for registries in [
+        json!([{"host": "registry.example.com", "kubernetes": {"audience": "https://registry.example.com"}}]),
+        json!([
+            {"host": "a.example", "kubernetes": {"audience": "https://a.example"}},
+            {"host": "b.example", "kubernetes": {"audience": "https://a.example"}},
+            {"host": "cgr.dev", "chainguard": {"identity": "0123abcd"}},
+            {"host": "quay.io", "quay": {"robot": "acme+r", "audience": "quay-fed"}},
+            {"host": "1.dkr.ecr.eu-west-1.amazonaws.com", "ecr": {"roleArn": "arn:aws:iam::1:role/r", "region": "eu-west-1"}},
+            {"host": "acme.azurecr.io", "acr": {"clientId": "c", "tenantId": "t"}},
+            {"host": "europe-docker.pkg.dev", "gcp": {"workloadIdentityProvider": gcp}},
+            {"host": "x.example", "tokenExchange": {"endpoint": "https://sts.example/token", "username": "u", "subjectTokenAudience": "sts.example"}},
+            {"host": "file.example", "quay": {"robot": "acme+f", "audience": "not-requested",
+                "serviceAccountToken": {"file": "/var/run/secrets/tokens/quay"}}}
+        ]),
+    ] {
+        let values = json!({"config": {"registries": registries}}).to_string();
+        let objects = helm_objects(&values);
+        let config = find(&objects, "ConfigMap")["data"]["config.yaml"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let config = pull_secret_injector::config::Config::from_yaml(&config)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let fence = find(&objects, "ValidatingAdmissionPolicy");
+        let variable = fence["spec"]["variables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "audiences")
+            .unwrap();
+        // The CEL list literal is a JSON array.
+        let allowed: Vec<String> =
+            serde_json::from_str(variable["expression"].as_str().unwrap()).unwrap();
+        assert_eq!(allowed, config.token_audiences(), "{registries}");
+    }
 }
 
 /// The token server's manifests are accepted by the API server, and the config they carry is a
@@ -1038,7 +1196,8 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
         r#"{{"name": "{sa}", "createNamespace": true, "rbac": {{"serviceAccountScope": true}},
             "config": {{"identityScope": "serviceAccount"}}}}"#
     );
-    for object in helm_objects(&values).iter().filter(|o| {
+    let rendered = helm_objects(&values);
+    for object in rendered.iter().filter(|o| {
         matches!(
             o["kind"].as_str(),
             Some(
@@ -1048,6 +1207,8 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
                     | "ClusterRoleBinding"
                     | "Role"
                     | "RoleBinding"
+                    | "ValidatingAdmissionPolicy"
+                    | "ValidatingAdmissionPolicyBinding"
             )
         )
     }) {
@@ -1088,6 +1249,69 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
             "must not {verb} {group}/{resource} {namespace:?} {name:?}"
         );
     }
+    // The self-fencing policy of this scope: a Secret named `<sa>-pull-secret` and owned by
+    // that ServiceAccount, nothing else, as the ServiceAccount's own token.
+    let as_sa = client_as(&admin, sa).await;
+    let secret_as = |name: &str, owner: Option<&str>| {
+        let owners = owner.map(|o| {
+            json!([{"apiVersion": "v1", "kind": "ServiceAccount", "name": o,
+                    "uid": "00000000-0000-0000-0000-000000000001"}])
+        });
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": name, "ownerReferences": owners,
+                         "labels": {"app.kubernetes.io/managed-by": "pull-secret-injector"}},
+            "type": DOCKER, "data": {".dockerconfigjson": "e30="},
+        }))
+        .unwrap();
+        let api = Api::<Secret>::namespaced(as_sa.clone(), NS);
+        async move {
+            let params = PostParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            api.create(&params, &secret)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    wait_for("the fence in force", Duration::from_secs(30), || async {
+        secret_as("builder-pull-secret", None).await.is_err()
+    })
+    .await;
+    secret_as("builder-pull-secret", Some("builder"))
+        .await
+        .expect("its own ServiceAccount's Secret");
+    for (name, owner) in [
+        ("builder-pull-secret", Some("deployer")),
+        ("database-password", Some("builder")),
+        ("builder-pull-secret", None),
+    ] {
+        let refused = secret_as(name, owner).await.expect_err(name);
+        assert!(
+            refused.contains("only Secrets of the configured name"),
+            "{name} {owner:?}: {refused}"
+        );
+    }
+    for object in rendered.iter().filter(|o| {
+        o["kind"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("Validating"))
+    }) {
+        let gvk = GroupVersionKind::gvk(
+            "admissionregistration.k8s.io",
+            "v1",
+            object["kind"].as_str().unwrap(),
+        );
+        let (resource, _) = kube::discovery::pinned_kind(&admin, &gvk).await.unwrap();
+        let _ = Api::<DynamicObject>::all_with(admin.clone(), &resource)
+            .delete(
+                object["metadata"]["name"].as_str().unwrap(),
+                &DeleteParams::default(),
+            )
+            .await;
+    }
+
     // Without the value, the chart keeps the narrow rules (the same test as the base's).
     let narrow = helm_objects(&format!(r#"{{"name": "{sa}"}}"#));
     let role = find(&narrow, "ClusterRole");
@@ -1098,4 +1322,66 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
         .find(|r| r["resources"] == json!(["secrets"]) && r["verbs"].as_array().unwrap().len() > 1)
         .unwrap();
     assert_eq!(secrets["resourceNames"], json!(["pull-secret"]));
+}
+
+/// The policy overlay (and the chart with `config.admission.mode: policy`): the API server
+/// accepts every object, there is no webhook configuration, `certs` sets no `caBundle`, the
+/// service's config says `policy`, and no right on webhook configurations is granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_overlay_ships_admission_policies_and_no_webhook() {
+    let _serial = serial();
+    let admin = ControlPlane::get().client().await;
+    let objects = kustomize(&repo().join("deploy/kustomize/policy"));
+    let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    assert!(
+        !kinds.contains(&"MutatingWebhookConfiguration"),
+        "{kinds:?}"
+    );
+    for kind in [
+        "MutatingAdmissionPolicy",
+        "MutatingAdmissionPolicyBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing: {kinds:?}");
+    }
+    let deployment = find(&objects, "Deployment");
+    let args = &deployment["spec"]["template"]["spec"]["initContainers"][0]["args"];
+    assert!(
+        !args.to_string().contains("--webhook"),
+        "certs sets no caBundle: {args}"
+    );
+    let config = find(&objects, "ConfigMap")["data"]["config.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = pull_secret_injector::config::Config::from_yaml(&config).unwrap();
+    assert_eq!(
+        config.admission.mode,
+        pull_secret_injector::config::AdmissionMode::Policy
+    );
+    let role = find(&objects, "ClusterRole");
+    assert!(
+        !role.to_string().contains("mutatingwebhookconfigurations"),
+        "{role}"
+    );
+    for object in &objects {
+        let kind = object["kind"].as_str().unwrap();
+        // The Namespace for real (the base test's own); the rest as dry runs.
+        apply(&admin, object, kind != "Namespace")
+            .await
+            .unwrap_or_else(|| panic!("{kind} not served"))
+            .unwrap_or_else(|e| panic!("{kind} refused by the API server: {e}"));
+    }
+    // `matchingImages` is the webhook's alone: the chart refuses it in policy mode.
+    let err = helm_render(
+        "pull-secret-injector",
+        &[],
+        r#"{"config": {"admission": {"mode": "policy"}, "inject": "matchingImages"}}"#,
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("matchingImages needs config.admission.mode: webhook"),
+        "{err}"
+    );
 }

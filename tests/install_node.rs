@@ -704,7 +704,12 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
                                                           "value": [{"name": "registry-creds"}]}])).unwrap()},
                 {"target": {"kind": "ConfigMap", "name": NAME},
                  "patch": serde_json::to_string(&json!([{"op": "replace", "path": "/data/config.yaml",
-                                                          "value": serde_yaml::to_string(&config).unwrap()}])).unwrap()}
+                                                          "value": serde_yaml::to_string(&config).unwrap()}])).unwrap()},
+                // The self-fencing policy's audiences follow the registries, as the base says.
+                {"target": {"kind": "ValidatingAdmissionPolicy", "name": format!("{NAME}-fence")},
+                 "patch": serde_json::to_string(&json!([{"op": "test", "path": "/spec/variables/0/name", "value": "audiences"},
+                                                         {"op": "replace", "path": "/spec/variables/0/expression",
+                                                          "value": json!([SERVICE]).to_string()}])).unwrap()}
             ]
         }))
         .unwrap(),

@@ -140,3 +140,95 @@ fn password(secret: &Secret, host: &str) -> String {
         .expect("password")
         .to_string()
 }
+
+/// Policy mode on the real node: a Pod created after its namespace's label but before the
+/// Secret exists (here the service is not even running yet) references a Secret that is not
+/// there; the kubelet pulls without it and is refused, and its retries (image pull backoff)
+/// pull once the refresher has made the Secret. No webhook is registered in this test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_policy_mode_a_pod_created_before_its_secret_starts_once_the_secret_exists() {
+    if !tools_present() {
+        return;
+    }
+    let _serial = serial();
+    let cp = ControlPlane::with_node();
+    let c = cp.client().await;
+    let work = tempfile::tempdir().unwrap();
+    let ns = "nodepol-team";
+    let rules = format!(
+        "  - {{namespace: {ns}, repositories: [\"team-a/*\"]}}\n  - {{namespace: nodepol-ci, serviceAccount: pusher, repositories: [\"team-a/*\"], actions: [pull, push]}}\n"
+    );
+    let registry =
+        PrivateRegistry::start(cp, &c, work.path(), &cp.host_ip(), "nodepol-infra", &rules).await;
+    trust_registry(cp, &registry);
+    let host = registry.host.clone();
+    let image = format!("{host}/team-a/app:v1");
+    create_namespace(&c, "nodepol-ci", Default::default()).await;
+    let pusher = service_account_token(&c, "nodepol-ci", "pusher", vec![SERVICE.into()]).await;
+    registry.push(
+        &busybox_image(work.path(), &image),
+        "team-a/app:v1",
+        &format!("pusher:{pusher}"),
+    );
+
+    let policies = shipped_admission_policies(None);
+    apply_untyped(&c, &policies).await;
+    let labels = std::collections::BTreeMap::from([
+        (
+            "pull-secret-injector.io/inject".to_string(),
+            "enabled".to_string(),
+        ),
+        ("e2e-run".to_string(), "nodepol".to_string()),
+    ]);
+    create_namespace(&c, ns, labels).await;
+    wait_for(
+        "the policies applied",
+        std::time::Duration::from_secs(30),
+        || async {
+            let pod = create_pod(&c, ns, "probe", serde_json::json!({}), true)
+                .await
+                .pod;
+            pull_secret_names(&pod) == ["pull-secret"]
+        },
+    )
+    .await;
+
+    // 1. Labelled, no Secret yet: the Pod references it, the kubelet pulls without it.
+    let pod = create(&c, ns, app_pod("early", &image, "Always")).await;
+    assert_eq!(pull_secret_names(&pod), ["pull-secret"]);
+    let evs = wait_pull_refused(&c, ns, "early").await;
+    assert!(
+        evs.iter().any(|e| e.contains("401 Unauthorized")),
+        "pulled without a credential and refused: {evs:?}"
+    );
+    assert!(get_secret(&c, ns).await.is_none());
+
+    // 2. The service starts; its refresher makes the Secret; the kubelet's next retry pulls.
+    let entry = format!(
+        "  - host: \"{host}\"\n    kubernetes: {{serviceAccount: default, audience: {SERVICE}, \
+         expirationSeconds: 600, username: k8s}}\n"
+    );
+    let started = std::time::Instant::now();
+    let inj =
+        Injector::start_without_webhook("nodepol", &entry, "admission: {mode: policy}\n").await;
+    wait_secret(&c, ns, "made by the refresher", |_| true).await;
+    let secret_after = started.elapsed();
+    let printed = wait_succeeded(cp, &c, ns, "early").await;
+    eprintln!(
+        "policy mode on the node: Secret {secret_after:?} after the service started; the early Pod ran {:?} after that",
+        started.elapsed() - secret_after
+    );
+    assert!(printed.contains(MARKER), "the container printed: {printed}");
+    let evs = events(&c, ns, "early").await;
+    assert!(
+        evs.iter().any(|e| e.starts_with("Pulled:")),
+        "the kubelet pulled on a retry: {evs:?}"
+    );
+
+    delete_untyped(&c, &policies).await;
+    let _ = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone())
+        .delete(ns, &Default::default())
+        .await;
+    inj.cleanup().await;
+    registry.shutdown().await;
+}

@@ -924,3 +924,110 @@ async fn item12_the_api_server_skips_the_call_for_objects_that_list_the_secret()
     );
     inj.cleanup().await;
 }
+
+fn metric(metrics: &str, name: &str) -> i64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} missing from:\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
+/// Pods that slipped through (README, "Pods admitted without the Secret"): with no webhook
+/// registered (the service down, or a timeout with failurePolicy Ignore), a Pod of an opted-in
+/// namespace that lists pull Secrets of its own is admitted without ours. The refresher counts
+/// it, records a `MissingPullSecret` Event on it saying what to do, `status` shows it, and the
+/// Pod itself is left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item13_pods_admitted_without_the_secret_are_reported_and_left_alone() {
+    let _serial = serial();
+    let mut inj =
+        Injector::start_without_webhook("t13", &kubernetes_registry("default", 3600), "").await;
+    let c = inj.client.clone();
+    let ns = inj.namespace("slipped", true).await;
+    let plain = inj.namespace("plain", false).await;
+    wait_secret(&c, &ns, "made at opt-in", |_| true).await;
+    let default_attached = || async {
+        let sa = get_sa(&c, &ns, "default").await;
+        sa_refs(&sa).0.contains(&"pull-secret".to_string())
+    };
+    wait_for(
+        "default attached",
+        Duration::from_secs(30),
+        default_attached,
+    )
+    .await;
+
+    // Lists a Secret of its own, so the ServiceAccount's list is not copied in: it lacks ours.
+    let own = json!({"imagePullSecrets": [{"name": "mine"}]});
+    let slipped = create_pod(&c, &ns, "slipped", own.clone(), false).await.pod;
+    assert_eq!(pull_secret_names(&slipped), ["mine"]);
+    // Lists none: the API server copies the default ServiceAccount's, ours included.
+    let copied = create_pod(&c, &ns, "copied", json!({}), false).await.pod;
+    assert_eq!(pull_secret_names(&copied), ["pull-secret"]);
+    // Not opted in: nothing expected.
+    create_pod(&c, &plain, "elsewhere", own, false).await;
+
+    wait_for(
+        "the MissingPullSecret Event",
+        Duration::from_secs(30),
+        || async {
+            support::node::events(&c, &ns, "slipped")
+                .await
+                .iter()
+                .any(|e| e.starts_with("MissingPullSecret:") && e.contains("delete the Pod"))
+        },
+    )
+    .await;
+    for (other_ns, pod) in [(&ns, "copied"), (&plain, "elsewhere")] {
+        let evs = support::node::events(&c, other_ns, pod).await;
+        assert!(
+            !evs.iter().any(|e| e.starts_with("MissingPullSecret")),
+            "{other_ns}/{pod}: {evs:?}"
+        );
+    }
+    let metrics = inj.metrics().await;
+    assert_eq!(
+        metric(&metrics, "pull_secret_injector_pods_without_pull_secret"),
+        1
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "pull_secret_injector_missing_pull_secret_events_total"
+        ),
+        1
+    );
+    let table = inj.status_table();
+    let header = table.lines().next().unwrap();
+    let column = header.find("UNPATCHED PODS").expect("the column");
+    let line = table
+        .lines()
+        .find(|l| l.starts_with(&ns))
+        .unwrap_or_else(|| panic!("{ns} missing from:\n{table}"));
+    assert_eq!(
+        line[column..].split_whitespace().next(),
+        Some("1"),
+        "{table}"
+    );
+
+    // Never changed.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(c.clone(), &ns);
+    assert_eq!(
+        pull_secret_names(&pods.get("slipped").await.unwrap()),
+        ["mine"]
+    );
+    // Recreated (here: deleted), it is no longer counted.
+    pods.delete("slipped", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    wait_for("the count back to 0", Duration::from_secs(30), || async {
+        metric(
+            &inj.metrics().await,
+            "pull_secret_injector_pods_without_pull_secret",
+        ) == 0
+    })
+    .await;
+    inj.cleanup().await;
+}

@@ -7,4 +7,5 @@ pub mod images;
 pub mod names;
 pub mod namespaces;
 pub mod patch;
+pub mod pods;
 pub mod subject;

@@ -2,12 +2,14 @@
 //! table like `kubectl get`. Read from the cluster, so it works from any replica or a laptop.
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
-use crate::core::namespaces::Eligibility;
+use crate::config::InjectMode;
+use crate::core::namespaces::{registries_for, Eligibility, REGISTRIES_ANNOTATION};
+use crate::core::pods::{missing_pull_secret, Expected};
 use crate::core::subject::IdentityScope;
 use crate::secret::layout::{self, EXPIRES_AT, ISSUED_AT, REGISTRIES};
 use crate::settings::Settings;
@@ -22,6 +24,9 @@ pub struct Row {
     pub expires_at: Option<Timestamp>,
     pub issued_at: Option<Timestamp>,
     pub last_error: Option<String>,
+    /// Pods of the namespace (not finished) admitted without this Secret: they pull without
+    /// it until they are recreated.
+    pub unpatched_pods: usize,
 }
 
 pub async fn collect(client: &Client, settings: &Settings) -> Result<Vec<Row>, kube::Error> {
@@ -63,6 +68,28 @@ pub async fn collect(client: &Client, settings: &Settings) -> Result<Vec<Row>, k
         let events = Api::<Event>::namespaced(client.clone(), &name)
             .list(&ListParams::default())
             .await?;
+        let hosts = (config.inject == InjectMode::MatchingImages).then(|| {
+            let annotation = ns
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(REGISTRIES_ANNOTATION))
+                .map(String::as_str);
+            registries_for(annotation, &settings.hosts()).hosts
+        });
+        let expected = Expected {
+            scope: config.identity_scope,
+            secret_name: &config.secret_name,
+            only_for_hosts: hosts.as_deref(),
+        };
+        // The Secret each unpatched Pod lacks.
+        let lacking: Vec<String> = Api::<Pod>::namespaced(client.clone(), &name)
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter_map(|p| missing_pull_secret(p, &expected))
+            .collect();
         for (secret_name, secret) in secrets {
             let annotation = |s: &Secret, k: &str| {
                 s.metadata
@@ -103,6 +130,11 @@ pub async fn collect(client: &Client, settings: &Settings) -> Result<Vec<Row>, k
                         e.note.clone().unwrap_or_default()
                     )
                 });
+            // Per ServiceAccount, a row whose Secret is not there yet stands for all of them.
+            let unpatched_pods = match secret {
+                None if config.identity_scope == IdentityScope::ServiceAccount => lacking.len(),
+                _ => lacking.iter().filter(|s| **s == secret_name).count(),
+            };
             rows.push(Row {
                 namespace: name.clone(),
                 state,
@@ -110,6 +142,7 @@ pub async fn collect(client: &Client, settings: &Settings) -> Result<Vec<Row>, k
                 expires_at,
                 issued_at,
                 last_error,
+                unpatched_pods,
             });
         }
     }
@@ -134,6 +167,7 @@ pub fn render(rows: &[Row], now: Timestamp) -> String {
         "REGISTRIES",
         "EXPIRES IN",
         "RENEWED",
+        "UNPATCHED PODS",
         "LAST ERROR",
     ]
     .map(String::from)
@@ -152,12 +186,13 @@ pub fn render(rows: &[Row], now: Timestamp) -> String {
             r.issued_at.map_or("-".into(), |t| {
                 format!("{} ago", human(now.duration_since(t).as_secs()))
             }),
+            r.unpatched_pods.to_string(),
             r.last_error
                 .as_deref()
                 .map_or("-".into(), |e| e.chars().take(80).collect()),
         ]);
     }
-    let widths: Vec<usize> = (0..6)
+    let widths: Vec<usize> = (0..7)
         .map(|i| {
             lines
                 .iter()
@@ -172,7 +207,7 @@ pub fn render(rows: &[Row], now: Timestamp) -> String {
             l.iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    if i == 5 {
+                    if i == 6 {
                         c.clone()
                     } else {
                         format!("{c:<w$}", w = widths[i])
@@ -210,6 +245,7 @@ mod tests {
                 expires_at: Some("2026-11-22T10:40:00Z".parse().unwrap()),
                 issued_at: Some("2026-11-22T09:40:00Z".parse().unwrap()),
                 last_error: None,
+                unpatched_pods: 0,
             },
             Row {
                 namespace: "team-b".into(),
@@ -220,18 +256,19 @@ mod tests {
                 last_error: Some(
                     "MintFailed: TokenRequest for ServiceAccount team-b/default failed".into(),
                 ),
+                unpatched_pods: 2,
             },
         ];
         let text = render(&rows, now);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "NAMESPACE   SECRET    REGISTRIES             EXPIRES IN   RENEWED   LAST ERROR"
+            "NAMESPACE   SECRET    REGISTRIES             EXPIRES IN   RENEWED   UNPATCHED PODS   LAST ERROR"
         );
         assert_eq!(
             lines[1],
-            "team-a      ok        registry.example.com   40m          20m ago   -"
+            "team-a      ok        registry.example.com   40m          20m ago   0                -"
         );
-        assert_eq!(lines[2], "team-b      missing   -                      -            -         MintFailed: TokenRequest for ServiceAccount team-b/default failed");
+        assert_eq!(lines[2], "team-b      missing   -                      -            -         2                MintFailed: TokenRequest for ServiceAccount team-b/default failed");
     }
 }

@@ -1,7 +1,9 @@
 //! The background path: the [`refresher`] (a controller over Namespaces) that keeps every
 //! opted-in namespace's Secret renewed and attached, the [`watched`] views it reads, and the
-//! [`leadership`] that runs it in one replica at a time.
+//! [`leadership`] that runs it in one replica at a time; [`slipped`] reports Pods admitted
+//! without the Secret.
 
 pub mod leadership;
 pub mod refresher;
+pub mod slipped;
 pub mod watched;

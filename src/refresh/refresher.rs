@@ -124,6 +124,13 @@ impl Refresher {
                 ));
                 accounts
             });
+        // Pods admitted without the Secret: counted and told, never changed.
+        watches.push(super::slipped::follow(
+            client.clone(),
+            settings.clone(),
+            namespaces.clone(),
+            provisioner.clone(),
+        ));
         let (nudge, nudged) = mpsc::unbounded_channel();
         let (listed_retry, retry_now) = mpsc::unbounded_channel();
         watches.push(Box::pin(await_listed(

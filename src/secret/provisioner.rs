@@ -129,6 +129,11 @@ impl Provisioner {
         &self.metrics
     }
 
+    /// The Warning Events recorder, shared with the refresher's Pod watch.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
     /// What went wrong lately, per Secret: shared with the admission shell and the refresher.
     pub fn failures(&self) -> &Failures {
         &self.failures

@@ -310,6 +310,34 @@ impl Injector {
         me
     }
 
+    /// As `start_with`, with no webhook registered: in policy mode (or to show what happens
+    /// while nothing patches Pods) the service only refreshes.
+    pub async fn start_without_webhook(id: &str, registry: &str, extra: &str) -> Self {
+        let cp = ControlPlane::get();
+        let client = cp.client().await;
+        let certs = Certs::new();
+        let config_yaml = config_yaml(id, &certs, registry, extra);
+        let mut me = Injector {
+            id: id.into(),
+            service: None,
+            certs,
+            client,
+            config_yaml,
+            namespaces: vec![],
+            webhooks: vec![],
+        };
+        me.run().await;
+        me
+    }
+
+    /// The service's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let addr = self.service.as_ref().expect("running").local_addr;
+        let (status, body) = get(&self.certs, &format!("https://{addr}/metrics")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
     /// Wraps a service started by the test itself (with its own client), registering its webhook.
     pub async fn attach(
         id: &str,
@@ -568,6 +596,90 @@ pub async fn register_webhook_with(
     api.create(&PostParams::default(), &webhook)
         .await
         .expect("register webhook");
+}
+
+/// The shipped MutatingAdmissionPolicies and their bindings: the kustomize policy overlay's
+/// file, or with `helm_values` the chart rendered with them (`config.admission.mode: policy`).
+pub fn shipped_admission_policies(helm_values: Option<&str>) -> Vec<Value> {
+    let text = match helm_values {
+        None => std::fs::read_to_string(
+            repo().join("deploy/kustomize/policy/mutatingadmissionpolicy.yaml"),
+        )
+        .unwrap(),
+        Some(values) => {
+            let out = Command::new("python3")
+                .arg(repo().join("hack/helm-render"))
+                .arg(repo().join("deploy/helm/pull-secret-injector"))
+                .arg("pull-secret-injector")
+                .arg(values)
+                .output()
+                .expect("run hack/helm-render");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    let objects: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| <Value as serde::Deserialize>::deserialize(doc).unwrap())
+        .filter(|v| {
+            v["kind"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("MutatingAdmissionPolicy"))
+        })
+        .collect();
+    assert_eq!(objects.len(), 4, "two policies, two bindings");
+    objects
+}
+
+/// Server-side applies cluster-scoped objects of kinds this crate has no types for.
+pub async fn apply_untyped(client: &Client, objects: &[Value]) {
+    use kube::api::DynamicObject;
+    use kube::core::GroupVersionKind;
+    for object in objects {
+        let (group, version) = object["apiVersion"]
+            .as_str()
+            .unwrap()
+            .split_once('/')
+            .unwrap();
+        let gvk = GroupVersionKind::gvk(group, version, object["kind"].as_str().unwrap());
+        let (resource, _) = kube::discovery::pinned_kind(client, &gvk)
+            .await
+            .unwrap_or_else(|e| panic!("{gvk:?} not served: {e}"));
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+        api.patch(
+            object["metadata"]["name"].as_str().unwrap(),
+            &PatchParams::apply("pull-secret-injector-tests").force(),
+            &Patch::Apply(object),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("apply {}: {e}", object["metadata"]["name"]));
+    }
+}
+
+/// Deletes the objects `apply_untyped` made.
+pub async fn delete_untyped(client: &Client, objects: &[Value]) {
+    use kube::api::DynamicObject;
+    use kube::core::GroupVersionKind;
+    for object in objects {
+        let (group, version) = object["apiVersion"]
+            .as_str()
+            .unwrap()
+            .split_once('/')
+            .unwrap();
+        let gvk = GroupVersionKind::gvk(group, version, object["kind"].as_str().unwrap());
+        if let Ok((resource, _)) = kube::discovery::pinned_kind(client, &gvk).await {
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+            let _ = api
+                .delete(
+                    object["metadata"]["name"].as_str().unwrap(),
+                    &DeleteParams::default(),
+                )
+                .await;
+        }
+    }
 }
 
 pub async fn create_namespace(client: &Client, name: &str, labels: BTreeMap<String, String>) {
