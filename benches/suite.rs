@@ -7,9 +7,10 @@
 //!   2. tls        wrk over keep-alive TLS at concurrency 1/16/64, three alternating rounds of
 //!                 4 s, best round each; baseline: a null webhook on the same TLS/HTTP stack
 //!                 (context: null webhooks that read, validate or parse the body)
-//!   3. apiserver  5 × 500 interleaved Pod creations: with the webhook (shipped matchConditions),
-//!                 with no admission, through a null webhook, and in policy mode (the shipped
-//!                 MutatingAdmissionPolicies), and a null policy; the API server's own time per call
+//!   3. apiserver  6 × 500 interleaved Pod creations: with the webhook (shipped matchConditions),
+//!                 with no admission, through a null webhook (without and behind the same
+//!                 matchConditions), in policy mode (the shipped MutatingAdmissionPolicies), and
+//!                 a null policy; the API server's own time per call
 //!   4. burst      1,000 concurrent Pod creations in a namespace without a Secret
 //!   6. soak       at least 50,000 admissions at concurrency 64 in five rounds: errors, and
 //!                 resident memory after the first and the last round
@@ -473,7 +474,7 @@ async fn soak() -> Vec<Figure> {
 }
 
 async fn apiserver_path() -> Vec<Figure> {
-    println!("3. through the API server: 5 x 500 interleaved Pod creations: webhook, none, null webhook, policy mode, null policy");
+    println!("3. through the API server: 6 x 500 interleaved Pod creations: webhook, none, null webhook (with and without matchConditions), policy mode, null policy");
     let mut inj = Injector::start("bench-api").await;
     let c = inj.client.clone();
     let with = inj.namespace("with", true).await;
@@ -502,6 +503,30 @@ async fn apiserver_path() -> Vec<Figure> {
         &inj.certs.ca_pem,
         null_selector,
         &["pods"],
+    )
+    .await;
+    // Context: the same null webhook behind the shipped matchConditions, so that the API
+    // server's own CEL evaluation is on both sides of the comparison with ours.
+    let null_mc_ns = inj.namespace("null-mc", false).await;
+    Api::<Namespace>::all(c.clone())
+        .patch(
+            &null_mc_ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"metadata": {"labels": {"psi-bench": "null-webhook-mc"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    register_webhook_with(
+        &c,
+        "psi-bench-null-mc",
+        NULL_MC_WEBHOOK,
+        &format!("https://{null_addr}/mutate-echo-uid"),
+        &inj.certs.ca_pem,
+        json!({"matchLabels": {"psi-bench": "null-webhook-mc"}}),
+        &["pods"],
+        Some(shipped_match_conditions()),
     )
     .await;
     // Policy mode: the shipped policies, bound to this one namespace only (the shipped binding
@@ -569,8 +594,14 @@ async fn apiserver_path() -> Vec<Figure> {
     let pod = |i: usize| -> Pod {
         serde_json::from_value(json!({"metadata": {"name": format!("p{i}")}, "spec": {"imagePullSecrets": [{"name": "mine"}], "containers": [{"name": "app", "image": "registry.example.com/app:1"}]}})).unwrap()
     };
-    let (mut a, mut b, mut n, mut p, mut np) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut a, mut b, mut n, mut p, mut np, mut nm) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     let calls_before = webhook_calls(&c).await;
     for i in 0..500 {
         for (ns, out) in [
@@ -579,6 +610,7 @@ async fn apiserver_path() -> Vec<Figure> {
             (&null_ns, &mut n),
             (&policy_ns, &mut p),
             (&null_policy_ns, &mut np),
+            (&null_mc_ns, &mut nm),
         ] {
             let start = Instant::now();
             Api::<Pod>::namespaced(c.clone(), ns)
@@ -606,7 +638,8 @@ async fn apiserver_path() -> Vec<Figure> {
         ["mine", "pull-secret"],
         "the policy patched what was measured"
     );
-    for v in [&mut a, &mut b, &mut n, &mut p, &mut np] {
+    let null_mc_call = mean_call_ms(NULL_MC_WEBHOOK);
+    for v in [&mut a, &mut b, &mut n, &mut p, &mut np, &mut nm] {
         v.sort_by(f64::total_cmp);
     }
     let figures = vec![
@@ -637,6 +670,26 @@ async fn apiserver_path() -> Vec<Figure> {
             "ms",
             Some(("a null webhook selected", percentile(&n, 0.99))),
             "target ratio < 1.05",
+        ),
+        figure(
+            "create p50, webhook on (context)",
+            percentile(&a, 0.5),
+            "ms",
+            Some((
+                "a null webhook behind the same matchConditions",
+                percentile(&nm, 0.5),
+            )),
+            "",
+        ),
+        figure(
+            "create p99, webhook on (context)",
+            percentile(&a, 0.99),
+            "ms",
+            Some((
+                "a null webhook behind the same matchConditions",
+                percentile(&nm, 0.99),
+            )),
+            "",
         ),
         figure(
             "create p50, policy mode",
@@ -676,6 +729,13 @@ async fn apiserver_path() -> Vec<Figure> {
         figure(
             "API server's time per webhook call, mean (its own metric)",
             ours_call,
+            "ms",
+            Some(("the same for the null webhook", null_call)),
+            "",
+        ),
+        figure(
+            "API server's time per call, null webhook behind matchConditions (context)",
+            null_mc_call,
             "ms",
             Some(("the same for the null webhook", null_call)),
             "",
@@ -1067,6 +1127,7 @@ fn fake_credentials(issued: Timestamp, expires: Timestamp) -> Vec<(String, Crede
 /// The name the test harness gives this service's webhook, and the null webhook's.
 const OUR_WEBHOOK: &str = "inject.pull-secret-injector.io";
 const NULL_WEBHOOK: &str = "null.bench.pull-secret-injector.io";
+const NULL_MC_WEBHOOK: &str = "null-mc.bench.pull-secret-injector.io";
 
 /// Per webhook name: the API server's total seconds in calls to it, and the number of calls
 /// (`apiserver_admission_webhook_admission_duration_seconds`, all operations).
