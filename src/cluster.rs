@@ -183,3 +183,83 @@ mod backoff_tests {
         assert!(b.next().unwrap() <= Duration::from_millis(250));
     }
 }
+
+/// The group version and resource policy mode depends on (GA in Kubernetes 1.36).
+pub const POLICY_GROUP_VERSION: &str = "admissionregistration.k8s.io/v1";
+pub const POLICY_RESOURCE: &str = "mutatingadmissionpolicies";
+
+/// Whether a discovery answer for [`POLICY_GROUP_VERSION`] lists MutatingAdmissionPolicy.
+pub fn serves_admission_policies(
+    resources: &k8s_openapi::apimachinery::pkg::apis::meta::v1::APIResourceList,
+) -> bool {
+    resources
+        .resources
+        .iter()
+        .any(|r| r.name == POLICY_RESOURCE)
+}
+
+/// Whether the API server serves MutatingAdmissionPolicy v1. A group version it does not
+/// serve at all is a plain no.
+pub async fn policy_api_served(client: &kube::Client) -> Result<bool, kube::Error> {
+    match client.list_api_group_resources(POLICY_GROUP_VERSION).await {
+        Ok(list) => Ok(serves_admission_policies(&list)),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// In policy mode the API server adds the Secret; one that does not serve the API adds
+/// nothing, silently. Says so, loudly, once at start.
+pub async fn check_policy_api(client: &kube::Client) {
+    match policy_api_served(client).await {
+        Ok(true) => tracing::info!("policy mode: the API server serves MutatingAdmissionPolicy v1"),
+        Ok(false) => tracing::error!(
+            "admission.mode is policy, but this API server does not serve {POLICY_RESOURCE} in \
+             {POLICY_GROUP_VERSION} (Kubernetes 1.36+): no Pod gets the pull Secret at \
+             admission; install the webhook mode instead"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "policy mode: cannot ask the API server whether it serves MutatingAdmissionPolicy v1"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod policy_api_tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{APIResource, APIResourceList};
+
+    #[test]
+    fn policy_mode_needs_mutating_admission_policies_in_v1() {
+        let list = |names: &[&str]| APIResourceList {
+            group_version: POLICY_GROUP_VERSION.into(),
+            resources: names
+                .iter()
+                .map(|n| APIResource {
+                    name: n.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        for (names, served) in [
+            (
+                &[
+                    "mutatingwebhookconfigurations",
+                    "validatingadmissionpolicies",
+                ][..],
+                false,
+            ),
+            (
+                &[
+                    "mutatingadmissionpolicies",
+                    "mutatingadmissionpolicybindings",
+                ][..],
+                true,
+            ),
+            (&[][..], false),
+        ] {
+            assert_eq!(serves_admission_policies(&list(names)), served, "{names:?}");
+        }
+    }
+}

@@ -78,6 +78,10 @@ impl Service {
         let inbox = Inbox::default();
         let (namespaces, writer) = reflector::store();
 
+        if config.admission.mode == crate::config::AdmissionMode::Policy {
+            let client = client.clone();
+            tokio::spawn(async move { crate::cluster::check_policy_api(&client).await });
+        }
         let http = sources::http::HttpClient::new(&config.http)?;
         let provisioner = Arc::new(Provisioner::new(
             client.clone(),

@@ -1031,3 +1031,30 @@ async fn item13_pods_admitted_without_the_secret_are_reported_and_left_alone() {
     .await;
     inj.cleanup().await;
 }
+
+/// Item 14: policy mode checks at start that the API server serves MutatingAdmissionPolicy v1
+/// (Kubernetes 1.36+); on older ones it is not there, and the service says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item14_the_policy_api_is_found_where_kubernetes_serves_it() {
+    let c = ControlPlane::get().client().await;
+    let version = c.apiserver_version().await.unwrap();
+    let minor: u32 = version
+        .minor
+        .trim_end_matches('+')
+        .parse()
+        .expect("a numeric minor version");
+    let served = pull_secret_injector::cluster::policy_api_served(&c)
+        .await
+        .unwrap();
+    eprintln!(
+        "Kubernetes {}: MutatingAdmissionPolicy v1 served: {served}",
+        version.git_version
+    );
+    assert_eq!(
+        served,
+        minor >= 36,
+        "Kubernetes {}.{}: MutatingAdmissionPolicy v1 served",
+        version.major,
+        version.minor
+    );
+}
