@@ -81,6 +81,9 @@ async fn the_api_server_adds_the_secret_and_the_service_has_it_ready() {
         "admission: {mode: policy}\n",
     )
     .await;
+    // Another test's policies had the same names: wait until these are the ones in force.
+    let warm = inj.namespace("warm", true).await;
+    wait_policies_active(&admin, &warm, "pull-secret", "pull-secret").await;
 
     // 1. Opt-in makes the Secret: the time from the label to the Secret, five times.
     let mut took = Vec::new();
@@ -232,6 +235,10 @@ async fn per_service_account_secrets_are_named_from_the_object_and_made_for_each
         "identityScope: serviceAccount\nadmission: {mode: policy}\n",
     )
     .await;
+    // The previous test's policies had the same names: until the API server has swapped them,
+    // a namespace made now would get its `default` ServiceAccount patched by the old ones.
+    let warm = inj.namespace("warm", true).await;
+    wait_policies_active(&admin, &warm, "default-pull-secret", "probe-pull-secret").await;
     let team = inj.namespace("team", true).await;
     wait_policies_active(&admin, &team, "default-pull-secret", "probe-pull-secret").await;
 
