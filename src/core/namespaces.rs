@@ -19,6 +19,15 @@ pub struct Selection {
     pub unknown: Vec<String>,
 }
 
+/// The namespace's [`REGISTRIES_ANNOTATION`], if it has one.
+pub fn registries_annotation(ns: &k8s_openapi::api::core::v1::Namespace) -> Option<&str> {
+    ns.metadata
+        .annotations
+        .as_ref()?
+        .get(REGISTRIES_ANNOTATION)
+        .map(String::as_str)
+}
+
 /// `configured` hosts narrowed by the namespace's annotation value, if it has one.
 pub fn registries_for(annotation: Option<&str>, configured: &[&str]) -> Selection {
     let Some(value) = annotation else {

@@ -8,7 +8,7 @@ use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
 use crate::config::InjectMode;
-use crate::core::namespaces::{registries_for, Eligibility, REGISTRIES_ANNOTATION};
+use crate::core::namespaces::{registries_annotation, registries_for, Eligibility};
 use crate::core::pods::{missing_pull_secret, Expected};
 use crate::core::subject::IdentityScope;
 use crate::secret::layout::{self, EXPIRES_AT, ISSUED_AT, REGISTRIES};
@@ -68,15 +68,8 @@ pub async fn collect(client: &Client, settings: &Settings) -> Result<Vec<Row>, k
         let events = Api::<Event>::namespaced(client.clone(), &name)
             .list(&ListParams::default())
             .await?;
-        let hosts = (config.inject == InjectMode::MatchingImages).then(|| {
-            let annotation = ns
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(REGISTRIES_ANNOTATION))
-                .map(String::as_str);
-            registries_for(annotation, &settings.hosts()).hosts
-        });
+        let hosts = (config.inject == InjectMode::MatchingImages)
+            .then(|| registries_for(registries_annotation(ns), &settings.hosts()).hosts);
         let expected = Expected {
             scope: config.identity_scope,
             secret_name: &config.secret_name,

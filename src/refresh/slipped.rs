@@ -13,7 +13,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 
 use crate::config::InjectMode;
-use crate::core::namespaces::{registries_for, Eligibility, REGISTRIES_ANNOTATION};
+use crate::core::namespaces::{registries_annotation, registries_for, Eligibility};
 use crate::core::pods::{self, Expected};
 use crate::secret::provisioner::Provisioner;
 use crate::settings::Settings;
@@ -150,15 +150,8 @@ fn missing(pod: &Pod, settings: &Settings, namespaces: &Store<Namespace>) -> Opt
     {
         return None;
     }
-    let hosts = (settings.inject() == InjectMode::MatchingImages).then(|| {
-        let annotation = ns
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(REGISTRIES_ANNOTATION))
-            .map(String::as_str);
-        registries_for(annotation, &settings.hosts()).hosts
-    });
+    let hosts = (settings.inject() == InjectMode::MatchingImages)
+        .then(|| registries_for(registries_annotation(&ns), &settings.hosts()).hosts);
     pods::missing_pull_secret(
         pod,
         &Expected {

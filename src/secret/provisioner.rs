@@ -452,7 +452,10 @@ impl Provisioner {
     async fn selection(&self, namespace: &str) -> Result<Selection, ProvisionError> {
         let configured = self.settings.hosts();
         if let Some(ns) = self.namespaces.get(&ObjectRef::new(namespace)) {
-            return Ok(namespaces::registries_for(annotation_of(&ns), &configured));
+            return Ok(namespaces::registries_for(
+                namespaces::registries_annotation(&ns),
+                &configured,
+            ));
         }
         let ns = Api::<Namespace>::all(self.client.clone())
             .get_opt(namespace)
@@ -464,7 +467,7 @@ impl Provisioner {
                 source: e.into(),
             })?;
         Ok(namespaces::registries_for(
-            ns.as_ref().and_then(annotation_of),
+            ns.as_ref().and_then(namespaces::registries_annotation),
             &configured,
         ))
     }
@@ -473,7 +476,10 @@ impl Provisioner {
     pub fn selection_from_store(&self, namespace: &str) -> Selection {
         let configured = self.settings.hosts();
         let ns = self.namespaces.get(&ObjectRef::new(namespace));
-        namespaces::registries_for(ns.as_deref().and_then(annotation_of), &configured)
+        namespaces::registries_for(
+            ns.as_deref().and_then(namespaces::registries_annotation),
+            &configured,
+        )
     }
 
     fn secrets(&self, namespace: &str) -> Api<Secret> {
@@ -609,7 +615,7 @@ impl Provisioner {
                 .namespaces
                 .get(&ObjectRef::new(namespace))
                 .as_deref()
-                .and_then(annotation_of)
+                .and_then(namespaces::registries_annotation)
                 .unwrap_or_default()
                 .to_string();
             let e = ProvisionError::NothingSelected {
@@ -801,12 +807,4 @@ impl Provisioner {
     ) {
         self.events.warn(regarding, "Provision", reason, note).await;
     }
-}
-
-fn annotation_of(ns: &Namespace) -> Option<&str> {
-    ns.metadata
-        .annotations
-        .as_ref()?
-        .get(namespaces::REGISTRIES_ANNOTATION)
-        .map(String::as_str)
 }
