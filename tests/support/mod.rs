@@ -288,20 +288,7 @@ impl Injector {
     /// As `start_with`, with the webhook registered for `resources` only, from the start: no
     /// admission of another kind reaches this instance.
     pub async fn start_for(id: &str, registry: &str, extra: &str, resources: &[&str]) -> Self {
-        let cp = ControlPlane::get();
-        let client = cp.client().await;
-        let certs = Certs::new();
-        let config_yaml = config_yaml(id, &certs, registry, extra);
-        let mut me = Injector {
-            id: id.into(),
-            service: None,
-            certs,
-            client,
-            config_yaml,
-            namespaces: vec![],
-            webhooks: vec![],
-        };
-        me.run().await;
+        let mut me = Self::start_without_webhook(id, registry, extra).await;
         let selector =
             json!({"matchLabels": {"pull-secret-injector.io/inject": "enabled", "e2e-run": id}});
         me.register_webhook_for(&format!("psi-{id}"), selector, resources)
@@ -926,4 +913,18 @@ pub fn curl(certs: &Certs, args: &[&str]) -> (u16, String) {
 
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
+}
+
+/// A `/proc/<pid>/status` figure (`VmRSS:`, `VmHWM:`), in KiB; NaN if it cannot be read.
+pub fn proc_status(pid: u32, field: &str) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Resets a process's peak resident memory (VmHWM) to its current size.
+pub fn reset_peak(pid: u32) -> std::io::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
 }
