@@ -895,11 +895,6 @@ fn big_review(namespace: &str) -> Value {
     review
 }
 
-/// Resets a process's peak resident memory (VmHWM) to its current size.
-fn reset_peak(pid: u32) {
-    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
-}
-
 /// The release binary as its own process (`serve`, with the allocator it ships with), so that
 /// nothing the benchmark itself allocates is counted, started afresh for each case (memory a
 /// case leaves behind would hide the next one's): peak resident memory above idle for 3 MiB
@@ -991,7 +986,7 @@ async fn memory() -> Vec<Figure> {
             assert_eq!(warm.send().await.unwrap().status().as_u16(), 200);
             tokio::time::sleep(Duration::from_secs(2)).await;
             let idle = proc_status(pid, "VmRSS:") / 1024.0;
-            reset_peak(pid);
+            let _ = reset_peak(pid);
             let calls = (0..n).map(|_| {
                 let request = client
                     .post(&url)
@@ -1098,14 +1093,6 @@ async fn memory() -> Vec<Figure> {
         .delete(&ns, &Default::default())
         .await;
     figures
-}
-
-fn proc_status(pid: u32, field: &str) -> f64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN)
 }
 
 /// CPU seconds (user + system) the process used so far.

@@ -378,12 +378,7 @@ async fn the_budget_holds_while_the_api_server_is_frozen() {
 }
 
 fn status_mib(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(f64::NAN, |kib| kib / 1024.0)
+    proc_status(pid, field) / 1024.0
 }
 
 /// Issue 18, point 3: memory a burst of large reviews took goes back to the system. The
@@ -452,8 +447,7 @@ async fn memory_taken_by_a_burst_of_large_reviews_is_given_back() {
     assert_eq!(warm.body(small).send().await.unwrap().status(), 200);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = status_mib(pid, "VmRSS:");
-    // The peak from here on.
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+    reset_peak(pid).expect("the peak from here on");
 
     let calls = (0..16).map(|_| {
         let request = client
