@@ -292,38 +292,30 @@ impl Service {
             shutdown_delay,
             ..
         } = self;
-        let result = tokio::select! {
+        let ended = tokio::select! {
             result = &mut server => Some(result),
             _ = signal => None,
         };
-        let result = match result {
-            Some(r) => {
-                Self::stop_background(stop, background).await;
-                r
-            }
-            None => {
-                ready.store(false, Ordering::Release);
-                tracing::info!(
-                    delay = ?shutdown_delay,
-                    "shutting down: still answering while the API server stops routing here"
-                );
-                let background = tokio::spawn(Self::stop_background(stop, background));
-                let result = tokio::select! {
-                    result = &mut server => Some(result),
-                    _ = tokio::time::sleep(shutdown_delay) => None,
-                };
-                let result = match result {
-                    Some(r) => r,
-                    None => {
-                        tracing::info!("shutting down: finishing in-flight admissions");
-                        handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
-                        server.await
-                    }
-                };
-                let _ = background.await;
-                result
-            }
+        if ended.is_none() {
+            ready.store(false, Ordering::Release);
+            tracing::info!(
+                delay = ?shutdown_delay,
+                "shutting down: still answering while the API server stops routing here"
+            );
+        }
+        let background = tokio::spawn(Self::stop_background(stop, background));
+        let result = match ended {
+            Some(r) => r,
+            None => tokio::select! {
+                result = &mut server => result,
+                _ = tokio::time::sleep(shutdown_delay) => {
+                    tracing::info!("shutting down: finishing in-flight admissions");
+                    handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+                    server.await
+                }
+            },
         };
+        let _ = background.await;
         result.unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 
