@@ -20,9 +20,9 @@ const OWN: &str = "run by tests/readme.rs: ";
 const RUN_HERE: [&str; 8] = [
     "install-kustomize",
     "check-config-and-status",
-    "token-server-kustomize",
     "credential-provider",
     "uninstall-kustomize",
+    "token-server-kustomize",
     "install-helm",
     "token-server-helm",
     "uninstall-helm",
@@ -229,10 +229,6 @@ async fn the_readme_blocks_run_as_pasted() {
         "status lists the opted-in namespace: {out}"
     );
 
-    paste(cp, &bin, "token-server-kustomize");
-    assert!(exists(&deployments, "token-server").await);
-    kubectl(cp, &bin, "delete -k deploy/kustomize/token-server");
-
     let out = paste(cp, &bin, "credential-provider");
     assert!(out.contains("pull-secret-injector.yaml: ok"), "{out}");
     let daemonsets: Api<DaemonSet> = Api::namespaced(c.clone(), "kube-system");
@@ -247,6 +243,13 @@ async fn the_readme_blocks_run_as_pasted() {
         "the namespace deleted by kubectl delete -k",
     )
     .await;
+
+    // Its overlay brings the namespace too, so it goes on its own: deleting it takes the
+    // namespace with it.
+    paste(cp, &bin, "token-server-kustomize");
+    assert!(exists(&deployments, "token-server").await);
+    kubectl(cp, &bin, "delete -k deploy/kustomize/token-server");
+    gone(&namespaces, ns, "the token server's namespace").await;
 
     let out = paste(cp, &bin, "install-helm");
     assert!(out.contains("STATUS: deployed"), "{out}");
