@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use pull_secret_injector::config::Config;
+use pull_secret_injector::config::{Config, ConfigError};
 use pull_secret_injector::credential_provider::{self, Plugin, PluginConfig, PluginError};
 use pull_secret_injector::ops::{certs, status};
 use pull_secret_injector::settings::{Environment, Settings};
@@ -108,7 +108,20 @@ enum Command {
     CheckConfig {
         #[arg(long, env = "PULL_SECRET_INJECTOR_CONFIG")]
         config: PathBuf,
+        /// Which command's config the file is.
+        #[arg(long, value_enum, default_value_t = ConfigKind::Serve)]
+        kind: ConfigKind,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ConfigKind {
+    /// `serve` and `status`.
+    Serve,
+    /// `token-server`: also the files it names and whether `tokenReview.url` resolves here.
+    TokenServer,
+    /// `credential-provider`.
+    CredentialProvider,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -161,8 +174,17 @@ async fn run() -> anyhow::Result<()> {
             };
             std::process::exit(code);
         }
-        Command::CheckConfig { config } => {
-            Settings::new(Config::from_file(&config)?, &env)?;
+        Command::CheckConfig { config, kind } => {
+            match kind {
+                ConfigKind::Serve => drop(Settings::new(Config::from_file(&config)?, &env)?),
+                ConfigKind::TokenServer => {
+                    let problems = TokenServerConfig::from_file(&config)?.problems_here();
+                    if !problems.is_empty() {
+                        return Err(ConfigError::Invalid(problems).into());
+                    }
+                }
+                ConfigKind::CredentialProvider => drop(PluginConfig::from_file(&config)?),
+            }
             println!("{}: ok", config.display());
         }
         Command::Status { config } => {

@@ -182,6 +182,53 @@ impl TokenServerConfig {
     }
 }
 
+impl TokenServerConfig {
+    /// What keeps this config from working on this machine, as far as can be seen without
+    /// starting (`check-config --kind token-server`): files it names that cannot be read, and a
+    /// TokenReview host that does not resolve here. Start-up asks the API server itself.
+    pub fn problems_here(&self) -> Vec<FieldError> {
+        let mut problems = Vec::new();
+        let files = [
+            ("tls.certFile", Some(&self.tls.cert_file)),
+            ("tls.keyFile", Some(&self.tls.key_file)),
+            ("signing.certFile", Some(&self.signing.cert_file)),
+            ("signing.keyFile", Some(&self.signing.key_file)),
+            ("issuer.caFile", self.issuer.ca_file.as_ref()),
+            ("issuer.tokenFile", self.issuer.token_file.as_ref()),
+        ];
+        for (path, file) in files {
+            let Some(file) = file else { continue };
+            if let Err(e) = std::fs::File::open(file) {
+                problems.push(FieldError {
+                    path: path.into(),
+                    message: format!("cannot read {}: {e}", file.display()),
+                });
+            }
+        }
+        if self.token_review.enabled {
+            if let Some(host) = unresolvable_host(&self.token_review.url) {
+                problems.push(FieldError {
+                    path: "tokenReview.url".into(),
+                    message: format!("{host} does not resolve here; {}", review::SET_URL),
+                });
+            }
+        }
+        problems
+    }
+}
+
+/// The host of `url` when it has one that does not resolve from this machine.
+fn unresolvable_host(url: &str) -> Option<String> {
+    use std::net::ToSocketAddrs;
+    let url = reqwest::Url::parse(url).ok()?;
+    let host = url.host_str()?.to_owned();
+    let port = url.port_or_known_default()?;
+    let resolves = (host.as_str(), port)
+        .to_socket_addrs()
+        .is_ok_and(|mut addrs| addrs.next().is_some());
+    (!resolves).then_some(host)
+}
+
 /// `name`, `prefix/*` or `*`: a `*` only as a whole last segment.
 fn valid_pattern(p: &str) -> bool {
     match p.strip_suffix("/*") {
@@ -235,5 +282,44 @@ rules:
             .unwrap_err()
             .to_string();
         assert!(e.contains("servce"), "{e}");
+    }
+
+    /// Issue 22: `check-config --kind token-server` names what cannot work here: the in-cluster
+    /// TokenReview name outside a cluster, and files that are not there.
+    #[test]
+    fn problems_here_name_the_field_and_what_to_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "x").unwrap();
+            path.display().to_string()
+        };
+        let good = GOOD
+            .replace("t.crt", &file("t.crt"))
+            .replace("t.key", &file("t.key"))
+            .replace("s.crt", &file("s.crt"))
+            .replace("s.key", &file("s.key"));
+        let here = good.clone() + "tokenReview: {url: \"https://127.0.0.1:6443\"}\n";
+        let config = TokenServerConfig::from_yaml(&here).unwrap();
+        assert!(config.problems_here().is_empty());
+        // `.invalid` never resolves (RFC 6761), like the in-cluster default outside a cluster.
+        let away = good.replace(&file("s.key"), "/nonexistent/s.key")
+            + "tokenReview: {url: \"https://kubernetes.default.svc.invalid\"}\n";
+        let problems = TokenServerConfig::from_yaml(&away).unwrap().problems_here();
+        let text: Vec<String> = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect();
+        assert_eq!(problems.len(), 2, "{text:?}");
+        assert!(
+            text[0].starts_with("signing.keyFile: cannot read /nonexistent/s.key"),
+            "{text:?}"
+        );
+        assert!(text[1].starts_with("tokenReview.url: kubernetes.default.svc.invalid does not resolve here; set tokenReview.url"), "{text:?}");
+        let off = TokenServerConfig::from_yaml(
+            &(good + "tokenReview: {enabled: false, url: \"https://x.invalid\"}\n"),
+        )
+        .unwrap();
+        assert!(off.problems_here().is_empty());
     }
 }

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::core::credential::Sensitive;
 use crate::sources::http::{HttpClient, HttpClientError, HttpConfig};
+use crate::sources::MintError;
 
 /// `tokenReview:` in the token server's config.
 #[derive(Clone, Debug, Deserialize)]
@@ -70,6 +71,49 @@ pub enum ReviewError {
     OtherUser,
     #[error("cannot confirm the token with the API server: {0}")]
     Unavailable(String),
+}
+
+/// What to set when the API server cannot be reached at `tokenReview.url`.
+pub const SET_URL: &str = "set tokenReview.url to the API server's address (the default \
+     https://kubernetes.default.svc resolves only inside a cluster) and issuer.caFile to its \
+     CA, or tokenReview.enabled: false to check tokens offline only";
+
+/// Why a TokenReview could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum PostError {
+    #[error("cannot read issuer.tokenFile {0}")]
+    TokenFile(String),
+    #[error(transparent)]
+    Call(MintError),
+    #[error("the answer is not a TokenReview")]
+    NotAReview,
+}
+
+impl PostError {
+    /// What to set, by what went wrong.
+    fn advice(&self) -> &'static str {
+        match self {
+            PostError::TokenFile(_) => {
+                "set issuer.tokenFile to a service-account token the API server accepts"
+            }
+            PostError::Call(MintError::Refused {
+                status: 401 | 403, ..
+            }) => {
+                "the token in issuer.tokenFile must be accepted by the API server and allowed \
+                 to create tokenreviews (bind its ServiceAccount to system:auth-delegator)"
+            }
+            PostError::Call(_) | PostError::NotAReview => SET_URL,
+        }
+    }
+}
+
+/// The start-up check failed: the token server would refuse every client.
+#[derive(Debug, thiserror::Error)]
+#[error("tokenReview: {url} cannot confirm tokens: {reason}; {advice}")]
+pub struct ProbeError {
+    url: String,
+    reason: PostError,
+    advice: &'static str,
 }
 
 pub struct TokenReviewer {
@@ -173,12 +217,37 @@ impl TokenReviewer {
     }
 
     async fn ask(&self, token: &str, audiences: &[String]) -> Result<String, ReviewError> {
+        let review = self
+            .post(token, audiences)
+            .await
+            .map_err(|e| ReviewError::Unavailable(e.to_string()))?;
+        if review.status.authenticated {
+            Ok(review.status.user.username)
+        } else {
+            Err(ReviewError::Revoked)
+        }
+    }
+
+    /// Asks once whether the API server answers reviews at `url` with the configured CA and
+    /// bearer token, so a setting that cannot work stops the start, not the first client. The
+    /// token reviewed is a made-up one: any answer (it is not authenticated) will do.
+    pub async fn probe(&self) -> Result<(), ProbeError> {
+        let probe_error = |reason: PostError| ProbeError {
+            url: self.url.clone(),
+            advice: reason.advice(),
+            reason,
+        };
+        self.post("pull-secret-injector-start-up-probe", &[])
+            .await
+            .map(|_| ())
+            .map_err(probe_error)
+    }
+
+    async fn post(&self, token: &str, audiences: &[String]) -> Result<Review, PostError> {
         let bearer = match &self.token_file {
             Some(path) => Some(Sensitive::new(
                 std::fs::read_to_string(path)
-                    .map_err(|e| {
-                        ReviewError::Unavailable(format!("reading {}: {e}", path.display()))
-                    })?
+                    .map_err(|e| PostError::TokenFile(format!("{}: {e}", path.display())))?
                     .trim(),
             )),
             None => None,
@@ -201,14 +270,8 @@ impl TokenReviewer {
                 }
             })
             .await
-            .map_err(|e| ReviewError::Unavailable(e.to_string()))?;
-        let review: Review = serde_json::from_slice(&answer)
-            .map_err(|_| ReviewError::Unavailable("the answer is not a TokenReview".into()))?;
-        if review.status.authenticated {
-            Ok(review.status.user.username)
-        } else {
-            Err(ReviewError::Revoked)
-        }
+            .map_err(PostError::Call)?;
+        serde_json::from_slice(&answer).map_err(|_| PostError::NotAReview)
     }
 }
 
@@ -305,5 +368,53 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, ReviewError::Unavailable(_)), "{e:?}");
         assert!(!e.to_string().contains("a-secret-token-value"), "{e}");
+    }
+
+    /// Issue 22: a TokenReview endpoint that cannot answer stops the start with what to set:
+    /// the in-cluster name outside a cluster, a bearer token the API server refuses, a token
+    /// file that is missing; an endpoint that answers passes.
+    #[tokio::test]
+    async fn the_start_up_probe_says_what_to_set() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (answering, _) = api_server().await;
+        let forbidden = {
+            let app = axum::Router::new().route(
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                axum::routing::post(|| async { (axum::http::StatusCode::FORBIDDEN, "forbidden") }),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            url
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "a-bearer-token-value\n").unwrap();
+        let missing = dir.path().join("missing");
+        let probe = |url: &str, token: &std::path::Path| {
+            let config = TokenReviewConfig {
+                url: url.into(),
+                ..TokenReviewConfig::default()
+            };
+            let reviewer = TokenReviewer::new(&config, None, Some(token.into())).unwrap();
+            async move { reviewer.probe().await.map_err(|e| e.to_string()) }
+        };
+        assert_eq!(probe(&answering, &token_file).await, Ok(()));
+        let cases = [
+            // `.invalid` never resolves (RFC 6761), as the in-cluster name does not outside.
+            (
+                "https://kubernetes.default.svc.invalid",
+                &token_file,
+                "set tokenReview.url",
+            ),
+            (forbidden.as_str(), &token_file, "system:auth-delegator"),
+            (answering.as_str(), &missing, "set issuer.tokenFile"),
+        ];
+        for (url, token, advice) in cases {
+            let error = probe(url, token).await.unwrap_err();
+            assert!(error.starts_with("tokenReview: "), "{error}");
+            assert!(error.contains(advice), "{url}: {error}");
+            assert!(!error.contains("a-bearer-token-value"), "{error}");
+        }
     }
 }

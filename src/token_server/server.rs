@@ -33,6 +33,8 @@ pub enum TokenServerError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Http(#[from] crate::sources::http::HttpClientError),
+    #[error(transparent)]
+    TokenReview(#[from] super::review::ProbeError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -47,6 +49,24 @@ struct AppState {
     reviewer: Option<TokenReviewer>,
     signer: Signer,
     clock: Clock,
+}
+
+/// Tries the TokenReview endpoint a few times (an API server that is restarting answers
+/// again within seconds); a setting that cannot work ends the start with what to set.
+async fn confirm_reviews_answered(reviewer: &TokenReviewer) -> Result<(), TokenServerError> {
+    const ATTEMPTS: u32 = 4;
+    let mut attempt = 1;
+    loop {
+        match reviewer.probe().await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt >= ATTEMPTS => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "TokenReview start-up check failed; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                attempt += 1;
+            }
+        }
+    }
 }
 
 pub struct TokenServer {
@@ -78,6 +98,9 @@ impl TokenServer {
             )?),
             false => None,
         };
+        if let Some(reviewer) = &reviewer {
+            confirm_reviews_answered(reviewer).await?;
+        }
         let addr = config.listen;
         let listen_error = move |source| TokenServerError::Listen { addr, source };
         let listener = std::net::TcpListener::bind(config.listen).map_err(listen_error)?;
@@ -413,7 +436,8 @@ rules:
             .replace("t.key", &dir.path().join("t.key").display().to_string())
             .replace("s.crt", &dir.path().join("s.crt").display().to_string())
             .replace("s.key", &dir.path().join("s.key").display().to_string())
-            + "listen: 127.0.0.1:0\nreadTimeout: 500ms\nidleTimeout: 500ms\nmaxConnections: 8\n";
+            + "listen: 127.0.0.1:0\nreadTimeout: 500ms\nidleTimeout: 500ms\nmaxConnections: 8\n"
+            + "tokenReview: {enabled: false}\n";
         let config = TokenServerConfig::from_yaml(&yaml).unwrap();
         let server = TokenServer::start(config, Arc::new(Timestamp::now))
             .await
