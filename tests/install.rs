@@ -9,6 +9,7 @@ mod support;
 
 use std::time::Duration;
 
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -853,6 +854,35 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
             None,
             None,
         ),
+        (
+            "delete",
+            "admissionregistration.k8s.io",
+            "mutatingwebhookconfigurations",
+            None,
+            Some("pull-secret-injector"),
+        ),
+        (
+            "patch",
+            "admissionregistration.k8s.io",
+            "mutatingwebhookconfigurations",
+            None,
+            Some("pull-secret-injector"),
+        ),
+        // Its own fence, and any other.
+        (
+            "update",
+            "admissionregistration.k8s.io",
+            "validatingadmissionpolicies",
+            None,
+            Some("pull-secret-injector-fence"),
+        ),
+        (
+            "delete",
+            "admissionregistration.k8s.io",
+            "validatingadmissionpolicybindings",
+            None,
+            Some("pull-secret-injector-fence"),
+        ),
         ("*", "*", "*", ns, None),
     ];
     for &(verb, group, resource, namespace, name) in refused {
@@ -869,11 +899,14 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
     wait_for(
         "the self-fencing policy in force",
         Duration::from_secs(30),
-        || async { token_request(&as_sa, "some-other-audience").await.is_err() },
+        || async {
+            token_request(&as_sa, NS, "some-other-audience", 600)
+                .await
+                .is_err()
+        },
     )
     .await;
-    let hooks: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
-        Api::all(admin.clone());
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
     let _ = hooks
         .delete("pull-secret-injector", &DeleteParams::default())
         .await;
@@ -925,6 +958,94 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         second.cert_pem, first.cert_pem,
         "a valid certificate is reused, not replaced"
     );
+    // The fence lets this identity change the caBundle (as `certs` did above, and here once
+    // more) and nothing else: not where the webhook points, not what it is sent, not how its
+    // failures count (issue 23: a leaked token repointing the webhook is a cluster takeover).
+    let both = format!("{}{}", first.ca_pem, first.ca_pem);
+    replace_webhook_as(&admin, &as_sa, |w| {
+        w["webhooks"][0]["clientConfig"]["caBundle"] = json!(base64_of(&both))
+    })
+    .await
+    .expect("only caBundle changes");
+    let changes: &[(&str, &dyn Fn(&mut Value))] = &[
+        ("url elsewhere", &|w| {
+            w["webhooks"][0]["clientConfig"]["url"] = json!("https://attacker.example/mutate")
+        }),
+        ("a Service instead", &|w| {
+            let hook = &mut w["webhooks"][0]["clientConfig"];
+            hook.as_object_mut().unwrap().remove("url");
+            hook["service"] = json!({"namespace": "attacker", "name": "collector", "port": 443});
+        }),
+        ("Secrets sent too", &|w| {
+            w["webhooks"][0]["rules"][0]["resources"] = json!(["pods", "secrets"])
+        }),
+        ("every namespace", &|w| {
+            w["webhooks"][0]["namespaceSelector"] = json!({})
+        }),
+        ("an objectSelector", &|w| {
+            w["webhooks"][0]["objectSelector"] = json!({"matchLabels": {"a": "b"}})
+        }),
+        ("failurePolicy Fail", &|w| {
+            w["webhooks"][0]["failurePolicy"] = json!("Fail")
+        }),
+        ("matchConditions", &|w| {
+            w["webhooks"][0]["matchConditions"] = json!([{"name": "all", "expression": "true"}])
+        }),
+        ("timeoutSeconds", &|w| {
+            w["webhooks"][0]["timeoutSeconds"] = json!(30)
+        }),
+        ("sideEffects", &|w| {
+            w["webhooks"][0]["sideEffects"] = json!("None")
+        }),
+        ("reinvocationPolicy", &|w| {
+            w["webhooks"][0]["reinvocationPolicy"] = json!("IfNeeded")
+        }),
+        ("matchPolicy", &|w| {
+            w["webhooks"][0]["matchPolicy"] = json!("Exact")
+        }),
+        ("admissionReviewVersions", &|w| {
+            w["webhooks"][0]["admissionReviewVersions"] = json!(["v1", "v1beta1"])
+        }),
+        ("a webhook added", &|w| {
+            let mut second = w["webhooks"][0].clone();
+            second["name"] = json!("second.attacker.example");
+            w["webhooks"].as_array_mut().unwrap().push(second);
+        }),
+        ("a webhook renamed", &|w| {
+            w["webhooks"][0]["name"] = json!("other.attacker.example")
+        }),
+        ("a label", &|w| w["metadata"]["labels"] = json!({"a": "b"})),
+        ("cert-manager's CA injection", &|w| {
+            w["metadata"]["annotations"] =
+                json!({"cert-manager.io/inject-ca-from": "attacker/their-ca"})
+        }),
+        ("a finalizer", &|w| {
+            w["metadata"]["finalizers"] = json!(["attacker.example/keep"])
+        }),
+    ];
+    for (what, change) in changes {
+        let refused = replace_webhook_as(&admin, &as_sa, change)
+            .await
+            .expect_err(what);
+        assert!(
+            refused
+                .contains("changes nothing of its webhook configuration but clientConfig.caBundle"),
+            "{what}: {refused}"
+        );
+    }
+    assert_eq!(
+        hooks
+            .get("pull-secret-injector")
+            .await
+            .unwrap()
+            .webhooks
+            .unwrap()[0]
+            .client_config
+            .url
+            .as_deref(),
+        Some("https://127.0.0.1:1/mutate"),
+        "still where the admin pointed it"
+    );
     hooks
         .delete("pull-secret-injector", &DeleteParams::default())
         .await
@@ -973,11 +1094,41 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
     .await;
     assert_eq!(pull_secret_names(&pod.pod), ["mine", "pull-secret"]);
     assert!(pod.warnings.is_empty(), "{:?}", pod.warnings);
+    let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), &team);
+    let default_lists = || async {
+        let sa = accounts.get("default").await.unwrap();
+        let value = serde_json::to_value(&sa).unwrap();
+        let listed = |list: &str| -> Vec<String> {
+            value[list]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["name"].as_str().map(String::from))
+                .collect()
+        };
+        (listed("imagePullSecrets"), listed("secrets"))
+    };
+    wait_for(
+        "the existing ServiceAccount attached",
+        Duration::from_secs(30),
+        || async {
+            default_lists().await == (vec!["pull-secret".into()], vec!["pull-secret".into()])
+        },
+    )
+    .await;
+    // Opting out: the label is gone first, then the Secret is deleted and the references the
+    // service added are taken back, in a namespace the fence no longer counts as opted in.
     inj.set_opt_in(&team, false).await;
     wait_for(
         "Secret deleted on opt-out",
         Duration::from_secs(30),
         || async { get_secret(&admin, &team).await.is_none() },
+    )
+    .await;
+    wait_for(
+        "the references taken back on opt-out",
+        Duration::from_secs(30),
+        || async { default_lists().await == (vec![], vec![]) },
     )
     .await;
     let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(admin.clone(), NS)
@@ -989,52 +1140,266 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         "the Lease was taken with the ServiceAccount's rights"
     );
 
-    // 5. What the fence refuses the same identity, though RBAC would allow it.
-    let refusal = token_request(&as_sa, "https://attacker.example")
+    // 5. What the fence refuses the same identity, though RBAC would allow it: each request a
+    //    leaked token of it made on 1.37 (issue 23), and more of the same kinds.
+    // `opted` carries the opt-in label the fence reads, but not this test's `e2e-run` label: the
+    // running service leaves it alone, so nothing it does there races with these requests.
+    let opted = "t-rbac-fenced".to_string();
+    create_namespace(
+        &admin,
+        &opted,
+        [(
+            "pull-secret-injector.io/inject".to_string(),
+            "enabled".to_string(),
+        )]
+        .into(),
+    )
+    .await;
+    let plain = inj.namespace("out", false).await;
+    let fenced = |result: Result<(), String>, what: &str, expected: &str| {
+        let refused = result.expect_err(what);
+        assert!(refused.contains(expected), "{what}: {refused}");
+    };
+    // TokenRequests: a configured audience, at most the configured lifetime, opted in only.
+    token_request(&as_sa, &opted, AUDIENCE, 3600)
         .await
-        .expect_err("a TokenRequest with another audience");
-    assert!(
-        refusal.contains("exactly one configured audience"),
-        "{refusal}"
+        .expect("the configured audience and lifetime, opted in");
+    fenced(
+        token_request(&as_sa, &opted, "https://attacker.example", 600).await,
+        "another audience",
+        "exactly one configured audience",
     );
-    token_request(&as_sa, AUDIENCE)
-        .await
-        .expect("the configured audience");
-    let opaque = create_secret_as(&as_sa, &team, "pull-secret", "Opaque", true).await;
-    assert!(
-        opaque
-            .as_ref()
-            .is_err_and(|e| e.contains("only kubernetes.io/dockerconfigjson")),
-        "{opaque:?}"
+    fenced(
+        token_request(&as_sa, &opted, AUDIENCE, 30 * 86400).await,
+        "30 days",
+        "at most the configured expirationSeconds",
     );
-    let other = create_secret_as(&as_sa, &team, "database-password", DOCKER, true).await;
-    assert!(
-        other
-            .as_ref()
-            .is_err_and(|e| e.contains("only Secrets of the configured name")),
-        "{other:?}"
+    fenced(
+        token_request(&as_sa, &opted, AUDIENCE, 3601).await,
+        "a second longer than configured",
+        "at most the configured expirationSeconds",
     );
-    let unlabelled = create_secret_as(&as_sa, &team, "pull-secret", DOCKER, false).await;
-    assert!(
-        unlabelled.as_ref().is_err_and(|e| e.contains("managed-by")),
-        "{unlabelled:?}"
-    );
-    create_secret_as(&as_sa, &team, "pull-secret", DOCKER, true)
+    for ns in [plain.as_str(), "kube-system", NS] {
+        fenced(
+            token_request(&as_sa, ns, AUDIENCE, 600).await,
+            ns,
+            "only in namespaces that opted in",
+        );
+    }
+    // Creating Secrets: its pull Secret, in an opted-in namespace only.
+    create_secret_as(&as_sa, &opted, "pull-secret", DOCKER, true)
         .await
         .expect("a pull Secret as the config names it");
+    for (ns, name, type_, labelled, expected) in [
+        (
+            &*opted,
+            "pull-secret",
+            "Opaque",
+            true,
+            "only kubernetes.io/dockerconfigjson",
+        ),
+        (
+            &opted,
+            "database-password",
+            DOCKER,
+            true,
+            "only Secrets of the configured name",
+        ),
+        (&opted, "pull-secret", DOCKER, false, "managed-by"),
+        (
+            &plain,
+            "pull-secret",
+            DOCKER,
+            true,
+            "only in namespaces that opted in",
+        ),
+        (
+            "kube-system",
+            "pull-secret",
+            DOCKER,
+            true,
+            "only in namespaces that opted in",
+        ),
+    ] {
+        fenced(
+            create_secret_as(&as_sa, ns, name, type_, labelled).await,
+            &format!("{ns}/{name} {type_} labelled: {labelled}"),
+            expected,
+        );
+    }
+    // Someone else's Secret of the configured name is out of reach: not replaced (the label
+    // added to pass for one of its own), not deleted; OpenShift's cluster-wide pull Secret
+    // included.
+    create_namespace(&admin, "openshift-config", Default::default()).await;
+    for ns in [plain.as_str(), "openshift-config"] {
+        let users = Api::<Secret>::namespaced(admin.clone(), ns);
+        let _ = users.delete("pull-secret", &DeleteParams::default()).await;
+        let theirs: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "pull-secret"}, "type": DOCKER,
+            "data": {".dockerconfigjson": base64_of(r#"{"auths":{"registry.example.com":{"auth":"dXNlcjpzZWNyZXQ="}}}"#)},
+        }))
+        .unwrap();
+        users.create(&PostParams::default(), &theirs).await.unwrap();
+        let mut taken = users.get("pull-secret").await.unwrap();
+        taken.metadata.labels = Some(
+            [(
+                "app.kubernetes.io/managed-by".to_string(),
+                "pull-secret-injector".to_string(),
+            )]
+            .into(),
+        );
+        taken.data = Some(
+            [(
+                ".dockerconfigjson".to_string(),
+                k8s_openapi::ByteString(b"{}".to_vec()),
+            )]
+            .into(),
+        );
+        fenced(
+            Api::<Secret>::namespaced(as_sa.clone(), ns)
+                .replace("pull-secret", &PostParams::default(), &taken)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            &format!("replacing {ns}/pull-secret"),
+            "changes and deletes only Secrets it manages",
+        );
+        fenced(
+            Api::<Secret>::namespaced(as_sa.clone(), ns)
+                .delete("pull-secret", &DeleteParams::default())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            &format!("deleting {ns}/pull-secret"),
+            "changes and deletes only Secrets it manages",
+        );
+        let kept = users.get("pull-secret").await.unwrap();
+        assert!(
+            kept.metadata.labels.as_ref().is_none_or(|l| l.is_empty()),
+            "{ns}"
+        );
+        assert_eq!(
+            docker_config(&kept)["auths"]["registry.example.com"]["auth"],
+            "dXNlcjpzZWNyZXQ="
+        );
+    }
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
+    let _ = namespaces
+        .delete("openshift-config", &DeleteParams::default())
+        .await;
+    // ServiceAccounts: no cloud identity, no token mounting, no references but its own Secret's,
+    // and references added only where the namespace opted in.
+    let patch_as = |ns: &str, body: Value| {
+        let api = Api::<ServiceAccount>::namespaced(as_sa.clone(), ns);
+        async move {
+            api.patch("default", &PatchParams::default(), &Patch::Merge(body))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    for ns in [plain.as_str(), &opted] {
+        for annotation in [
+            "eks.amazonaws.com/role-arn",
+            "azure.workload.identity/client-id",
+            "iam.gke.io/gcp-service-account",
+        ] {
+            fenced(
+                patch_as(
+                    ns,
+                    json!({"metadata": {"annotations": {annotation: "attacker"}}}),
+                )
+                .await,
+                &format!("{annotation} in {ns}"),
+                "changes only references to its own Secret",
+            );
+        }
+        fenced(
+            patch_as(ns, json!({"automountServiceAccountToken": true})).await,
+            &format!("automountServiceAccountToken in {ns}"),
+            "changes only references to its own Secret",
+        );
+        fenced(
+            patch_as(ns, json!({"metadata": {"labels": {"a": "b"}}})).await,
+            &format!("a label in {ns}"),
+            "changes only references to its own Secret",
+        );
+    }
+    fenced(
+        patch_as(
+            &opted,
+            json!({"imagePullSecrets": [{"name": "pull-secret"}, {"name": "database-password"}]}),
+        )
+        .await,
+        "another Secret's reference",
+        "changes only references to its own Secret",
+    );
+    for ns in [plain.as_str(), "kube-system"] {
+        fenced(
+            patch_as(ns, json!({"imagePullSecrets": [{"name": "pull-secret"}]})).await,
+            &format!("imagePullSecrets in {ns}"),
+            "only in namespaces that opted in",
+        );
+    }
+    // A reference the user wrote is not the service's to take back, opted in or not.
+    Api::<ServiceAccount>::namespaced(admin.clone(), &plain)
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"imagePullSecrets": [{"name": "pull-secret"}]})),
+        )
+        .await
+        .unwrap();
+    fenced(
+        patch_as(&plain, json!({"imagePullSecrets": []})).await,
+        "a user's reference taken",
+        "takes back only the references its pull-secret-injector.io/injected-into annotation names",
+    );
+    let _ = namespaces.delete(&opted, &DeleteParams::default()).await;
     inj.cleanup().await;
+}
+
+/// Reads the webhook configuration `pull-secret-injector` as the admin, changes it with
+/// `change` and replaces it as `client`; the API server's refusal as text.
+async fn replace_webhook_as(
+    admin: &kube::Client,
+    client: &kube::Client,
+    change: impl FnOnce(&mut Value),
+) -> Result<(), String> {
+    let current = Api::<MutatingWebhookConfiguration>::all(admin.clone())
+        .get("pull-secret-injector")
+        .await
+        .unwrap();
+    let mut object = serde_json::to_value(&current).unwrap();
+    change(&mut object);
+    let object: MutatingWebhookConfiguration = serde_json::from_value(object).unwrap();
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .replace("pull-secret-injector", &PostParams::default(), &object)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
 }
 
 const DOCKER: &str = "kubernetes.io/dockerconfigjson";
 
-/// A TokenRequest for `default` in the service's namespace as `client`, for one audience; the API
-/// server's refusal as text.
-async fn token_request(client: &kube::Client, audience: &str) -> Result<(), String> {
+/// A TokenRequest for `default` in `namespace` as `client`, for one audience and `seconds`; the
+/// API server's refusal as text.
+async fn token_request(
+    client: &kube::Client,
+    namespace: &str,
+    audience: &str,
+    seconds: i64,
+) -> Result<(), String> {
     let request: k8s_openapi::api::authentication::v1::TokenRequest = serde_json::from_value(
-        json!({"spec": {"audiences": [audience], "expirationSeconds": 600}}),
+        json!({"spec": {"audiences": [audience], "expirationSeconds": seconds}}),
     )
     .unwrap();
-    Api::<ServiceAccount>::namespaced(client.clone(), NS)
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
         .create_token_request("default", &PostParams::default(), &request)
         .await
         .map(|_| ())
