@@ -1436,19 +1436,23 @@ async fn create_secret_as(
         .map_err(|e| e.to_string())
 }
 
-/// The audiences the chart's self-fencing policy allows are the ones the config it renders
-/// requests tokens for (`Config::token_audiences`), for every token source and its defaults.
+/// The chart's self-fencing policy allows exactly the audiences (`Config::token_audiences`) and
+/// at most the lifetime (`Config::max_token_seconds`) the config it renders requests tokens
+/// for, and its RBAC exactly those ServiceAccounts (`Config::token_service_accounts`), for
+/// every token source and its defaults; none at all when every source reads a token file (an
+/// empty `resourceNames` would grant every name).
 #[test]
-fn the_fence_allows_exactly_the_audiences_the_config_requests() {
+fn the_fence_and_rbac_allow_exactly_the_token_requests_the_config_makes() {
     let gcp =
         "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/q";
     for registries in [
         json!([{"host": "registry.example.com", "kubernetes": {"audience": "https://registry.example.com"}}]),
         json!([
-            {"host": "a.example", "kubernetes": {"audience": "https://a.example"}},
-            {"host": "b.example", "kubernetes": {"audience": "https://a.example"}},
+            {"host": "a.example", "kubernetes": {"audience": "https://a.example", "expirationSeconds": 1800}},
+            {"host": "b.example", "kubernetes": {"audience": "https://a.example", "serviceAccount": "puller"}},
             {"host": "cgr.dev", "chainguard": {"identity": "0123abcd"}},
-            {"host": "quay.io", "quay": {"robot": "acme+r", "audience": "quay-fed"}},
+            {"host": "quay.io", "quay": {"robot": "acme+r", "audience": "quay-fed",
+                "serviceAccountToken": {"fromNamespace": {"serviceAccount": "quay-puller", "expirationSeconds": 7200}}}},
             {"host": "1.dkr.ecr.eu-west-1.amazonaws.com", "ecr": {"roleArn": "arn:aws:iam::1:role/r", "region": "eu-west-1"}},
             {"host": "acme.azurecr.io", "acr": {"clientId": "c", "tenantId": "t"}},
             {"host": "europe-docker.pkg.dev", "gcp": {"workloadIdentityProvider": gcp}},
@@ -1456,6 +1460,8 @@ fn the_fence_allows_exactly_the_audiences_the_config_requests() {
             {"host": "file.example", "quay": {"robot": "acme+f", "audience": "not-requested",
                 "serviceAccountToken": {"file": "/var/run/secrets/tokens/quay"}}}
         ]),
+        json!([{"host": "file.example", "quay": {"robot": "acme+f", "audience": "q",
+            "serviceAccountToken": {"file": "/var/run/secrets/tokens/quay"}}}]),
     ] {
         let values = json!({"config": {"registries": registries}}).to_string();
         let objects = helm_objects(&values);
@@ -1465,18 +1471,116 @@ fn the_fence_allows_exactly_the_audiences_the_config_requests() {
             .to_string();
         let config = pull_secret_injector::config::Config::from_yaml(&config)
             .unwrap_or_else(|e| panic!("{e}"));
-        let fence = find(&objects, "ValidatingAdmissionPolicy");
-        let variable = fence["spec"]["variables"]
+        let variable = |name: &str| fence_variable(&objects, name);
+        // The CEL list literal is a JSON array, the number a JSON number.
+        let allowed: Vec<String> = serde_json::from_str(&variable("audiences")).unwrap();
+        assert_eq!(allowed, config.token_audiences(), "{registries}");
+        let longest: i64 = variable("maxTokenSeconds").parse().unwrap();
+        assert_eq!(longest, config.max_token_seconds(), "{registries}");
+        let token_rules: Vec<&Value> = find(&objects, "ClusterRole")["rules"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|v| v["name"] == "audiences")
-            .unwrap();
-        // The CEL list literal is a JSON array.
-        let allowed: Vec<String> =
-            serde_json::from_str(variable["expression"].as_str().unwrap()).unwrap();
-        assert_eq!(allowed, config.token_audiences(), "{registries}");
+            .filter(|r| r["resources"] == json!(["serviceaccounts/token"]))
+            .collect();
+        let expected = config.token_service_accounts();
+        if expected.is_empty() {
+            assert!(token_rules.is_empty(), "{token_rules:?}");
+        } else {
+            assert_eq!(token_rules.len(), 1);
+            assert_eq!(
+                token_rules[0]["resourceNames"],
+                json!(expected),
+                "{registries}"
+            );
+        }
     }
+    // The kustomize base spells the same out for its ConfigMap.
+    let base = base_objects();
+    let config = find(&base, "ConfigMap")["data"]["config.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = pull_secret_injector::config::Config::from_yaml(&config).unwrap();
+    let longest: i64 = fence_variable(&base, "maxTokenSeconds").parse().unwrap();
+    assert_eq!(longest, config.max_token_seconds());
+    let allowed: Vec<String> = serde_json::from_str(&fence_variable(&base, "audiences")).unwrap();
+    assert_eq!(allowed, config.token_audiences());
+}
+
+/// The CEL of variable `name` of the self-fencing policy among `objects`.
+fn fence_variable(objects: &[Value], name: &str) -> String {
+    find(objects, "ValidatingAdmissionPolicy")["spec"]["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no variable {name}"))["expression"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The shipped credential-provider files agree: each provider of the kubelet's config asks
+/// for the audience its registry's source presents in the plugin config (and for the
+/// annotations that source reads), every registry has a provider, and the node RBAC grants
+/// exactly the providers' audiences (issue 23: it granted one of three, so two providers got
+/// no token as shipped). The plugin config is the source of truth; the other two must follow.
+#[test]
+fn the_node_rbac_grants_the_audiences_the_kubelet_config_asks_for() {
+    let dir = repo().join("deploy/credential-provider");
+    let plugin = pull_secret_injector::credential_provider::PluginConfig::from_yaml(
+        &std::fs::read_to_string(dir.join("pull-secret-injector.yaml")).unwrap(),
+    )
+    .unwrap();
+    let kubelet = &yaml_docs(
+        &std::fs::read_to_string(dir.join("kubelet-credential-provider-config.yaml")).unwrap(),
+    )[0];
+    let mut audiences = std::collections::BTreeSet::new();
+    let mut covered = std::collections::BTreeSet::new();
+    for provider in kubelet["providers"].as_array().unwrap() {
+        let audience = provider["tokenAttributes"]["serviceAccountTokenAudience"]
+            .as_str()
+            .unwrap();
+        audiences.insert(audience.to_string());
+        let annotations: Vec<&str> = provider["tokenAttributes"]
+            ["requiredServiceAccountAnnotationKeys"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        for image in provider["matchImages"].as_array().unwrap() {
+            let registry = plugin
+                .registry_for(&format!("{}/app", image.as_str().unwrap()))
+                .unwrap_or_else(|e| panic!("{image}: {}", e.line()));
+            covered.insert(registry.host.clone());
+            assert_eq!(
+                registry.source.token_audience(),
+                audience,
+                "{image}: the provider's audience is not the one its source presents"
+            );
+            for key in registry.source.annotation_keys() {
+                assert!(annotations.contains(&key), "{image}: {key} not passed");
+            }
+        }
+    }
+    let hosts: std::collections::BTreeSet<String> =
+        plugin.registries.iter().map(|r| r.host.clone()).collect();
+    assert_eq!(
+        covered, hosts,
+        "every registry of the plugin config has a provider"
+    );
+    let rbac = yaml_docs(&std::fs::read_to_string(dir.join("rbac.yaml")).unwrap());
+    let role = find(&rbac, "ClusterRole");
+    assert_eq!(role["rules"].as_array().unwrap().len(), 1);
+    let granted: std::collections::BTreeSet<String> = role["rules"][0]["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(granted, audiences, "the node RBAC's audiences");
 }
 
 /// The token server's manifests are accepted by the API server, and the config they carry is a
