@@ -1583,6 +1583,251 @@ fn the_node_rbac_grants_the_audiences_the_kubelet_config_asks_for() {
     assert_eq!(granted, audiences, "the node RBAC's audiences");
 }
 
+/// The fence's "opted in" (CEL over the namespace's labels, rendered by the chart from
+/// `config.namespaceSelector` and `excludedNamespaces`) is the service's own
+/// `NamespacePolicy::eligibility`, for every operator a LabelSelector has: the API server
+/// answers a pull Secret's creation as that ServiceAccount in namespaces with and without the
+/// labels each operator looks at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_counts_as_opted_in_exactly_the_namespaces_the_service_serves() {
+    let _serial = serial();
+    let admin = ControlPlane::get().client().await;
+    let sa = "psi-selector";
+    let selector = json!({
+        "matchLabels": {"tier": "web"},
+        "matchExpressions": [
+            {"key": "env", "operator": "In", "values": ["prod", "stage"]},
+            {"key": "zone", "operator": "NotIn", "values": ["dmz"]},
+            {"key": "team", "operator": "Exists"},
+            {"key": "legacy", "operator": "DoesNotExist"},
+        ],
+    });
+    let excluded = "psi-sel-excluded";
+    let values = json!({"name": sa, "createNamespace": true, "config": {
+        "namespaceSelector": selector, "excludedNamespaces": [excluded]}});
+    let fence = apply_fence_and_rbac(&admin, &values.to_string()).await;
+    // The service's answer, from the config the chart renders (Helm merges the values into the
+    // default selector: its opt-in label stays).
+    let config = find(&helm_objects(&values.to_string()), "ConfigMap")["data"]["config.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = pull_secret_injector::config::Config::from_yaml(&config).unwrap();
+    let policy = pull_secret_injector::core::namespaces::NamespacePolicy::new(
+        config.namespace_selector,
+        Some(NS),
+        &config.excluded_namespaces,
+    );
+    let good = [
+        ("pull-secret-injector.io/inject", "enabled"),
+        ("tier", "web"),
+        ("env", "prod"),
+        ("team", "a"),
+    ];
+    let with = |extra: &[(&str, &str)], without: &[&str]| {
+        good.iter()
+            .chain(extra)
+            .filter(|(k, _)| !without.contains(k))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let cases = [
+        ("psi-sel-all", with(&[], &[])),
+        (
+            "psi-sel-stage",
+            with(&[("env", "stage"), ("zone", "eu")], &[]),
+        ),
+        ("psi-sel-empty-team", with(&[("team", "")], &[])),
+        ("psi-sel-dmz", with(&[("zone", "dmz")], &[])),
+        ("psi-sel-legacy", with(&[("legacy", "yes")], &[])),
+        ("psi-sel-no-team", with(&[], &["team"])),
+        ("psi-sel-dev", with(&[("env", "dev")], &[])),
+        ("psi-sel-no-env", with(&[], &["env"])),
+        ("psi-sel-api", with(&[("tier", "api")], &[])),
+        (
+            "psi-sel-not-in",
+            with(&[], &["pull-secret-injector.io/inject"]),
+        ),
+        ("psi-sel-none", Default::default()),
+        (excluded, with(&[], &[])),
+    ];
+    let as_sa = client_as(&admin, sa).await;
+    wait_for("the fence in force", Duration::from_secs(30), || async {
+        create_secret_as(&as_sa, "kube-system", "pull-secret", DOCKER, true)
+            .await
+            .is_err()
+    })
+    .await;
+    let mut served = 0;
+    for (name, labels) in &cases {
+        create_namespace(&admin, name, labels.clone()).await;
+        let expected = policy.eligibility(name, Some(labels))
+            == pull_secret_injector::core::namespaces::Eligibility::OptedIn;
+        served += usize::from(expected);
+        let answer = create_secret_as(&as_sa, name, "pull-secret", DOCKER, true).await;
+        match (expected, answer) {
+            (true, Ok(())) => {}
+            (false, Err(e)) if e.contains("only in namespaces that opted in") => {}
+            (expected, answer) => {
+                panic!("{name} {labels:?}: served by the service: {expected}, fence: {answer:?}")
+            }
+        }
+    }
+    assert_eq!(served, 3, "the cases cover both answers");
+    for ns in [NS, "kube-system"] {
+        let refused = create_secret_as(&as_sa, ns, "pull-secret", DOCKER, true).await;
+        assert!(
+            refused.is_err_and(|e| e.contains("only in namespaces that opted in")),
+            "{ns}"
+        );
+    }
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
+    for (name, _) in &cases {
+        let _ = namespaces.delete(name, &DeleteParams::default()).await;
+    }
+    delete_untyped(&admin, &fence).await;
+}
+
+/// Applies the chart's Namespace, ServiceAccount, RBAC and self-fencing policy for `values`
+/// (for real: the RBAC is what SubjectAccessReviews and real requests are answered by); returns
+/// the policy and its binding, to delete when done (they are cluster-wide).
+async fn apply_fence_and_rbac(admin: &kube::Client, values: &str) -> Vec<Value> {
+    let rendered = helm_objects(values);
+    for object in rendered.iter().filter(|o| {
+        matches!(
+            o["kind"].as_str(),
+            Some(
+                "Namespace"
+                    | "ServiceAccount"
+                    | "ClusterRole"
+                    | "ClusterRoleBinding"
+                    | "Role"
+                    | "RoleBinding"
+                    | "ValidatingAdmissionPolicy"
+                    | "ValidatingAdmissionPolicyBinding"
+            )
+        )
+    }) {
+        if let Some(ns) = object["metadata"]["namespace"].as_str() {
+            if object["kind"] != "Namespace" && ns != NS {
+                create_namespace_if_missing(admin, ns).await;
+            }
+        }
+        apply(admin, object, false)
+            .await
+            .expect("served")
+            .unwrap_or_else(|e| panic!("{}: {e}", object["kind"]));
+    }
+    rendered
+        .into_iter()
+        .filter(|o| {
+            o["kind"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("ValidatingAdmissionPolicy"))
+        })
+        .collect()
+}
+
+async fn create_namespace_if_missing(admin: &kube::Client, name: &str) {
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
+    if namespaces.get_opt(name).await.unwrap().is_none() {
+        create_namespace(admin, name, Default::default()).await;
+    }
+}
+
+/// The fences compare every field the API server knows: every field of a webhook (but
+/// `clientConfig.caBundle`) and of its configuration, every field of a ServiceAccount. A field
+/// a later Kubernetes adds fails this test until the fence compares it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_compares_every_field_the_api_server_knows() {
+    let admin = ControlPlane::get().client().await;
+    let schemas = |path: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let request = http::Request::get(path).body(Vec::new()).unwrap();
+            let doc: Value = admin.request(request).await.expect(path);
+            doc["components"]["schemas"].clone()
+        }
+    };
+    let properties = |schemas: &Value, name: &str| -> Vec<String> {
+        schemas[name]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{name} not in the API server's schema"))
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let base = base_objects();
+    let fence = &find(&base, "ValidatingAdmissionPolicy")["spec"]["validations"];
+    let validation = |message: &str| -> String {
+        fence
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["message"].as_str().unwrap().contains(message))
+            .unwrap_or_else(|| panic!("no validation says {message:?}"))["expression"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let admission = schemas("/openapi/v3/apis/admissionregistration.k8s.io/v1").await;
+    let webhook_rule = validation("but clientConfig.caBundle");
+    assert_eq!(
+        properties(
+            &admission,
+            "io.k8s.api.admissionregistration.v1.MutatingWebhookConfiguration"
+        ),
+        ["apiVersion", "kind", "metadata", "webhooks"]
+    );
+    for field in properties(
+        &admission,
+        "io.k8s.api.admissionregistration.v1.MutatingWebhook",
+    ) {
+        let compared = match field.as_str() {
+            "name" => "o.name == w.name".to_string(),
+            "clientConfig" => continue,
+            other => format!("w.?{other} == o.?{other}"),
+        };
+        assert!(webhook_rule.contains(&compared), "{field}: {webhook_rule}");
+    }
+    for field in properties(
+        &admission,
+        "io.k8s.api.admissionregistration.v1.WebhookClientConfig",
+    ) {
+        if field != "caBundle" {
+            let compared = format!("w.clientConfig.?{field} == o.clientConfig.?{field}");
+            assert!(
+                webhook_rule.contains(&compared),
+                "clientConfig.{field}: {webhook_rule}"
+            );
+        }
+    }
+    let core = schemas("/openapi/v3/api/v1").await;
+    assert_eq!(
+        properties(&core, "io.k8s.api.core.v1.ServiceAccount"),
+        [
+            "apiVersion",
+            "automountServiceAccountToken",
+            "imagePullSecrets",
+            "kind",
+            "metadata",
+            "secrets"
+        ],
+        "a field the ServiceAccount fence does not compare"
+    );
+    let account_rule = validation("changes only references to its own Secret");
+    for compared in [
+        "object.?automountServiceAccountToken == oldObject.?automountServiceAccountToken",
+        "variables.newPulls.filter(",
+        "variables.newRefs.filter(",
+    ] {
+        assert!(
+            account_rule.contains(compared),
+            "{compared}: {account_rule}"
+        );
+    }
+}
+
 /// The token server's manifests are accepted by the API server, and the config they carry is a
 /// valid token-server config.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1718,9 +1963,22 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
             "must not {verb} {group}/{resource} {namespace:?} {name:?}"
         );
     }
-    // The self-fencing policy of this scope: a Secret named `<sa>-pull-secret` and owned by
-    // that ServiceAccount, nothing else, as the ServiceAccount's own token.
+    // The self-fencing policy of this scope: a Secret named `<sa>-pull-secret` and owned by that
+    // ServiceAccount, nothing else, as the ServiceAccount's own token, in a namespace that
+    // opted in.
     let as_sa = client_as(&admin, sa).await;
+    let team = "psi-sa-team";
+    create_namespace_if_missing(&admin, team).await;
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
+        .patch(
+            team,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {"pull-secret-injector.io/inject": "enabled"}}}),
+            ),
+        )
+        .await
+        .unwrap();
     let secret_as = |name: &str, owner: Option<&str>| {
         let owners = owner.map(|o| {
             json!([{"apiVersion": "v1", "kind": "ServiceAccount", "name": o,
@@ -1732,7 +1990,7 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
             "type": DOCKER, "data": {".dockerconfigjson": "e30="},
         }))
         .unwrap();
-        let api = Api::<Secret>::namespaced(as_sa.clone(), NS);
+        let api = Api::<Secret>::namespaced(as_sa.clone(), team);
         async move {
             let params = PostParams {
                 dry_run: true,
@@ -1761,6 +2019,86 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
             refused.contains("only Secrets of the configured name"),
             "{name} {owner:?}: {refused}"
         );
+    }
+    // RBAC lets this scope read, update and delete every Secret (the names vary); the fence
+    // keeps updates and deletions to the Secrets it manages. (Reads cannot be fenced: no
+    // admission sees a get, list or watch; docs/security.md.)
+    let victim = "psi-sa-victim";
+    create_namespace_if_missing(&admin, victim).await;
+    for ns in [team, victim] {
+        let theirs = Api::<Secret>::namespaced(admin.clone(), ns);
+        let _ = theirs
+            .delete("database-password", &DeleteParams::default())
+            .await;
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "database-password"}, "stringData": {"password": "hunter2"}}))
+        .unwrap();
+        theirs
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+        let as_theirs = Api::<Secret>::namespaced(as_sa.clone(), ns);
+        let refused = as_theirs
+            .delete("database-password", &DeleteParams::default())
+            .await
+            .expect_err("deleting someone else's Secret")
+            .to_string();
+        assert!(
+            refused.contains("changes and deletes only Secrets it manages"),
+            "{refused}"
+        );
+        let mut taken = theirs.get("database-password").await.unwrap();
+        taken.metadata.labels = Some(
+            [(
+                "app.kubernetes.io/managed-by".into(),
+                "pull-secret-injector".into(),
+            )]
+            .into(),
+        );
+        let refused = as_theirs
+            .replace("database-password", &PostParams::default(), &taken)
+            .await
+            .expect_err("taking someone else's Secret")
+            .to_string();
+        assert!(
+            refused.contains("only kubernetes.io/dockerconfigjson"),
+            "{refused}"
+        );
+        assert!(
+            theirs.get_opt("database-password").await.unwrap().is_some(),
+            "{ns}"
+        );
+    }
+    // On a ServiceAccount, its own Secret's reference only: `<sa>-pull-secret`.
+    let builder: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "builder"}})).unwrap();
+    let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), team);
+    let _ = accounts.create(&PostParams::default(), &builder).await;
+    let attach_as_sa = |secret: &str| {
+        let api = Api::<ServiceAccount>::namespaced(as_sa.clone(), team);
+        let body = json!({"imagePullSecrets": [{"name": secret}]});
+        async move {
+            let params = PatchParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            api.patch("builder", &params, &Patch::Merge(body))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    attach_as_sa("builder-pull-secret")
+        .await
+        .expect("its own Secret");
+    let refused = attach_as_sa("pull-secret").await.expect_err("another name");
+    assert!(
+        refused.contains("changes only references to its own Secret"),
+        "{refused}"
+    );
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
+    for ns in [team, victim] {
+        let _ = namespaces.delete(ns, &DeleteParams::default()).await;
     }
     for object in rendered.iter().filter(|o| {
         o["kind"]
