@@ -1828,6 +1828,109 @@ async fn the_fence_compares_every_field_the_api_server_knows() {
     }
 }
 
+/// `pullSecretUpdater.namespaces` keeps the compatibility to those namespaces: the config says
+/// so, RBAC grants Secrets there only (Roles, no ClusterRole), and the fence lets the service
+/// update only annotated Secrets there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pull_secret_updater_can_be_kept_to_some_namespaces() {
+    let _serial = serial();
+    let admin = ControlPlane::get().client().await;
+    let sa = "psi-updater";
+    let (kept, other) = ("psi-upd-kept", "psi-upd-other");
+    let values = json!({"name": sa, "createNamespace": true,
+        "pullSecretUpdater": {"enabled": true, "namespaces": [kept]}})
+    .to_string();
+    let rendered = helm_objects(&values);
+    let config = find(&rendered, "ConfigMap")["data"]["config.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = pull_secret_injector::config::Config::from_yaml(&config).unwrap();
+    assert_eq!(config.pull_secret_updater.unwrap().namespaces, [kept]);
+    assert!(
+        !rendered.iter().any(|o| o["kind"] == "ClusterRole"
+            && o["metadata"]["name"] == format!("{sa}-pull-secret-updater")),
+        "no cluster-wide Secret access"
+    );
+    create_namespace_if_missing(&admin, other).await;
+    let fence = apply_fence_and_rbac(&admin, &values).await;
+    type Access<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>);
+    let needed: &[Access] = &[
+        ("list", "secrets", Some(kept), None),
+        ("watch", "secrets", Some(kept), None),
+        ("get", "secrets", Some(kept), Some("cgr")),
+        ("update", "secrets", Some(kept), Some("cgr")),
+    ];
+    for &(verb, resource, namespace, name) in needed {
+        assert!(
+            can_as(&admin, sa, verb, "", resource, namespace, name).await,
+            "needs {verb} {resource} {namespace:?} {name:?}"
+        );
+    }
+    let refused: &[Access] = &[
+        ("list", "secrets", None, None),
+        ("list", "secrets", Some(other), None),
+        ("get", "secrets", Some(other), Some("cgr")),
+        ("update", "secrets", Some(other), Some("cgr")),
+        ("delete", "secrets", Some(kept), Some("cgr")),
+    ];
+    for &(verb, resource, namespace, name) in refused {
+        assert!(
+            !can_as(&admin, sa, verb, "", resource, namespace, name).await,
+            "must not {verb} {resource} {namespace:?} {name:?}"
+        );
+    }
+    // As its token: an annotated Secret there is updated, an unannotated one is not.
+    let as_sa = client_as(&admin, sa).await;
+    let secrets = Api::<Secret>::namespaced(admin.clone(), kept);
+    for (name, annotated) in [("cgr", true), ("plain", false)] {
+        let _ = secrets.delete(name, &DeleteParams::default()).await;
+        let annotations = if annotated {
+            json!({"pull-secret-updater.chainguard.dev/identity": "0123abcd"})
+        } else {
+            json!({})
+        };
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": annotations}, "type": DOCKER,
+            "data": {".dockerconfigjson": base64_of("{}")}}))
+        .unwrap();
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+    let fill = |name: &'static str| {
+        let admin = secrets.clone();
+        let mine = Api::<Secret>::namespaced(as_sa.clone(), kept);
+        async move {
+            let mut secret = admin.get(name).await.unwrap();
+            secret.data = Some(
+                [(
+                    ".dockerconfigjson".to_string(),
+                    k8s_openapi::ByteString(br#"{"auths":{"cgr.dev":{}}}"#.to_vec()),
+                )]
+                .into(),
+            );
+            mine.replace(name, &PostParams::default(), &secret)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    wait_for("the fence in force", Duration::from_secs(30), || async {
+        fill("plain").await.is_err()
+    })
+    .await;
+    fill("cgr").await.expect("an annotated Secret");
+    let refused = fill("plain").await.unwrap_err();
+    assert!(refused.contains("managed-by=pull-secret-injector"), "{refused}");
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
+    for ns in [kept, other] {
+        let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+    }
+    delete_untyped(&admin, &fence).await;
+}
+
 /// The token server's manifests are accepted by the API server, and the config they carry is a
 /// valid token-server config.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
