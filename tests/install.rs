@@ -1923,7 +1923,10 @@ async fn the_pull_secret_updater_can_be_kept_to_some_namespaces() {
     .await;
     fill("cgr").await.expect("an annotated Secret");
     let refused = fill("plain").await.unwrap_err();
-    assert!(refused.contains("managed-by=pull-secret-injector"), "{refused}");
+    assert!(
+        refused.contains("managed-by=pull-secret-injector"),
+        "{refused}"
+    );
     let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
     for ns in [kept, other] {
         let _ = namespaces.delete(ns, &DeleteParams::default()).await;
