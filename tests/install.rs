@@ -967,7 +967,8 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
     })
     .await
     .expect("only caBundle changes");
-    let changes: &[(&str, &dyn Fn(&mut Value))] = &[
+    type Change<'a> = (&'a str, &'a dyn Fn(&mut Value));
+    let changes: &[Change] = &[
         ("url elsewhere", &|w| {
             w["webhooks"][0]["clientConfig"]["url"] = json!("https://attacker.example/mutate")
         }),
