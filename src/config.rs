@@ -401,6 +401,34 @@ impl Config {
         audiences
     }
 
+    /// The ServiceAccounts this service's TokenRequests are for with one Secret per namespace,
+    /// in config order and each once: the only ones the shipped RBAC lets it request tokens
+    /// for (`resourceNames`). Empty when every source reads a token file.
+    pub fn token_service_accounts(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for (name, _) in self
+            .registries
+            .iter()
+            .filter_map(|r| r.source.token_request())
+        {
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_string());
+            }
+        }
+        names
+    }
+
+    /// The longest lifetime, in seconds, any of this service's TokenRequests asks for: the
+    /// shipped self-fencing policy refuses longer ones. 0 when every source reads a token file.
+    pub fn max_token_seconds(&self) -> i64 {
+        self.registries
+            .iter()
+            .filter_map(|r| r.source.token_request())
+            .map(|(_, seconds)| seconds)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Checks what types alone cannot express; reports every problem found.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
@@ -724,6 +752,50 @@ registries:
             c.token_audiences(),
             ["https://a.example", "issuer.enforce.dev"]
         );
+    }
+
+    #[test]
+    fn token_service_accounts_and_lifetime_are_those_of_token_requests() {
+        let yaml = r#"
+tls: {certFile: a, keyFile: b}
+registries:
+  - {host: a.example, kubernetes: {audience: https://a.example, expirationSeconds: 1800}}
+  - {host: b.example, kubernetes: {serviceAccount: puller, audience: https://b.example}}
+  - {host: cgr.dev, chainguard: {identity: 0123abcd, serviceAccountToken: {fromNamespace: {serviceAccount: puller, expirationSeconds: 7200}}}}
+  - {host: quay.io, quay: {robot: "acme+r", audience: quay-fed, serviceAccountToken: {file: /var/run/t}}}
+"#;
+        let c = Config::from_yaml(yaml).unwrap();
+        assert_eq!(c.token_service_accounts(), ["default", "puller"]);
+        assert_eq!(c.max_token_seconds(), 7200);
+        let files = "tls: {certFile: a, keyFile: b}\nregistries: [{host: quay.io, quay: {robot: \"a+r\", audience: q, serviceAccountToken: {file: /t}}}]\n";
+        let c = Config::from_yaml(files).unwrap();
+        assert!(c.token_service_accounts().is_empty());
+        assert_eq!(c.max_token_seconds(), 0);
+    }
+
+    #[test]
+    fn token_lifetimes_are_at_most_a_day() {
+        let errors = invalid(
+            r#"
+tls: {certFile: a, keyFile: b}
+registries:
+  - {host: a.example, kubernetes: {audience: a, expirationSeconds: 2592000}}
+  - {host: cgr.dev, chainguard: {identity: 0123abcd, serviceAccountToken: {fromNamespace: {expirationSeconds: 86401}}}}
+"#,
+        );
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "registries[0].kubernetes.expirationSeconds",
+                "registries[1].chainguard.serviceAccountToken.fromNamespace.expirationSeconds"
+            ]
+        );
+        assert!(errors[0].message.contains("maximum of 86400"), "{errors:?}");
+        Config::from_yaml(
+            "tls: {certFile: a, keyFile: b}\nregistries: [{host: a.example, kubernetes: {audience: a, expirationSeconds: 86400}}]\n",
+        )
+        .unwrap();
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod support;
 
 use std::time::Duration;
 
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -853,6 +854,35 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
             None,
             None,
         ),
+        (
+            "delete",
+            "admissionregistration.k8s.io",
+            "mutatingwebhookconfigurations",
+            None,
+            Some("pull-secret-injector"),
+        ),
+        (
+            "patch",
+            "admissionregistration.k8s.io",
+            "mutatingwebhookconfigurations",
+            None,
+            Some("pull-secret-injector"),
+        ),
+        // Its own fence, and any other.
+        (
+            "update",
+            "admissionregistration.k8s.io",
+            "validatingadmissionpolicies",
+            None,
+            Some("pull-secret-injector-fence"),
+        ),
+        (
+            "delete",
+            "admissionregistration.k8s.io",
+            "validatingadmissionpolicybindings",
+            None,
+            Some("pull-secret-injector-fence"),
+        ),
         ("*", "*", "*", ns, None),
     ];
     for &(verb, group, resource, namespace, name) in refused {
@@ -869,11 +899,14 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
     wait_for(
         "the self-fencing policy in force",
         Duration::from_secs(30),
-        || async { token_request(&as_sa, "some-other-audience").await.is_err() },
+        || async {
+            token_request(&as_sa, NS, "some-other-audience", 600)
+                .await
+                .is_err()
+        },
     )
     .await;
-    let hooks: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
-        Api::all(admin.clone());
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
     let _ = hooks
         .delete("pull-secret-injector", &DeleteParams::default())
         .await;
@@ -925,6 +958,95 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         second.cert_pem, first.cert_pem,
         "a valid certificate is reused, not replaced"
     );
+    // The fence lets this identity change the caBundle (as `certs` did above, and here once
+    // more) and nothing else: not where the webhook points, not what it is sent, not how its
+    // failures count (issue 23: a leaked token repointing the webhook is a cluster takeover).
+    let both = format!("{}{}", first.ca_pem, first.ca_pem);
+    replace_webhook_as(&admin, &as_sa, |w| {
+        w["webhooks"][0]["clientConfig"]["caBundle"] = json!(base64_of(&both))
+    })
+    .await
+    .expect("only caBundle changes");
+    type Change<'a> = (&'a str, &'a dyn Fn(&mut Value));
+    let changes: &[Change] = &[
+        ("url elsewhere", &|w| {
+            w["webhooks"][0]["clientConfig"]["url"] = json!("https://attacker.example/mutate")
+        }),
+        ("a Service instead", &|w| {
+            let hook = &mut w["webhooks"][0]["clientConfig"];
+            hook.as_object_mut().unwrap().remove("url");
+            hook["service"] = json!({"namespace": "attacker", "name": "collector", "port": 443});
+        }),
+        ("Secrets sent too", &|w| {
+            w["webhooks"][0]["rules"][0]["resources"] = json!(["pods", "secrets"])
+        }),
+        ("every namespace", &|w| {
+            w["webhooks"][0]["namespaceSelector"] = json!({})
+        }),
+        ("an objectSelector", &|w| {
+            w["webhooks"][0]["objectSelector"] = json!({"matchLabels": {"a": "b"}})
+        }),
+        ("failurePolicy Fail", &|w| {
+            w["webhooks"][0]["failurePolicy"] = json!("Fail")
+        }),
+        ("matchConditions", &|w| {
+            w["webhooks"][0]["matchConditions"] = json!([{"name": "all", "expression": "true"}])
+        }),
+        ("timeoutSeconds", &|w| {
+            w["webhooks"][0]["timeoutSeconds"] = json!(30)
+        }),
+        ("sideEffects", &|w| {
+            w["webhooks"][0]["sideEffects"] = json!("None")
+        }),
+        ("reinvocationPolicy", &|w| {
+            w["webhooks"][0]["reinvocationPolicy"] = json!("IfNeeded")
+        }),
+        ("matchPolicy", &|w| {
+            w["webhooks"][0]["matchPolicy"] = json!("Exact")
+        }),
+        ("admissionReviewVersions", &|w| {
+            w["webhooks"][0]["admissionReviewVersions"] = json!(["v1", "v1beta1"])
+        }),
+        ("a webhook added", &|w| {
+            let mut second = w["webhooks"][0].clone();
+            second["name"] = json!("second.attacker.example");
+            w["webhooks"].as_array_mut().unwrap().push(second);
+        }),
+        ("a webhook renamed", &|w| {
+            w["webhooks"][0]["name"] = json!("other.attacker.example")
+        }),
+        ("a label", &|w| w["metadata"]["labels"] = json!({"a": "b"})),
+        ("cert-manager's CA injection", &|w| {
+            w["metadata"]["annotations"] =
+                json!({"cert-manager.io/inject-ca-from": "attacker/their-ca"})
+        }),
+        ("a finalizer", &|w| {
+            w["metadata"]["finalizers"] = json!(["attacker.example/keep"])
+        }),
+    ];
+    for (what, change) in changes {
+        let refused = replace_webhook_as(&admin, &as_sa, change)
+            .await
+            .expect_err(what);
+        assert!(
+            refused
+                .contains("changes nothing of its webhook configuration but clientConfig.caBundle"),
+            "{what}: {refused}"
+        );
+    }
+    assert_eq!(
+        hooks
+            .get("pull-secret-injector")
+            .await
+            .unwrap()
+            .webhooks
+            .unwrap()[0]
+            .client_config
+            .url
+            .as_deref(),
+        Some("https://127.0.0.1:1/mutate"),
+        "still where the admin pointed it"
+    );
     hooks
         .delete("pull-secret-injector", &DeleteParams::default())
         .await
@@ -973,11 +1095,41 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
     .await;
     assert_eq!(pull_secret_names(&pod.pod), ["mine", "pull-secret"]);
     assert!(pod.warnings.is_empty(), "{:?}", pod.warnings);
+    let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), &team);
+    let default_lists = || async {
+        let sa = accounts.get("default").await.unwrap();
+        let value = serde_json::to_value(&sa).unwrap();
+        let listed = |list: &str| -> Vec<String> {
+            value[list]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["name"].as_str().map(String::from))
+                .collect()
+        };
+        (listed("imagePullSecrets"), listed("secrets"))
+    };
+    wait_for(
+        "the existing ServiceAccount attached",
+        Duration::from_secs(30),
+        || async {
+            default_lists().await == (vec!["pull-secret".into()], vec!["pull-secret".into()])
+        },
+    )
+    .await;
+    // Opting out: the label is gone first, then the Secret is deleted and the references the
+    // service added are taken back, in a namespace the fence no longer counts as opted in.
     inj.set_opt_in(&team, false).await;
     wait_for(
         "Secret deleted on opt-out",
         Duration::from_secs(30),
         || async { get_secret(&admin, &team).await.is_none() },
+    )
+    .await;
+    wait_for(
+        "the references taken back on opt-out",
+        Duration::from_secs(30),
+        || async { default_lists().await == (vec![], vec![]) },
     )
     .await;
     let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(admin.clone(), NS)
@@ -989,52 +1141,266 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         "the Lease was taken with the ServiceAccount's rights"
     );
 
-    // 5. What the fence refuses the same identity, though RBAC would allow it.
-    let refusal = token_request(&as_sa, "https://attacker.example")
+    // 5. What the fence refuses the same identity, though RBAC would allow it: each request a
+    //    leaked token of it made on 1.37 (issue 23), and more of the same kinds.
+    // `opted` carries the opt-in label the fence reads, but not this test's `e2e-run` label: the
+    // running service leaves it alone, so nothing it does there races with these requests.
+    let opted = "t-rbac-fenced".to_string();
+    create_namespace(
+        &admin,
+        &opted,
+        [(
+            "pull-secret-injector.io/inject".to_string(),
+            "enabled".to_string(),
+        )]
+        .into(),
+    )
+    .await;
+    let plain = inj.namespace("out", false).await;
+    let fenced = |result: Result<(), String>, what: &str, expected: &str| {
+        let refused = result.expect_err(what);
+        assert!(refused.contains(expected), "{what}: {refused}");
+    };
+    // TokenRequests: a configured audience, at most the configured lifetime, opted in only.
+    token_request(&as_sa, &opted, AUDIENCE, 3600)
         .await
-        .expect_err("a TokenRequest with another audience");
-    assert!(
-        refusal.contains("exactly one configured audience"),
-        "{refusal}"
+        .expect("the configured audience and lifetime, opted in");
+    fenced(
+        token_request(&as_sa, &opted, "https://attacker.example", 600).await,
+        "another audience",
+        "exactly one configured audience",
     );
-    token_request(&as_sa, AUDIENCE)
-        .await
-        .expect("the configured audience");
-    let opaque = create_secret_as(&as_sa, &team, "pull-secret", "Opaque", true).await;
-    assert!(
-        opaque
-            .as_ref()
-            .is_err_and(|e| e.contains("only kubernetes.io/dockerconfigjson")),
-        "{opaque:?}"
+    fenced(
+        token_request(&as_sa, &opted, AUDIENCE, 30 * 86400).await,
+        "30 days",
+        "at most the configured expirationSeconds",
     );
-    let other = create_secret_as(&as_sa, &team, "database-password", DOCKER, true).await;
-    assert!(
-        other
-            .as_ref()
-            .is_err_and(|e| e.contains("only Secrets of the configured name")),
-        "{other:?}"
+    fenced(
+        token_request(&as_sa, &opted, AUDIENCE, 3601).await,
+        "a second longer than configured",
+        "at most the configured expirationSeconds",
     );
-    let unlabelled = create_secret_as(&as_sa, &team, "pull-secret", DOCKER, false).await;
-    assert!(
-        unlabelled.as_ref().is_err_and(|e| e.contains("managed-by")),
-        "{unlabelled:?}"
-    );
-    create_secret_as(&as_sa, &team, "pull-secret", DOCKER, true)
+    for ns in [plain.as_str(), "kube-system", NS] {
+        fenced(
+            token_request(&as_sa, ns, AUDIENCE, 600).await,
+            ns,
+            "only in namespaces that opted in",
+        );
+    }
+    // Creating Secrets: its pull Secret, in an opted-in namespace only.
+    create_secret_as(&as_sa, &opted, "pull-secret", DOCKER, true)
         .await
         .expect("a pull Secret as the config names it");
+    for (ns, name, type_, labelled, expected) in [
+        (
+            &*opted,
+            "pull-secret",
+            "Opaque",
+            true,
+            "only kubernetes.io/dockerconfigjson",
+        ),
+        (
+            &opted,
+            "database-password",
+            DOCKER,
+            true,
+            "only Secrets of the configured name",
+        ),
+        (&opted, "pull-secret", DOCKER, false, "managed-by"),
+        (
+            &plain,
+            "pull-secret",
+            DOCKER,
+            true,
+            "only in namespaces that opted in",
+        ),
+        (
+            "kube-system",
+            "pull-secret",
+            DOCKER,
+            true,
+            "only in namespaces that opted in",
+        ),
+    ] {
+        fenced(
+            create_secret_as(&as_sa, ns, name, type_, labelled).await,
+            &format!("{ns}/{name} {type_} labelled: {labelled}"),
+            expected,
+        );
+    }
+    // Someone else's Secret of the configured name is out of reach: not replaced (the label
+    // added to pass for one of its own), not deleted; OpenShift's cluster-wide pull Secret
+    // included.
+    create_namespace(&admin, "openshift-config", Default::default()).await;
+    for ns in [plain.as_str(), "openshift-config"] {
+        let users = Api::<Secret>::namespaced(admin.clone(), ns);
+        let _ = users.delete("pull-secret", &DeleteParams::default()).await;
+        let theirs: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "pull-secret"}, "type": DOCKER,
+            "data": {".dockerconfigjson": base64_of(r#"{"auths":{"registry.example.com":{"auth":"dXNlcjpzZWNyZXQ="}}}"#)},
+        }))
+        .unwrap();
+        users.create(&PostParams::default(), &theirs).await.unwrap();
+        let mut taken = users.get("pull-secret").await.unwrap();
+        taken.metadata.labels = Some(
+            [(
+                "app.kubernetes.io/managed-by".to_string(),
+                "pull-secret-injector".to_string(),
+            )]
+            .into(),
+        );
+        taken.data = Some(
+            [(
+                ".dockerconfigjson".to_string(),
+                k8s_openapi::ByteString(b"{}".to_vec()),
+            )]
+            .into(),
+        );
+        fenced(
+            Api::<Secret>::namespaced(as_sa.clone(), ns)
+                .replace("pull-secret", &PostParams::default(), &taken)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            &format!("replacing {ns}/pull-secret"),
+            "changes and deletes only Secrets it manages",
+        );
+        fenced(
+            Api::<Secret>::namespaced(as_sa.clone(), ns)
+                .delete("pull-secret", &DeleteParams::default())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            &format!("deleting {ns}/pull-secret"),
+            "changes and deletes only Secrets it manages",
+        );
+        let kept = users.get("pull-secret").await.unwrap();
+        assert!(
+            kept.metadata.labels.as_ref().is_none_or(|l| l.is_empty()),
+            "{ns}"
+        );
+        assert_eq!(
+            docker_config(&kept)["auths"]["registry.example.com"]["auth"],
+            "dXNlcjpzZWNyZXQ="
+        );
+    }
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
+    let _ = namespaces
+        .delete("openshift-config", &DeleteParams::default())
+        .await;
+    // ServiceAccounts: no cloud identity, no token mounting, no references but its own Secret's,
+    // and references added only where the namespace opted in.
+    let patch_as = |ns: &str, body: Value| {
+        let api = Api::<ServiceAccount>::namespaced(as_sa.clone(), ns);
+        async move {
+            api.patch("default", &PatchParams::default(), &Patch::Merge(body))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    for ns in [plain.as_str(), &opted] {
+        for annotation in [
+            "eks.amazonaws.com/role-arn",
+            "azure.workload.identity/client-id",
+            "iam.gke.io/gcp-service-account",
+        ] {
+            fenced(
+                patch_as(
+                    ns,
+                    json!({"metadata": {"annotations": {annotation: "attacker"}}}),
+                )
+                .await,
+                &format!("{annotation} in {ns}"),
+                "changes only references to its own Secret",
+            );
+        }
+        fenced(
+            patch_as(ns, json!({"automountServiceAccountToken": true})).await,
+            &format!("automountServiceAccountToken in {ns}"),
+            "changes only references to its own Secret",
+        );
+        fenced(
+            patch_as(ns, json!({"metadata": {"labels": {"a": "b"}}})).await,
+            &format!("a label in {ns}"),
+            "changes only references to its own Secret",
+        );
+    }
+    fenced(
+        patch_as(
+            &opted,
+            json!({"imagePullSecrets": [{"name": "pull-secret"}, {"name": "database-password"}]}),
+        )
+        .await,
+        "another Secret's reference",
+        "changes only references to its own Secret",
+    );
+    for ns in [plain.as_str(), "kube-system"] {
+        fenced(
+            patch_as(ns, json!({"imagePullSecrets": [{"name": "pull-secret"}]})).await,
+            &format!("imagePullSecrets in {ns}"),
+            "only in namespaces that opted in",
+        );
+    }
+    // A reference the user wrote is not the service's to take back, opted in or not.
+    Api::<ServiceAccount>::namespaced(admin.clone(), &plain)
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"imagePullSecrets": [{"name": "pull-secret"}]})),
+        )
+        .await
+        .unwrap();
+    fenced(
+        patch_as(&plain, json!({"imagePullSecrets": []})).await,
+        "a user's reference taken",
+        "takes back only the references its pull-secret-injector.io/injected-into annotation names",
+    );
+    let _ = namespaces.delete(&opted, &DeleteParams::default()).await;
     inj.cleanup().await;
+}
+
+/// Reads the webhook configuration `pull-secret-injector` as the admin, changes it with
+/// `change` and replaces it as `client`; the API server's refusal as text.
+async fn replace_webhook_as(
+    admin: &kube::Client,
+    client: &kube::Client,
+    change: impl FnOnce(&mut Value),
+) -> Result<(), String> {
+    let current = Api::<MutatingWebhookConfiguration>::all(admin.clone())
+        .get("pull-secret-injector")
+        .await
+        .unwrap();
+    let mut object = serde_json::to_value(&current).unwrap();
+    change(&mut object);
+    let object: MutatingWebhookConfiguration = serde_json::from_value(object).unwrap();
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .replace("pull-secret-injector", &PostParams::default(), &object)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
 }
 
 const DOCKER: &str = "kubernetes.io/dockerconfigjson";
 
-/// A TokenRequest for `default` in the service's namespace as `client`, for one audience; the API
-/// server's refusal as text.
-async fn token_request(client: &kube::Client, audience: &str) -> Result<(), String> {
+/// A TokenRequest for `default` in `namespace` as `client`, for one audience and `seconds`; the
+/// API server's refusal as text.
+async fn token_request(
+    client: &kube::Client,
+    namespace: &str,
+    audience: &str,
+    seconds: i64,
+) -> Result<(), String> {
     let request: k8s_openapi::api::authentication::v1::TokenRequest = serde_json::from_value(
-        json!({"spec": {"audiences": [audience], "expirationSeconds": 600}}),
+        json!({"spec": {"audiences": [audience], "expirationSeconds": seconds}}),
     )
     .unwrap();
-    Api::<ServiceAccount>::namespaced(client.clone(), NS)
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
         .create_token_request("default", &PostParams::default(), &request)
         .await
         .map(|_| ())
@@ -1071,19 +1437,23 @@ async fn create_secret_as(
         .map_err(|e| e.to_string())
 }
 
-/// The audiences the chart's self-fencing policy allows are the ones the config it renders
-/// requests tokens for (`Config::token_audiences`), for every token source and its defaults.
+/// The chart's self-fencing policy allows exactly the audiences (`Config::token_audiences`) and
+/// at most the lifetime (`Config::max_token_seconds`) the config it renders requests tokens
+/// for, and its RBAC exactly those ServiceAccounts (`Config::token_service_accounts`), for
+/// every token source and its defaults; none at all when every source reads a token file (an
+/// empty `resourceNames` would grant every name).
 #[test]
-fn the_fence_allows_exactly_the_audiences_the_config_requests() {
+fn the_fence_and_rbac_allow_exactly_the_token_requests_the_config_makes() {
     let gcp =
         "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/q";
     for registries in [
         json!([{"host": "registry.example.com", "kubernetes": {"audience": "https://registry.example.com"}}]),
         json!([
-            {"host": "a.example", "kubernetes": {"audience": "https://a.example"}},
-            {"host": "b.example", "kubernetes": {"audience": "https://a.example"}},
+            {"host": "a.example", "kubernetes": {"audience": "https://a.example", "expirationSeconds": 1800}},
+            {"host": "b.example", "kubernetes": {"audience": "https://a.example", "serviceAccount": "puller"}},
             {"host": "cgr.dev", "chainguard": {"identity": "0123abcd"}},
-            {"host": "quay.io", "quay": {"robot": "acme+r", "audience": "quay-fed"}},
+            {"host": "quay.io", "quay": {"robot": "acme+r", "audience": "quay-fed",
+                "serviceAccountToken": {"fromNamespace": {"serviceAccount": "quay-puller", "expirationSeconds": 7200}}}},
             {"host": "1.dkr.ecr.eu-west-1.amazonaws.com", "ecr": {"roleArn": "arn:aws:iam::1:role/r", "region": "eu-west-1"}},
             {"host": "acme.azurecr.io", "acr": {"clientId": "c", "tenantId": "t"}},
             {"host": "europe-docker.pkg.dev", "gcp": {"workloadIdentityProvider": gcp}},
@@ -1091,6 +1461,8 @@ fn the_fence_allows_exactly_the_audiences_the_config_requests() {
             {"host": "file.example", "quay": {"robot": "acme+f", "audience": "not-requested",
                 "serviceAccountToken": {"file": "/var/run/secrets/tokens/quay"}}}
         ]),
+        json!([{"host": "file.example", "quay": {"robot": "acme+f", "audience": "q",
+            "serviceAccountToken": {"file": "/var/run/secrets/tokens/quay"}}}]),
     ] {
         let values = json!({"config": {"registries": registries}}).to_string();
         let objects = helm_objects(&values);
@@ -1100,18 +1472,467 @@ fn the_fence_allows_exactly_the_audiences_the_config_requests() {
             .to_string();
         let config = pull_secret_injector::config::Config::from_yaml(&config)
             .unwrap_or_else(|e| panic!("{e}"));
-        let fence = find(&objects, "ValidatingAdmissionPolicy");
-        let variable = fence["spec"]["variables"]
+        let variable = |name: &str| fence_variable(&objects, name);
+        // The CEL list literal is a JSON array, the number a JSON number.
+        let allowed: Vec<String> = serde_json::from_str(&variable("audiences")).unwrap();
+        assert_eq!(allowed, config.token_audiences(), "{registries}");
+        let longest: i64 = variable("maxTokenSeconds").parse().unwrap();
+        assert_eq!(longest, config.max_token_seconds(), "{registries}");
+        let token_rules: Vec<&Value> = find(&objects, "ClusterRole")["rules"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|v| v["name"] == "audiences")
-            .unwrap();
-        // The CEL list literal is a JSON array.
-        let allowed: Vec<String> =
-            serde_json::from_str(variable["expression"].as_str().unwrap()).unwrap();
-        assert_eq!(allowed, config.token_audiences(), "{registries}");
+            .filter(|r| r["resources"] == json!(["serviceaccounts/token"]))
+            .collect();
+        let expected = config.token_service_accounts();
+        if expected.is_empty() {
+            assert!(token_rules.is_empty(), "{token_rules:?}");
+        } else {
+            assert_eq!(token_rules.len(), 1);
+            assert_eq!(
+                token_rules[0]["resourceNames"],
+                json!(expected),
+                "{registries}"
+            );
+        }
     }
+    // The kustomize base spells the same out for its ConfigMap.
+    let base = base_objects();
+    let config = find(&base, "ConfigMap")["data"]["config.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = pull_secret_injector::config::Config::from_yaml(&config).unwrap();
+    let longest: i64 = fence_variable(&base, "maxTokenSeconds").parse().unwrap();
+    assert_eq!(longest, config.max_token_seconds());
+    let allowed: Vec<String> = serde_json::from_str(&fence_variable(&base, "audiences")).unwrap();
+    assert_eq!(allowed, config.token_audiences());
+}
+
+/// The CEL of variable `name` of the self-fencing policy among `objects`.
+fn fence_variable(objects: &[Value], name: &str) -> String {
+    find(objects, "ValidatingAdmissionPolicy")["spec"]["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no variable {name}"))["expression"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The shipped credential-provider files agree: each provider of the kubelet's config asks
+/// for the audience its registry's source presents in the plugin config (and for the
+/// annotations that source reads), every registry has a provider, and the node RBAC grants
+/// exactly the providers' audiences (issue 23: it granted one of three, so two providers got
+/// no token as shipped). The plugin config is the source of truth; the other two must follow.
+#[test]
+fn the_node_rbac_grants_the_audiences_the_kubelet_config_asks_for() {
+    let dir = repo().join("deploy/credential-provider");
+    let plugin = pull_secret_injector::credential_provider::PluginConfig::from_yaml(
+        &std::fs::read_to_string(dir.join("pull-secret-injector.yaml")).unwrap(),
+    )
+    .unwrap();
+    let kubelet = &yaml_docs(
+        &std::fs::read_to_string(dir.join("kubelet-credential-provider-config.yaml")).unwrap(),
+    )[0];
+    let mut audiences = std::collections::BTreeSet::new();
+    let mut covered = std::collections::BTreeSet::new();
+    for provider in kubelet["providers"].as_array().unwrap() {
+        let audience = provider["tokenAttributes"]["serviceAccountTokenAudience"]
+            .as_str()
+            .unwrap();
+        audiences.insert(audience.to_string());
+        let annotations: Vec<&str> = provider["tokenAttributes"]
+            ["requiredServiceAccountAnnotationKeys"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        for image in provider["matchImages"].as_array().unwrap() {
+            let registry = plugin
+                .registry_for(&format!("{}/app", image.as_str().unwrap()))
+                .unwrap_or_else(|e| panic!("{image}: {}", e.line()));
+            covered.insert(registry.host.clone());
+            assert_eq!(
+                registry.source.token_audience(),
+                audience,
+                "{image}: the provider's audience is not the one its source presents"
+            );
+            for key in registry.source.annotation_keys() {
+                assert!(annotations.contains(&key), "{image}: {key} not passed");
+            }
+        }
+    }
+    let hosts: std::collections::BTreeSet<String> =
+        plugin.registries.iter().map(|r| r.host.clone()).collect();
+    assert_eq!(
+        covered, hosts,
+        "every registry of the plugin config has a provider"
+    );
+    let rbac = yaml_docs(&std::fs::read_to_string(dir.join("rbac.yaml")).unwrap());
+    let role = find(&rbac, "ClusterRole");
+    assert_eq!(role["rules"].as_array().unwrap().len(), 1);
+    let granted: std::collections::BTreeSet<String> = role["rules"][0]["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(granted, audiences, "the node RBAC's audiences");
+}
+
+/// The fence's "opted in" (CEL over the namespace's labels, rendered by the chart from
+/// `config.namespaceSelector` and `excludedNamespaces`) is the service's own
+/// `NamespacePolicy::eligibility`, for every operator a LabelSelector has: the API server
+/// answers a pull Secret's creation as that ServiceAccount in namespaces with and without the
+/// labels each operator looks at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_counts_as_opted_in_exactly_the_namespaces_the_service_serves() {
+    let _serial = serial();
+    let admin = ControlPlane::get().client().await;
+    let sa = "psi-selector";
+    let selector = json!({
+        "matchLabels": {"tier": "web"},
+        "matchExpressions": [
+            {"key": "env", "operator": "In", "values": ["prod", "stage"]},
+            {"key": "zone", "operator": "NotIn", "values": ["dmz"]},
+            {"key": "team", "operator": "Exists"},
+            {"key": "legacy", "operator": "DoesNotExist"},
+        ],
+    });
+    let excluded = "psi-sel-excluded";
+    let values = json!({"name": sa, "createNamespace": true, "config": {
+        "namespaceSelector": selector, "excludedNamespaces": [excluded]}});
+    let fence = apply_fence_and_rbac(&admin, &values.to_string()).await;
+    // The service's answer, from the config the chart renders (Helm merges the values into the
+    // default selector: its opt-in label stays).
+    let config = find(&helm_objects(&values.to_string()), "ConfigMap")["data"]["config.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = pull_secret_injector::config::Config::from_yaml(&config).unwrap();
+    let policy = pull_secret_injector::core::namespaces::NamespacePolicy::new(
+        config.namespace_selector,
+        Some(NS),
+        &config.excluded_namespaces,
+    );
+    let good = [
+        ("pull-secret-injector.io/inject", "enabled"),
+        ("tier", "web"),
+        ("env", "prod"),
+        ("team", "a"),
+    ];
+    let with = |extra: &[(&str, &str)], without: &[&str]| {
+        good.iter()
+            .chain(extra)
+            .filter(|(k, _)| !without.contains(k))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let cases = [
+        ("psi-sel-all", with(&[], &[])),
+        (
+            "psi-sel-stage",
+            with(&[("env", "stage"), ("zone", "eu")], &[]),
+        ),
+        ("psi-sel-empty-team", with(&[("team", "")], &[])),
+        ("psi-sel-dmz", with(&[("zone", "dmz")], &[])),
+        ("psi-sel-legacy", with(&[("legacy", "yes")], &[])),
+        ("psi-sel-no-team", with(&[], &["team"])),
+        ("psi-sel-dev", with(&[("env", "dev")], &[])),
+        ("psi-sel-no-env", with(&[], &["env"])),
+        ("psi-sel-api", with(&[("tier", "api")], &[])),
+        (
+            "psi-sel-not-in",
+            with(&[], &["pull-secret-injector.io/inject"]),
+        ),
+        ("psi-sel-none", Default::default()),
+        (excluded, with(&[], &[])),
+    ];
+    let as_sa = client_as(&admin, sa).await;
+    wait_for("the fence in force", Duration::from_secs(30), || async {
+        create_secret_as(&as_sa, "kube-system", "pull-secret", DOCKER, true)
+            .await
+            .is_err()
+    })
+    .await;
+    let mut served = 0;
+    for (name, labels) in &cases {
+        create_namespace(&admin, name, labels.clone()).await;
+        let expected = policy.eligibility(name, Some(labels))
+            == pull_secret_injector::core::namespaces::Eligibility::OptedIn;
+        served += usize::from(expected);
+        let answer = create_secret_as(&as_sa, name, "pull-secret", DOCKER, true).await;
+        match (expected, answer) {
+            (true, Ok(())) => {}
+            (false, Err(e)) if e.contains("only in namespaces that opted in") => {}
+            (expected, answer) => {
+                panic!("{name} {labels:?}: served by the service: {expected}, fence: {answer:?}")
+            }
+        }
+    }
+    assert_eq!(served, 3, "the cases cover both answers");
+    for ns in [NS, "kube-system"] {
+        let refused = create_secret_as(&as_sa, ns, "pull-secret", DOCKER, true).await;
+        assert!(
+            refused.is_err_and(|e| e.contains("only in namespaces that opted in")),
+            "{ns}"
+        );
+    }
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
+    for (name, _) in &cases {
+        let _ = namespaces.delete(name, &DeleteParams::default()).await;
+    }
+    delete_untyped(&admin, &fence).await;
+}
+
+/// Applies the chart's Namespace, ServiceAccount, RBAC and self-fencing policy for `values`
+/// (for real: the RBAC is what SubjectAccessReviews and real requests are answered by); returns
+/// the policy and its binding, to delete when done (they are cluster-wide).
+async fn apply_fence_and_rbac(admin: &kube::Client, values: &str) -> Vec<Value> {
+    let rendered = helm_objects(values);
+    for object in rendered.iter().filter(|o| {
+        matches!(
+            o["kind"].as_str(),
+            Some(
+                "Namespace"
+                    | "ServiceAccount"
+                    | "ClusterRole"
+                    | "ClusterRoleBinding"
+                    | "Role"
+                    | "RoleBinding"
+                    | "ValidatingAdmissionPolicy"
+                    | "ValidatingAdmissionPolicyBinding"
+            )
+        )
+    }) {
+        if let Some(ns) = object["metadata"]["namespace"].as_str() {
+            if object["kind"] != "Namespace" && ns != NS {
+                create_namespace_if_missing(admin, ns).await;
+            }
+        }
+        apply(admin, object, false)
+            .await
+            .expect("served")
+            .unwrap_or_else(|e| panic!("{}: {e}", object["kind"]));
+    }
+    rendered
+        .into_iter()
+        .filter(|o| {
+            o["kind"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("ValidatingAdmissionPolicy"))
+        })
+        .collect()
+}
+
+async fn create_namespace_if_missing(admin: &kube::Client, name: &str) {
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
+    if namespaces.get_opt(name).await.unwrap().is_none() {
+        create_namespace(admin, name, Default::default()).await;
+    }
+}
+
+/// The fences compare every field the API server knows: every field of a webhook (but
+/// `clientConfig.caBundle`) and of its configuration, every field of a ServiceAccount. A field
+/// a later Kubernetes adds fails this test until the fence compares it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_compares_every_field_the_api_server_knows() {
+    let admin = ControlPlane::get().client().await;
+    let schemas = |path: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let request = http::Request::get(path).body(Vec::new()).unwrap();
+            let doc: Value = admin.request(request).await.expect(path);
+            doc["components"]["schemas"].clone()
+        }
+    };
+    let properties = |schemas: &Value, name: &str| -> Vec<String> {
+        schemas[name]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{name} not in the API server's schema"))
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let base = base_objects();
+    let fence = &find(&base, "ValidatingAdmissionPolicy")["spec"]["validations"];
+    let validation = |message: &str| -> String {
+        fence
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["message"].as_str().unwrap().contains(message))
+            .unwrap_or_else(|| panic!("no validation says {message:?}"))["expression"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let admission = schemas("/openapi/v3/apis/admissionregistration.k8s.io/v1").await;
+    let webhook_rule = validation("but clientConfig.caBundle");
+    assert_eq!(
+        properties(
+            &admission,
+            "io.k8s.api.admissionregistration.v1.MutatingWebhookConfiguration"
+        ),
+        ["apiVersion", "kind", "metadata", "webhooks"]
+    );
+    for field in properties(
+        &admission,
+        "io.k8s.api.admissionregistration.v1.MutatingWebhook",
+    ) {
+        let compared = match field.as_str() {
+            "name" => "o.name == w.name".to_string(),
+            "clientConfig" => continue,
+            other => format!("w.?{other} == o.?{other}"),
+        };
+        assert!(webhook_rule.contains(&compared), "{field}: {webhook_rule}");
+    }
+    for field in properties(
+        &admission,
+        "io.k8s.api.admissionregistration.v1.WebhookClientConfig",
+    ) {
+        if field != "caBundle" {
+            let compared = format!("w.clientConfig.?{field} == o.clientConfig.?{field}");
+            assert!(
+                webhook_rule.contains(&compared),
+                "clientConfig.{field}: {webhook_rule}"
+            );
+        }
+    }
+    let core = schemas("/openapi/v3/api/v1").await;
+    assert_eq!(
+        properties(&core, "io.k8s.api.core.v1.ServiceAccount"),
+        [
+            "apiVersion",
+            "automountServiceAccountToken",
+            "imagePullSecrets",
+            "kind",
+            "metadata",
+            "secrets"
+        ],
+        "a field the ServiceAccount fence does not compare"
+    );
+    let account_rule = validation("changes only references to its own Secret");
+    for compared in [
+        "object.?automountServiceAccountToken == oldObject.?automountServiceAccountToken",
+        "variables.newPulls.filter(",
+        "variables.newRefs.filter(",
+    ] {
+        assert!(
+            account_rule.contains(compared),
+            "{compared}: {account_rule}"
+        );
+    }
+}
+
+/// `pullSecretUpdater.namespaces` keeps the compatibility to those namespaces: the config says
+/// so, RBAC grants Secrets there only (Roles, no ClusterRole), and the fence lets the service
+/// update only annotated Secrets there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pull_secret_updater_can_be_kept_to_some_namespaces() {
+    let _serial = serial();
+    let admin = ControlPlane::get().client().await;
+    let sa = "psi-updater";
+    let (kept, other) = ("psi-upd-kept", "psi-upd-other");
+    let values = json!({"name": sa, "createNamespace": true,
+        "pullSecretUpdater": {"enabled": true, "namespaces": [kept]}})
+    .to_string();
+    let rendered = helm_objects(&values);
+    let config = find(&rendered, "ConfigMap")["data"]["config.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = pull_secret_injector::config::Config::from_yaml(&config).unwrap();
+    assert_eq!(config.pull_secret_updater.unwrap().namespaces, [kept]);
+    assert!(
+        !rendered.iter().any(|o| o["kind"] == "ClusterRole"
+            && o["metadata"]["name"] == format!("{sa}-pull-secret-updater")),
+        "no cluster-wide Secret access"
+    );
+    create_namespace_if_missing(&admin, other).await;
+    let fence = apply_fence_and_rbac(&admin, &values).await;
+    type Access<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>);
+    let needed: &[Access] = &[
+        ("list", "secrets", Some(kept), None),
+        ("watch", "secrets", Some(kept), None),
+        ("get", "secrets", Some(kept), Some("cgr")),
+        ("update", "secrets", Some(kept), Some("cgr")),
+    ];
+    for &(verb, resource, namespace, name) in needed {
+        assert!(
+            can_as(&admin, sa, verb, "", resource, namespace, name).await,
+            "needs {verb} {resource} {namespace:?} {name:?}"
+        );
+    }
+    let refused: &[Access] = &[
+        ("list", "secrets", None, None),
+        ("list", "secrets", Some(other), None),
+        ("get", "secrets", Some(other), Some("cgr")),
+        ("update", "secrets", Some(other), Some("cgr")),
+        ("delete", "secrets", Some(kept), Some("cgr")),
+    ];
+    for &(verb, resource, namespace, name) in refused {
+        assert!(
+            !can_as(&admin, sa, verb, "", resource, namespace, name).await,
+            "must not {verb} {resource} {namespace:?} {name:?}"
+        );
+    }
+    // As its token: an annotated Secret there is updated, an unannotated one is not.
+    let as_sa = client_as(&admin, sa).await;
+    let secrets = Api::<Secret>::namespaced(admin.clone(), kept);
+    for (name, annotated) in [("cgr", true), ("plain", false)] {
+        let _ = secrets.delete(name, &DeleteParams::default()).await;
+        let annotations = if annotated {
+            json!({"pull-secret-updater.chainguard.dev/identity": "0123abcd"})
+        } else {
+            json!({})
+        };
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": annotations}, "type": DOCKER,
+            "data": {".dockerconfigjson": base64_of("{}")}}))
+        .unwrap();
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+    let fill = |name: &'static str| {
+        let admin = secrets.clone();
+        let mine = Api::<Secret>::namespaced(as_sa.clone(), kept);
+        async move {
+            let mut secret = admin.get(name).await.unwrap();
+            secret.data = Some(
+                [(
+                    ".dockerconfigjson".to_string(),
+                    k8s_openapi::ByteString(br#"{"auths":{"cgr.dev":{}}}"#.to_vec()),
+                )]
+                .into(),
+            );
+            mine.replace(name, &PostParams::default(), &secret)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    wait_for("the fence in force", Duration::from_secs(30), || async {
+        fill("plain").await.is_err()
+    })
+    .await;
+    fill("cgr").await.expect("an annotated Secret");
+    let refused = fill("plain").await.unwrap_err();
+    assert!(
+        refused.contains("managed-by=pull-secret-injector"),
+        "{refused}"
+    );
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
+    for ns in [kept, other] {
+        let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+    }
+    delete_untyped(&admin, &fence).await;
 }
 
 /// The token server's manifests are accepted by the API server, and the config they carry is a
@@ -1249,9 +2070,22 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
             "must not {verb} {group}/{resource} {namespace:?} {name:?}"
         );
     }
-    // The self-fencing policy of this scope: a Secret named `<sa>-pull-secret` and owned by
-    // that ServiceAccount, nothing else, as the ServiceAccount's own token.
+    // The self-fencing policy of this scope: a Secret named `<sa>-pull-secret` and owned by that
+    // ServiceAccount, nothing else, as the ServiceAccount's own token, in a namespace that
+    // opted in.
     let as_sa = client_as(&admin, sa).await;
+    let team = "psi-sa-team";
+    create_namespace_if_missing(&admin, team).await;
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
+        .patch(
+            team,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {"pull-secret-injector.io/inject": "enabled"}}}),
+            ),
+        )
+        .await
+        .unwrap();
     let secret_as = |name: &str, owner: Option<&str>| {
         let owners = owner.map(|o| {
             json!([{"apiVersion": "v1", "kind": "ServiceAccount", "name": o,
@@ -1263,7 +2097,7 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
             "type": DOCKER, "data": {".dockerconfigjson": "e30="},
         }))
         .unwrap();
-        let api = Api::<Secret>::namespaced(as_sa.clone(), NS);
+        let api = Api::<Secret>::namespaced(as_sa.clone(), team);
         async move {
             let params = PostParams {
                 dry_run: true,
@@ -1292,6 +2126,86 @@ async fn the_service_account_scope_rbac_grants_per_service_account_secrets_and_t
             refused.contains("only Secrets of the configured name"),
             "{name} {owner:?}: {refused}"
         );
+    }
+    // RBAC lets this scope read, update and delete every Secret (the names vary); the fence
+    // keeps updates and deletions to the Secrets it manages. (Reads cannot be fenced: no
+    // admission sees a get, list or watch; docs/security.md.)
+    let victim = "psi-sa-victim";
+    create_namespace_if_missing(&admin, victim).await;
+    for ns in [team, victim] {
+        let theirs = Api::<Secret>::namespaced(admin.clone(), ns);
+        let _ = theirs
+            .delete("database-password", &DeleteParams::default())
+            .await;
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "database-password"}, "stringData": {"password": "hunter2"}}))
+        .unwrap();
+        theirs
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+        let as_theirs = Api::<Secret>::namespaced(as_sa.clone(), ns);
+        let refused = as_theirs
+            .delete("database-password", &DeleteParams::default())
+            .await
+            .expect_err("deleting someone else's Secret")
+            .to_string();
+        assert!(
+            refused.contains("changes and deletes only Secrets it manages"),
+            "{refused}"
+        );
+        let mut taken = theirs.get("database-password").await.unwrap();
+        taken.metadata.labels = Some(
+            [(
+                "app.kubernetes.io/managed-by".into(),
+                "pull-secret-injector".into(),
+            )]
+            .into(),
+        );
+        let refused = as_theirs
+            .replace("database-password", &PostParams::default(), &taken)
+            .await
+            .expect_err("taking someone else's Secret")
+            .to_string();
+        assert!(
+            refused.contains("only kubernetes.io/dockerconfigjson"),
+            "{refused}"
+        );
+        assert!(
+            theirs.get_opt("database-password").await.unwrap().is_some(),
+            "{ns}"
+        );
+    }
+    // On a ServiceAccount, its own Secret's reference only: `<sa>-pull-secret`.
+    let builder: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "builder"}})).unwrap();
+    let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), team);
+    let _ = accounts.create(&PostParams::default(), &builder).await;
+    let attach_as_sa = |secret: &str| {
+        let api = Api::<ServiceAccount>::namespaced(as_sa.clone(), team);
+        let body = json!({"imagePullSecrets": [{"name": secret}]});
+        async move {
+            let params = PatchParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            api.patch("builder", &params, &Patch::Merge(body))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    attach_as_sa("builder-pull-secret")
+        .await
+        .expect("its own Secret");
+    let refused = attach_as_sa("pull-secret").await.expect_err("another name");
+    assert!(
+        refused.contains("changes only references to its own Secret"),
+        "{refused}"
+    );
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
+    for ns in [team, victim] {
+        let _ = namespaces.delete(ns, &DeleteParams::default()).await;
     }
     for object in rendered.iter().filter(|o| {
         o["kind"]

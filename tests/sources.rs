@@ -1185,6 +1185,68 @@ mod pull_secret_updater {
         assert!(auths(&c, &ns, "opaque").await.get("cgr.dev").is_none());
         inj.cleanup().await;
     }
+
+    /// With `namespaces`, only Secrets there are filled: one annotated the same way elsewhere is
+    /// left as it was (issue 23: the compatibility is a confused deputy; this keeps it to the
+    /// namespaces whose Secret writers are trusted).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn annotated_secrets_outside_the_configured_namespaces_are_left_alone() {
+        let _serial = serial();
+        let standin = StandIn::start(|s| {
+            let identity = s.query.get("identity").cloned().unwrap_or_default();
+            (200, json!({"token": jwt(json!({"sub": identity, "aud": "cgr.dev", "exp": now() + 3600}))}).to_string())
+        })
+        .await;
+        let kept = "upd2-kept";
+        let extra = format!(
+            "http: {{caFile: {}}}\npullSecretUpdater: {{issuer: \"{}\", namespaces: [{kept}], serviceAccountToken: {{fromNamespace: {{serviceAccount: default}}}}}}\n",
+            standin.certs.ca().display(),
+            standin.url
+        );
+        let mut inj =
+            Injector::start_with("upd2", &kubernetes_registry("default", 3600), &extra).await;
+        let c = inj.client.clone();
+        let inside = inj.namespace("kept", false).await;
+        assert_eq!(inside, kept);
+        let outside = inj.namespace("other", false).await;
+        for ns in [&inside, &outside] {
+            user_secret(
+                &c,
+                ns,
+                "cgr",
+                "kubernetes.io/dockerconfigjson",
+                &[("pull-secret-updater.chainguard.dev/identity", "0123abcd")],
+            )
+            .await;
+        }
+        wait_for(
+            "the Secret in the configured namespace filled",
+            Duration::from_secs(30),
+            || async { auths(&c, &inside, "cgr").await.get("cgr.dev").is_some() },
+        )
+        .await;
+        // Both were created before the one inside was filled; give the other as long again.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            auths(&c, &outside, "cgr").await,
+            json!({"other.example": {"auth": "eDp5"}}),
+            "outside the configured namespaces: untouched"
+        );
+        // And no token of the other namespace was exchanged.
+        let subjects: Vec<String> = standin
+            .seen()
+            .iter()
+            .filter_map(|s| s.bearer().map(|b| claims(b)["sub"].to_string()))
+            .collect();
+        assert!(!subjects.is_empty());
+        assert!(
+            subjects
+                .iter()
+                .all(|s| *s == format!("\"system:serviceaccount:{inside}:default\"")),
+            "{subjects:?}"
+        );
+        inj.cleanup().await;
+    }
 }
 
 mod service_account_scope {

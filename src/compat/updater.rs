@@ -57,6 +57,12 @@ pub struct UpdaterConfig {
         deserialize_with = "crate::core::duration::field"
     )]
     pub renew_before: Duration,
+    /// Only Secrets in these namespaces are kept filled (and watched); empty: every namespace,
+    /// as pull-secret-updater does. Anyone who may create a Secret where this looks can have
+    /// it filled for any identity that trusts this service: a list keeps that to namespaces
+    /// whose writers are trusted, and lets the install grant Secrets there only.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
 }
 
 fn default_issuer() -> String {
@@ -95,6 +101,19 @@ impl UpdaterConfig {
         }
         self.service_account_token
             .validate("pullSecretUpdater.serviceAccountToken", err);
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            let path = format!("pullSecretUpdater.namespaces[{i}]");
+            if let Err(m) = crate::core::names::validate_dns_label(ns) {
+                err(&path, m);
+            } else if self.namespaces[..i].contains(ns) {
+                err(&path, format!("{ns:?} is listed twice"));
+            }
+        }
+    }
+
+    /// Whether Secrets in `namespace` are kept filled.
+    pub fn covers(&self, namespace: &str) -> bool {
+        self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == namespace)
     }
 
     fn source(&self, identity: &str) -> ChainguardSource {
@@ -195,7 +214,9 @@ struct Context {
 }
 
 pub struct Updater {
-    controller: Controller<PartialObjectMeta<Secret>>,
+    /// One controller over every namespace, or one per configured namespace (a watch of
+    /// Secrets in one namespace needs rights in that namespace only).
+    controllers: Vec<Controller<PartialObjectMeta<Secret>>>,
     context: Arc<Context>,
 }
 
@@ -207,32 +228,16 @@ impl Updater {
         events: Events,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let (store, writer) = reflector::store();
-        let secrets = reflector::reflector(
-            writer,
-            watcher(
-                Api::<PartialObjectMeta<Secret>>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .modify(|m: &mut PartialObjectMeta<Secret>| {
-                // Only the annotations that matter are kept: with every Secret of the cluster
-                // watched, the rest would be most of the memory.
-                m.metadata.managed_fields = None;
-                let kept = m.metadata.annotations.take().map(|mut a| {
-                    let mut keep = std::collections::BTreeMap::new();
-                    for k in [IDENTITY_ANNOTATION, MINTED_FOR_ANNOTATION] {
-                        if let Some(v) = a.remove(k) {
-                            keep.insert(k.to_string(), v);
-                        }
-                    }
-                    keep
-                });
-                m.metadata.annotations = kept.filter(|a| !a.is_empty());
-            }),
-        )
-        .backoff(crate::cluster::WatchBackoff::default())
-        .applied_objects()
-        .try_filter(|m| futures::future::ready(m.annotations().contains_key(IDENTITY_ANNOTATION)));
+        let apis: Vec<Api<PartialObjectMeta<Secret>>> = if config.namespaces.is_empty() {
+            vec![Api::all(client.clone())]
+        } else {
+            config
+                .namespaces
+                .iter()
+                .map(|ns| Api::namespaced(client.clone(), ns))
+                .collect()
+        };
+        let controllers = apis.into_iter().map(annotated_secrets).collect();
         let context = Arc::new(Context {
             events,
             client,
@@ -241,7 +246,7 @@ impl Updater {
             metrics,
         });
         Self {
-            controller: Controller::for_stream(secrets, store),
+            controllers,
             context,
         }
     }
@@ -250,17 +255,53 @@ impl Updater {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     ) {
-        tracing::info!("pull-secret-updater compatibility: keeping annotated Secrets filled");
-        self.controller
-            .graceful_shutdown_on(shutdown)
-            .run(reconcile, error_policy, self.context)
-            .for_each(|result| async move {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "pull-secret-updater reconcile did not complete");
-                }
-            })
-            .await;
+        use futures::FutureExt;
+        tracing::info!(
+            namespaces = ?self.context.config.namespaces,
+            "pull-secret-updater compatibility: keeping annotated Secrets filled"
+        );
+        let shutdown = shutdown.shared();
+        let context = self.context;
+        futures::future::join_all(self.controllers.into_iter().map(|controller| {
+            controller
+                .graceful_shutdown_on(shutdown.clone())
+                .run(reconcile, error_policy, context.clone())
+                .for_each(|result| async move {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "pull-secret-updater reconcile did not complete");
+                    }
+                })
+        }))
+        .await;
     }
+}
+
+/// A controller over the Secrets `api` lists that carry the identity annotation, from a watch
+/// of their metadata.
+fn annotated_secrets(api: Api<PartialObjectMeta<Secret>>) -> Controller<PartialObjectMeta<Secret>> {
+    let (store, writer) = reflector::store();
+    let secrets = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(|m: &mut PartialObjectMeta<Secret>| {
+            // Only the annotations that matter are kept: with every Secret of the cluster
+            // watched, the rest would be most of the memory.
+            m.metadata.managed_fields = None;
+            let kept = m.metadata.annotations.take().map(|mut a| {
+                let mut keep = std::collections::BTreeMap::new();
+                for k in [IDENTITY_ANNOTATION, MINTED_FOR_ANNOTATION] {
+                    if let Some(v) = a.remove(k) {
+                        keep.insert(k.to_string(), v);
+                    }
+                }
+                keep
+            });
+            m.metadata.annotations = kept.filter(|a| !a.is_empty());
+        }),
+    )
+    .backoff(crate::cluster::WatchBackoff::default())
+    .applied_objects()
+    .try_filter(|m| futures::future::ready(m.annotations().contains_key(IDENTITY_ANNOTATION)));
+    Controller::for_stream(secrets, store)
 }
 
 async fn reconcile(
@@ -273,6 +314,9 @@ async fn reconcile(
     let Some(identity) = meta.annotations().get(IDENTITY_ANNOTATION).cloned() else {
         return Ok(Action::await_change());
     };
+    if !ctx.config.covers(&namespace) {
+        return Ok(Action::await_change());
+    }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let api_error = |action, e: kube::Error| UpdateError::Api {
         action,
@@ -430,6 +474,33 @@ mod tests {
                 at(0)
             ),
             Step::Mint
+        );
+    }
+
+    #[test]
+    fn namespaces_narrow_what_is_kept_filled_and_are_checked() {
+        let config = |namespaces: &str| {
+            serde_yaml::from_str::<UpdaterConfig>(&format!(
+                "serviceAccountToken: {{file: /t}}\nnamespaces: {namespaces}"
+            ))
+            .unwrap()
+        };
+        let every = config("[]");
+        assert!(every.covers("team-a") && every.covers("kube-system"));
+        let some = config("[team-a, team-b]");
+        assert!(some.covers("team-a") && some.covers("team-b"));
+        assert!(!some.covers("team-c") && !some.covers("kube-system"));
+        let mut errors = Vec::new();
+        config("[team-a, Team_B, team-a]")
+            .validate(&mut |p: &str, m: String| errors.push(format!("{p}: {m}")));
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].starts_with("pullSecretUpdater.namespaces[1]"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].starts_with("pullSecretUpdater.namespaces[2]") && errors[1].contains("twice"),
+            "{errors:?}"
         );
     }
 

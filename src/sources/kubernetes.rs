@@ -15,6 +15,30 @@ use super::{Credential, MintError, Presented, Sensitive};
 /// The API server refuses TokenRequests for less than ten minutes.
 pub const MIN_EXPIRATION_SECONDS: i64 = 600;
 
+/// The longest lifetime the config may ask of a TokenRequest: a day. The credentials are meant
+/// to be short-lived, and the shipped self-fencing policy refuses the service's TokenRequests
+/// for longer than the longest configured one (`Config::max_token_seconds`).
+pub const MAX_EXPIRATION_SECONDS: i64 = 86_400;
+
+/// `expirationSeconds` at `path` within the API server's minimum and this project's maximum.
+fn validate_expiration(path: &str, seconds: i64, err: &mut impl FnMut(&str, String)) -> bool {
+    if seconds < MIN_EXPIRATION_SECONDS {
+        err(
+            path,
+            format!("{seconds} is below the API server's minimum of {MIN_EXPIRATION_SECONDS}"),
+        );
+        false
+    } else if seconds > MAX_EXPIRATION_SECONDS {
+        err(
+            path,
+            format!("{seconds} is above the maximum of {MAX_EXPIRATION_SECONDS} (a day)"),
+        );
+        false
+    } else {
+        true
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KubernetesSource {
@@ -52,15 +76,12 @@ impl KubernetesSource {
         if let Err(m) = crate::core::names::validate_dns_subdomain(&self.service_account) {
             err(&format!("{path}.serviceAccount"), m);
         }
-        if self.expiration_seconds < MIN_EXPIRATION_SECONDS {
-            err(
-                &format!("{path}.expirationSeconds"),
-                format!(
-                    "{} is below the API server's minimum of {MIN_EXPIRATION_SECONDS}",
-                    self.expiration_seconds
-                ),
-            );
-        } else if let Some(rb) = renew_before {
+        let within = validate_expiration(
+            &format!("{path}.expirationSeconds"),
+            self.expiration_seconds,
+            err,
+        );
+        if let Some(rb) = renew_before.filter(|_| within) {
             if rb.as_secs() >= self.expiration_seconds as u64 {
                 err(
                     &format!("{path}.expirationSeconds"),
@@ -241,15 +262,11 @@ impl ServiceAccountToken {
                 if let Err(m) = crate::core::names::validate_dns_subdomain(&f.service_account) {
                     err(&format!("{path}.fromNamespace.serviceAccount"), m);
                 }
-                if f.expiration_seconds < MIN_EXPIRATION_SECONDS {
-                    err(
-                        &format!("{path}.fromNamespace.expirationSeconds"),
-                        format!(
-                            "{} is below the API server's minimum of {MIN_EXPIRATION_SECONDS}",
-                            f.expiration_seconds
-                        ),
-                    );
-                }
+                validate_expiration(
+                    &format!("{path}.fromNamespace.expirationSeconds"),
+                    f.expiration_seconds,
+                    err,
+                );
             }
             Self::File(p) => {
                 if !p.is_absolute() {
@@ -259,6 +276,15 @@ impl ServiceAccountToken {
                     );
                 }
             }
+        }
+    }
+
+    /// The ServiceAccount (in namespace scope) and the lifetime a TokenRequest asks for; `None`
+    /// for a token file, which asks the API server for nothing.
+    pub fn token_request(&self) -> Option<(&str, i64)> {
+        match self {
+            Self::FromNamespace(f) => Some((&f.service_account, f.expiration_seconds)),
+            Self::File(_) => None,
         }
     }
 

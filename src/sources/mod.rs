@@ -232,6 +232,16 @@ impl TokenSourceConfig {
         }
     }
 
+    /// The ServiceAccount a TokenRequest of this source is for (with one Secret per namespace;
+    /// per ServiceAccount it is each one) and the lifetime it asks; `None` when the source
+    /// reads a token file and asks the API server for nothing.
+    pub fn token_request(&self) -> Option<(&str, i64)> {
+        match self.presents() {
+            Err(k) => Some((&k.service_account, k.expiration_seconds)),
+            Ok(t) => t.token_request(),
+        }
+    }
+
     /// The `aud` the presented service-account token must carry.
     pub fn token_audience(&self) -> String {
         match self {

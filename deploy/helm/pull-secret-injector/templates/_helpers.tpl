@@ -2,15 +2,81 @@
 app.kubernetes.io/name: {{ .Values.name }}
 {{- end -}}
 
-{{/* ServiceAccounts the kubernetes token source mints for: the only ones RBAC allows. */}}
+{{/* The ServiceAccounts the TokenRequests are for (one Secret per namespace): each registry's
+     whose source asks the API server (`kubernetes`, or `serviceAccountToken.fromNamespace`,
+     default `default`), not those reading a token file; the only ones RBAC allows. The same as
+     Config::token_service_accounts (tests/install.rs compares them). */}}
 {{- define "psi.tokenServiceAccounts" -}}
 {{- $names := list -}}
 {{- range .Values.config.registries -}}
 {{- if .kubernetes -}}
 {{- $names = append $names (default "default" .kubernetes.serviceAccount) -}}
+{{- else -}}
+{{- range $source := list .chainguard .quay .ecr .gcp .acr .tokenExchange -}}
+{{- if $source -}}
+{{- $token := $source.serviceAccountToken | default dict -}}
+{{- if not $token.file -}}
+{{- $names = append $names (default "default" ($token.fromNamespace | default dict).serviceAccount) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- $names | uniq | toJson -}}
+{{- end -}}
+
+{{/* The longest lifetime a TokenRequest asks for, in seconds: the largest configured
+     `expirationSeconds` (`kubernetes`: default 3600; `serviceAccountToken.fromNamespace`:
+     default 600), 0 when no source asks the API server. The same as
+     Config::max_token_seconds (tests/install.rs compares them). */}}
+{{- define "psi.maxTokenSeconds" -}}
+{{- $max := 0 -}}
+{{- range .Values.config.registries -}}
+{{- $seconds := 0 -}}
+{{- if .kubernetes -}}
+{{- $seconds = .kubernetes.expirationSeconds | default 3600 | int -}}
+{{- else -}}
+{{- range $source := list .chainguard .quay .ecr .gcp .acr .tokenExchange -}}
+{{- if $source -}}
+{{- $token := $source.serviceAccountToken | default dict -}}
+{{- if not $token.file -}}
+{{- $seconds = ($token.fromNamespace | default dict).expirationSeconds | default 600 | int -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if gt $seconds $max -}}{{- $max = $seconds -}}{{- end -}}
+{{- end -}}
+{{- $max -}}
+{{- end -}}
+
+{{/* The namespaces the service serves, as CEL over the request's namespace and
+     `variables.namespaceLabels` (the self-fencing policy): config.namespaceSelector, every
+     operator of a LabelSelector, and never the release namespace, kube-system or
+     config.excludedNamespaces; what NamespacePolicy::eligibility decides in the service
+     (tests/install.rs checks both against the API server). */}}
+{{- define "psi.optedIn" -}}
+{{- $excluded := concat (list .Release.Namespace "kube-system") (.Values.config.excludedNamespaces | default list) | uniq -}}
+{{- $terms := list (printf "!(request.namespace in %s)" (toJson $excluded)) -}}
+{{- $labels := "variables.namespaceLabels" -}}
+{{- range $key, $value := .Values.config.namespaceSelector.matchLabels | default dict -}}
+{{- $terms = append $terms (printf "%s in %s && %s[%s] == %s" (toJson $key) $labels $labels (toJson $key) (toJson $value)) -}}
+{{- end -}}
+{{- range .Values.config.namespaceSelector.matchExpressions | default list -}}
+{{- $key := toJson .key -}}
+{{- if eq .operator "In" -}}
+{{- $terms = append $terms (printf "(%s in %s && %s[%s] in %s)" $key $labels $labels $key (toJson .values)) -}}
+{{- else if eq .operator "NotIn" -}}
+{{- $terms = append $terms (printf "(!(%s in %s) || !(%s[%s] in %s))" $key $labels $labels $key (toJson .values)) -}}
+{{- else if eq .operator "Exists" -}}
+{{- $terms = append $terms (printf "%s in %s" $key $labels) -}}
+{{- else if eq .operator "DoesNotExist" -}}
+{{- $terms = append $terms (printf "!(%s in %s)" $key $labels) -}}
+{{- else -}}
+{{- fail (printf "config.namespaceSelector.matchExpressions: unknown operator %s" .operator) -}}
+{{- end -}}
+{{- end -}}
+{{- join " &&\n" $terms -}}
 {{- end -}}
 
 {{/* config.admission.mode: webhook (default) or policy. */}}
