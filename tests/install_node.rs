@@ -217,24 +217,35 @@ async fn check_running(cp: &ControlPlane, c: &kube::Client) {
         (NS, NAME)
     );
     assert!(webhook.client_config.url.is_none());
-    // The Service's endpoints: both Pods, Ready.
-    let slices = Api::<EndpointSlice>::namespaced(c.clone(), NS)
-        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={NAME}")))
-        .await
-        .unwrap();
-    let mut ready: Vec<String> = slices
-        .items
-        .iter()
-        .flat_map(|s| s.endpoints.iter())
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-        .flat_map(|e| e.addresses.clone())
-        .collect();
-    ready.sort();
+    // The Service's endpoints: both Pods, Ready. The EndpointSlice controller follows the
+    // Pods' readiness a moment later, so it is waited for (on a busy machine, seconds).
     let mut ips: Vec<String> = pods
         .iter()
         .map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap())
         .collect();
     ips.sort();
+    let slices = Api::<EndpointSlice>::namespaced(c.clone(), NS);
+    let selector = ListParams::default().labels(&format!("kubernetes.io/service-name={NAME}"));
+    let ready_endpoints = || async {
+        let mut ready: Vec<String> = slices
+            .list(&selector)
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+            .flat_map(|e| e.addresses.clone())
+            .collect();
+        ready.sort();
+        ready
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut ready = ready_endpoints().await;
+    while ready != ips && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ready = ready_endpoints().await;
+    }
     assert_eq!(ready, ips, "the Service's ready endpoints are the two Pods");
 }
 
