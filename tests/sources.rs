@@ -105,7 +105,7 @@ impl Case {
             self.source
         );
         let config = Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-        let http = HttpClient::new(&config.http)
+        let http = HttpClient::new(&config.http, &Default::default())
             .unwrap()
             .with_backoff(Duration::from_millis(20));
         // Sources reading their token from a file never call the API server.
@@ -583,7 +583,7 @@ async fn untrusted_certificates_are_refused() {
         case.host, case.source
     );
     let config = Config::from_yaml(&yaml).unwrap();
-    let http = HttpClient::new(&config.http).unwrap();
+    let http = HttpClient::new(&config.http, &Default::default()).unwrap();
     let kube =
         kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
     let e = config.registries[0]

@@ -91,6 +91,15 @@ pub enum MintError {
     },
 }
 
+/// What checking a source's settings needs from the rest of the config.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Checks {
+    /// `refresh.renewBefore`, which a lifetime must exceed.
+    pub renew_before: Option<Duration>,
+    /// `http.allowPlainHttp`: whether `http://` endpoints are accepted.
+    pub allow_plain_http: bool,
+}
+
 /// What a mint may use: the API server (TokenRequests, ServiceAccounts), the HTTP client for
 /// token endpoints, and the namespace whose identity is minted.
 #[derive(Clone, Copy)]
@@ -196,20 +205,17 @@ impl TokenSourceConfig {
         }
     }
 
-    pub fn validate(
-        &self,
-        path: &str,
-        renew_before: Option<Duration>,
-        err: &mut impl FnMut(&str, String),
-    ) {
+    pub fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
+        let path = format!("{path}.{}", self.name());
+        let path = path.as_str();
         match self {
-            Self::Kubernetes(k) => k.validate(&format!("{path}.kubernetes"), renew_before, err),
-            Self::Chainguard(s) => s.validate(&format!("{path}.chainguard"), err),
-            Self::Quay(s) => s.validate(&format!("{path}.quay"), err),
-            Self::Ecr(s) => s.validate(&format!("{path}.ecr"), err),
-            Self::Gcp(s) => s.validate(&format!("{path}.gcp"), err),
-            Self::Acr(s) => s.validate(&format!("{path}.acr"), err),
-            Self::TokenExchange(s) => s.validate(&format!("{path}.tokenExchange"), err),
+            Self::Kubernetes(k) => k.validate(path, checks.renew_before, err),
+            Self::Chainguard(s) => s.validate(path, checks, err),
+            Self::Quay(s) => s.validate(path, checks, err),
+            Self::Ecr(s) => s.validate(path, checks, err),
+            Self::Gcp(s) => s.validate(path, checks, err),
+            Self::Acr(s) => s.validate(path, checks, err),
+            Self::TokenExchange(s) => s.validate(path, checks, err),
         }
     }
 
@@ -389,13 +395,21 @@ pub(crate) fn checked(
     })
 }
 
-/// Default endpoints are https; an override may be http only towards loopback (a local proxy).
-pub(crate) fn validate_endpoint(path: &str, url: &str, err: &mut impl FnMut(&str, String)) {
+/// Endpoints are https; plain http only where `http.allowPlainHttp` says so.
+pub fn validate_endpoint(
+    path: &str,
+    url: &str,
+    allow_plain_http: bool,
+    err: &mut impl FnMut(&str, String),
+) {
     match reqwest::Url::parse(url) {
-        Ok(u) if u.scheme() == "https" && u.host_str().is_some() => {}
-        Ok(u)
-            if u.scheme() == "http"
-                && matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")) => {}
+        Ok(u) if u.host_str().is_none() => err(path, format!("{url:?} has no host")),
+        Ok(u) if u.scheme() == "https" => {}
+        Ok(u) if u.scheme() == "http" && allow_plain_http => {}
+        Ok(u) if u.scheme() == "http" => err(
+            path,
+            format!("{url:?} is plain http: use https, or set http.allowPlainHttp: true"),
+        ),
         Ok(_) => err(path, format!("{url:?} must be an https URL")),
         Err(e) => err(path, format!("{url:?} is not a URL: {e}")),
     }
