@@ -420,7 +420,7 @@ rules:
             .replace("s.key", &dir.path().join("s.key").display().to_string())
             + "listen: 127.0.0.1:0\nreadTimeout: 500ms\nidleTimeout: 500ms\nmaxConnections: 8\n";
         let config = TokenServerConfig::from_yaml(&yaml).unwrap();
-        let server = TokenServer::start(config, Arc::new(Timestamp::now))
+        let server = TokenServer::start(config, Arc::new(Timestamp::now), &Default::default())
             .await
             .unwrap();
         let connect = || async {
