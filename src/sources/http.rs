@@ -471,13 +471,15 @@ pub fn describe_body(body: &[u8], secrets: &[&Sensitive]) -> String {
 fn summarise_json(json: &serde_json::Value) -> Option<String> {
     let field =
         |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-    // RFC 6749/8693 errors, Google's {"error": {"message": ...}}, AWS/Quay {"message"}/{"error_message"}.
+    // RFC 6749/8693 errors, Google's {"error": {"message": ...}}, AWS/Quay {"message"}/{"error_message"},
+    // Alibaba's {"Code", "Message"}.
     let nested = json.get("error").filter(|e| e.is_object());
     let parts: Vec<String> = [
         field(json, "error"),
         field(json, "error_description"),
         nested.and_then(|e| field(e, "status")),
         nested.and_then(|e| field(e, "message")),
+        field(json, "Code"),
         field(json, "message").or_else(|| field(json, "Message")),
         field(json, "error_message"),
         field(json, "__type"),
@@ -544,6 +546,11 @@ mod tests {
             &[],
         );
         assert_eq!(d, "INVALID_ARGUMENT: Invalid value");
+        let d = describe_body(
+            br#"{"RequestId":"3D57","Code":"InvalidParameter.OIDCToken","Message":"token expired"}"#,
+            &[],
+        );
+        assert_eq!(d, "InvalidParameter.OIDCToken: token expired");
         let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";
         let d = describe_body(
             format!("<html>\n  denied for {jwt}\n</html>").as_bytes(),
@@ -572,6 +579,69 @@ mod tests {
         let d = describe_body(long.as_bytes(), &[]);
         assert_eq!(d.chars().count(), DETAIL_CHARS + 1, "{d}");
         assert!(d.ends_with('…'));
+    }
+
+    #[tokio::test]
+    async fn plain_http_is_refused_before_connecting_unless_allowed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let client = HttpClient::new(&HttpConfig::default(), &ProxyEnv::default()).unwrap();
+        let secret = Sensitive::new("sa");
+        let e = client
+            .send("declarative", &[&secret], |c| c.post(&url))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("plain http is refused"), "{e}");
+        assert!(
+            listener.accept().is_err(),
+            "no connection was made, and none retried"
+        );
+        let allowed = HttpConfig {
+            allow_plain_http: true,
+            retries: 0,
+            ..Default::default()
+        };
+        let client = HttpClient::new(&allowed, &ProxyEnv::default()).unwrap();
+        let call =
+            tokio::spawn(async move { client.send("declarative", &[], |c| c.post(&url)).await });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while listener.accept().is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "allowed, yet no connection"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        call.abort();
+    }
+
+    #[test]
+    fn proxy_urls_are_checked_without_showing_their_password() {
+        let with = |url: &str| ProxyEnv {
+            https_proxy: Some(url.into()),
+            ..Default::default()
+        };
+        let config = HttpConfig::default();
+        assert!(
+            HttpClient::new(&config, &with("proxy.corp:3128")).is_ok(),
+            "no scheme: http"
+        );
+        assert!(HttpClient::new(&config, &with("http://u:p@proxy.corp:3128")).is_ok());
+        let e = HttpClient::new(&config, &with("socks5://u:s3cret@proxy.corp:1080"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("$HTTPS_PROXY: ") && !e.contains("s3cret"),
+            "{e}"
+        );
+        let e = HttpClient::new(&config, &with("http://u:s3cret@proxy corp:3128"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("$HTTPS_PROXY: ") && !e.contains("s3cret"),
+            "{e}"
+        );
     }
 
     #[test]
