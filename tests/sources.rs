@@ -1275,6 +1275,90 @@ mod end_to_end {
         assert_eq!(password(&secret), k8s_password);
         inj.cleanup().await;
     }
+
+    /// The new sources in the service: each exchanges a TokenRequest token of the namespace
+    /// with its own audience, and all land in the one Secret beside the kubernetes registry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn new_sources_share_the_secret_with_the_other_registries() {
+        use super::support::standin::registries;
+        let _serial = serial();
+        let issued = jwt(json!({"sub": "issued", "exp": now() + 3600}));
+        let answer = issued.clone();
+        // One stand-in for the three, by path; it checks the shape, not which SA token came.
+        let standin = StandIn::start(move |s| {
+            let sa = s
+                .field("subject_token")
+                .or_else(|| s.bearer().map(str::to_string))
+                .unwrap_or_default();
+            match s.path.as_str() {
+                "/access/api/v1/oidc/token" => registries::artifactory(s, &sa, &answer),
+                "/api/v1/auth/ci/token" => registries::artifact_keeper(s, &sa, &answer),
+                "/oauth/token" => registries::docker_hub(s, &sa, &answer),
+                _ => (404, "{}".into()),
+            }
+        })
+        .await;
+        let url = &standin.url;
+        let registries = format!(
+            "{}  - host: jfrog.example.test\n    artifactory: {{providerName: k8s-cluster, audience: jfrog, endpoint: \"{url}\"}}\n\
+             \x20 - host: ak.example.test\n    artifactKeeper: {{audience: artifact-keeper, endpoint: \"{url}\", providerId: \"{}\"}}\n\
+             \x20 - host: docker.io\n    declarative: {{url: \"{url}/oauth/token\", audience: \"https://identity.docker.com\", token: {{in: formField, field: subject_token}}, fields: {{grant_type: \"{}\", subject_token_type: \"{}\", connection_id: {}, expires_in: \"600\"}}, username: acme, fallbackLifetime: 10m}}\n",
+            kubernetes_registry("default", 3600),
+            registries::AK_PROVIDER,
+            registries::TOKEN_EXCHANGE,
+            registries::ID_TOKEN,
+            registries::DOCKER_CONNECTION,
+        );
+        let extra = format!(
+            "http: {{timeout: 2s, retries: 0, caFile: {}}}\n",
+            standin.certs.ca().display()
+        );
+        let mut inj = Injector::start_with("src3", &registries, &extra).await;
+        let c = inj.client.clone();
+        let ns = inj.namespace("more", true).await;
+        let secret = wait_secret(&c, &ns, "four registries", |s| {
+            auths(s).as_object().is_some_and(|m| m.len() == 4)
+        })
+        .await;
+        let users: Vec<(String, String)> = auths(&secret)
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(h, e)| (h.clone(), e["username"].as_str().unwrap_or("").to_string()))
+            .collect();
+        assert_eq!(
+            users,
+            [
+                ("ak.example.test".to_string(), "ci-k8s".to_string()),
+                ("docker.io".into(), "acme".into()),
+                ("jfrog.example.test".into(), "k8s-puller".into()),
+                (HOST.into(), "oauth2accesstoken".into()),
+            ]
+        );
+        for host in ["ak.example.test", "docker.io", "jfrog.example.test"] {
+            assert_eq!(auths(&secret)[host]["password"], issued.as_str(), "{host}");
+        }
+        // Each exchange presented this namespace's identity with its source's audience.
+        let subject = format!("system:serviceaccount:{ns}:default");
+        let mut audiences: Vec<String> = standin
+            .seen()
+            .iter()
+            .filter_map(|s| {
+                s.field("subject_token")
+                    .or_else(|| s.bearer().map(str::to_string))
+            })
+            .map(|t| claims(&t))
+            .filter(|c| c["sub"] == subject.as_str())
+            .map(|c| c["aud"][0].as_str().unwrap_or("").to_string())
+            .collect();
+        audiences.sort();
+        audiences.dedup();
+        assert_eq!(
+            audiences,
+            ["artifact-keeper", "https://identity.docker.com", "jfrog"]
+        );
+        inj.cleanup().await;
+    }
 }
 
 mod selection {
