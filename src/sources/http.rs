@@ -378,6 +378,8 @@ impl HttpClient {
         if text.contains("certificate") {
             // Behind a proxy that inspects TLS, the certificate is the proxy's, not the endpoint's.
             format!("{text} (the certificate must chain to the system's roots or to http.caFile)")
+        } else if text.contains("tunnel error") {
+            format!("through the proxy ($HTTPS_PROXY): {text}")
         } else if text.contains("URL scheme is not allowed") {
             "plain http is refused: use https, or set http.allowPlainHttp".into()
         } else {
