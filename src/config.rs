@@ -520,9 +520,13 @@ impl Config {
             );
         }
         if let Some(u) = &self.pull_secret_updater {
-            u.validate(&mut err);
+            u.validate(self.http.allow_plain_http, &mut err);
         }
-        validate_registries(&self.registries, self.refresh.renew_before, &mut err);
+        let checks = crate::sources::Checks {
+            renew_before: self.refresh.renew_before,
+            allow_plain_http: self.http.allow_plain_http,
+        };
+        validate_registries(&self.registries, checks, &mut err);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -535,7 +539,7 @@ impl Config {
 /// one, hosts without a scheme and listed once, each source valid.
 pub fn validate_registries(
     registries: &[RegistryConfig],
-    renew_before: Option<Duration>,
+    checks: crate::sources::Checks,
     err: &mut impl FnMut(&str, String),
 ) {
     if registries.is_empty() {
@@ -558,7 +562,7 @@ pub fn validate_registries(
                 format!("{:?} is listed twice", r.host),
             );
         }
-        r.source.validate(&path, renew_before, err);
+        r.source.validate(&path, checks, err);
     }
 }
 

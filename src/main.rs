@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pull_secret_injector::config::{Config, ConfigError};
 use pull_secret_injector::credential_provider::{self, Plugin, PluginConfig, PluginError};
 use pull_secret_injector::ops::{certs, status};
-use pull_secret_injector::settings::{Environment, Settings};
+use pull_secret_injector::settings::{self, Environment, Settings};
 use pull_secret_injector::token_server::server::{Clock, TokenServer};
 use pull_secret_injector::token_server::TokenServerConfig;
 use pull_secret_injector::Service;
@@ -162,7 +162,7 @@ async fn run() -> anyhow::Result<()> {
             }
         }
         Command::CredentialProvider { config, .. } => {
-            let code = match credential_provider(&config).await {
+            let code = match credential_provider(&config, &env).await {
                 Ok(response) => {
                     println!("{response}");
                     0
@@ -219,7 +219,7 @@ async fn run() -> anyhow::Result<()> {
         Command::TokenServer { config } => {
             let config = TokenServerConfig::from_file(&config)?;
             let clock: Clock = std::sync::Arc::new(jiff::Timestamp::now);
-            let server = TokenServer::start(config, clock).await?;
+            let server = TokenServer::start(config, clock, &env.proxy).await?;
             server
                 .run_until(shutdown_signal())
                 .await
@@ -238,8 +238,11 @@ async fn run() -> anyhow::Result<()> {
 }
 
 /// One request from stdin, answered.
-async fn credential_provider(config: &std::path::Path) -> Result<String, PluginError> {
-    let plugin = Plugin::new(PluginConfig::from_file(config)?)?;
+async fn credential_provider(
+    config: &std::path::Path,
+    env: &Environment,
+) -> Result<String, PluginError> {
+    let plugin = Plugin::new(PluginConfig::from_file(config)?, &env.proxy)?;
     let mut input = Vec::new();
     std::io::Read::read_to_end(&mut std::io::stdin(), &mut input)
         .map_err(|e| PluginError::Stdin(e.to_string()))?;
@@ -247,9 +250,15 @@ async fn credential_provider(config: &std::path::Path) -> Result<String, PluginE
 }
 
 async fn client() -> anyhow::Result<kube::Client> {
-    kube::Client::try_default()
-        .await
-        .context("cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment")
+    let context = "cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment";
+    let mut config = kube::Config::infer().await.context(context)?;
+    // kube falls back to $HTTPS_PROXY for a kubeconfig that names no proxy-url; the API server
+    // is reached directly unless the kubeconfig itself asks for a proxy.
+    let kubeconfig = kube::config::Kubeconfig::read().ok();
+    if !settings::kubeconfig_names_proxy(kubeconfig.as_ref()) {
+        config.proxy_url = None;
+    }
+    kube::Client::try_from(config).context(context)
 }
 
 fn init_tracing(format: LogFormat, default: &str) {

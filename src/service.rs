@@ -82,7 +82,7 @@ impl Service {
             let client = client.clone();
             tokio::spawn(async move { crate::cluster::check_policy_api(&client).await });
         }
-        let http = sources::http::HttpClient::new(&config.http)?;
+        let http = sources::http::HttpClient::new(&config.http, &settings.proxy)?;
         let provisioner = Arc::new(Provisioner::new(
             client.clone(),
             http.clone(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::config::{AdmissionConfig, Config, InjectMode, RegistryConfig};
 use crate::core::namespaces::NamespacePolicy;
 use crate::core::subject::{IdentityScope, Subject};
+use crate::sources::http::ProxyEnv;
 
 /// What the process environment says about where the service runs (set through the downward
 /// API in the Deployment).
@@ -16,15 +17,19 @@ pub struct Environment {
     pub pod_name: Option<String>,
     /// `$POD_NAMESPACE`: the namespace the service runs in, when the config does not say.
     pub pod_namespace: Option<String>,
+    /// `$HTTPS_PROXY`, `$HTTP_PROXY`, `$NO_PROXY` (and `$KUBERNETES_SERVICE_HOST`, never
+    /// proxied): how calls to token endpoints leave a corporate network.
+    pub proxy: ProxyEnv,
 }
 
 impl Environment {
-    /// Reads `$POD_NAME` and `$POD_NAMESPACE`. Called once, in `main`.
+    /// Reads `$POD_NAME`, `$POD_NAMESPACE` and the proxy variables. Called once, in `main`.
     pub fn from_process() -> Self {
-        let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        let var = |name: &str| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
         Self {
             pod_name: var("POD_NAME"),
             pod_namespace: var("POD_NAMESPACE"),
+            proxy: ProxyEnv::from_vars(var),
         }
     }
 }
@@ -59,6 +64,8 @@ pub struct Settings {
     pub election: Option<Election>,
     /// This replica's name in Events, when it has one.
     pub instance: Option<String>,
+    /// The proxy for calls to token endpoints, from the environment.
+    pub proxy: ProxyEnv,
 }
 
 impl Settings {
@@ -93,6 +100,7 @@ impl Settings {
             policy,
             election,
             instance: env.pod_name.clone(),
+            proxy: env.proxy.clone(),
             config,
         })
     }
@@ -142,6 +150,26 @@ impl Settings {
     }
 }
 
+/// Whether the kubeconfig's current cluster names a `proxy-url`: the one way to ask for the API
+/// server to be reached through a proxy (`$HTTPS_PROXY` never sends it there).
+pub fn kubeconfig_names_proxy(kubeconfig: Option<&kube::config::Kubeconfig>) -> bool {
+    let Some(kc) = kubeconfig else {
+        return false;
+    };
+    let cluster = kc
+        .contexts
+        .iter()
+        .find(|c| Some(&c.name) == kc.current_context.as_ref())
+        .and_then(|c| c.context.as_ref())
+        .map(|c| c.cluster.as_str());
+    kc.clusters
+        .iter()
+        .find(|c| Some(c.name.as_str()) == cluster)
+        .and_then(|c| c.cluster.as_ref())
+        .and_then(|c| c.proxy_url.as_deref())
+        .is_some_and(|u| !u.trim().is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +186,7 @@ mod tests {
         let env = Environment {
             pod_name: Some("psi-0".into()),
             pod_namespace: Some("psi".into()),
+            ..Default::default()
         };
         let s = Settings::new(config, &env).unwrap();
         let election = s.election.unwrap();
@@ -168,6 +197,51 @@ mod tests {
         assert!(
             s.policy.is_excluded("psi"),
             "its own namespace is never served"
+        );
+    }
+
+    #[test]
+    fn only_the_kubeconfig_sends_the_api_server_through_a_proxy() {
+        let kubeconfig = |proxy: &str| {
+            kube::config::Kubeconfig::from_yaml(&format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: b\n\
+                 clusters:\n- name: a\n  cluster: {{server: https://a, proxy-url: http://p:3128}}\n\
+                 - name: b\n  cluster: {{server: https://b{proxy}}}\n\
+                 contexts:\n- name: a\n  context: {{cluster: a, user: u}}\n- name: b\n  context: {{cluster: b, user: u}}\n"
+            ))
+            .unwrap()
+        };
+        assert!(!kubeconfig_names_proxy(None), "in-cluster");
+        assert!(
+            !kubeconfig_names_proxy(Some(&kubeconfig(""))),
+            "another cluster's proxy-url does not count"
+        );
+        assert!(kubeconfig_names_proxy(Some(&kubeconfig(
+            ", proxy-url: http://p:3128"
+        ))));
+    }
+
+    #[test]
+    fn proxy_variables_are_read_once_upper_case_first() {
+        let vars = |pairs: &[(&str, &str)]| {
+            let map: std::collections::HashMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            ProxyEnv::from_vars(move |k| map.get(k).cloned())
+        };
+        let p = vars(&[
+            ("HTTPS_PROXY", "http://upper:3128"),
+            ("https_proxy", "http://lower:3128"),
+            ("no_proxy", "internal.example, 10.0.0.0/8"),
+            ("http_proxy", " "),
+            ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+        ]);
+        assert_eq!(p.https_proxy.as_deref(), Some("http://upper:3128"));
+        assert_eq!(p.http_proxy, None, "blank is unset");
+        assert_eq!(
+            p.bypass_list(),
+            "internal.example,10.0.0.0/8,kubernetes.default.svc.cluster.local,kubernetes.default.svc,kubernetes.default,10.96.0.1"
         );
     }
 }

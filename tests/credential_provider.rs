@@ -41,10 +41,16 @@ struct Run {
 /// Runs the plugin as the kubelet does: `credential-provider --config FILE`, the request on
 /// stdin.
 fn run_plugin(config: &Path, request: &str) -> Run {
+    run_plugin_with(config, request, &[])
+}
+
+/// As `run_plugin`, with `env` set (the provider's `env` in the kubelet's config).
+fn run_plugin_with(config: &Path, request: &str, env: &[(&str, &str)]) -> Run {
     let mut child = Command::new(BIN)
         .args(["credential-provider", "--config"])
         .arg(config)
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -225,6 +231,116 @@ async fn failures_are_one_line_on_stderr_without_the_token() {
     assert!(
         run.stderr
             .starts_with("pull-secret-injector credential-provider: cannot read config file "),
+        "{}",
+        run.stderr
+    );
+}
+
+/// The sources of "More registries" answer the kubelet with the Pod's token, the exchanges
+/// going through the proxy the kubelet's `env` names (read once by the plugin, passed down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_sources_answer_the_kubelet_through_a_proxy() {
+    use support::standin::registries;
+    let Some(proxy) = support::proxy::Proxy::start() else {
+        return;
+    };
+    let exp = now() + 3600;
+    let issued = jwt(json!({"sub": "issued-secret", "exp": exp}));
+    let answer = issued.clone();
+    let verify = |params: &BTreeMap<String, String>, signature: &str| {
+        let params: BTreeMap<&str, String> = params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        pull_secret_injector::sources::alibaba::sign("POST", &params, registries::ALI_SECRET)
+            == signature
+    };
+    let standin = StandIn::start(move |s| {
+        let sa = s
+            .field("subject_token")
+            .or_else(|| s.field("oidc_token"))
+            .or_else(|| s.form().get("OIDCToken").cloned())
+            .or_else(|| s.bearer().map(str::to_string))
+            .unwrap_or_default();
+        match s.path.as_str() {
+            "/access/api/v1/oidc/token" => registries::artifactory(s, &sa, &answer),
+            "/openid/acme/" => registries::cloudsmith(s, &sa, &answer),
+            "/api/v1/auth/ci/token" => registries::artifact_keeper(s, &sa, &answer),
+            "/oauth/token" => registries::docker_hub(s, &sa, &answer),
+            _ => registries::alibaba(s, &sa, &answer, exp, &verify),
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("plugin.yaml");
+    let url = &standin.url;
+    std::fs::write(
+        &config,
+        format!(
+            "http: {{caFile: {ca}, retries: 0}}\nregistries:\n\
+             - {{host: jfrog.test, artifactory: {{providerName: k8s-cluster, audience: jfrog, endpoint: \"{url}\"}}}}\n\
+             - {{host: cloudsmith.test, cloudsmith: {{organization: acme, serviceSlug: puller-x1y2, audience: cloudsmith, endpoint: \"{url}\"}}}}\n\
+             - {{host: ak.test, artifactKeeper: {{audience: artifact-keeper, endpoint: \"{url}\", providerId: \"{ak}\"}}}}\n\
+             - {{host: docker.test, dockerHub: {{connectionId: {dh}, organization: acme, expiresIn: 600, endpoint: \"{url}\"}}}}\n\
+             - {{host: cri.test, alibaba: {{region: cn-hangzhou, instanceId: cri-k8stest123, roleArn: \"{role}\", oidcProviderArn: \"{provider}\", stsEndpoint: \"{url}/sts\", crEndpoint: \"{url}/cr\"}}}}\n\
+             - {{host: long-tail.test, declarative: {{url: \"{url}/api/v1/auth/ci/token\", audience: long-tail, token: {{in: bearer}}, fields: {{provider_id: \"{ak}\"}}, answer: {{expiresIn: /expires_in, username: /username}}}}}}\n",
+            ca = standin.certs.ca().display(),
+            ak = registries::AK_PROVIDER,
+            dh = registries::DOCKER_CONNECTION,
+            role = registries::ALI_ROLE,
+            provider = registries::ALI_PROVIDER,
+        ),
+    )
+    .unwrap();
+    // The Pod's ServiceAccount is `default` in team-a: Alibaba's session name names it.
+    let cases = [
+        ("jfrog.test", "jfrog", "k8s-puller"),
+        ("cloudsmith.test", "cloudsmith", "puller-x1y2"),
+        ("ak.test", "artifact-keeper", "ci-k8s"),
+        ("docker.test", "https://identity.docker.com", "acme"),
+        ("cri.test", "sts.aliyuncs.com", "cr_temp_user"),
+        ("long-tail.test", "long-tail", "ci-k8s"),
+    ];
+    let env = [("HTTPS_PROXY", proxy.url.as_str()), ("NO_PROXY", "")];
+    for (host, audience, username) in cases {
+        let token = pod_token(audience, "default");
+        let run = run_plugin_with(
+            &config,
+            &request(&format!("{host}/app:v1"), Some(&token)),
+            &env,
+        );
+        assert_eq!(run.code, 0, "{host}: {}", run.stderr);
+        let response: Value = serde_json::from_str(&run.stdout).unwrap();
+        assert_eq!(response["auth"][host]["username"], username, "{host}");
+        assert_eq!(
+            response["auth"][host]["password"],
+            issued.as_str(),
+            "{host}"
+        );
+        let cache: u64 = response["cacheDuration"]
+            .as_str()
+            .and_then(|d| d.strip_suffix('s'))
+            .and_then(|d| d.parse().ok())
+            .unwrap();
+        assert!(cache > 0, "{host}: an exchanged credential is cached");
+    }
+    assert!(
+        proxy.connects_to(&standin.host()) >= cases.len(),
+        "the exchanges did not go through the proxy"
+    );
+    // A proxy that is not there: one clear line, no token.
+    let dead = format!("http://127.0.0.1:{}", free_port("127.0.0.1"));
+    let token = pod_token("jfrog", "default");
+    let run = run_plugin_with(
+        &config,
+        &request("jfrog.test/app:v1", Some(&token)),
+        &[("HTTPS_PROXY", dead.as_str())],
+    );
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.starts_with(
+            "pull-secret-injector credential-provider: registry jfrog.test: artifactory: POST "
+        ) && !run.stderr.contains(&token),
         "{}",
         run.stderr
     );

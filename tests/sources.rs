@@ -12,10 +12,10 @@ use base64::Engine;
 use jiff::Timestamp;
 use pull_secret_injector::config::Config;
 use pull_secret_injector::core::credential::Credential;
-use pull_secret_injector::sources::http::HttpClient;
+use pull_secret_injector::sources::http::{HttpClient, ProxyEnv};
 use pull_secret_injector::sources::{sigv4, MintContext, MintError};
 use serde_json::json;
-use support::standin::{jwt, now, Fault, Seen, StandIn};
+use support::standin::{jwt, now, registries, Fault, Seen, StandIn};
 
 /// The service-account token the sources exchange (read from a file, so no API server is
 /// needed here; tests/webhook.rs runs a source with a TokenRequest token end to end).
@@ -98,14 +98,22 @@ impl Case {
     }
 
     async fn mint(&self) -> Result<Credential, MintError> {
+        self.mint_with(&ProxyEnv::default(), true).await
+    }
+
+    /// Through `proxy`; trusting the stand-in's CA (`http.caFile`) or only the system's roots.
+    async fn mint_with(&self, proxy: &ProxyEnv, trust_ca: bool) -> Result<Credential, MintError> {
+        let ca = match trust_ca {
+            true => format!(", caFile: {}", self.standin.certs.ca().display()),
+            false => String::new(),
+        };
         let yaml = format!(
-            "tls: {{certFile: /x, keyFile: /y}}\nhttp: {{timeout: 1s, retries: 2, caFile: {}}}\nregistries:\n- host: \"{}\"\n  {}\n",
-            self.standin.certs.ca().display(),
+            "tls: {{certFile: /x, keyFile: /y}}\nhttp: {{timeout: 1s, retries: 2{ca}}}\nregistries:\n- host: \"{}\"\n  {}\n",
             self.host,
             self.source
         );
         let config = Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-        let http = HttpClient::new(&config.http)
+        let http = HttpClient::new(&config.http, proxy)
             .unwrap()
             .with_backoff(Duration::from_millis(20));
         // Sources reading their token from a file never call the API server.
@@ -583,7 +591,7 @@ async fn untrusted_certificates_are_refused() {
         case.host, case.source
     );
     let config = Config::from_yaml(&yaml).unwrap();
-    let http = HttpClient::new(&config.http).unwrap();
+    let http = HttpClient::new(&config.http, &Default::default()).unwrap();
     let kube =
         kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
     let e = config.registries[0]
@@ -631,6 +639,426 @@ fn bad_source_settings_name_the_field() {
     }
     let e = Config::from_yaml("tls: {certFile: /x, keyFile: /y}\nregistries: [{host: cgr.dev, chainguard: {identity: ab, issuer: x, extra: 1}}]\n").unwrap_err();
     assert!(e.to_string().contains("registries[0].chainguard"), "{e}");
+}
+
+// ---- More registries: their own sources, and the declarative exchange -----------------------
+
+/// The registry's answer `issued`, lasting `exp` when it is a JWT.
+fn issued_jwt(exp: i64, sub: &str) -> String {
+    jwt(json!({"sub": sub, "exp": exp}))
+}
+
+#[tokio::test]
+async fn artifactory() {
+    let opaque = "cmVmdGtuOjAxOjE3OTk5OTk5OTk6artifactory-access-token-value";
+    let case = Case::new(
+        "artifactory: {providerName: k8s-cluster, audience: jfrog, serviceAccountToken: {file: \"{tokenFile}\"}}",
+        move |s, sa| registries::artifactory(s, sa, opaque),
+    )
+    .await;
+    let before = Timestamp::now();
+    let c = case.mint().await.expect("mint");
+    assert_eq!(c.username, "k8s-puller", "the mapped user, from the answer");
+    assert_eq!(c.password.expose(), opaque);
+    let lifetime = c.expires_at.duration_since(before).as_secs();
+    assert!(
+        (1795..=1801).contains(&lifetime),
+        "expires_in 1800 read as {lifetime}s"
+    );
+    case.error_classes("/access/api/v1/oidc/token", &[opaque])
+        .await;
+}
+
+#[tokio::test]
+async fn cloudsmith() {
+    let exp = now() + 7200;
+    let issued = issued_jwt(exp, "puller-x1y2");
+    let answer = issued.clone();
+    let case = Case::new(
+        "cloudsmith: {organization: acme, serviceSlug: puller-x1y2, audience: cloudsmith, endpoint: \"{endpoint}\", serviceAccountToken: {file: \"{tokenFile}\"}}",
+        move |s, sa| registries::cloudsmith(s, sa, &answer),
+    )
+    .await;
+    let c = case.mint().await.expect("mint");
+    assert_eq!(c.username, "puller-x1y2");
+    assert_eq!(c.password.expose(), issued);
+    assert_expiry(&c, exp);
+    case.error_classes("/openid/acme/", &[&issued]).await;
+
+    // An opaque token: its lifetime is the configured fallback, or the mint is refused.
+    let opaque = "cloudsmith-opaque-api-token-value-0123456789abcdef";
+    let case = Case::new(
+        "cloudsmith: {organization: acme, serviceSlug: puller-x1y2, audience: cloudsmith, endpoint: \"{endpoint}\", serviceAccountToken: {file: \"{tokenFile}\"}}",
+        move |s, sa| registries::cloudsmith(s, sa, opaque),
+    )
+    .await;
+    let e = case.mint().await.unwrap_err();
+    assert!(e.to_string().contains("set fallbackLifetime"), "{e}");
+    let case = Case::new(
+        "cloudsmith: {organization: acme, serviceSlug: puller-x1y2, audience: cloudsmith, endpoint: \"{endpoint}\", fallbackLifetime: 90m, serviceAccountToken: {file: \"{tokenFile}\"}}",
+        move |s, sa| registries::cloudsmith(s, sa, opaque),
+    )
+    .await;
+    let before = Timestamp::now();
+    let c = case.mint().await.expect("mint");
+    let lifetime = c.expires_at.duration_since(before).as_secs();
+    assert!(
+        (5395..=5401).contains(&lifetime),
+        "fallback 90m read as {lifetime}s"
+    );
+}
+
+#[tokio::test]
+async fn artifact_keeper() {
+    let opaque = "ak_ci_0123456789abcdefghijklmnopqrstuvwxyz-access";
+    let case = Case::new(
+        &format!("artifactKeeper: {{audience: artifact-keeper, providerId: \"{}\", serviceAccountToken: {{file: \"{{tokenFile}}\"}}}}", registries::AK_PROVIDER),
+        move |s, sa| registries::artifact_keeper(s, sa, opaque),
+    )
+    .await;
+    let before = Timestamp::now();
+    let c = case.mint().await.expect("mint");
+    assert_eq!(c.username, "ci-k8s");
+    assert_eq!(c.password.expose(), opaque);
+    let lifetime = c.expires_at.duration_since(before).as_secs();
+    assert!(
+        (895..=901).contains(&lifetime),
+        "expires_in 900 read as {lifetime}s"
+    );
+    case.error_classes("/api/v1/auth/ci/token", &[opaque]).await;
+}
+
+#[tokio::test]
+async fn docker_hub() {
+    let opaque = "dckr_oat_0123456789abcdefghijklmnopqrstuvwxyzABCD";
+    let case = Case::new(
+        &format!("dockerHub: {{connectionId: {}, organization: acme, expiresIn: 600, endpoint: \"{{endpoint}}\", serviceAccountToken: {{file: \"{{tokenFile}}\"}}}}", registries::DOCKER_CONNECTION),
+        move |s, sa| registries::docker_hub(s, sa, opaque),
+    )
+    .await;
+    let before = Timestamp::now();
+    let c = case.mint().await.expect("mint");
+    assert_eq!(c.username, "acme", "the organisation");
+    assert_eq!(c.password.expose(), opaque);
+    // The answer states no lifetime and the token is opaque: the 600 s asked for.
+    let lifetime = c.expires_at.duration_since(before).as_secs();
+    assert!((595..=601).contains(&lifetime), "read as {lifetime}s");
+    case.error_classes("/oauth/token", &[opaque]).await;
+}
+
+/// Re-signs what arrived with the keys the STS stand-in handed out: the signature covers the
+/// parameters as they were on the wire.
+fn alibaba_signature_matches(
+    params: &std::collections::BTreeMap<String, String>,
+    signature: &str,
+) -> bool {
+    let params: std::collections::BTreeMap<&str, String> = params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    pull_secret_injector::sources::alibaba::sign("POST", &params, registries::ALI_SECRET)
+        == signature
+}
+
+fn alibaba_source() -> String {
+    format!(
+        "alibaba: {{region: cn-hangzhou, instanceId: cri-k8stest123, roleArn: \"{}\", oidcProviderArn: \"{}\", stsEndpoint: \"{{endpoint}}/sts\", crEndpoint: \"{{endpoint}}/cr\", serviceAccountToken: {{file: \"{{tokenFile}}\"}}}}",
+        registries::ALI_ROLE,
+        registries::ALI_PROVIDER
+    )
+}
+
+#[tokio::test]
+async fn alibaba() {
+    let exp = now() + 3600;
+    let password = "eyJpbnN0YW5jZUlkIjoiY3JpLWs4c3Rlc3QxMjMi.alibaba-temp-password";
+    let case = Case::new(&alibaba_source(), move |s, sa| {
+        registries::alibaba(s, sa, password, exp, &alibaba_signature_matches)
+    })
+    .await;
+    let c = case.mint().await.expect("mint");
+    assert_eq!(c.username, "cr_temp_user");
+    assert_eq!(c.password.expose(), password);
+    assert_expiry(&c, exp);
+    let seen = case.standin.seen();
+    assert_eq!(
+        seen.iter().map(|s| s.path.as_str()).collect::<Vec<_>>(),
+        ["/sts/", "/cr/"]
+    );
+    assert!(
+        !seen[0].query.contains_key("OIDCToken"),
+        "the token stays out of the URL"
+    );
+    case.error_classes(
+        "/sts/",
+        &[
+            password,
+            registries::ALI_SECRET,
+            registries::ALI_SECURITY_TOKEN,
+        ],
+    )
+    .await;
+
+    // The signed call refused: Alibaba's code and message, none of the STS keys.
+    case.standin.clear();
+    let case2 = Case::new(&alibaba_source(), move |s, sa| {
+        registries::alibaba(s, sa, password, exp, &|_, _| false)
+    })
+    .await;
+    let e = case2.mint().await.unwrap_err();
+    assert!(matches!(e, MintError::Refused { status: 403, .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("/cr/") && e.to_string().contains("SignatureDoesNotMatch"),
+        "{e}"
+    );
+    case2.assert_no_secret(
+        &e.to_string(),
+        &[registries::ALI_SECRET, registries::ALI_SECURITY_TOKEN],
+    );
+}
+
+/// The declarative exchange reaches Artifactory, Cloudsmith, Artifact Keeper and Docker Hub with
+/// configuration alone: against the same stand-ins, it mints what their own sources mint.
+#[tokio::test]
+async fn the_declarative_exchange_reaches_four_registries_with_no_code_of_their_own() {
+    let sa_file = "serviceAccountToken: {file: \"{tokenFile}\"}";
+    let issued = issued_jwt(now() + 7200, "puller-x1y2");
+    type Handler = fn(&Seen, &str, &str) -> (u16, String);
+    let cases: [(&str, String, String, Handler); 4] = [
+        (
+            "artifactory",
+            format!("artifactory: {{providerName: k8s-cluster, audience: jfrog, endpoint: \"{{endpoint}}\", {sa_file}}}"),
+            format!(
+                "declarative: {{url: \"{{endpoint}}/access/api/v1/oidc/token\", audience: jfrog, \
+                 token: {{in: jsonField, field: subject_token}}, \
+                 fields: {{grant_type: \"{}\", subject_token_type: \"{}\", provider_name: k8s-cluster}}, \
+                 answer: {{token: /access_token, expiresIn: /expires_in, username: /username}}, {sa_file}}}",
+                registries::TOKEN_EXCHANGE, registries::ID_TOKEN
+            ),
+            registries::artifactory,
+        ),
+        (
+            "cloudsmith",
+            format!("cloudsmith: {{organization: acme, serviceSlug: puller-x1y2, audience: cloudsmith, endpoint: \"{{endpoint}}\", {sa_file}}}"),
+            format!(
+                "declarative: {{url: \"{{endpoint}}/openid/acme/\", audience: cloudsmith, \
+                 token: {{in: jsonField, field: oidc_token}}, fields: {{service_slug: puller-x1y2}}, \
+                 answer: {{token: /token}}, username: puller-x1y2, {sa_file}}}"
+            ),
+            registries::cloudsmith,
+        ),
+        (
+            "artifactKeeper",
+            format!("artifactKeeper: {{audience: artifact-keeper, endpoint: \"{{endpoint}}\", providerId: \"{}\", {sa_file}}}", registries::AK_PROVIDER),
+            format!(
+                "declarative: {{url: \"{{endpoint}}/api/v1/auth/ci/token\", audience: artifact-keeper, \
+                 token: {{in: bearer}}, fields: {{provider_id: \"{}\"}}, \
+                 answer: {{expiresIn: /expires_in, username: /username}}, {sa_file}}}",
+                registries::AK_PROVIDER
+            ),
+            registries::artifact_keeper,
+        ),
+        (
+            "dockerHub",
+            format!("dockerHub: {{connectionId: {}, organization: acme, expiresIn: 600, endpoint: \"{{endpoint}}\", {sa_file}}}", registries::DOCKER_CONNECTION),
+            format!(
+                "declarative: {{url: \"{{endpoint}}/oauth/token\", audience: \"https://identity.docker.com\", \
+                 token: {{in: formField, field: subject_token}}, \
+                 fields: {{grant_type: \"{}\", subject_token_type: \"{}\", connection_id: {}, expires_in: \"600\"}}, \
+                 answer: {{expiresIn: /expires_in}}, username: acme, fallbackLifetime: 10m, {sa_file}}}",
+                registries::TOKEN_EXCHANGE, registries::ID_TOKEN, registries::DOCKER_CONNECTION
+            ),
+            registries::docker_hub,
+        ),
+    ];
+    for (name, own, declarative, handler) in cases {
+        let mut minted = Vec::new();
+        for source in [&own, &declarative] {
+            let answer = issued.clone();
+            let case = Case::new(source, move |s, sa| handler(s, sa, &answer)).await;
+            let c = case
+                .mint()
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {source}: {e}"));
+            minted.push((
+                c.username,
+                c.password.expose().to_string(),
+                c.expires_at.as_second(),
+            ));
+            let seen = case.standin.seen();
+            assert_eq!(seen.len(), 1, "{name}: one request");
+        }
+        let (a, b) = (&minted[0], &minted[1]);
+        assert_eq!((&a.0, &a.1), (&b.0, &b.1), "{name}: same credential");
+        assert!(
+            (a.2 - b.2).abs() <= 1,
+            "{name}: same expiry, {} vs {}",
+            a.2,
+            b.2
+        );
+    }
+}
+
+#[test]
+fn bad_settings_of_the_new_sources_name_the_field() {
+    let yaml = "tls: {certFile: /x, keyFile: /y}\nregistries:\n\
+        - {host: a.jfrog.io, artifactory: {providerName: \"\", audience: \"\", endpoint: \"http://a.jfrog.io\"}}\n\
+        - {host: docker.cloudsmith.io, cloudsmith: {organization: \"a/b\", serviceSlug: \"\", audience: x, fallbackLifetime: 5s}}\n\
+        - {host: ak.example, artifactKeeper: {audience: \"\", providerId: \"\"}}\n\
+        - {host: docker.io, dockerHub: {connectionId: nope, organization: acme, expiresIn: 7200}}\n\
+        - {host: x.cn-hangzhou.cr.aliyuncs.com, alibaba: {region: CN, instanceId: x, roleArn: arn:aws:iam::1:role/r, oidcProviderArn: p, durationSeconds: 60}}\n\
+        - {host: r.example, declarative: {url: \"https://r.example/t\", audience: a, token: {in: formField}}}\n";
+    let e = Config::from_yaml(yaml).unwrap_err().to_string();
+    for path in [
+        "registries[0].artifactory.providerName",
+        "registries[0].artifactory.audience",
+        "registries[0].artifactory.endpoint",
+        "registries[1].cloudsmith.organization",
+        "registries[1].cloudsmith.serviceSlug",
+        "registries[1].cloudsmith.fallbackLifetime",
+        "registries[2].artifactKeeper.audience",
+        "registries[2].artifactKeeper.providerId",
+        "registries[3].dockerHub.connectionId",
+        "registries[3].dockerHub.expiresIn",
+        "registries[4].alibaba.region",
+        "registries[4].alibaba.instanceId",
+        "registries[4].alibaba.roleArn",
+        "registries[4].alibaba.oidcProviderArn",
+        "registries[4].alibaba.durationSeconds",
+        "registries[5].declarative.token.field",
+        "registries[5].declarative.username",
+    ] {
+        assert!(e.contains(&format!("{path}: ")), "missing {path} in:\n{e}");
+    }
+    assert!(e.contains("plain http"), "{e}");
+    // The field that allows plain http does.
+    let ok = "tls: {certFile: /x, keyFile: /y}\nhttp: {allowPlainHttp: true}\nregistries:\n\
+        - {host: a.jfrog.io, artifactory: {providerName: p, audience: a, endpoint: \"http://a.jfrog.io\"}}\n";
+    Config::from_yaml(ok).expect("allowPlainHttp admits http endpoints");
+}
+
+// ---- Corporate networks: a real CONNECT proxy, a private CA -------------------------------
+
+fn through(proxy: &support::proxy::Proxy) -> ProxyEnv {
+    ProxyEnv {
+        https_proxy: Some(proxy.url.clone()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanges_go_through_the_proxy_and_trust_the_private_ca() {
+    let Some(proxy) = support::proxy::Proxy::start() else {
+        return;
+    };
+    let exp = now() + 3600;
+    let password = "eyJpbnN0YW5jZUlkIjoiY3JpLWs4c3Rlc3QxMjMi.alibaba-temp-password";
+    // Two calls (cloud STS, then the registry's API) to a stand-in with a private CA.
+    let case = Case::new(&alibaba_source(), move |s, sa| {
+        registries::alibaba(s, sa, password, exp, &alibaba_signature_matches)
+    })
+    .await;
+    let target = case.host.clone();
+    assert_eq!(proxy.connects_to(&target), 0);
+    let c = case
+        .mint_with(&through(&proxy), true)
+        .await
+        .expect("mint through the proxy");
+    assert_eq!(c.password.expose(), password);
+    assert_eq!(case.standin.seen().len(), 2);
+    let tunnels = proxy.connects_to(&target);
+    assert!(tunnels >= 1, "the proxy logged no CONNECT to {target}");
+
+    // Without the CA: the TLS handshake inside the tunnel fails, and the error says why and
+    // what to trust; the endpoint never saw a request, and nothing is retried in vain forever.
+    case.standin.clear();
+    let e = case.mint_with(&through(&proxy), false).await.unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, MintError::Transport { .. }), "{e:?}");
+    assert!(
+        text.contains("certificate") && text.contains("http.caFile") && text.contains("/sts/"),
+        "{text}"
+    );
+    assert!(case.standin.seen().is_empty());
+    assert!(
+        proxy.connects_to(&target) > tunnels,
+        "the refused attempt went through the proxy too"
+    );
+    case.assert_no_secret(&text, &[]);
+
+    // NO_PROXY names the host: straight there, no new tunnel.
+    let before = proxy.connects_to(&target);
+    let bypass = ProxyEnv {
+        no_proxy: Some("example.internal, 127.0.0.1".into()),
+        ..through(&proxy)
+    };
+    case.mint_with(&bypass, true)
+        .await
+        .expect("mint without the proxy");
+    assert_eq!(
+        proxy.connects_to(&target),
+        before,
+        "NO_PROXY was not honoured"
+    );
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let elsewhere = StandIn::start(|_| (200, json!({"access_token": "stolen"}).to_string())).await;
+    let location = format!("{}/collect", elsewhere.url);
+    let case = Case::new(
+        "declarative: {url: \"{endpoint}/token\", audience: a, token: {in: bearer}, username: u, serviceAccountToken: {file: \"{tokenFile}\"}}",
+        move |_, _| (200, "{}".into()),
+    )
+    .await;
+    case.standin.push_fault(Fault::Redirect(location));
+    // A 307 is not a success: the Location is not followed, the bearer goes nowhere else.
+    let e = case.mint().await.unwrap_err();
+    assert!(matches!(e, MintError::Refused { status: 307, .. }), "{e:?}");
+    assert!(elsewhere.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_servers_key_fetch_goes_through_the_proxy() {
+    use pull_secret_injector::token_server::oidc::{IssuerConfig, Verifier};
+    let Some(proxy) = support::proxy::Proxy::start() else {
+        return;
+    };
+    let issuer = StandIn::start(|s| match s.path.as_str() {
+        "/openid/v1/jwks" => (200, json!({"keys": []}).to_string()),
+        _ => (404, "{}".into()),
+    })
+    .await;
+    let config = IssuerConfig {
+        url: issuer.url.clone(),
+        jwks_uri: Some(format!("{}/openid/v1/jwks", issuer.url)),
+        ca_file: Some(issuer.certs.ca()),
+        token_file: None,
+        audiences: vec!["registry.test".into()],
+    };
+    let verifier = Verifier::with_proxy(config, Duration::from_secs(10), &through(&proxy)).unwrap();
+    let token = jwt(
+        json!({"iss": issuer.url, "sub": "system:serviceaccount:a:b", "aud": "registry.test", "exp": now() + 600}),
+    );
+    // A key id not seen yet makes it fetch the keys.
+    let token = token.replacen(
+        token.split('.').next().unwrap(),
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","kid":"k1"}"#),
+        1,
+    );
+    let _ = verifier.verify(&token, Timestamp::now()).await.unwrap_err();
+    assert_eq!(
+        issuer
+            .seen()
+            .iter()
+            .filter(|s| s.path == "/openid/v1/jwks")
+            .count(),
+        1
+    );
+    assert!(
+        proxy.connects_to(&issuer.host()) >= 1,
+        "the key fetch did not use the proxy"
+    );
 }
 
 // ---- Through the real API server -------------------------------------------------------------
@@ -845,6 +1273,90 @@ mod end_to_end {
         .await;
         assert!(sts.issued.load(Ordering::SeqCst) > issued_before);
         assert_eq!(password(&secret), k8s_password);
+        inj.cleanup().await;
+    }
+
+    /// The new sources in the service: each exchanges a TokenRequest token of the namespace
+    /// with its own audience, and all land in the one Secret beside the kubernetes registry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn new_sources_share_the_secret_with_the_other_registries() {
+        use super::support::standin::registries;
+        let _serial = serial();
+        let issued = jwt(json!({"sub": "issued", "exp": now() + 3600}));
+        let answer = issued.clone();
+        // One stand-in for the three, by path; it checks the shape, not which SA token came.
+        let standin = StandIn::start(move |s| {
+            let sa = s
+                .field("subject_token")
+                .or_else(|| s.bearer().map(str::to_string))
+                .unwrap_or_default();
+            match s.path.as_str() {
+                "/access/api/v1/oidc/token" => registries::artifactory(s, &sa, &answer),
+                "/api/v1/auth/ci/token" => registries::artifact_keeper(s, &sa, &answer),
+                "/oauth/token" => registries::docker_hub(s, &sa, &answer),
+                _ => (404, "{}".into()),
+            }
+        })
+        .await;
+        let url = &standin.url;
+        let registries = format!(
+            "{}  - host: jfrog.example.test\n    artifactory: {{providerName: k8s-cluster, audience: jfrog, endpoint: \"{url}\"}}\n\
+             \x20 - host: ak.example.test\n    artifactKeeper: {{audience: artifact-keeper, endpoint: \"{url}\", providerId: \"{}\"}}\n\
+             \x20 - host: docker.io\n    declarative: {{url: \"{url}/oauth/token\", audience: \"https://identity.docker.com\", token: {{in: formField, field: subject_token}}, fields: {{grant_type: \"{}\", subject_token_type: \"{}\", connection_id: {}, expires_in: \"600\"}}, username: acme, fallbackLifetime: 10m}}\n",
+            kubernetes_registry("default", 3600),
+            registries::AK_PROVIDER,
+            registries::TOKEN_EXCHANGE,
+            registries::ID_TOKEN,
+            registries::DOCKER_CONNECTION,
+        );
+        let extra = format!(
+            "http: {{timeout: 2s, retries: 0, caFile: {}}}\n",
+            standin.certs.ca().display()
+        );
+        let mut inj = Injector::start_with("src3", &registries, &extra).await;
+        let c = inj.client.clone();
+        let ns = inj.namespace("more", true).await;
+        let secret = wait_secret(&c, &ns, "four registries", |s| {
+            auths(s).as_object().is_some_and(|m| m.len() == 4)
+        })
+        .await;
+        let users: Vec<(String, String)> = auths(&secret)
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(h, e)| (h.clone(), e["username"].as_str().unwrap_or("").to_string()))
+            .collect();
+        assert_eq!(
+            users,
+            [
+                ("ak.example.test".to_string(), "ci-k8s".to_string()),
+                ("docker.io".into(), "acme".into()),
+                ("jfrog.example.test".into(), "k8s-puller".into()),
+                (HOST.into(), "oauth2accesstoken".into()),
+            ]
+        );
+        for host in ["ak.example.test", "docker.io", "jfrog.example.test"] {
+            assert_eq!(auths(&secret)[host]["password"], issued.as_str(), "{host}");
+        }
+        // Each exchange presented this namespace's identity with its source's audience.
+        let subject = format!("system:serviceaccount:{ns}:default");
+        let mut audiences: Vec<String> = standin
+            .seen()
+            .iter()
+            .filter_map(|s| {
+                s.field("subject_token")
+                    .or_else(|| s.bearer().map(str::to_string))
+            })
+            .map(|t| claims(&t))
+            .filter(|c| c["sub"] == subject.as_str())
+            .map(|c| c["aud"][0].as_str().unwrap_or("").to_string())
+            .collect();
+        audiences.sort();
+        audiences.dedup();
+        assert_eq!(
+            audiences,
+            ["artifact-keeper", "https://identity.docker.com", "jfrog"]
+        );
         inj.cleanup().await;
     }
 }

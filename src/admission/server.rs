@@ -234,7 +234,8 @@ mod tests {
         let store = kube::runtime::reflector::store().0;
         let provisioner = Arc::new(Provisioner::new(
             client.clone(),
-            crate::sources::http::HttpClient::new(&Default::default()).unwrap(),
+            crate::sources::http::HttpClient::new(&Default::default(), &Default::default())
+                .unwrap(),
             store.clone(),
             settings.clone(),
             Events::new(client.clone(), None),

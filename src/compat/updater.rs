@@ -82,8 +82,13 @@ fn default_renew_before() -> Duration {
 }
 
 impl UpdaterConfig {
-    pub fn validate(&self, err: &mut impl FnMut(&str, String)) {
-        crate::sources::validate_endpoint("pullSecretUpdater.issuer", &self.issuer, err);
+    pub fn validate(&self, allow_plain_http: bool, err: &mut impl FnMut(&str, String)) {
+        crate::sources::validate_endpoint(
+            "pullSecretUpdater.issuer",
+            &self.issuer,
+            allow_plain_http,
+            err,
+        );
         if self.registry.is_empty() || self.registry.contains("://") {
             err(
                 "pullSecretUpdater.registry",

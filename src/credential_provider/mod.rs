@@ -22,7 +22,7 @@ use serde::Deserialize;
 use crate::config::{self, ConfigError, FieldError, RegistryConfig};
 use crate::core::credential::Sensitive;
 use crate::core::images;
-use crate::sources::http::{HttpClient, HttpClientError, HttpConfig};
+use crate::sources::http::{HttpClient, HttpClientError, HttpConfig, ProxyEnv};
 use crate::sources::kubernetes::{self, ServiceAccountToken};
 use crate::sources::{self, MintError, Presented};
 
@@ -60,7 +60,11 @@ impl PluginConfig {
             })
         };
         self.http.validate(&mut err);
-        config::validate_registries(&self.registries, None, &mut err);
+        let checks = sources::Checks {
+            renew_before: None,
+            allow_plain_http: self.http.allow_plain_http,
+        };
+        config::validate_registries(&self.registries, checks, &mut err);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -150,8 +154,9 @@ pub struct Plugin {
 }
 
 impl Plugin {
-    pub fn new(config: PluginConfig) -> Result<Self, PluginError> {
-        let http = HttpClient::new(&config.http)?;
+    /// `proxy`: the proxy variables the kubelet passed (the provider's `env` in its config).
+    pub fn new(config: PluginConfig, proxy: &ProxyEnv) -> Result<Self, PluginError> {
+        let http = HttpClient::new(&config.http, proxy)?;
         Ok(Self { config, http })
     }
 
@@ -361,7 +366,11 @@ registries:
 
     #[tokio::test]
     async fn a_pass_through_token_is_the_password_and_never_cached() {
-        let plugin = Plugin::new(PluginConfig::from_yaml(CONFIG).unwrap()).unwrap();
+        let plugin = Plugin::new(
+            PluginConfig::from_yaml(CONFIG).unwrap(),
+            &ProxyEnv::default(),
+        )
+        .unwrap();
         let exp = Timestamp::now().as_second() + 3600;
         let token = jwt(
             serde_json::json!({"sub": "system:serviceaccount:team-a:builder", "aud": ["registry.example.com"], "exp": exp}),
@@ -383,7 +392,11 @@ registries:
 
     #[tokio::test]
     async fn token_problems_have_their_own_messages() {
-        let plugin = Plugin::new(PluginConfig::from_yaml(CONFIG).unwrap()).unwrap();
+        let plugin = Plugin::new(
+            PluginConfig::from_yaml(CONFIG).unwrap(),
+            &ProxyEnv::default(),
+        )
+        .unwrap();
         let image = "registry.example.com/team-a/app:v1";
         let e = plugin.answer(&request(image, None)).await.unwrap_err();
         assert!(

@@ -54,7 +54,7 @@ struct ExchangeResponse {
 }
 
 impl AcrSource {
-    pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
+    pub fn validate(&self, path: &str, checks: super::Checks, err: &mut impl FnMut(&str, String)) {
         for (field, value) in [("tenantId", &self.tenant_id), ("clientId", &self.client_id)] {
             if let Some(v) = value {
                 if v.is_empty()
@@ -71,9 +71,19 @@ impl AcrSource {
                 err(&format!("{path}.{field}"), "must be set when the token comes from a file (there is no ServiceAccount to read it from)".into());
             }
         }
-        super::validate_endpoint(&format!("{path}.authorityHost"), &self.authority_host, err);
+        super::validate_endpoint(
+            &format!("{path}.authorityHost"),
+            &self.authority_host,
+            checks.allow_plain_http,
+            err,
+        );
         if let Some(e) = &self.registry_endpoint {
-            super::validate_endpoint(&format!("{path}.registryEndpoint"), e, err);
+            super::validate_endpoint(
+                &format!("{path}.registryEndpoint"),
+                e,
+                checks.allow_plain_http,
+                err,
+            );
         }
         self.service_account_token
             .validate(&format!("{path}.serviceAccountToken"), err);

@@ -46,7 +46,7 @@ struct ExchangeResponse {
 }
 
 impl ChainguardSource {
-    pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
+    pub fn validate(&self, path: &str, checks: super::Checks, err: &mut impl FnMut(&str, String)) {
         // UIDs are hex path segments joined by '/'; anything else cannot be one.
         let ok = !self.identity.is_empty()
             && self
@@ -62,7 +62,12 @@ impl ChainguardSource {
                 ),
             );
         }
-        super::validate_endpoint(&format!("{path}.issuer"), &self.issuer, err);
+        super::validate_endpoint(
+            &format!("{path}.issuer"),
+            &self.issuer,
+            checks.allow_plain_http,
+            err,
+        );
         if self.audience.trim().is_empty() {
             err(&format!("{path}.audience"), "must not be empty".into());
         }

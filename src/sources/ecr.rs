@@ -73,7 +73,7 @@ impl EcrSource {
             .unwrap_or_else(|| format!("https://api.ecr.{}.amazonaws.com", self.region))
     }
 
-    pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
+    pub fn validate(&self, path: &str, checks: super::Checks, err: &mut impl FnMut(&str, String)) {
         let region_ok = !self.region.is_empty()
             && self
                 .region
@@ -104,8 +104,18 @@ impl EcrSource {
             );
         }
         if region_ok {
-            super::validate_endpoint(&format!("{path}.stsEndpoint"), &self.sts_endpoint(), err);
-            super::validate_endpoint(&format!("{path}.ecrEndpoint"), &self.ecr_endpoint(), err);
+            super::validate_endpoint(
+                &format!("{path}.stsEndpoint"),
+                &self.sts_endpoint(),
+                checks.allow_plain_http,
+                err,
+            );
+            super::validate_endpoint(
+                &format!("{path}.ecrEndpoint"),
+                &self.ecr_endpoint(),
+                checks.allow_plain_http,
+                err,
+            );
         }
         self.service_account_token
             .validate(&format!("{path}.serviceAccountToken"), err);

@@ -44,8 +44,13 @@ struct ExchangeResponse {
 }
 
 impl TokenExchangeSource {
-    pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
-        super::validate_endpoint(&format!("{path}.endpoint"), &self.endpoint, err);
+    pub fn validate(&self, path: &str, checks: super::Checks, err: &mut impl FnMut(&str, String)) {
+        super::validate_endpoint(
+            &format!("{path}.endpoint"),
+            &self.endpoint,
+            checks.allow_plain_http,
+            err,
+        );
         if self.username.trim().is_empty() {
             err(&format!("{path}.username"), "must not be empty".into());
         }

@@ -68,7 +68,7 @@ impl GcpSource {
             .trim_start_matches(PROVIDER_PREFIX)
     }
 
-    pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
+    pub fn validate(&self, path: &str, checks: super::Checks, err: &mut impl FnMut(&str, String)) {
         let parts: Vec<&str> = self.provider().split('/').collect();
         let shape = parts.len() == 8
             && parts[0] == "projects"
@@ -96,10 +96,16 @@ impl GcpSource {
                 "must be between 600 and 43200".into(),
             );
         }
-        super::validate_endpoint(&format!("{path}.stsEndpoint"), &self.sts_endpoint, err);
+        super::validate_endpoint(
+            &format!("{path}.stsEndpoint"),
+            &self.sts_endpoint,
+            checks.allow_plain_http,
+            err,
+        );
         super::validate_endpoint(
             &format!("{path}.iamCredentialsEndpoint"),
             &self.iam_credentials_endpoint,
+            checks.allow_plain_http,
             err,
         );
         self.service_account_token

@@ -28,9 +28,13 @@ pub struct HttpConfig {
     /// Retries after a timeout, a connection failure, a 5xx or a 429 (other answers are final).
     #[serde(default = "default_retries")]
     pub retries: u32,
-    /// PEM bundle trusted besides the system's roots (a self-hosted registry's private CA).
+    /// PEM bundle trusted besides the system's roots (a self-hosted registry's private CA, or a
+    /// proxy's that inspects TLS).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Whether `http://` endpoints are allowed. Off: every call is HTTPS, or refused.
+    #[serde(default)]
+    pub allow_plain_http: bool,
 }
 
 fn default_timeout() -> Duration {
@@ -47,8 +51,114 @@ impl Default for HttpConfig {
             timeout: default_timeout(),
             retries: default_retries(),
             ca_file: None,
+            allow_plain_http: false,
         }
     }
+}
+
+/// The proxy the process environment names: `$HTTPS_PROXY`, `$HTTP_PROXY` (for plain `http`
+/// endpoints, where allowed) and `$NO_PROXY`, upper case first, as curl reads them. Read once by
+/// [`crate::settings::Environment`] and handed to every [`HttpClient`]; nothing else reads them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProxyEnv {
+    pub https_proxy: Option<String>,
+    pub http_proxy: Option<String>,
+    pub no_proxy: Option<String>,
+    /// `$KUBERNETES_SERVICE_HOST`: the API server's in-cluster address, never proxied.
+    pub api_server_host: Option<String>,
+}
+
+/// The API server's in-cluster names: a proxy outside the cluster could not reach them, and
+/// what is sent there (service-account tokens) has no business crossing it.
+const API_SERVER_NAMES: &[&str] = &[
+    "kubernetes.default.svc.cluster.local",
+    "kubernetes.default.svc",
+    "kubernetes.default",
+];
+
+impl ProxyEnv {
+    /// Reads the variables through `var` (`std::env::var` in `main`, a map in tests).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        let either = |upper: &str, lower: &str| {
+            var(upper)
+                .or_else(|| var(lower))
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        Self {
+            https_proxy: either("HTTPS_PROXY", "https_proxy"),
+            http_proxy: either("HTTP_PROXY", "http_proxy"),
+            no_proxy: either("NO_PROXY", "no_proxy"),
+            api_server_host: var("KUBERNETES_SERVICE_HOST").filter(|v| !v.is_empty()),
+        }
+    }
+
+    /// `$NO_PROXY` with the API server's names and address added.
+    pub fn bypass_list(&self) -> String {
+        let mut hosts: Vec<&str> = self
+            .no_proxy
+            .iter()
+            .flat_map(|l| l.split(','))
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .collect();
+        hosts.extend(API_SERVER_NAMES);
+        hosts.extend(self.api_server_host.as_deref());
+        hosts.join(",")
+    }
+
+    /// The proxies to install: one for `https` URLs, one for `http` URLs when plain HTTP is
+    /// allowed. A value without a scheme is `http://` (as curl reads it).
+    fn proxies(&self, allow_plain_http: bool) -> Result<Vec<reqwest::Proxy>, HttpClientError> {
+        let bypass = reqwest::NoProxy::from_string(&self.bypass_list());
+        let mut out = Vec::new();
+        let wanted = [
+            ("HTTPS_PROXY", self.https_proxy.as_deref(), true),
+            ("HTTP_PROXY", self.http_proxy.as_deref(), allow_plain_http),
+        ];
+        for (variable, value, wanted) in wanted {
+            let Some(value) = value.filter(|_| wanted) else {
+                continue;
+            };
+            let url =
+                proxy_url(value).map_err(|message| HttpClientError::Proxy { variable, message })?;
+            let proxy = if variable == "HTTPS_PROXY" {
+                reqwest::Proxy::https(url)
+            } else {
+                reqwest::Proxy::http(url)
+            };
+            let proxy = proxy.map_err(|e| HttpClientError::Proxy {
+                variable,
+                message: describe_transport(&e),
+            })?;
+            out.push(proxy.no_proxy(bypass.clone()));
+        }
+        Ok(out)
+    }
+}
+
+/// A proxy variable's value as a URL: `http` or `https` with a host. Errors show the value
+/// without its user information (it may hold a password).
+fn proxy_url(value: &str) -> Result<reqwest::Url, String> {
+    let with_scheme = if value.contains("://") {
+        value.to_string()
+    } else {
+        format!("http://{value}")
+    };
+    let url = reqwest::Url::parse(&with_scheme).map_err(|e| {
+        let shown = match with_scheme.rsplit_once('@') {
+            Some((_, host)) => format!("<user>@{host}"),
+            None => with_scheme.clone(),
+        };
+        format!("{shown:?} is not a URL: {e}")
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "{} is not an http:// or https:// proxy URL with a host",
+            endpoint_of(&url)
+        ));
+    }
+    Ok(url)
 }
 
 impl HttpConfig {
@@ -71,6 +181,11 @@ pub enum HttpClientError {
     CaFile { path: PathBuf, message: String },
     #[error("cannot build the HTTP client: {0}")]
     Build(String),
+    #[error("${variable}: {message}")]
+    Proxy {
+        variable: &'static str,
+        message: String,
+    },
 }
 
 /// The HTTP client every exchanging source uses, with its retry policy.
@@ -91,7 +206,9 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 const DETAIL_CHARS: usize = 300;
 
 impl HttpClient {
-    pub fn new(config: &HttpConfig) -> Result<Self, HttpClientError> {
+    /// A client for `config`, through the proxies `proxy` names. Pass `ProxyEnv::default()` for
+    /// a client that never uses a proxy (the API server's TokenReview).
+    pub fn new(config: &HttpConfig, proxy: &ProxyEnv) -> Result<Self, HttpClientError> {
         let mut roots = rustls::RootCertStore::empty();
         // Unreadable system certificates are skipped; an empty store fails at first use with
         // a clear TLS error rather than at start.
@@ -121,12 +238,19 @@ impl HttpClient {
         .map_err(|e| HttpClientError::Build(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .timeout(config.timeout)
             .user_agent(concat!("pull-secret-injector/", env!("CARGO_PKG_VERSION")))
             // Token endpoints answer directly; a redirect would carry credentials elsewhere.
             .redirect(reqwest::redirect::Policy::none())
+            .https_only(!config.allow_plain_http)
+            // reqwest would read the proxy variables itself; they were read once, in main.
+            .no_proxy();
+        for p in proxy.proxies(config.allow_plain_http)? {
+            builder = builder.proxy(p);
+        }
+        let client = builder
             .build()
             .map_err(|e| HttpClientError::Build(describe_transport(&e)))?;
         Ok(Self {
@@ -204,6 +328,15 @@ impl HttpClient {
                     }
                     (retry_after, error)
                 }
+                // A request reqwest would not send (plain http where refused) fails the same way
+                // each time.
+                Err(e) if e.is_builder() => {
+                    return Err(MintError::Transport {
+                        source_name,
+                        endpoint,
+                        message: self.describe(&e),
+                    })
+                }
                 Err(e) => (
                     None,
                     MintError::Transport {
@@ -239,9 +372,18 @@ impl HttpClient {
 
     fn describe(&self, e: &reqwest::Error) -> String {
         if e.is_timeout() {
-            format!("no answer within {}s", self.timeout.as_secs_f64())
+            return format!("no answer within {}s", self.timeout.as_secs_f64());
+        }
+        let text = describe_transport(e);
+        if text.contains("certificate") {
+            // Behind a proxy that inspects TLS, the certificate is the proxy's, not the endpoint's.
+            format!("{text} (the certificate must chain to the system's roots or to http.caFile)")
+        } else if text.contains("tunnel error") {
+            format!("through the proxy ($HTTPS_PROXY): {text}")
+        } else if text.contains("URL scheme is not allowed") {
+            "plain http is refused: use https, or set http.allowPlainHttp".into()
         } else {
-            describe_transport(e)
+            text
         }
     }
 }
@@ -331,13 +473,15 @@ pub fn describe_body(body: &[u8], secrets: &[&Sensitive]) -> String {
 fn summarise_json(json: &serde_json::Value) -> Option<String> {
     let field =
         |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-    // RFC 6749/8693 errors, Google's {"error": {"message": ...}}, AWS/Quay {"message"}/{"error_message"}.
+    // RFC 6749/8693 errors, Google's {"error": {"message": ...}}, AWS/Quay {"message"}/{"error_message"},
+    // Alibaba's {"Code", "Message"}.
     let nested = json.get("error").filter(|e| e.is_object());
     let parts: Vec<String> = [
         field(json, "error"),
         field(json, "error_description"),
         nested.and_then(|e| field(e, "status")),
         nested.and_then(|e| field(e, "message")),
+        field(json, "Code"),
         field(json, "message").or_else(|| field(json, "Message")),
         field(json, "error_message"),
         field(json, "__type"),
@@ -404,6 +548,11 @@ mod tests {
             &[],
         );
         assert_eq!(d, "INVALID_ARGUMENT: Invalid value");
+        let d = describe_body(
+            br#"{"RequestId":"3D57","Code":"InvalidParameter.OIDCToken","Message":"token expired"}"#,
+            &[],
+        );
+        assert_eq!(d, "InvalidParameter.OIDCToken: token expired");
         let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";
         let d = describe_body(
             format!("<html>\n  denied for {jwt}\n</html>").as_bytes(),
@@ -432,6 +581,69 @@ mod tests {
         let d = describe_body(long.as_bytes(), &[]);
         assert_eq!(d.chars().count(), DETAIL_CHARS + 1, "{d}");
         assert!(d.ends_with('…'));
+    }
+
+    #[tokio::test]
+    async fn plain_http_is_refused_before_connecting_unless_allowed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let client = HttpClient::new(&HttpConfig::default(), &ProxyEnv::default()).unwrap();
+        let secret = Sensitive::new("sa");
+        let e = client
+            .send("declarative", &[&secret], |c| c.post(&url))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("plain http is refused"), "{e}");
+        assert!(
+            listener.accept().is_err(),
+            "no connection was made, and none retried"
+        );
+        let allowed = HttpConfig {
+            allow_plain_http: true,
+            retries: 0,
+            ..Default::default()
+        };
+        let client = HttpClient::new(&allowed, &ProxyEnv::default()).unwrap();
+        let call =
+            tokio::spawn(async move { client.send("declarative", &[], |c| c.post(&url)).await });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while listener.accept().is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "allowed, yet no connection"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        call.abort();
+    }
+
+    #[test]
+    fn proxy_urls_are_checked_without_showing_their_password() {
+        let with = |url: &str| ProxyEnv {
+            https_proxy: Some(url.into()),
+            ..Default::default()
+        };
+        let config = HttpConfig::default();
+        assert!(
+            HttpClient::new(&config, &with("proxy.corp:3128")).is_ok(),
+            "no scheme: http"
+        );
+        assert!(HttpClient::new(&config, &with("http://u:p@proxy.corp:3128")).is_ok());
+        let e = HttpClient::new(&config, &with("socks5://u:s3cret@proxy.corp:1080"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("$HTTPS_PROXY: ") && !e.contains("s3cret"),
+            "{e}"
+        );
+        let e = HttpClient::new(&config, &with("http://u:s3cret@proxy corp:3128"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("$HTTPS_PROXY: ") && !e.contains("s3cret"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -407,7 +407,8 @@ mod tests {
         // The kube client is not used for a file source; build one that points nowhere.
         let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
         let client = kube::Client::try_from(config).unwrap();
-        let http = crate::sources::http::HttpClient::new(&Default::default()).unwrap();
+        let http = crate::sources::http::HttpClient::new(&Default::default(), &Default::default())
+            .unwrap();
         let cx = crate::sources::MintContext {
             kube: &client,
             http: &http,

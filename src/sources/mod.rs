@@ -8,7 +8,13 @@
 //! ([`TokenSourceConfig::exchange`]): the same code for both, given a [`Presented`] identity.
 
 pub mod acr;
+pub mod alibaba;
+pub mod artifact_keeper;
+pub mod artifactory;
 pub mod chainguard;
+pub mod cloudsmith;
+pub mod declarative;
+pub mod docker_hub;
 pub mod ecr;
 pub mod exchange;
 pub mod gcp;
@@ -43,6 +49,18 @@ pub enum TokenSourceConfig {
     Acr(acr::AcrSource),
     /// Any RFC 8693 token-exchange endpoint.
     TokenExchange(exchange::TokenExchangeSource),
+    /// JFrog Artifactory's OIDC integration (a JSON token exchange).
+    Artifactory(artifactory::ArtifactorySource),
+    /// Cloudsmith's OIDC endpoint for a service account.
+    Cloudsmith(cloudsmith::CloudsmithSource),
+    /// Artifact Keeper's CI token endpoint.
+    ArtifactKeeper(artifact_keeper::ArtifactKeeperSource),
+    /// Docker Hub's organisation OIDC connections.
+    DockerHub(docker_hub::DockerHubSource),
+    /// Alibaba Cloud STS (RRSA), then the registry's signed GetAuthorizationToken.
+    Alibaba(alibaba::AlibabaSource),
+    /// One request described in the config: the long tail.
+    Declarative(declarative::DeclarativeSource),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +107,15 @@ pub enum MintError {
         source_name: &'static str,
         message: String,
     },
+}
+
+/// What checking a source's settings needs from the rest of the config.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Checks {
+    /// `refresh.renewBefore`, which a lifetime must exceed.
+    pub renew_before: Option<Duration>,
+    /// `http.allowPlainHttp`: whether `http://` endpoints are accepted.
+    pub allow_plain_http: bool,
 }
 
 /// What a mint may use: the API server (TokenRequests, ServiceAccounts), the HTTP client for
@@ -155,6 +182,12 @@ impl TokenSourceConfig {
         "gcp",
         "acr",
         "tokenExchange",
+        "artifactory",
+        "cloudsmith",
+        "artifactKeeper",
+        "dockerHub",
+        "alibaba",
+        "declarative",
     ];
 
     /// Reads the source named `key` from the value that follows it in a registry entry.
@@ -170,6 +203,12 @@ impl TokenSourceConfig {
             "gcp" => Ok(Self::Gcp(map.next_value()?)),
             "acr" => Ok(Self::Acr(map.next_value()?)),
             "tokenExchange" => Ok(Self::TokenExchange(map.next_value()?)),
+            "artifactory" => Ok(Self::Artifactory(map.next_value()?)),
+            "cloudsmith" => Ok(Self::Cloudsmith(map.next_value()?)),
+            "artifactKeeper" => Ok(Self::ArtifactKeeper(map.next_value()?)),
+            "dockerHub" => Ok(Self::DockerHub(map.next_value()?)),
+            "alibaba" => Ok(Self::Alibaba(map.next_value()?)),
+            "declarative" => Ok(Self::Declarative(map.next_value()?)),
             other => Err(serde::de::Error::unknown_field(other, Self::NAMES)),
         }
     }
@@ -193,23 +232,32 @@ impl TokenSourceConfig {
             Self::Gcp(_) => "gcp",
             Self::Acr(_) => "acr",
             Self::TokenExchange(_) => "tokenExchange",
+            Self::Artifactory(_) => "artifactory",
+            Self::Cloudsmith(_) => "cloudsmith",
+            Self::ArtifactKeeper(_) => "artifactKeeper",
+            Self::DockerHub(_) => "dockerHub",
+            Self::Alibaba(_) => "alibaba",
+            Self::Declarative(_) => "declarative",
         }
     }
 
-    pub fn validate(
-        &self,
-        path: &str,
-        renew_before: Option<Duration>,
-        err: &mut impl FnMut(&str, String),
-    ) {
+    pub fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
+        let path = format!("{path}.{}", self.name());
+        let path = path.as_str();
         match self {
-            Self::Kubernetes(k) => k.validate(&format!("{path}.kubernetes"), renew_before, err),
-            Self::Chainguard(s) => s.validate(&format!("{path}.chainguard"), err),
-            Self::Quay(s) => s.validate(&format!("{path}.quay"), err),
-            Self::Ecr(s) => s.validate(&format!("{path}.ecr"), err),
-            Self::Gcp(s) => s.validate(&format!("{path}.gcp"), err),
-            Self::Acr(s) => s.validate(&format!("{path}.acr"), err),
-            Self::TokenExchange(s) => s.validate(&format!("{path}.tokenExchange"), err),
+            Self::Kubernetes(k) => k.validate(path, checks.renew_before, err),
+            Self::Chainguard(s) => s.validate(path, checks, err),
+            Self::Quay(s) => s.validate(path, checks, err),
+            Self::Ecr(s) => s.validate(path, checks, err),
+            Self::Gcp(s) => s.validate(path, checks, err),
+            Self::Acr(s) => s.validate(path, checks, err),
+            Self::TokenExchange(s) => s.validate(path, checks, err),
+            Self::Artifactory(s) => s.validate(path, checks, err),
+            Self::Cloudsmith(s) => s.validate(path, checks, err),
+            Self::ArtifactKeeper(s) => s.validate(path, checks, err),
+            Self::DockerHub(s) => s.validate(path, checks, err),
+            Self::Alibaba(s) => s.validate(path, checks, err),
+            Self::Declarative(s) => s.validate(path, checks, err),
         }
     }
 
@@ -229,6 +277,12 @@ impl TokenSourceConfig {
             Self::Gcp(s) => Ok(&s.service_account_token),
             Self::Acr(s) => Ok(&s.service_account_token),
             Self::TokenExchange(s) => Ok(&s.service_account_token),
+            Self::Artifactory(s) => Ok(&s.service_account_token),
+            Self::Cloudsmith(s) => Ok(&s.service_account_token),
+            Self::ArtifactKeeper(s) => Ok(&s.service_account_token),
+            Self::DockerHub(s) => Ok(&s.service_account_token),
+            Self::Alibaba(s) => Ok(&s.service_account_token),
+            Self::Declarative(s) => Ok(&s.service_account_token),
         }
     }
 
@@ -252,6 +306,12 @@ impl TokenSourceConfig {
             Self::Gcp(s) => s.token_audience(),
             Self::Acr(s) => s.audience.clone(),
             Self::TokenExchange(s) => s.subject_token_audience.clone(),
+            Self::Artifactory(s) => s.audience.clone(),
+            Self::Cloudsmith(s) => s.audience.clone(),
+            Self::ArtifactKeeper(s) => s.audience.clone(),
+            Self::DockerHub(s) => s.audience.clone(),
+            Self::Alibaba(s) => s.audience.clone(),
+            Self::Declarative(s) => s.audience.clone(),
         }
     }
 
@@ -328,6 +388,12 @@ impl TokenSourceConfig {
             Self::Gcp(s) => s.exchange(http, id).await,
             Self::Acr(s) => s.exchange(http, host, id).await,
             Self::TokenExchange(s) => s.exchange(http, id).await,
+            Self::Artifactory(s) => s.exchange(http, host, id).await,
+            Self::Cloudsmith(s) => s.exchange(http, id).await,
+            Self::ArtifactKeeper(s) => s.exchange(http, host, id).await,
+            Self::DockerHub(s) => s.exchange(http, id).await,
+            Self::Alibaba(s) => s.exchange(http, id).await,
+            Self::Declarative(s) => s.exchange(http, id).await,
         }
     }
 }
@@ -399,13 +465,21 @@ pub(crate) fn checked(
     })
 }
 
-/// Default endpoints are https; an override may be http only towards loopback (a local proxy).
-pub(crate) fn validate_endpoint(path: &str, url: &str, err: &mut impl FnMut(&str, String)) {
+/// Endpoints are https; plain http only where `http.allowPlainHttp` says so.
+pub fn validate_endpoint(
+    path: &str,
+    url: &str,
+    allow_plain_http: bool,
+    err: &mut impl FnMut(&str, String),
+) {
     match reqwest::Url::parse(url) {
-        Ok(u) if u.scheme() == "https" && u.host_str().is_some() => {}
-        Ok(u)
-            if u.scheme() == "http"
-                && matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")) => {}
+        Ok(u) if u.host_str().is_none() => err(path, format!("{url:?} has no host")),
+        Ok(u) if u.scheme() == "https" => {}
+        Ok(u) if u.scheme() == "http" && allow_plain_http => {}
+        Ok(u) if u.scheme() == "http" => err(
+            path,
+            format!("{url:?} is plain http: use https, or set http.allowPlainHttp: true"),
+        ),
         Ok(_) => err(path, format!("{url:?} must be an https URL")),
         Err(e) => err(path, format!("{url:?} is not a URL: {e}")),
     }

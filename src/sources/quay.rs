@@ -30,7 +30,7 @@ struct FederationResponse {
 }
 
 impl QuaySource {
-    pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
+    pub fn validate(&self, path: &str, checks: super::Checks, err: &mut impl FnMut(&str, String)) {
         let parts: Vec<&str> = self.robot.split('+').collect();
         if parts.len() != 2
             || parts
@@ -52,7 +52,7 @@ impl QuaySource {
             );
         }
         if let Some(e) = &self.endpoint {
-            super::validate_endpoint(&format!("{path}.endpoint"), e, err);
+            super::validate_endpoint(&format!("{path}.endpoint"), e, checks.allow_plain_http, err);
         }
         self.service_account_token
             .validate(&format!("{path}.serviceAccountToken"), err);

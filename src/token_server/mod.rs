@@ -116,9 +116,9 @@ impl TokenServerConfig {
                 "at least one audience is required".into(),
             );
         }
-        crate::sources::validate_endpoint("issuer.url", &config.issuer.url, &mut err);
+        crate::sources::validate_endpoint("issuer.url", &config.issuer.url, false, &mut err);
         if let Some(u) = &config.issuer.jwks_uri {
-            crate::sources::validate_endpoint("issuer.jwksUri", u, &mut err);
+            crate::sources::validate_endpoint("issuer.jwksUri", u, false, &mut err);
         }
         if config.service.trim().is_empty() {
             err("service", "must not be empty".into());
@@ -132,6 +132,7 @@ impl TokenServerConfig {
             crate::sources::validate_endpoint(
                 "tokenReview.url",
                 &config.token_review.url,
+                false,
                 &mut err,
             );
             if config.token_review.cache_for > Duration::from_secs(300) {

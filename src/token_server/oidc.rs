@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::rules::Identity;
 use crate::core::credential::Sensitive;
-use crate::sources::http::{HttpClient, HttpConfig};
+use crate::sources::http::{HttpClient, HttpConfig, ProxyEnv};
 use crate::sources::jwt;
 
 /// `issuer:` in the token server's config.
@@ -146,11 +146,24 @@ impl Verifier {
         config: IssuerConfig,
         leeway: Duration,
     ) -> Result<Self, crate::sources::http::HttpClientError> {
-        let http = HttpClient::new(&HttpConfig {
-            ca_file: config.ca_file.clone(),
-            timeout: FETCH_REQUEST_TIMEOUT,
-            retries: 0,
-        })?;
+        Self::with_proxy(config, leeway, &ProxyEnv::default())
+    }
+
+    /// As `new`, fetching keys through `proxy` (the API server's in-cluster names never are).
+    pub fn with_proxy(
+        config: IssuerConfig,
+        leeway: Duration,
+        proxy: &ProxyEnv,
+    ) -> Result<Self, crate::sources::http::HttpClientError> {
+        let http = HttpClient::new(
+            &HttpConfig {
+                ca_file: config.ca_file.clone(),
+                timeout: FETCH_REQUEST_TIMEOUT,
+                retries: 0,
+                allow_plain_http: false,
+            },
+            proxy,
+        )?;
         Ok(Self {
             config,
             http,

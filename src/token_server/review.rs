@@ -13,7 +13,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::core::credential::Sensitive;
-use crate::sources::http::{HttpClient, HttpClientError, HttpConfig};
+use crate::sources::http::{HttpClient, HttpClientError, HttpConfig, ProxyEnv};
 use crate::sources::MintError;
 
 /// `tokenReview:` in the token server's config.
@@ -153,11 +153,17 @@ impl TokenReviewer {
         ca_file: Option<PathBuf>,
         token_file: Option<PathBuf>,
     ) -> Result<Self, HttpClientError> {
-        let http = HttpClient::new(&HttpConfig {
-            ca_file,
-            timeout: REQUEST_TIMEOUT,
-            retries: 0,
-        })?;
+        // The API server: never through a proxy. Its URL is checked to be https by the config
+        // (the unit tests below speak plain http on loopback).
+        let http = HttpClient::new(
+            &HttpConfig {
+                ca_file,
+                timeout: REQUEST_TIMEOUT,
+                retries: 0,
+                allow_plain_http: true,
+            },
+            &ProxyEnv::default(),
+        )?;
         Ok(Self {
             url: format!(
                 "{}/apis/authentication.k8s.io/v1/tokenreviews",

@@ -76,7 +76,12 @@ pub struct TokenServer {
 }
 
 impl TokenServer {
-    pub async fn start(config: TokenServerConfig, clock: Clock) -> Result<Self, TokenServerError> {
+    /// `proxy`: how the issuer's keys are fetched (from the environment, read in `main`).
+    pub async fn start(
+        config: TokenServerConfig,
+        clock: Clock,
+        proxy: &crate::sources::http::ProxyEnv,
+    ) -> Result<Self, TokenServerError> {
         let cert = Arc::new(crate::tls::ReloadingCert::load(
             &config.tls.cert_file,
             &config.tls.key_file,
@@ -89,7 +94,7 @@ impl TokenServer {
             &config.signing.key_file,
             &config.signing.issuer,
         )?;
-        let verifier = Verifier::new(config.issuer.clone(), config.leeway)?;
+        let verifier = Verifier::with_proxy(config.issuer.clone(), config.leeway, proxy)?;
         let reviewer = match config.token_review.enabled {
             true => Some(TokenReviewer::new(
                 &config.token_review,
@@ -439,7 +444,7 @@ rules:
             + "listen: 127.0.0.1:0\nreadTimeout: 500ms\nidleTimeout: 500ms\nmaxConnections: 8\n"
             + "tokenReview: {enabled: false}\n";
         let config = TokenServerConfig::from_yaml(&yaml).unwrap();
-        let server = TokenServer::start(config, Arc::new(Timestamp::now))
+        let server = TokenServer::start(config, Arc::new(Timestamp::now), &Default::default())
             .await
             .unwrap();
         let connect = || async {

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod node;
+pub mod proxy;
 pub mod registry;
 pub mod standin;
 

@@ -168,7 +168,7 @@ rules:
         let clock: Clock = Arc::new(move || {
             jiff::Timestamp::now() + jiff::SignedDuration::from_secs(o.load(Ordering::SeqCst))
         });
-        let token_server = TokenServer::start(config, clock)
+        let token_server = TokenServer::start(config, clock, &Default::default())
             .await
             .expect("token server starts");
         let realm = format!("https://{ip}:{ts_port}/token");

@@ -34,6 +34,11 @@ impl Seen {
         form_urlencoded(&self.body).remove(name)
     }
 
+    /// Every field of a form body (`application/x-www-form-urlencoded`).
+    pub fn form(&self) -> BTreeMap<String, String> {
+        form_urlencoded(&self.body)
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
     }
@@ -62,6 +67,8 @@ pub enum Fault {
     },
     /// Never answers (until the client gives up).
     Hang,
+    /// `307 Temporary Redirect` to `location`.
+    Redirect(String),
 }
 
 type Handler = dyn Fn(&Seen) -> (u16, String) + Send + Sync;
@@ -251,6 +258,9 @@ async fn serve(
         .pop_front()
         .or_else(|| persistent.lock().unwrap().clone());
     match fault {
+        Some(Fault::Redirect(location)) => {
+            (StatusCode::TEMPORARY_REDIRECT, [("location", location)], "").into_response()
+        }
         Some(Fault::Hang) => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
@@ -330,4 +340,154 @@ pub fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
+}
+
+/// The registries of "More registries" (`../shared/docs/token-sources.md`), each a handler that
+/// answers what the documentation says for a request in the documented shape from `sa` (the
+/// service-account token it must carry), and refuses anything else with 400. `issued` is the
+/// credential handed out.
+pub mod registries {
+    use super::Seen;
+    use serde_json::json;
+
+    pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+    pub const ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+
+    fn refuse(what: &str) -> (u16, String) {
+        (
+            400,
+            json!({"error": "invalid_request", "error_description": what}).to_string(),
+        )
+    }
+
+    /// JFrog Artifactory: a JSON token exchange at `/access/api/v1/oidc/token` for the OIDC
+    /// integration `k8s-cluster`; the mapped user `k8s-puller`, 30 minutes.
+    pub fn artifactory(s: &Seen, sa: &str, issued: &str) -> (u16, String) {
+        let ok = s.method == "POST"
+            && s.path == "/access/api/v1/oidc/token"
+            && s.header("content-type") == Some("application/json")
+            && s.field("grant_type").as_deref() == Some(TOKEN_EXCHANGE)
+            && s.field("subject_token_type").as_deref() == Some(ID_TOKEN)
+            && s.field("subject_token").as_deref() == Some(sa)
+            && s.field("provider_name").as_deref() == Some("k8s-cluster");
+        if !ok {
+            return refuse("not an OIDC token exchange for k8s-cluster");
+        }
+        (200, json!({"access_token": issued, "expires_in": 1800, "scope": "applied-permissions/user",
+                     "token_type": "Bearer", "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                     "username": "k8s-puller"}).to_string())
+    }
+
+    /// Cloudsmith: `POST /openid/acme/` with the token and the service `puller-x1y2`; 201 and
+    /// the token alone.
+    pub fn cloudsmith(s: &Seen, sa: &str, issued: &str) -> (u16, String) {
+        let ok = s.method == "POST"
+            && s.path == "/openid/acme/"
+            && s.header("content-type") == Some("application/json")
+            && s.field("oidc_token").as_deref() == Some(sa)
+            && s.field("service_slug").as_deref() == Some("puller-x1y2");
+        if !ok {
+            return refuse("not an OIDC login for acme/puller-x1y2");
+        }
+        (201, json!({"token": issued}).to_string())
+    }
+
+    pub const AK_PROVIDER: &str = "6f1c2a4e-1b7d-4c1e-9a55-0d2f4f9e8b31";
+
+    /// Artifact Keeper: the token as Bearer of `POST /api/v1/auth/ci/token`, the provider's id
+    /// in JSON; 15 minutes for the user `ci-k8s`.
+    pub fn artifact_keeper(s: &Seen, sa: &str, issued: &str) -> (u16, String) {
+        let ok = s.method == "POST"
+            && s.path == "/api/v1/auth/ci/token"
+            && s.bearer() == Some(sa)
+            && s.field("provider_id").as_deref() == Some(AK_PROVIDER);
+        if !ok {
+            return refuse("not a CI token request");
+        }
+        (200, json!({"access_token": issued, "token_type": "Bearer", "expires_in": 900, "username": "ci-k8s"}).to_string())
+    }
+
+    pub const DOCKER_CONNECTION: &str = "0b6bb0a4-9c3f-4f0e-8d1e-2a7c5e9f3d10";
+
+    /// Docker Hub: a form token exchange at `/oauth/token` for the connection, 600 s asked;
+    /// the answer carries the access token alone.
+    pub fn docker_hub(s: &Seen, sa: &str, issued: &str) -> (u16, String) {
+        let ok = s.method == "POST"
+            && s.path == "/oauth/token"
+            && s.header("content-type") == Some("application/x-www-form-urlencoded")
+            && s.field("grant_type").as_deref() == Some(TOKEN_EXCHANGE)
+            && s.field("subject_token_type").as_deref() == Some(ID_TOKEN)
+            && s.field("subject_token").as_deref() == Some(sa)
+            && s.field("connection_id").as_deref() == Some(DOCKER_CONNECTION)
+            && s.field("expires_in").as_deref() == Some("600");
+        if !ok {
+            return refuse("not a token exchange for the connection");
+        }
+        (200, json!({"access_token": issued}).to_string())
+    }
+
+    pub const ALI_ROLE: &str = "acs:ram::1234567890123456:role/acr-puller";
+    pub const ALI_PROVIDER: &str = "acs:ram::1234567890123456:oidc-provider/ack-rrsa-cluster";
+    pub const ALI_KEY_ID: &str = "STS.NUgYrLnoC37mZZCNnAbez2bZZ";
+    pub const ALI_SECRET: &str = "sts-access-key-secret-9Q2bVqkqWxPz";
+    pub const ALI_SECURITY_TOKEN: &str = "CAIS-sts-security-token-value-7hT3";
+
+    /// Alibaba Cloud: STS `AssumeRoleWithOIDC` at `/sts/`, then the registry's
+    /// `GetAuthorizationToken` at `/cr/`, whose signature `verify` must accept (it gets the
+    /// parameters without `Signature` and the signature sent). The password lasts until `exp`.
+    pub fn alibaba(
+        s: &Seen,
+        sa: &str,
+        issued: &str,
+        exp: i64,
+        verify: &dyn Fn(&std::collections::BTreeMap<String, String>, &str) -> bool,
+    ) -> (u16, String) {
+        let form = s.form();
+        let f = |k: &str| form.get(k).map(String::as_str);
+        if s.method == "POST" && s.path == "/sts/" {
+            let ok = f("Action") == Some("AssumeRoleWithOIDC")
+                && f("Version") == Some("2015-04-01")
+                && f("RoleArn") == Some(ALI_ROLE)
+                && f("OIDCProviderArn") == Some(ALI_PROVIDER)
+                && f("OIDCToken") == Some(sa)
+                && f("RoleSessionName") == Some("pull-secret-injector-team-a")
+                && f("DurationSeconds") == Some("900");
+            if !ok {
+                return (
+                    400,
+                    json!({"Code": "InvalidParameter", "Message": "bad AssumeRoleWithOIDC"})
+                        .to_string(),
+                );
+            }
+            return (
+                200,
+                json!({"RequestId": "3D57EAD2", "Credentials": {
+                "AccessKeyId": ALI_KEY_ID, "AccessKeySecret": ALI_SECRET,
+                "SecurityToken": ALI_SECURITY_TOKEN, "Expiration": "2030-01-01T00:00:00Z"}})
+                .to_string(),
+            );
+        }
+        if s.method == "POST" && s.path == "/cr/" {
+            let mut params = form.clone();
+            let signature = params.remove("Signature").unwrap_or_default();
+            let ok = f("Action") == Some("GetAuthorizationToken")
+                && f("Version") == Some("2018-12-01")
+                && f("InstanceId") == Some("cri-k8stest123")
+                && f("AccessKeyId") == Some(ALI_KEY_ID)
+                && f("SecurityToken") == Some(ALI_SECURITY_TOKEN)
+                && f("SignatureMethod") == Some("HMAC-SHA1")
+                && verify(&params, &signature);
+            if !ok {
+                return (403, json!({"Code": "SignatureDoesNotMatch", "Message": "the signature does not match"}).to_string());
+            }
+            return (
+                200,
+                json!({"AuthorizationToken": issued, "TempUsername": "cr_temp_user",
+                                "ExpireTime": exp * 1000, "IsSuccess": true, "Code": "success",
+                                "RequestId": "0C1F1A28"})
+                .to_string(),
+            );
+        }
+        (404, "{}".into())
+    }
 }
