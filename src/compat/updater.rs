@@ -496,8 +496,9 @@ mod tests {
         assert!(some.covers("team-a") && some.covers("team-b"));
         assert!(!some.covers("team-c") && !some.covers("kube-system"));
         let mut errors = Vec::new();
-        config("[team-a, Team_B, team-a]")
-            .validate(&mut |p: &str, m: String| errors.push(format!("{p}: {m}")));
+        config("[team-a, Team_B, team-a]").validate(false, &mut |p: &str, m: String| {
+            errors.push(format!("{p}: {m}"))
+        });
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(
             errors[0].starts_with("pullSecretUpdater.namespaces[1]"),
