@@ -204,8 +204,8 @@ impl Provisioner {
             // Unknown or no registries are for `provision` to report.
             if selection.unknown.is_empty() && !selection.hosts.is_empty() {
                 let configured: Vec<&str> = selection.hosts.iter().map(String::as_str).collect();
-                if let (_, Some(fresh)) =
-                    self.plan_for(subject, Some(&issued), &configured, Timestamp::now())
+                if let Ok(fresh) =
+                    self.decide(subject, Some(&issued), &configured, Timestamp::now())
                 {
                     tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret as watched");
                     self.cache.insert(key, fresh.clone()).await;
@@ -517,7 +517,7 @@ impl Provisioner {
     }
 
     /// Reads what is stored and works out, registry by registry, what is still good and what
-    /// must be minted (`renewal::plan`); adopts the Secret when nothing is due, otherwise mints
+    /// must be minted (`renewal::Schedule::decide`); adopts the Secret when nothing is due, otherwise mints
     /// what is due and writes the next version. A registry whose source fails keeps its previous
     /// credential while that is unexpired, and does not hold back the others: the Secret is
     /// written with what could be had and retried soon. A write that loses a race with another
@@ -545,11 +545,13 @@ impl Provisioner {
                 Assessment::Missing | Assessment::Tampered | Assessment::Outdated => None,
             };
             let now = Timestamp::now();
-            let (plan, keep) = self.plan_for(subject, previous.as_ref(), &configured, now);
-            if let Some(fresh) = keep {
-                tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
-                return Ok(fresh);
-            }
+            let plan = match self.decide(subject, previous.as_ref(), &configured, now) {
+                Ok(fresh) => {
+                    tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
+                    return Ok(fresh);
+                }
+                Err(plan) => plan,
+            };
             let carried = match (&stored, &previous) {
                 (Some(secret), Some(issued)) => layout::stored_credentials(secret, issued),
                 _ => Default::default(),
@@ -729,46 +731,52 @@ impl Provisioner {
         })
     }
 
-    /// What to do about a stored Secret: the plan, and its cache entry when the plan is to do
-    /// nothing (it covers exactly the configured registries and none is due yet).
-    fn plan_for(
+    /// When the subject's credentials fall due: one schedule for the plan and the freshness.
+    fn schedule(&self, subject: &Subject) -> renewal::Schedule {
+        renewal::Schedule::for_subject(subject, self.settings.renew_before())
+    }
+
+    /// What to do about a stored Secret: its cache entry when nothing is due (it covers exactly
+    /// the configured registries and none is due yet), otherwise the plan of what to write.
+    /// Records the stored expiry for the metrics either way: should the renewal fail, they
+    /// still show how long the stored credentials last.
+    fn decide(
         &self,
         subject: &Subject,
         stored: Option<&Issued>,
         configured: &[&str],
         now: Timestamp,
-    ) -> (renewal::Plan, Option<Fresh>) {
-        let plan = renewal::plan(
-            stored,
-            configured,
-            self.settings.renew_before(),
-            &subject.namespace,
-            now,
-        );
-        let keep = stored
-            .filter(|_| plan.is_nothing())
-            .map(|issued| self.fresh(subject, issued.clone(), configured))
-            .filter(|fresh| now < fresh.renew_at);
-        (plan, keep)
+    ) -> Result<Fresh, renewal::Plan> {
+        match self.schedule(subject).decide(stored, configured, now) {
+            renewal::Decision::Keep { issued, renew_at } => {
+                self.metrics
+                    .secret_written(&subject.key(), issued.expires_at);
+                Ok(Fresh {
+                    issued: issued.clone(),
+                    renew_at,
+                })
+            }
+            renewal::Decision::Write(plan) => {
+                if let Some(issued) = stored {
+                    self.metrics
+                        .secret_written(&subject.key(), issued.expires_at);
+                }
+                Err(plan)
+            }
+        }
     }
 
-    /// The renewal time of credentials now stored for `namespace`; also records their expiry for
-    /// the metrics, including when they are already due (a failing renewal then still shows
-    /// how long the stored credentials last).
+    /// The renewal time of credentials just written (or known to be stored); also records their
+    /// expiry for the metrics.
     fn fresh(&self, subject: &Subject, issued: Issued, configured: &[impl AsRef<str>]) -> Fresh {
         let key = subject.key();
         self.metrics.secret_written(&key, issued.expires_at);
         let configured: Vec<&str> = configured.iter().map(AsRef::as_ref).collect();
         let incomplete = self.failures.incomplete(&key);
         let retry = renewal::retry_delay(incomplete.max(1), 0.5 + fastrand::f64());
-        let renew_at = renewal::next_renewal(
-            &issued,
-            &configured,
-            self.settings.renew_before(),
-            &key,
-            Timestamp::now(),
-            retry,
-        );
+        let renew_at =
+            self.schedule(subject)
+                .next_renewal(&issued, &configured, Timestamp::now(), retry);
         Fresh { issued, renew_at }
     }
 
