@@ -6,6 +6,7 @@
 //! Tokens last 600 s, the API server's minimum; `renewBefore: 8m` puts each renewal 0 to 120 s
 //! after minting (a margin of 480 s, spread earlier by up to a quarter of it), so each test
 //! sees every Secret renewed within about two minutes.
+#![allow(clippy::await_holding_lock)]
 
 mod support;
 
@@ -131,8 +132,6 @@ async fn namespace_scope_writes_each_secret_once_per_renewal() {
 }
 
 mod pull_secret_updater {
-    #![allow(clippy::await_holding_lock)]
-
     use std::collections::BTreeMap;
 
     use k8s_openapi::api::core::v1::Secret;
@@ -162,9 +161,12 @@ mod pull_secret_updater {
             standin.certs.ca().display(),
             standin.url
         );
-        let mut inj =
-            Injector::start_without_webhook("ren-upd", &kubernetes_registry("default", 3600), &extra)
-                .await;
+        let mut inj = Injector::start_without_webhook(
+            "ren-upd",
+            &kubernetes_registry("default", 3600),
+            &extra,
+        )
+        .await;
         let c = inj.client.clone();
         let mut namespaces = Vec::new();
         for i in 0..3 {

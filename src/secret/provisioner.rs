@@ -564,8 +564,20 @@ impl Provisioner {
                 // Owned by its ServiceAccount: deleting the ServiceAccount deletes the Secret.
                 secret.metadata.owner_references = Some(vec![owner.clone()]);
             }
-            match cluster::create_or_replace(&api, stored.as_ref(), secret).await {
-                Ok(_) => {
+            let written = match &stored {
+                Some(current) if layout::unchanged(current, &secret) => {
+                    // Nothing to change: a plan that asks for such a write is a bug, counted
+                    // rather than sent to etcd.
+                    self.metrics.secret_write_skipped("provisioner");
+                    tracing::debug!(%subject, secret = %name, "the Secret already holds what would be written; not written");
+                    Ok(())
+                }
+                _ => cluster::create_or_replace(&api, stored.as_ref(), secret)
+                    .await
+                    .map(drop),
+            };
+            match written {
+                Ok(()) => {
                     if failed == 0 {
                         self.failures.complete_write(&subject.key());
                     } else {
