@@ -566,8 +566,8 @@ impl Provisioner {
             }
             let written = match &stored {
                 Some(current) if layout::unchanged(current, &secret) => {
-                    // Nothing to change: a plan that asks for such a write is a bug, counted
-                    // rather than sent to etcd.
+                    // Nothing would change (a source handed back the stored credential, or a
+                    // plan asked for a write it should not have): counted, not sent to etcd.
                     self.metrics.secret_write_skipped("provisioner");
                     tracing::debug!(%subject, secret = %name, "the Secret already holds what would be written; not written");
                     Ok(())
