@@ -34,6 +34,7 @@ async fn wait_for_mints(cp: &ControlPlane, subjects: &[(String, String)], mints:
 /// Each Secret's writes, per credential minted for it: one each, none before the first (the
 /// last mint may not be written yet).
 fn assert_written_once_per_mint(counts: &[(String, Vec<usize>)]) {
+    eprintln!("writes per mint: {counts:?}");
     for (secret, per_mint) in counts {
         let (last, written) = per_mint.split_last().expect("element 0 is always there");
         assert!(

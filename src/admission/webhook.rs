@@ -15,7 +15,9 @@ use crate::core::namespaces::Eligibility;
 use crate::core::subject::Subject;
 use crate::metrics::Metrics;
 use crate::refresh::leadership::Inbox;
+use crate::secret::pacer::Caller;
 use crate::secret::provisioner::{ProvisionError, Provisioner};
+use crate::secret::renewal;
 use crate::settings::Settings;
 
 pub struct Webhook {
@@ -28,13 +30,25 @@ pub struct Webhook {
     metrics: Arc<Metrics>,
 }
 
-/// How long a slow admission-time failure stops further admission-time attempts for that
+/// The least a slow admission-time failure stops further admission-time attempts for that
 /// Secret: while a token endpoint hangs, admissions answer at once instead of each waiting the
-/// budget again. Quick failures (a ServiceAccount not created yet) are not held: the next
-/// admission simply tries again. The refresher keeps retrying with its own backoff.
+/// budget again.
 const FAILURE_HOLD: Duration = Duration::from_secs(5);
 /// A failure that took this long is an endpoint worth not waiting on again at once.
 const SLOW_FAILURE: Duration = Duration::from_secs(1);
+
+/// How long admissions stop trying a Secret after their `attempt`-th failure in a row: the
+/// refresher's backoff (exponential from 1 s to a minute, scaled by `spread`), and at least
+/// [`FAILURE_HOLD`] when the attempt was slow. Quick failures are held too: otherwise each Pod
+/// created in a namespace whose source fails at once would cost a mint slot and an Event.
+pub fn failure_hold(attempt: u32, slow: bool, spread: f64) -> Duration {
+    let backoff = renewal::retry_delay(attempt, spread);
+    if slow {
+        backoff.max(FAILURE_HOLD)
+    } else {
+        backoff
+    }
+}
 
 impl Webhook {
     pub fn new(
@@ -134,7 +148,7 @@ impl Webhook {
         // waiting for it; concurrent admissions join the same attempt.
         let (provisioner, s) = (self.provisioner.clone(), subject.clone());
         let started = Instant::now();
-        let attempt = tokio::spawn(async move { provisioner.ensure(&s).await });
+        let attempt = tokio::spawn(async move { provisioner.ensure(&s, Caller::Admission).await });
         let budget = self.settings.admission().budget;
         let namespace = subject.namespace.as_str();
         match tokio::time::timeout_at(deadline, attempt).await {
@@ -152,10 +166,11 @@ impl Webhook {
                 )
             }
             Ok(Ok(Err(e))) => {
-                if started.elapsed() >= SLOW_FAILURE {
-                    failures.hold(&key, FAILURE_HOLD);
-                }
-                tracing::warn!(namespace, error = %e, "pull Secret not ready at admission; retrying in the background");
+                let attempt = failures.admission_failed(&key);
+                let slow = started.elapsed() >= SLOW_FAILURE;
+                let hold = failure_hold(attempt, slow, 0.5 + fastrand::f64());
+                failures.hold(&key, hold);
+                tracing::warn!(namespace, error = %e, attempt, hold_ms = hold.as_millis() as u64, "pull Secret not ready at admission; retrying in the background");
                 self.inbox.retry(namespace);
                 not_ready(patched, &format!("is not ready yet ({e})"))
             }
@@ -165,7 +180,8 @@ impl Webhook {
                 not_ready(patched, "is not ready yet")
             }
             Err(_elapsed) => {
-                failures.hold(&key, FAILURE_HOLD);
+                let attempt = failures.admission_failed(&key);
+                failures.hold(&key, failure_hold(attempt, true, 0.5 + fastrand::f64()));
                 tracing::warn!(
                     namespace,
                     budget_ms = budget.as_millis() as u64,
@@ -215,6 +231,34 @@ impl Webhook {
         NamespaceFacts {
             opted_in,
             selection: self.provisioner.selection_from_store(namespace),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_admissions_back_off_like_the_refresher_and_slow_ones_hold_longer() {
+        let s = |d: Duration| d.as_secs_f64();
+        // (attempt, slow, spread) → seconds held
+        let cases = [
+            (1, false, 1.0, 1.0),
+            (2, false, 1.0, 2.0),
+            (4, false, 1.0, 8.0),
+            (4, false, 0.5, 4.0),
+            (20, false, 1.0, 60.0),
+            (1, true, 1.0, 5.0),
+            (4, true, 1.0, 8.0),
+            (20, true, 1.5, 90.0),
+        ];
+        for (attempt, slow, spread, held) in cases {
+            assert_eq!(
+                s(failure_hold(attempt, slow, spread)),
+                held,
+                "attempt {attempt}, slow {slow}, spread {spread}"
+            );
         }
     }
 }

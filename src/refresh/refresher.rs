@@ -133,9 +133,11 @@ impl Refresher {
         ));
         let (nudge, nudged) = mpsc::unbounded_channel();
         let (listed_retry, retry_now) = mpsc::unbounded_channel();
+        let p = provisioner.clone();
         watches.push(Box::pin(await_listed(
             retry,
             namespaces.clone(),
+            move |ns: &str| p.failures().in_backoff(ns),
             listed_retry,
         )));
         let by_name = futures::stream::select(
@@ -242,9 +244,12 @@ const RETRIES_WAITING: usize = 1024;
 /// Passes on the retries of namespaces the store holds, and holds back the others until it
 /// does (a namespace created while the watch was catching up, e.g. after an API server
 /// restart) instead of handing them to the controller, which drops what its store lacks.
+/// Retries of namespaces whose reconcile is `backing_off` are dropped: the controller tries
+/// them when their backoff ends, and an admission's retry must not cut it short.
 async fn await_listed(
     mut retry: mpsc::UnboundedReceiver<String>,
     store: Store<Namespace>,
+    backing_off: impl Fn(&str) -> bool,
     ready: mpsc::UnboundedSender<String>,
 ) {
     let mut waiting = std::collections::HashMap::<String, tokio::time::Instant>::new();
@@ -253,6 +258,9 @@ async fn await_listed(
     loop {
         tokio::select! {
             name = retry.recv() => match name {
+                Some(name) if backing_off(&name) => {
+                    tracing::debug!(namespace = %name, "retry asked while backing off; left to the backoff");
+                }
                 Some(name) if waiting.len() < RETRIES_WAITING || waiting.contains_key(&name) => {
                     waiting.entry(name).or_insert_with(tokio::time::Instant::now);
                 }
@@ -492,7 +500,7 @@ mod tests {
         writer.apply_watcher_event(&watcher::Event::Apply(namespace("known")));
         let (retry, retries) = mpsc::unbounded_channel();
         let (ready, mut passed) = mpsc::unbounded_channel();
-        tokio::spawn(await_listed(retries, store, ready));
+        tokio::spawn(await_listed(retries, store, |_: &str| false, ready));
 
         retry.send("known".to_string()).unwrap();
         retry.send("late".to_string()).unwrap();
@@ -511,5 +519,33 @@ mod tests {
         writer.apply_watcher_event(&watcher::Event::Apply(namespace("never")));
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(passed.try_recv().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_of_a_namespace_backing_off_is_left_to_its_backoff() {
+        let (store, mut writer) = reflector::store::<Namespace>();
+        for name in ["failing", "fine"] {
+            writer.apply_watcher_event(&watcher::Event::Apply(namespace(name)));
+        }
+        let failures = Arc::new(crate::secret::failures::Failures::default());
+        failures.reconcile_failed("failing");
+        let (retry, retries) = mpsc::unbounded_channel();
+        let (ready, mut passed) = mpsc::unbounded_channel();
+        let f = failures.clone();
+        tokio::spawn(await_listed(
+            retries,
+            store,
+            move |ns: &str| f.in_backoff(ns),
+            ready,
+        ));
+        retry.send("failing".to_string()).unwrap();
+        retry.send("fine".to_string()).unwrap();
+        assert_eq!(passed.recv().await.as_deref(), Some("fine"));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(passed.try_recv().is_err(), "the backoff is not cut short");
+        // Once its reconcile succeeds, a retry passes again.
+        failures.reconcile_succeeded("failing");
+        retry.send("failing".to_string()).unwrap();
+        assert_eq!(passed.recv().await.as_deref(), Some("failing"));
     }
 }

@@ -21,6 +21,7 @@ use moka::Expiry;
 
 use super::failures::Failures;
 use super::layout::{self, Assessment, Issued};
+use super::pacer::{Caller, MintPacer};
 use super::renewal;
 use crate::cluster::{self, Events, KubeError};
 use crate::core::credential::Credential;
@@ -80,7 +81,7 @@ pub struct Provisioner {
     cache: Cache<String, Fresh>,
     events: Events,
     metrics: Arc<Metrics>,
-    pacer: renewal::MintPacer,
+    pacer: MintPacer,
     failures: Failures,
 }
 
@@ -113,7 +114,7 @@ impl Provisioner {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            pacer: renewal::MintPacer::new(settings.config.refresh.max_mints_per_second),
+            pacer: MintPacer::new(settings.config.refresh.max_mints_per_second),
             client,
             settings,
             namespaces,
@@ -140,10 +141,15 @@ impl Provisioner {
     }
 
     /// The subject's Secret, fresh. Answers from the cache when it can (no I/O); otherwise one
-    /// caller per subject provisions and the others wait for its result.
-    pub async fn ensure(&self, subject: &Subject) -> Result<Fresh, Arc<ProvisionError>> {
+    /// caller per subject provisions and the others wait for its result. `caller` says whose
+    /// turn at the mint pacer it takes.
+    pub async fn ensure(
+        &self,
+        subject: &Subject,
+        caller: Caller,
+    ) -> Result<Fresh, Arc<ProvisionError>> {
         self.cache
-            .try_get_with(subject.key(), self.provision(subject))
+            .try_get_with(subject.key(), self.provision(subject, caller))
             .await
     }
 
@@ -208,18 +214,20 @@ impl Provisioner {
                     self.decide(subject, Some(&issued), &configured, Timestamp::now())
                 {
                     tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret as watched");
+                    self.failures.provisioned(&key);
                     self.cache.insert(key, fresh.clone()).await;
                     return Ok(fresh);
                 }
             }
         }
-        self.ensure(subject).await
+        self.ensure(subject, Caller::Refresher).await
     }
 
     /// Records a Secret known to be fresh (as written by another replica), without reading it.
     pub async fn remember(&self, subject: &Subject, issued: Issued) {
         let selection = self.selection_from_store(&subject.namespace);
         let fresh = self.fresh(subject, issued, &selection.hosts);
+        self.failures.provisioned(&subject.key());
         self.cache.insert(subject.key(), fresh).await;
     }
 
@@ -522,7 +530,7 @@ impl Provisioner {
     /// credential while that is unexpired, and does not hold back the others: the Secret is
     /// written with what could be had and retried soon. A write that loses a race with another
     /// writer reads again once.
-    async fn provision(&self, subject: &Subject) -> Result<Fresh, ProvisionError> {
+    async fn provision(&self, subject: &Subject, caller: Caller) -> Result<Fresh, ProvisionError> {
         let namespace = subject.namespace.as_str();
         let name = self.settings.secret_of(subject);
         let api = self.secrets(namespace);
@@ -548,6 +556,7 @@ impl Provisioner {
             let plan = match self.decide(subject, previous.as_ref(), &configured, now) {
                 Ok(fresh) => {
                     tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
+                    self.failures.provisioned(&subject.key());
                     return Ok(fresh);
                 }
                 Err(plan) => plan,
@@ -557,7 +566,7 @@ impl Provisioner {
                 _ => Default::default(),
             };
             let (credentials, failed) = self
-                .credentials(subject, &name, &configured, &plan, carried, now)
+                .credentials(subject, caller, &name, &configured, &plan, carried, now)
                 .await?;
             let (mut secret, issued) = layout::build(namespace, &name, &credentials);
             if let Some(owner) = &owner {
@@ -583,6 +592,7 @@ impl Provisioner {
                     } else {
                         self.failures.incomplete_write(&subject.key());
                     }
+                    self.failures.provisioned(&subject.key());
                     let fresh = self.fresh(subject, issued, &configured);
                     tracing::info!(%subject, secret = %name, minted = ?plan.mint, failed, expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
                     return Ok(fresh);
@@ -662,9 +672,11 @@ impl Provisioner {
     /// The credentials the next version holds, in configuration order: freshly minted where the
     /// plan says so, otherwise carried over while unexpired. Returns them and how many mints
     /// failed; an error when there is nothing new worth writing.
+    #[allow(clippy::too_many_arguments)]
     async fn credentials(
         &self,
         subject: &Subject,
+        caller: Caller,
         name: &str,
         configured: &[&str],
         plan: &renewal::Plan,
@@ -672,7 +684,7 @@ impl Provisioner {
         now: Timestamp,
     ) -> Result<(Vec<(String, Credential)>, usize), ProvisionError> {
         if !plan.mint.is_empty() {
-            self.pacer.wait().await;
+            self.pacer.wait(caller).await;
         }
         let (minted, failures) = self.mint_some(subject, &plan.mint).await;
         if !failures.is_empty() {

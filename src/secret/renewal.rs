@@ -177,34 +177,6 @@ pub fn retry_delay(attempt: u32, spread: f64) -> Duration {
     Duration::from_secs_f64(base * spread.clamp(0.5, 1.5))
 }
 
-/// Spaces out mints: each caller gets the next free slot, `1/rate` seconds after the previous
-/// one, and waits for it. A burst of due Secrets becomes a steady stream.
-pub struct MintPacer {
-    interval: Duration,
-    next: tokio::sync::Mutex<tokio::time::Instant>,
-}
-
-impl MintPacer {
-    pub fn new(per_second: f64) -> Self {
-        let interval = Duration::from_secs_f64(1.0 / per_second.max(0.001));
-        Self {
-            interval,
-            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
-        }
-    }
-
-    /// Waits for this caller's slot.
-    pub async fn wait(&self) {
-        let slot = {
-            let mut next = self.next.lock().await;
-            let slot = (*next).max(tokio::time::Instant::now());
-            *next = slot + self.interval;
-            slot
-        };
-        tokio::time::sleep_until(slot).await;
-    }
-}
-
 /// A number in [0, 1) that depends only on its inputs.
 fn unit_fraction(key: &str, expires_at: Timestamp) -> f64 {
     // DefaultHasher's algorithm is fixed for a given Rust release, which is all that restarts of
@@ -463,31 +435,6 @@ mod tests {
         assert_eq!(d(1000), 60.0);
         assert_eq!(retry_delay(3, 0.5).as_secs_f64(), 2.0);
         assert_eq!(retry_delay(3, 9.0).as_secs_f64(), 6.0, "spread is clamped");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_pacer_turns_a_burst_into_a_steady_rate() {
-        let pacer = std::sync::Arc::new(MintPacer::new(4.0));
-        let start = tokio::time::Instant::now();
-        let waits = (0..9).map(|_| {
-            let p = pacer.clone();
-            tokio::spawn(async move {
-                p.wait().await;
-                start.elapsed()
-            })
-        });
-        let mut at: Vec<Duration> = futures::future::join_all(waits)
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
-        at.sort();
-        // 9 callers at 4 per second: slots at 0, 0.25, ..., 2.0 seconds.
-        assert_eq!(at.first(), Some(&Duration::ZERO));
-        assert_eq!(at.last(), Some(&Duration::from_secs(2)));
-        for pair in at.windows(2) {
-            assert_eq!(pair[1] - pair[0], Duration::from_millis(250));
-        }
     }
 
     #[test]
