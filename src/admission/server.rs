@@ -244,6 +244,7 @@ mod tests {
             client,
             settings,
             store,
+            Default::default(),
             provisioner,
             Default::default(),
             metrics.clone(),

@@ -1,6 +1,7 @@
 //! The async shell around [`decide`]: it looks up the namespace's facts, runs the decision, and
 //! when the decision is to provision, makes sure of the Secret within the admission budget.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,7 @@ pub struct Webhook {
     client: Client,
     settings: Arc<Settings>,
     namespaces: Store<Namespace>,
+    namespace_watch: Arc<NamespaceWatch>,
     provisioner: Arc<Provisioner>,
     /// Namespaces whose Secret could not be made during an admission: the refresher retries.
     inbox: Inbox,
@@ -50,11 +52,44 @@ pub fn failure_hold(attempt: u32, slow: bool, spread: f64) -> Duration {
     }
 }
 
+/// How long an admission waits for the Namespace watch to show its namespace opted in: the
+/// API server sends a review only once its own view has the namespace opted in, and this
+/// service's watch follows the same changes moments later.
+const WATCH_LAG: Duration = Duration::from_secs(1);
+
+/// How current the Namespace watch (which fills the store) is, and a signal at each change it
+/// applied: an admission that does not find its namespace opted in waits on it.
+#[derive(Default)]
+pub struct NamespaceWatch {
+    changed: tokio::sync::Notify,
+    /// Listed, and no error since: a namespace it lacks does not exist (or only for as long as
+    /// the watch lags).
+    current: AtomicBool,
+}
+
+impl NamespaceWatch {
+    /// The watch applied a change (or completed a list) to the store.
+    pub fn applied(&self) {
+        self.current.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// The watch failed: until it applies a change again, the API server is asked instead.
+    pub fn failed(&self) {
+        self.current.store(false, Ordering::Release);
+    }
+
+    fn is_current(&self) -> bool {
+        self.current.load(Ordering::Acquire)
+    }
+}
+
 impl Webhook {
     pub fn new(
         client: Client,
         settings: Arc<Settings>,
         namespaces: Store<Namespace>,
+        namespace_watch: Arc<NamespaceWatch>,
         provisioner: Arc<Provisioner>,
         inbox: Inbox,
         metrics: Arc<Metrics>,
@@ -63,6 +98,7 @@ impl Webhook {
             client,
             settings,
             namespaces,
+            namespace_watch,
             provisioner,
             inbox,
             metrics,
@@ -165,6 +201,12 @@ impl Webhook {
                     Outcome::Conflict,
                 )
             }
+            // Nothing to retry until the ServiceAccount exists; the refresher's ServiceAccount
+            // watch starts its Secret then.
+            Ok(Ok(Err(e))) if matches!(*e, ProvisionError::NoServiceAccount { .. }) => {
+                tracing::debug!(namespace, error = %e, "not provisioning at admission");
+                not_ready(patched, &format!("is not ready yet ({e})"))
+            }
             Ok(Ok(Err(e))) => {
                 let attempt = failures.admission_failed(&key);
                 let slow = started.elapsed() >= SLOW_FAILURE;
@@ -198,8 +240,11 @@ impl Webhook {
     }
 
     /// Whether the namespace is served, and the registries it selects (as the watch last saw its
-    /// annotation). The watch-fed store answers at no cost; a namespace it does not show as
-    /// selected (new, or its label just added) is read from the API server.
+    /// annotation). The watch-fed store answers at no cost. A namespace it does not show opted
+    /// in (new, or its label just added) is waited for, up to [`WATCH_LAG`]: a review names
+    /// any namespace it likes, and asking the API server about each would let callers spend
+    /// its requests. Only while the watch has not listed, or has failed since, is the API
+    /// server asked instead. Either way within the budget.
     async fn facts(&self, namespace: &str, deadline: tokio::time::Instant) -> NamespaceFacts {
         let policy = &self.settings.policy;
         if policy.is_excluded(namespace) {
@@ -208,23 +253,44 @@ impl Webhook {
         let opted_in = |ns: &Namespace| {
             policy.eligibility(namespace, ns.metadata.labels.as_ref()) == Eligibility::OptedIn
         };
-        let watched = self.namespaces.get(&ObjectRef::new(namespace));
-        let opted_in = match watched.as_deref() {
-            Some(ns) if opted_in(ns) => true,
-            _ => {
-                let api = Api::<Namespace>::all(self.client.clone());
-                match tokio::time::timeout_at(deadline, api.get_opt(namespace)).await {
-                    Ok(Ok(Some(ns))) => opted_in(&ns),
-                    Ok(Ok(None)) => false,
-                    Ok(Err(e)) => {
-                        tracing::warn!(namespace, error = %KubeError::from(e), "cannot read namespace; not injecting");
-                        false
+        let watched_opted_in = || {
+            self.namespaces
+                .get(&ObjectRef::new(namespace))
+                .is_some_and(|ns| opted_in(&ns))
+        };
+        let opted_in = if watched_opted_in() {
+            true
+        } else if self.namespace_watch.is_current() {
+            let until = deadline.min(tokio::time::Instant::now() + WATCH_LAG);
+            loop {
+                let changed = self.namespace_watch.changed.notified();
+                tokio::pin!(changed);
+                // Registered before looking, so a change applied meanwhile is not missed.
+                changed.as_mut().enable();
+                if watched_opted_in() {
+                    break true;
+                }
+                tokio::select! {
+                    () = &mut changed => {}
+                    () = tokio::time::sleep_until(until) => {
+                        tracing::debug!(namespace, "namespace not opted in as watched; not injecting");
+                        break false;
                     }
-                    // Unconfirmed within the budget: not served, so it gets no mint slot.
-                    Err(_elapsed) => {
-                        tracing::warn!(namespace, "namespace not confirmed by the API server within the admission budget; not injecting");
-                        false
-                    }
+                }
+            }
+        } else {
+            let api = Api::<Namespace>::all(self.client.clone());
+            match tokio::time::timeout_at(deadline, api.get_opt(namespace)).await {
+                Ok(Ok(Some(ns))) => opted_in(&ns),
+                Ok(Ok(None)) => false,
+                Ok(Err(e)) => {
+                    tracing::warn!(namespace, error = %KubeError::from(e), "cannot read namespace; not injecting");
+                    false
+                }
+                // Unconfirmed within the budget: not served, so it gets no mint slot.
+                Err(_elapsed) => {
+                    tracing::warn!(namespace, "namespace not confirmed by the API server within the admission budget; not injecting");
+                    false
                 }
             }
         };

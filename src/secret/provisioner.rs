@@ -54,6 +54,9 @@ pub enum ProvisionError {
         annotation: &'static str,
         value: String,
     },
+    /// Per ServiceAccount: the ServiceAccount does not exist (a review can name any).
+    #[error("ServiceAccount {namespace}/{name} does not exist")]
+    NoServiceAccount { namespace: String, name: String },
     #[error("{action} Secret {namespace}/{name} failed: {source}")]
     Api {
         action: &'static str,
@@ -83,7 +86,16 @@ pub struct Provisioner {
     metrics: Arc<Metrics>,
     pacer: MintPacer,
     failures: Failures,
+    /// ServiceAccounts an admission found missing lately (`ns/sa`), so that reviews naming
+    /// them again cost no GET. Briefly, and only for admissions: the refresher acts on
+    /// ServiceAccounts its watch has seen, and its lookup clears an entry.
+    absent_accounts: Cache<String, ()>,
 }
+
+/// How long an admission trusts that a ServiceAccount does not exist.
+const ABSENT_ACCOUNT_TTL: Duration = Duration::from_secs(10);
+/// ServiceAccounts remembered as missing at most (names come from reviews).
+const ABSENT_ACCOUNTS_KEPT: u64 = 10_000;
 
 /// ServiceAccount lists are served from the API server's watch cache (`resourceVersion=0`)
 /// instead of a quorum read from etcd: with many namespaces opting in at once, or ServiceAccounts
@@ -123,6 +135,10 @@ impl Provisioner {
             events,
             metrics,
             failures: Failures::default(),
+            absent_accounts: Cache::builder()
+                .time_to_live(ABSENT_ACCOUNT_TTL)
+                .max_capacity(ABSENT_ACCOUNTS_KEPT)
+                .build(),
         }
     }
 
@@ -537,7 +553,7 @@ impl Provisioner {
         // Per ServiceAccount, one that does not exist gets nothing: no read of its Secret, no
         // mint slot, no TokenRequest and no Event (a crafted review can name any).
         let owner = match &subject.service_account {
-            Some(sa) => Some(self.owner(namespace, sa).await?),
+            Some(sa) => Some(self.owner(namespace, sa, caller).await?),
             None => None,
         };
         let selected = self.selected(namespace).await?;
@@ -739,13 +755,34 @@ impl Provisioner {
         Ok((credentials, failures.len()))
     }
 
-    /// An owner reference to ServiceAccount `namespace/name`.
-    async fn owner(&self, namespace: &str, name: &str) -> Result<OwnerReference, ProvisionError> {
+    /// An owner reference to ServiceAccount `namespace/name`; `NoServiceAccount` if it does
+    /// not exist (for an admission, also when it did not a moment ago: no GET then).
+    async fn owner(
+        &self,
+        namespace: &str,
+        name: &str,
+        caller: Caller,
+    ) -> Result<OwnerReference, ProvisionError> {
+        let key = format!("{namespace}/{name}");
+        let absent = || ProvisionError::NoServiceAccount {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        if caller == Caller::Admission && self.absent_accounts.contains_key(&key) {
+            return Err(absent());
+        }
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let sa = api
-            .get(name)
+        let found = api
+            .get_opt(name)
             .await
             .map_err(|e| self.sa_error("reading", namespace, name, e))?;
+        let Some(sa) = found else {
+            self.absent_accounts.insert(key, ()).await;
+            return Err(absent());
+        };
+        if caller == Caller::Refresher {
+            self.absent_accounts.invalidate(&key).await;
+        }
         Ok(OwnerReference {
             api_version: "v1".into(),
             kind: "ServiceAccount".into(),
