@@ -456,10 +456,10 @@ async fn item5_a_source_that_fails_at_once_is_retried_with_backoff_not_per_admis
     let attempts = cp.token_attempts(&ns);
     // Each of the two retriers (this namespace's admissions, its reconciles) waits at least
     // 0.5 s, then 1 s, 2 s, ... between attempts: in `window` seconds that is at most
-    // 1 + log2(2 * window + 1) attempts each, plus the reconcile an admission may ask for
-    // before the first reconcile failed.
+    // 1 + log2(2 * window + 1) attempts each; plus the admissions' first failure, which is
+    // not held, and the reconcile an admission may ask for before the first one failed.
     let window = started.elapsed().as_secs_f64();
-    let bound = 2.0 * (1.0 + (2.0 * window + 1.0).log2()) + 1.0;
+    let bound = 2.0 * (1.0 + (2.0 * window + 1.0).log2()) + 2.0;
     eprintln!("{attempts} TokenRequests for {pods} Pods in {window:.1} s (bound {bound:.1})");
     assert!(
         (attempts as f64) <= bound,

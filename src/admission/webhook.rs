@@ -39,16 +39,20 @@ const FAILURE_HOLD: Duration = Duration::from_secs(5);
 /// A failure that took this long is an endpoint worth not waiting on again at once.
 const SLOW_FAILURE: Duration = Duration::from_secs(1);
 
-/// How long admissions stop trying a Secret after their `attempt`-th failure in a row: the
-/// refresher's backoff (exponential from 1 s to a minute, scaled by `spread`), and at least
-/// [`FAILURE_HOLD`] when the attempt was slow. Quick failures are held too: otherwise each Pod
-/// created in a namespace whose source fails at once would cost a mint slot and an Event.
+/// How long admissions stop trying a Secret after their `attempt`-th failure in a row. A
+/// first quick failure is not held: it is most often a ServiceAccount created a moment later
+/// (the namespace's `default`, whose own admission comes first), and the next admission then
+/// succeeds. From the second on, quick failures back off as the refresher does (exponential
+/// from 1 s to a minute, scaled by `spread`): otherwise each Pod created in a namespace whose
+/// source fails at once would cost a mint slot and an Event. A slow failure holds at least
+/// [`FAILURE_HOLD`].
 pub fn failure_hold(attempt: u32, slow: bool, spread: f64) -> Duration {
-    let backoff = renewal::retry_delay(attempt, spread);
     if slow {
-        backoff.max(FAILURE_HOLD)
+        renewal::retry_delay(attempt, spread).max(FAILURE_HOLD)
+    } else if attempt <= 1 {
+        Duration::ZERO
     } else {
-        backoff
+        renewal::retry_delay(attempt - 1, spread)
     }
 }
 
@@ -306,14 +310,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failed_admissions_back_off_like_the_refresher_and_slow_ones_hold_longer() {
+    fn repeated_failed_admissions_back_off_like_the_refresher_and_slow_ones_hold_longer() {
         let s = |d: Duration| d.as_secs_f64();
         // (attempt, slow, spread) → seconds held
         let cases = [
-            (1, false, 1.0, 1.0),
-            (2, false, 1.0, 2.0),
-            (4, false, 1.0, 8.0),
-            (4, false, 0.5, 4.0),
+            (1, false, 1.0, 0.0),
+            (2, false, 1.0, 1.0),
+            (3, false, 1.0, 2.0),
+            (5, false, 1.0, 8.0),
+            (5, false, 0.5, 4.0),
             (20, false, 1.0, 60.0),
             (1, true, 1.0, 5.0),
             (4, true, 1.0, 8.0),
