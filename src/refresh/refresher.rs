@@ -92,6 +92,7 @@ impl Refresher {
             secrets.clone(),
             |s: &Secret| layout::assess(Some(s)),
             Some(touched.clone()),
+            None,
         )];
         // ServiceAccounts: which ones lack the Secret (created before the namespace opted in,
         // or while the webhook was down), and per ServiceAccount, whose Secrets to keep. In
@@ -115,12 +116,26 @@ impl Refresher {
                     .is_empty()
                 };
                 let wake = (scope == IdentityScope::ServiceAccount).then_some(touched);
+                // Per ServiceAccount, a deleted one's Secret goes with it (its owner): what is
+                // remembered about it goes too, or its expiry would stay in the metrics and
+                // count down to a false alert.
+                let gone = (scope == IdentityScope::ServiceAccount).then(|| {
+                    let provisioner = provisioner.clone();
+                    Box::new(move |namespace: &str, name: &str| {
+                        let (p, subject) = (
+                            provisioner.clone(),
+                            Subject::service_account(namespace, name),
+                        );
+                        tokio::spawn(async move { p.forget(&subject).await });
+                    }) as Gone
+                });
                 watches.push(follow(
                     Api::all(client.clone()),
                     watcher::Config::default(),
                     accounts.clone(),
                     attached,
                     wake,
+                    gone,
                 ));
                 accounts
             });
@@ -280,14 +295,19 @@ async fn await_listed(
     }
 }
 
-/// Folds a watch of `K` into `view`, and names each touched object's namespace on `touched`, if
-/// given (after `view` shows the change).
+/// Told (namespace, name) of each object that left a watched view.
+type Gone = Box<dyn Fn(&str, &str) + Send>;
+
+/// Folds a watch of `K` into `view`, names each touched object's namespace on `touched`, if
+/// given (after `view` shows the change), and tells `gone`, if given, each object that left
+/// the view (deleted, or missing from a relist).
 fn follow<K, S>(
     api: Api<K>,
     config: watcher::Config,
     view: Arc<Watched<S>>,
     summarise: impl Fn(&K) -> S + Send + 'static,
     touched: Option<mpsc::UnboundedSender<String>>,
+    gone: Option<Gone>,
 ) -> futures::future::BoxFuture<'static, ()>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
@@ -300,13 +320,20 @@ where
         .for_each(move |event| {
             match event {
                 Ok(event) => {
-                    let gone = view.apply(&event, &summarise);
+                    let left = view.apply(&event, &summarise);
+                    if let Some(gone) = &gone {
+                        for (namespace, name) in &left {
+                            gone(namespace, name);
+                        }
+                    }
                     if let Some(touched) = &touched {
                         let changed = match &event {
                             watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) => o.namespace(),
                             watcher::Event::Init | watcher::Event::InitDone => None,
                         };
-                        for ns in changed.into_iter().chain(gone) {
+                        let namespaces: std::collections::BTreeSet<String> =
+                            changed.into_iter().chain(left.into_iter().map(|(ns, _)| ns)).collect();
+                        for ns in namespaces {
                             let _ = touched.send(ns);
                         }
                     }
@@ -431,6 +458,20 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
             }
             Err(e) => {
                 first_error.get_or_insert(e);
+            }
+        }
+    }
+    // A ServiceAccount deleted while its Secret was looked at: forgotten again, in case the
+    // look re-recorded what its deletion had made the watch forget.
+    if let Some(accounts) = ctx
+        .accounts
+        .as_ref()
+        .filter(|a| ctx.settings.scope() == IdentityScope::ServiceAccount && a.is_synced())
+    {
+        for subject in &subjects {
+            let sa = subject.service_account.as_deref().unwrap_or_default();
+            if accounts.get(&name, sa).is_none() {
+                ctx.provisioner.forget(subject).await;
             }
         }
     }

@@ -90,6 +90,14 @@ impl Failures {
             .collect()
     }
 
+    /// Forgets what is remembered about one key.
+    pub fn forget(&self, key: &str) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
     /// Forgets every entry whose key `keep` refuses (its namespace is gone).
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());

@@ -293,6 +293,16 @@ impl Provisioner {
         }
     }
 
+    /// Forgets one subject (its ServiceAccount was deleted, and its Secret with it): cache
+    /// entry, failure counts and its expiry in the metrics.
+    pub async fn forget(&self, subject: &Subject) {
+        let key = subject.key();
+        self.cache.invalidate(&key).await;
+        self.failures.forget(&key);
+        self.metrics.secret_released(&key);
+        tracing::debug!(%subject, "forgot a deleted ServiceAccount's Secret");
+    }
+
     /// The names of the namespace's ServiceAccounts.
     pub async fn service_accounts(&self, namespace: &str) -> Result<Vec<String>, ProvisionError> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
