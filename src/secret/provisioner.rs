@@ -551,11 +551,11 @@ impl Provisioner {
     }
 
     /// Reads what is stored and works out, registry by registry, what is still good and what
-    /// must be minted (`renewal::Schedule::decide`); adopts the Secret when nothing is due, otherwise mints
-    /// what is due and writes the next version. A registry whose source fails keeps its previous
-    /// credential while that is unexpired, and does not hold back the others: the Secret is
-    /// written with what could be had and retried soon. A write that loses a race with another
-    /// writer reads again once.
+    /// must be minted (`renewal::Schedule::decide`); adopts the Secret when nothing is due,
+    /// otherwise mints what is due and writes the next version. A registry whose source fails
+    /// keeps its previous credential while that is unexpired, and does not hold back the
+    /// others: the Secret is written with what could be had and retried soon. A write that
+    /// loses a race with another writer reads again once.
     async fn provision(&self, subject: &Subject, caller: Caller) -> Result<Fresh, ProvisionError> {
         let namespace = subject.namespace.as_str();
         let name = self.settings.secret_of(subject);
