@@ -172,7 +172,7 @@ fn handler() -> Vec<Figure> {
         provisioner
             .remember(&pull_secret_injector::core::subject::Subject::namespace("bench"), Issued::single("registry.example.com", now, now + jiff::SignedDuration::from_hours(1)))
             .await;
-        let webhook = Webhook::new(client, settings.clone(), writer.as_reader(), provisioner, Default::default(), metrics);
+        let webhook = Webhook::new(client, settings.clone(), writer.as_reader(), Default::default(), provisioner, Default::default(), metrics);
         let body = serde_json::to_vec(&pod_review("bench", "b5e1c0de-0000-4000-8000-000000000001")).unwrap();
         let answer: Value = serde_json::from_slice(&webhook.review(&body).await.unwrap()).unwrap();
         assert!(answer["response"]["patch"].is_string(), "the warm path patches: {answer}");

@@ -39,6 +39,15 @@ pub struct CacheLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriterLabels {
+    /// `provisioner` (the managed pull Secrets) or `pull_secret_updater`.
+    pub writer: &'static str,
+}
+
+/// The writers of [`Metrics::secret_write_skipped`].
+pub const WRITERS: [&str; 2] = ["provisioner", "pull_secret_updater"];
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
@@ -49,6 +58,9 @@ pub struct Metrics {
     pub mint_seconds: Histograms<SourceLabels>,
     pub cache: Family<CacheLabels, Counter>,
     pub renewal_failures: Counter,
+    /// Secret writes left out because what would be written is what is stored: a renewal
+    /// loop shows here rather than as writes to etcd.
+    secret_writes_skipped: Family<WriterLabels, Counter>,
     /// Pods of opted-in namespaces that run without their pull Secret (admitted unpatched).
     pub pods_without_pull_secret: Gauge,
     /// `MissingPullSecret` Events recorded on such Pods.
@@ -106,6 +118,16 @@ impl Default for Metrics {
             "Background reconciles that failed (retried with backoff)",
             renewal_failures.clone(),
         );
+        let secret_writes_skipped = Family::<WriterLabels, Counter>::default();
+        registry.register(
+            "secret_writes_skipped",
+            "Secret writes not sent because the Secret already holds exactly that, by writer",
+            secret_writes_skipped.clone(),
+        );
+        // Present from the start, so that a rate over them reads 0 rather than nothing.
+        for writer in WRITERS {
+            let _ = secret_writes_skipped.get_or_create(&WriterLabels { writer });
+        }
         let pods_without_pull_secret = Gauge::default();
         registry.register(
             "pods_without_pull_secret",
@@ -138,6 +160,7 @@ impl Default for Metrics {
             mint_seconds,
             cache,
             renewal_failures,
+            secret_writes_skipped,
             pods_without_pull_secret,
             missing_pull_secret_events,
             managed_secrets,
@@ -174,6 +197,13 @@ impl Metrics {
         self.mint_seconds
             .get_or_create(&SourceLabels { source })
             .observe(seconds);
+    }
+
+    /// A Secret write left out: it would have stored what is already stored.
+    pub fn secret_write_skipped(&self, writer: &'static str) {
+        self.secret_writes_skipped
+            .get_or_create(&WriterLabels { writer })
+            .inc();
     }
 
     /// Starts or stops tracking expiries; stopping forgets them (`managed_secrets` reads 0).
@@ -258,6 +288,8 @@ mod tests {
             "pull_secret_injector_renewal_failures_total 0",
             "pull_secret_injector_pods_without_pull_secret 0",
             "pull_secret_injector_missing_pull_secret_events_total 0",
+            r#"pull_secret_injector_secret_writes_skipped_total{writer="provisioner"} 0"#,
+            r#"pull_secret_injector_secret_writes_skipped_total{writer="pull_secret_updater"} 0"#,
         ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }

@@ -91,10 +91,12 @@ impl Service {
             events.clone(),
             metrics.clone(),
         ));
+        let namespace_watch = Arc::new(webhook::NamespaceWatch::default());
         let (ready, tasks) = Self::watch_namespaces(
             &client,
             writer,
             namespaces.clone(),
+            namespace_watch.clone(),
             &inbox,
             provisioner.clone(),
             &stopped,
@@ -133,6 +135,7 @@ impl Service {
             client,
             settings.clone(),
             namespaces,
+            namespace_watch,
             provisioner,
             inbox,
             metrics.clone(),
@@ -186,6 +189,7 @@ impl Service {
         client: &kube::Client,
         writer: reflector::store::Writer<Namespace>,
         namespaces: reflector::Store<Namespace>,
+        namespace_watch: Arc<webhook::NamespaceWatch>,
         inbox: &Inbox,
         provisioner: Arc<Provisioner>,
         stopped: &watch::Receiver<bool>,
@@ -205,6 +209,15 @@ impl Service {
             // shows is passed on then, or the refresher would look for it in a store that does
             // not have it yet and drop it (a namespace created while the watch was down).
             // After a deletion or a relist, namespaces gone from the store are forgotten.
+            // The reflector has applied the event to the store by now: admissions waiting on
+            // the watch look again.
+            match &event {
+                Ok(
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
+                ) => namespace_watch.applied(),
+                Ok(_) => {}
+                Err(_) => namespace_watch.failed(),
+            }
             let forget = match event {
                 Ok(watcher::Event::Apply(ns)) => {
                     inbox.namespace_changed(Arc::new(ns));

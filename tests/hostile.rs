@@ -284,6 +284,95 @@ async fn per_service_account_an_unknown_service_account_gets_no_token_and_no_eve
     inj.cleanup().await;
 }
 
+/// Issue 23, point 9 (per ServiceAccount): a made-up ServiceAccount name costs one lookup,
+/// not one per review naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_service_account_a_made_up_name_is_looked_up_once_not_per_review() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let mut inj = start_audited(
+        "t-h9s",
+        &kubernetes_registry("default", 3600),
+        "identityScope: serviceAccount\n",
+    )
+    .await;
+    let c = inj.client.clone();
+    let ns = inj.namespace("sa", true).await;
+    let ghosts = ["ghost-a", "ghost-b", "ghost-c"];
+    for round in 0..10 {
+        for ghost in ghosts {
+            let answer = review(&inj, &pod_review(&ns, ghost)).await;
+            assert_eq!(answer["allowed"], true, "{answer}");
+            assert!(
+                answer["warnings"][0]
+                    .as_str()
+                    .is_some_and(|w| w.contains("not ready")),
+                "round {round}: {answer}"
+            );
+        }
+    }
+    audit_flushed(cp, &c, &ns, "after-made-up").await;
+    let asked = requests_about(cp, &ns);
+    for ghost in ghosts {
+        let lookups = asked
+            .iter()
+            .filter(|u| u.contains(&format!("/serviceaccounts/{ghost}")))
+            .count();
+        assert_eq!(lookups, 1, "lookups of {ghost} for 10 reviews: {asked:?}");
+    }
+    let ghost_tokens = cp.audit(|e| {
+        e["objectRef"]["subresource"] == "token"
+            && e["objectRef"]["namespace"] == ns.as_str()
+            && e["objectRef"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("ghost-"))
+    });
+    assert!(ghost_tokens.is_empty(), "{ghost_tokens:?}");
+    inj.cleanup().await;
+}
+
+/// Issue 23, point 9: a review for a valid namespace name the watch does not show opted in
+/// (no such namespace, or one not opted in) is answered from the Namespace watch: no request
+/// about it reaches the API server. A namespace opted in is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_the_watch_does_not_show_opted_in_cost_no_request() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let mut inj = start_audited("t-h9n", &kubernetes_registry("default", 3600), "").await;
+    let c = inj.client.clone();
+    let real = inj.namespace("real", true).await;
+    let plain = inj.namespace("plain", false).await;
+    wait_secret(&c, &real, "the opted-in namespace's Secret", |_| true).await;
+    audit_flushed(cp, &c, &plain, "before-unknown").await;
+    let before = requests_about(cp, &plain).len();
+    let mut names: Vec<String> = (0..20).map(|i| format!("t-h9n-nowhere-{i}")).collect();
+    names.extend(std::iter::repeat_n(plain.clone(), 5));
+    let bodies: Vec<Value> = names.iter().map(|n| pod_review(n, "default")).collect();
+    let answers = futures::future::join_all(bodies.iter().map(|b| review(&inj, b))).await;
+    for (name, answer) in names.iter().zip(&answers) {
+        assert_eq!(answer["allowed"], true, "{name}: {answer}");
+        assert!(answer.get("patch").is_none(), "{name} patched: {answer}");
+    }
+    let answer = review(&inj, &pod_review(&real, "default")).await;
+    assert!(answer.get("patch").is_some(), "{answer}");
+    audit_flushed(cp, &c, &plain, "after-unknown").await;
+    for name in names.iter().filter(|n| **n != plain) {
+        let asked = requests_about(cp, name);
+        assert!(asked.is_empty(), "requests about {name}: {asked:?}");
+    }
+    let asked = requests_about(cp, &plain);
+    // Besides the two markers' creates.
+    let about_reviews: Vec<&String> = asked[before..]
+        .iter()
+        .filter(|u| !u.contains("/secrets"))
+        .collect();
+    assert!(
+        about_reviews.is_empty(),
+        "requests about {plain}: {about_reviews:?}"
+    );
+    inj.cleanup().await;
+}
+
 /// Issue 18, point 3: a Pod with more pull Secrets than the webhook reads is created (201)
 /// through the API server, unchanged, with the webhook's warning.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

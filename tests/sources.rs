@@ -1883,7 +1883,18 @@ mod service_account_scope {
             );
         }
 
-        // Deleting the ServiceAccount deletes its Secret (garbage collection of the owner).
+        // Deleting the ServiceAccount deletes its Secret (garbage collection of the owner), and
+        // its expiry leaves the metrics (issue 23, point 10: it would count down to a false
+        // PullSecretNearExpiry).
+        let managed = || async {
+            inj.metrics()
+                .await
+                .lines()
+                .find_map(|l| l.strip_prefix("pull_secret_injector_managed_secrets "))
+                .and_then(|v| v.parse::<i64>().ok())
+                .expect("managed_secrets is exported")
+        };
+        let with_builder = managed().await;
         accounts
             .delete("builder", &DeleteParams::default())
             .await
@@ -1892,6 +1903,12 @@ mod service_account_scope {
             "builder-pull-secret collected",
             Duration::from_secs(60),
             || async { secret(&c, &ns, "builder-pull-secret").await.is_none() },
+        )
+        .await;
+        wait_for(
+            &format!("managed_secrets down from {with_builder}"),
+            Duration::from_secs(30),
+            || async { managed().await == with_builder - 1 },
         )
         .await;
 

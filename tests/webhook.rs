@@ -422,6 +422,53 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
     inj.cleanup().await;
 }
 
+/// Issue 23, point 8: a source that fails at once is tried again by admissions on the
+/// refresher's backoff, not once per Pod, and an admission's retry does not cut the refresher's
+/// backoff short: forty Pods in a row cost a few TokenRequests, not forty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item5_a_source_that_fails_at_once_is_retried_with_backoff_not_per_admission() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    // ServiceAccount `minter` never exists: each TokenRequest fails at once (404). Pods only:
+    // the namespace's own ServiceAccount admissions do not count here.
+    let mut inj =
+        Injector::start_for("t5c", &kubernetes_registry("minter", 3600), "", &["pods"]).await;
+    let c = inj.client.clone();
+    let started = std::time::Instant::now();
+    let ns = inj.namespace("fast", true).await;
+    let pods = 40;
+    for i in 0..pods {
+        let created = create_pod(
+            &c,
+            &ns,
+            &format!("app-{i}"),
+            json!({"imagePullSecrets": [{"name": "mine"}]}),
+            false,
+        )
+        .await;
+        assert_eq!(pull_secret_names(&created.pod), ["mine", "pull-secret"]);
+        assert!(
+            created.warnings.iter().any(|w| w.contains("not ready")),
+            "{:?}",
+            created.warnings
+        );
+    }
+    let attempts = cp.token_attempts(&ns);
+    // Each of the two retriers (this namespace's admissions, its reconciles) waits at least
+    // 0.5 s, then 1 s, 2 s, ... between attempts: in `window` seconds that is at most
+    // 1 + log2(2 * window + 1) attempts each; plus the admissions' first failure, which is
+    // not held, and the reconcile an admission may ask for before the first one failed.
+    let window = started.elapsed().as_secs_f64();
+    let bound = 2.0 * (1.0 + (2.0 * window + 1.0).log2()) + 2.0;
+    eprintln!("{attempts} TokenRequests for {pods} Pods in {window:.1} s (bound {bound:.1})");
+    assert!(
+        (attempts as f64) <= bound,
+        "{attempts} TokenRequests for {pods} Pods in {window:.1} s (at most {bound:.1} with backoff)"
+    );
+    assert!(attempts >= 1, "the source was tried");
+    inj.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item6_the_refresher_renews_recreates_restores_and_adopts() {
     let _serial = serial();

@@ -245,6 +245,7 @@ mod tests {
             client,
             settings,
             store,
+            Default::default(),
             provisioner,
             Default::default(),
             metrics.clone(),

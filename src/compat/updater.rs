@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use crate::cluster::{Events, KubeError};
 use crate::metrics::Metrics;
-use crate::secret::layout::{DOCKER_CONFIG_KEY, DOCKER_CONFIG_TYPE};
+use crate::secret::layout::{self, DOCKER_CONFIG_KEY, DOCKER_CONFIG_TYPE};
 use crate::secret::renewal;
 use crate::sources::chainguard::ChainguardSource;
 use crate::sources::http::HttpClient;
@@ -154,13 +154,18 @@ pub fn next_step(stored: &Stored, identity: &str, renew_before: Duration, now: T
     if minted_for != identity {
         return Step::Mint;
     }
-    let due = expires_at
-        - jiff::SignedDuration::try_from(renew_before).unwrap_or(jiff::SignedDuration::ZERO);
+    let due = due(expires_at, renew_before);
     if now >= due {
         Step::Mint
     } else {
         Step::WaitUntil(due)
     }
+}
+
+/// When a token expiring at `expires_at` is renewed: the one rule for both the check before a
+/// mint and the wait after a write, so the two never disagree about a Secret.
+fn due(expires_at: Timestamp, renew_before: Duration) -> Timestamp {
+    expires_at - jiff::SignedDuration::try_from(renew_before).unwrap_or(jiff::SignedDuration::ZERO)
 }
 
 /// The stored token of `registry` in a `.dockerconfigjson`, with its expiry read from the JWT.
@@ -394,16 +399,23 @@ async fn reconcile(
         .get_or_insert_default()
         .insert(MINTED_FOR_ANNOTATION.into(), identity.clone());
     next.metadata.managed_fields = None;
-    // Replaced at the version read: a concurrent edit makes this fail and be retried.
-    api.replace(&name, &PostParams::default(), &next)
-        .await
-        .map_err(|e| api_error("replacing", e))?;
-    tracing::info!(namespace, secret = %name, identity, expires_at = %credential.expires_at, "filled pull-secret-updater Secret");
-    let at = credential.expires_at
-        - jiff::SignedDuration::try_from(ctx.config.renew_before)
-            .unwrap_or(jiff::SignedDuration::ZERO);
+    if layout::unchanged(&secret, &next) {
+        // The source handed back the token already stored.
+        ctx.metrics.secret_write_skipped("pull_secret_updater");
+        tracing::debug!(namespace, secret = %name, "the Secret already holds this token; not written");
+    } else {
+        // Replaced at the version read: a concurrent edit makes this fail and be retried.
+        api.replace(&name, &PostParams::default(), &next)
+            .await
+            .map_err(|e| api_error("replacing", e))?;
+        tracing::info!(namespace, secret = %name, identity, expires_at = %credential.expires_at, "filled pull-secret-updater Secret");
+    }
     Ok(Action::requeue(
-        renewal::until(at, Timestamp::now()).max(Duration::from_secs(1)),
+        renewal::until(
+            due(credential.expires_at, ctx.config.renew_before),
+            Timestamp::now(),
+        )
+        .max(Duration::from_secs(1)),
     ))
 }
 

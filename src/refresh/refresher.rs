@@ -92,6 +92,7 @@ impl Refresher {
             secrets.clone(),
             |s: &Secret| layout::assess(Some(s)),
             Some(touched.clone()),
+            None,
         )];
         // ServiceAccounts: which ones lack the Secret (created before the namespace opted in,
         // or while the webhook was down), and per ServiceAccount, whose Secrets to keep. In
@@ -115,12 +116,26 @@ impl Refresher {
                     .is_empty()
                 };
                 let wake = (scope == IdentityScope::ServiceAccount).then_some(touched);
+                // Per ServiceAccount, a deleted one's Secret goes with it (its owner): what is
+                // remembered about it goes too, or its expiry would stay in the metrics and
+                // count down to a false alert.
+                let gone = (scope == IdentityScope::ServiceAccount).then(|| {
+                    let provisioner = provisioner.clone();
+                    Box::new(move |namespace: &str, name: &str| {
+                        let (p, subject) = (
+                            provisioner.clone(),
+                            Subject::service_account(namespace, name),
+                        );
+                        tokio::spawn(async move { p.forget(&subject).await });
+                    }) as Gone
+                });
                 watches.push(follow(
                     Api::all(client.clone()),
                     watcher::Config::default(),
                     accounts.clone(),
                     attached,
                     wake,
+                    gone,
                 ));
                 accounts
             });
@@ -133,9 +148,11 @@ impl Refresher {
         ));
         let (nudge, nudged) = mpsc::unbounded_channel();
         let (listed_retry, retry_now) = mpsc::unbounded_channel();
+        let p = provisioner.clone();
         watches.push(Box::pin(await_listed(
             retry,
             namespaces.clone(),
+            move |ns: &str| p.failures().in_backoff(ns),
             listed_retry,
         )));
         let by_name = futures::stream::select(
@@ -242,9 +259,12 @@ const RETRIES_WAITING: usize = 1024;
 /// Passes on the retries of namespaces the store holds, and holds back the others until it
 /// does (a namespace created while the watch was catching up, e.g. after an API server
 /// restart) instead of handing them to the controller, which drops what its store lacks.
+/// Retries of namespaces whose reconcile is `backing_off` are dropped: the controller tries
+/// them when their backoff ends, and an admission's retry must not cut it short.
 async fn await_listed(
     mut retry: mpsc::UnboundedReceiver<String>,
     store: Store<Namespace>,
+    backing_off: impl Fn(&str) -> bool,
     ready: mpsc::UnboundedSender<String>,
 ) {
     let mut waiting = std::collections::HashMap::<String, tokio::time::Instant>::new();
@@ -253,6 +273,9 @@ async fn await_listed(
     loop {
         tokio::select! {
             name = retry.recv() => match name {
+                Some(name) if backing_off(&name) => {
+                    tracing::debug!(namespace = %name, "retry asked while backing off; left to the backoff");
+                }
                 Some(name) if waiting.len() < RETRIES_WAITING || waiting.contains_key(&name) => {
                     waiting.entry(name).or_insert_with(tokio::time::Instant::now);
                 }
@@ -272,14 +295,19 @@ async fn await_listed(
     }
 }
 
-/// Folds a watch of `K` into `view`, and names each touched object's namespace on `touched`, if
-/// given (after `view` shows the change).
+/// Told (namespace, name) of each object that left a watched view.
+type Gone = Box<dyn Fn(&str, &str) + Send>;
+
+/// Folds a watch of `K` into `view`, names each touched object's namespace on `touched`, if
+/// given (after `view` shows the change), and tells `gone`, if given, each object that left
+/// the view (deleted, or missing from a relist).
 fn follow<K, S>(
     api: Api<K>,
     config: watcher::Config,
     view: Arc<Watched<S>>,
     summarise: impl Fn(&K) -> S + Send + 'static,
     touched: Option<mpsc::UnboundedSender<String>>,
+    gone: Option<Gone>,
 ) -> futures::future::BoxFuture<'static, ()>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
@@ -292,13 +320,20 @@ where
         .for_each(move |event| {
             match event {
                 Ok(event) => {
-                    let gone = view.apply(&event, &summarise);
+                    let left = view.apply(&event, &summarise);
+                    if let Some(gone) = &gone {
+                        for (namespace, name) in &left {
+                            gone(namespace, name);
+                        }
+                    }
                     if let Some(touched) = &touched {
                         let changed = match &event {
                             watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) => o.namespace(),
                             watcher::Event::Init | watcher::Event::InitDone => None,
                         };
-                        for ns in changed.into_iter().chain(gone) {
+                        let namespaces: std::collections::BTreeSet<String> =
+                            changed.into_iter().chain(left.into_iter().map(|(ns, _)| ns)).collect();
+                        for ns in namespaces {
                             let _ = touched.send(ns);
                         }
                     }
@@ -426,6 +461,20 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
             }
         }
     }
+    // A ServiceAccount deleted while its Secret was looked at: forgotten again, in case the
+    // look re-recorded what its deletion had made the watch forget.
+    if let Some(accounts) = ctx
+        .accounts
+        .as_ref()
+        .filter(|a| ctx.settings.scope() == IdentityScope::ServiceAccount && a.is_synced())
+    {
+        for subject in &subjects {
+            let sa = subject.service_account.as_deref().unwrap_or_default();
+            if accounts.get(&name, sa).is_none() {
+                ctx.provisioner.forget(subject).await;
+            }
+        }
+    }
     // With `inject: matchingImages` ServiceAccounts are left alone: the API server would copy
     // their list into every Pod, matching or not.
     let patched = match ctx.settings.inject() {
@@ -492,7 +541,7 @@ mod tests {
         writer.apply_watcher_event(&watcher::Event::Apply(namespace("known")));
         let (retry, retries) = mpsc::unbounded_channel();
         let (ready, mut passed) = mpsc::unbounded_channel();
-        tokio::spawn(await_listed(retries, store, ready));
+        tokio::spawn(await_listed(retries, store, |_: &str| false, ready));
 
         retry.send("known".to_string()).unwrap();
         retry.send("late".to_string()).unwrap();
@@ -511,5 +560,33 @@ mod tests {
         writer.apply_watcher_event(&watcher::Event::Apply(namespace("never")));
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(passed.try_recv().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_of_a_namespace_backing_off_is_left_to_its_backoff() {
+        let (store, mut writer) = reflector::store::<Namespace>();
+        for name in ["failing", "fine"] {
+            writer.apply_watcher_event(&watcher::Event::Apply(namespace(name)));
+        }
+        let failures = Arc::new(crate::secret::failures::Failures::default());
+        failures.reconcile_failed("failing");
+        let (retry, retries) = mpsc::unbounded_channel();
+        let (ready, mut passed) = mpsc::unbounded_channel();
+        let f = failures.clone();
+        tokio::spawn(await_listed(
+            retries,
+            store,
+            move |ns: &str| f.in_backoff(ns),
+            ready,
+        ));
+        retry.send("failing".to_string()).unwrap();
+        retry.send("fine".to_string()).unwrap();
+        assert_eq!(passed.recv().await.as_deref(), Some("fine"));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(passed.try_recv().is_err(), "the backoff is not cut short");
+        // Once its reconcile succeeds, a retry passes again.
+        failures.reconcile_succeeded("failing");
+        retry.send("failing".to_string()).unwrap();
+        assert_eq!(passed.recv().await.as_deref(), Some("failing"));
     }
 }

@@ -47,10 +47,15 @@ impl<S> Default for Watched<S> {
 
 impl<S: Clone> Watched<S> {
     /// Folds one watch event in. Objects of the first list are visible at once, before the
-    /// list completes: start-up adoption need not wait for the last page. Returns the namespaces
-    /// whose objects a completed relist found gone: no Delete event comes for those, and their
-    /// owners should look again.
-    pub fn apply<K: Resource>(&self, event: &Event<K>, summarise: impl Fn(&K) -> S) -> Vec<String> {
+    /// list completes: start-up adoption need not wait for the last page. Returns the objects
+    /// (namespace, name) gone from the view: the one a Delete event names, and those a
+    /// completed relist found gone (no Delete event comes for those, and their owners should
+    /// look again).
+    pub fn apply<K: Resource>(
+        &self,
+        event: &Event<K>,
+        summarise: impl Fn(&K) -> S,
+    ) -> Vec<(String, String)> {
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
         match event {
@@ -70,11 +75,10 @@ impl<S: Clone> Watched<S> {
                 let mut gone = Vec::new();
                 if let Some(listed) = state.relisting.take() {
                     for (namespace, names) in &state.current {
-                        if names
-                            .keys()
-                            .any(|name| listed.get(namespace).is_none_or(|l| !l.contains_key(name)))
-                        {
-                            gone.push(namespace.clone());
+                        for name in names.keys() {
+                            if listed.get(namespace).is_none_or(|l| !l.contains_key(name)) {
+                                gone.push((namespace.clone(), name.clone()));
+                            }
                         }
                     }
                     state.current = listed;
@@ -93,9 +97,12 @@ impl<S: Clone> Watched<S> {
             Event::Delete(object) => {
                 let (namespace, name) = key(object);
                 if let Some(names) = state.current.get_mut(&namespace) {
-                    names.remove(&name);
+                    let removed = names.remove(&name).is_some();
                     if names.is_empty() {
                         state.current.remove(&namespace);
+                    }
+                    if removed {
+                        return vec![(namespace, name)];
                     }
                 }
             }
@@ -190,7 +197,7 @@ mod tests {
 
     type WatchedSecrets = Watched<Assessment>;
 
-    fn apply(w: &WatchedSecrets, event: Event<Secret>) -> Vec<String> {
+    fn apply(w: &WatchedSecrets, event: Event<Secret>) -> Vec<(String, String)> {
         w.apply(&event, |s| layout::assess(Some(s)))
     }
 
@@ -226,8 +233,11 @@ mod tests {
         // Mid-relist, "a" may be gone: it is not vouched for, and the view is not complete.
         assert_eq!(w.get("a", "pull-secret"), None);
         assert!(is_intact(&w, "b") && w.any_in("a") && !w.is_synced());
-        // The completed relist names the namespace whose Secret went, so that it is looked at.
-        assert_eq!(apply(&w, Event::InitDone), ["a"]);
+        // The completed relist names the Secret that went, so that its namespace is looked at.
+        assert_eq!(
+            apply(&w, Event::InitDone),
+            [("a".to_string(), "pull-secret".to_string())]
+        );
         assert!(!w.any_in("a"));
         assert!(is_intact(&w, "b") && w.is_synced());
     }
@@ -245,8 +255,12 @@ mod tests {
             .for_each(|v| v.0 = b"{}".to_vec());
         apply(&w, Event::Apply(edited.clone()));
         assert_eq!(w.get("a", "pull-secret"), Some(Assessment::Tampered));
-        apply(&w, Event::Delete(edited));
+        assert_eq!(
+            apply(&w, Event::Delete(edited.clone())),
+            [("a".to_string(), "pull-secret".to_string())]
+        );
         assert_eq!(w.get("a", "pull-secret"), None);
+        assert!(apply(&w, Event::Delete(edited)).is_empty(), "gone once");
         assert!(!w.any_in("a"));
     }
 

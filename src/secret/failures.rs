@@ -17,6 +17,8 @@ struct Entry {
     incomplete: u32,
     /// Consecutive reconciles that failed: the refresher's backoff.
     reconciles: u32,
+    /// Consecutive admission-time attempts that failed: the admissions' backoff.
+    admissions: u32,
     /// Until then admissions do not wait on this Secret again: a token endpoint that hangs
     /// costs one admission the budget, not every admission.
     held_until: Option<Instant>,
@@ -24,7 +26,10 @@ struct Entry {
 
 impl Entry {
     fn is_empty(&self, now: Instant) -> bool {
-        self.incomplete == 0 && self.reconciles == 0 && self.held_until.is_none_or(|t| t <= now)
+        self.incomplete == 0
+            && self.reconciles == 0
+            && self.admissions == 0
+            && self.held_until.is_none_or(|t| t <= now)
     }
 }
 
@@ -85,6 +90,14 @@ impl Failures {
             .collect()
     }
 
+    /// Forgets what is remembered about one key.
+    pub fn forget(&self, key: &str) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
     /// Forgets every entry whose key `keep` refuses (its namespace is gone).
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -94,6 +107,33 @@ impl Failures {
     /// How many Secrets or namespaces have something remembered.
     pub fn remembered(&self) -> usize {
         self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether the namespace's last reconcile failed: the refresher retries it when its
+    /// backoff ends, and nothing else needs to ask for that sooner.
+    pub fn in_backoff(&self, namespace: &str) -> bool {
+        self.read(namespace, |e| e.reconciles > 0).unwrap_or(false)
+    }
+
+    /// An admission-time attempt at the Secret that failed; returns how many in a row.
+    pub fn admission_failed(&self, key: &str) -> u32 {
+        self.update(key, |e| {
+            e.admissions = e.admissions.saturating_add(1);
+            e.admissions
+        })
+    }
+
+    /// The Secret was written or adopted: admissions may wait on it again at once. Costs no
+    /// allocation when nothing is remembered (the usual case).
+    pub fn provisioned(&self, key: &str) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = entries.get_mut(key) {
+            e.admissions = 0;
+            e.held_until = None;
+            if e.is_empty(Instant::now()) {
+                entries.remove(key);
+            }
+        }
     }
 
     /// Admissions stop waiting on the Secret for `hold`.
@@ -130,6 +170,29 @@ mod tests {
             f.entries.lock().unwrap().is_empty(),
             "nothing left to remember"
         );
+    }
+
+    #[test]
+    fn admission_failures_count_until_the_secret_is_provisioned() {
+        let f = Failures::default();
+        assert_eq!(f.admission_failed("a/sa"), 1);
+        assert_eq!(f.admission_failed("a/sa"), 2);
+        f.hold("a/sa", Duration::from_secs(60));
+        assert!(f.is_held("a/sa"));
+        assert!(
+            !f.in_backoff("a"),
+            "admissions are not the refresher's backoff"
+        );
+        f.provisioned("a/sa");
+        assert!(!f.is_held("a/sa"));
+        assert_eq!(f.admission_failed("a/sa"), 1, "counted afresh");
+        f.provisioned("a/sa");
+        f.provisioned("never-failed");
+        assert_eq!(f.remembered(), 0);
+        f.reconcile_failed("a");
+        assert!(f.in_backoff("a"));
+        f.reconcile_succeeded("a");
+        assert!(!f.in_backoff("a"));
     }
 
     #[test]

@@ -233,6 +233,29 @@ pub fn assess(secret: Option<&Secret>) -> Assessment {
     }
 }
 
+/// Whether replacing `stored` with `next` would leave it as it is: the same type, data,
+/// labels, annotations, owner references and finalizers (what a replace sets; an empty map or
+/// list is the same as none). Such a write is skipped: it would cost an etcd round trip and
+/// wake every watcher of the Secret for nothing.
+pub fn unchanged(stored: &Secret, next: &Secret) -> bool {
+    fn map<V>(m: &Option<BTreeMap<String, V>>) -> Option<&BTreeMap<String, V>> {
+        m.as_ref().filter(|m| !m.is_empty())
+    }
+    fn list<T>(l: &Option<Vec<T>>) -> &[T] {
+        l.as_deref().unwrap_or_default()
+    }
+    let (old, new) = (&stored.metadata, &next.metadata);
+    stored.type_ == next.type_
+        && map(&stored.data) == map(&next.data)
+        // Write-only: what it holds is always a change.
+        && map(&next.string_data).is_none()
+        && stored.immutable.unwrap_or(false) == next.immutable.unwrap_or(false)
+        && map(&old.labels) == map(&new.labels)
+        && map(&old.annotations) == map(&new.annotations)
+        && list(&old.owner_references) == list(&new.owner_references)
+        && list(&old.finalizers) == list(&new.finalizers)
+}
+
 /// The credentials an intact Secret holds, for the hosts in `issued`, to carry over into the
 /// next version when they are not renewed (not due, or their source failed).
 pub fn stored_credentials(secret: &Secret, issued: &Issued) -> BTreeMap<String, Credential> {
@@ -326,6 +349,92 @@ mod tests {
             stored["registry.example.com"].expires_at,
             Timestamp::from_second(4600).unwrap()
         );
+    }
+
+    #[test]
+    fn a_write_is_unchanged_only_when_it_would_store_what_is_stored() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let (built, _) = build("ns", "pull-secret", &creds());
+        // As read back: the server's own fields differ, and empty collections come back as none.
+        let mut stored = built.clone();
+        stored.metadata.resource_version = Some("42".into());
+        stored.metadata.uid = Some("u-1".into());
+        stored.metadata.finalizers = Some(vec![]);
+        let edit = |f: fn(&mut Secret)| {
+            let mut s = built.clone();
+            f(&mut s);
+            s
+        };
+        let renewed = {
+            let mut c = creds();
+            c[0].1.password = Sensitive::new("tok-a2");
+            build("ns", "pull-secret", &c).0
+        };
+        let cases: Vec<(&str, Secret, bool)> = vec![
+            ("the same content", built.clone(), true),
+            ("a new token", renewed, false),
+            (
+                "another type",
+                edit(|s| s.type_ = Some("Opaque".into())),
+                false,
+            ),
+            ("no data", edit(|s| s.data = None), false),
+            (
+                "string data",
+                edit(|s| s.string_data = Some([("k".into(), "v".into())].into())),
+                false,
+            ),
+            ("immutable", edit(|s| s.immutable = Some(true)), false),
+            (
+                "not immutable, said so",
+                edit(|s| s.immutable = Some(false)),
+                true,
+            ),
+            (
+                "a label",
+                edit(|s| {
+                    s.metadata
+                        .labels
+                        .get_or_insert_default()
+                        .insert("team".into(), "a".into());
+                }),
+                false,
+            ),
+            (
+                "an annotation less",
+                edit(|s| {
+                    s.metadata
+                        .annotations
+                        .get_or_insert_default()
+                        .remove(EXPIRES_AT);
+                }),
+                false,
+            ),
+            (
+                "an owner",
+                edit(|s| {
+                    s.metadata.owner_references = Some(vec![OwnerReference {
+                        kind: "ServiceAccount".into(),
+                        name: "builder".into(),
+                        ..Default::default()
+                    }])
+                }),
+                false,
+            ),
+            (
+                "no finalizers",
+                edit(|s| s.metadata.finalizers = None),
+                true,
+            ),
+            (
+                "a finalizer",
+                edit(|s| s.metadata.finalizers = Some(vec!["example.com/keep".into()])),
+                false,
+            ),
+        ];
+        for (what, next, expected) in cases {
+            assert_eq!(unchanged(&stored, &next), expected, "{what}");
+        }
     }
 
     #[test]

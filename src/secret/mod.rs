@@ -1,8 +1,9 @@
 //! The pull Secret: its [`layout`] (what is written and how it is read back), [`renewal`]
-//! timing, and the [`provisioner`] that mints through `sources`, caches, single-flights and
-//! writes it.
+//! timing, the [`pacer`] that spaces out mints, and the [`provisioner`] that mints through
+//! `sources`, caches, single-flights and writes it.
 
 pub mod failures;
 pub mod layout;
+pub mod pacer;
 pub mod provisioner;
 pub mod renewal;

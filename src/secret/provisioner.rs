@@ -21,6 +21,7 @@ use moka::Expiry;
 
 use super::failures::Failures;
 use super::layout::{self, Assessment, Issued};
+use super::pacer::{Caller, MintPacer};
 use super::renewal;
 use crate::cluster::{self, Events, KubeError};
 use crate::core::credential::Credential;
@@ -53,6 +54,9 @@ pub enum ProvisionError {
         annotation: &'static str,
         value: String,
     },
+    /// Per ServiceAccount: the ServiceAccount does not exist (a review can name any).
+    #[error("ServiceAccount {namespace}/{name} does not exist")]
+    NoServiceAccount { namespace: String, name: String },
     #[error("{action} Secret {namespace}/{name} failed: {source}")]
     Api {
         action: &'static str,
@@ -80,9 +84,18 @@ pub struct Provisioner {
     cache: Cache<String, Fresh>,
     events: Events,
     metrics: Arc<Metrics>,
-    pacer: renewal::MintPacer,
+    pacer: MintPacer,
     failures: Failures,
+    /// ServiceAccounts an admission found missing lately (`ns/sa`), so that reviews naming
+    /// them again cost no GET. Briefly, and only for admissions: the refresher acts on
+    /// ServiceAccounts its watch has seen, and its lookup clears an entry.
+    absent_accounts: Cache<String, ()>,
 }
+
+/// How long an admission trusts that a ServiceAccount does not exist.
+const ABSENT_ACCOUNT_TTL: Duration = Duration::from_secs(10);
+/// ServiceAccounts remembered as missing at most (names come from reviews).
+const ABSENT_ACCOUNTS_KEPT: u64 = 10_000;
 
 /// ServiceAccount lists are served from the API server's watch cache (`resourceVersion=0`)
 /// instead of a quorum read from etcd: with many namespaces opting in at once, or ServiceAccounts
@@ -113,7 +126,7 @@ impl Provisioner {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            pacer: renewal::MintPacer::new(settings.config.refresh.max_mints_per_second),
+            pacer: MintPacer::new(settings.config.refresh.max_mints_per_second),
             client,
             settings,
             namespaces,
@@ -122,6 +135,10 @@ impl Provisioner {
             events,
             metrics,
             failures: Failures::default(),
+            absent_accounts: Cache::builder()
+                .time_to_live(ABSENT_ACCOUNT_TTL)
+                .max_capacity(ABSENT_ACCOUNTS_KEPT)
+                .build(),
         }
     }
 
@@ -140,10 +157,15 @@ impl Provisioner {
     }
 
     /// The subject's Secret, fresh. Answers from the cache when it can (no I/O); otherwise one
-    /// caller per subject provisions and the others wait for its result.
-    pub async fn ensure(&self, subject: &Subject) -> Result<Fresh, Arc<ProvisionError>> {
+    /// caller per subject provisions and the others wait for its result. `caller` says whose
+    /// turn at the mint pacer it takes.
+    pub async fn ensure(
+        &self,
+        subject: &Subject,
+        caller: Caller,
+    ) -> Result<Fresh, Arc<ProvisionError>> {
         self.cache
-            .try_get_with(subject.key(), self.provision(subject))
+            .try_get_with(subject.key(), self.provision(subject, caller))
             .await
     }
 
@@ -204,22 +226,24 @@ impl Provisioner {
             // Unknown or no registries are for `provision` to report.
             if selection.unknown.is_empty() && !selection.hosts.is_empty() {
                 let configured: Vec<&str> = selection.hosts.iter().map(String::as_str).collect();
-                if let (_, Some(fresh)) =
-                    self.plan_for(subject, Some(&issued), &configured, Timestamp::now())
+                if let Ok(fresh) =
+                    self.decide(subject, Some(&issued), &configured, Timestamp::now())
                 {
                     tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret as watched");
+                    self.failures.provisioned(&key);
                     self.cache.insert(key, fresh.clone()).await;
                     return Ok(fresh);
                 }
             }
         }
-        self.ensure(subject).await
+        self.ensure(subject, Caller::Refresher).await
     }
 
     /// Records a Secret known to be fresh (as written by another replica), without reading it.
     pub async fn remember(&self, subject: &Subject, issued: Issued) {
         let selection = self.selection_from_store(&subject.namespace);
         let fresh = self.fresh(subject, issued, &selection.hosts);
+        self.failures.provisioned(&subject.key());
         self.cache.insert(subject.key(), fresh).await;
     }
 
@@ -267,6 +291,16 @@ impl Provisioner {
                 "forgot the Secrets of deleted namespaces"
             );
         }
+    }
+
+    /// Forgets one subject (its ServiceAccount was deleted, and its Secret with it): cache
+    /// entry, failure counts and its expiry in the metrics.
+    pub async fn forget(&self, subject: &Subject) {
+        let key = subject.key();
+        self.cache.invalidate(&key).await;
+        self.failures.forget(&key);
+        self.metrics.secret_released(&key);
+        tracing::debug!(%subject, "forgot a deleted ServiceAccount's Secret");
     }
 
     /// The names of the namespace's ServiceAccounts.
@@ -517,19 +551,19 @@ impl Provisioner {
     }
 
     /// Reads what is stored and works out, registry by registry, what is still good and what
-    /// must be minted (`renewal::plan`); adopts the Secret when nothing is due, otherwise mints
-    /// what is due and writes the next version. A registry whose source fails keeps its previous
-    /// credential while that is unexpired, and does not hold back the others: the Secret is
-    /// written with what could be had and retried soon. A write that loses a race with another
-    /// writer reads again once.
-    async fn provision(&self, subject: &Subject) -> Result<Fresh, ProvisionError> {
+    /// must be minted (`renewal::Schedule::decide`); adopts the Secret when nothing is due,
+    /// otherwise mints what is due and writes the next version. A registry whose source fails
+    /// keeps its previous credential while that is unexpired, and does not hold back the
+    /// others: the Secret is written with what could be had and retried soon. A write that
+    /// loses a race with another writer reads again once.
+    async fn provision(&self, subject: &Subject, caller: Caller) -> Result<Fresh, ProvisionError> {
         let namespace = subject.namespace.as_str();
         let name = self.settings.secret_of(subject);
         let api = self.secrets(namespace);
         // Per ServiceAccount, one that does not exist gets nothing: no read of its Secret, no
         // mint slot, no TokenRequest and no Event (a crafted review can name any).
         let owner = match &subject.service_account {
-            Some(sa) => Some(self.owner(namespace, sa).await?),
+            Some(sa) => Some(self.owner(namespace, sa, caller).await?),
             None => None,
         };
         let selected = self.selected(namespace).await?;
@@ -545,30 +579,46 @@ impl Provisioner {
                 Assessment::Missing | Assessment::Tampered | Assessment::Outdated => None,
             };
             let now = Timestamp::now();
-            let (plan, keep) = self.plan_for(subject, previous.as_ref(), &configured, now);
-            if let Some(fresh) = keep {
-                tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
-                return Ok(fresh);
-            }
+            let plan = match self.decide(subject, previous.as_ref(), &configured, now) {
+                Ok(fresh) => {
+                    tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
+                    self.failures.provisioned(&subject.key());
+                    return Ok(fresh);
+                }
+                Err(plan) => plan,
+            };
             let carried = match (&stored, &previous) {
                 (Some(secret), Some(issued)) => layout::stored_credentials(secret, issued),
                 _ => Default::default(),
             };
             let (credentials, failed) = self
-                .credentials(subject, &name, &configured, &plan, carried, now)
+                .credentials(subject, caller, &name, &configured, &plan, carried, now)
                 .await?;
             let (mut secret, issued) = layout::build(namespace, &name, &credentials);
             if let Some(owner) = &owner {
                 // Owned by its ServiceAccount: deleting the ServiceAccount deletes the Secret.
                 secret.metadata.owner_references = Some(vec![owner.clone()]);
             }
-            match cluster::create_or_replace(&api, stored.as_ref(), secret).await {
-                Ok(_) => {
+            let written = match &stored {
+                Some(current) if layout::unchanged(current, &secret) => {
+                    // Nothing would change (a source handed back the stored credential, or a
+                    // plan asked for a write it should not have): counted, not sent to etcd.
+                    self.metrics.secret_write_skipped("provisioner");
+                    tracing::debug!(%subject, secret = %name, "the Secret already holds what would be written; not written");
+                    Ok(())
+                }
+                _ => cluster::create_or_replace(&api, stored.as_ref(), secret)
+                    .await
+                    .map(drop),
+            };
+            match written {
+                Ok(()) => {
                     if failed == 0 {
                         self.failures.complete_write(&subject.key());
                     } else {
                         self.failures.incomplete_write(&subject.key());
                     }
+                    self.failures.provisioned(&subject.key());
                     let fresh = self.fresh(subject, issued, &configured);
                     tracing::info!(%subject, secret = %name, minted = ?plan.mint, failed, expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
                     return Ok(fresh);
@@ -648,9 +698,11 @@ impl Provisioner {
     /// The credentials the next version holds, in configuration order: freshly minted where the
     /// plan says so, otherwise carried over while unexpired. Returns them and how many mints
     /// failed; an error when there is nothing new worth writing.
+    #[allow(clippy::too_many_arguments)]
     async fn credentials(
         &self,
         subject: &Subject,
+        caller: Caller,
         name: &str,
         configured: &[&str],
         plan: &renewal::Plan,
@@ -658,7 +710,7 @@ impl Provisioner {
         now: Timestamp,
     ) -> Result<(Vec<(String, Credential)>, usize), ProvisionError> {
         if !plan.mint.is_empty() {
-            self.pacer.wait().await;
+            self.pacer.wait(caller).await;
         }
         let (minted, failures) = self.mint_some(subject, &plan.mint).await;
         if !failures.is_empty() {
@@ -713,13 +765,34 @@ impl Provisioner {
         Ok((credentials, failures.len()))
     }
 
-    /// An owner reference to ServiceAccount `namespace/name`.
-    async fn owner(&self, namespace: &str, name: &str) -> Result<OwnerReference, ProvisionError> {
+    /// An owner reference to ServiceAccount `namespace/name`; `NoServiceAccount` if it does
+    /// not exist (for an admission, also when it did not a moment ago: no GET then).
+    async fn owner(
+        &self,
+        namespace: &str,
+        name: &str,
+        caller: Caller,
+    ) -> Result<OwnerReference, ProvisionError> {
+        let key = format!("{namespace}/{name}");
+        let absent = || ProvisionError::NoServiceAccount {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        if caller == Caller::Admission && self.absent_accounts.contains_key(&key) {
+            return Err(absent());
+        }
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let sa = api
-            .get(name)
+        let found = api
+            .get_opt(name)
             .await
             .map_err(|e| self.sa_error("reading", namespace, name, e))?;
+        let Some(sa) = found else {
+            self.absent_accounts.insert(key, ()).await;
+            return Err(absent());
+        };
+        if caller == Caller::Refresher {
+            self.absent_accounts.invalidate(&key).await;
+        }
         Ok(OwnerReference {
             api_version: "v1".into(),
             kind: "ServiceAccount".into(),
@@ -729,46 +802,52 @@ impl Provisioner {
         })
     }
 
-    /// What to do about a stored Secret: the plan, and its cache entry when the plan is to do
-    /// nothing (it covers exactly the configured registries and none is due yet).
-    fn plan_for(
+    /// When the subject's credentials fall due: one schedule for the plan and the freshness.
+    fn schedule(&self, subject: &Subject) -> renewal::Schedule {
+        renewal::Schedule::for_subject(subject, self.settings.renew_before())
+    }
+
+    /// What to do about a stored Secret: its cache entry when nothing is due (it covers exactly
+    /// the configured registries and none is due yet), otherwise the plan of what to write.
+    /// Records the stored expiry for the metrics either way: should the renewal fail, they
+    /// still show how long the stored credentials last.
+    fn decide(
         &self,
         subject: &Subject,
         stored: Option<&Issued>,
         configured: &[&str],
         now: Timestamp,
-    ) -> (renewal::Plan, Option<Fresh>) {
-        let plan = renewal::plan(
-            stored,
-            configured,
-            self.settings.renew_before(),
-            &subject.namespace,
-            now,
-        );
-        let keep = stored
-            .filter(|_| plan.is_nothing())
-            .map(|issued| self.fresh(subject, issued.clone(), configured))
-            .filter(|fresh| now < fresh.renew_at);
-        (plan, keep)
+    ) -> Result<Fresh, renewal::Plan> {
+        match self.schedule(subject).decide(stored, configured, now) {
+            renewal::Decision::Keep { issued, renew_at } => {
+                self.metrics
+                    .secret_written(&subject.key(), issued.expires_at);
+                Ok(Fresh {
+                    issued: issued.clone(),
+                    renew_at,
+                })
+            }
+            renewal::Decision::Write(plan) => {
+                if let Some(issued) = stored {
+                    self.metrics
+                        .secret_written(&subject.key(), issued.expires_at);
+                }
+                Err(plan)
+            }
+        }
     }
 
-    /// The renewal time of credentials now stored for `namespace`; also records their expiry for
-    /// the metrics, including when they are already due (a failing renewal then still shows
-    /// how long the stored credentials last).
+    /// The renewal time of credentials just written (or known to be stored); also records their
+    /// expiry for the metrics.
     fn fresh(&self, subject: &Subject, issued: Issued, configured: &[impl AsRef<str>]) -> Fresh {
         let key = subject.key();
         self.metrics.secret_written(&key, issued.expires_at);
         let configured: Vec<&str> = configured.iter().map(AsRef::as_ref).collect();
         let incomplete = self.failures.incomplete(&key);
         let retry = renewal::retry_delay(incomplete.max(1), 0.5 + fastrand::f64());
-        let renew_at = renewal::next_renewal(
-            &issued,
-            &configured,
-            self.settings.renew_before(),
-            &key,
-            Timestamp::now(),
-            retry,
-        );
+        let renew_at =
+            self.schedule(subject)
+                .next_renewal(&issued, &configured, Timestamp::now(), retry);
         Fresh { issued, renew_at }
     }
 

@@ -1,20 +1,22 @@
 //! When to renew. A credential is renewed once less than `renewBefore` of it remains (default: a
 //! third of its lifetime), moved earlier by a jitter of up to a quarter of that margin so that
 //! Secrets minted together are not all renewed in the same second. The jitter is derived from
-//! the namespace and the expiry, not drawn at random: a restarted replica computes the same
-//! renewal time for the same Secret, so adoption never re-mints early.
+//! the Secret's subject (namespace, or namespace and ServiceAccount) and the expiry, not drawn at
+//! random: a restarted replica computes the same renewal time for the same Secret, so adoption
+//! never re-mints early. [`Schedule`] is the one place that key is chosen.
 
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
+use crate::core::subject::Subject;
 use crate::secret::layout::{Issued, Lifetime};
 
 /// The share of the renewal margin that jitter may add.
 const JITTER_SHARE: f64 = 0.25;
 
-pub fn renew_at(issued: &Lifetime, renew_before: Option<Duration>, key: &str) -> Timestamp {
+fn renew_at(issued: &Lifetime, renew_before: Option<Duration>, key: &str) -> Timestamp {
     let lifetime = issued.expires_at.duration_since(issued.issued_at);
     if lifetime <= SignedDuration::ZERO {
         return issued.issued_at;
@@ -31,7 +33,7 @@ pub fn renew_at(issued: &Lifetime, renew_before: Option<Duration>, key: &str) ->
     at.max(issued.issued_at)
 }
 
-/// What to do with a namespace's Secret now, registry by registry.
+/// What to do with a Secret now, registry by registry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     /// Configured, stored and not yet due: carried over as they are.
@@ -49,59 +51,112 @@ impl Plan {
     }
 }
 
-/// Which registries of the stored Secret (if usable) are kept, which minted, which dropped.
-pub fn plan(
-    stored: Option<&Issued>,
-    configured: &[&str],
-    renew_before: Option<Duration>,
-    key: &str,
-    now: Timestamp,
-) -> Plan {
-    let mut plan = Plan::default();
-    for host in configured {
-        match stored.and_then(|i| i.registries.get(*host)) {
-            Some(l) if now < renew_at(l, renew_before, key) => plan.keep.push(host.to_string()),
-            _ => plan.mint.push(host.to_string()),
-        }
-    }
-    if let Some(i) = stored {
-        plan.drop = i
-            .registries
-            .keys()
-            .filter(|h| !configured.contains(&h.as_str()))
-            .cloned()
-            .collect();
-    }
-    plan
+/// What to do about a stored Secret now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision<'a> {
+    /// Nothing is due: keep it as it is until `renew_at`, which is later than now.
+    Keep {
+        issued: &'a Issued,
+        renew_at: Timestamp,
+    },
+    /// Something to mint or drop: write the next version.
+    Write(Plan),
 }
 
-/// When the Secret next needs work: the earliest renewal among its configured credentials, or
-/// `now + retry` if that is sooner and a configured registry is missing from it (its source
-/// failed; the others were written meanwhile).
-pub fn next_renewal(
-    issued: &Issued,
-    configured: &[&str],
+/// When one subject's credentials fall due. Whether a Secret must be written now ([`decide`])
+/// and until when it counts as fresh ([`next_renewal`]) both read renewal times from here, with
+/// one margin and one jitter key, so the two can never disagree: a Secret that one called due
+/// and the other fresh would be rewritten unchanged at every look until the two agreed.
+///
+/// [`decide`]: Schedule::decide
+/// [`next_renewal`]: Schedule::next_renewal
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule {
     renew_before: Option<Duration>,
-    key: &str,
-    now: Timestamp,
-    retry: Duration,
-) -> Timestamp {
-    let earliest = configured
-        .iter()
-        .filter_map(|h| issued.registries.get(*h))
-        .map(|l| renew_at(l, renew_before, key))
-        .min()
-        .unwrap_or(now);
-    let incomplete = configured
-        .iter()
-        .any(|h| !issued.registries.contains_key(*h));
-    if incomplete {
-        let soon = now
-            .checked_add(SignedDuration::try_from(retry).unwrap_or(SignedDuration::ZERO))
+    /// The jitter's key: the subject's own (`ns`, or `ns/sa` per ServiceAccount), so the
+    /// Secrets of one namespace's ServiceAccounts are spread too.
+    key: String,
+}
+
+impl Schedule {
+    pub fn for_subject(subject: &Subject, renew_before: Option<Duration>) -> Self {
+        Self {
+            renew_before,
+            key: subject.key(),
+        }
+    }
+
+    /// When a credential of this lifetime is due.
+    pub fn renew_at(&self, lifetime: &Lifetime) -> Timestamp {
+        renew_at(lifetime, self.renew_before, &self.key)
+    }
+
+    /// Which registries of the stored Secret (if usable) are kept, which minted, which dropped.
+    pub fn plan(&self, stored: Option<&Issued>, configured: &[&str], now: Timestamp) -> Plan {
+        let mut plan = Plan::default();
+        for host in configured {
+            match stored.and_then(|i| i.registries.get(*host)) {
+                Some(l) if now < self.renew_at(l) => plan.keep.push(host.to_string()),
+                _ => plan.mint.push(host.to_string()),
+            }
+        }
+        if let Some(i) = stored {
+            plan.drop = i
+                .registries
+                .keys()
+                .filter(|h| !configured.contains(&h.as_str()))
+                .cloned()
+                .collect();
+        }
+        plan
+    }
+
+    /// Keep the stored Secret (until when), or write (what).
+    pub fn decide<'a>(
+        &self,
+        stored: Option<&'a Issued>,
+        configured: &[&str],
+        now: Timestamp,
+    ) -> Decision<'a> {
+        let plan = self.plan(stored, configured, now);
+        match stored {
+            // Every configured registry is stored and not due (`plan`), so the earliest of
+            // their renewal times is later than now.
+            Some(issued) if plan.is_nothing() => Decision::Keep {
+                issued,
+                renew_at: self.next_renewal(issued, configured, now, Duration::ZERO),
+            },
+            _ => Decision::Write(plan),
+        }
+    }
+
+    /// When the Secret next needs work: the earliest renewal among its configured credentials,
+    /// or `now + retry` if that is sooner and a configured registry is missing from it (its
+    /// source failed; the others were written meanwhile).
+    pub fn next_renewal(
+        &self,
+        issued: &Issued,
+        configured: &[&str],
+        now: Timestamp,
+        retry: Duration,
+    ) -> Timestamp {
+        let earliest = configured
+            .iter()
+            .filter_map(|h| issued.registries.get(*h))
+            .map(|l| self.renew_at(l))
+            .min()
             .unwrap_or(now);
-        earliest.min(soon)
-    } else {
-        earliest
+        let incomplete = configured
+            .iter()
+            .any(|h| !issued.registries.contains_key(*h));
+        if incomplete {
+            let soon = now
+                .checked_add(SignedDuration::try_from(retry).unwrap_or(SignedDuration::ZERO))
+                .unwrap_or(now);
+            earliest.min(soon)
+        } else {
+            earliest
+        }
     }
 }
 
@@ -120,34 +175,6 @@ pub fn retry_delay(attempt: u32, spread: f64) -> Duration {
     const CAP: f64 = 60.0;
     let base = (FIRST * 2f64.powi(attempt.saturating_sub(1).min(16) as i32)).min(CAP);
     Duration::from_secs_f64(base * spread.clamp(0.5, 1.5))
-}
-
-/// Spaces out mints: each caller gets the next free slot, `1/rate` seconds after the previous
-/// one, and waits for it. A burst of due Secrets becomes a steady stream.
-pub struct MintPacer {
-    interval: Duration,
-    next: tokio::sync::Mutex<tokio::time::Instant>,
-}
-
-impl MintPacer {
-    pub fn new(per_second: f64) -> Self {
-        let interval = Duration::from_secs_f64(1.0 / per_second.max(0.001));
-        Self {
-            interval,
-            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
-        }
-    }
-
-    /// Waits for this caller's slot.
-    pub async fn wait(&self) {
-        let slot = {
-            let mut next = self.next.lock().await;
-            let slot = (*next).max(tokio::time::Instant::now());
-            *next = slot + self.interval;
-            slot
-        };
-        tokio::time::sleep_until(slot).await;
-    }
 }
 
 /// A number in [0, 1) that depends only on its inputs.
@@ -188,44 +215,38 @@ mod tests {
         Timestamp::from_second(s).unwrap()
     }
 
+    fn schedule(subject: &Subject, rb: Option<Duration>) -> Schedule {
+        Schedule::for_subject(subject, rb)
+    }
+
     #[test]
     fn plan_mints_only_what_is_missing_or_due_and_drops_what_is_no_longer_configured() {
-        let rb = Some(Duration::from_secs(600));
+        let s = schedule(&Subject::namespace("ns"), Some(Duration::from_secs(600)));
         let stored = secret(&[
             ("a.example", 0, 3600),
             ("b.example", 0, 1200),
             ("old.example", 0, 3600),
         ]);
-        // At 500 s: b is due from 600 s minus jitter (≤ 150 s), a from 3000 s minus jitter.
-        let p = plan(
+        // At 300 s: b is due from 600 s minus jitter (≤ 150 s), a from 3000 s minus jitter.
+        let p = s.plan(
             Some(&stored),
             &["a.example", "b.example", "c.example"],
-            rb,
-            "ns",
             at(300),
         );
         assert_eq!(p.keep, ["a.example", "b.example"]);
         assert_eq!(p.mint, ["c.example"]);
         assert_eq!(p.drop, ["old.example"]);
-        let p = plan(
-            Some(&stored),
-            &["a.example", "b.example"],
-            rb,
-            "ns",
-            at(700),
-        );
+        let p = s.plan(Some(&stored), &["a.example", "b.example"], at(700));
         assert_eq!(
             (p.keep, p.mint),
             (vec!["a.example".to_string()], vec!["b.example".to_string()])
         );
-        let p = plan(None, &["a.example", "b.example"], rb, "ns", at(0));
+        let p = s.plan(None, &["a.example", "b.example"], at(0));
         assert_eq!(p.mint.len(), 2);
         assert!(p.keep.is_empty() && p.drop.is_empty());
-        let p = plan(
+        let p = s.plan(
             Some(&secret(&[("a.example", 0, 3600)])),
             &["a.example"],
-            rb,
-            "ns",
             at(10),
         );
         assert!(p.is_nothing());
@@ -233,36 +254,128 @@ mod tests {
 
     #[test]
     fn next_renewal_is_the_earliest_due_or_a_retry_when_a_registry_is_missing() {
-        let rb = Some(Duration::from_secs(600));
+        let s = schedule(&Subject::namespace("ns"), Some(Duration::from_secs(600)));
         let stored = secret(&[("a.example", 0, 3600), ("b.example", 0, 1200)]);
-        let both = next_renewal(
-            &stored,
-            &["a.example", "b.example"],
-            rb,
-            "ns",
-            at(10),
-            Duration::from_secs(30),
-        );
+        let retry = Duration::from_secs(30);
+        let both = s.next_renewal(&stored, &["a.example", "b.example"], at(10), retry);
         assert!((450..=600).contains(&secs(both)), "{both}");
-        let missing = next_renewal(
+        let missing = s.next_renewal(
             &stored,
             &["a.example", "b.example", "c.example"],
-            rb,
-            "ns",
             at(10),
-            Duration::from_secs(30),
+            retry,
         );
         assert_eq!(secs(missing), 40);
         // Only configured registries count: b is no longer configured.
-        let only_a = next_renewal(
-            &stored,
-            &["a.example"],
-            rb,
-            "ns",
-            at(10),
-            Duration::from_secs(30),
-        );
+        let only_a = s.next_renewal(&stored, &["a.example"], at(10), retry);
         assert!((2850..=3000).contains(&secs(only_a)), "{only_a}");
+    }
+
+    #[test]
+    fn decide_keeps_until_the_renewal_time_and_writes_only_with_something_to_do() {
+        let rb = Some(Duration::from_secs(480));
+        let one = secret(&[("a.example", 0, 600)]);
+        let two = secret(&[("a.example", 0, 600), ("b.example", 0, 3600)]);
+        let a = ["a.example"];
+        let ab = ["a.example", "b.example"];
+        let subject = Subject::service_account("ns", "builder");
+        let s = schedule(&subject, rb);
+        let due = s.renew_at(&one.registries["a.example"]);
+        let keep = |issued, renew_at| Decision::Keep { issued, renew_at };
+        let write = |mint: &[&str], drop: &[&str], keep: &[&str]| {
+            let v = |h: &[&str]| h.iter().map(|h| h.to_string()).collect::<Vec<_>>();
+            Decision::Write(Plan {
+                keep: v(keep),
+                mint: v(mint),
+                drop: v(drop),
+            })
+        };
+        // (stored, configured, now) → decision
+        let cases: Vec<(Option<&Issued>, &[&str], Timestamp, Decision)> = vec![
+            (None, &a, at(0), write(&a, &[], &[])),
+            (Some(&one), &a, at(0), keep(&one, due)),
+            (
+                Some(&one),
+                &a,
+                due - SignedDuration::from_secs(1),
+                keep(&one, due),
+            ),
+            (Some(&one), &a, due, write(&a, &[], &[])),
+            (Some(&one), &a, at(599), write(&a, &[], &[])),
+            // A registry configured since: minted, the other carried over.
+            (Some(&one), &ab, at(0), write(&["b.example"], &[], &a)),
+            // A registry no longer configured: dropped, with nothing minted.
+            (Some(&two), &a, at(0), write(&[], &["b.example"], &a)),
+            (Some(&two), &ab, at(0), keep(&two, due)),
+        ];
+        for (stored, configured, now, expected) in cases {
+            assert_eq!(
+                s.decide(stored, configured, now),
+                expected,
+                "{stored:?} {configured:?} at {now}"
+            );
+        }
+    }
+
+    #[test]
+    fn what_is_kept_is_fresh_and_what_is_written_changes_at_every_second_in_both_scopes() {
+        // The invariant whose breach rewrote ServiceAccounts' Secrets once a second (issue 28):
+        // never "nothing to do" together with "no longer fresh".
+        let configured = ["a.example", "b.example"];
+        for subject in [
+            Subject::namespace("team-a"),
+            Subject::service_account("team-a", "builder"),
+            Subject::service_account("team-a", "default"),
+        ] {
+            for rb in [
+                None,
+                Some(Duration::from_secs(480)),
+                Some(Duration::from_secs(3000)),
+            ] {
+                let s = schedule(&subject, rb);
+                for expires in [600, 601, 1800, 3600] {
+                    let stored = secret(&[("a.example", 0, expires), ("b.example", 5, 3600)]);
+                    let mut kept = 0;
+                    for now in (0..expires).map(at) {
+                        match s.decide(Some(&stored), &configured, now) {
+                            Decision::Keep { renew_at, .. } => {
+                                assert!(now < renew_at, "{subject} kept past {renew_at} at {now}");
+                                kept += 1;
+                            }
+                            Decision::Write(plan) => assert!(
+                                !plan.is_nothing(),
+                                "{subject}: a write with nothing to change at {now}"
+                            ),
+                        }
+                    }
+                    assert!(kept > 0, "{subject}, {rb:?}, {expires}: never fresh");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_service_account_has_its_own_jitter() {
+        let i = issued(0, 3600);
+        let times: std::collections::BTreeSet<Timestamp> = (0..50)
+            .map(|n| {
+                schedule(
+                    &Subject::service_account("team-a", &format!("sa-{n}")),
+                    None,
+                )
+                .renew_at(&i)
+            })
+            .collect();
+        assert!(
+            times.len() > 30,
+            "only {} distinct renewal times",
+            times.len()
+        );
+        // The namespace scope keeps its key: renewal times of stored Secrets do not move.
+        assert_eq!(
+            schedule(&Subject::namespace("team-a"), None).renew_at(&i),
+            renew_at(&i, None, "team-a")
+        );
     }
 
     fn secs(t: Timestamp) -> i64 {
@@ -322,31 +435,6 @@ mod tests {
         assert_eq!(d(1000), 60.0);
         assert_eq!(retry_delay(3, 0.5).as_secs_f64(), 2.0);
         assert_eq!(retry_delay(3, 9.0).as_secs_f64(), 6.0, "spread is clamped");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_pacer_turns_a_burst_into_a_steady_rate() {
-        let pacer = std::sync::Arc::new(MintPacer::new(4.0));
-        let start = tokio::time::Instant::now();
-        let waits = (0..9).map(|_| {
-            let p = pacer.clone();
-            tokio::spawn(async move {
-                p.wait().await;
-                start.elapsed()
-            })
-        });
-        let mut at: Vec<Duration> = futures::future::join_all(waits)
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
-        at.sort();
-        // 9 callers at 4 per second: slots at 0, 0.25, ..., 2.0 seconds.
-        assert_eq!(at.first(), Some(&Duration::ZERO));
-        assert_eq!(at.last(), Some(&Duration::from_secs(2)));
-        for pair in at.windows(2) {
-            assert_eq!(pair[1] - pair[0], Duration::from_millis(250));
-        }
     }
 
     #[test]

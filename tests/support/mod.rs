@@ -164,6 +164,55 @@ impl ControlPlane {
         .len()
     }
 
+    /// Successful TokenRequests for ServiceAccount `namespace/service_account`.
+    pub fn token_requests_for(&self, namespace: &str, service_account: &str) -> usize {
+        self.audit(|e| is_token_request(e, namespace, service_account))
+            .len()
+    }
+
+    /// The successful writes (`verbs`) of Secret `namespace/secret` counted between consecutive
+    /// successful TokenRequests for ServiceAccount `namespace/service_account`, in the order
+    /// the API server completed them: element 0 counts the writes before the first
+    /// TokenRequest, element i those after the i-th. A Secret written once per credential
+    /// minted reads `[0, 1, 1, ..., 1]` (the last may still be 0: minted, not yet written).
+    pub fn writes_per_mint(
+        &self,
+        namespace: &str,
+        secret: &str,
+        service_account: &str,
+        verbs: &[&str],
+    ) -> Vec<usize> {
+        let mut events: Vec<(jiff::Timestamp, bool)> = self
+            .audit(|e| {
+                is_token_request(e, namespace, service_account)
+                    || (e["objectRef"]["resource"] == "secrets"
+                        && e["objectRef"]["namespace"] == namespace
+                        && e["objectRef"]["name"] == secret
+                        && e["objectRef"]["subresource"].is_null()
+                        && verbs.iter().any(|v| e["verb"] == *v)
+                        && succeeded(e))
+            })
+            .iter()
+            .map(|e| {
+                let at = e["stageTimestamp"]
+                    .as_str()
+                    .and_then(|t| t.parse().ok())
+                    .expect("audit events carry stageTimestamp");
+                (at, e["objectRef"]["subresource"] == "token")
+            })
+            .collect();
+        events.sort_by_key(|(at, _)| *at);
+        let mut counts = vec![0];
+        for (_, is_mint) in events {
+            if is_mint {
+                counts.push(0);
+            } else if let Some(last) = counts.last_mut() {
+                *last += 1;
+            }
+        }
+        counts
+    }
+
     pub fn restart_apiserver(&self, pause_seconds: u32) {
         let status = Command::new(repo().join("hack/control-plane"))
             .args(["restart-apiserver"])
@@ -173,6 +222,19 @@ impl ControlPlane {
             .expect("restart apiserver");
         assert!(status.success());
     }
+}
+
+fn succeeded(e: &Value) -> bool {
+    e["responseStatus"]["code"]
+        .as_i64()
+        .is_some_and(|c| c < 300)
+}
+
+fn is_token_request(e: &Value, namespace: &str, service_account: &str) -> bool {
+    e["objectRef"]["subresource"] == "token"
+        && e["objectRef"]["namespace"] == namespace
+        && e["objectRef"]["name"] == service_account
+        && succeeded(e)
 }
 
 /// Tests that run the service take turns: two instances with different selectors would each

@@ -1,0 +1,265 @@
+//! Spaces out mints: one slot every `1/rate` seconds, so Secrets falling due together never
+//! flood the API server or a token endpoint. Two kinds of caller share the slots: admissions
+//! waiting for their Secret, and the refresher renewing. A slot is given to a caller only when
+//! it comes up, and while both kinds wait they take turns; so a burst of renewals queued first
+//! cannot make an admission wait behind all of them, and a namespace whose admissions keep
+//! failing cannot take the renewals' slots. Either kind has every slot while the other has
+//! none waiting.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Who asks for a mint slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// An admission waiting for its Secret.
+    Admission,
+    /// The refresher (renewal, restore, opt-in), or anything else in the background.
+    Refresher,
+}
+
+impl Caller {
+    fn index(self) -> usize {
+        match self {
+            Self::Admission => 0,
+            Self::Refresher => 1,
+        }
+    }
+
+    fn other(self) -> Self {
+        match self {
+            Self::Admission => Self::Refresher,
+            Self::Refresher => Self::Admission,
+        }
+    }
+}
+
+/// Which kind of caller the next slot goes to: the one whose turn it is, unless none of that
+/// kind waits.
+fn served_next(turn: Caller, admissions_waiting: bool, refresher_waiting: bool) -> Option<Caller> {
+    let waiting = |c: Caller| match c {
+        Caller::Admission => admissions_waiting,
+        Caller::Refresher => refresher_waiting,
+    };
+    [turn, turn.other()].into_iter().find(|c| waiting(*c))
+}
+
+pub struct MintPacer {
+    interval: Duration,
+    state: Mutex<State>,
+    /// Woken when a slot is taken or a waiter leaves: the waiters look again whose turn it is.
+    changed: Notify,
+}
+
+struct State {
+    /// When the next slot comes up.
+    next: Instant,
+    /// Waiters in arrival order, per kind (by `Caller::index`).
+    queues: [VecDeque<u64>; 2],
+    /// The kind served first when both wait.
+    turn: Caller,
+    last_ticket: u64,
+}
+
+impl MintPacer {
+    pub fn new(per_second: f64) -> Self {
+        Self {
+            interval: Duration::from_secs_f64(1.0 / per_second.max(0.001)),
+            state: Mutex::new(State {
+                next: Instant::now(),
+                queues: [VecDeque::new(), VecDeque::new()],
+                turn: Caller::Admission,
+                last_ticket: 0,
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for this caller's slot.
+    pub async fn wait(&self, caller: Caller) {
+        let ticket = {
+            let mut s = self.lock();
+            s.last_ticket += 1;
+            let ticket = s.last_ticket;
+            s.queues[caller.index()].push_back(ticket);
+            ticket
+        };
+        // Leaves the queue if this wait is dropped before its slot (a cancelled reconcile).
+        let mut queued = Queued {
+            pacer: self,
+            caller,
+            ticket,
+            served: false,
+        };
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking, so a change made meanwhile is not missed.
+            changed.as_mut().enable();
+            let wake_at = {
+                let mut s = self.lock();
+                let now = Instant::now();
+                let first = s.queues[caller.index()].front() == Some(&ticket);
+                let turn = served_next(s.turn, !s.queues[0].is_empty(), !s.queues[1].is_empty());
+                if first && turn == Some(caller) {
+                    if s.next <= now {
+                        // A waiter woken a little late keeps the cadence; after a pause the
+                        // cadence starts again now, with no catching up.
+                        let slot = if s.next + self.interval > now {
+                            s.next
+                        } else {
+                            now
+                        };
+                        s.next = slot + self.interval;
+                        s.queues[caller.index()].pop_front();
+                        s.turn = caller.other();
+                        queued.served = true;
+                        drop(s);
+                        self.changed.notify_waiters();
+                        return;
+                    }
+                    Some(s.next)
+                } else {
+                    None
+                }
+            };
+            match wake_at {
+                Some(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = &mut changed => {}
+                    }
+                }
+                None => changed.await,
+            }
+        }
+    }
+}
+
+struct Queued<'a> {
+    pacer: &'a MintPacer,
+    caller: Caller,
+    ticket: u64,
+    served: bool,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if !self.served {
+            self.pacer.lock().queues[self.caller.index()].retain(|t| *t != self.ticket);
+            self.pacer.changed.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn turns_alternate_while_both_wait_and_either_has_every_slot_alone() {
+        use Caller::*;
+        // (turn, admissions waiting, refresher waiting) → served
+        let cases = [
+            (Admission, true, true, Some(Admission)),
+            (Refresher, true, true, Some(Refresher)),
+            (Admission, false, true, Some(Refresher)),
+            (Refresher, true, false, Some(Admission)),
+            (Admission, false, false, None),
+        ];
+        for (turn, a, r, expected) in cases {
+            assert_eq!(served_next(turn, a, r), expected, "{turn:?} {a} {r}");
+        }
+    }
+
+    /// When each of `callers` got its slot, seconds after the start, in slot order.
+    async fn slots(pacer: Arc<MintPacer>, callers: Vec<(Caller, Duration)>) -> Vec<(Caller, f64)> {
+        let start = Instant::now();
+        let waits = callers.into_iter().map(|(caller, arrives)| {
+            let p = pacer.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(arrives).await;
+                p.wait(caller).await;
+                (caller, start.elapsed().as_secs_f64())
+            })
+        });
+        let mut got: Vec<(Caller, f64)> = futures::future::join_all(waits)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        got.sort_by(|a, b| a.1.total_cmp(&b.1));
+        got
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pacer_turns_a_burst_into_a_steady_rate() {
+        let pacer = Arc::new(MintPacer::new(4.0));
+        let got = slots(pacer, vec![(Caller::Refresher, Duration::ZERO); 9]).await;
+        // 9 callers at 4 per second: slots at 0, 0.25, ..., 2.0 seconds.
+        let at: Vec<f64> = got.iter().map(|(_, t)| *t).collect();
+        assert_eq!(at, (0..9).map(|i| i as f64 * 0.25).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admissions_are_not_queued_behind_a_burst_of_renewals() {
+        let pacer = Arc::new(MintPacer::new(10.0));
+        // 40 renewals fall due at once; 3 admissions arrive a moment later.
+        let mut callers = vec![(Caller::Refresher, Duration::ZERO); 40];
+        callers.extend([(Caller::Admission, Duration::from_millis(1)); 3]);
+        let got = slots(pacer, callers).await;
+        let admissions: Vec<usize> = got
+            .iter()
+            .enumerate()
+            .filter(|(_, (c, _))| *c == Caller::Admission)
+            .map(|(i, _)| i)
+            .collect();
+        // Slot 0 went to a renewal before they came; then every other slot is theirs.
+        assert_eq!(admissions, [1, 3, 5]);
+        assert_eq!(got.len(), 43);
+        let last = got.last().unwrap().1;
+        assert!((last - 4.2).abs() < 1e-9, "43 slots at 10/s: {last}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_are_not_starved_by_admissions() {
+        let pacer = Arc::new(MintPacer::new(10.0));
+        // A stream of admissions (a namespace whose mints keep failing, say), and 5 renewals.
+        let mut callers: Vec<(Caller, Duration)> = (0..50)
+            .map(|i| (Caller::Admission, Duration::from_millis(20 * i)))
+            .collect();
+        callers.extend([(Caller::Refresher, Duration::from_millis(5)); 5]);
+        let got = slots(pacer, callers).await;
+        let renewals: Vec<usize> = got
+            .iter()
+            .enumerate()
+            .filter(|(_, (c, _))| *c == Caller::Refresher)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(renewals, [1, 3, 5, 7, 9]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_gives_up_leaves_its_place() {
+        let pacer = Arc::new(MintPacer::new(1.0));
+        pacer.wait(Caller::Refresher).await; // the slot at 0 is taken
+        let p = pacer.clone();
+        let gone = tokio::spawn(async move { p.wait(Caller::Admission).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gone.abort();
+        let _ = gone.await;
+        let got = slots(pacer, vec![(Caller::Refresher, Duration::ZERO)]).await;
+        // The next slot, at 1 s, goes to the caller still waiting.
+        assert_eq!(got.len(), 1);
+        assert!((got[0].1 - 0.9).abs() < 1e-9, "{got:?}");
+    }
+}

@@ -1,0 +1,228 @@
+//! Renewal writes each Secret once per credential, through the real API server: in the API
+//! server's audit log every Secret write follows a TokenRequest (or exchange) of its own, and
+//! nothing is written between renewals. In both identity scopes, and for the Secrets of the
+//! pull-secret-updater compatibility.
+//!
+//! Tokens last 600 s, the API server's minimum; `renewBefore: 8m` puts each renewal 0 to 120 s
+//! after minting (a margin of 480 s, spread earlier by up to a quarter of it), so each test
+//! sees every Secret renewed within about two minutes.
+#![allow(clippy::await_holding_lock)]
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use support::*;
+
+/// Waits until every `(namespace, serviceAccount)` had at least `mints` TokenRequests.
+async fn wait_for_mints(cp: &ControlPlane, subjects: &[(String, String)], mints: usize) {
+    wait_for(
+        &format!("{mints} TokenRequests for each of {subjects:?}"),
+        Duration::from_secs(240),
+        || async {
+            subjects
+                .iter()
+                .all(|(ns, sa)| cp.token_requests_for(ns, sa) >= mints)
+        },
+    )
+    .await;
+}
+
+/// Each Secret's writes, per credential minted for it: one each, none before the first (the
+/// last mint may not be written yet).
+fn assert_written_once_per_mint(counts: &[(String, Vec<usize>)]) {
+    eprintln!("writes per mint: {counts:?}");
+    for (secret, per_mint) in counts {
+        let (last, written) = per_mint.split_last().expect("element 0 is always there");
+        assert!(
+            per_mint.len() >= 3
+                && per_mint[0] == 0
+                && written[1..].iter().all(|w| *w == 1)
+                && *last <= 1,
+            "{secret}: writes before the first mint, then after each mint: {per_mint:?} \
+             (expected [0, 1, 1, ..], at least two mints); all: {counts:?}"
+        );
+    }
+}
+
+/// The skipped-write counter: no write is even attempted without a change.
+async fn skipped_writes(inj: &Injector) -> f64 {
+    inj.metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("pull_secret_injector_secret_writes_skipped_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_account_scope_writes_each_secret_once_per_renewal() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let mut inj = Injector::start_without_webhook(
+        "ren-sa",
+        &kubernetes_registry("default", 600),
+        "identityScope: serviceAccount\nrefresh: {renewBefore: 8m}\n",
+    )
+    .await;
+    let c = inj.client.clone();
+    let ns = inj.namespace("accounts", true).await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(c.clone(), &ns);
+    // Several ServiceAccounts, so that a disagreement between two renewal times shows on some.
+    let mut names: Vec<String> = (0..8).map(|i| format!("workload-{i}")).collect();
+    for name in &names {
+        accounts
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    names.push("default".into());
+    let subjects: Vec<(String, String)> = names.iter().map(|sa| (ns.clone(), sa.clone())).collect();
+    wait_for_mints(cp, &subjects, 2).await;
+
+    let counts: Vec<(String, Vec<usize>)> = names
+        .iter()
+        .map(|sa| {
+            let secret = format!("{sa}-pull-secret");
+            let per_mint = cp.writes_per_mint(&ns, &secret, sa, &["create", "update", "patch"]);
+            (secret, per_mint)
+        })
+        .collect();
+    assert_written_once_per_mint(&counts);
+    assert_eq!(skipped_writes(&inj).await, 0.0);
+    inj.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_scope_writes_each_secret_once_per_renewal() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let mut inj = Injector::start_without_webhook(
+        "ren-ns",
+        &kubernetes_registry("default", 600),
+        "refresh: {renewBefore: 8m}\n",
+    )
+    .await;
+    let mut namespaces = Vec::new();
+    for i in 0..4 {
+        namespaces.push(inj.namespace(&format!("team-{i}"), true).await);
+    }
+    let subjects: Vec<(String, String)> = namespaces
+        .iter()
+        .map(|ns| (ns.clone(), "default".to_string()))
+        .collect();
+    wait_for_mints(cp, &subjects, 2).await;
+
+    let counts: Vec<(String, Vec<usize>)> = namespaces
+        .iter()
+        .map(|ns| {
+            let per_mint =
+                cp.writes_per_mint(ns, "pull-secret", "default", &["create", "update", "patch"]);
+            (format!("{ns}/pull-secret"), per_mint)
+        })
+        .collect();
+    assert_written_once_per_mint(&counts);
+    assert_eq!(skipped_writes(&inj).await, 0.0);
+    inj.cleanup().await;
+}
+
+mod pull_secret_updater {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::ByteString;
+    use kube::api::{Api, PostParams};
+    use serde_json::json;
+
+    use super::support::standin::{jwt, now, StandIn};
+    use super::support::*;
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn annotated_secrets_are_written_once_per_renewal() {
+        let _serial = serial();
+        let cp = ControlPlane::get();
+        // Renewed ten minutes before `exp`: these tokens are due 5 to 15 s after minting. Each
+        // exchange presents a fresh TokenRequest token of the Secret's namespace, so the audit
+        // log shows each mint.
+        let standin = StandIn::start(|s| {
+            let identity = s.query.get("identity").cloned().unwrap_or_default();
+            let exp = now() + 605 + fastrand::i64(0..10);
+            (200, json!({"token": jwt(json!({"sub": identity, "aud": "cgr.dev", "exp": exp, "n": fastrand::u64(..)}))}).to_string())
+        })
+        .await;
+        let extra = format!(
+            "http: {{caFile: {}}}\npullSecretUpdater: {{issuer: \"{}\", serviceAccountToken: {{fromNamespace: {{serviceAccount: default}}}}}}\n",
+            standin.certs.ca().display(),
+            standin.url
+        );
+        let mut inj = Injector::start_without_webhook(
+            "ren-upd",
+            &kubernetes_registry("default", 3600),
+            &extra,
+        )
+        .await;
+        let c = inj.client.clone();
+        let mut namespaces = Vec::new();
+        for i in 0..3 {
+            // Not opted in: the annotation is what counts.
+            let ns = inj.namespace(&format!("plain-{i}"), false).await;
+            wait_for(
+                "default ServiceAccount",
+                Duration::from_secs(30),
+                || async {
+                    Api::<ServiceAccount>::namespaced(c.clone(), &ns)
+                        .get_opt("default")
+                        .await
+                        .unwrap()
+                        .is_some()
+                },
+            )
+            .await;
+            let secret = Secret {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("cgr".into()),
+                    annotations: Some(BTreeMap::from([(
+                        "pull-secret-updater.chainguard.dev/identity".to_string(),
+                        format!("identity-{i}"),
+                    )])),
+                    ..Default::default()
+                },
+                type_: Some("kubernetes.io/dockerconfigjson".into()),
+                data: Some(BTreeMap::from([(
+                    ".dockerconfigjson".to_string(),
+                    ByteString(br#"{"auths":{}}"#.to_vec()),
+                )])),
+                ..Default::default()
+            };
+            Api::<Secret>::namespaced(c.clone(), &ns)
+                .create(&PostParams::default(), &secret)
+                .await
+                .unwrap();
+            namespaces.push(ns);
+        }
+        let subjects: Vec<(String, String)> = namespaces
+            .iter()
+            .map(|ns| (ns.clone(), "default".to_string()))
+            .collect();
+        wait_for_mints(cp, &subjects, 3).await;
+
+        // The test created each Secret; the updater only replaces it.
+        let counts: Vec<(String, Vec<usize>)> = namespaces
+            .iter()
+            .map(|ns| {
+                let per_mint = cp.writes_per_mint(ns, "cgr", "default", &["update", "patch"]);
+                (format!("{ns}/cgr"), per_mint)
+            })
+            .collect();
+        assert_written_once_per_mint(&counts);
+        assert_eq!(skipped_writes(&inj).await, 0.0);
+        inj.cleanup().await;
+    }
+}
