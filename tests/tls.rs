@@ -439,8 +439,23 @@ async fn bodies_one_byte_short_from_one_peer_do_not_starve_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_sockets_from_one_peer_do_not_lock_out_the_others() {
     under_attack(
-        "600 TCP connections with no TLS, reconnected at once",
-        |addr, _| support::attack::Attack::raw_sockets(addr, 600, 1000),
+        "600 TCP connections with no TLS from one peer, reconnected at once",
+        |addr, _| {
+            support::attack::Attack::raw_sockets(addr, &[support::attack::ATTACKER], 600, 1000)
+        },
+    )
+    .await;
+}
+
+/// The same from four peers, 800 in all: each may hold half the slots, but a newcomer
+/// displaces the oldest handshake in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_sockets_from_several_peers_do_not_lock_out_the_others() {
+    under_attack(
+        "800 TCP connections with no TLS from four peers, reconnected at once",
+        |addr, _| {
+            support::attack::Attack::raw_sockets(addr, &support::attack::ATTACKERS, 800, 1000)
+        },
     )
     .await;
 }
@@ -450,8 +465,23 @@ async fn raw_sockets_from_one_peer_do_not_lock_out_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_tls_connections_from_one_peer_do_not_lock_out_the_others() {
     under_attack(
-        "600 TLS connections that send nothing, reconnected at once",
-        |addr, tls| support::attack::Attack::idle_tls(addr, tls, 600, 200),
+        "600 TLS connections that send nothing from one peer, reconnected at once",
+        |addr, tls| {
+            support::attack::Attack::idle_tls(addr, &[support::attack::ATTACKER], tls, 600, 200)
+        },
+    )
+    .await;
+}
+
+/// The same from four peers, 800 in all, filling the cap: a newcomer displaces the
+/// connection idle longest of the peer with the most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_connections_from_several_peers_do_not_lock_out_the_others() {
+    under_attack(
+        "800 TLS connections that send nothing from four peers, reconnected at once",
+        |addr, tls| {
+            support::attack::Attack::idle_tls(addr, &support::attack::ATTACKERS, tls, 800, 200)
+        },
     )
     .await;
 }

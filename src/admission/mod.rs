@@ -2,6 +2,7 @@
 //! shell: namespace facts, admission budget, failure hold) → [`decide`] (pure: what to answer)
 //! → [`review`] (the AdmissionReview wire format) and `core::patch`.
 
+pub mod bytes;
 pub mod coarse_timer;
 pub mod decide;
 pub mod review;

@@ -83,10 +83,7 @@ impl TokenServer {
         let listener = std::net::TcpListener::bind(config.listen).map_err(listen_error)?;
         listener.set_nonblocking(true).map_err(listen_error)?;
         let local_addr = listener.local_addr().map_err(listen_error)?;
-        let limits = crate::connections::Limits {
-            max_connections: config.max_connections,
-            idle_timeout: config.idle_timeout,
-        };
+        let limits = config.connection_limits();
         let read_timeout = config.read_timeout;
         let state = Arc::new(AppState {
             config,

@@ -16,6 +16,13 @@ use tokio_rustls::rustls;
 
 pub const ATTACKER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 pub const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+/// Several attackers (Pods on several nodes): 127.0.0.2 to 127.0.0.5.
+pub const ATTACKERS: [IpAddr; 4] = [
+    ATTACKER,
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)),
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4)),
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5)),
+];
 
 /// `timeoutSeconds` of the shipped MutatingWebhookConfiguration: how long the API server waits
 /// for a review before it admits the Pod unpatched (`failurePolicy: Ignore`).
@@ -176,29 +183,33 @@ impl Attack {
         me
     }
 
-    /// Keeps `n` TCP connections open that never start TLS, reconnecting each one the server
-    /// closes (at most `n` open at once, at most `per_second` new ones a second).
-    pub fn raw_sockets(to: SocketAddr, n: usize, per_second: u32) -> Self {
-        Self::holding(to, n, per_second, None)
+    /// Keeps `n` TCP connections open from `peers` (in turn) that never start TLS,
+    /// reconnecting each one the server closes (at most `n` open at once, at most `per_second`
+    /// new ones a second).
+    pub fn raw_sockets(to: SocketAddr, peers: &[IpAddr], n: usize, per_second: u32) -> Self {
+        Self::holding(to, peers, n, per_second, None)
     }
 
-    /// Keeps `n` connections that complete TLS and then send nothing, reconnecting each one
-    /// the server closes.
+    /// Keeps `n` connections from `peers` (in turn) that complete TLS and then send nothing,
+    /// reconnecting each one the server closes.
     pub fn idle_tls(
         to: SocketAddr,
+        peers: &[IpAddr],
         tls: Arc<rustls::ClientConfig>,
         n: usize,
         per_second: u32,
     ) -> Self {
-        Self::holding(to, n, per_second, Some(tls))
+        Self::holding(to, peers, n, per_second, Some(tls))
     }
 
     fn holding(
         to: SocketAddr,
+        peers: &[IpAddr],
         n: usize,
         per_second: u32,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Self {
+        let peers = peers.to_vec();
         let mut me = Self::new();
         let slots = Arc::new(tokio::sync::Semaphore::new(n));
         let (stop, opened, established) =
@@ -206,7 +217,9 @@ impl Attack {
         me.tasks.push(tokio::spawn(async move {
             let mut held = tokio::task::JoinSet::new();
             let pause = Duration::from_secs(1) / per_second.max(1);
+            let mut next = peers.iter().copied().cycle();
             while !stop.load(Ordering::Relaxed) {
+                let from = next.next().unwrap_or(ATTACKER);
                 let Ok(Ok(slot)) =
                     tokio::time::timeout(Duration::from_millis(200), slots.clone().acquire_owned())
                         .await
@@ -221,7 +234,7 @@ impl Attack {
                 );
                 held.spawn(async move {
                     let _slot = slot;
-                    let Ok(mut tcp) = connect_from(ATTACKER, to).await else {
+                    let Ok(mut tcp) = connect_from(from, to).await else {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         return;
                     };
