@@ -218,9 +218,7 @@ async fn run() -> anyhow::Result<()> {
 /// One request from stdin, answered.
 async fn credential_provider(config: &std::path::Path) -> Result<String, PluginError> {
     let plugin = Plugin::new(PluginConfig::from_file(config)?)?;
-    let mut input = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::stdin(), &mut input)
-        .map_err(|e| PluginError::Stdin(e.to_string()))?;
+    let input = credential_provider::read_request(std::io::stdin().lock())?;
     Ok(plugin.answer(&input).await?.to_json())
 }
 
