@@ -647,6 +647,42 @@ registries:
     }
 
     #[test]
+    fn connection_and_byte_limits_default_to_half_for_one_peer_and_are_checked() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        let limits = c.admission.connection_limits();
+        assert_eq!(
+            (
+                limits.max_connections,
+                limits.max_connections_per_peer,
+                limits.handshake_timeout
+            ),
+            (512, 256, Duration::from_secs(3))
+        );
+        assert_eq!(c.admission.bytes_in_flight_per_peer(), 16 << 20);
+        // Never below one body, never above the budget.
+        let c = Config::from_yaml(&format!(
+            "{MINIMAL}admission: {{maxBodyBytes: 4096, maxBytesInFlight: 6000, maxConnections: 1}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.admission.bytes_in_flight_per_peer(), 4096);
+        assert_eq!(c.admission.connection_limits().max_connections_per_peer, 1);
+        let paths: Vec<_> = invalid(&format!(
+            "{MINIMAL}admission: {{maxConnections: 10, maxConnectionsPerPeer: 11, handshakeTimeout: 0s, maxBodyBytes: 4096, maxBytesInFlightPerPeer: 1024}}\n"
+        ))
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+        assert_eq!(
+            paths,
+            [
+                "admission.maxConnectionsPerPeer",
+                "admission.handshakeTimeout",
+                "admission.maxBytesInFlightPerPeer"
+            ]
+        );
+    }
+
+    #[test]
     fn the_documented_example_parses() {
         let c = Config::from_yaml(include_str!("../deploy/config.example.yaml")).unwrap();
         assert_eq!(c.refresh.renew_before, Some(Duration::from_secs(20 * 60)));

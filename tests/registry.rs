@@ -488,3 +488,84 @@ async fn the_token_server_sends_its_token_only_to_the_issuers_host_or_the_config
     assert_eq!(paths(&elsewhere), ["/jwks"]);
     assert_eq!(elsewhere.seen()[0].bearer(), Some(own_token));
 }
+
+/// Issue 23, point 7, on the token server with the issue's cap (`maxConnections: 64`): one
+/// peer's raw TCP sockets, then its idle TLS connections, more than the cap, while a registry
+/// client from another address asks for real tokens (verified with the API server's keys and
+/// TokenReview), each on a new connection. Every request must get its token; the latencies
+/// are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_clients_get_tokens_while_one_peer_attacks_the_connection_limits() {
+    use support::attack::{measure, real_client, tls_client, Attack, ATTACKER};
+
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let c = cp.client().await;
+    let work = tempfile::tempdir().unwrap();
+    let certs = Certs::for_ips(&["127.0.0.1"]);
+    let rules = "  - {namespace: reg-attack, repositories: [\"team-a/*\"]}\n";
+    let ts = TestTokenServer::start(
+        cp,
+        &c,
+        work.path(),
+        "127.0.0.1",
+        &certs,
+        "reg-attack-infra",
+        rules,
+        "maxConnections: 64",
+    )
+    .await;
+    create_namespace(&c, "reg-attack", Default::default()).await;
+    let token = service_account_token(&c, "reg-attack", "default", vec![SERVICE.into()]).await;
+    let ca = std::fs::read(certs.ca()).unwrap();
+    let client = real_client(&ca);
+    let url = format!(
+        "{}?service={SERVICE}&scope=repository:team-a/app:pull",
+        ts.realm
+    );
+    let real_requests = |during: Duration| {
+        measure(during, Duration::from_millis(250), || {
+            let request = client.get(&url).basic_auth("u", Some(&token));
+            async move {
+                let response = request.send().await.map_err(|e| format!("{e:?}"))?;
+                let status = response.status();
+                let body: Value = response.json().await.map_err(|e| e.to_string())?;
+                match (status.as_u16(), body["token"].as_str()) {
+                    (200, Some(t)) if !t.is_empty() => Ok(()),
+                    _ => Err(format!("{status}: {body}")),
+                }
+            }
+        })
+    };
+    let limit = Duration::from_secs(10); // the token server's readTimeout bounds any request
+    let baseline = real_requests(Duration::from_secs(2)).await;
+    println!(
+        "token server, maxConnections 64, no attack: {}",
+        baseline.summary()
+    );
+    baseline.assert_all_within(limit, "no attack");
+    let attacks: [(&str, Box<dyn Fn() -> Attack>); 2] = [
+        (
+            "100 TCP connections with no TLS from one peer",
+            Box::new(|| Attack::raw_sockets(ts.addr, &[ATTACKER], 100, 1000)),
+        ),
+        (
+            "100 TLS connections that send nothing from one peer",
+            Box::new(|| {
+                Attack::idle_tls(ts.addr, &[ATTACKER], tls_client(&ca, b"http/1.1"), 100, 200)
+            }),
+        ),
+    ];
+    for (name, attack) in attacks {
+        let running = attack();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let figures = real_requests(Duration::from_secs(8)).await;
+        let attacker = running.stop().await;
+        println!("token server, {name}: {}\n  {attacker}", figures.summary());
+        figures.assert_all_within(limit, name);
+    }
+    ts.server.shutdown().await;
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone())
+        .delete("reg-attack", &Default::default())
+        .await;
+}

@@ -263,6 +263,20 @@ rules:
         ] {
             assert!(e.contains(path), "{path} in {e}");
         }
+        let limits = c.connection_limits();
+        assert_eq!(
+            (limits.max_connections_per_peer, limits.handshake_timeout),
+            (256, Duration::from_secs(3))
+        );
+        let e = TokenServerConfig::from_yaml(
+            &(GOOD.to_string()
+                + "maxConnections: 4\nmaxConnectionsPerPeer: 5\nhandshakeTimeout: 2m\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        for path in ["maxConnectionsPerPeer: ", "handshakeTimeout: "] {
+            assert!(e.contains(path), "{path} in {e}");
+        }
         let e = TokenServerConfig::from_yaml(&GOOD.replace("service:", "servce:"))
             .unwrap_err()
             .to_string();
