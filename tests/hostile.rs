@@ -504,7 +504,7 @@ async fn memory_taken_by_a_burst_of_large_reviews_is_given_back() {
 async fn pods_are_patched_in_time_while_one_peer_attacks_the_webhook() {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     use kube::api::{Patch, PatchParams};
-    use support::attack::{measure, shipped_webhook_timeout, tls_client, Attack, ATTACKER};
+    use support::attack::{measure, shipped_webhook_timeout, tls_client, Attack, Launch, ATTACKER};
 
     let _serial = serial();
     let timeout = shipped_webhook_timeout();
@@ -564,7 +564,7 @@ async fn pods_are_patched_in_time_while_one_peer_attacks_the_webhook() {
         baseline.summary()
     );
     // (Idle TLS connections are tests/tls.rs's: with `idleTimeout: 1s` they hold nothing here.)
-    let attacks: [(&str, Box<dyn Fn() -> Attack>); 2] = [
+    let attacks: [(&str, Launch); 2] = [
         (
             "8 requests declaring 4 MiB each, no body, every 5 s",
             Box::new(|| {

@@ -496,7 +496,7 @@ async fn the_token_server_sends_its_token_only_to_the_issuers_host_or_the_config
 /// are printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_clients_get_tokens_while_one_peer_attacks_the_connection_limits() {
-    use support::attack::{measure, real_client, tls_client, Attack, ATTACKER};
+    use support::attack::{measure, real_client, tls_client, Attack, Launch, ATTACKER};
 
     let _serial = serial();
     let cp = ControlPlane::get();
@@ -544,7 +544,7 @@ async fn registry_clients_get_tokens_while_one_peer_attacks_the_connection_limit
         baseline.summary()
     );
     baseline.assert_all_within(limit, "no attack");
-    let attacks: [(&str, Box<dyn Fn() -> Attack>); 2] = [
+    let attacks: [(&str, Launch); 2] = [
         (
             "100 TCP connections with no TLS from one peer",
             Box::new(|| Attack::raw_sockets(ts.addr, &[ATTACKER], 100, 1000)),

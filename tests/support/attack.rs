@@ -90,6 +90,9 @@ async fn until_closed<S: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// Starts an attack: a test's list of them.
+pub type Launch<'a> = Box<dyn Fn() -> Attack + 'a>;
+
 /// An attack running in the background; counts what it did.
 pub struct Attack {
     stop: Arc<AtomicBool>,
