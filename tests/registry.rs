@@ -556,16 +556,23 @@ async fn registry_clients_get_tokens_while_one_peer_attacks_the_connection_limit
             }),
         ),
     ];
+    let mut failures = Vec::new();
     for (name, attack) in attacks {
         let running = attack();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let figures = real_requests(Duration::from_secs(8)).await;
         let attacker = running.stop().await;
         println!("token server, {name}: {}\n  {attacker}", figures.summary());
-        figures.assert_all_within(limit, name);
+        if !(figures.failed.is_empty() && figures.max() <= limit) {
+            failures.push(name);
+        }
     }
     ts.server.shutdown().await;
     let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone())
         .delete("reg-attack", &Default::default())
         .await;
+    assert!(
+        failures.is_empty(),
+        "tokens refused or late under: {failures:?}"
+    );
 }

@@ -269,7 +269,12 @@ impl Attack {
                         }
                     }
                 });
-                tokio::time::sleep(pause).await;
+                // (A timer sleeps a millisecond at least: faster is a yield.)
+                if pause >= Duration::from_millis(1) {
+                    tokio::time::sleep(pause).await;
+                } else {
+                    tokio::task::yield_now().await;
+                }
                 while held.try_join_next().is_some() {}
             }
             while tokio::time::timeout(Duration::from_secs(5), held.join_next())
