@@ -57,6 +57,9 @@ pub async fn create_or_replace(
     }
 }
 
+/// The `reportingController` of the service's Events (`status` shows only those).
+pub const REPORTING_CONTROLLER: &str = "pull-secret-injector";
+
 /// The service's Warning Events, reported under one controller name and this replica's
 /// identity.
 #[derive(Clone)]
@@ -67,7 +70,7 @@ pub struct Events {
 impl Events {
     pub fn new(client: Client, instance: Option<String>) -> Self {
         let reporter = Reporter {
-            controller: "pull-secret-injector".into(),
+            controller: REPORTING_CONTROLLER.into(),
             instance,
         };
         Self {

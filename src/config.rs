@@ -175,6 +175,12 @@ pub struct AdmissionConfig {
     /// Request bodies larger than this are refused with 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// A client gets this long to complete its TLS handshake; a slower one is disconnected.
+    #[serde(
+        default = "default_handshake_timeout",
+        deserialize_with = "crate::core::duration::field"
+    )]
+    pub handshake_timeout: Duration,
     /// A client gets this long to send a request's headers, and again its body; a slower one is
     /// disconnected (headers) or answered 408 (body), so it cannot hold a connection open.
     #[serde(
@@ -189,13 +195,22 @@ pub struct AdmissionConfig {
         deserialize_with = "crate::core::duration::field"
     )]
     pub idle_timeout: Duration,
-    /// Connections open at once; further ones are closed at once, with a log line.
+    /// Connections past their TLS handshake at once; further ones are closed, with a log line.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections from one IP address at once, handshakes included. Default: half of
+    /// `maxConnections`, so one peer never takes them all.
+    #[serde(default)]
+    pub max_connections_per_peer: Option<usize>,
     /// Bytes of request bodies held at once, over all connections and streams: a request that
-    /// would go over waits for room up to `readTimeout`, then gets 503.
+    /// would go over waits for room up to `readTimeout`, then gets 503. Bytes are counted as
+    /// they arrive, not as declared.
     #[serde(default = "default_max_bytes_in_flight")]
     pub max_bytes_in_flight: usize,
+    /// Of those, what the requests of one IP address may hold at once. Default: half of
+    /// `maxBytesInFlight`, at least `maxBodyBytes`.
+    #[serde(default)]
+    pub max_bytes_in_flight_per_peer: Option<usize>,
     /// After SIGTERM the server keeps answering this long before it stops accepting: the API
     /// server learns of a terminating Pod's endpoint only after a moment, and a review it sends
     /// to a closed port is an unpatched Pod (`failurePolicy: Ignore`).
@@ -212,17 +227,49 @@ impl Default for AdmissionConfig {
             mode: AdmissionMode::default(),
             budget: default_budget(),
             max_body_bytes: default_max_body_bytes(),
+            handshake_timeout: default_handshake_timeout(),
             read_timeout: default_read_timeout(),
             idle_timeout: default_idle_timeout(),
             max_connections: default_max_connections(),
+            max_connections_per_peer: None,
             max_bytes_in_flight: default_max_bytes_in_flight(),
+            max_bytes_in_flight_per_peer: None,
             shutdown_delay: default_shutdown_delay(),
         }
     }
 }
 
+impl AdmissionConfig {
+    /// The webhook's connection limits, defaults resolved.
+    pub fn connection_limits(&self) -> crate::connections::Limits {
+        crate::connections::Limits {
+            max_connections: self.max_connections,
+            max_connections_per_peer: self
+                .max_connections_per_peer
+                .unwrap_or_else(|| crate::connections::default_per_peer(self.max_connections)),
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+
+    /// `maxBytesInFlightPerPeer`, its default resolved.
+    pub fn bytes_in_flight_per_peer(&self) -> usize {
+        self.max_bytes_in_flight_per_peer.unwrap_or_else(|| {
+            (self.max_bytes_in_flight / 2)
+                .max(self.max_body_bytes)
+                .min(self.max_bytes_in_flight)
+        })
+    }
+}
+
 fn default_shutdown_delay() -> Duration {
     Duration::from_secs(5)
+}
+
+/// A handshake takes milliseconds; this leaves room for a loaded machine, and bounds how long
+/// a socket that never starts TLS holds a slot.
+pub fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(3)
 }
 
 pub fn default_read_timeout() -> Duration {
@@ -468,11 +515,31 @@ impl Config {
         if self.admission.max_connections == 0 {
             err("admission.maxConnections", "must be at least 1".into());
         }
+        if let Some(m) = crate::connections::check_per_peer(
+            self.admission.max_connections_per_peer,
+            self.admission.max_connections,
+            "admission.maxConnections",
+        ) {
+            err("admission.maxConnectionsPerPeer", m);
+        }
+        if let Some(m) =
+            crate::connections::check_handshake_timeout(self.admission.handshake_timeout)
+        {
+            err("admission.handshakeTimeout", m);
+        }
         if self.admission.max_bytes_in_flight < self.admission.max_body_bytes {
             err(
                 "admission.maxBytesInFlight",
                 "must be at least admission.maxBodyBytes".into(),
             );
+        }
+        if let Some(n) = self.admission.max_bytes_in_flight_per_peer {
+            if n < self.admission.max_body_bytes || n > self.admission.max_bytes_in_flight {
+                err(
+                    "admission.maxBytesInFlightPerPeer",
+                    "must be at least admission.maxBodyBytes and at most admission.maxBytesInFlight".into(),
+                );
+            }
         }
         if !(self.refresh.max_mints_per_second > 0.0
             && self.refresh.max_mints_per_second.is_finite())
@@ -609,6 +676,42 @@ registries:
         };
         assert_eq!(k.service_account, "default");
         assert_eq!(k.expiration_seconds, 3600);
+    }
+
+    #[test]
+    fn connection_and_byte_limits_default_to_half_for_one_peer_and_are_checked() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        let limits = c.admission.connection_limits();
+        assert_eq!(
+            (
+                limits.max_connections,
+                limits.max_connections_per_peer,
+                limits.handshake_timeout
+            ),
+            (512, 256, Duration::from_secs(3))
+        );
+        assert_eq!(c.admission.bytes_in_flight_per_peer(), 16 << 20);
+        // Never below one body, never above the budget.
+        let c = Config::from_yaml(&format!(
+            "{MINIMAL}admission: {{maxBodyBytes: 4096, maxBytesInFlight: 6000, maxConnections: 1}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.admission.bytes_in_flight_per_peer(), 4096);
+        assert_eq!(c.admission.connection_limits().max_connections_per_peer, 1);
+        let paths: Vec<_> = invalid(&format!(
+            "{MINIMAL}admission: {{maxConnections: 10, maxConnectionsPerPeer: 11, handshakeTimeout: 0s, maxBodyBytes: 4096, maxBytesInFlightPerPeer: 1024}}\n"
+        ))
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+        assert_eq!(
+            paths,
+            [
+                "admission.maxConnectionsPerPeer",
+                "admission.handshakeTimeout",
+                "admission.maxBytesInFlightPerPeer"
+            ]
+        );
     }
 
     #[test]

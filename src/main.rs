@@ -243,9 +243,7 @@ async fn credential_provider(
     env: &Environment,
 ) -> Result<String, PluginError> {
     let plugin = Plugin::new(PluginConfig::from_file(config)?, &env.proxy)?;
-    let mut input = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::stdin(), &mut input)
-        .map_err(|e| PluginError::Stdin(e.to_string()))?;
+    let input = credential_provider::read_request(std::io::stdin().lock())?;
     Ok(plugin.answer(&input).await?.to_json())
 }
 

@@ -14,7 +14,7 @@ use kube::Api;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admission::{coarse_timer, server, webhook};
+use crate::admission::{bytes, coarse_timer, server, webhook};
 use crate::cluster::Events;
 use crate::compat::updater;
 use crate::connections;
@@ -150,13 +150,14 @@ impl Service {
             read_timeout: admission.read_timeout,
             timer: timer.clone(),
             metrics,
-            body_bytes: Arc::new(tokio::sync::Semaphore::new(admission.max_bytes_in_flight)),
+            body_bytes: bytes::ByteBudget::new(
+                admission.max_bytes_in_flight,
+                admission.max_body_bytes,
+                admission.bytes_in_flight_per_peer(),
+            ),
         });
         let handle = axum_server::Handle::new();
-        let limits = connections::Limits {
-            max_connections: admission.max_connections,
-            idle_timeout: admission.idle_timeout,
-        };
+        let limits = admission.connection_limits();
         let server = connections::serve(
             listener,
             tls,

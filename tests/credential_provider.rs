@@ -152,6 +152,55 @@ async fn the_plugin_answers_the_kubelet_with_an_exchanged_credential() {
     assert_eq!(seen[0].basic(), Some(("org+puller".into(), token)));
 }
 
+/// Issue 23, point 14: stdin is read up to a limit. 24 MiB of `{}` (the issue's input, which
+/// took 308 MiB) is refused with a one-line error before anything is parsed; the peak memory
+/// is printed when `/usr/bin/time` is there to measure it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_on_stdin_is_refused_with_bounded_memory() {
+    let standin = quay_standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &standin, "org+puller");
+    let time = Path::new("/usr/bin/time");
+    let mut command = match time.exists() {
+        true => {
+            let mut c = Command::new(time);
+            c.args(["-f", "peak RSS %M KiB", BIN]);
+            c
+        }
+        false => Command::new(BIN),
+    };
+    let mut child = command
+        .args(["credential-provider", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the plugin");
+    let mut stdin = child.stdin.take().unwrap();
+    // The plugin stops reading at the limit: the rest of the write fails, as it should.
+    let writer = std::thread::spawn(move || {
+        let chunk = b"{}".repeat(32 * 1024);
+        for _ in 0..(24 * 1024 * 1024 / chunk.len()) {
+            if stdin.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("24 MiB of {{}} on stdin: {}", stderr.trim());
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty());
+    let line = stderr.lines().next().unwrap_or_default();
+    assert_eq!(
+        line,
+        "pull-secret-injector credential-provider: the request on stdin is larger than 1024 KiB; the kubelet sends one CredentialProviderRequest of a few kilobytes"
+    );
+}
+
 // The plugin runs as a child process while this runtime serves the stand-in: two threads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_through_token_is_never_reused() {

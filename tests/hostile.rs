@@ -582,3 +582,113 @@ async fn memory_taken_by_a_burst_of_large_reviews_is_given_back() {
         "{left:.1} MiB above idle ({idle:.1} MiB) stays after the burst"
     );
 }
+
+/// Issue 23, points 6 and 7, through the API server: while one peer (127.0.0.2) attacks the
+/// webhook's byte budget or its connection limits, Pods are created through the real API
+/// server, the webhook registered with the shipped `timeoutSeconds`. Every Pod must be created
+/// patched (a call that timed out or could not connect admits it unpatched: `failurePolicy:
+/// Ignore`) within that timeout; the creation latencies are printed. `idleTimeout: 1s`, so the
+/// API server needs a new connection for about every Pod, as it does after any idle close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_are_patched_in_time_while_one_peer_attacks_the_webhook() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use kube::api::{Patch, PatchParams};
+    use support::attack::{measure, shipped_webhook_timeout, tls_client, Attack, Launch, ATTACKER};
+
+    let _serial = serial();
+    let timeout = shipped_webhook_timeout();
+    let mut inj = Injector::start_with(
+        "t-h7",
+        &kubernetes_registry("default", 3600),
+        "admission: {idleTimeout: 1s}\n",
+    )
+    .await;
+    Api::<MutatingWebhookConfiguration>::all(inj.client.clone())
+        .patch(
+            "psi-t-h7",
+            &PatchParams::default(),
+            &Patch::Json::<()>(serde_json::from_value(json!([
+                {"op": "replace", "path": "/webhooks/0/timeoutSeconds", "value": timeout.as_secs()}
+            ])).unwrap()),
+        )
+        .await
+        .unwrap();
+    let c = inj.client.clone();
+    let ns = inj.namespace("attacked", true).await;
+    wait_secret(&c, &ns, "warm", |_| true).await;
+    // The API server picks up the new timeout asynchronously.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let addr = inj.service.as_ref().expect("running").local_addr;
+    let ca = inj.certs.ca_pem.as_bytes().to_vec();
+    let count = std::sync::atomic::AtomicUsize::new(0);
+    // Pods that list a pull Secret of their own: the API server calls the webhook for them.
+    let pods = |during: Duration| {
+        measure(during, Duration::from_millis(1500), || {
+            let (c, ns) = (c.clone(), ns.clone());
+            let name = format!(
+                "p{}",
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            async move {
+                let pod = create_pod(
+                    &c,
+                    &ns,
+                    &name,
+                    json!({"imagePullSecrets": [{"name": "mine"}]}),
+                    false,
+                )
+                .await
+                .pod;
+                let names = pull_secret_names(&pod);
+                match names.iter().any(|n| n == "pull-secret") {
+                    true => Ok(()),
+                    false => Err(format!("{name} created unpatched: {names:?}")),
+                }
+            }
+        })
+    };
+    let baseline = pods(Duration::from_secs(3)).await;
+    println!(
+        "Pods through the API server, no attack: {}",
+        baseline.summary()
+    );
+    // (Idle TLS connections are tests/tls.rs's: with `idleTimeout: 1s` they hold nothing here.)
+    let attacks: [(&str, Launch); 2] = [
+        (
+            "8 requests declaring 4 MiB each, no body, every 5 s",
+            Box::new(|| {
+                Attack::declared_bodies(
+                    addr,
+                    tls_client(&ca, b"http/1.1"),
+                    8,
+                    Duration::from_secs(5),
+                    4 << 20,
+                    0,
+                )
+            }),
+        ),
+        (
+            "2000 TCP connections with no TLS from one peer, as fast as it can",
+            Box::new(|| Attack::raw_sockets(addr, &[ATTACKER], 2000, 100_000)),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, attack) in attacks {
+        let running = attack();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let figures = pods(Duration::from_secs(12)).await;
+        let attacker = running.stop().await;
+        println!(
+            "Pods through the API server, {name}: {}\n  {attacker}\n  shipped timeoutSeconds: {timeout:?}",
+            figures.summary()
+        );
+        if !(figures.failed.is_empty() && figures.max() <= timeout) {
+            failures.push(name);
+        }
+    }
+    inj.cleanup().await;
+    assert!(
+        failures.is_empty(),
+        "Pods unpatched or late under: {failures:?}"
+    );
+}

@@ -381,3 +381,198 @@ async fn keys_come_from_discovery_and_are_refetched_for_an_unknown_key() {
         .delete("reg-keys", &Default::default())
         .await;
 }
+
+/// Issue 23, point 11: the key request carries the token server's own token, so a `jwks_uri`
+/// the discovery document names is fetched only from the issuer's own host, over https; keys
+/// kept elsewhere are fetched where `issuer.jwksUri` says. Stand-ins only, no control plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_server_sends_its_token_only_to_the_issuers_host_or_the_configured_one() {
+    use pull_secret_injector::token_server::oidc::{IssuerConfig, Verifier, VerifyError};
+    use std::sync::Mutex;
+    use support::standin::StandIn;
+
+    let elsewhere = StandIn::start(|req| match req.path.as_str() {
+        "/jwks" => (200, json!({"keys": []}).to_string()),
+        _ => (404, "{}".into()),
+    })
+    .await;
+    let named = Arc::new(Mutex::new(String::new()));
+    let n = named.clone();
+    let issuer = StandIn::start(move |req| match req.path.as_str() {
+        "/.well-known/openid-configuration" => (
+            200,
+            json!({"issuer": "x", "jwks_uri": n.lock().unwrap().clone()}).to_string(),
+        ),
+        "/jwks" => (200, json!({"keys": []}).to_string()),
+        _ => (404, "{}".into()),
+    })
+    .await;
+    // Both trusted: what keeps the token from the other host is the rule, not TLS.
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("ca.pem");
+    let mut pem = std::fs::read(issuer.certs.ca()).unwrap();
+    pem.extend(std::fs::read(elsewhere.certs.ca()).unwrap());
+    std::fs::write(&bundle, pem).unwrap();
+    let own_token = "the-token-servers-own-service-account-token";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, own_token).unwrap();
+    let verifier = |jwks_uri: Option<String>| {
+        Verifier::new(
+            IssuerConfig {
+                url: issuer.url.clone(),
+                jwks_uri,
+                ca_file: Some(bundle.clone()),
+                token_file: Some(token_file.clone()),
+                audiences: vec![SERVICE.into()],
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap()
+    };
+    let part =
+        |s: &str| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, s);
+    let token = format!(
+        "{}.{}.{}",
+        part(r#"{"alg":"RS256","kid":"k1"}"#),
+        part("{}"),
+        part("sig")
+    );
+    let paths = |s: &StandIn| -> Vec<String> { s.seen().into_iter().map(|s| s.path).collect() };
+
+    for (uri, why) in [
+        (format!("{}/jwks", elsewhere.url), "another host"),
+        (
+            format!("{}/jwks", issuer.url.replacen("https", "http", 1)),
+            "plain http",
+        ),
+    ] {
+        *named.lock().unwrap() = uri;
+        issuer.clear();
+        let e = verifier(None)
+            .verify(&token, jiff::Timestamp::now())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, VerifyError::Keys(m) if m.contains("issuer.jwksUri")),
+            "{why}: {e}"
+        );
+        assert_eq!(
+            paths(&issuer),
+            ["/.well-known/openid-configuration"],
+            "{why}"
+        );
+        assert!(elsewhere.seen().is_empty(), "{why}: nothing sent elsewhere");
+    }
+    // On the issuer's host, over https: fetched, with the token.
+    *named.lock().unwrap() = format!("{}/jwks", issuer.url);
+    issuer.clear();
+    let e = verifier(None)
+        .verify(&token, jiff::Timestamp::now())
+        .await
+        .unwrap_err();
+    assert_eq!(e, VerifyError::UnknownKey, "the (empty) key set was read");
+    assert_eq!(
+        paths(&issuer),
+        ["/.well-known/openid-configuration", "/jwks"]
+    );
+    assert!(issuer.seen().iter().all(|s| s.bearer() == Some(own_token)));
+    // Configured explicitly, another host is asked, and no discovery at all.
+    issuer.clear();
+    let explicit = verifier(Some(format!("{}/jwks", elsewhere.url)));
+    let e = explicit
+        .verify(&token, jiff::Timestamp::now())
+        .await
+        .unwrap_err();
+    assert_eq!(e, VerifyError::UnknownKey);
+    assert!(issuer.seen().is_empty());
+    assert_eq!(paths(&elsewhere), ["/jwks"]);
+    assert_eq!(elsewhere.seen()[0].bearer(), Some(own_token));
+}
+
+/// Issue 23, point 7, on the token server with the issue's cap (`maxConnections: 64`): one
+/// peer's raw TCP sockets, then its idle TLS connections, more than the cap, while a registry
+/// client from another address asks for real tokens (verified with the API server's keys and
+/// TokenReview), each on a new connection. Every request must get its token; the latencies
+/// are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_clients_get_tokens_while_one_peer_attacks_the_connection_limits() {
+    use support::attack::{measure, real_client, tls_client, Attack, Launch, ATTACKER};
+
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let c = cp.client().await;
+    let work = tempfile::tempdir().unwrap();
+    let certs = Certs::for_ips(&["127.0.0.1"]);
+    let rules = "  - {namespace: reg-attack, repositories: [\"team-a/*\"]}\n";
+    let ts = TestTokenServer::start(
+        cp,
+        &c,
+        work.path(),
+        "127.0.0.1",
+        &certs,
+        "reg-attack-infra",
+        rules,
+        "maxConnections: 64",
+    )
+    .await;
+    create_namespace(&c, "reg-attack", Default::default()).await;
+    let token = service_account_token(&c, "reg-attack", "default", vec![SERVICE.into()]).await;
+    let ca = std::fs::read(certs.ca()).unwrap();
+    let client = real_client(&ca);
+    let url = format!(
+        "{}?service={SERVICE}&scope=repository:team-a/app:pull",
+        ts.realm
+    );
+    let real_requests = |during: Duration| {
+        measure(during, Duration::from_millis(250), || {
+            let request = client.get(&url).basic_auth("u", Some(&token));
+            async move {
+                let response = request.send().await.map_err(|e| format!("{e:?}"))?;
+                let status = response.status();
+                let body: Value = response.json().await.map_err(|e| e.to_string())?;
+                match (status.as_u16(), body["token"].as_str()) {
+                    (200, Some(t)) if !t.is_empty() => Ok(()),
+                    _ => Err(format!("{status}: {body}")),
+                }
+            }
+        })
+    };
+    let limit = Duration::from_secs(10); // the token server's readTimeout bounds any request
+    let baseline = real_requests(Duration::from_secs(2)).await;
+    println!(
+        "token server, maxConnections 64, no attack: {}",
+        baseline.summary()
+    );
+    baseline.assert_all_within(limit, "no attack");
+    let attacks: [(&str, Launch); 2] = [
+        (
+            "100 TCP connections with no TLS from one peer",
+            Box::new(|| Attack::raw_sockets(ts.addr, &[ATTACKER], 100, 1000)),
+        ),
+        (
+            "100 TLS connections that send nothing from one peer",
+            Box::new(|| {
+                Attack::idle_tls(ts.addr, &[ATTACKER], tls_client(&ca, b"http/1.1"), 100, 200)
+            }),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, attack) in attacks {
+        let running = attack();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let figures = real_requests(Duration::from_secs(8)).await;
+        let attacker = running.stop().await;
+        println!("token server, {name}: {}\n  {attacker}", figures.summary());
+        if !(figures.failed.is_empty() && figures.max() <= limit) {
+            failures.push(name);
+        }
+    }
+    ts.server.shutdown().await;
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone())
+        .delete("reg-attack", &Default::default())
+        .await;
+    assert!(
+        failures.is_empty(),
+        "tokens refused or late under: {failures:?}"
+    );
+}

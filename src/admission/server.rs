@@ -1,6 +1,7 @@
 //! HTTPS: `POST /mutate` (AdmissionReview), `GET /healthz`, `GET /readyz`. Errors are JSON
 //! bodies with a status code, never axum's plain-text rejections.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -12,9 +13,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
-use tokio::sync::OwnedSemaphorePermit;
 
+use crate::admission::bytes::{ByteBudget, Held};
 use crate::admission::webhook::Webhook;
+use crate::connections::Peer;
 
 pub struct AppState {
     pub webhook: Webhook,
@@ -25,9 +27,9 @@ pub struct AppState {
     /// Times the body read: armed for every request, so coarse and cheap (see `coarse_timer`).
     pub timer: crate::admission::coarse_timer::CoarseTimer,
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// One permit per byte of request body held (`admission.maxBytesInFlight`): what many
+    /// Bytes of request bodies held (`admission.maxBytesInFlight`, and per peer): what many
     /// connections or HTTP/2 streams can make the webhook hold at once is bounded.
-    pub body_bytes: Arc<tokio::sync::Semaphore>,
+    pub body_bytes: Arc<ByteBudget>,
 }
 
 /// An HTTP error with a JSON body: `{"error": "...", "code": 400}`.
@@ -95,15 +97,15 @@ async fn mutate(
     if declared.is_some_and(|n| n > state.max_body_bytes) {
         return Err(too_large());
     }
-    // A declared length takes its room in the in-flight budget before anything is read.
-    let reserved = match declared {
-        Some(n) if n > 0 => Some(reserve(&state, n).await?),
-        _ => None,
-    };
+    // Requests that came through no connection (in-process tests) share one peer.
+    let peer = request
+        .extensions()
+        .get::<Peer>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |p| p.0);
     let deadline = hyper::rt::Timer::sleep(&state.timer, state.read_timeout);
     let body = tokio::select! {
         biased;
-        body = read_body(&state, request.into_body(), declared, reserved) => body?,
+        body = read_body(&state, request.into_body(), peer) => body?,
         () = deadline => {
             return Err(ApiError {
                 status: StatusCode::REQUEST_TIMEOUT,
@@ -126,46 +128,25 @@ async fn mutate(
         .into_response())
 }
 
-/// A request body, and its share of the bytes in flight (released when dropped).
+/// A request body, and its share of the bytes in flight (given back when dropped).
 struct HeldBody {
     bytes: Vec<u8>,
-    _permits: Option<OwnedSemaphorePermit>,
+    _held: Held,
 }
 
-/// `n` bytes of the in-flight budget. The common case takes them at once; when the budget is
-/// spent, a request waits up to `readTimeout` for room, then gets 503.
-async fn reserve(state: &AppState, n: usize) -> Result<OwnedSemaphorePermit, ApiError> {
-    let n = u32::try_from(n).unwrap_or(u32::MAX);
-    if let Ok(p) = state.body_bytes.clone().try_acquire_many_owned(n) {
-        return Ok(p);
-    }
-    let wait = state.body_bytes.clone().acquire_many_owned(n);
-    match tokio::time::timeout(state.read_timeout, wait).await {
-        Ok(Ok(p)) => Ok(p),
-        _ => Err(ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "too many request bytes in flight; retry".into(),
-        }),
-    }
-}
-
-/// Reads a body of at most `max_body_bytes`. Its bytes come from the in-flight budget:
-/// `reserved` for a declared length (the API server declares it), frame by frame beyond that.
-async fn read_body(
-    state: &AppState,
-    body: Body,
-    declared: Option<usize>,
-    reserved: Option<OwnedSemaphorePermit>,
-) -> Result<HeldBody, ApiError> {
+/// Reads a body of at most `max_body_bytes`, taking its bytes from the in-flight budget as
+/// they arrive: a declared length reserves nothing (it costs a sender nothing to declare).
+/// When the budget or the peer's share is spent, a request waits up to `readTimeout` for room,
+/// then gets 503.
+async fn read_body(state: &AppState, body: Body, peer: IpAddr) -> Result<HeldBody, ApiError> {
     let max = state.max_body_bytes;
     let too_large = || ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
         message: format!("request body exceeds {max} bytes"),
     };
-    let mut permits = reserved;
-    let mut held = declared.unwrap_or(0);
-    // Declared lengths are already bounded by `max`; nothing larger is reserved up front.
-    let mut bytes = Vec::with_capacity(declared.unwrap_or(0).min(max));
+    let mut held = state.body_bytes.holding(peer);
+    // Grown as bytes come, for the same reason.
+    let mut bytes = Vec::new();
     let mut body = Limited::new(body, max);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
@@ -181,21 +162,15 @@ async fn read_body(
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
-        let after = bytes.len() + data.len();
-        if after > held {
-            let more = reserve(state, after - held).await?;
-            match permits.as_mut() {
-                Some(p) => p.merge(more),
-                None => permits = Some(more),
-            }
-            held = after;
+        if !held.take(data.len(), state.read_timeout).await {
+            return Err(ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "too many request bytes in flight; retry".into(),
+            });
         }
         bytes.extend_from_slice(&data);
     }
-    Ok(HeldBody {
-        bytes,
-        _permits: permits,
-    })
+    Ok(HeldBody { bytes, _held: held })
 }
 
 /// The HTTP layer in-process (`oneshot` on the router, no sockets): status codes and content
@@ -257,7 +232,7 @@ mod tests {
             read_timeout,
             timer: crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(10)),
             metrics,
-            body_bytes: Arc::new(tokio::sync::Semaphore::new(bytes_in_flight)),
+            body_bytes: ByteBudget::new(bytes_in_flight, max_body_bytes, bytes_in_flight),
         }))
     }
 
@@ -399,6 +374,8 @@ mod tests {
         let router = app_with_budget(2 * mib, Duration::from_secs(10), true, 3 * mib);
         let limits = crate::connections::Limits {
             max_connections: 8,
+            max_connections_per_peer: 8,
+            handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
         };
         let handle = axum_server::Handle::new();

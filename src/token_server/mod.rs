@@ -48,7 +48,13 @@ pub struct TokenServerConfig {
     /// revokes its tokens here within `cacheFor`).
     #[serde(default)]
     pub token_review: review::TokenReviewConfig,
-    /// A client gets this long for its TLS handshake and for each request's headers.
+    /// A client gets this long to complete its TLS handshake.
+    #[serde(
+        default = "crate::config::default_handshake_timeout",
+        deserialize_with = "crate::core::duration::field"
+    )]
+    pub handshake_timeout: Duration,
+    /// A client gets this long for each request's headers, and the whole request.
     #[serde(
         default = "crate::config::default_read_timeout",
         deserialize_with = "crate::core::duration::field"
@@ -60,9 +66,13 @@ pub struct TokenServerConfig {
         deserialize_with = "crate::core::duration::field"
     )]
     pub idle_timeout: Duration,
-    /// Connections open at once; further ones are closed at once, with a log line.
+    /// Connections past their TLS handshake at once; further ones are closed, with a log line.
     #[serde(default = "crate::config::default_max_connections")]
     pub max_connections: usize,
+    /// Connections from one IP address at once, handshakes included. Default: half of
+    /// `maxConnections`.
+    #[serde(default)]
+    pub max_connections_per_peer: Option<usize>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -94,6 +104,18 @@ fn default_token_issuer() -> String {
 }
 
 impl TokenServerConfig {
+    /// The server's connection limits, defaults resolved.
+    pub fn connection_limits(&self) -> crate::connections::Limits {
+        crate::connections::Limits {
+            max_connections: self.max_connections,
+            max_connections_per_peer: self
+                .max_connections_per_peer
+                .unwrap_or_else(|| crate::connections::default_per_peer(self.max_connections)),
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         Self::validated(read_yaml(path)?)
     }
@@ -147,6 +169,16 @@ impl TokenServerConfig {
         }
         if config.max_connections == 0 {
             err("maxConnections", "must be at least 1".into());
+        }
+        if let Some(m) = crate::connections::check_per_peer(
+            config.max_connections_per_peer,
+            config.max_connections,
+            "maxConnections",
+        ) {
+            err("maxConnectionsPerPeer", m);
+        }
+        if let Some(m) = crate::connections::check_handshake_timeout(config.handshake_timeout) {
+            err("handshakeTimeout", m);
         }
         if config.leeway > Duration::from_secs(300) {
             err("leeway", "must be at most 5m".into());
@@ -277,6 +309,20 @@ rules:
             "tokenLifetime: ",
             "rules[0].repositories: ",
         ] {
+            assert!(e.contains(path), "{path} in {e}");
+        }
+        let limits = c.connection_limits();
+        assert_eq!(
+            (limits.max_connections_per_peer, limits.handshake_timeout),
+            (256, Duration::from_secs(3))
+        );
+        let e = TokenServerConfig::from_yaml(
+            &(GOOD.to_string()
+                + "maxConnections: 4\nmaxConnectionsPerPeer: 5\nhandshakeTimeout: 2m\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        for path in ["maxConnectionsPerPeer: ", "handshakeTimeout: "] {
             assert!(e.contains(path), "{path} in {e}");
         }
         let e = TokenServerConfig::from_yaml(&GOOD.replace("service:", "servce:"))

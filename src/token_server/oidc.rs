@@ -1,8 +1,9 @@
 //! Verifies Kubernetes service-account tokens against the cluster's OIDC issuer: keys from the
-//! issuer's discovery document (or a configured JWKS URL), cached and fetched again when a token
-//! names a key not seen yet (the API server rotated its key); RS256 only (the algorithm is
-//! pinned, so `none` or an HMAC "signed" with the public key cannot pass); `iss`, `aud`, `exp`
-//! and `nbf` checked with a small leeway. Errors say what failed, never echo the token.
+//! issuer's discovery document (its `jwks_uri` only on the issuer's own host, over HTTPS) or a
+//! configured JWKS URL, cached and fetched again when a token names a key not seen yet (the API
+//! server rotated its key); RS256 only (the algorithm is pinned, so `none` or an HMAC "signed"
+//! with the public key cannot pass); `iss`, `aud`, `exp` and `nbf` checked with a small leeway.
+//! Errors say what failed, never echo the token.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,7 +25,8 @@ pub struct IssuerConfig {
     /// (`kubectl get --raw /.well-known/openid-configuration`).
     pub url: String,
     /// Where the keys are, when the issuer URL is not reachable from here (the API server's own
-    /// `/openid/v1/jwks`). Default: `jwks_uri` of `<url>/.well-known/openid-configuration`.
+    /// `/openid/v1/jwks`). Default: `jwks_uri` of `<url>/.well-known/openid-configuration`, if
+    /// it is on the issuer's own host, over https (the request carries `tokenFile`'s token).
     #[serde(default)]
     pub jwks_uri: Option<String>,
     /// Trusted besides the system's roots for those requests (the API server's CA).
@@ -306,11 +308,13 @@ impl Verifier {
                     self.config.url.trim_end_matches('/')
                 ))
                 .await?;
-                serde_json::from_slice::<Discovery>(&body)
+                let named = serde_json::from_slice::<Discovery>(&body)
                     .map_err(|_| {
                         VerifyError::Keys("the discovery document has no jwks_uri".into())
                     })?
-                    .jwks_uri
+                    .jwks_uri;
+                same_origin_https(&named, &self.config.url)?;
+                named
             }
         };
         let body = get(jwks_uri).await?;
@@ -333,9 +337,58 @@ impl Verifier {
     }
 }
 
+/// The token server's own token goes with the key request: a `jwks_uri` the discovery
+/// document names is fetched only from the issuer's own scheme, host and port, over HTTPS. Keys
+/// kept elsewhere are for `issuer.jwksUri` to name.
+fn same_origin_https(jwks_uri: &str, issuer: &str) -> Result<(), VerifyError> {
+    let origin = |u: &str| {
+        let u = reqwest::Url::parse(u).ok()?;
+        Some((
+            u.scheme().to_string(),
+            u.host_str()?.to_string(),
+            u.port_or_known_default()?,
+        ))
+    };
+    match (origin(jwks_uri), origin(issuer)) {
+        (Some(named), Some(own)) if named.0 == "https" && named == own => Ok(()),
+        (named, _) => Err(VerifyError::Keys(format!(
+            "the discovery document names jwks_uri on {}, not on the issuer's own host over \
+             https: not fetched (set issuer.jwksUri to fetch the keys from there)",
+            named.map_or("an unreadable URL".to_string(), |(scheme, host, port)| {
+                format!("{:?}", format!("{scheme}://{host}:{port}"))
+            })
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_discovered_jwks_uri_must_be_the_issuers_own_host_over_https() {
+        let issuer = "https://oidc.example.com/id/abc";
+        for good in [
+            "https://oidc.example.com/id/abc/keys",
+            "https://OIDC.example.com:443/openid/v1/jwks",
+        ] {
+            assert_eq!(same_origin_https(good, issuer), Ok(()), "{good}");
+        }
+        for bad in [
+            "https://attacker.example/jwks",
+            "https://oidc.example.com.attacker.example/jwks",
+            "https://oidc.example.com:8443/jwks",
+            "http://oidc.example.com/jwks",
+            "https://user@attacker.example/jwks",
+            "not a url",
+        ] {
+            let e = same_origin_https(bad, issuer).unwrap_err();
+            assert!(e.to_string().contains("issuer.jwksUri"), "{bad}: {e}");
+        }
+        // An http issuer (loopback) does not make an http key URL acceptable.
+        let e = same_origin_https("http://127.0.0.1:8080/jwks", "http://127.0.0.1:8080");
+        assert!(e.is_err());
+    }
 
     fn verifier() -> Verifier {
         let config = IssuerConfig {

@@ -16,8 +16,8 @@ use jiff::Timestamp;
 use serde_json::json;
 
 use super::issue::{Signer, SignerError};
-use super::oidc::Verifier;
-use super::review::TokenReviewer;
+use super::oidc::{Verifier, VerifyError};
+use super::review::{ReviewError, TokenReviewer};
 use super::rules::{self, Access};
 use super::TokenServerConfig;
 
@@ -111,10 +111,7 @@ impl TokenServer {
         let listener = std::net::TcpListener::bind(config.listen).map_err(listen_error)?;
         listener.set_nonblocking(true).map_err(listen_error)?;
         let local_addr = listener.local_addr().map_err(listen_error)?;
-        let limits = crate::connections::Limits {
-            max_connections: config.max_connections,
-            idle_timeout: config.idle_timeout,
-        };
+        let limits = config.connection_limits();
         let read_timeout = config.read_timeout;
         let state = Arc::new(AppState {
             config,
@@ -184,6 +181,11 @@ fn router(state: Arc<AppState>) -> axum::Router {
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
 }
+
+/// The refusal when the fault is here, not in the token (the issuer's keys could not be
+/// fetched, the API server did not answer): the caller is not told what went wrong inside;
+/// the log says.
+const NOT_VERIFIED: &str = "service-account token refused: it cannot be verified now";
 
 fn unauthorized(message: &str) -> Response {
     let body = json!({"errors": [{"code": "UNAUTHORIZED", "message": message}]});
@@ -274,7 +276,10 @@ async fn token(
         Ok(v) => v,
         Err(e) => {
             tracing::info!(requested = ?describe(&requested), granted = "nothing", reason = ?e.to_string(), "token refused");
-            return unauthorized(&format!("service-account token refused: {e}"));
+            return match e {
+                VerifyError::Keys(_) => unauthorized(NOT_VERIFIED),
+                e => unauthorized(&format!("service-account token refused: {e}")),
+            };
         }
     };
     if let Some(reviewer) = &state.reviewer {
@@ -284,7 +289,10 @@ async fn token(
             .await
         {
             tracing::info!(subject = ?verified.subject, requested = ?describe(&requested), granted = "nothing", reason = ?e.to_string(), "token refused");
-            return unauthorized(&format!("service-account token refused: {e}"));
+            return match e {
+                ReviewError::Unavailable(_) => unauthorized(NOT_VERIFIED),
+                e => unauthorized(&format!("service-account token refused: {e}")),
+            };
         }
     }
     let granted = rules::grant(&state.config.rules, &verified.identity, &requested);
@@ -415,6 +423,42 @@ rules:
         }
         assert!(
             text.contains("reason=\"control characters in scope\""),
+            "{text}"
+        );
+    }
+
+    /// Issue 23, point 13: a token that cannot be checked because the issuer's keys cannot be
+    /// fetched is refused with a plain 401; why is in the log, not in the answer.
+    #[tokio::test]
+    async fn a_key_fetch_failure_is_a_plain_401_and_its_detail_is_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let part = |s: &str| crate::sources::jwt::encode_part(s.as_bytes());
+        let token = format!(
+            "{}.{}.{}",
+            part(r#"{"alg":"RS256","kid":"k1"}"#),
+            part("{}"),
+            part("sig")
+        );
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("u:{token}"));
+        let request = axum::http::Request::get("/token?service=registry.test")
+            .header(header::AUTHORIZATION, format!("Basic {basic}"))
+            .body(Body::empty())
+            .unwrap();
+        let response = app(dir.path()).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["errors"][0]["message"], NOT_VERIFIED);
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains("token refused") && text.contains("cannot fetch the issuer's keys"),
             "{text}"
         );
     }

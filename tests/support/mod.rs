@@ -4,6 +4,7 @@
 //! MutatingWebhookConfiguration that the API server calls over TLS.
 #![allow(dead_code)]
 
+pub mod attack;
 pub mod node;
 pub mod proxy;
 pub mod registry;

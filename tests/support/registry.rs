@@ -103,75 +103,9 @@ impl PrivateRegistry {
         let cert_dir = dir.join("certs.d");
         std::fs::create_dir_all(&cert_dir).unwrap();
         std::fs::copy(certs.ca(), cert_dir.join("ca.crt")).unwrap();
-
-        // The token server's signing certificate, which the registry trusts.
-        let signing_key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(
-            rcgen::DnType::CommonName,
-            "pull-secret-injector token signing",
-        );
-        let signing_cert = params.self_signed(&signing_key).unwrap();
-        let (signing_crt, signing_pem) = (dir.join("signing.crt"), dir.join("signing.key"));
-        std::fs::write(&signing_crt, signing_cert.pem()).unwrap();
-        std::fs::write(&signing_pem, signing_key.serialize_pem()).unwrap();
-
-        // The token server fetches the keys from the API server with a token of its own
-        // ServiceAccount (discovery is for authenticated clients on this API server).
-        create_namespace(client, infra, Default::default()).await;
-        let discovery_token = service_account_token(client, infra, "token-server", vec![]).await;
-        // And confirms the tokens it is shown (TokenReview), as the shipped install lets it.
-        let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(json!({
-            "metadata": {"name": format!("{infra}-token-review")},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator"},
-            "subjects": [{"kind": "ServiceAccount", "name": "token-server", "namespace": infra}]
-        }))
-        .unwrap();
-        let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
-            Api::all(client.clone());
-        let _ = bindings
-            .delete(&format!("{infra}-token-review"), &Default::default())
-            .await;
-        bindings
-            .create(&PostParams::default(), &binding)
-            .await
-            .unwrap();
-        let discovery_file = dir.join("discovery-token");
-        std::fs::write(&discovery_file, discovery_token).unwrap();
-        let ts_port = free_port(ip);
-        let config = TokenServerConfig::from_yaml(&format!(
-            r#"
-listen: {ip}:{ts_port}
-tls: {{certFile: {cert}, keyFile: {key}}}
-issuer:
-  url: https://kubernetes.default.svc.cluster.local
-  jwksUri: {server}/openid/v1/jwks
-  caFile: {apiserver_ca}
-  tokenFile: {discovery}
-  audiences: [{SERVICE}]
-service: {SERVICE}
-signing: {{certFile: {signing_crt}, keyFile: {signing_key}}}
-tokenReview: {{url: "{server}", cacheFor: 1s}}
-rules:
-{rules}"#,
-            server = cp.server(),
-            cert = certs.cert().display(),
-            key = certs.key().display(),
-            apiserver_ca = cp.dir.join("pki/apiserver.crt").display(),
-            discovery = discovery_file.display(),
-            signing_crt = signing_crt.display(),
-            signing_key = signing_pem.display(),
-        ))
-        .unwrap();
-        let clock_offset = Arc::new(AtomicI64::new(0));
-        let o = clock_offset.clone();
-        let clock: Clock = Arc::new(move || {
-            jiff::Timestamp::now() + jiff::SignedDuration::from_secs(o.load(Ordering::SeqCst))
-        });
-        let token_server = TokenServer::start(config, clock, &Default::default())
-            .await
-            .expect("token server starts");
-        let realm = format!("https://{ip}:{ts_port}/token");
+        let ts = TestTokenServer::start(cp, client, dir, ip, &certs, infra, rules, "").await;
+        let (signing_crt, realm, clock_offset) = (ts.signing_crt, ts.realm, ts.clock_offset);
+        let token_server = ts.server;
 
         let config = dir.join("registry.yml");
         std::fs::write(
@@ -263,6 +197,112 @@ rules:
     pub async fn shutdown(mut self) {
         if let Some(ts) = self.token_server.take() {
             ts.shutdown().await;
+        }
+    }
+}
+
+/// `pull-secret-injector token-server` as a test runs it, beside the registry or alone.
+pub struct TestTokenServer {
+    pub server: TokenServer,
+    pub addr: std::net::SocketAddr,
+    /// `https://ip:port/token`.
+    pub realm: String,
+    /// The certificate its tokens are signed with, which the registry trusts.
+    pub signing_crt: PathBuf,
+    /// Seconds added to its clock (tokens can be made to look expired).
+    pub clock_offset: Arc<AtomicI64>,
+}
+
+impl TestTokenServer {
+    /// Starts the token server on `ip` with `certs` and its state in `dir`, trusting this
+    /// control plane's tokens; `rules` are YAML list items, `extra` more top-level config.
+    /// `infra` is a namespace for its own ServiceAccount, whose token reads the API server's
+    /// keys and confirms tokens (TokenReview).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        cp: &ControlPlane,
+        client: &kube::Client,
+        dir: &Path,
+        ip: &str,
+        certs: &Certs,
+        infra: &str,
+        rules: &str,
+        extra: &str,
+    ) -> Self {
+        // The token server's signing certificate, which the registry trusts.
+        let signing_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            "pull-secret-injector token signing",
+        );
+        let signing_cert = params.self_signed(&signing_key).unwrap();
+        let (signing_crt, signing_pem) = (dir.join("signing.crt"), dir.join("signing.key"));
+        std::fs::write(&signing_crt, signing_cert.pem()).unwrap();
+        std::fs::write(&signing_pem, signing_key.serialize_pem()).unwrap();
+
+        // The token server fetches the keys from the API server with a token of its own
+        // ServiceAccount (discovery is for authenticated clients on this API server).
+        create_namespace(client, infra, Default::default()).await;
+        let discovery_token = service_account_token(client, infra, "token-server", vec![]).await;
+        // And confirms the tokens it is shown (TokenReview), as the shipped install lets it.
+        let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": format!("{infra}-token-review")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator"},
+            "subjects": [{"kind": "ServiceAccount", "name": "token-server", "namespace": infra}]
+        }))
+        .unwrap();
+        let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
+            Api::all(client.clone());
+        let _ = bindings
+            .delete(&format!("{infra}-token-review"), &Default::default())
+            .await;
+        bindings
+            .create(&PostParams::default(), &binding)
+            .await
+            .unwrap();
+        let discovery_file = dir.join("discovery-token");
+        std::fs::write(&discovery_file, discovery_token).unwrap();
+        let ts_port = free_port(ip);
+        let config = TokenServerConfig::from_yaml(&format!(
+            r#"
+listen: {ip}:{ts_port}
+tls: {{certFile: {cert}, keyFile: {key}}}
+issuer:
+  url: https://kubernetes.default.svc.cluster.local
+  jwksUri: {server}/openid/v1/jwks
+  caFile: {apiserver_ca}
+  tokenFile: {discovery}
+  audiences: [{SERVICE}]
+service: {SERVICE}
+signing: {{certFile: {signing_crt}, keyFile: {signing_key}}}
+tokenReview: {{url: "{server}", cacheFor: 1s}}
+{extra}
+rules:
+{rules}"#,
+            server = cp.server(),
+            cert = certs.cert().display(),
+            key = certs.key().display(),
+            apiserver_ca = cp.dir.join("pki/apiserver.crt").display(),
+            discovery = discovery_file.display(),
+            signing_crt = signing_crt.display(),
+            signing_key = signing_pem.display(),
+        ))
+        .unwrap();
+        let clock_offset = Arc::new(AtomicI64::new(0));
+        let o = clock_offset.clone();
+        let clock: Clock = Arc::new(move || {
+            jiff::Timestamp::now() + jiff::SignedDuration::from_secs(o.load(Ordering::SeqCst))
+        });
+        let server = TokenServer::start(config, clock, &Default::default())
+            .await
+            .expect("token server starts");
+        TestTokenServer {
+            realm: format!("https://{ip}:{ts_port}/token"),
+            addr: server.local_addr,
+            server,
+            signing_crt,
+            clock_offset,
         }
     }
 }
