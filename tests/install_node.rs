@@ -683,8 +683,13 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
     namespace_with_image_pull_secret(&c, &host).await;
     // kustomize takes other kustomizations by relative path only: the overlay sits in this
     // checkout's target directory.
-    let overlay = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("install-overlay-{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let tmp = match tmp.starts_with(repo()) {
+        true => tmp,
+        // CARGO_TARGET_DIR elsewhere: the checkout's own (ignored) target directory.
+        false => repo().join("target/tmp"),
+    };
+    let overlay = tmp.join(format!("install-overlay-{}", std::process::id()));
     std::fs::create_dir_all(&overlay).unwrap();
     let depth = overlay
         .strip_prefix(repo())
