@@ -31,7 +31,7 @@ use crate::core::subject::{IdentityScope, Subject};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::sources::http::HttpClient;
-use crate::sources::MintContext;
+use crate::sources::{MintContext, MintError};
 
 /// A namespace's Secret as last written or adopted, and when it is due.
 #[derive(Clone, Debug)]
@@ -40,12 +40,22 @@ pub struct Fresh {
     pub renew_at: Timestamp,
 }
 
+/// Why a Secret could not be made sure of. Each variant names the object it is about; the
+/// text reaches logs, admission warnings and Events as it is.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ProvisionError {
     #[error("Secret {namespace}/{name} exists and is not managed by pull-secret-injector; it is left untouched")]
     Conflict { namespace: String, name: String },
-    #[error("minting a credential for {registry} failed: {message}")]
-    Mint { registry: String, message: String },
+    #[error("minting a credential for {registry} failed: {source}")]
+    Mint {
+        registry: String,
+        /// Shared: the error is cached with the failed attempt and handed to every waiter.
+        #[source]
+        source: Arc<MintError>,
+    },
+    /// Every mint failed and nothing stored is still unexpired.
+    #[error("minting a credential for {registries} failed: no registry has a usable credential")]
+    NoUsableCredential { registries: String },
     #[error(
         "namespace {namespace} selects no configured registry (annotation {annotation}: {value:?})"
     )]
@@ -58,17 +68,45 @@ pub enum ProvisionError {
     #[error("ServiceAccount {namespace}/{name} does not exist")]
     NoServiceAccount { namespace: String, name: String },
     #[error("{action} Secret {namespace}/{name} failed: {source}")]
-    Api {
+    Secret {
         action: &'static str,
         namespace: String,
         name: String,
         #[source]
         source: KubeError,
     },
+    #[error("listing the pull Secrets in namespace {namespace} failed: {source}")]
+    ListSecrets {
+        namespace: String,
+        #[source]
+        source: KubeError,
+    },
+    #[error("{action} ServiceAccount {namespace}/{name} failed: {source}")]
+    ServiceAccount {
+        action: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: KubeError,
+    },
+    #[error("listing the ServiceAccounts in namespace {namespace} failed: {source}")]
+    ListServiceAccounts {
+        namespace: String,
+        #[source]
+        source: KubeError,
+    },
+    /// The namespace's registry annotation, for a namespace the watch has not seen yet.
+    #[error("reading Namespace {namespace} failed: {source}")]
+    Namespace {
+        namespace: String,
+        #[source]
+        source: KubeError,
+    },
     /// Writers or editors kept getting in the way.
-    #[error("{action} Secret {namespace}/{name} failed: {reason}")]
+    #[error("{action} {kind} {namespace}/{name} failed: {reason}")]
     Contended {
         action: &'static str,
+        kind: &'static str,
         namespace: String,
         name: String,
         reason: &'static str,
@@ -309,7 +347,10 @@ impl Provisioner {
         let list = api
             .list_metadata(&service_account_list())
             .await
-            .map_err(|e| self.sa_error("listing", namespace, "*", e))?;
+            .map_err(|e| ProvisionError::ListServiceAccounts {
+                namespace: namespace.into(),
+                source: e.into(),
+            })?;
         Ok(list
             .items
             .into_iter()
@@ -341,10 +382,13 @@ impl Provisioner {
                     layout::MANAGED_BY_LABEL,
                     layout::MANAGER
                 ));
-                let list = api
-                    .list_metadata(&lp)
-                    .await
-                    .map_err(|e| self.api_error("listing", namespace, "*", e))?;
+                let list =
+                    api.list_metadata(&lp)
+                        .await
+                        .map_err(|e| ProvisionError::ListSecrets {
+                            namespace: namespace.into(),
+                            source: e.into(),
+                        })?;
                 list.items
                     .into_iter()
                     .filter_map(|m| m.metadata.name)
@@ -402,10 +446,12 @@ impl Provisioner {
         make: fn(&serde_json::Value, &str) -> json_patch::Patch,
     ) -> Result<usize, ProvisionError> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let list = api
-            .list(&service_account_list())
-            .await
-            .map_err(|e| self.sa_error("listing", namespace, "*", e))?;
+        let list = api.list(&service_account_list()).await.map_err(|e| {
+            ProvisionError::ListServiceAccounts {
+                namespace: namespace.into(),
+                source: e.into(),
+            }
+        })?;
         let mut patched = 0;
         let mut first_error = None;
         for sa in list {
@@ -469,8 +515,9 @@ impl Provisioner {
                 // Changed under us three times in a row: report it so the reconcile is retried.
                 first_error.get_or_insert(ProvisionError::Contended {
                     action: "patching",
+                    kind: "ServiceAccount",
                     namespace: namespace.into(),
-                    name: format!("for ServiceAccount {name}"),
+                    name,
                     reason: "it kept changing while being patched",
                 });
             }
@@ -494,10 +541,8 @@ impl Provisioner {
         let ns = Api::<Namespace>::all(self.client.clone())
             .get_opt(namespace)
             .await
-            .map_err(|e| ProvisionError::Api {
-                action: "reading namespace for",
+            .map_err(|e| ProvisionError::Namespace {
                 namespace: namespace.into(),
-                name: self.settings.secret_name().to_string(),
                 source: e.into(),
             })?;
         Ok(namespaces::registries_for(
@@ -527,7 +572,7 @@ impl Provisioner {
         name: &str,
         e: kube::Error,
     ) -> ProvisionError {
-        ProvisionError::Api {
+        ProvisionError::Secret {
             action,
             namespace: namespace.into(),
             name: name.into(),
@@ -542,10 +587,10 @@ impl Provisioner {
         name: &str,
         e: kube::Error,
     ) -> ProvisionError {
-        ProvisionError::Api {
+        ProvisionError::ServiceAccount {
             action,
             namespace: namespace.into(),
-            name: format!("for ServiceAccount {name}"),
+            name: name.into(),
             source: e.into(),
         }
     }
@@ -641,6 +686,7 @@ impl Provisioner {
         }
         Err(ProvisionError::Contended {
             action: "writing",
+            kind: "Secret",
             namespace: namespace.into(),
             name,
             reason: "conflicting writers",
@@ -757,9 +803,8 @@ impl Provisioner {
         }
         if credentials.is_empty() {
             self.failures.incomplete_write(&subject.key());
-            return Err(ProvisionError::Mint {
-                registry: configured.join(", "),
-                message: "no registry has a usable credential".into(),
+            return Err(ProvisionError::NoUsableCredential {
+                registries: configured.join(", "),
             });
         }
         Ok((credentials, failures.len()))
@@ -864,7 +909,7 @@ impl Provisioner {
             let result = r.source.mint(cx, &r.host).await;
             self.metrics.mint(r.source.name(), result.is_ok(), started.elapsed().as_secs_f64());
             tracing::debug!(namespace, registry = %r.host, source = r.source.name(), ok = result.is_ok(), elapsed_ms = started.elapsed().as_millis() as u64, "minted");
-            let result = result.map_err(|e| ProvisionError::Mint { registry: r.host.clone(), message: e.to_string() });
+            let result = result.map_err(|e| ProvisionError::Mint { registry: r.host.clone(), source: Arc::new(e) });
             (r.host.clone(), result)
         });
         let mut minted = Vec::new();
@@ -885,5 +930,109 @@ impl Provisioner {
         note: &str,
     ) {
         self.events.warn(regarding, "Provision", reason, note).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kube_error() -> KubeError {
+        kube::Error::Api(
+            kube::core::Status::failure("forbidden by policy", "Forbidden")
+                .with_code(403)
+                .boxed(),
+        )
+        .into()
+    }
+
+    /// Every variant names what it is about in a sentence an operator can read (these texts
+    /// reach logs, admission warnings and Events); none runs a word into a name or a `*`.
+    #[test]
+    fn errors_read_as_sentences() {
+        let ns = || "team-a".to_string();
+        let cases = [
+            (
+                ProvisionError::ListServiceAccounts { namespace: ns(), source: kube_error() },
+                "listing the ServiceAccounts in namespace team-a failed: ",
+            ),
+            (
+                ProvisionError::ListSecrets { namespace: ns(), source: kube_error() },
+                "listing the pull Secrets in namespace team-a failed: ",
+            ),
+            (
+                ProvisionError::Namespace { namespace: ns(), source: kube_error() },
+                "reading Namespace team-a failed: ",
+            ),
+            (
+                ProvisionError::ServiceAccount {
+                    action: "patching",
+                    namespace: ns(),
+                    name: "builder".into(),
+                    source: kube_error(),
+                },
+                "patching ServiceAccount team-a/builder failed: ",
+            ),
+            (
+                ProvisionError::Secret {
+                    action: "reading",
+                    namespace: ns(),
+                    name: "pull-secret".into(),
+                    source: kube_error(),
+                },
+                "reading Secret team-a/pull-secret failed: ",
+            ),
+            (
+                ProvisionError::Contended {
+                    action: "patching",
+                    kind: "ServiceAccount",
+                    namespace: ns(),
+                    name: "builder".into(),
+                    reason: "it kept changing while being patched",
+                },
+                "patching ServiceAccount team-a/builder failed: it kept changing while being patched",
+            ),
+            (
+                ProvisionError::NoUsableCredential { registries: "cgr.dev, quay.io".into() },
+                "minting a credential for cgr.dev, quay.io failed: no registry has a usable credential",
+            ),
+        ];
+        for (error, start) in cases {
+            let text = error.to_string();
+            assert!(
+                text.starts_with(start),
+                "{text:?} should start with {start:?}"
+            );
+            assert!(!text.contains('*') && !text.contains("/for "), "{text:?}");
+        }
+    }
+
+    /// The API server's answer is kept as the source, and shown.
+    #[test]
+    fn api_errors_keep_their_source() {
+        let e = ProvisionError::ListServiceAccounts {
+            namespace: "team-a".into(),
+            source: kube_error(),
+        };
+        assert!(e.to_string().contains("forbidden by policy"), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+    }
+
+    /// A failed mint keeps the source's typed error as its `source`, and its text.
+    #[test]
+    fn mint_errors_keep_the_typed_source() {
+        let e = ProvisionError::Mint {
+            registry: "cgr.dev".into(),
+            source: Arc::new(MintError::Unusable {
+                source_name: "chainguard",
+                reason: "empty token".into(),
+            }),
+        };
+        assert_eq!(
+            e.to_string(),
+            "minting a credential for cgr.dev failed: chainguard returned an unusable credential: empty token"
+        );
+        let source = std::error::Error::source(&e).expect("a source");
+        assert!(source.downcast_ref::<Arc<MintError>>().is_some());
     }
 }
