@@ -208,6 +208,15 @@ fn bad_request(message: &str) -> Response {
         .into_response()
 }
 
+/// A fault here (the log has the detail), in the same JSON shape as the other answers.
+fn internal_error(message: &str) -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        axum::Json(json!({"errors": [{"code": "UNKNOWN", "message": message}]})),
+    )
+        .into_response()
+}
+
 /// The password of a Basic Authorization header.
 fn basic_password(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -305,7 +314,10 @@ async fn token(
         lifetime,
     ) {
         Ok(t) => t,
-        Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "signing failed").into_response(),
+        Err(e) => {
+            tracing::error!(subject = ?verified.subject, requested = ?describe(&requested), error = ?e, "token signing failed");
+            return internal_error("the token could not be signed");
+        }
     };
     tracing::info!(
         subject = ?verified.subject,
@@ -382,6 +394,20 @@ rules:
         let status = response.status();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         (status, serde_json::from_slice(&body).unwrap_or_default())
+    }
+
+    /// A signing failure is answered like every other error here: the registry error shape,
+    /// not plain text (a client that parses the body gets a message, not a parse error).
+    #[tokio::test]
+    async fn an_internal_fault_answers_in_the_json_error_shape() {
+        let response = internal_error("the token could not be signed");
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body["errors"][0]["message"], "the token could not be signed",
+            "{body}"
+        );
     }
 
     #[tokio::test]
