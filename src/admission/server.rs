@@ -1,4 +1,5 @@
-//! HTTPS: `POST /mutate` (AdmissionReview), `GET /healthz`, `GET /readyz`. Errors are JSON
+//! HTTPS: `POST /mutate` (AdmissionReview), `GET /healthz`, `GET /readyz`, `GET /metrics`
+//! (OpenMetrics text). Errors are JSON
 //! bodies with a status code, never axum's plain-text rejections.
 
 use std::net::IpAddr;
