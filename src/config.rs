@@ -60,7 +60,7 @@ pub struct Config {
     pub pull_secret_updater: Option<crate::compat::updater::UpdaterConfig>,
     /// How exchanging token sources reach their endpoints.
     #[serde(default)]
-    pub http: crate::sources::http::HttpConfig,
+    pub http: crate::http::HttpConfig,
     pub registries: Vec<RegistryConfig>,
 }
 

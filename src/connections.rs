@@ -636,8 +636,8 @@ mod tests {
         }
     }
 
-    fn hyper_util_timer() -> crate::admission::coarse_timer::CoarseTimer {
-        crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(10))
+    fn hyper_util_timer() -> crate::coarse_timer::CoarseTimer {
+        crate::coarse_timer::CoarseTimer::start(Duration::from_millis(10))
     }
 
     const LIMITS: Limits = Limits {

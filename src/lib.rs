@@ -15,11 +15,13 @@
 
 pub mod admission;
 pub mod cluster;
+pub mod coarse_timer;
 pub mod compat;
 pub mod config;
 pub mod connections;
 pub mod core;
 pub mod credential_provider;
+pub mod http;
 pub mod metrics;
 pub mod ops;
 pub mod refresh;

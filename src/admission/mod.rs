@@ -4,7 +4,6 @@
 //! `core::patch`.
 
 pub mod bytes;
-pub mod coarse_timer;
 pub mod decide;
 pub mod review;
 pub mod server;

@@ -23,13 +23,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::cluster::{Events, KubeError};
+use crate::core::jwt;
+use crate::http::HttpClient;
 use crate::metrics::Metrics;
 use crate::secret::layout::{self, DOCKER_CONFIG_KEY, DOCKER_CONFIG_TYPE};
 use crate::secret::renewal;
 use crate::sources::chainguard::ChainguardSource;
-use crate::sources::http::HttpClient;
 use crate::sources::kubernetes::ServiceAccountToken;
-use crate::sources::{jwt, MintContext};
+use crate::sources::MintContext;
 
 pub const IDENTITY_ANNOTATION: &str = "pull-secret-updater.chainguard.dev/identity";
 /// The identity the stored token was minted for: a changed annotation means a new token.

@@ -28,9 +28,9 @@ use crate::core::credential::Credential;
 use crate::core::namespaces::{self, Selection};
 use crate::core::patch;
 use crate::core::subject::{IdentityScope, Subject};
+use crate::http::HttpClient;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
-use crate::sources::http::HttpClient;
 use crate::sources::{MintContext, MintError};
 
 /// A namespace's Secret as last written or adopted, and when it is due.

@@ -10,7 +10,8 @@ use serde::Deserialize;
 
 use super::kubernetes::ServiceAccountToken;
 use super::sigv4::{self, AwsKeys, SignableRequest};
-use super::{http, Credential, MintError, Presented, Sensitive};
+use super::{Credential, MintError, Presented, Sensitive};
+use crate::http;
 
 const NAME: &str = "ecr";
 pub const ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";

@@ -18,8 +18,6 @@ pub mod docker_hub;
 pub mod ecr;
 pub mod exchange;
 pub mod gcp;
-pub mod http;
-pub mod jwt;
 pub mod kubernetes;
 pub mod quay;
 pub mod sigv4;
@@ -31,6 +29,8 @@ use jiff::Timestamp;
 
 use crate::cluster::KubeError;
 use crate::core::credential::{Credential, Sensitive};
+use crate::core::jwt;
+use crate::http;
 
 /// The token sources, as the config file names them (`registries[].<source>`).
 #[derive(Clone, Debug)]

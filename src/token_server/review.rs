@@ -13,7 +13,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::core::credential::Sensitive;
-use crate::sources::http::{HttpClient, HttpClientError, HttpConfig, ProxyEnv};
+use crate::http::{HttpClient, HttpClientError, HttpConfig, ProxyEnv};
 use crate::sources::MintError;
 
 /// `tokenReview:` in the token server's config.

@@ -32,7 +32,7 @@ pub enum TokenServerError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
-    Http(#[from] crate::sources::http::HttpClientError),
+    Http(#[from] crate::http::HttpClientError),
     #[error(transparent)]
     TokenReview(#[from] super::review::ProbeError),
     #[error("cannot listen on {addr}: {source}")]
@@ -80,7 +80,7 @@ impl TokenServer {
     pub async fn start(
         config: TokenServerConfig,
         clock: Clock,
-        proxy: &crate::sources::http::ProxyEnv,
+        proxy: &crate::http::ProxyEnv,
     ) -> Result<Self, TokenServerError> {
         let cert = Arc::new(crate::tls::ReloadingCert::load(
             &config.tls.cert_file,
@@ -122,7 +122,7 @@ impl TokenServer {
         });
         let app = router(state);
         let handle = axum_server::Handle::new();
-        let timer = crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(100));
+        let timer = crate::coarse_timer::CoarseTimer::start(Duration::from_millis(100));
         let app = app.layer(axum::middleware::from_fn(
             move |request: axum::extract::Request, next: axum::middleware::Next| async move {
                 // No request here needs a body or waits long: a stalled one is cut off.
@@ -465,7 +465,7 @@ rules:
             .with_ansi(false)
             .finish();
         let _guard = tracing::subscriber::set_default(subscriber);
-        let part = |s: &str| crate::sources::jwt::encode_part(s.as_bytes());
+        let part = |s: &str| crate::core::jwt::encode_part(s.as_bytes());
         let token = format!(
             "{}.{}.{}",
             part(r#"{"alg":"RS256","kid":"k1"}"#),

@@ -13,7 +13,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
-use super::{MintError, Sensitive};
+use crate::core::credential::Sensitive;
+use crate::sources::MintError;
 
 /// `http:` in the config file: how exchanging sources reach token endpoints.
 #[derive(Clone, Debug, Deserialize)]
