@@ -14,7 +14,7 @@ use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
 use crate::core::credential::Sensitive;
-use crate::sources::MintError;
+use crate::sources::shared::MintError;
 
 /// `http:` in the config file: how exchanging sources reach token endpoints.
 #[derive(Clone, Debug, Deserialize)]
