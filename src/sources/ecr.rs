@@ -243,7 +243,11 @@ impl EcrSource {
                 builder
             })
             .await?;
-        http::parse_json(NAME, "a GetAuthorizationToken response", &body)
+        Ok(http::parse_json(
+            NAME,
+            "a GetAuthorizationToken response",
+            &body,
+        )?)
     }
 }
 

@@ -59,6 +59,41 @@ pub enum MintError {
     },
 }
 
+/// A call out that failed is a failed mint, told the same way.
+impl From<http::CallError> for MintError {
+    fn from(e: http::CallError) -> Self {
+        match e {
+            http::CallError::Transport {
+                source_name,
+                endpoint,
+                message,
+            } => Self::Transport {
+                source_name,
+                endpoint,
+                message,
+            },
+            http::CallError::Refused {
+                source_name,
+                endpoint,
+                status,
+                detail,
+            } => Self::Refused {
+                source_name,
+                endpoint,
+                status,
+                detail,
+            },
+            http::CallError::Unusable {
+                source_name,
+                reason,
+            } => Self::Unusable {
+                source_name,
+                reason,
+            },
+        }
+    }
+}
+
 /// What checking a source's settings needs from the rest of the config.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Checks {
