@@ -264,6 +264,7 @@ impl Provisioner {
             // Unknown or no registries are for `provision` to report.
             if selection.unknown.is_empty() && !selection.hosts.is_empty() {
                 let configured: Vec<&str> = selection.hosts.iter().map(String::as_str).collect();
+                self.record_stored(subject, Some(&issued));
                 if let Ok(fresh) =
                     self.decide(subject, Some(&issued), &configured, Timestamp::now())
                 {
@@ -280,6 +281,7 @@ impl Provisioner {
     /// Records a Secret known to be fresh (as written by another replica), without reading it.
     pub async fn remember(&self, subject: &Subject, issued: Issued) {
         let selection = self.selection_from_store(&subject.namespace);
+        self.record_stored(subject, Some(&issued));
         let fresh = self.fresh(subject, issued, &selection.hosts);
         self.failures.provisioned(&subject.key());
         self.cache.insert(subject.key(), fresh).await;
@@ -455,77 +457,83 @@ impl Provisioner {
         let mut patched = 0;
         let mut first_error = None;
         for sa in list {
-            let name = sa.metadata.name.clone().unwrap_or_default();
-            let mut current = Some(sa);
-            let mut settled = false;
-            for _attempt in 0..3 {
-                let Some(sa) = current.take() else {
-                    settled = true; // deleted meanwhile
-                    break;
-                };
-                let value = serde_json::to_value(&sa).unwrap_or_default();
-                let mut p = make(
-                    &value,
-                    &self
-                        .settings
-                        .secret_of(&self.settings.subject_for(namespace, &name)),
-                );
-                if p.0.is_empty() {
-                    settled = true;
-                    break;
+            match self
+                .patch_service_account(&api, namespace, sa, make)
+                .await?
+            {
+                Ok(true) => patched += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
                 }
-                p.0.insert(
-                    0,
-                    json_patch::PatchOperation::Test(json_patch::TestOperation {
-                        path: json_patch::jsonptr::PointerBuf::from_tokens([
-                            "metadata",
-                            "resourceVersion",
-                        ]),
-                        value: serde_json::json!(sa.metadata.resource_version),
-                    }),
-                );
-                match api
-                    .patch(&name, &PatchParams::default(), &Patch::<()>::Json(p))
-                    .await
-                {
-                    Ok(_) => {
-                        patched += 1;
-                        settled = true;
-                        break;
-                    }
-                    Err(kube::Error::Api(s)) if s.code == 404 => {
-                        settled = true;
-                        break;
-                    }
-                    // The `test` failed: the ServiceAccount changed since it was read.
-                    Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
-                        current = api
-                            .get_opt(&name)
-                            .await
-                            .map_err(|e| self.sa_error("reading", namespace, &name, e))?;
-                    }
-                    Err(e) => {
-                        first_error.get_or_insert(self.sa_error("patching", namespace, &name, e));
-                        settled = true;
-                        break;
-                    }
-                }
-            }
-            if !settled {
-                // Changed under us three times in a row: report it so the reconcile is retried.
-                first_error.get_or_insert(ProvisionError::Contended {
-                    action: "patching",
-                    kind: "ServiceAccount",
-                    namespace: namespace.into(),
-                    name,
-                    reason: "it kept changing while being patched",
-                });
             }
         }
         match first_error {
             Some(e) => Err(e),
             None => Ok(patched),
         }
+    }
+
+    /// Applies `make`'s patch to one ServiceAccount, reading it again when it changed under the
+    /// patch: `Ok(Ok(true))` if it was patched, `Ok(Ok(false))` if there was nothing to do or it
+    /// is gone, `Ok(Err(_))` if it could not be patched (the others still are), `Err(_)` if it
+    /// could not be read again (that ends the pass).
+    async fn patch_service_account(
+        &self,
+        api: &Api<ServiceAccount>,
+        namespace: &str,
+        sa: ServiceAccount,
+        make: fn(&serde_json::Value, &str) -> json_patch::Patch,
+    ) -> Result<Result<bool, ProvisionError>, ProvisionError> {
+        let name = sa.metadata.name.clone().unwrap_or_default();
+        let secret = self
+            .settings
+            .secret_of(&self.settings.subject_for(namespace, &name));
+        let mut current = Some(sa);
+        for _attempt in 0..3 {
+            // None: deleted meanwhile.
+            let Some(sa) = current.take() else {
+                return Ok(Ok(false));
+            };
+            let value = serde_json::to_value(&sa).unwrap_or_default();
+            let mut p = make(&value, &secret);
+            if p.0.is_empty() {
+                return Ok(Ok(false));
+            }
+            p.0.insert(
+                0,
+                json_patch::PatchOperation::Test(json_patch::TestOperation {
+                    path: json_patch::jsonptr::PointerBuf::from_tokens([
+                        "metadata",
+                        "resourceVersion",
+                    ]),
+                    value: serde_json::json!(sa.metadata.resource_version),
+                }),
+            );
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::<()>::Json(p))
+                .await
+            {
+                Ok(_) => return Ok(Ok(true)),
+                Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Ok(false)),
+                // The `test` failed: the ServiceAccount changed since it was read.
+                Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
+                    current = api
+                        .get_opt(&name)
+                        .await
+                        .map_err(|e| self.sa_error("reading", namespace, &name, e))?;
+                }
+                Err(e) => return Ok(Err(self.sa_error("patching", namespace, &name, e))),
+            }
+        }
+        // Changed under us three times in a row: report it so the reconcile is retried.
+        Ok(Err(ProvisionError::Contended {
+            action: "patching",
+            kind: "ServiceAccount",
+            namespace: namespace.into(),
+            name,
+            reason: "it kept changing while being patched",
+        }))
     }
 
     /// The registries `namespace` gets, from its annotation as the watch last saw it; a
@@ -624,6 +632,7 @@ impl Provisioner {
                 Assessment::Missing | Assessment::Tampered | Assessment::Outdated => None,
             };
             let now = Timestamp::now();
+            self.record_stored(subject, previous.as_ref());
             let plan = match self.decide(subject, previous.as_ref(), &configured, now) {
                 Ok(fresh) => {
                     tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
@@ -664,6 +673,7 @@ impl Provisioner {
                         self.failures.incomplete_write(&subject.key());
                     }
                     self.failures.provisioned(&subject.key());
+                    self.record_stored(subject, Some(&issued));
                     let fresh = self.fresh(subject, issued, &configured);
                     tracing::info!(%subject, secret = %name, minted = ?plan.mint, failed, expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
                     return Ok(fresh);
@@ -854,8 +864,6 @@ impl Provisioner {
 
     /// What to do about a stored Secret: its cache entry when nothing is due (it covers exactly
     /// the configured registries and none is due yet), otherwise the plan of what to write.
-    /// Records the stored expiry for the metrics either way: should the renewal fail, they
-    /// still show how long the stored credentials last.
     fn decide(
         &self,
         subject: &Subject,
@@ -864,29 +872,27 @@ impl Provisioner {
         now: Timestamp,
     ) -> Result<Fresh, renewal::Plan> {
         match self.schedule(subject).decide(stored, configured, now) {
-            renewal::Decision::Keep { issued, renew_at } => {
-                self.metrics
-                    .secret_written(&subject.key(), issued.expires_at);
-                Ok(Fresh {
-                    issued: issued.clone(),
-                    renew_at,
-                })
-            }
-            renewal::Decision::Write(plan) => {
-                if let Some(issued) = stored {
-                    self.metrics
-                        .secret_written(&subject.key(), issued.expires_at);
-                }
-                Err(plan)
-            }
+            renewal::Decision::Keep { issued, renew_at } => Ok(Fresh {
+                issued: issued.clone(),
+                renew_at,
+            }),
+            renewal::Decision::Write(plan) => Err(plan),
         }
     }
 
-    /// The renewal time of credentials just written (or known to be stored); also records their
-    /// expiry for the metrics.
+    /// Records the expiry of credentials stored (found, or just written) for the metrics. Found
+    /// ones are recorded before any renewal: should it fail, the metrics still show how long
+    /// the stored credentials last.
+    fn record_stored(&self, subject: &Subject, issued: Option<&Issued>) {
+        if let Some(issued) = issued {
+            self.metrics
+                .secret_written(&subject.key(), issued.expires_at);
+        }
+    }
+
+    /// The renewal time of credentials just written (or known to be stored).
     fn fresh(&self, subject: &Subject, issued: Issued, configured: &[impl AsRef<str>]) -> Fresh {
         let key = subject.key();
-        self.metrics.secret_written(&key, issued.expires_at);
         let configured: Vec<&str> = configured.iter().map(AsRef::as_ref).collect();
         let incomplete = self.failures.incomplete(&key);
         let retry = renewal::retry_delay(incomplete.max(1), 0.5 + fastrand::f64());
