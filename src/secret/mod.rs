@@ -1,9 +1,11 @@
 //! The pull Secret: its [`layout`] (what is written and how it is read back), [`renewal`]
-//! timing, the [`pacer`] that spaces out mints, and the [`provisioner`] that mints through
-//! `sources`, caches, single-flights and writes it.
+//! timing, the pure `write` plan (the next version's credentials), the [`pacer`] that spaces
+//! out mints, and the [`provisioner`] that mints through `sources`, caches, single-flights and
+//! writes it.
 
 pub mod failures;
 pub mod layout;
 pub mod pacer;
 pub mod provisioner;
 pub mod renewal;
+pub(crate) mod write;

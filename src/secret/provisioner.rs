@@ -7,13 +7,14 @@
 //! makes no API call at all, and concurrent admissions in a cold namespace share one mint
 //! (moka's `try_get_with` runs a single initialiser per key).
 
+mod accounts;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Preconditions};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::Client;
 use moka::future::Cache;
@@ -23,6 +24,7 @@ use super::failures::Failures;
 use super::layout::{self, Assessment, Issued};
 use super::pacer::{Caller, MintPacer};
 use super::renewal;
+use super::write;
 use crate::cluster::{self, Events, KubeError};
 use crate::core::credential::Credential;
 use crate::core::namespaces::{self, Selection};
@@ -134,16 +136,6 @@ pub struct Provisioner {
 const ABSENT_ACCOUNT_TTL: Duration = Duration::from_secs(10);
 /// ServiceAccounts remembered as missing at most (names come from reviews).
 const ABSENT_ACCOUNTS_KEPT: u64 = 10_000;
-
-/// ServiceAccount lists are served from the API server's watch cache (`resourceVersion=0`)
-/// instead of a quorum read from etcd: with many namespaces opting in at once, or ServiceAccounts
-/// created while the webhook was down, these lists come by the thousand. Such a list can lag a
-/// little. A patch computed from an older version fails its `resourceVersion` test and is
-/// redone; a ServiceAccount created moments ago and missing from the list was patched at its
-/// admission, or is picked up by the namespace's next reconcile.
-fn service_account_list() -> ListParams {
-    ListParams::default().match_any()
-}
 
 /// Cache entries live until their renewal time, so an entry that is present is fresh.
 struct UntilRenewal;
@@ -343,23 +335,6 @@ impl Provisioner {
         tracing::debug!(%subject, "forgot a deleted ServiceAccount's Secret");
     }
 
-    /// The names of the namespace's ServiceAccounts.
-    pub async fn service_accounts(&self, namespace: &str) -> Result<Vec<String>, ProvisionError> {
-        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let list = api
-            .list_metadata(&service_account_list())
-            .await
-            .map_err(|e| ProvisionError::ListServiceAccounts {
-                namespace: namespace.into(),
-                source: e.into(),
-            })?;
-        Ok(list
-            .items
-            .into_iter()
-            .filter_map(|m| m.metadata.name)
-            .collect())
-    }
-
     /// Opt-out: forgets the namespace, deletes its Secrets that are ours, and takes back the
     /// references this service added to ServiceAccounts.
     pub async fn release(&self, namespace: &str) -> Result<(), ProvisionError> {
@@ -428,114 +403,6 @@ impl Provisioner {
         Ok(())
     }
 
-    /// Adds the Secret to every existing ServiceAccount of the namespace that lacks it (those
-    /// created later are patched at admission). Returns how many were patched.
-    pub async fn attach_to_service_accounts(
-        &self,
-        namespace: &str,
-    ) -> Result<usize, ProvisionError> {
-        self.for_each_service_account(namespace, patch::for_service_account)
-            .await
-    }
-
-    /// Applies `make`'s patch to every ServiceAccount of the namespace. Each patch is tied to the
-    /// version it was computed from (a `test` of `resourceVersion`), so an edit in between (the
-    /// token controller adds to `secrets`) is never overwritten: that ServiceAccount is read
-    /// again and patched anew. One failing ServiceAccount does not stop the others.
-    async fn for_each_service_account(
-        &self,
-        namespace: &str,
-        make: fn(&serde_json::Value, &str) -> json_patch::Patch,
-    ) -> Result<usize, ProvisionError> {
-        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let list = api.list(&service_account_list()).await.map_err(|e| {
-            ProvisionError::ListServiceAccounts {
-                namespace: namespace.into(),
-                source: e.into(),
-            }
-        })?;
-        let mut patched = 0;
-        let mut first_error = None;
-        for sa in list {
-            match self
-                .patch_service_account(&api, namespace, sa, make)
-                .await?
-            {
-                Ok(true) => patched += 1,
-                Ok(false) => {}
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(patched),
-        }
-    }
-
-    /// Applies `make`'s patch to one ServiceAccount, reading it again when it changed under the
-    /// patch: `Ok(Ok(true))` if it was patched, `Ok(Ok(false))` if there was nothing to do or it
-    /// is gone, `Ok(Err(_))` if it could not be patched (the others still are), `Err(_)` if it
-    /// could not be read again (that ends the pass).
-    async fn patch_service_account(
-        &self,
-        api: &Api<ServiceAccount>,
-        namespace: &str,
-        sa: ServiceAccount,
-        make: fn(&serde_json::Value, &str) -> json_patch::Patch,
-    ) -> Result<Result<bool, ProvisionError>, ProvisionError> {
-        let name = sa.metadata.name.clone().unwrap_or_default();
-        let secret = self
-            .settings
-            .secret_of(&self.settings.subject_for(namespace, &name));
-        let mut current = Some(sa);
-        for _attempt in 0..3 {
-            // None: deleted meanwhile.
-            let Some(sa) = current.take() else {
-                return Ok(Ok(false));
-            };
-            let value = serde_json::to_value(&sa).unwrap_or_default();
-            let mut p = make(&value, &secret);
-            if p.0.is_empty() {
-                return Ok(Ok(false));
-            }
-            p.0.insert(
-                0,
-                json_patch::PatchOperation::Test(json_patch::TestOperation {
-                    path: json_patch::jsonptr::PointerBuf::from_tokens([
-                        "metadata",
-                        "resourceVersion",
-                    ]),
-                    value: serde_json::json!(sa.metadata.resource_version),
-                }),
-            );
-            match api
-                .patch(&name, &PatchParams::default(), &Patch::<()>::Json(p))
-                .await
-            {
-                Ok(_) => return Ok(Ok(true)),
-                Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Ok(false)),
-                // The `test` failed: the ServiceAccount changed since it was read.
-                Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
-                    current = api
-                        .get_opt(&name)
-                        .await
-                        .map_err(|e| self.sa_error("reading", namespace, &name, e))?;
-                }
-                Err(e) => return Ok(Err(self.sa_error("patching", namespace, &name, e))),
-            }
-        }
-        // Changed under us three times in a row: report it so the reconcile is retried.
-        Ok(Err(ProvisionError::Contended {
-            action: "patching",
-            kind: "ServiceAccount",
-            namespace: namespace.into(),
-            name,
-            reason: "it kept changing while being patched",
-        }))
-    }
-
     /// The registries `namespace` gets, from its annotation as the watch last saw it; a
     /// namespace the watch has not seen yet (just created) is read from the API server.
     async fn selection(&self, namespace: &str) -> Result<Selection, ProvisionError> {
@@ -581,21 +448,6 @@ impl Provisioner {
         e: kube::Error,
     ) -> ProvisionError {
         ProvisionError::Secret {
-            action,
-            namespace: namespace.into(),
-            name: name.into(),
-            source: e.into(),
-        }
-    }
-
-    fn sa_error(
-        &self,
-        action: &'static str,
-        namespace: &str,
-        name: &str,
-        e: kube::Error,
-    ) -> ProvisionError {
-        ProvisionError::ServiceAccount {
             action,
             namespace: namespace.into(),
             name: name.into(),
@@ -751,9 +603,9 @@ impl Provisioner {
         }
     }
 
-    /// The credentials the next version holds, in configuration order: freshly minted where the
-    /// plan says so, otherwise carried over while unexpired. Returns them and how many mints
-    /// failed; an error when there is nothing new worth writing.
+    /// Mints what the plan says is due (taking a mint slot first), reports failed mints on the
+    /// Secret, and takes the next version's credentials from the pure [`write::next_version`]:
+    /// them in configuration order and how many mints failed, or why nothing is worth writing.
     #[allow(clippy::too_many_arguments)]
     async fn credentials(
         &self,
@@ -762,7 +614,7 @@ impl Provisioner {
         name: &str,
         configured: &[&str],
         plan: &renewal::Plan,
-        mut carried: std::collections::BTreeMap<String, Credential>,
+        carried: std::collections::BTreeMap<String, Credential>,
         now: Timestamp,
     ) -> Result<(Vec<(String, Credential)>, usize), ProvisionError> {
         if !plan.mint.is_empty() {
@@ -770,91 +622,16 @@ impl Provisioner {
         }
         let (minted, failures) = self.mint_some(subject, &plan.mint).await;
         if !failures.is_empty() {
-            let kept: Vec<&str> = failures
-                .iter()
-                .filter(|(h, _)| carried.get(h).is_some_and(|c| c.expires_at > now))
-                .map(|(h, _)| h.as_str())
-                .collect();
-            let summary = failures
-                .iter()
-                .map(|(_, e)| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; ");
-            let note = if kept.is_empty() {
-                format!("{summary}; minting is retried")
-            } else {
-                format!(
-                    "{summary}; the current credentials for {} stay in place until they expire, \
-                     and minting is retried",
-                    kept.join(", ")
-                )
-            };
+            let note = write::mint_failed_note(&failures, &carried, now);
             let regarding = cluster::reference("Secret", &subject.namespace, name);
             self.warn(&regarding, "MintFailed", &note).await;
         }
-        if let Some((_, e)) = failures
-            .first()
-            .filter(|_| minted.is_empty() && plan.drop.is_empty())
-        {
-            // Nothing new to write: the stored Secret, if any, stays as it is.
+        let dropping = !plan.drop.is_empty();
+        let next = write::next_version(configured, &minted, &failures, carried, dropping, now);
+        if next.is_err() {
             self.failures.incomplete_write(&subject.key());
-            return Err(e.clone());
         }
-        let mut credentials: Vec<(String, Credential)> = Vec::new();
-        for host in configured {
-            let fresh = minted
-                .iter()
-                .find(|(h, _)| h == host)
-                .map(|(_, c)| c.clone());
-            let kept = || carried.remove(*host).filter(|c| c.expires_at > now);
-            if let Some(c) = fresh.or_else(kept) {
-                credentials.push((host.to_string(), c));
-            }
-        }
-        if credentials.is_empty() {
-            self.failures.incomplete_write(&subject.key());
-            return Err(ProvisionError::NoUsableCredential {
-                registries: configured.join(", "),
-            });
-        }
-        Ok((credentials, failures.len()))
-    }
-
-    /// An owner reference to ServiceAccount `namespace/name`; `NoServiceAccount` if it does
-    /// not exist (for an admission, also when it did not a moment ago: no GET then).
-    async fn owner(
-        &self,
-        namespace: &str,
-        name: &str,
-        caller: Caller,
-    ) -> Result<OwnerReference, ProvisionError> {
-        let key = format!("{namespace}/{name}");
-        let absent = || ProvisionError::NoServiceAccount {
-            namespace: namespace.into(),
-            name: name.into(),
-        };
-        if caller == Caller::Admission && self.absent_accounts.contains_key(&key) {
-            return Err(absent());
-        }
-        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let found = api
-            .get_opt(name)
-            .await
-            .map_err(|e| self.sa_error("reading", namespace, name, e))?;
-        let Some(sa) = found else {
-            self.absent_accounts.insert(key, ()).await;
-            return Err(absent());
-        };
-        if caller == Caller::Refresher {
-            self.absent_accounts.invalidate(&key).await;
-        }
-        Ok(OwnerReference {
-            api_version: "v1".into(),
-            kind: "ServiceAccount".into(),
-            name: name.into(),
-            uid: sa.metadata.uid.unwrap_or_default(),
-            ..Default::default()
-        })
+        next.map(|v| (v.credentials, v.failed))
     }
 
     /// When the subject's credentials fall due: one schedule for the plan and the freshness.
