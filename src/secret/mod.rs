@@ -3,6 +3,7 @@
 //! out mints, and the [`provisioner`] that mints through `sources`, caches, single-flights and
 //! writes it.
 
+pub mod error;
 pub mod failures;
 pub mod layout;
 pub mod pacer;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 
-use super::provisioner::ProvisionError;
+use super::error::ProvisionError;
 use crate::core::credential::Credential;
 
 /// The next version of a Secret: its credentials in configuration order, and how many mints
