@@ -304,11 +304,6 @@ impl Limited {
             }),
         }
     }
-
-    /// Connections open now, past their handshake.
-    pub fn open(&self) -> usize {
-        self.shared.counts().established.len()
-    }
 }
 
 impl<S> Accept<TcpStream, S> for Limited {

@@ -294,10 +294,6 @@ impl HttpClient {
         self
     }
 
-    pub fn client(&self) -> &reqwest::Client {
-        &self.client
-    }
-
     /// Sends the request `build` makes, retrying timeouts, connection failures, 5xx and 429
     /// with backoff and jitter (a 429's or 503's `Retry-After` is honoured). Returns the body of
     /// a 2xx answer; any other answer is a [`CallError::Refused`] with the server's text, in
