@@ -167,7 +167,7 @@ fn handler() -> Vec<Figure> {
         let metrics = Arc::new(Metrics::default());
         let settings = Arc::new(Settings::new(config.clone(), &Environment::default()).unwrap());
         let events = pull_secret_injector::cluster::Events::new(client.clone(), None);
-        let provisioner = Arc::new(Provisioner::new(client.clone(), pull_secret_injector::sources::http::HttpClient::new(&config.http, &Default::default()).expect("http client"), kube::runtime::reflector::store().0, settings.clone(), events, metrics.clone()));
+        let provisioner = Arc::new(Provisioner::new(client.clone(), pull_secret_injector::http::HttpClient::new(&config.http, &Default::default()).expect("http client"), kube::runtime::reflector::store().0, settings.clone(), events, metrics.clone()));
         let now = Timestamp::now();
         provisioner
             .remember(&pull_secret_injector::core::subject::Subject::namespace("bench"), Issued::single("registry.example.com", now, now + jiff::SignedDuration::from_hours(1)))

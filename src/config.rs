@@ -3,6 +3,8 @@
 //! Parsing reports the path of the field that failed (`registries[0].kubernetes.audience`), and
 //! validation collects every problem at once so that an operator fixes the file in one pass.
 
+pub mod updater;
+
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
@@ -57,10 +59,10 @@ pub struct Config {
     pub identity_scope: crate::core::subject::IdentityScope,
     /// Compatibility with chainguard's pull-secret-updater (annotated Secrets in any namespace).
     #[serde(default)]
-    pub pull_secret_updater: Option<crate::compat::updater::UpdaterConfig>,
+    pub pull_secret_updater: Option<updater::UpdaterConfig>,
     /// How exchanging token sources reach their endpoints.
     #[serde(default)]
-    pub http: crate::sources::http::HttpConfig,
+    pub http: crate::http::HttpConfig,
     pub registries: Vec<RegistryConfig>,
 }
 

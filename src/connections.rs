@@ -304,11 +304,6 @@ impl Limited {
             }),
         }
     }
-
-    /// Connections open now, past their handshake.
-    pub fn open(&self) -> usize {
-        self.shared.counts().established.len()
-    }
 }
 
 impl<S> Accept<TcpStream, S> for Limited {
@@ -636,8 +631,8 @@ mod tests {
         }
     }
 
-    fn hyper_util_timer() -> crate::admission::coarse_timer::CoarseTimer {
-        crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(10))
+    fn hyper_util_timer() -> crate::coarse_timer::CoarseTimer {
+        crate::coarse_timer::CoarseTimer::start(Duration::from_millis(10))
     }
 
     const LIMITS: Limits = Limits {

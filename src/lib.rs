@@ -5,24 +5,26 @@
 //! The folders are the two paths. Follow a request through [`admission`]: the HTTP server, the
 //! wire format, the pure `decide`, and the thin shell around it (namespace lookup, budget,
 //! failure hold). Follow a credential: [`sources`] mint it, [`secret`] caches it, writes it into
-//! the Secret and knows when to renew, and [`refresh`] keeps every Secret renewed in the
+//! the Secret and knows when to renew, and `refresh` keeps every Secret renewed in the
 //! leading replica. Both paths rest on [`core`] (value types and rules, no client, no HTTP).
 //! [`settings`] is built once from [`config`] and the environment and handed to all of them;
-//! [`service`] assembles them. [`compat`], [`ops`], [`token_server`] and
+//! [`service`] assembles them. `compat`, [`ops`], [`token_server`] and
 //! [`credential_provider`] (the kubelet plugin, minting with the same sources) are the other
 //! entry points.
 #![forbid(unsafe_code)]
 
 pub mod admission;
 pub mod cluster;
-pub mod compat;
+pub(crate) mod coarse_timer;
+pub(crate) mod compat;
 pub mod config;
-pub mod connections;
+pub(crate) mod connections;
 pub mod core;
 pub mod credential_provider;
+pub mod http;
 pub mod metrics;
 pub mod ops;
-pub mod refresh;
+pub(crate) mod refresh;
 pub mod secret;
 pub mod service;
 pub mod settings;

@@ -14,17 +14,18 @@ use kube::Api;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admission::{bytes, coarse_timer, server, webhook};
+use crate::admission::{bytes, server, webhook};
 use crate::cluster::Events;
 use crate::compat::updater;
 use crate::connections;
 use crate::metrics;
-use crate::refresh::leadership::{self, Inbox};
+use crate::refresh::inbox::{Feeds, Inbox};
+use crate::refresh::leadership;
 use crate::refresh::refresher::{self, Refresher};
 use crate::secret::provisioner::Provisioner;
 use crate::settings::Settings;
-use crate::sources;
 use crate::tls::{self, ReloadingCert};
+use crate::{coarse_timer, http};
 
 /// How long in-flight admissions get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -39,7 +40,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("{0}")]
-    Http(#[from] sources::http::HttpClientError),
+    Http(#[from] http::HttpClientError),
 }
 
 /// A running service: the webhook server, the namespace watch it reads, and the refresher
@@ -82,7 +83,7 @@ impl Service {
             let client = client.clone();
             tokio::spawn(async move { crate::cluster::check_policy_api(&client).await });
         }
-        let http = sources::http::HttpClient::new(&config.http, &settings.proxy)?;
+        let http = http::HttpClient::new(&config.http, &settings.proxy)?;
         let provisioner = Arc::new(Provisioner::new(
             client.clone(),
             http.clone(),
@@ -109,7 +110,7 @@ impl Service {
             namespaces.clone(),
             metrics.clone(),
         );
-        let make_refresher = move |feeds: leadership::Feeds| {
+        let make_refresher = move |feeds: Feeds| {
             let updater = s.config.pull_secret_updater.clone().map(|u| {
                 updater::Updater::new(c.clone(), http.clone(), u, events.clone(), m.clone())
             });

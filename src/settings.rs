@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::config::{AdmissionConfig, Config, InjectMode, RegistryConfig};
 use crate::core::namespaces::NamespacePolicy;
 use crate::core::subject::{IdentityScope, Subject};
-use crate::sources::http::ProxyEnv;
+use crate::http::ProxyEnv;
 
 /// What the process environment says about where the service runs (set through the downward
 /// API in the Deployment).

@@ -12,7 +12,7 @@ use base64::Engine;
 use jiff::Timestamp;
 use pull_secret_injector::config::Config;
 use pull_secret_injector::core::credential::Credential;
-use pull_secret_injector::sources::http::{HttpClient, ProxyEnv};
+use pull_secret_injector::http::{HttpClient, ProxyEnv};
 use pull_secret_injector::sources::{sigv4, MintContext, MintError};
 use serde_json::json;
 use support::standin::{jwt, now, registries, Fault, Seen, StandIn};

@@ -137,9 +137,11 @@ pub fn decide(
         return Decision::unchanged();
     }
     let hosts = &facts.selection.hosts;
+    // `Conflict`, as when the provisioner finds it: the namespace asks for injection that no
+    // registry can give, which `PullSecretAdmissionsWithWarnings` is there to show.
     if hosts.is_empty() {
         return Decision::warn(
-            Outcome::Unchanged,
+            Outcome::Conflict,
             format!(
                 "pull-secret-injector: namespace {namespace} selects no configured registry \
                  (annotation {REGISTRIES_ANNOTATION}); nothing injected"
@@ -306,7 +308,7 @@ mod tests {
                 &always,
                 served(&[]),
                 pod_create.clone(),
-                "unchanged",
+                "conflict",
                 "selects no configured registry",
             ),
             // what is admitted
@@ -531,5 +533,45 @@ mod tests {
             &with("team-a", "Pod", pod("x", &long)),
         );
         assert_eq!(got, "provision team-a pull-secret");
+    }
+
+    /// The outcomes that answer with a warning the operator must act on are those the
+    /// `PullSecretAdmissionsWithWarnings` rule selects, in both shipped forms of the rule; a
+    /// namespace that selects no registry is one of them, whichever side finds it.
+    #[test]
+    fn the_warning_alert_selects_what_needs_acting_on() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        for rule in [
+            "deploy/kustomize/monitoring/prometheusrule.yaml",
+            "deploy/helm/pull-secret-injector/templates/prometheusrule.yaml",
+        ] {
+            let text = std::fs::read_to_string(format!("{root}/{rule}")).unwrap();
+            let alert = text
+                .split("- alert: ")
+                .find(|a| a.starts_with("PullSecretAdmissionsWithWarnings"))
+                .unwrap();
+            let selected = alert
+                .split("outcome=~\"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .unwrap();
+            let selected: Vec<&str> = selected.split('|').collect();
+            let nothing = run(
+                &settings(""),
+                &served(&[]),
+                &body("Pod", "CREATE", false, pod("ghcr.io/a/b", "builder")),
+            );
+            let outcome = nothing.0.split(' ').next().unwrap();
+            assert!(
+                selected.contains(&outcome),
+                "{rule}: {selected:?} misses {outcome}"
+            );
+            for quiet in [Outcome::Unchanged, Outcome::Patched, Outcome::Invalid] {
+                assert!(!selected.contains(&quiet.as_str()), "{rule}");
+            }
+            for loud in [Outcome::NotReady, Outcome::Conflict] {
+                assert!(selected.contains(&loud.as_str()), "{rule}");
+            }
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! The AdmissionReview wire format and the decision that needs no I/O: is this request one we
-//! patch, and with what. The exact JSON of a response is pinned by tests, because the API
+//! The AdmissionReview wire format: `decode` a request (and `images`, the Pod's images, read
+//! without building the object), `encode` the response, and `patch_for` the object reviewed.
+//! What to answer is `decide`'s. The exact JSON of a response is pinned by tests, because the API
 //! server expects `patch` as base64 (a byte array serialised as numbers is a known pitfall).
 
 use base64::Engine;

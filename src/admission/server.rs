@@ -1,4 +1,5 @@
-//! HTTPS: `POST /mutate` (AdmissionReview), `GET /healthz`, `GET /readyz`. Errors are JSON
+//! HTTPS: `POST /mutate` (AdmissionReview), `GET /healthz`, `GET /readyz`, `GET /metrics`
+//! (OpenMetrics text). Errors are JSON
 //! bodies with a status code, never axum's plain-text rejections.
 
 use std::net::IpAddr;
@@ -25,7 +26,7 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub read_timeout: std::time::Duration,
     /// Times the body read: armed for every request, so coarse and cheap (see `coarse_timer`).
-    pub timer: crate::admission::coarse_timer::CoarseTimer,
+    pub timer: crate::coarse_timer::CoarseTimer,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Bytes of request bodies held (`admission.maxBytesInFlight`, and per peer): what many
     /// connections or HTTP/2 streams can make the webhook hold at once is bounded.
@@ -209,8 +210,7 @@ mod tests {
         let store = kube::runtime::reflector::store().0;
         let provisioner = Arc::new(Provisioner::new(
             client.clone(),
-            crate::sources::http::HttpClient::new(&Default::default(), &Default::default())
-                .unwrap(),
+            crate::http::HttpClient::new(&Default::default(), &Default::default()).unwrap(),
             store.clone(),
             settings.clone(),
             Events::new(client.clone(), None),
@@ -230,7 +230,7 @@ mod tests {
             ready: Arc::new(AtomicBool::new(ready)),
             max_body_bytes,
             read_timeout,
-            timer: crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(10)),
+            timer: crate::coarse_timer::CoarseTimer::start(Duration::from_millis(10)),
             metrics,
             body_bytes: ByteBudget::new(bytes_in_flight, max_body_bytes, bytes_in_flight),
         }))
@@ -385,7 +385,7 @@ mod tests {
             "test",
             limits,
             Duration::from_secs(10),
-            crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(10)),
+            crate::coarse_timer::CoarseTimer::start(Duration::from_millis(10)),
             handle.clone(),
             router,
         )

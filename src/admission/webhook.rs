@@ -15,7 +15,7 @@ use crate::cluster::KubeError;
 use crate::core::namespaces::Eligibility;
 use crate::core::subject::Subject;
 use crate::metrics::Metrics;
-use crate::refresh::leadership::Inbox;
+use crate::refresh::inbox::Inbox;
 use crate::secret::pacer::Caller;
 use crate::secret::provisioner::{ProvisionError, Provisioner};
 use crate::secret::renewal;

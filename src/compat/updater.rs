@@ -19,118 +19,21 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::cluster::{Events, KubeError};
+use crate::config::updater::UpdaterConfig;
+use crate::core::jwt;
+use crate::http::HttpClient;
 use crate::metrics::Metrics;
 use crate::secret::layout::{self, DOCKER_CONFIG_KEY, DOCKER_CONFIG_TYPE};
 use crate::secret::renewal;
-use crate::sources::chainguard::ChainguardSource;
-use crate::sources::http::HttpClient;
-use crate::sources::kubernetes::ServiceAccountToken;
-use crate::sources::{jwt, MintContext};
+use crate::sources::MintContext;
 
 pub const IDENTITY_ANNOTATION: &str = "pull-secret-updater.chainguard.dev/identity";
 /// The identity the stored token was minted for: a changed annotation means a new token.
 pub const MINTED_FOR_ANNOTATION: &str = "pull-secret-injector.io/minted-for-identity";
 const USERNAME: &str = "_token";
-
-/// `pullSecretUpdater:` in the config file. Present: the compatibility controller runs (it needs
-/// cluster-wide read and update of Secrets; see deploy/).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct UpdaterConfig {
-    #[serde(default = "default_issuer")]
-    pub issuer: String,
-    /// The `auths` key filled, and the `aud` asked of the STS.
-    #[serde(default = "default_registry")]
-    pub registry: String,
-    /// The `aud` of the service-account token presented to the STS.
-    #[serde(default = "default_audience")]
-    pub audience: String,
-    /// Whose token is exchanged: the injector's own (a projected file, as pull-secret-updater
-    /// does) or a ServiceAccount of each Secret's namespace.
-    pub service_account_token: ServiceAccountToken,
-    #[serde(
-        default = "default_renew_before",
-        deserialize_with = "crate::core::duration::field"
-    )]
-    pub renew_before: Duration,
-    /// Only Secrets in these namespaces are kept filled (and watched); empty: every namespace,
-    /// as pull-secret-updater does. Anyone who may create a Secret where this looks can have
-    /// it filled for any identity that trusts this service: a list keeps that to namespaces
-    /// whose writers are trusted, and lets the install grant Secrets there only.
-    #[serde(default)]
-    pub namespaces: Vec<String>,
-}
-
-fn default_issuer() -> String {
-    "https://issuer.enforce.dev".into()
-}
-
-fn default_registry() -> String {
-    "cgr.dev".into()
-}
-
-fn default_audience() -> String {
-    "issuer.enforce.dev".into()
-}
-
-fn default_renew_before() -> Duration {
-    Duration::from_secs(600)
-}
-
-impl UpdaterConfig {
-    pub fn validate(&self, allow_plain_http: bool, err: &mut impl FnMut(&str, String)) {
-        crate::sources::validate_endpoint(
-            "pullSecretUpdater.issuer",
-            &self.issuer,
-            allow_plain_http,
-            err,
-        );
-        if self.registry.is_empty() || self.registry.contains("://") {
-            err(
-                "pullSecretUpdater.registry",
-                format!(
-                    "{:?} must be a registry host such as cgr.dev",
-                    self.registry
-                ),
-            );
-        }
-        if self.renew_before.is_zero() {
-            err(
-                "pullSecretUpdater.renewBefore",
-                "must be more than 0s".into(),
-            );
-        }
-        self.service_account_token
-            .validate("pullSecretUpdater.serviceAccountToken", err);
-        for (i, ns) in self.namespaces.iter().enumerate() {
-            let path = format!("pullSecretUpdater.namespaces[{i}]");
-            if let Err(m) = crate::core::names::validate_dns_label(ns) {
-                err(&path, m);
-            } else if self.namespaces[..i].contains(ns) {
-                err(&path, format!("{ns:?} is listed twice"));
-            }
-        }
-    }
-
-    /// Whether Secrets in `namespace` are kept filled.
-    pub fn covers(&self, namespace: &str) -> bool {
-        self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == namespace)
-    }
-
-    fn source(&self, identity: &str) -> ChainguardSource {
-        ChainguardSource {
-            identity: identity.to_string(),
-            issuer: self.issuer.clone(),
-            registry_audience: self.registry.clone(),
-            audience: self.audience.clone(),
-            service_account_token: self.service_account_token.clone(),
-        }
-    }
-}
 
 /// What the stored token is, as far as renewal needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -362,7 +265,11 @@ async fn reconcile(
         namespace: &namespace,
         service_account: None,
     };
-    let minted = ctx.config.source(&identity).mint(cx).await;
+    let minted = ctx
+        .config
+        .source(&identity)
+        .mint(cx, &ctx.config.registry)
+        .await;
     ctx.metrics.mint(
         "chainguard",
         minted.is_ok(),
@@ -491,34 +398,6 @@ mod tests {
                 at(0)
             ),
             Step::Mint
-        );
-    }
-
-    #[test]
-    fn namespaces_narrow_what_is_kept_filled_and_are_checked() {
-        let config = |namespaces: &str| {
-            serde_yaml::from_str::<UpdaterConfig>(&format!(
-                "serviceAccountToken: {{file: /t}}\nnamespaces: {namespaces}"
-            ))
-            .unwrap()
-        };
-        let every = config("[]");
-        assert!(every.covers("team-a") && every.covers("kube-system"));
-        let some = config("[team-a, team-b]");
-        assert!(some.covers("team-a") && some.covers("team-b"));
-        assert!(!some.covers("team-c") && !some.covers("kube-system"));
-        let mut errors = Vec::new();
-        config("[team-a, Team_B, team-a]").validate(false, &mut |p: &str, m: String| {
-            errors.push(format!("{p}: {m}"))
-        });
-        assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(
-            errors[0].starts_with("pullSecretUpdater.namespaces[1]"),
-            "{errors:?}"
-        );
-        assert!(
-            errors[1].starts_with("pullSecretUpdater.namespaces[2]") && errors[1].contains("twice"),
-            "{errors:?}"
         );
     }
 

@@ -4,6 +4,7 @@
 pub mod credential;
 pub mod duration;
 pub mod images;
+pub(crate) mod jwt;
 pub mod names;
 pub mod namespaces;
 pub mod patch;

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use crate::config::{self, ConfigError, FieldError, RegistryConfig};
 use crate::core::credential::Sensitive;
 use crate::core::images;
-use crate::sources::http::{HttpClient, HttpClientError, HttpConfig, ProxyEnv};
+use crate::http::{HttpClient, HttpClientError, HttpConfig, ProxyEnv};
 use crate::sources::kubernetes::{self, ServiceAccountToken};
 use crate::sources::{self, MintError, Presented};
 
@@ -379,7 +379,7 @@ registries:
     }
 
     fn jwt(claims: serde_json::Value) -> String {
-        use crate::sources::jwt::encode_part;
+        use crate::core::jwt::encode_part;
         format!(
             "{}.{}.c2ln",
             encode_part(br#"{"alg":"RS256"}"#),

@@ -10,7 +10,7 @@ use jiff::Timestamp;
 use serde_json::{json, Value};
 
 use crate::core::credential::{Credential, Sensitive};
-use crate::sources::jwt;
+use crate::core::jwt;
 
 pub const API_VERSION: &str = "credentialprovider.kubelet.k8s.io/v1";
 const REQUEST_KIND: &str = "CredentialProviderRequest";

@@ -313,8 +313,16 @@ fn write_file(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
+    let mut file = options.open(path)?;
+    // `mode` applies only to a file it creates: an existing key file keeps its mode unless set
+    // here, after the truncation and before the key is written.
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     let _ = private;
-    options.open(path)?.write_all(bytes)
+    file.write_all(bytes)
 }
 
 /// The base64 form a `caBundle` takes in YAML, for printing.
@@ -399,5 +407,22 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    /// A key file that already exists, readable by all, is left readable by its owner only.
+    #[cfg(unix)]
+    #[test]
+    fn an_existing_key_file_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let names = service_dns_names("psi", "ns");
+        let b = generate(&names, Duration::from_secs(86400)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("tls.key");
+        std::fs::write(&key, "old").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_files(dir.path(), &b).unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), b.key_pem);
     }
 }

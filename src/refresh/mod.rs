@@ -3,6 +3,7 @@
 //! [`leadership`] that runs it in one replica at a time; [`slipped`] reports Pods admitted
 //! without the Secret.
 
+pub mod inbox;
 pub mod leadership;
 pub mod refresher;
 pub mod slipped;

@@ -1,9 +1,12 @@
-//! The pull Secret: its [`layout`] (what is written and how it is read back), [`renewal`]
-//! timing, the [`pacer`] that spaces out mints, and the [`provisioner`] that mints through
-//! `sources`, caches, single-flights and writes it.
+//! The pull Secret: its [`layout`] (what is written and how it is read back), `renewal`
+//! timing, the pure `write` plan (the next version's credentials), the `pacer` that spaces
+//! out mints, and the [`provisioner`] that mints through `sources`, caches, single-flights and
+//! writes it.
 
-pub mod failures;
+pub mod error;
+pub(crate) mod failures;
 pub mod layout;
-pub mod pacer;
+pub(crate) mod pacer;
 pub mod provisioner;
-pub mod renewal;
+pub(crate) mod renewal;
+pub(crate) mod write;

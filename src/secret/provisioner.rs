@@ -7,30 +7,33 @@
 //! makes no API call at all, and concurrent admissions in a cold namespace share one mint
 //! (moka's `try_get_with` runs a single initialiser per key).
 
+mod accounts;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Preconditions};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::Client;
 use moka::future::Cache;
 use moka::Expiry;
 
+pub use super::error::ProvisionError;
 use super::failures::Failures;
 use super::layout::{self, Assessment, Issued};
 use super::pacer::{Caller, MintPacer};
 use super::renewal;
-use crate::cluster::{self, Events, KubeError};
+use super::write;
+use crate::cluster::{self, Events};
 use crate::core::credential::Credential;
 use crate::core::namespaces::{self, Selection};
 use crate::core::patch;
 use crate::core::subject::{IdentityScope, Subject};
+use crate::http::HttpClient;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
-use crate::sources::http::HttpClient;
 use crate::sources::MintContext;
 
 /// A namespace's Secret as last written or adopted, and when it is due.
@@ -38,41 +41,6 @@ use crate::sources::MintContext;
 pub struct Fresh {
     pub issued: Issued,
     pub renew_at: Timestamp,
-}
-
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum ProvisionError {
-    #[error("Secret {namespace}/{name} exists and is not managed by pull-secret-injector; it is left untouched")]
-    Conflict { namespace: String, name: String },
-    #[error("minting a credential for {registry} failed: {message}")]
-    Mint { registry: String, message: String },
-    #[error(
-        "namespace {namespace} selects no configured registry (annotation {annotation}: {value:?})"
-    )]
-    NothingSelected {
-        namespace: String,
-        annotation: &'static str,
-        value: String,
-    },
-    /// Per ServiceAccount: the ServiceAccount does not exist (a review can name any).
-    #[error("ServiceAccount {namespace}/{name} does not exist")]
-    NoServiceAccount { namespace: String, name: String },
-    #[error("{action} Secret {namespace}/{name} failed: {source}")]
-    Api {
-        action: &'static str,
-        namespace: String,
-        name: String,
-        #[source]
-        source: KubeError,
-    },
-    /// Writers or editors kept getting in the way.
-    #[error("{action} Secret {namespace}/{name} failed: {reason}")]
-    Contended {
-        action: &'static str,
-        namespace: String,
-        name: String,
-        reason: &'static str,
-    },
 }
 
 pub struct Provisioner {
@@ -96,16 +64,6 @@ pub struct Provisioner {
 const ABSENT_ACCOUNT_TTL: Duration = Duration::from_secs(10);
 /// ServiceAccounts remembered as missing at most (names come from reviews).
 const ABSENT_ACCOUNTS_KEPT: u64 = 10_000;
-
-/// ServiceAccount lists are served from the API server's watch cache (`resourceVersion=0`)
-/// instead of a quorum read from etcd: with many namespaces opting in at once, or ServiceAccounts
-/// created while the webhook was down, these lists come by the thousand. Such a list can lag a
-/// little. A patch computed from an older version fails its `resourceVersion` test and is
-/// redone; a ServiceAccount created moments ago and missing from the list was patched at its
-/// admission, or is picked up by the namespace's next reconcile.
-fn service_account_list() -> ListParams {
-    ListParams::default().match_any()
-}
 
 /// Cache entries live until their renewal time, so an entry that is present is fresh.
 struct UntilRenewal;
@@ -226,6 +184,7 @@ impl Provisioner {
             // Unknown or no registries are for `provision` to report.
             if selection.unknown.is_empty() && !selection.hosts.is_empty() {
                 let configured: Vec<&str> = selection.hosts.iter().map(String::as_str).collect();
+                self.record_stored(subject, Some(&issued));
                 if let Ok(fresh) =
                     self.decide(subject, Some(&issued), &configured, Timestamp::now())
                 {
@@ -242,6 +201,7 @@ impl Provisioner {
     /// Records a Secret known to be fresh (as written by another replica), without reading it.
     pub async fn remember(&self, subject: &Subject, issued: Issued) {
         let selection = self.selection_from_store(&subject.namespace);
+        self.record_stored(subject, Some(&issued));
         let fresh = self.fresh(subject, issued, &selection.hosts);
         self.failures.provisioned(&subject.key());
         self.cache.insert(subject.key(), fresh).await;
@@ -303,20 +263,6 @@ impl Provisioner {
         tracing::debug!(%subject, "forgot a deleted ServiceAccount's Secret");
     }
 
-    /// The names of the namespace's ServiceAccounts.
-    pub async fn service_accounts(&self, namespace: &str) -> Result<Vec<String>, ProvisionError> {
-        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let list = api
-            .list_metadata(&service_account_list())
-            .await
-            .map_err(|e| self.sa_error("listing", namespace, "*", e))?;
-        Ok(list
-            .items
-            .into_iter()
-            .filter_map(|m| m.metadata.name)
-            .collect())
-    }
-
     /// Opt-out: forgets the namespace, deletes its Secrets that are ours, and takes back the
     /// references this service added to ServiceAccounts.
     pub async fn release(&self, namespace: &str) -> Result<(), ProvisionError> {
@@ -341,10 +287,13 @@ impl Provisioner {
                     layout::MANAGED_BY_LABEL,
                     layout::MANAGER
                 ));
-                let list = api
-                    .list_metadata(&lp)
-                    .await
-                    .map_err(|e| self.api_error("listing", namespace, "*", e))?;
+                let list =
+                    api.list_metadata(&lp)
+                        .await
+                        .map_err(|e| ProvisionError::ListSecrets {
+                            namespace: namespace.into(),
+                            source: e.into(),
+                        })?;
                 list.items
                     .into_iter()
                     .filter_map(|m| m.metadata.name)
@@ -382,105 +331,6 @@ impl Provisioner {
         Ok(())
     }
 
-    /// Adds the Secret to every existing ServiceAccount of the namespace that lacks it (those
-    /// created later are patched at admission). Returns how many were patched.
-    pub async fn attach_to_service_accounts(
-        &self,
-        namespace: &str,
-    ) -> Result<usize, ProvisionError> {
-        self.for_each_service_account(namespace, patch::for_service_account)
-            .await
-    }
-
-    /// Applies `make`'s patch to every ServiceAccount of the namespace. Each patch is tied to the
-    /// version it was computed from (a `test` of `resourceVersion`), so an edit in between (the
-    /// token controller adds to `secrets`) is never overwritten: that ServiceAccount is read
-    /// again and patched anew. One failing ServiceAccount does not stop the others.
-    async fn for_each_service_account(
-        &self,
-        namespace: &str,
-        make: fn(&serde_json::Value, &str) -> json_patch::Patch,
-    ) -> Result<usize, ProvisionError> {
-        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let list = api
-            .list(&service_account_list())
-            .await
-            .map_err(|e| self.sa_error("listing", namespace, "*", e))?;
-        let mut patched = 0;
-        let mut first_error = None;
-        for sa in list {
-            let name = sa.metadata.name.clone().unwrap_or_default();
-            let mut current = Some(sa);
-            let mut settled = false;
-            for _attempt in 0..3 {
-                let Some(sa) = current.take() else {
-                    settled = true; // deleted meanwhile
-                    break;
-                };
-                let value = serde_json::to_value(&sa).unwrap_or_default();
-                let mut p = make(
-                    &value,
-                    &self
-                        .settings
-                        .secret_of(&self.settings.subject_for(namespace, &name)),
-                );
-                if p.0.is_empty() {
-                    settled = true;
-                    break;
-                }
-                p.0.insert(
-                    0,
-                    json_patch::PatchOperation::Test(json_patch::TestOperation {
-                        path: json_patch::jsonptr::PointerBuf::from_tokens([
-                            "metadata",
-                            "resourceVersion",
-                        ]),
-                        value: serde_json::json!(sa.metadata.resource_version),
-                    }),
-                );
-                match api
-                    .patch(&name, &PatchParams::default(), &Patch::<()>::Json(p))
-                    .await
-                {
-                    Ok(_) => {
-                        patched += 1;
-                        settled = true;
-                        break;
-                    }
-                    Err(kube::Error::Api(s)) if s.code == 404 => {
-                        settled = true;
-                        break;
-                    }
-                    // The `test` failed: the ServiceAccount changed since it was read.
-                    Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
-                        current = api
-                            .get_opt(&name)
-                            .await
-                            .map_err(|e| self.sa_error("reading", namespace, &name, e))?;
-                    }
-                    Err(e) => {
-                        first_error.get_or_insert(self.sa_error("patching", namespace, &name, e));
-                        settled = true;
-                        break;
-                    }
-                }
-            }
-            if !settled {
-                // Changed under us three times in a row: report it so the reconcile is retried.
-                first_error.get_or_insert(ProvisionError::Contended {
-                    action: "patching",
-                    namespace: namespace.into(),
-                    name: format!("for ServiceAccount {name}"),
-                    reason: "it kept changing while being patched",
-                });
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(patched),
-        }
-    }
-
     /// The registries `namespace` gets, from its annotation as the watch last saw it; a
     /// namespace the watch has not seen yet (just created) is read from the API server.
     async fn selection(&self, namespace: &str) -> Result<Selection, ProvisionError> {
@@ -494,10 +344,8 @@ impl Provisioner {
         let ns = Api::<Namespace>::all(self.client.clone())
             .get_opt(namespace)
             .await
-            .map_err(|e| ProvisionError::Api {
-                action: "reading namespace for",
+            .map_err(|e| ProvisionError::Namespace {
                 namespace: namespace.into(),
-                name: self.settings.secret_name().to_string(),
                 source: e.into(),
             })?;
         Ok(namespaces::registries_for(
@@ -527,25 +375,10 @@ impl Provisioner {
         name: &str,
         e: kube::Error,
     ) -> ProvisionError {
-        ProvisionError::Api {
+        ProvisionError::Secret {
             action,
             namespace: namespace.into(),
             name: name.into(),
-            source: e.into(),
-        }
-    }
-
-    fn sa_error(
-        &self,
-        action: &'static str,
-        namespace: &str,
-        name: &str,
-        e: kube::Error,
-    ) -> ProvisionError {
-        ProvisionError::Api {
-            action,
-            namespace: namespace.into(),
-            name: format!("for ServiceAccount {name}"),
             source: e.into(),
         }
     }
@@ -579,6 +412,7 @@ impl Provisioner {
                 Assessment::Missing | Assessment::Tampered | Assessment::Outdated => None,
             };
             let now = Timestamp::now();
+            self.record_stored(subject, previous.as_ref());
             let plan = match self.decide(subject, previous.as_ref(), &configured, now) {
                 Ok(fresh) => {
                     tracing::debug!(%subject, expires_at = %fresh.issued.expires_at, "adopted the stored Secret");
@@ -619,6 +453,7 @@ impl Provisioner {
                         self.failures.incomplete_write(&subject.key());
                     }
                     self.failures.provisioned(&subject.key());
+                    self.record_stored(subject, Some(&issued));
                     let fresh = self.fresh(subject, issued, &configured);
                     tracing::info!(%subject, secret = %name, minted = ?plan.mint, failed, expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
                     return Ok(fresh);
@@ -641,6 +476,7 @@ impl Provisioner {
         }
         Err(ProvisionError::Contended {
             action: "writing",
+            kind: "Secret",
             namespace: namespace.into(),
             name,
             reason: "conflicting writers",
@@ -695,9 +531,9 @@ impl Provisioner {
         }
     }
 
-    /// The credentials the next version holds, in configuration order: freshly minted where the
-    /// plan says so, otherwise carried over while unexpired. Returns them and how many mints
-    /// failed; an error when there is nothing new worth writing.
+    /// Mints what the plan says is due (taking a mint slot first), reports failed mints on the
+    /// Secret, and takes the next version's credentials from the pure [`write::next_version`]:
+    /// them in configuration order and how many mints failed, or why nothing is worth writing.
     #[allow(clippy::too_many_arguments)]
     async fn credentials(
         &self,
@@ -706,7 +542,7 @@ impl Provisioner {
         name: &str,
         configured: &[&str],
         plan: &renewal::Plan,
-        mut carried: std::collections::BTreeMap<String, Credential>,
+        carried: std::collections::BTreeMap<String, Credential>,
         now: Timestamp,
     ) -> Result<(Vec<(String, Credential)>, usize), ProvisionError> {
         if !plan.mint.is_empty() {
@@ -714,92 +550,16 @@ impl Provisioner {
         }
         let (minted, failures) = self.mint_some(subject, &plan.mint).await;
         if !failures.is_empty() {
-            let kept: Vec<&str> = failures
-                .iter()
-                .filter(|(h, _)| carried.get(h).is_some_and(|c| c.expires_at > now))
-                .map(|(h, _)| h.as_str())
-                .collect();
-            let summary = failures
-                .iter()
-                .map(|(_, e)| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; ");
-            let note = if kept.is_empty() {
-                format!("{summary}; minting is retried")
-            } else {
-                format!(
-                    "{summary}; the current credentials for {} stay in place until they expire, \
-                     and minting is retried",
-                    kept.join(", ")
-                )
-            };
+            let note = write::mint_failed_note(&failures, &carried, now);
             let regarding = cluster::reference("Secret", &subject.namespace, name);
             self.warn(&regarding, "MintFailed", &note).await;
         }
-        if let Some((_, e)) = failures
-            .first()
-            .filter(|_| minted.is_empty() && plan.drop.is_empty())
-        {
-            // Nothing new to write: the stored Secret, if any, stays as it is.
+        let dropping = !plan.drop.is_empty();
+        let next = write::next_version(configured, &minted, &failures, carried, dropping, now);
+        if next.is_err() {
             self.failures.incomplete_write(&subject.key());
-            return Err(e.clone());
         }
-        let mut credentials: Vec<(String, Credential)> = Vec::new();
-        for host in configured {
-            let fresh = minted
-                .iter()
-                .find(|(h, _)| h == host)
-                .map(|(_, c)| c.clone());
-            let kept = || carried.remove(*host).filter(|c| c.expires_at > now);
-            if let Some(c) = fresh.or_else(kept) {
-                credentials.push((host.to_string(), c));
-            }
-        }
-        if credentials.is_empty() {
-            self.failures.incomplete_write(&subject.key());
-            return Err(ProvisionError::Mint {
-                registry: configured.join(", "),
-                message: "no registry has a usable credential".into(),
-            });
-        }
-        Ok((credentials, failures.len()))
-    }
-
-    /// An owner reference to ServiceAccount `namespace/name`; `NoServiceAccount` if it does
-    /// not exist (for an admission, also when it did not a moment ago: no GET then).
-    async fn owner(
-        &self,
-        namespace: &str,
-        name: &str,
-        caller: Caller,
-    ) -> Result<OwnerReference, ProvisionError> {
-        let key = format!("{namespace}/{name}");
-        let absent = || ProvisionError::NoServiceAccount {
-            namespace: namespace.into(),
-            name: name.into(),
-        };
-        if caller == Caller::Admission && self.absent_accounts.contains_key(&key) {
-            return Err(absent());
-        }
-        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let found = api
-            .get_opt(name)
-            .await
-            .map_err(|e| self.sa_error("reading", namespace, name, e))?;
-        let Some(sa) = found else {
-            self.absent_accounts.insert(key, ()).await;
-            return Err(absent());
-        };
-        if caller == Caller::Refresher {
-            self.absent_accounts.invalidate(&key).await;
-        }
-        Ok(OwnerReference {
-            api_version: "v1".into(),
-            kind: "ServiceAccount".into(),
-            name: name.into(),
-            uid: sa.metadata.uid.unwrap_or_default(),
-            ..Default::default()
-        })
+        next.map(|v| (v.credentials, v.failed))
     }
 
     /// When the subject's credentials fall due: one schedule for the plan and the freshness.
@@ -809,8 +569,6 @@ impl Provisioner {
 
     /// What to do about a stored Secret: its cache entry when nothing is due (it covers exactly
     /// the configured registries and none is due yet), otherwise the plan of what to write.
-    /// Records the stored expiry for the metrics either way: should the renewal fail, they
-    /// still show how long the stored credentials last.
     fn decide(
         &self,
         subject: &Subject,
@@ -819,29 +577,27 @@ impl Provisioner {
         now: Timestamp,
     ) -> Result<Fresh, renewal::Plan> {
         match self.schedule(subject).decide(stored, configured, now) {
-            renewal::Decision::Keep { issued, renew_at } => {
-                self.metrics
-                    .secret_written(&subject.key(), issued.expires_at);
-                Ok(Fresh {
-                    issued: issued.clone(),
-                    renew_at,
-                })
-            }
-            renewal::Decision::Write(plan) => {
-                if let Some(issued) = stored {
-                    self.metrics
-                        .secret_written(&subject.key(), issued.expires_at);
-                }
-                Err(plan)
-            }
+            renewal::Decision::Keep { issued, renew_at } => Ok(Fresh {
+                issued: issued.clone(),
+                renew_at,
+            }),
+            renewal::Decision::Write(plan) => Err(plan),
         }
     }
 
-    /// The renewal time of credentials just written (or known to be stored); also records their
-    /// expiry for the metrics.
+    /// Records the expiry of credentials stored (found, or just written) for the metrics. Found
+    /// ones are recorded before any renewal: should it fail, the metrics still show how long
+    /// the stored credentials last.
+    fn record_stored(&self, subject: &Subject, issued: Option<&Issued>) {
+        if let Some(issued) = issued {
+            self.metrics
+                .secret_written(&subject.key(), issued.expires_at);
+        }
+    }
+
+    /// The renewal time of credentials just written (or known to be stored).
     fn fresh(&self, subject: &Subject, issued: Issued, configured: &[impl AsRef<str>]) -> Fresh {
         let key = subject.key();
-        self.metrics.secret_written(&key, issued.expires_at);
         let configured: Vec<&str> = configured.iter().map(AsRef::as_ref).collect();
         let incomplete = self.failures.incomplete(&key);
         let retry = renewal::retry_delay(incomplete.max(1), 0.5 + fastrand::f64());
@@ -864,7 +620,7 @@ impl Provisioner {
             let result = r.source.mint(cx, &r.host).await;
             self.metrics.mint(r.source.name(), result.is_ok(), started.elapsed().as_secs_f64());
             tracing::debug!(namespace, registry = %r.host, source = r.source.name(), ok = result.is_ok(), elapsed_ms = started.elapsed().as_millis() as u64, "minted");
-            let result = result.map_err(|e| ProvisionError::Mint { registry: r.host.clone(), message: e.to_string() });
+            let result = result.map_err(|e| ProvisionError::Mint { registry: r.host.clone(), source: Arc::new(e) });
             (r.host.clone(), result)
         });
         let mut minted = Vec::new();

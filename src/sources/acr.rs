@@ -6,7 +6,8 @@
 use serde::Deserialize;
 
 use super::kubernetes::ServiceAccountToken;
-use super::{http, Credential, MintError, Presented, Sensitive};
+use super::{Credential, MintError, Presented, Sensitive};
+use crate::http;
 
 const NAME: &str = "acr";
 pub const CLIENT_ID_ANNOTATION: &str = "azure.workload.identity/client-id";

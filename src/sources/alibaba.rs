@@ -12,7 +12,8 @@ use jiff::Timestamp;
 use serde::Deserialize;
 
 use super::kubernetes::ServiceAccountToken;
-use super::{http, Checks, Credential, MintError, Presented, Sensitive};
+use super::{Checks, Credential, MintError, Presented, Sensitive};
+use crate::http;
 
 const NAME: &str = "alibaba";
 const CR_VERSION: &str = "2018-12-01";

@@ -7,7 +7,8 @@ use serde::Deserialize;
 
 use super::declarative::{Answer, BodyFormat, DeclarativeSource, Method, Place, Placement};
 use super::kubernetes::ServiceAccountToken;
-use super::{http, Checks, Credential, MintError, Presented};
+use super::{Checks, Credential, MintError, Presented};
+use crate::http;
 
 const NAME: &str = "artifactKeeper";
 

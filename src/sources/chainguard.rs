@@ -6,7 +6,8 @@
 use serde::Deserialize;
 
 use super::kubernetes::ServiceAccountToken;
-use super::{http, Credential, MintContext, MintError, Presented};
+use super::{Credential, MintError, Presented};
+use crate::http;
 
 const NAME: &str = "chainguard";
 
@@ -73,20 +74,6 @@ impl ChainguardSource {
         }
         self.service_account_token
             .validate(&format!("{path}.serviceAccountToken"), err);
-    }
-
-    /// A token from [`serviceAccountToken`](Self::service_account_token), exchanged (the
-    /// pull-secret-updater compatibility mints through here).
-    pub async fn mint(&self, cx: MintContext<'_>) -> Result<Credential, MintError> {
-        let token = self.service_account_token.fetch(cx, &self.audience).await?;
-        let no_annotations = Default::default();
-        let id = Presented {
-            token: &token,
-            namespace: cx.namespace,
-            service_account: self.service_account_token.service_account(cx),
-            annotations: &no_annotations,
-        };
-        self.exchange(cx.http, &id).await
     }
 
     pub async fn exchange(

@@ -14,7 +14,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::kubernetes::ServiceAccountToken;
-use super::{http, Checks, Credential, MintError, Presented, Sensitive};
+use super::{Checks, Credential, MintError, Presented, Sensitive};
+use crate::http;
 
 const NAME: &str = "declarative";
 
@@ -356,7 +357,7 @@ impl DeclarativeSource {
                     .map_err(|_| unusable("the expiry is not RFC 3339".into()))?,
                 _ => return Err(unusable("the expiry is not a time".into())),
             }
-        } else if let Ok(exp) = super::jwt::expiry(token) {
+        } else if let Ok(exp) = crate::core::jwt::expiry(token) {
             exp
         } else if let Some(d) = self.fallback_lifetime {
             in_range(
@@ -446,7 +447,7 @@ mod tests {
             Ok(NOW + 60)
         );
         // No lifetime in the answer: a JWT's exp.
-        let b = |s: &str| crate::sources::jwt::encode_part(s.as_bytes());
+        let b = |s: &str| crate::core::jwt::encode_part(s.as_bytes());
         let jwt = format!(
             "{}.{}.sig",
             b("{}"),

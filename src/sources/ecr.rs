@@ -10,7 +10,8 @@ use serde::Deserialize;
 
 use super::kubernetes::ServiceAccountToken;
 use super::sigv4::{self, AwsKeys, SignableRequest};
-use super::{http, Credential, MintError, Presented, Sensitive};
+use super::{Credential, MintError, Presented, Sensitive};
+use crate::http;
 
 const NAME: &str = "ecr";
 pub const ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
@@ -129,21 +130,33 @@ impl EcrSource {
         }
     }
 
+    /// The STS call, then the signed ECR call with the keys it gave.
     pub async fn exchange(
         &self,
         http: &http::HttpClient,
         id: &Presented<'_>,
     ) -> Result<Credential, MintError> {
         let role_arn = id.setting(NAME, &self.role_arn, ROLE_ANNOTATION, "roleArn")?;
-        let sa_token = id.token;
+        let keys = self.assume_role(http, id, &role_arn).await?;
+        let answer = self.authorization_token(http, id.token, &keys).await?;
+        credential(answer)
+    }
 
-        // AssumeRoleWithWebIdentity is not signed: the web identity token is the credential.
+    /// `AssumeRoleWithWebIdentity`: temporary keys for `role_arn`. Not signed: the web identity
+    /// token is the credential.
+    async fn assume_role(
+        &self,
+        http: &http::HttpClient,
+        id: &Presented<'_>,
+        role_arn: &str,
+    ) -> Result<StsKeys, MintError> {
+        let sa_token = id.token;
         let session_name = session_name(id.namespace);
         let duration = self.duration_seconds.to_string();
         let form = [
             ("Action", "AssumeRoleWithWebIdentity"),
             ("Version", "2011-06-15"),
-            ("RoleArn", role_arn.as_str()),
+            ("RoleArn", role_arn),
             ("RoleSessionName", session_name.as_str()),
             ("WebIdentityToken", sa_token.expose()),
             ("DurationSeconds", duration.as_str()),
@@ -159,10 +172,21 @@ impl EcrSource {
                 reason: format!("the STS answer has no <{tag}>"),
             })
         };
-        let access_key_id = field("AccessKeyId")?;
-        let secret_access_key = Sensitive::new(field("SecretAccessKey")?);
-        let session_token = Sensitive::new(field("SessionToken")?);
+        Ok(StsKeys {
+            access_key_id: field("AccessKeyId")?,
+            secret_access_key: Sensitive::new(field("SecretAccessKey")?),
+            session_token: Sensitive::new(field("SessionToken")?),
+        })
+    }
 
+    /// `GetAuthorizationToken`, signed (SigV4) with the STS keys. `sa_token` is only redacted
+    /// from what an error shows.
+    async fn authorization_token(
+        &self,
+        http: &http::HttpClient,
+        sa_token: &Sensitive,
+        sts: &StsKeys,
+    ) -> Result<AuthorizationResponse, MintError> {
         let ecr_url = reqwest::Url::parse(&format!("{}/", super::base(&self.ecr_endpoint())))
             .map_err(|e| MintError::Settings {
                 source_name: NAME,
@@ -179,9 +203,9 @@ impl EcrSource {
             }
         };
         let keys = AwsKeys {
-            access_key_id: &access_key_id,
-            secret_access_key: secret_access_key.expose(),
-            session_token: Some(session_token.expose()),
+            access_key_id: &sts.access_key_id,
+            secret_access_key: sts.secret_access_key.expose(),
+            session_token: Some(sts.session_token.expose()),
         };
         let headers = [
             ("content-type", "application/x-amz-json-1.1"),
@@ -190,7 +214,7 @@ impl EcrSource {
                 "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken",
             ),
         ];
-        let secrets = [sa_token, &secret_access_key, &session_token];
+        let secrets = [sa_token, &sts.secret_access_key, &sts.session_token];
         let body = http
             .send(NAME, &secrets, |c| {
                 // Signed per attempt: the signature carries the time.
@@ -219,42 +243,56 @@ impl EcrSource {
                 builder
             })
             .await?;
-        let answer: AuthorizationResponse =
-            http::parse_json(NAME, "a GetAuthorizationToken response", &body)?;
-        let data = answer
-            .authorization_data
-            .into_iter()
-            .next()
-            .ok_or(MintError::Unusable {
-                source_name: NAME,
-                reason: "authorizationData is empty".into(),
-            })?;
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(data.authorization_token.trim())
-            .ok()
-            .and_then(|b| String::from_utf8(b).ok())
-            .ok_or(MintError::Unusable {
-                source_name: NAME,
-                reason: "authorizationToken is not base64 text".into(),
-            })?;
-        let Some((username, password)) = decoded.split_once(':') else {
-            return Err(MintError::Unusable {
-                source_name: NAME,
-                reason: "authorizationToken is not user:password".into(),
-            });
-        };
-        let expires_at =
-            Timestamp::from_second(data.expires_at as i64).map_err(|_| MintError::Unusable {
-                source_name: NAME,
-                reason: format!("expiresAt {} is out of range", data.expires_at),
-            })?;
-        super::checked(
+        Ok(http::parse_json(
             NAME,
-            username.to_string(),
-            Sensitive::new(password),
-            expires_at,
-        )
+            "a GetAuthorizationToken response",
+            &body,
+        )?)
     }
+}
+
+/// The temporary keys STS hands out.
+struct StsKeys {
+    access_key_id: String,
+    secret_access_key: Sensitive,
+    session_token: Sensitive,
+}
+
+/// The credential in a `GetAuthorizationToken` answer: `user:password`, base64, and its expiry.
+fn credential(answer: AuthorizationResponse) -> Result<Credential, MintError> {
+    let data = answer
+        .authorization_data
+        .into_iter()
+        .next()
+        .ok_or(MintError::Unusable {
+            source_name: NAME,
+            reason: "authorizationData is empty".into(),
+        })?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(data.authorization_token.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or(MintError::Unusable {
+            source_name: NAME,
+            reason: "authorizationToken is not base64 text".into(),
+        })?;
+    let Some((username, password)) = decoded.split_once(':') else {
+        return Err(MintError::Unusable {
+            source_name: NAME,
+            reason: "authorizationToken is not user:password".into(),
+        });
+    };
+    let expires_at =
+        Timestamp::from_second(data.expires_at as i64).map_err(|_| MintError::Unusable {
+            source_name: NAME,
+            reason: format!("expiresAt {} is out of range", data.expires_at),
+        })?;
+    super::checked(
+        NAME,
+        username.to_string(),
+        Sensitive::new(password),
+        expires_at,
+    )
 }
 
 /// STS session names allow `[\w+=,.@-]` and at most 64 characters; the namespace fits (it

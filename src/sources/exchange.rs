@@ -4,7 +4,8 @@
 use serde::Deserialize;
 
 use super::kubernetes::ServiceAccountToken;
-use super::{http, Credential, MintError, Presented};
+use super::{Credential, MintError, Presented};
+use crate::http;
 
 const NAME: &str = "tokenExchange";
 const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";

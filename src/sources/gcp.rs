@@ -7,7 +7,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::kubernetes::ServiceAccountToken;
-use super::{http, Credential, MintError, Presented, Sensitive};
+use super::{Credential, MintError, Presented, Sensitive};
+use crate::http;
 
 const NAME: &str = "gcp";
 const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -147,7 +148,7 @@ impl GcpSource {
             let credential =
                 super::from_expires_in(NAME, username, sts.access_token, sts.expires_in)?;
             // A federated token does not outlive the token it came from.
-            return Ok(match super::jwt::expiry(sa_token.expose()) {
+            return Ok(match crate::core::jwt::expiry(sa_token.expose()) {
                 Ok(sa_exp) if sa_exp < credential.expires_at => Credential {
                     expires_at: sa_exp,
                     ..credential

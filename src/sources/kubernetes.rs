@@ -133,7 +133,7 @@ impl KubernetesSource {
     /// ServiceAccount's name.
     pub fn pass_through(&self, id: &Presented<'_>) -> Result<Credential, MintError> {
         let expires_at =
-            super::jwt::expiry(id.token.expose()).map_err(|reason| MintError::Unusable {
+            crate::core::jwt::expiry(id.token.expose()).map_err(|reason| MintError::Unusable {
                 source_name: "kubernetes",
                 reason: format!("the service-account token: {reason}"),
             })?;
@@ -407,8 +407,7 @@ mod tests {
         // The kube client is not used for a file source; build one that points nowhere.
         let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
         let client = kube::Client::try_from(config).unwrap();
-        let http = crate::sources::http::HttpClient::new(&Default::default(), &Default::default())
-            .unwrap();
+        let http = crate::http::HttpClient::new(&Default::default(), &Default::default()).unwrap();
         let cx = crate::sources::MintContext {
             kube: &client,
             http: &http,

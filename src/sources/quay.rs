@@ -6,7 +6,8 @@
 use serde::Deserialize;
 
 use super::kubernetes::ServiceAccountToken;
-use super::{http, Credential, MintError, Presented};
+use super::{Credential, MintError, Presented};
+use crate::http;
 
 const NAME: &str = "quay";
 

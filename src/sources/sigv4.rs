@@ -1,4 +1,5 @@
-//! AWS Signature Version 4, for the two calls the `ecr` source makes. Pure: the caller gives
+//! AWS Signature Version 4, for the one signed call the `ecr` source makes
+//! (`GetAuthorizationToken`; the STS exchange before it is authorised by the token itself). Pure: the caller gives
 //! the request's parts and the clock, and gets the headers to add. Checked against AWS's
 //! published examples (the SigV4 test suite's `get-vanilla` cases and the IAM `ListUsers`
 //! example of the signing documentation).

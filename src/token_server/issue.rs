@@ -14,7 +14,7 @@ use rustls::pki_types::PrivateKeyDer;
 use serde_json::json;
 
 use super::rules::Access;
-use crate::sources::jwt;
+use crate::core::jwt;
 use crate::tls::{self, PemPair, TlsError};
 
 #[derive(Debug, thiserror::Error)]

@@ -14,8 +14,8 @@ use serde::Deserialize;
 
 use super::rules::Identity;
 use crate::core::credential::Sensitive;
-use crate::sources::http::{HttpClient, HttpConfig, ProxyEnv};
-use crate::sources::jwt;
+use crate::core::jwt;
+use crate::http::{HttpClient, HttpConfig, ProxyEnv};
 
 /// `issuer:` in the token server's config.
 #[derive(Clone, Debug, Deserialize)]
@@ -147,7 +147,7 @@ impl Verifier {
     pub fn new(
         config: IssuerConfig,
         leeway: Duration,
-    ) -> Result<Self, crate::sources::http::HttpClientError> {
+    ) -> Result<Self, crate::http::HttpClientError> {
         Self::with_proxy(config, leeway, &ProxyEnv::default())
     }
 
@@ -156,7 +156,7 @@ impl Verifier {
         config: IssuerConfig,
         leeway: Duration,
         proxy: &ProxyEnv,
-    ) -> Result<Self, crate::sources::http::HttpClientError> {
+    ) -> Result<Self, crate::http::HttpClientError> {
         let http = HttpClient::new(
             &HttpConfig {
                 ca_file: config.ca_file.clone(),

@@ -13,8 +13,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::core::credential::Sensitive;
-use crate::sources::http::{HttpClient, HttpClientError, HttpConfig, ProxyEnv};
-use crate::sources::MintError;
+use crate::http::{CallError, HttpClient, HttpClientError, HttpConfig, ProxyEnv};
 
 /// `tokenReview:` in the token server's config.
 #[derive(Clone, Debug, Deserialize)]
@@ -84,7 +83,7 @@ pub enum PostError {
     #[error("cannot read issuer.tokenFile {0}")]
     TokenFile(String),
     #[error(transparent)]
-    Call(MintError),
+    Call(CallError),
     #[error("the answer is not a TokenReview")]
     NotAReview,
 }
@@ -96,7 +95,7 @@ impl PostError {
             PostError::TokenFile(_) => {
                 "set issuer.tokenFile to a service-account token the API server accepts"
             }
-            PostError::Call(MintError::Refused {
+            PostError::Call(CallError::Refused {
                 status: 401 | 403, ..
             }) => {
                 "the token in issuer.tokenFile must be accepted by the API server and allowed \

@@ -32,7 +32,7 @@ pub enum TokenServerError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
-    Http(#[from] crate::sources::http::HttpClientError),
+    Http(#[from] crate::http::HttpClientError),
     #[error(transparent)]
     TokenReview(#[from] super::review::ProbeError),
     #[error("cannot listen on {addr}: {source}")]
@@ -80,7 +80,7 @@ impl TokenServer {
     pub async fn start(
         config: TokenServerConfig,
         clock: Clock,
-        proxy: &crate::sources::http::ProxyEnv,
+        proxy: &crate::http::ProxyEnv,
     ) -> Result<Self, TokenServerError> {
         let cert = Arc::new(crate::tls::ReloadingCert::load(
             &config.tls.cert_file,
@@ -122,7 +122,7 @@ impl TokenServer {
         });
         let app = router(state);
         let handle = axum_server::Handle::new();
-        let timer = crate::admission::coarse_timer::CoarseTimer::start(Duration::from_millis(100));
+        let timer = crate::coarse_timer::CoarseTimer::start(Duration::from_millis(100));
         let app = app.layer(axum::middleware::from_fn(
             move |request: axum::extract::Request, next: axum::middleware::Next| async move {
                 // No request here needs a body or waits long: a stalled one is cut off.
@@ -204,6 +204,15 @@ fn bad_request(message: &str) -> Response {
     (
         StatusCode::BAD_REQUEST,
         axum::Json(json!({"errors": [{"code": "BAD_REQUEST", "message": message}]})),
+    )
+        .into_response()
+}
+
+/// A fault here (the log has the detail), in the same JSON shape as the other answers.
+fn internal_error(message: &str) -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        axum::Json(json!({"errors": [{"code": "UNKNOWN", "message": message}]})),
     )
         .into_response()
 }
@@ -305,7 +314,10 @@ async fn token(
         lifetime,
     ) {
         Ok(t) => t,
-        Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "signing failed").into_response(),
+        Err(e) => {
+            tracing::error!(subject = ?verified.subject, requested = ?describe(&requested), error = ?e, "token signing failed");
+            return internal_error("the token could not be signed");
+        }
     };
     tracing::info!(
         subject = ?verified.subject,
@@ -384,6 +396,20 @@ rules:
         (status, serde_json::from_slice(&body).unwrap_or_default())
     }
 
+    /// A signing failure is answered like every other error here: the registry error shape,
+    /// not plain text (a client that parses the body gets a message, not a parse error).
+    #[tokio::test]
+    async fn an_internal_fault_answers_in_the_json_error_shape() {
+        let response = internal_error("the token could not be signed");
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body["errors"][0]["message"], "the token could not be signed",
+            "{body}"
+        );
+    }
+
     #[tokio::test]
     async fn a_newline_in_a_scope_is_refused_and_cannot_forge_a_log_line() {
         let dir = tempfile::tempdir().unwrap();
@@ -439,7 +465,7 @@ rules:
             .with_ansi(false)
             .finish();
         let _guard = tracing::subscriber::set_default(subscriber);
-        let part = |s: &str| crate::sources::jwt::encode_part(s.as_bytes());
+        let part = |s: &str| crate::core::jwt::encode_part(s.as_bytes());
         let token = format!(
             "{}.{}.{}",
             part(r#"{"alg":"RS256","kid":"k1"}"#),

@@ -13,7 +13,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
-use super::{MintError, Sensitive};
+use crate::core::credential::Sensitive;
 
 /// `http:` in the config file: how exchanging sources reach token endpoints.
 #[derive(Clone, Debug, Deserialize)]
@@ -175,6 +175,33 @@ impl HttpConfig {
     }
 }
 
+/// A call out that did not give a usable answer. The sources turn it into their `MintError`
+/// (same variants, same text); the token server keeps it as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No answer: connection refused, TLS failure, timeout.
+    #[error("{source_name}: {endpoint} failed: {message}")]
+    Transport {
+        source_name: &'static str,
+        endpoint: String,
+        message: String,
+    },
+    /// An answer other than 2xx; `detail` is the server's text, redacted and cut short.
+    #[error("{source_name}: {endpoint} answered {status}: {detail}")]
+    Refused {
+        source_name: &'static str,
+        endpoint: String,
+        status: u16,
+        detail: String,
+    },
+    /// A 2xx answer that is not what was asked for.
+    #[error("{source_name} returned an unusable credential: {reason}")]
+    Unusable {
+        source_name: &'static str,
+        reason: String,
+    },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HttpClientError {
     #[error("cannot read http.caFile {path}: {message}")]
@@ -267,25 +294,21 @@ impl HttpClient {
         self
     }
 
-    pub fn client(&self) -> &reqwest::Client {
-        &self.client
-    }
-
     /// Sends the request `build` makes, retrying timeouts, connection failures, 5xx and 429
     /// with backoff and jitter (a 429's or 503's `Retry-After` is honoured). Returns the body of
-    /// a 2xx answer; any other answer is a [`MintError::Refused`] with the server's text, in
+    /// a 2xx answer; any other answer is a [`CallError::Refused`] with the server's text, in
     /// which `secrets` (what the request carried) are redacted.
     pub async fn send(
         &self,
         source_name: &'static str,
         secrets: &[&Sensitive],
         build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
-    ) -> Result<Vec<u8>, MintError> {
+    ) -> Result<Vec<u8>, CallError> {
         let mut attempt = 0;
         loop {
             let request = build(&self.client)
                 .build()
-                .map_err(|e| MintError::Transport {
+                .map_err(|e| CallError::Transport {
                     source_name,
                     endpoint: String::new(),
                     message: format!("cannot build the request: {}", describe_transport(&e)),
@@ -299,7 +322,7 @@ impl HttpClient {
                     let body = match response.bytes().await {
                         Ok(b) => b.to_vec(),
                         Err(e) => {
-                            let error = MintError::Transport {
+                            let error = CallError::Transport {
                                 source_name,
                                 endpoint,
                                 message: self.describe(&e),
@@ -315,7 +338,7 @@ impl HttpClient {
                     if status.is_success() {
                         return Ok(body);
                     }
-                    let error = MintError::Refused {
+                    let error = CallError::Refused {
                         source_name,
                         endpoint,
                         status: status.as_u16(),
@@ -331,7 +354,7 @@ impl HttpClient {
                 // A request reqwest would not send (plain http where refused) fails the same way
                 // each time.
                 Err(e) if e.is_builder() => {
-                    return Err(MintError::Transport {
+                    return Err(CallError::Transport {
                         source_name,
                         endpoint,
                         message: self.describe(&e),
@@ -339,7 +362,7 @@ impl HttpClient {
                 }
                 Err(e) => (
                     None,
-                    MintError::Transport {
+                    CallError::Transport {
                         source_name,
                         endpoint,
                         message: self.describe(&e),
@@ -394,8 +417,8 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
     source_name: &'static str,
     what: &str,
     body: &[u8],
-) -> Result<T, MintError> {
-    serde_json::from_slice(body).map_err(|e| MintError::Unusable {
+) -> Result<T, CallError> {
+    serde_json::from_slice(body).map_err(|e| CallError::Unusable {
         source_name,
         reason: format!(
             "the answer is not {what} ({:?} error at line {} column {})",
