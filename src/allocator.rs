@@ -18,7 +18,7 @@ static COLLECT: AtomicBool = AtomicBool::new(false);
 
 /// Makes freed memory go back to the system without delay, unless `MIMALLOC_PURGE_DELAY` says
 /// otherwise. Call before the runtime starts (options are not thread-safe).
-pub fn purge_immediately() {
+pub(crate) fn purge_immediately() {
     // SAFETY: sets and reads option values; no memory is involved.
     let delay = unsafe {
         libmimalloc_sys::mi_option_set_default(PURGE_DELAY, 0);
@@ -28,7 +28,7 @@ pub fn purge_immediately() {
 }
 
 /// For tokio's `on_thread_park`: the parking worker hands its empty pages back.
-pub fn collect_on_park() {
+pub(crate) fn collect_on_park() {
     if COLLECT.load(Ordering::Relaxed) {
         // SAFETY: collects the calling thread's own heap; no pointers are involved.
         unsafe { libmimalloc_sys::mi_collect(false) };

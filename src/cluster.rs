@@ -15,16 +15,6 @@ use kube::Client;
 #[error("{}", describe(.0))]
 pub struct KubeError(#[source] Arc<kube::Error>);
 
-impl KubeError {
-    /// The HTTP status the API server answered, when it answered.
-    pub fn code(&self) -> Option<u16> {
-        match &*self.0 {
-            kube::Error::Api(s) => Some(s.code),
-            _ => None,
-        }
-    }
-}
-
 impl From<kube::Error> for KubeError {
     fn from(e: kube::Error) -> Self {
         Self(Arc::new(e))
@@ -41,7 +31,7 @@ fn describe(e: &kube::Error) -> String {
 /// Writes `secret` where `stored` was read: created if there was none, otherwise replaced at
 /// exactly the version read, so a concurrent writer makes this fail with 409 instead of being
 /// overwritten.
-pub async fn create_or_replace(
+pub(crate) async fn create_or_replace(
     api: &Api<Secret>,
     stored: Option<&Secret>,
     mut secret: Secret,
@@ -58,7 +48,7 @@ pub async fn create_or_replace(
 }
 
 /// The `reportingController` of the service's Events (`status` shows only those).
-pub const REPORTING_CONTROLLER: &str = "pull-secret-injector";
+pub(crate) const REPORTING_CONTROLLER: &str = "pull-secret-injector";
 
 /// The service's Warning Events, reported under one controller name and this replica's
 /// identity.
@@ -80,7 +70,13 @@ impl Events {
 
     /// Records a Warning about `regarding`. A failure to record is logged, not returned: an
     /// Event is a courtesy, never a reason to fail the work it describes.
-    pub async fn warn(&self, regarding: &ObjectReference, action: &str, reason: &str, note: &str) {
+    pub(crate) async fn warn(
+        &self,
+        regarding: &ObjectReference,
+        action: &str,
+        reason: &str,
+        note: &str,
+    ) {
         let event = Event {
             type_: EventType::Warning,
             reason: reason.into(),
@@ -100,7 +96,7 @@ impl Events {
 }
 
 /// A reference to a core/v1 object, for an Event about it.
-pub fn reference(kind: &str, namespace: &str, name: &str) -> ObjectReference {
+pub(crate) fn reference(kind: &str, namespace: &str, name: &str) -> ObjectReference {
     ObjectReference {
         api_version: Some("v1".into()),
         kind: Some(kind.into()),
@@ -135,7 +131,7 @@ where
 /// quiet minutes, so a watch that failed a few times while the API server restarted stayed
 /// blind for half a minute after it was back: to namespaces opted in meanwhile, too.
 #[derive(Clone, Debug)]
-pub struct WatchBackoff {
+pub(crate) struct WatchBackoff {
     next: std::time::Duration,
 }
 
@@ -188,11 +184,11 @@ mod backoff_tests {
 }
 
 /// The group version and resource policy mode depends on (GA in Kubernetes 1.36).
-pub const POLICY_GROUP_VERSION: &str = "admissionregistration.k8s.io/v1";
-pub const POLICY_RESOURCE: &str = "mutatingadmissionpolicies";
+pub(crate) const POLICY_GROUP_VERSION: &str = "admissionregistration.k8s.io/v1";
+pub(crate) const POLICY_RESOURCE: &str = "mutatingadmissionpolicies";
 
 /// Whether a discovery answer for [`POLICY_GROUP_VERSION`] lists MutatingAdmissionPolicy.
-pub fn serves_admission_policies(
+pub(crate) fn serves_admission_policies(
     resources: &k8s_openapi::apimachinery::pkg::apis::meta::v1::APIResourceList,
 ) -> bool {
     resources
@@ -213,7 +209,7 @@ pub async fn policy_api_served(client: &kube::Client) -> Result<bool, kube::Erro
 
 /// In policy mode the API server adds the Secret; one that does not serve the API adds
 /// nothing, silently. Says so, loudly, once at start.
-pub async fn check_policy_api(client: &kube::Client) {
+pub(crate) async fn check_policy_api(client: &kube::Client) {
     match policy_api_served(client).await {
         Ok(true) => tracing::info!("policy mode: the API server serves MutatingAdmissionPolicy v1"),
         Ok(false) => tracing::error!(

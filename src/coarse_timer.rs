@@ -19,7 +19,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 #[derive(Clone)]
-pub struct CoarseTimer {
+pub(crate) struct CoarseTimer {
     table: Arc<Table>,
 }
 
@@ -55,7 +55,7 @@ impl Table {
 impl CoarseTimer {
     /// Starts the sweeping task on the current tokio runtime. It ends once the timer and every
     /// sleeper made from it are dropped.
-    pub fn start(tick: Duration) -> Self {
+    pub(crate) fn start(tick: Duration) -> Self {
         let table = Arc::new(Table::default());
         let weak: Weak<Table> = Arc::downgrade(&table);
         tokio::spawn(async move {

@@ -3,7 +3,7 @@
 //! Parsing reports the path of the field that failed (`registries[0].kubernetes.audience`), and
 //! validation collects every problem at once so that an operator fixes the file in one pass.
 
-pub mod updater;
+pub(crate) mod updater;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -19,7 +19,7 @@ use crate::core::names::validate_dns_subdomain;
 use crate::sources::TokenSourceConfig;
 
 /// The label a namespace carries to opt in, as the default selector uses it.
-pub const OPT_IN_LABEL: &str = "pull-secret-injector.io/inject";
+pub(crate) const OPT_IN_LABEL: &str = "pull-secret-injector.io/inject";
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -81,15 +81,6 @@ pub enum AdmissionMode {
     #[default]
     Webhook,
     Policy,
-}
-
-impl AdmissionMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Webhook => "webhook",
-            Self::Policy => "policy",
-        }
-    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -243,7 +234,7 @@ impl Default for AdmissionConfig {
 
 impl AdmissionConfig {
     /// The webhook's connection limits, defaults resolved.
-    pub fn connection_limits(&self) -> crate::connections::Limits {
+    pub(crate) fn connection_limits(&self) -> crate::connections::Limits {
         crate::connections::Limits {
             max_connections: self.max_connections,
             max_connections_per_peer: self
@@ -255,7 +246,7 @@ impl AdmissionConfig {
     }
 
     /// `maxBytesInFlightPerPeer`, its default resolved.
-    pub fn bytes_in_flight_per_peer(&self) -> usize {
+    pub(crate) fn bytes_in_flight_per_peer(&self) -> usize {
         self.max_bytes_in_flight_per_peer.unwrap_or_else(|| {
             (self.max_bytes_in_flight / 2)
                 .max(self.max_body_bytes)
@@ -270,19 +261,19 @@ fn default_shutdown_delay() -> Duration {
 
 /// A handshake takes milliseconds; this leaves room for a loaded machine, and bounds how long
 /// a socket that never starts TLS holds a slot.
-pub fn default_handshake_timeout() -> Duration {
+pub(crate) fn default_handshake_timeout() -> Duration {
     Duration::from_secs(3)
 }
 
-pub fn default_read_timeout() -> Duration {
+pub(crate) fn default_read_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
-pub fn default_idle_timeout() -> Duration {
+pub(crate) fn default_idle_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
-pub fn default_max_connections() -> usize {
+pub(crate) fn default_max_connections() -> usize {
     512
 }
 
@@ -393,7 +384,7 @@ pub enum ConfigError {
 }
 
 /// Reads a YAML file into `T`, naming the file when it cannot be read.
-pub fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+pub(crate) fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -403,7 +394,7 @@ pub fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Confi
 
 /// Parses a YAML document into `T`; an error names the path of the field that failed
 /// (`registries[0].kubernetes.audience`).
-pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
     let de = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -479,7 +470,7 @@ impl Config {
     }
 
     /// Checks what types alone cannot express; reports every problem found.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
         let mut err = |path: &str, message: String| {
             errors.push(FieldError {
@@ -606,7 +597,7 @@ impl Config {
 
 /// The `registries` list, wherever it is read (the service, the credential provider): at least
 /// one, hosts without a scheme and listed once, each source valid.
-pub fn validate_registries(
+pub(crate) fn validate_registries(
     registries: &[RegistryConfig],
     checks: crate::sources::Checks,
     err: &mut impl FnMut(&str, String),

@@ -35,7 +35,7 @@ use tokio::time::{Instant, Sleep};
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Connections past their TLS handshake, at once. As many handshakes may be in progress
     /// besides.
     pub max_connections: usize,
@@ -48,12 +48,16 @@ pub struct Limits {
 
 /// `maxConnectionsPerPeer` when not set: half of the cap, so that a second peer (the API
 /// server, a registry client) always finds room beside one that takes all it may.
-pub fn default_per_peer(max_connections: usize) -> usize {
+pub(crate) fn default_per_peer(max_connections: usize) -> usize {
     (max_connections / 2).max(1)
 }
 
 /// What is wrong with a configured `maxConnectionsPerPeer`, if anything.
-pub fn check_per_peer(per_peer: Option<usize>, max: usize, max_field: &str) -> Option<String> {
+pub(crate) fn check_per_peer(
+    per_peer: Option<usize>,
+    max: usize,
+    max_field: &str,
+) -> Option<String> {
     match per_peer {
         Some(n) if n == 0 || n > max => Some(format!("must be at least 1 and at most {max_field}")),
         _ => None,
@@ -61,7 +65,7 @@ pub fn check_per_peer(per_peer: Option<usize>, max: usize, max_field: &str) -> O
 }
 
 /// What is wrong with a configured `handshakeTimeout`, if anything.
-pub fn check_handshake_timeout(timeout: Duration) -> Option<String> {
+pub(crate) fn check_handshake_timeout(timeout: Duration) -> Option<String> {
     (timeout.is_zero() || timeout > Duration::from_secs(60))
         .then(|| "must be more than 0s and at most 60s".into())
 }
@@ -69,7 +73,7 @@ pub fn check_handshake_timeout(timeout: Duration) -> Option<String> {
 /// The client's IP address, in each request's extensions: per-peer shares of other budgets
 /// (the webhook's bytes in flight) are keyed by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Peer(pub IpAddr);
+pub(crate) struct Peer(pub IpAddr);
 
 /// What the log says, at most every [`LOG_EVERY`] for each.
 #[derive(Clone, Copy, Debug)]
@@ -288,12 +292,12 @@ impl Drop for Registered {
 /// axum-server's inner acceptor, under TLS: refuses a peer over its share and wraps the
 /// others, each with a handshake slot.
 #[derive(Clone)]
-pub struct Limited {
+pub(crate) struct Limited {
     shared: Arc<Shared>,
 }
 
 impl Limited {
-    pub fn new(server: &'static str, limits: Limits) -> Self {
+    pub(crate) fn new(server: &'static str, limits: Limits) -> Self {
         Self {
             shared: Arc::new(Shared {
                 limits,
@@ -344,7 +348,7 @@ impl<S> Accept<TcpStream, S> for Limited {
 /// axum-server's outer acceptor, over TLS: a connection whose handshake is done takes its
 /// place under `maxConnections`, or is closed if there is none to be had.
 #[derive(Clone)]
-pub struct Established {
+pub(crate) struct Established {
     inner: RustlsAcceptor<Limited>,
     shared: Arc<Shared>,
 }
@@ -376,7 +380,7 @@ where
 /// A connection's stream: holds its place in the counts, and fails its reads once it has been
 /// idle too long or was displaced while idle (hyper then closes it; HTTP/1 and HTTP/2 both
 /// keep reading while idle).
-pub struct Guarded<T> {
+pub(crate) struct Guarded<T> {
     inner: T,
     conn: Arc<Conn>,
     idle: Duration,
@@ -458,7 +462,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
 /// The connection's service: counts its requests in progress for the idle deadline, and
 /// tells each request its [`Peer`].
 #[derive(Clone)]
-pub struct InFlight<S> {
+pub(crate) struct InFlight<S> {
     inner: S,
     conn: Arc<Conn>,
 }
@@ -514,7 +518,7 @@ where
 /// connections closed, the connection caps, and at most [`MAX_STREAMS`] concurrent HTTP/2
 /// streams per connection.
 #[allow(clippy::too_many_arguments)]
-pub fn serve(
+pub(crate) fn serve(
     listener: std::net::TcpListener,
     tls: axum_server::tls_rustls::RustlsConfig,
     server: &'static str,
@@ -550,12 +554,12 @@ pub fn serve(
 }
 
 /// Concurrent HTTP/2 streams per connection: the API server needs a handful.
-pub const MAX_STREAMS: u32 = 16;
+pub(crate) const MAX_STREAMS: u32 = 16;
 /// What one HTTP/2 stream may send ahead of being read. The connection's window holds every
 /// stream's at once, so a stream that waits for room in the in-flight byte budget (and is not
 /// read meanwhile) never starves the streams that are being read: no deadlock on one
 /// connection. Per connection that is about 1 MiB buffered unread, as with hyper's default.
-pub const STREAM_WINDOW: u32 = 64 * 1024;
+pub(crate) const STREAM_WINDOW: u32 = 64 * 1024;
 
 /// A real TLS listener on 127.0.0.1 and raw clients that misbehave as the issue describes: the
 /// server must close what they leave open, and refuse connections over the cap.

@@ -78,7 +78,7 @@ const API_SERVER_NAMES: &[&str] = &[
 
 impl ProxyEnv {
     /// Reads the variables through `var` (`std::env::var` in `main`, a map in tests).
-    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+    pub(crate) fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
         let either = |upper: &str, lower: &str| {
             var(upper)
                 .or_else(|| var(lower))
@@ -94,7 +94,7 @@ impl ProxyEnv {
     }
 
     /// `$NO_PROXY` with the API server's names and address added.
-    pub fn bypass_list(&self) -> String {
+    pub(crate) fn bypass_list(&self) -> String {
         let mut hosts: Vec<&str> = self
             .no_proxy
             .iter()
@@ -162,7 +162,7 @@ fn proxy_url(value: &str) -> Result<reqwest::Url, String> {
 }
 
 impl HttpConfig {
-    pub fn validate(&self, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(&self, err: &mut impl FnMut(&str, String)) {
         if self.timeout.is_zero() || self.timeout > Duration::from_secs(60) {
             err(
                 "http.timeout",
@@ -178,7 +178,7 @@ impl HttpConfig {
 /// A call out that did not give a usable answer. The sources turn it into their `MintError`
 /// (same variants, same text); the token server keeps it as it is.
 #[derive(Debug, thiserror::Error)]
-pub enum CallError {
+pub(crate) enum CallError {
     /// No answer: connection refused, TLS failure, timeout.
     #[error("{source_name}: {endpoint} failed: {message}")]
     Transport {
@@ -298,7 +298,7 @@ impl HttpClient {
     /// with backoff and jitter (a 429's or 503's `Retry-After` is honoured). Returns the body of
     /// a 2xx answer; any other answer is a [`CallError::Refused`] with the server's text, in
     /// which `secrets` (what the request carried) are redacted.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         source_name: &'static str,
         secrets: &[&Sensitive],
@@ -413,7 +413,7 @@ impl HttpClient {
 
 /// Parses a successful answer as `T`. The error says what was expected and where parsing
 /// stopped, never the content (it may hold a token).
-pub fn parse_json<T: serde::de::DeserializeOwned>(
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
     source_name: &'static str,
     what: &str,
     body: &[u8],
@@ -470,7 +470,7 @@ fn describe_transport(e: &reqwest::Error) -> String {
 /// What an error answer said, fit for logs and Events: the `error`/`error_description`/`message`
 /// of a JSON body when there is one, else the text; whitespace collapsed, cut to
 /// `DETAIL_CHARS`, the request's secrets and anything token-like redacted.
-pub fn describe_body(body: &[u8], secrets: &[&Sensitive]) -> String {
+pub(crate) fn describe_body(body: &[u8], secrets: &[&Sensitive]) -> String {
     let text = String::from_utf8_lossy(body);
     let text = match serde_json::from_str::<serde_json::Value>(&text) {
         Ok(json) => summarise_json(&json).unwrap_or_else(|| text.to_string()),
@@ -526,7 +526,7 @@ fn summarise_xml(text: &str) -> Option<String> {
 
 /// The text of the first `<tag>` element, XML entities decoded. STS answers, the only XML any
 /// token source reads, are small and flat.
-pub fn xml_text(doc: &str, tag: &str) -> Option<String> {
+pub(crate) fn xml_text(doc: &str, tag: &str) -> Option<String> {
     let open = format!("<{tag}>");
     let start = doc.find(&open)? + open.len();
     let end = start + doc[start..].find(&format!("</{tag}>"))?;

@@ -40,13 +40,13 @@ pub struct CacheLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WriterLabels {
+pub(crate) struct WriterLabels {
     /// `provisioner` (the managed pull Secrets) or `pull_secret_updater`.
     pub writer: &'static str,
 }
 
 /// The writers of [`Metrics::secret_write_skipped`].
-pub const WRITERS: [&str; 2] = ["provisioner", "pull_secret_updater"];
+pub(crate) const WRITERS: [&str; 2] = ["provisioner", "pull_secret_updater"];
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -200,14 +200,14 @@ impl Metrics {
     }
 
     /// A Secret write left out: it would have stored what is already stored.
-    pub fn secret_write_skipped(&self, writer: &'static str) {
+    pub(crate) fn secret_write_skipped(&self, writer: &'static str) {
         self.secret_writes_skipped
             .get_or_create(&WriterLabels { writer })
             .inc();
     }
 
     /// Starts or stops tracking expiries; stopping forgets them (`managed_secrets` reads 0).
-    pub fn set_refreshing(&self, refreshing: bool) {
+    pub(crate) fn set_refreshing(&self, refreshing: bool) {
         let mut expiries = self.expiries.lock().unwrap_or_else(|p| p.into_inner());
         self.refreshing
             .store(refreshing, std::sync::atomic::Ordering::Release);
@@ -218,7 +218,7 @@ impl Metrics {
 
     /// Records a Secret's expiry, where this replica refreshes (a Secret an admission writes
     /// elsewhere is adopted by the refreshing replica's watch).
-    pub fn secret_written(&self, namespace: &str, expires_at: Timestamp) {
+    pub(crate) fn secret_written(&self, namespace: &str, expires_at: Timestamp) {
         if !self.refreshing.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
@@ -228,7 +228,7 @@ impl Metrics {
             .insert(namespace.to_string(), expires_at);
     }
 
-    pub fn secret_released(&self, namespace: &str) {
+    pub(crate) fn secret_released(&self, namespace: &str) {
         self.expiries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -236,7 +236,7 @@ impl Metrics {
     }
 
     /// Forgets the Secrets whose key `keep` refuses (their namespace is gone).
-    pub fn retain_secrets(&self, keep: impl Fn(&str) -> bool) {
+    pub(crate) fn retain_secrets(&self, keep: impl Fn(&str) -> bool) {
         self.expiries
             .lock()
             .unwrap_or_else(|p| p.into_inner())

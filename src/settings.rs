@@ -106,24 +106,24 @@ impl Settings {
     }
 
     /// The name of the pull Secret (per namespace; per ServiceAccount it is prefixed).
-    pub fn secret_name(&self) -> &str {
+    pub(crate) fn secret_name(&self) -> &str {
         &self.config.secret_name
     }
 
-    pub fn inject(&self) -> InjectMode {
+    pub(crate) fn inject(&self) -> InjectMode {
         self.config.inject
     }
 
-    pub fn scope(&self) -> IdentityScope {
+    pub(crate) fn scope(&self) -> IdentityScope {
         self.config.identity_scope
     }
 
-    pub fn registries(&self) -> &[RegistryConfig] {
+    pub(crate) fn registries(&self) -> &[RegistryConfig] {
         &self.config.registries
     }
 
     /// The configured registry hosts, in configuration order.
-    pub fn hosts(&self) -> Vec<&str> {
+    pub(crate) fn hosts(&self) -> Vec<&str> {
         self.config
             .registries
             .iter()
@@ -131,21 +131,21 @@ impl Settings {
             .collect()
     }
 
-    pub fn admission(&self) -> &AdmissionConfig {
+    pub(crate) fn admission(&self) -> &AdmissionConfig {
         &self.config.admission
     }
 
-    pub fn renew_before(&self) -> Option<Duration> {
+    pub(crate) fn renew_before(&self) -> Option<Duration> {
         self.config.refresh.renew_before
     }
 
     /// Whose Secret a workload running as `service_account` in `namespace` uses.
-    pub fn subject_for(&self, namespace: &str, service_account: &str) -> Subject {
+    pub(crate) fn subject_for(&self, namespace: &str, service_account: &str) -> Subject {
         Subject::for_workload(self.scope(), namespace, service_account)
     }
 
     /// The name of `subject`'s Secret.
-    pub fn secret_of(&self, subject: &Subject) -> String {
+    pub(crate) fn secret_of(&self, subject: &Subject) -> String {
         subject.secret_name(self.secret_name())
     }
 }

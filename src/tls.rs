@@ -67,7 +67,7 @@ impl ReloadingCert {
     }
 
     /// Reloads if the files changed. Returns whether a new certificate is now served.
-    pub fn refresh(&self) -> bool {
+    pub(crate) fn refresh(&self) -> bool {
         let (Ok(cert), Ok(key)) = (
             std::fs::read(&self.cert_file),
             std::fs::read(&self.key_file),
@@ -135,14 +135,14 @@ pub fn server_config(cert: Arc<ReloadingCert>) -> Result<ServerConfig, TlsError>
 
 /// A certificate chain (leaf first) and its private key, as read from two PEM files: the one
 /// reader of PEM files, for the webhook's and the token server's certificates alike.
-pub struct PemPair {
+pub(crate) struct PemPair {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
     /// The files' bytes, to tell a changed pair from the same one.
     bytes: (Vec<u8>, Vec<u8>),
 }
 
-pub fn read_pem_pair(cert_file: &Path, key_file: &Path) -> Result<PemPair, TlsError> {
+pub(crate) fn read_pem_pair(cert_file: &Path, key_file: &Path) -> Result<PemPair, TlsError> {
     let read = |p: &Path| {
         std::fs::read(p).map_err(|source| TlsError::Read {
             path: p.to_owned(),

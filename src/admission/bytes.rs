@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub struct ByteBudget {
+pub(crate) struct ByteBudget {
     /// All of the budget but the reserve.
     shared: Arc<Semaphore>,
     /// One body's worth, for the request whose turn it is.
@@ -29,7 +29,7 @@ pub struct ByteBudget {
 }
 
 /// The bytes one request holds, given back when dropped.
-pub struct Held {
+pub(crate) struct Held {
     budget: Arc<ByteBudget>,
     peer: IpAddr,
     /// From the peer's share and from the shared budget, as many of each.
@@ -41,7 +41,7 @@ pub struct Held {
 impl ByteBudget {
     /// `total` bytes at most, of which `max_body` are the reserve (`total >= max_body`), and
     /// `per_peer` of the rest for any one peer.
-    pub fn new(total: usize, max_body: usize, per_peer: usize) -> Arc<Self> {
+    pub(crate) fn new(total: usize, max_body: usize, per_peer: usize) -> Arc<Self> {
         let reserve = max_body.min(total);
         Arc::new(Self {
             shared: Arc::new(Semaphore::new(total - reserve)),
@@ -53,7 +53,7 @@ impl ByteBudget {
     }
 
     /// An empty holding for a request from `peer`.
-    pub fn holding(self: &Arc<Self>, peer: IpAddr) -> Held {
+    pub(crate) fn holding(self: &Arc<Self>, peer: IpAddr) -> Held {
         Held {
             budget: self.clone(),
             peer,
@@ -74,7 +74,7 @@ impl ByteBudget {
 impl Held {
     /// Takes `n` more bytes (at most a body's worth in all): at once when there is room, else
     /// waiting up to `wait` for room or for the turn. `false` when neither came.
-    pub async fn take(&mut self, n: usize, wait: Duration) -> bool {
+    pub(crate) async fn take(&mut self, n: usize, wait: Duration) -> bool {
         let n = u32::try_from(n).unwrap_or(u32::MAX);
         if let Some((_, taken)) = self.turn.as_mut() {
             return add(

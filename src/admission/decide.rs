@@ -24,7 +24,7 @@ pub struct NamespaceFacts {
 
 impl NamespaceFacts {
     /// A namespace that is not served.
-    pub fn not_served() -> Self {
+    pub(crate) fn not_served() -> Self {
         Self {
             opted_in: false,
             selection: Selection {
@@ -90,7 +90,7 @@ impl Decision {
 /// name, the ServiceAccount it runs as and the Secret name built from them all go into API
 /// paths, cache keys and Events, so each must be a name Kubernetes allows before anything is
 /// looked up. Only requests this service acts on are checked.
-pub fn invalid_names(review: &Review, settings: &Settings) -> Option<String> {
+pub(crate) fn invalid_names(review: &Review, settings: &Settings) -> Option<String> {
     let req = &review.request;
     let (Some(target), Some(namespace)) = (req.target(), req.namespace.as_deref()) else {
         return None;

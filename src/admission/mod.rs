@@ -6,5 +6,5 @@
 pub(crate) mod bytes;
 pub mod decide;
 pub mod review;
-pub mod server;
+pub(crate) mod server;
 pub mod webhook;

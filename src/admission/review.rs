@@ -10,8 +10,8 @@ use serde_json::Value;
 
 use crate::core::patch;
 
-pub const V1: &str = "admission.k8s.io/v1";
-pub const V1BETA1: &str = "admission.k8s.io/v1beta1";
+pub(crate) const V1: &str = "admission.k8s.io/v1";
+pub(crate) const V1BETA1: &str = "admission.k8s.io/v1beta1";
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -98,12 +98,12 @@ object_view! {
 /// The longest reference list (`imagePullSecrets`, `secrets`) a review may carry. A Pod with
 /// hundreds of thousands of entries passes the API server's size limit; reading them costs
 /// memory in proportion, so such a review is answered, unchanged, with a warning.
-pub const MAX_REFERENCES: usize = 1024;
+pub(crate) const MAX_REFERENCES: usize = 1024;
 
 /// A reference list reduced to the names it holds: what a patch needs (is it a list, is our
 /// Secret in it), never a JSON tree of its entries.
 #[derive(Debug, Default)]
-pub enum References {
+pub(crate) enum References {
     /// Not a list (a list is made in its place, as for an absent one).
     #[default]
     NotAList,
@@ -282,7 +282,7 @@ impl<'de> Deserialize<'de> for StringOrOther {
 /// `metadata.annotations` reduced to whether it is an object and the one annotation a patch
 /// reads (which lists this service added to); other values are skipped unread.
 #[derive(Debug, Default)]
-pub struct Annotations {
+pub(crate) struct Annotations {
     is_object: bool,
     injected_into: Option<Box<str>>,
 }
@@ -355,7 +355,7 @@ object_view! {
 /// review's body a second time, and only when images matter (`inject: matchingImages`): the
 /// common case skips the container lists unread. A list that is not a list of objects is a
 /// malformed review.
-pub fn images(body: &[u8]) -> Result<Vec<String>, ReviewError> {
+pub(crate) fn images(body: &[u8]) -> Result<Vec<String>, ReviewError> {
     let review: ImagesReview = serde_json::from_slice(body)
         .map_err(|e| ReviewError::Malformed(format!("container list: {e}")))?;
     let Some(spec) = review.request.and_then(|r| r.object).and_then(|o| o.spec) else {
@@ -380,7 +380,7 @@ object_view! {
 
 impl ObjectView {
     /// The ServiceAccount a Pod runs as (the API server sets `default` before webhooks run).
-    pub fn pod_service_account(&self) -> &str {
+    pub(crate) fn pod_service_account(&self) -> &str {
         self.spec
             .as_ref()
             .and_then(|s| s.service_account_name.as_deref())
@@ -389,7 +389,7 @@ impl ObjectView {
     }
 
     /// `metadata.name`, empty when the object is named by `generateName`.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         self.metadata
             .as_ref()
             .and_then(|m| m.name.as_deref())
@@ -397,7 +397,7 @@ impl ObjectView {
     }
 
     /// Which reference list holds more than [`MAX_REFERENCES`] entries, if one does.
-    pub fn too_long_list(&self) -> Option<&'static str> {
+    pub(crate) fn too_long_list(&self) -> Option<&'static str> {
         let too_long = |r: &Option<References>| matches!(r, Some(References::TooLong));
         if self
             .spec
@@ -417,7 +417,7 @@ impl ObjectView {
     /// The object reduced to what the patch functions read about `secret`, in their JSON
     /// shape: each list as empty or holding only `secret`, the annotations as the marker alone.
     /// A few bytes, whatever the review's size.
-    pub fn to_value(&self, secret: &str) -> Value {
+    pub(crate) fn to_value(&self, secret: &str) -> Value {
         let mut object = serde_json::Map::new();
         let put = |map: &mut serde_json::Map<String, Value>, key: &str, v: &Option<References>| {
             match v {
@@ -486,13 +486,13 @@ pub enum ReviewError {
 
 /// The objects this service patches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Target {
+pub(crate) enum Target {
     Pod,
     ServiceAccount,
 }
 
 impl Target {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Pod => "Pod",
             Self::ServiceAccount => "ServiceAccount",
@@ -518,7 +518,7 @@ pub fn decode(body: &[u8]) -> Result<Review, ReviewError> {
 
 impl AdmissionRequest {
     /// A CREATE of a core/v1 Pod or ServiceAccount; anything else is allowed unchanged.
-    pub fn target(&self) -> Option<Target> {
+    pub(crate) fn target(&self) -> Option<Target> {
         if self.operation != "CREATE" || !self.kind.group.is_empty() || self.kind.version != "v1" {
             return None;
         }
@@ -529,12 +529,12 @@ impl AdmissionRequest {
         }
     }
 
-    pub fn is_dry_run(&self) -> bool {
+    pub(crate) fn is_dry_run(&self) -> bool {
         self.dry_run.unwrap_or(false)
     }
 }
 
-pub fn patch_for(target: Target, object: &ObjectView, secret_name: &str) -> Patch {
+pub(crate) fn patch_for(target: Target, object: &ObjectView, secret_name: &str) -> Patch {
     let object = object.to_value(secret_name);
     match target {
         Target::Pod => patch::for_pod(&object, secret_name),
@@ -550,7 +550,7 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    pub fn unchanged() -> Self {
+    pub(crate) fn unchanged() -> Self {
         Self::default()
     }
 
@@ -561,7 +561,7 @@ impl Verdict {
         }
     }
 
-    pub fn warn(mut self, warning: impl Into<String>) -> Self {
+    pub(crate) fn warn(mut self, warning: impl Into<String>) -> Self {
         self.warnings.push(warning.into());
         self
     }

@@ -19,7 +19,7 @@ use crate::admission::bytes::{ByteBudget, Held};
 use crate::admission::webhook::Webhook;
 use crate::connections::Peer;
 
-pub struct AppState {
+pub(crate) struct AppState {
     pub webhook: Webhook,
     /// True once the watches have synced; the certificate is loaded before serving starts.
     pub ready: Arc<AtomicBool>,
@@ -35,7 +35,7 @@ pub struct AppState {
 
 /// An HTTP error with a JSON body: `{"error": "...", "code": 400}`.
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     pub status: StatusCode,
     pub message: String,
 }
@@ -50,7 +50,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
         .route("/healthz", get(|| async { "ok" }))

@@ -46,7 +46,7 @@ const SLOW_FAILURE: Duration = Duration::from_secs(1);
 /// from 1 s to a minute, scaled by `spread`): otherwise each Pod created in a namespace whose
 /// source fails at once would cost a mint slot and an Event. A slow failure holds at least
 /// [`FAILURE_HOLD`].
-pub fn failure_hold(attempt: u32, slow: bool, spread: f64) -> Duration {
+pub(crate) fn failure_hold(attempt: u32, slow: bool, spread: f64) -> Duration {
     if slow {
         renewal::retry_delay(attempt, spread).max(FAILURE_HOLD)
     } else if attempt <= 1 {
@@ -73,13 +73,13 @@ pub struct NamespaceWatch {
 
 impl NamespaceWatch {
     /// The watch applied a change (or completed a list) to the store.
-    pub fn applied(&self) {
+    pub(crate) fn applied(&self) {
         self.current.store(true, Ordering::Release);
         self.changed.notify_waiters();
     }
 
     /// The watch failed: until it applies a change again, the API server is asked instead.
-    pub fn failed(&self) {
+    pub(crate) fn failed(&self) {
         self.current.store(false, Ordering::Release);
     }
 

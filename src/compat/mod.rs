@@ -1,3 +1,3 @@
 //! Compatibility with other tools' conventions: chainguard's pull-secret-updater ([`updater`]).
 
-pub mod updater;
+pub(crate) mod updater;

@@ -30,27 +30,32 @@ use crate::secret::layout::{self, DOCKER_CONFIG_KEY, DOCKER_CONFIG_TYPE};
 use crate::secret::renewal;
 use crate::sources::MintContext;
 
-pub const IDENTITY_ANNOTATION: &str = "pull-secret-updater.chainguard.dev/identity";
+pub(crate) const IDENTITY_ANNOTATION: &str = "pull-secret-updater.chainguard.dev/identity";
 /// The identity the stored token was minted for: a changed annotation means a new token.
-pub const MINTED_FOR_ANNOTATION: &str = "pull-secret-injector.io/minted-for-identity";
+pub(crate) const MINTED_FOR_ANNOTATION: &str = "pull-secret-injector.io/minted-for-identity";
 const USERNAME: &str = "_token";
 
 /// What the stored token is, as far as renewal needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Stored {
+pub(crate) struct Stored {
     pub minted_for: Option<String>,
     pub expires_at: Option<Timestamp>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     Mint,
     WaitUntil(Timestamp),
 }
 
 /// Mint when there is no readable token, it was minted for another identity, or less than
 /// `renew_before` of it remains; otherwise wait until then.
-pub fn next_step(stored: &Stored, identity: &str, renew_before: Duration, now: Timestamp) -> Step {
+pub(crate) fn next_step(
+    stored: &Stored,
+    identity: &str,
+    renew_before: Duration,
+    now: Timestamp,
+) -> Step {
     let (Some(minted_for), Some(expires_at)) = (&stored.minted_for, stored.expires_at) else {
         return Step::Mint;
     };
@@ -72,7 +77,7 @@ fn due(expires_at: Timestamp, renew_before: Duration) -> Timestamp {
 }
 
 /// The stored token of `registry` in a `.dockerconfigjson`, with its expiry read from the JWT.
-pub fn stored(secret: &Secret, registry: &str) -> Stored {
+pub(crate) fn stored(secret: &Secret, registry: &str) -> Stored {
     let minted_for = secret.annotations().get(MINTED_FOR_ANNOTATION).cloned();
     let expires_at = docker_config(secret)
         .and_then(|doc| {
@@ -95,7 +100,7 @@ fn docker_config(secret: &Secret) -> Option<Value> {
 }
 
 /// The Secret's `.dockerconfigjson` with `registry`'s entry set; other registries' entries stay.
-pub fn with_token(secret: &Secret, registry: &str, token: &str) -> Vec<u8> {
+pub(crate) fn with_token(secret: &Secret, registry: &str, token: &str) -> Vec<u8> {
     use base64::Engine;
     let mut doc = docker_config(secret).unwrap_or_else(|| json!({}));
     if !doc["auths"].is_object() {
@@ -107,7 +112,7 @@ pub fn with_token(secret: &Secret, registry: &str, token: &str) -> Vec<u8> {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum UpdateError {
+pub(crate) enum UpdateError {
     #[error("minting for identity {identity} failed: {message}")]
     Mint { identity: String, message: String },
     #[error("{action} Secret failed: {source}")]
@@ -126,7 +131,7 @@ struct Context {
     metrics: Arc<Metrics>,
 }
 
-pub struct Updater {
+pub(crate) struct Updater {
     /// One controller over every namespace, or one per configured namespace (a watch of
     /// Secrets in one namespace needs rights in that namespace only).
     controllers: Vec<Controller<PartialObjectMeta<Secret>>>,
@@ -134,7 +139,7 @@ pub struct Updater {
 }
 
 impl Updater {
-    pub fn new(
+    pub(crate) fn new(
         client: Client,
         http: HttpClient,
         config: UpdaterConfig,
@@ -164,7 +169,7 @@ impl Updater {
         }
     }
 
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     ) {

@@ -56,7 +56,7 @@ fn default_renew_before() -> Duration {
 }
 
 impl UpdaterConfig {
-    pub fn validate(&self, allow_plain_http: bool, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(&self, allow_plain_http: bool, err: &mut impl FnMut(&str, String)) {
         crate::sources::validate_endpoint(
             "pullSecretUpdater.issuer",
             &self.issuer,
@@ -91,13 +91,13 @@ impl UpdaterConfig {
     }
 
     /// Whether Secrets in `namespace` are kept filled.
-    pub fn covers(&self, namespace: &str) -> bool {
+    pub(crate) fn covers(&self, namespace: &str) -> bool {
         self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == namespace)
     }
 
     /// The `chainguard` source that mints for `identity`: the updater's settings are that
     /// source's, so its mint is the one every registry entry gets.
-    pub fn source(&self, identity: &str) -> TokenSourceConfig {
+    pub(crate) fn source(&self, identity: &str) -> TokenSourceConfig {
         TokenSourceConfig::Chainguard(ChainguardSource {
             identity: identity.to_string(),
             issuer: self.issuer.clone(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 /// Parses `90s`, `20m`, `1h30m`, `500ms`, `2h`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || format!("{text:?} is not a duration (examples: 500ms, 90s, 20m, 1h30m)");
     let trimmed = text.trim();
     // kube's parser also takes signs, fractions and a bare `0`; none of them belongs here.
@@ -22,13 +22,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// `deserialize_with` for a required duration field.
-pub fn field<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn field<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
 /// `deserialize_with` for an optional duration field.
-pub fn optional_field<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+pub(crate) fn optional_field<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
     Option::<String>::deserialize(d)?
         .map(|t| parse_duration(&t).map_err(serde::de::Error::custom))
         .transpose()

@@ -12,7 +12,7 @@ const DOCKER_HUB: &[&str] = &[
 ];
 
 /// The registry host of `image` (`ghcr.io`, `127.0.0.1:5000`, `docker.io`).
-pub fn registry_of(image: &str) -> &str {
+pub(crate) fn registry_of(image: &str) -> &str {
     match image.split_once('/') {
         Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
             first
@@ -22,13 +22,16 @@ pub fn registry_of(image: &str) -> &str {
 }
 
 /// Whether `image` pulls from the registry keyed `host` in a `.dockerconfigjson`.
-pub fn is_on(image: &str, host: &str) -> bool {
+pub(crate) fn is_on(image: &str, host: &str) -> bool {
     let registry = registry_of(image);
     registry == host || (DOCKER_HUB.contains(&registry) && DOCKER_HUB.contains(&host))
 }
 
 /// Whether any of `images` pulls from any of `hosts`.
-pub fn any_on<'a>(images: impl IntoIterator<Item = &'a str>, hosts: &[impl AsRef<str>]) -> bool {
+pub(crate) fn any_on<'a>(
+    images: impl IntoIterator<Item = &'a str>,
+    hosts: &[impl AsRef<str>],
+) -> bool {
     images
         .into_iter()
         .any(|i| hosts.iter().any(|h| is_on(i, h.as_ref())))

@@ -7,7 +7,7 @@ use base64::Engine;
 use jiff::Timestamp;
 
 /// The three parts of a compact JWT (header, payload, signature), still base64url-encoded.
-pub fn split(token: &str) -> Option<[&str; 3]> {
+pub(crate) fn split(token: &str) -> Option<[&str; 3]> {
     let mut parts = token.split('.');
     match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some(header), Some(payload), Some(signature), None) => Some([header, payload, signature]),
@@ -16,19 +16,19 @@ pub fn split(token: &str) -> Option<[&str; 3]> {
 }
 
 /// One part decoded (base64url; padding tolerated, though JWTs carry none).
-pub fn decode_part(part: &str) -> Option<Vec<u8>> {
+pub(crate) fn decode_part(part: &str) -> Option<Vec<u8>> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(part.trim_end_matches('='))
         .ok()
 }
 
 /// Bytes encoded as a JWT part.
-pub fn encode_part(bytes: &[u8]) -> String {
+pub(crate) fn encode_part(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// The claims of `token`, unverified, or why they cannot be read.
-pub fn claims(token: &str) -> Result<serde_json::Value, String> {
+pub(crate) fn claims(token: &str) -> Result<serde_json::Value, String> {
     let [_header, payload, _signature] =
         split(token).ok_or("not a JWT (expected three dot-separated parts)")?;
     let bytes = decode_part(payload).ok_or("JWT payload is not base64url")?;
@@ -39,7 +39,7 @@ pub fn claims(token: &str) -> Result<serde_json::Value, String> {
 }
 
 /// The `exp` claim of `token`, or why it cannot be read.
-pub fn expiry(token: &str) -> Result<Timestamp, String> {
+pub(crate) fn expiry(token: &str) -> Result<Timestamp, String> {
     let claims = claims(token)?;
     let exp = claims
         .get("exp")

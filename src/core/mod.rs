@@ -2,11 +2,11 @@
 //! Everything here is decided from its arguments and tested beside its code.
 
 pub mod credential;
-pub mod duration;
-pub mod images;
+pub(crate) mod duration;
+pub(crate) mod images;
 pub(crate) mod jwt;
-pub mod names;
+pub(crate) mod names;
 pub mod namespaces;
 pub mod patch;
-pub mod pods;
+pub(crate) mod pods;
 pub mod subject;

@@ -17,24 +17,24 @@ fn label_ok(part: &str) -> bool {
 }
 
 /// RFC 1123 label, as Kubernetes requires for Namespace names: at most 63 characters.
-pub fn is_dns_label(name: &str) -> bool {
+pub(crate) fn is_dns_label(name: &str) -> bool {
     label_ok(name)
 }
 
 /// RFC 1123 subdomain, as Kubernetes requires for Secret and ServiceAccount names.
-pub fn is_dns_subdomain(name: &str) -> bool {
+pub(crate) fn is_dns_subdomain(name: &str) -> bool {
     !name.is_empty() && name.len() <= 253 && name.split('.').all(label_ok)
 }
 
 /// `name` for an error message: quoted and escaped, cut to a few dozen characters.
-pub fn quoted(name: &str) -> String {
+pub(crate) fn quoted(name: &str) -> String {
     match name.char_indices().nth(QUOTED) {
         Some((end, _)) => format!("{:?}...", &name[..end]),
         None => format!("{name:?}"),
     }
 }
 
-pub fn validate_dns_subdomain(name: &str) -> Result<(), String> {
+pub(crate) fn validate_dns_subdomain(name: &str) -> Result<(), String> {
     if is_dns_subdomain(name) {
         Ok(())
     } else {
@@ -46,7 +46,7 @@ pub fn validate_dns_subdomain(name: &str) -> Result<(), String> {
     }
 }
 
-pub fn validate_dns_label(name: &str) -> Result<(), String> {
+pub(crate) fn validate_dns_label(name: &str) -> Result<(), String> {
     if is_dns_label(name) {
         Ok(())
     } else {

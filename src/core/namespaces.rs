@@ -8,7 +8,7 @@ use kube::core::{Selector, SelectorExt};
 
 /// A namespace annotation that picks which configured registries its Secret holds
 /// (comma-separated hosts). Absent: all of them.
-pub const REGISTRIES_ANNOTATION: &str = "pull-secret-injector.io/registries";
+pub(crate) const REGISTRIES_ANNOTATION: &str = "pull-secret-injector.io/registries";
 
 /// The registries a namespace's Secret holds, as its annotation picks them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,7 +20,7 @@ pub struct Selection {
 }
 
 /// The namespace's [`REGISTRIES_ANNOTATION`], if it has one.
-pub fn registries_annotation(ns: &k8s_openapi::api::core::v1::Namespace) -> Option<&str> {
+pub(crate) fn registries_annotation(ns: &k8s_openapi::api::core::v1::Namespace) -> Option<&str> {
     ns.metadata
         .annotations
         .as_ref()?
@@ -29,7 +29,7 @@ pub fn registries_annotation(ns: &k8s_openapi::api::core::v1::Namespace) -> Opti
 }
 
 /// `configured` hosts narrowed by the namespace's annotation value, if it has one.
-pub fn registries_for(annotation: Option<&str>, configured: &[&str]) -> Selection {
+pub(crate) fn registries_for(annotation: Option<&str>, configured: &[&str]) -> Selection {
     let Some(value) = annotation else {
         return Selection {
             hosts: configured.iter().map(|h| h.to_string()).collect(),
@@ -56,7 +56,7 @@ pub fn registries_for(annotation: Option<&str>, configured: &[&str]) -> Selectio
 }
 
 /// Namespaces that are never injected, whatever their labels.
-pub const ALWAYS_EXCLUDED: &[&str] = &["kube-system"];
+pub(crate) const ALWAYS_EXCLUDED: &[&str] = &["kube-system"];
 
 #[derive(Clone, Debug)]
 pub struct NamespacePolicy {
@@ -108,14 +108,14 @@ impl NamespacePolicy {
         }
     }
 
-    pub fn is_excluded(&self, name: &str) -> bool {
+    pub(crate) fn is_excluded(&self, name: &str) -> bool {
         self.excluded.contains(name)
     }
 }
 
 /// Reports what the API server would refuse in a selector, and refuses an empty one: it would
 /// select every namespace in the cluster, which is never what opting in means.
-pub fn validate(selector: &LabelSelector, path: &str, err: &mut impl FnMut(&str, String)) {
+pub(crate) fn validate(selector: &LabelSelector, path: &str, err: &mut impl FnMut(&str, String)) {
     let labels = selector.match_labels.as_ref().map_or(0, BTreeMap::len);
     let exprs = selector.match_expressions.as_deref().unwrap_or_default();
     if labels == 0 && exprs.is_empty() {

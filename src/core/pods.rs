@@ -13,7 +13,7 @@ const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// What a Pod of an opted-in namespace is expected to carry.
 #[derive(Clone, Copy, Debug)]
-pub struct Expected<'a> {
+pub(crate) struct Expected<'a> {
     pub scope: IdentityScope,
     /// The configured `secretName` (per ServiceAccount it is prefixed).
     pub secret_name: &'a str,
@@ -24,7 +24,7 @@ pub struct Expected<'a> {
 
 /// The name of the Secret `pod` should list and does not; `None` when it lists it, is not
 /// expected to, or no longer matters (finished, being deleted, a mirror Pod).
-pub fn missing_pull_secret(pod: &Pod, expected: &Expected) -> Option<String> {
+pub(crate) fn missing_pull_secret(pod: &Pod, expected: &Expected) -> Option<String> {
     let meta = &pod.metadata;
     let spec = pod.spec.as_ref()?;
     let namespace = meta.namespace.as_deref()?;
@@ -66,7 +66,7 @@ pub fn missing_pull_secret(pod: &Pod, expected: &Expected) -> Option<String> {
 }
 
 /// The Event note on such a Pod: what happened and what to do. No Pod is ever changed.
-pub fn advice(secret: &str) -> String {
+pub(crate) fn advice(secret: &str) -> String {
     format!(
         "this Pod was admitted without imagePullSecrets entry {secret:?} (the service or the \
          admission policy did not patch it: down, or a webhook timeout with failurePolicy \

@@ -30,7 +30,7 @@ impl Subject {
         }
     }
 
-    pub fn service_account(namespace: &str, service_account: &str) -> Self {
+    pub(crate) fn service_account(namespace: &str, service_account: &str) -> Self {
         Self {
             namespace: namespace.to_string(),
             service_account: Some(service_account.to_string()),
@@ -38,7 +38,11 @@ impl Subject {
     }
 
     /// The subject of a workload running as `service_account` under `scope`.
-    pub fn for_workload(scope: IdentityScope, namespace: &str, service_account: &str) -> Self {
+    pub(crate) fn for_workload(
+        scope: IdentityScope,
+        namespace: &str,
+        service_account: &str,
+    ) -> Self {
         match scope {
             IdentityScope::Namespace => Self::namespace(namespace),
             IdentityScope::ServiceAccount => Self::service_account(namespace, service_account),
@@ -46,7 +50,7 @@ impl Subject {
     }
 
     /// `ns` or `ns/sa`: the cache key (a `/` cannot occur in either name).
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         match &self.service_account {
             None => self.namespace.clone(),
             Some(sa) => format!("{}/{sa}", self.namespace),
@@ -54,7 +58,7 @@ impl Subject {
     }
 
     /// The Secret's name: `base`, or `<sa>-<base>` per ServiceAccount.
-    pub fn secret_name(&self, base: &str) -> String {
+    pub(crate) fn secret_name(&self, base: &str) -> String {
         match &self.service_account {
             None => base.to_string(),
             Some(sa) => format!("{sa}-{base}"),

@@ -11,7 +11,7 @@
 //! [`sources`]: crate::sources
 
 pub mod install;
-pub mod protocol;
+pub(crate) mod protocol;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -93,7 +93,7 @@ impl PluginConfig {
 /// The most read from stdin. A request is an image name, the Pod's token and the
 /// ServiceAccount annotations the kubelet passes (an object's annotations total at most
 /// 256 KiB): a few kilobytes, far below this.
-pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
 /// Reads one request from `input` (stdin), refusing more than [`MAX_REQUEST_BYTES`] before
 /// anything is parsed: memory stays bounded whatever is piped in.

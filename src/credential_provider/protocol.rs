@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::core::credential::{Credential, Sensitive};
 use crate::core::jwt;
 
-pub const API_VERSION: &str = "credentialprovider.kubelet.k8s.io/v1";
+pub(crate) const API_VERSION: &str = "credentialprovider.kubelet.k8s.io/v1";
 const REQUEST_KIND: &str = "CredentialProviderRequest";
 const RESPONSE_KIND: &str = "CredentialProviderResponse";
 
@@ -24,7 +24,7 @@ const MIN_REMAINING: Duration = Duration::from_secs(60);
 
 /// What the kubelet asks for.
 #[derive(Debug)]
-pub struct Request {
+pub(crate) struct Request {
     pub image: String,
     /// The Pod's token, with the audience of `tokenAttributes.serviceAccountTokenAudience`;
     /// absent without `tokenAttributes`, or for a Pod without a ServiceAccount.
@@ -53,7 +53,7 @@ pub enum RequestError {
 }
 
 /// Reads a `CredentialProviderRequest`.
-pub fn parse_request(input: &[u8]) -> Result<Request, RequestError> {
+pub(crate) fn parse_request(input: &[u8]) -> Result<Request, RequestError> {
     // A syntax error names a line and column, never the text around it.
     let doc: Value =
         serde_json::from_slice(input).map_err(|e| RequestError::NotJson(e.to_string()))?;
@@ -115,14 +115,14 @@ pub fn parse_request(input: &[u8]) -> Result<Request, RequestError> {
 /// Who a Kubernetes service-account token names and for whom it is meant, read without
 /// verifying it (the exchange's other end verifies).
 #[derive(Debug, PartialEq, Eq)]
-pub struct TokenIdentity {
+pub(crate) struct TokenIdentity {
     pub namespace: String,
     pub service_account: String,
     pub audiences: Vec<String>,
 }
 
 /// The identity in `token`'s claims, or what is wrong with it (never the token).
-pub fn token_identity(token: &str) -> Result<TokenIdentity, String> {
+pub(crate) fn token_identity(token: &str) -> Result<TokenIdentity, String> {
     let claims = jwt::claims(token)?;
     let sub = claims.get("sub").and_then(Value::as_str).unwrap_or("");
     let Some((namespace, service_account)) = sub
@@ -154,7 +154,11 @@ pub fn token_identity(token: &str) -> Result<TokenIdentity, String> {
 /// until a third of its lifetime is left (at least a minute). Zero, never reused, for a
 /// pass-through token (it is bound to one Pod) and for a credential already that close to
 /// its expiry.
-pub fn cache_duration(credential: &Credential, pass_through: bool, now: Timestamp) -> Duration {
+pub(crate) fn cache_duration(
+    credential: &Credential,
+    pass_through: bool,
+    now: Timestamp,
+) -> Duration {
     if pass_through {
         return Duration::ZERO;
     }

@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use base64::Engine;
 use jiff::Timestamp;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
@@ -69,7 +68,7 @@ pub struct Bundle {
 }
 
 /// The names a Service is reached by from the API server.
-pub fn service_dns_names(service: &str, namespace: &str) -> Vec<String> {
+pub(crate) fn service_dns_names(service: &str, namespace: &str) -> Vec<String> {
     vec![
         service.to_string(),
         format!("{service}.{namespace}"),
@@ -79,7 +78,7 @@ pub fn service_dns_names(service: &str, namespace: &str) -> Vec<String> {
 }
 
 /// Whether a stored certificate must be replaced: unknown, for other names, or expiring soon.
-pub fn needs_replacement(
+pub(crate) fn needs_replacement(
     annotations: &BTreeMap<String, String>,
     dns_names: &[String],
     now: Timestamp,
@@ -98,7 +97,7 @@ pub fn needs_replacement(
 }
 
 /// A new CA and serving certificate for `dns_names`, valid for `validity`.
-pub fn generate(dns_names: &[String], validity: Duration) -> Result<Bundle, CertsError> {
+pub(crate) fn generate(dns_names: &[String], validity: Duration) -> Result<Bundle, CertsError> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, KeyUsagePurpose,
@@ -251,7 +250,7 @@ fn tls_secret(req: &CertsRequest, names: &[String], b: &Bundle) -> Secret {
 }
 
 /// Sets every webhook's `caBundle` to the current CA, followed by the previous one if any.
-pub async fn set_ca_bundle(
+pub(crate) async fn set_ca_bundle(
     client: &Client,
     webhook: &str,
     ca_pem: &str,
@@ -323,11 +322,6 @@ fn write_file(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
     }
     let _ = private;
     file.write_all(bytes)
-}
-
-/// The base64 form a `caBundle` takes in YAML, for printing.
-pub fn ca_bundle_base64(ca_pem: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(ca_pem)
 }
 
 #[cfg(test)]

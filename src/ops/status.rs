@@ -170,7 +170,7 @@ fn printable(text: &str) -> String {
 }
 
 /// `1h02m`, `14m`, `45s`, `-3m` (already expired).
-pub fn human(seconds: i64) -> String {
+pub(crate) fn human(seconds: i64) -> String {
     let sign = if seconds < 0 { "-" } else { "" };
     let s = seconds.unsigned_abs();
     match s {

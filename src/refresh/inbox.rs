@@ -20,7 +20,7 @@ pub struct Inbox {
 }
 
 /// The receiving ends of an [`Inbox`], for one refresher.
-pub struct Feeds {
+pub(crate) struct Feeds {
     pub retry: mpsc::UnboundedReceiver<String>,
     pub namespaces: mpsc::UnboundedReceiver<Arc<Namespace>>,
 }
@@ -38,12 +38,12 @@ fn set<T>(slot: &Slot<T>, tx: Option<mpsc::UnboundedSender<T>>) {
 impl Inbox {
     /// Asks the refresher to try the namespace again soon. (Without one, the leader's own
     /// retries and watches cover it.)
-    pub fn retry(&self, namespace: &str) {
+    pub(crate) fn retry(&self, namespace: &str) {
         send(&self.retry, namespace.to_string());
     }
 
     /// Tells the refresher that the Namespace changed.
-    pub fn namespace_changed(&self, namespace: Arc<Namespace>) {
+    pub(crate) fn namespace_changed(&self, namespace: Arc<Namespace>) {
         send(&self.namespaces, namespace);
     }
 

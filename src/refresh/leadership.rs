@@ -19,11 +19,11 @@ use super::refresher::Refresher;
 use crate::settings::Election;
 
 /// How long a stopping refresher gets to finish in-flight reconciles.
-pub const REFRESHER_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const REFRESHER_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs refreshers made by `make` while this replica should refresh (always, without an
 /// election), until `stop` turns true.
-pub async fn run(
+pub(crate) async fn run(
     client: Client,
     election: Option<Election>,
     make: impl Fn(Feeds) -> Refresher,
@@ -110,7 +110,7 @@ async fn build_manager(
 }
 
 /// Whether a Lease, as last seen, is held by nobody (released on shutdown).
-pub fn is_released(lease: &Lease) -> bool {
+pub(crate) fn is_released(lease: &Lease) -> bool {
     lease
         .spec
         .as_ref()

@@ -3,8 +3,8 @@
 //! [`leadership`] that runs it in one replica at a time; [`slipped`] reports Pods admitted
 //! without the Secret.
 
-pub mod inbox;
-pub mod leadership;
-pub mod refresher;
-pub mod slipped;
-pub mod watched;
+pub(crate) mod inbox;
+pub(crate) mod leadership;
+pub(crate) mod refresher;
+pub(crate) mod slipped;
+pub(crate) mod watched;

@@ -31,7 +31,7 @@ use crate::settings::Settings;
 /// How long to wait before looking again at a namespace whose Secret belongs to someone else.
 const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
 
-pub struct Refresher {
+pub(crate) struct Refresher {
     controller: Controller<Namespace>,
     context: Arc<Context>,
     /// The pull-secret-updater compatibility controller, when configured: leader-only too.
@@ -59,13 +59,13 @@ struct Context {
 
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
-pub struct ReconcileError(#[from] Arc<ProvisionError>);
+pub(crate) struct ReconcileError(#[from] Arc<ProvisionError>);
 
 impl Refresher {
     /// A refresher over `namespaces`, the store of the one Namespace watch that every replica
     /// runs; `changed` carries that watch's namespaces as they change (and all of them when it
     /// lists), `retry` the namespaces admissions could not finish.
-    pub fn new(
+    pub(crate) fn new(
         client: Client,
         settings: Arc<Settings>,
         provisioner: Arc<Provisioner>,
@@ -200,7 +200,7 @@ impl Refresher {
     }
 
     /// Runs until `shutdown` resolves.
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     ) {
@@ -350,7 +350,7 @@ where
 /// Keeps of a Namespace only what deciding about it needs (name, labels, deletion, its registry
 /// selection): with thousands of namespaces, managed fields and annotations would be most of
 /// the memory.
-pub fn slim_namespace(ns: &mut Namespace) {
+pub(crate) fn slim_namespace(ns: &mut Namespace) {
     ns.metadata.managed_fields = None;
     ns.metadata.annotations = ns
         .metadata

@@ -19,7 +19,7 @@ use crate::secret::provisioner::Provisioner;
 use crate::settings::Settings;
 
 /// The Event's reason, as `kubectl get events` shows it.
-pub const REASON: &str = "MissingPullSecret";
+pub(crate) const REASON: &str = "MissingPullSecret";
 
 #[derive(Default)]
 struct Flagged {

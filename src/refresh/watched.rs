@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 /// Summaries by namespace, then name.
 type ByNamespace<S> = HashMap<String, HashMap<String, S>>;
 
-pub struct Watched<S> {
+pub(crate) struct Watched<S> {
     state: RwLock<State<S>>,
     /// True once a first complete list has been folded in.
     synced: tokio::sync::watch::Sender<bool>,
@@ -51,7 +51,7 @@ impl<S: Clone> Watched<S> {
     /// (namespace, name) gone from the view: the one a Delete event names, and those a
     /// completed relist found gone (no Delete event comes for those, and their owners should
     /// look again).
-    pub fn apply<K: Resource>(
+    pub(crate) fn apply<K: Resource>(
         &self,
         event: &Event<K>,
         summarise: impl Fn(&K) -> S,
@@ -112,14 +112,14 @@ impl<S: Clone> Watched<S> {
 
     /// The object's summary as last seen; `None` when the watch has not seen it (yet). During a
     /// relist, only what this list has shown counts: the object may have gone meanwhile.
-    pub fn get(&self, namespace: &str, name: &str) -> Option<S> {
+    pub(crate) fn get(&self, namespace: &str, name: &str) -> Option<S> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
         let seen = state.relisting.as_ref().unwrap_or(&state.current);
         seen.get(namespace)?.get(name).cloned()
     }
 
     /// Whether the namespace holds any object.
-    pub fn any_in(&self, namespace: &str) -> bool {
+    pub(crate) fn any_in(&self, namespace: &str) -> bool {
         self.state
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -128,7 +128,7 @@ impl<S: Clone> Watched<S> {
     }
 
     /// Whether every object of the namespace (none at all included) passes `check`.
-    pub fn all_in(&self, namespace: &str, check: impl Fn(&S) -> bool) -> bool {
+    pub(crate) fn all_in(&self, namespace: &str, check: impl Fn(&S) -> bool) -> bool {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
         state
             .current
@@ -137,7 +137,7 @@ impl<S: Clone> Watched<S> {
     }
 
     /// The names of the namespace's objects.
-    pub fn names_in(&self, namespace: &str) -> Vec<String> {
+    pub(crate) fn names_in(&self, namespace: &str) -> Vec<String> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
         state
             .current
@@ -148,7 +148,7 @@ impl<S: Clone> Watched<S> {
 
     /// Whether the view is complete: its first list has been folded in, and no relist (after
     /// the watch was down) is under way.
-    pub fn is_synced(&self) -> bool {
+    pub(crate) fn is_synced(&self) -> bool {
         *self.synced.borrow()
             && self
                 .state
@@ -161,7 +161,7 @@ impl<S: Clone> Watched<S> {
     /// Whether the view is complete, waiting for the first list until `limit` after the view
     /// was made. The limit is shared by all callers: when the watch cannot list (an
     /// RBAC rule missing after an upgrade), only the first ones wait, not every caller in turn.
-    pub async fn synced_within(&self, limit: std::time::Duration) -> bool {
+    pub(crate) async fn synced_within(&self, limit: std::time::Duration) -> bool {
         if !self.is_synced() {
             let rest = limit.saturating_sub(self.created.elapsed());
             let _ = tokio::time::timeout(rest, self.synced.subscribe().wait_for(|synced| *synced))

@@ -9,7 +9,7 @@ use crate::sources::MintError;
 /// Why a Secret could not be made sure of. Each variant names the object it is about; the
 /// text reaches logs, admission warnings and Events as it is.
 #[derive(Clone, Debug, thiserror::Error)]
-pub enum ProvisionError {
+pub(crate) enum ProvisionError {
     #[error("Secret {namespace}/{name} exists and is not managed by pull-secret-injector; it is left untouched")]
     Conflict { namespace: String, name: String },
     #[error("minting a credential for {registry} failed: {source}")]

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 #[derive(Default)]
-pub struct Failures {
+pub(crate) struct Failures {
     entries: Mutex<HashMap<String, Entry>>,
 }
 
@@ -50,7 +50,7 @@ impl Failures {
     }
 
     /// A write that went out without some registry's credential; returns how many in a row.
-    pub fn incomplete_write(&self, key: &str) -> u32 {
+    pub(crate) fn incomplete_write(&self, key: &str) -> u32 {
         self.update(key, |e| {
             e.incomplete = e.incomplete.saturating_add(1);
             e.incomplete
@@ -58,17 +58,17 @@ impl Failures {
     }
 
     /// A write with every registry's credential.
-    pub fn complete_write(&self, key: &str) {
+    pub(crate) fn complete_write(&self, key: &str) {
         self.update(key, |e| e.incomplete = 0)
     }
 
     /// Consecutive incomplete writes of the Secret.
-    pub fn incomplete(&self, key: &str) -> u32 {
+    pub(crate) fn incomplete(&self, key: &str) -> u32 {
         self.read(key, |e| e.incomplete).unwrap_or(0)
     }
 
     /// A failed reconcile of the namespace; returns how many in a row.
-    pub fn reconcile_failed(&self, namespace: &str) -> u32 {
+    pub(crate) fn reconcile_failed(&self, namespace: &str) -> u32 {
         self.update(namespace, |e| {
             e.reconciles = e.reconciles.saturating_add(1);
             e.reconciles
@@ -76,12 +76,12 @@ impl Failures {
     }
 
     /// A reconcile that succeeded; returns whether the namespace was failing until now.
-    pub fn reconcile_succeeded(&self, namespace: &str) -> bool {
+    pub(crate) fn reconcile_succeeded(&self, namespace: &str) -> bool {
         self.update(namespace, |e| std::mem::take(&mut e.reconciles) > 0)
     }
 
     /// The namespaces whose last reconcile failed.
-    pub fn failing_namespaces(&self) -> Vec<String> {
+    pub(crate) fn failing_namespaces(&self) -> Vec<String> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
             .iter()
@@ -91,7 +91,7 @@ impl Failures {
     }
 
     /// Forgets what is remembered about one key.
-    pub fn forget(&self, key: &str) {
+    pub(crate) fn forget(&self, key: &str) {
         self.entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -99,24 +99,25 @@ impl Failures {
     }
 
     /// Forgets every entry whose key `keep` refuses (its namespace is gone).
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+    pub(crate) fn retain(&self, keep: impl Fn(&str) -> bool) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.retain(|k, _| keep(k));
     }
 
     /// How many Secrets or namespaces have something remembered.
-    pub fn remembered(&self) -> usize {
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
         self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Whether the namespace's last reconcile failed: the refresher retries it when its
     /// backoff ends, and nothing else needs to ask for that sooner.
-    pub fn in_backoff(&self, namespace: &str) -> bool {
+    pub(crate) fn in_backoff(&self, namespace: &str) -> bool {
         self.read(namespace, |e| e.reconciles > 0).unwrap_or(false)
     }
 
     /// An admission-time attempt at the Secret that failed; returns how many in a row.
-    pub fn admission_failed(&self, key: &str) -> u32 {
+    pub(crate) fn admission_failed(&self, key: &str) -> u32 {
         self.update(key, |e| {
             e.admissions = e.admissions.saturating_add(1);
             e.admissions
@@ -125,7 +126,7 @@ impl Failures {
 
     /// The Secret was written or adopted: admissions may wait on it again at once. Costs no
     /// allocation when nothing is remembered (the usual case).
-    pub fn provisioned(&self, key: &str) {
+    pub(crate) fn provisioned(&self, key: &str) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = entries.get_mut(key) {
             e.admissions = 0;
@@ -137,12 +138,12 @@ impl Failures {
     }
 
     /// Admissions stop waiting on the Secret for `hold`.
-    pub fn hold(&self, key: &str, hold: Duration) {
+    pub(crate) fn hold(&self, key: &str, hold: Duration) {
         self.update(key, |e| e.held_until = Some(Instant::now() + hold))
     }
 
     /// Whether admissions should answer at once rather than wait on the Secret.
-    pub fn is_held(&self, key: &str) -> bool {
+    pub(crate) fn is_held(&self, key: &str) -> bool {
         let now = Instant::now();
         self.read(key, |e| e.held_until.is_some_and(|t| t > now))
             .unwrap_or(false)

@@ -15,21 +15,21 @@ use sha2::{Digest, Sha256};
 use crate::core::credential::{Credential, Sensitive};
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-pub const MANAGER: &str = "pull-secret-injector";
+pub(crate) const MANAGER: &str = "pull-secret-injector";
 /// When the earliest credential in the Secret expires (RFC 3339).
 pub const EXPIRES_AT: &str = "pull-secret-injector.io/expires-at";
 /// When the credentials were minted (RFC 3339); with `EXPIRES_AT` it gives the lifetime.
-pub const ISSUED_AT: &str = "pull-secret-injector.io/issued-at";
+pub(crate) const ISSUED_AT: &str = "pull-secret-injector.io/issued-at";
 /// SHA-256 of `.dockerconfigjson` as written, to notice when someone else changed it.
 pub const CONTENT_HASH: &str = "pull-secret-injector.io/content-sha256";
 /// The registry hosts the Secret holds (for people and `status`).
-pub const REGISTRIES: &str = "pull-secret-injector.io/registries";
+pub(crate) const REGISTRIES: &str = "pull-secret-injector.io/registries";
 /// Per registry host, when its credential was minted and when it expires (JSON), so each is
 /// renewed on its own schedule and one failing source does not cost the others theirs.
-pub const CREDENTIALS: &str = "pull-secret-injector.io/credentials";
+pub(crate) const CREDENTIALS: &str = "pull-secret-injector.io/credentials";
 
-pub const DOCKER_CONFIG_TYPE: &str = "kubernetes.io/dockerconfigjson";
-pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
+pub(crate) const DOCKER_CONFIG_TYPE: &str = "kubernetes.io/dockerconfigjson";
+pub(crate) const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
 
 /// What a usable Secret holds, as far as renewal needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,7 +83,7 @@ pub enum Assessment {
     Intact(Issued),
 }
 
-pub fn is_managed(secret: &Secret) -> bool {
+pub(crate) fn is_managed(secret: &Secret) -> bool {
     secret
         .metadata
         .labels
@@ -94,7 +94,7 @@ pub fn is_managed(secret: &Secret) -> bool {
 }
 
 /// The `.dockerconfigjson` document for one credential per registry host.
-pub fn docker_config_json(credentials: &[(String, Credential)]) -> Vec<u8> {
+pub(crate) fn docker_config_json(credentials: &[(String, Credential)]) -> Vec<u8> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let auths: serde_json::Map<String, serde_json::Value> = credentials
         .iter()
@@ -237,7 +237,7 @@ pub fn assess(secret: Option<&Secret>) -> Assessment {
 /// labels, annotations, owner references and finalizers (what a replace sets; an empty map or
 /// list is the same as none). Such a write is skipped: it would cost an etcd round trip and
 /// wake every watcher of the Secret for nothing.
-pub fn unchanged(stored: &Secret, next: &Secret) -> bool {
+pub(crate) fn unchanged(stored: &Secret, next: &Secret) -> bool {
     fn map<V>(m: &Option<BTreeMap<String, V>>) -> Option<&BTreeMap<String, V>> {
         m.as_ref().filter(|m| !m.is_empty())
     }
@@ -258,7 +258,7 @@ pub fn unchanged(stored: &Secret, next: &Secret) -> bool {
 
 /// The credentials an intact Secret holds, for the hosts in `issued`, to carry over into the
 /// next version when they are not renewed (not due, or their source failed).
-pub fn stored_credentials(secret: &Secret, issued: &Issued) -> BTreeMap<String, Credential> {
+pub(crate) fn stored_credentials(secret: &Secret, issued: &Issued) -> BTreeMap<String, Credential> {
     #[derive(serde::Deserialize)]
     struct Entry {
         username: String,

@@ -3,7 +3,7 @@
 //! out mints, and the [`provisioner`] that mints through `sources`, caches, single-flights and
 //! writes it.
 
-pub mod error;
+pub(crate) mod error;
 pub(crate) mod failures;
 pub mod layout;
 pub(crate) mod pacer;

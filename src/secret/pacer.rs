@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 /// Who asks for a mint slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Caller {
+pub(crate) enum Caller {
     /// An admission waiting for its Secret.
     Admission,
     /// The refresher (renewal, restore, opt-in), or anything else in the background.
@@ -48,7 +48,7 @@ fn served_next(turn: Caller, admissions_waiting: bool, refresher_waiting: bool) 
     [turn, turn.other()].into_iter().find(|c| waiting(*c))
 }
 
-pub struct MintPacer {
+pub(crate) struct MintPacer {
     interval: Duration,
     state: Mutex<State>,
     /// Woken when a slot is taken or a waiter leaves: the waiters look again whose turn it is.
@@ -66,7 +66,7 @@ struct State {
 }
 
 impl MintPacer {
-    pub fn new(per_second: f64) -> Self {
+    pub(crate) fn new(per_second: f64) -> Self {
         Self {
             interval: Duration::from_secs_f64(1.0 / per_second.max(0.001)),
             state: Mutex::new(State {
@@ -84,7 +84,7 @@ impl MintPacer {
     }
 
     /// Waits for this caller's slot.
-    pub async fn wait(&self, caller: Caller) {
+    pub(crate) async fn wait(&self, caller: Caller) {
         let ticket = {
             let mut s = self.lock();
             s.last_ticket += 1;

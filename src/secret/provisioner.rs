@@ -20,7 +20,7 @@ use kube::Client;
 use moka::future::Cache;
 use moka::Expiry;
 
-pub use super::error::ProvisionError;
+pub(crate) use super::error::ProvisionError;
 use super::failures::Failures;
 use super::layout::{self, Assessment, Issued};
 use super::pacer::{Caller, MintPacer};
@@ -38,7 +38,7 @@ use crate::sources::MintContext;
 
 /// A namespace's Secret as last written or adopted, and when it is due.
 #[derive(Clone, Debug)]
-pub struct Fresh {
+pub(crate) struct Fresh {
     pub issued: Issued,
     pub renew_at: Timestamp,
 }
@@ -100,24 +100,24 @@ impl Provisioner {
         }
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
     /// The Warning Events recorder, shared with the refresher's Pod watch.
-    pub fn events(&self) -> &Events {
+    pub(crate) fn events(&self) -> &Events {
         &self.events
     }
 
     /// What went wrong lately, per Secret: shared with the admission shell and the refresher.
-    pub fn failures(&self) -> &Failures {
+    pub(crate) fn failures(&self) -> &Failures {
         &self.failures
     }
 
     /// The subject's Secret, fresh. Answers from the cache when it can (no I/O); otherwise one
     /// caller per subject provisions and the others wait for its result. `caller` says whose
     /// turn at the mint pacer it takes.
-    pub async fn ensure(
+    pub(crate) async fn ensure(
         &self,
         subject: &Subject,
         caller: Caller,
@@ -131,7 +131,7 @@ impl Provisioner {
     /// Secret that was deleted or edited since it was written is noticed and restored.
     /// `watched` is the Secret as the refresher's watch last saw it: when it confirms the cache,
     /// or can be adopted as it is, the Secret is not read again.
-    pub async fn ensure_verified(
+    pub(crate) async fn ensure_verified(
         &self,
         subject: &Subject,
         watched: Option<Assessment>,
@@ -208,13 +208,13 @@ impl Provisioner {
     }
 
     /// Whether the subject's entry is cached and fresh: no I/O.
-    pub async fn is_fresh(&self, subject: &Subject) -> bool {
+    pub(crate) async fn is_fresh(&self, subject: &Subject) -> bool {
         // contains_key honours expiry and, unlike get, clones nothing.
         self.cache.contains_key(&subject.key())
     }
 
     /// Whether any Secret of the namespace is cached (it has been served).
-    pub fn has_any(&self, namespace: &str) -> bool {
+    pub(crate) fn has_any(&self, namespace: &str) -> bool {
         match self.settings.scope() {
             // One key per namespace: a lookup, not a scan (this runs for every namespace that
             // is not selected, at every resync).
@@ -229,7 +229,7 @@ impl Provisioner {
     /// Drops everything remembered about namespaces the Namespace watch no longer shows
     /// (deleted, or gone while the watch was down): cache entries, failure counts and their
     /// metrics. State is kept only for namespaces that exist.
-    pub async fn forget_gone(&self) {
+    pub(crate) async fn forget_gone(&self) {
         let known = |key: &str| {
             let namespace = key.split('/').next().unwrap_or(key);
             self.namespaces.get(&ObjectRef::new(namespace)).is_some()
@@ -255,7 +255,7 @@ impl Provisioner {
 
     /// Forgets one subject (its ServiceAccount was deleted, and its Secret with it): cache
     /// entry, failure counts and its expiry in the metrics.
-    pub async fn forget(&self, subject: &Subject) {
+    pub(crate) async fn forget(&self, subject: &Subject) {
         let key = subject.key();
         self.cache.invalidate(&key).await;
         self.failures.forget(&key);
@@ -265,7 +265,7 @@ impl Provisioner {
 
     /// Opt-out: forgets the namespace, deletes its Secrets that are ours, and takes back the
     /// references this service added to ServiceAccounts.
-    pub async fn release(&self, namespace: &str) -> Result<(), ProvisionError> {
+    pub(crate) async fn release(&self, namespace: &str) -> Result<(), ProvisionError> {
         let prefix = format!("{namespace}/");
         let keys: Vec<String> = self
             .cache
@@ -355,7 +355,7 @@ impl Provisioner {
     }
 
     /// The registries `namespace` gets, as the watch last saw its annotation (no I/O).
-    pub fn selection_from_store(&self, namespace: &str) -> Selection {
+    pub(crate) fn selection_from_store(&self, namespace: &str) -> Selection {
         let configured = self.settings.hosts();
         let ns = self.namespaces.get(&ObjectRef::new(namespace));
         namespaces::registries_for(

@@ -35,7 +35,7 @@ fn renew_at(issued: &Lifetime, renew_before: Option<Duration>, key: &str) -> Tim
 
 /// What to do with a Secret now, registry by registry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// Configured, stored and not yet due: carried over as they are.
     pub keep: Vec<String>,
     /// Configured and missing or due: minted now.
@@ -46,14 +46,14 @@ pub struct Plan {
 
 impl Plan {
     /// Nothing to mint and nothing to remove: the stored Secret is adopted as it is.
-    pub fn is_nothing(&self) -> bool {
+    pub(crate) fn is_nothing(&self) -> bool {
         self.mint.is_empty() && self.drop.is_empty()
     }
 }
 
 /// What to do about a stored Secret now.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision<'a> {
+pub(crate) enum Decision<'a> {
     /// Nothing is due: keep it as it is until `renew_at`, which is later than now.
     Keep {
         issued: &'a Issued,
@@ -71,7 +71,7 @@ pub enum Decision<'a> {
 /// [`decide`]: Schedule::decide
 /// [`next_renewal`]: Schedule::next_renewal
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Schedule {
+pub(crate) struct Schedule {
     renew_before: Option<Duration>,
     /// The jitter's key: the subject's own (`ns`, or `ns/sa` per ServiceAccount), so the
     /// Secrets of one namespace's ServiceAccounts are spread too.
@@ -79,7 +79,7 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    pub fn for_subject(subject: &Subject, renew_before: Option<Duration>) -> Self {
+    pub(crate) fn for_subject(subject: &Subject, renew_before: Option<Duration>) -> Self {
         Self {
             renew_before,
             key: subject.key(),
@@ -87,12 +87,17 @@ impl Schedule {
     }
 
     /// When a credential of this lifetime is due.
-    pub fn renew_at(&self, lifetime: &Lifetime) -> Timestamp {
+    pub(crate) fn renew_at(&self, lifetime: &Lifetime) -> Timestamp {
         renew_at(lifetime, self.renew_before, &self.key)
     }
 
     /// Which registries of the stored Secret (if usable) are kept, which minted, which dropped.
-    pub fn plan(&self, stored: Option<&Issued>, configured: &[&str], now: Timestamp) -> Plan {
+    pub(crate) fn plan(
+        &self,
+        stored: Option<&Issued>,
+        configured: &[&str],
+        now: Timestamp,
+    ) -> Plan {
         let mut plan = Plan::default();
         for host in configured {
             match stored.and_then(|i| i.registries.get(*host)) {
@@ -112,7 +117,7 @@ impl Schedule {
     }
 
     /// Keep the stored Secret (until when), or write (what).
-    pub fn decide<'a>(
+    pub(crate) fn decide<'a>(
         &self,
         stored: Option<&'a Issued>,
         configured: &[&str],
@@ -133,7 +138,7 @@ impl Schedule {
     /// When the Secret next needs work: the earliest renewal among its configured credentials,
     /// or `now + retry` if that is sooner and a configured registry is missing from it (its
     /// source failed; the others were written meanwhile).
-    pub fn next_renewal(
+    pub(crate) fn next_renewal(
         &self,
         issued: &Issued,
         configured: &[&str],
@@ -161,7 +166,7 @@ impl Schedule {
 }
 
 /// How long until `at`, or zero if it has passed.
-pub fn until(at: Timestamp, now: Timestamp) -> Duration {
+pub(crate) fn until(at: Timestamp, now: Timestamp) -> Duration {
     Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
 }
 
@@ -170,7 +175,7 @@ pub fn until(at: Timestamp, now: Timestamp) -> Duration {
 /// that namespaces failing together do not retry together. The cap bounds how stale a Secret
 /// stays after a token endpoint recovers; the mint pacer, not the cap, protects the endpoint
 /// when many Secrets fail together.
-pub fn retry_delay(attempt: u32, spread: f64) -> Duration {
+pub(crate) fn retry_delay(attempt: u32, spread: f64) -> Duration {
     const FIRST: f64 = 1.0;
     const CAP: f64 = 60.0;
     let base = (FIRST * 2f64.powi(attempt.saturating_sub(1).min(16) as i32)).min(CAP);

@@ -10,8 +10,8 @@ use super::{Credential, MintError, Presented, Sensitive};
 use crate::http;
 
 const NAME: &str = "acr";
-pub const CLIENT_ID_ANNOTATION: &str = "azure.workload.identity/client-id";
-pub const TENANT_ID_ANNOTATION: &str = "azure.workload.identity/tenant-id";
+pub(crate) const CLIENT_ID_ANNOTATION: &str = "azure.workload.identity/client-id";
+pub(crate) const TENANT_ID_ANNOTATION: &str = "azure.workload.identity/tenant-id";
 /// ACR's fixed username for refresh tokens.
 const USERNAME: &str = "00000000-0000-0000-0000-000000000000";
 
@@ -55,7 +55,12 @@ struct ExchangeResponse {
 }
 
 impl AcrSource {
-    pub fn validate(&self, path: &str, checks: super::Checks, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(
+        &self,
+        path: &str,
+        checks: super::Checks,
+        err: &mut impl FnMut(&str, String),
+    ) {
         for (field, value) in [("tenantId", &self.tenant_id), ("clientId", &self.client_id)] {
             if let Some(v) = value {
                 if v.is_empty()
@@ -91,7 +96,7 @@ impl AcrSource {
     }
 
     /// The annotations read for ids the config does not set.
-    pub fn annotation_keys(&self) -> Vec<&'static str> {
+    pub(crate) fn annotation_keys(&self) -> Vec<&'static str> {
         [
             (&self.tenant_id, TENANT_ID_ANNOTATION),
             (&self.client_id, CLIENT_ID_ANNOTATION),
@@ -102,7 +107,7 @@ impl AcrSource {
         .collect()
     }
 
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         http: &http::HttpClient,
         host: &str,

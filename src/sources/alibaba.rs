@@ -96,7 +96,7 @@ impl AlibabaSource {
             .unwrap_or_else(|| format!("https://cr.{}.aliyuncs.com", self.region))
     }
 
-    pub fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
         let region_ok = !self.region.is_empty()
             && self
                 .region
@@ -161,7 +161,7 @@ impl AlibabaSource {
             .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         http: &http::HttpClient,
         id: &Presented<'_>,

@@ -28,7 +28,7 @@ pub struct ArtifactKeeperSource {
 }
 
 impl ArtifactKeeperSource {
-    pub fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
         if self.audience.trim().is_empty() {
             err(&format!("{path}.audience"), "must not be empty".into());
         }
@@ -47,7 +47,7 @@ impl ArtifactKeeperSource {
     }
 
     /// The one request, as a declarative exchange would spell it.
-    pub fn spec(&self, host: &str) -> DeclarativeSource {
+    pub(crate) fn spec(&self, host: &str) -> DeclarativeSource {
         let base = self
             .endpoint
             .clone()
@@ -80,7 +80,7 @@ impl ArtifactKeeperSource {
         }
     }
 
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         http: &http::HttpClient,
         host: &str,

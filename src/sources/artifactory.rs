@@ -34,7 +34,7 @@ pub struct ArtifactorySource {
 }
 
 impl ArtifactorySource {
-    pub fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
         if self.provider_name.trim().is_empty() {
             err(&format!("{path}.providerName"), "must not be empty".into());
         }
@@ -49,7 +49,7 @@ impl ArtifactorySource {
     }
 
     /// The one request, as a declarative exchange would spell it.
-    pub fn spec(&self, host: &str) -> DeclarativeSource {
+    pub(crate) fn spec(&self, host: &str) -> DeclarativeSource {
         let base = self
             .endpoint
             .clone()
@@ -95,7 +95,7 @@ impl ArtifactorySource {
         }
     }
 
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         http: &http::HttpClient,
         host: &str,

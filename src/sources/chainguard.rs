@@ -47,7 +47,12 @@ struct ExchangeResponse {
 }
 
 impl ChainguardSource {
-    pub fn validate(&self, path: &str, checks: super::Checks, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(
+        &self,
+        path: &str,
+        checks: super::Checks,
+        err: &mut impl FnMut(&str, String),
+    ) {
         // UIDs are hex path segments joined by '/'; anything else cannot be one.
         let ok = !self.identity.is_empty()
             && self
@@ -76,7 +81,7 @@ impl ChainguardSource {
             .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         http: &http::HttpClient,
         id: &Presented<'_>,

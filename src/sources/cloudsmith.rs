@@ -45,7 +45,7 @@ fn is_slug(s: &str) -> bool {
 }
 
 impl CloudsmithSource {
-    pub fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
         if !is_slug(&self.organization) {
             err(
                 &format!("{path}.organization"),
@@ -81,7 +81,7 @@ impl CloudsmithSource {
     }
 
     /// The one request, as a declarative exchange would spell it.
-    pub fn spec(&self) -> DeclarativeSource {
+    pub(crate) fn spec(&self) -> DeclarativeSource {
         DeclarativeSource {
             method: Method::Post,
             url: format!(
@@ -108,7 +108,7 @@ impl CloudsmithSource {
         }
     }
 
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         http: &http::HttpClient,
         id: &Presented<'_>,

@@ -134,7 +134,7 @@ impl DeclarativeSource {
         }
     }
 
-    pub fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
         super::validate_endpoint(
             &format!("{path}.url"),
             &self.url,
@@ -248,7 +248,7 @@ impl DeclarativeSource {
             .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         http: &http::HttpClient,
         id: &Presented<'_>,

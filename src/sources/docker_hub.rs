@@ -43,7 +43,7 @@ fn default_expires_in() -> u32 {
 }
 
 impl DockerHubSource {
-    pub fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
         let uuid = self.connection_id.len() == 36
             && self
                 .connection_id
@@ -82,7 +82,7 @@ impl DockerHubSource {
     }
 
     /// The one request, as a declarative exchange would spell it.
-    pub fn spec(&self) -> DeclarativeSource {
+    pub(crate) fn spec(&self) -> DeclarativeSource {
         let fields = [
             (
                 "grant_type",
@@ -122,7 +122,7 @@ impl DockerHubSource {
         }
     }
 
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         http: &http::HttpClient,
         id: &Presented<'_>,

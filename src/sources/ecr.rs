@@ -14,7 +14,7 @@ use super::{Credential, MintError, Presented, Sensitive};
 use crate::http;
 
 const NAME: &str = "ecr";
-pub const ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
+pub(crate) const ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -74,7 +74,12 @@ impl EcrSource {
             .unwrap_or_else(|| format!("https://api.ecr.{}.amazonaws.com", self.region))
     }
 
-    pub fn validate(&self, path: &str, checks: super::Checks, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(
+        &self,
+        path: &str,
+        checks: super::Checks,
+        err: &mut impl FnMut(&str, String),
+    ) {
         let region_ok = !self.region.is_empty()
             && self
                 .region
@@ -123,7 +128,7 @@ impl EcrSource {
     }
 
     /// The annotation read when the config sets no `roleArn`.
-    pub fn annotation_keys(&self) -> Vec<&'static str> {
+    pub(crate) fn annotation_keys(&self) -> Vec<&'static str> {
         match self.role_arn {
             Some(_) => vec![],
             None => vec![ROLE_ANNOTATION],
@@ -131,7 +136,7 @@ impl EcrSource {
     }
 
     /// The STS call, then the signed ECR call with the keys it gave.
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         http: &http::HttpClient,
         id: &Presented<'_>,

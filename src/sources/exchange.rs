@@ -45,7 +45,12 @@ struct ExchangeResponse {
 }
 
 impl TokenExchangeSource {
-    pub fn validate(&self, path: &str, checks: super::Checks, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(
+        &self,
+        path: &str,
+        checks: super::Checks,
+        err: &mut impl FnMut(&str, String),
+    ) {
         super::validate_endpoint(
             &format!("{path}.endpoint"),
             &self.endpoint,
@@ -65,7 +70,7 @@ impl TokenExchangeSource {
             .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         http: &http::HttpClient,
         id: &Presented<'_>,

@@ -69,7 +69,12 @@ impl GcpSource {
             .trim_start_matches(PROVIDER_PREFIX)
     }
 
-    pub fn validate(&self, path: &str, checks: super::Checks, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(
+        &self,
+        path: &str,
+        checks: super::Checks,
+        err: &mut impl FnMut(&str, String),
+    ) {
         let parts: Vec<&str> = self.provider().split('/').collect();
         let shape = parts.len() == 8
             && parts[0] == "projects"
@@ -114,13 +119,13 @@ impl GcpSource {
     }
 
     /// The `aud` of the service-account token: the configured one or the provider's default.
-    pub fn token_audience(&self) -> String {
+    pub(crate) fn token_audience(&self) -> String {
         self.audience
             .clone()
             .unwrap_or_else(|| format!("https://iam.googleapis.com/{}", self.provider()))
     }
 
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         http: &http::HttpClient,
         id: &Presented<'_>,

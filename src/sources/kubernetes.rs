@@ -13,12 +13,12 @@ use serde::Deserialize;
 use super::{Credential, MintError, Presented, Sensitive};
 
 /// The API server refuses TokenRequests for less than ten minutes.
-pub const MIN_EXPIRATION_SECONDS: i64 = 600;
+pub(crate) const MIN_EXPIRATION_SECONDS: i64 = 600;
 
 /// The longest lifetime the config may ask of a TokenRequest: a day. The credentials are meant
 /// to be short-lived, and the shipped self-fencing policy refuses the service's TokenRequests
 /// for longer than the longest configured one (`Config::max_token_seconds`).
-pub const MAX_EXPIRATION_SECONDS: i64 = 86_400;
+pub(crate) const MAX_EXPIRATION_SECONDS: i64 = 86_400;
 
 /// `expirationSeconds` at `path` within the API server's minimum and this project's maximum.
 fn validate_expiration(path: &str, seconds: i64, err: &mut impl FnMut(&str, String)) -> bool {
@@ -64,7 +64,7 @@ fn default_expiration_seconds() -> i64 {
 }
 
 impl KubernetesSource {
-    pub fn validate(
+    pub(crate) fn validate(
         &self,
         path: &str,
         renew_before: Option<Duration>,
@@ -93,7 +93,7 @@ impl KubernetesSource {
 
     /// Mints for `service_account` when given (identity scope `serviceAccount`), else for the
     /// configured one.
-    pub async fn mint(
+    pub(crate) async fn mint(
         &self,
         client: &kube::Client,
         namespace: &str,
@@ -131,7 +131,7 @@ impl KubernetesSource {
     /// The credential is the presented token itself (the kubelet's, bound to one Pod): it
     /// lasts as long as the token, and the username is the configured one or the
     /// ServiceAccount's name.
-    pub fn pass_through(&self, id: &Presented<'_>) -> Result<Credential, MintError> {
+    pub(crate) fn pass_through(&self, id: &Presented<'_>) -> Result<Credential, MintError> {
         let expires_at =
             crate::core::jwt::expiry(id.token.expose()).map_err(|reason| MintError::Unusable {
                 source_name: "kubernetes",
@@ -149,7 +149,7 @@ impl KubernetesSource {
 /// A TokenRequest for `namespace/service_account` with one audience. Shared by every source
 /// that exchanges the namespace's identity; returns the token and the API server's expiry
 /// (which may differ from what was asked).
-pub async fn request_token(
+pub(crate) async fn request_token(
     client: &kube::Client,
     namespace: &str,
     service_account: &str,
@@ -188,7 +188,7 @@ pub async fn request_token(
 
 /// The annotations of `namespace/name`, where cloud sources look for ids they were not given
 /// (`eks.amazonaws.com/role-arn`, `azure.workload.identity/client-id`).
-pub async fn service_account_annotations(
+pub(crate) async fn service_account_annotations(
     client: &kube::Client,
     namespace: &str,
     name: &str,
@@ -256,7 +256,7 @@ impl Default for ServiceAccountToken {
 }
 
 impl ServiceAccountToken {
-    pub fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(&self, path: &str, err: &mut impl FnMut(&str, String)) {
         match self {
             Self::FromNamespace(f) => {
                 if let Err(m) = crate::core::names::validate_dns_subdomain(&f.service_account) {
@@ -281,7 +281,7 @@ impl ServiceAccountToken {
 
     /// The ServiceAccount (in namespace scope) and the lifetime a TokenRequest asks for; `None`
     /// for a token file, which asks the API server for nothing.
-    pub fn token_request(&self) -> Option<(&str, i64)> {
+    pub(crate) fn token_request(&self) -> Option<(&str, i64)> {
         match self {
             Self::FromNamespace(f) => Some((&f.service_account, f.expiration_seconds)),
             Self::File(_) => None,
@@ -289,7 +289,7 @@ impl ServiceAccountToken {
     }
 
     /// The ServiceAccount whose token [`fetch`](Self::fetch) gets; unknown for a file.
-    pub fn service_account<'a>(&'a self, cx: super::MintContext<'a>) -> Option<&'a str> {
+    pub(crate) fn service_account<'a>(&'a self, cx: super::MintContext<'a>) -> Option<&'a str> {
         match self {
             Self::FromNamespace(f) => Some(cx.service_account.unwrap_or(&f.service_account)),
             Self::File(_) => None,
@@ -298,7 +298,7 @@ impl ServiceAccountToken {
 
     /// The token to exchange, with `audience` when it is requested here (a projected file
     /// carries whatever audience its volume was given).
-    pub async fn fetch(
+    pub(crate) async fn fetch(
         &self,
         cx: super::MintContext<'_>,
         audience: &str,
@@ -322,7 +322,7 @@ impl ServiceAccountToken {
 }
 
 /// A projected service-account token from its file, trimmed.
-pub async fn read_token_file(path: &std::path::Path) -> Result<Sensitive, MintError> {
+pub(crate) async fn read_token_file(path: &std::path::Path) -> Result<Sensitive, MintError> {
     let raw = tokio::fs::read_to_string(path)
         .await
         .map_err(|e| MintError::TokenFile {

@@ -7,20 +7,20 @@
 //! credential provider the Pod's own ([`crate::credential_provider`]). Exchanging it
 //! ([`TokenSourceConfig::exchange`]): the same code for both, given a [`Presented`] identity.
 
-pub mod acr;
+pub(crate) mod acr;
 pub mod alibaba;
-pub mod artifact_keeper;
-pub mod artifactory;
-pub mod chainguard;
-pub mod cloudsmith;
-pub mod declarative;
-pub mod docker_hub;
-pub mod ecr;
-pub mod exchange;
-pub mod gcp;
-pub mod kubernetes;
-pub mod quay;
-pub mod shared;
+pub(crate) mod artifact_keeper;
+pub(crate) mod artifactory;
+pub(crate) mod chainguard;
+pub(crate) mod cloudsmith;
+pub(crate) mod declarative;
+pub(crate) mod docker_hub;
+pub(crate) mod ecr;
+pub(crate) mod exchange;
+pub(crate) mod gcp;
+pub(crate) mod kubernetes;
+pub(crate) mod quay;
+pub(crate) mod shared;
 pub mod sigv4;
 
 use std::collections::BTreeMap;
@@ -64,7 +64,7 @@ pub enum TokenSourceConfig {
 
 impl TokenSourceConfig {
     /// The config keys, one per variant.
-    pub const NAMES: &'static [&'static str] = &[
+    pub(crate) const NAMES: &'static [&'static str] = &[
         "kubernetes",
         "chainguard",
         "quay",
@@ -81,7 +81,7 @@ impl TokenSourceConfig {
     ];
 
     /// Reads the source named `key` from the value that follows it in a registry entry.
-    pub fn from_entry<'de, A: serde::de::MapAccess<'de>>(
+    pub(crate) fn from_entry<'de, A: serde::de::MapAccess<'de>>(
         key: &str,
         map: &mut A,
     ) -> Result<Self, A::Error> {
@@ -105,7 +105,7 @@ impl TokenSourceConfig {
 
     /// Whether the exchanged token comes from the injector's own token file (one identity for
     /// all) rather than from each namespace's ServiceAccount.
-    pub fn uses_token_file(&self) -> bool {
+    pub(crate) fn uses_token_file(&self) -> bool {
         matches!(
             self.service_account_token(),
             Some(kubernetes::ServiceAccountToken::File(_))
@@ -113,7 +113,7 @@ impl TokenSourceConfig {
     }
 
     /// The name used in logs, metrics and errors.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Self::Kubernetes(_) => "kubernetes",
             Self::Chainguard(_) => "chainguard",
@@ -131,7 +131,7 @@ impl TokenSourceConfig {
         }
     }
 
-    pub fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(&self, path: &str, checks: Checks, err: &mut impl FnMut(&str, String)) {
         let path = format!("{path}.{}", self.name());
         let path = path.as_str();
         match self {
@@ -153,7 +153,7 @@ impl TokenSourceConfig {
 
     /// Where an exchanging source gets the token it presents; `None` for `kubernetes`, whose
     /// token is the credential itself.
-    pub fn service_account_token(&self) -> Option<&kubernetes::ServiceAccountToken> {
+    pub(crate) fn service_account_token(&self) -> Option<&kubernetes::ServiceAccountToken> {
         self.presents().ok()
     }
 
@@ -179,7 +179,7 @@ impl TokenSourceConfig {
     /// The ServiceAccount a TokenRequest of this source is for (with one Secret per namespace;
     /// per ServiceAccount it is each one) and the lifetime it asks; `None` when the source
     /// reads a token file and asks the API server for nothing.
-    pub fn token_request(&self) -> Option<(&str, i64)> {
+    pub(crate) fn token_request(&self) -> Option<(&str, i64)> {
         match self.presents() {
             Err(k) => Some((&k.service_account, k.expiration_seconds)),
             Ok(t) => t.token_request(),
@@ -264,7 +264,7 @@ impl TokenSourceConfig {
 
     /// The credential for `host` from an identity already in hand: the token exchanged at the
     /// source's endpoints, or for `kubernetes` the token itself.
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         http: &http::HttpClient,
         host: &str,
@@ -289,7 +289,7 @@ impl TokenSourceConfig {
 }
 
 /// The config field a ServiceAccount annotation stands in for.
-pub fn setting_for(annotation: &str) -> &'static str {
+pub(crate) fn setting_for(annotation: &str) -> &'static str {
     match annotation {
         ecr::ROLE_ANNOTATION => "ecr.roleArn",
         acr::CLIENT_ID_ANNOTATION => "acr.clientId",

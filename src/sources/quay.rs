@@ -31,7 +31,12 @@ struct FederationResponse {
 }
 
 impl QuaySource {
-    pub fn validate(&self, path: &str, checks: super::Checks, err: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(
+        &self,
+        path: &str,
+        checks: super::Checks,
+        err: &mut impl FnMut(&str, String),
+    ) {
         let parts: Vec<&str> = self.robot.split('+').collect();
         if parts.len() != 2
             || parts
@@ -59,7 +64,7 @@ impl QuaySource {
             .validate(&format!("{path}.serviceAccountToken"), err);
     }
 
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         http: &http::HttpClient,
         host: &str,

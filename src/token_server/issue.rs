@@ -25,7 +25,7 @@ pub enum SignerError {
     Key { path: String, message: String },
 }
 
-pub struct Signer {
+pub(crate) struct Signer {
     key: EcdsaKeyPair,
     /// The certificate chain, leaf first, as `x5c` wants it (standard base64 DER).
     x5c: Vec<String>,
@@ -35,7 +35,7 @@ pub struct Signer {
 
 impl Signer {
     /// `cert_file`: PEM chain, leaf first. `key_file`: the leaf's P-256 key, PEM PKCS#8.
-    pub fn from_files(
+    pub(crate) fn from_files(
         cert_file: &Path,
         key_file: &Path,
         issuer: &str,
@@ -82,7 +82,7 @@ impl Signer {
     }
 
     /// A token for `subject` with `access` at `service`, valid `lifetime` from `now`.
-    pub fn sign(
+    pub(crate) fn sign(
         &self,
         subject: &str,
         service: &str,

@@ -6,10 +6,10 @@
 //! issuer) → `rules` (which of the requested scopes this identity gets) → `issue` (sign a
 //! short-lived registry token).
 
-pub mod issue;
+pub(crate) mod issue;
 pub mod oidc;
-pub mod review;
-pub mod rules;
+pub(crate) mod review;
+pub(crate) mod rules;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -105,7 +105,7 @@ fn default_token_issuer() -> String {
 
 impl TokenServerConfig {
     /// The server's connection limits, defaults resolved.
-    pub fn connection_limits(&self) -> crate::connections::Limits {
+    pub(crate) fn connection_limits(&self) -> crate::connections::Limits {
         crate::connections::Limits {
             max_connections: self.max_connections,
             max_connections_per_peer: self

@@ -73,13 +73,13 @@ pub enum ReviewError {
 }
 
 /// What to set when the API server cannot be reached at `tokenReview.url`.
-pub const SET_URL: &str = "set tokenReview.url to the API server's address (the default \
+pub(crate) const SET_URL: &str = "set tokenReview.url to the API server's address (the default \
      https://kubernetes.default.svc resolves only inside a cluster) and issuer.caFile to its \
      CA, or tokenReview.enabled: false to check tokens offline only";
 
 /// Why a TokenReview could not be asked.
 #[derive(Debug, thiserror::Error)]
-pub enum PostError {
+pub(crate) enum PostError {
     #[error("cannot read issuer.tokenFile {0}")]
     TokenFile(String),
     #[error(transparent)]
@@ -115,7 +115,7 @@ pub struct ProbeError {
     advice: &'static str,
 }
 
-pub struct TokenReviewer {
+pub(crate) struct TokenReviewer {
     url: String,
     http: HttpClient,
     token_file: Option<PathBuf>,
@@ -147,7 +147,7 @@ struct User {
 }
 
 impl TokenReviewer {
-    pub fn new(
+    pub(crate) fn new(
         config: &TokenReviewConfig,
         ca_file: Option<PathBuf>,
         token_file: Option<PathBuf>,
@@ -177,7 +177,7 @@ impl TokenReviewer {
 
     /// Whether the API server accepts `token` (already verified offline) as `subject`, for one
     /// of `audiences`.
-    pub async fn confirm(
+    pub(crate) async fn confirm(
         &self,
         token: &str,
         subject: &str,
@@ -236,7 +236,7 @@ impl TokenReviewer {
     /// Asks once whether the API server answers reviews at `url` with the configured CA and
     /// bearer token, so a setting that cannot work stops the start, not the first client. The
     /// token reviewed is a made-up one: any answer (it is not authenticated) will do.
-    pub async fn probe(&self) -> Result<(), ProbeError> {
+    pub(crate) async fn probe(&self) -> Result<(), ProbeError> {
         let probe_error = |reason: PostError| ProbeError {
             url: self.url.clone(),
             advice: reason.advice(),

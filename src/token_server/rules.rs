@@ -35,7 +35,7 @@ pub struct Identity {
 
 impl Identity {
     /// `system:serviceaccount:<namespace>:<name>`.
-    pub fn from_subject(sub: &str) -> Option<Identity> {
+    pub(crate) fn from_subject(sub: &str) -> Option<Identity> {
         let rest = sub.strip_prefix("system:serviceaccount:")?;
         let (namespace, service_account) = rest.split_once(':')?;
         (!namespace.is_empty() && !service_account.is_empty() && !service_account.contains(':'))
@@ -48,7 +48,7 @@ impl Identity {
 
 /// One requested or granted access: the token's `access` claim entries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Access {
+pub(crate) struct Access {
     #[serde(rename = "type")]
     pub kind: String,
     pub name: String,
@@ -57,7 +57,7 @@ pub struct Access {
 
 /// Parses a `scope` parameter: `type:name:actions`, where the name may itself hold `:` (a port)
 /// and actions are comma-separated. Malformed scopes are skipped, as the registry would.
-pub fn parse_scope(scope: &str) -> Vec<Access> {
+pub(crate) fn parse_scope(scope: &str) -> Vec<Access> {
     scope
         .split(' ')
         .filter_map(|s| {
@@ -94,7 +94,7 @@ fn pattern_matches(pattern: &str, name: &str) -> bool {
 /// single `/`, optionally after a registry host (`host[:port]/`), at most 255 characters. So no
 /// `..`, `.`, empty or `*` component, and no control characters: a grant names only what the
 /// registry itself would accept, not whatever a prefix pattern happens to match.
-pub fn valid_repository(name: &str) -> bool {
+pub(crate) fn valid_repository(name: &str) -> bool {
     if name.is_empty() || name.len() > 255 {
         return false;
     }
@@ -148,7 +148,7 @@ fn domain(c: &str) -> bool {
 
 /// What `identity` gets of `requested`: per repository scope, the requested actions some rule
 /// allows; scopes with nothing allowed, and non-repository scopes, are left out.
-pub fn grant(rules: &[Rule], identity: &Identity, requested: &[Access]) -> Vec<Access> {
+pub(crate) fn grant(rules: &[Rule], identity: &Identity, requested: &[Access]) -> Vec<Access> {
     let applicable: Vec<&Rule> = rules
         .iter()
         .filter(|r| r.namespace == "*" || r.namespace == identity.namespace)

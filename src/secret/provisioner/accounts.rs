@@ -22,7 +22,10 @@ fn service_account_list() -> ListParams {
 
 impl Provisioner {
     /// The names of the namespace's ServiceAccounts.
-    pub async fn service_accounts(&self, namespace: &str) -> Result<Vec<String>, ProvisionError> {
+    pub(crate) async fn service_accounts(
+        &self,
+        namespace: &str,
+    ) -> Result<Vec<String>, ProvisionError> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
         let list = api
             .list_metadata(&service_account_list())
@@ -40,7 +43,7 @@ impl Provisioner {
 
     /// Adds the Secret to every existing ServiceAccount of the namespace that lacks it (those
     /// created later are patched at admission). Returns how many were patched.
-    pub async fn attach_to_service_accounts(
+    pub(crate) async fn attach_to_service_accounts(
         &self,
         namespace: &str,
     ) -> Result<usize, ProvisionError> {
