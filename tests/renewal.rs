@@ -132,6 +132,62 @@ async fn namespace_scope_writes_each_secret_once_per_renewal() {
     inj.cleanup().await;
 }
 
+/// Issue 21: a namespace opted in before the ServiceAccount its Secret is minted for exists (the
+/// controller manager makes `default` a little after the namespace; at 15/s in a burst) waits
+/// on the ServiceAccount watch: no TokenRequest answered 404, no failure counted, no backoff;
+/// the Secret is written as soon as the ServiceAccount appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_waits_for_its_service_account_without_minting() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let mut inj =
+        Injector::start_without_webhook("ren-wait", &kubernetes_registry("puller", 600), "").await;
+    let c = inj.client.clone();
+    let ns = inj.namespace("waits", true).await;
+    // Long enough for the refresher to have tried, and retried, were it minting.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        cp.token_attempts(&ns),
+        0,
+        "TokenRequests for a ServiceAccount that does not exist"
+    );
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(c.clone(), &ns);
+    assert!(secrets.get_opt("pull-secret").await.unwrap().is_none());
+    let metrics = inj.metrics().await;
+    let failures: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("pull_secret_injector_renewal_failures_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(failures, 0.0, "waiting is not a failure:\n{metrics}");
+
+    Api::<ServiceAccount>::namespaced(c.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "puller"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let created = std::time::Instant::now();
+    // Woken by the watch, not by a backoff that would by now be tens of seconds long.
+    wait_for(
+        "the Secret, once its ServiceAccount exists",
+        Duration::from_secs(10),
+        || async { secrets.get_opt("pull-secret").await.unwrap().is_some() },
+    )
+    .await;
+    eprintln!(
+        "Secret written {:?} after its ServiceAccount",
+        created.elapsed()
+    );
+    assert_eq!(
+        cp.token_attempts(&ns),
+        1,
+        "one TokenRequest, after the ServiceAccount"
+    );
+    inj.cleanup().await;
+}
+
 mod pull_secret_updater {
     use std::collections::BTreeMap;
 

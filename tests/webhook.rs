@@ -41,13 +41,22 @@ async fn get_sa(client: &kube::Client, ns: &str, name: &str) -> ServiceAccount {
         .expect("read ServiceAccount")
 }
 
-/// Waits until the refresher has failed to mint a few times in `ns`: its retries then back off
-/// for seconds, leaving a quiet window in which only an admission could mint.
-async fn refresher_backing_off(cp: &ControlPlane, ns: &str) {
+/// Waits until nothing mints in `ns` for two seconds: the refresher waits for the ServiceAccount
+/// the registry mints for (it does not exist), so only an admission could mint from then on.
+async fn only_admissions_mint(cp: &ControlPlane, ns: &str) {
+    let mut seen = cp.token_attempts(ns);
+    let mut quiet_since = std::time::Instant::now();
     wait_for(
-        "the refresher's failed attempts",
+        "no TokenRequest for two seconds",
         Duration::from_secs(60),
-        || async { cp.token_attempts(ns) >= 4 },
+        || {
+            let now = cp.token_attempts(ns);
+            if now != seen {
+                (seen, quiet_since) = (now, std::time::Instant::now());
+            }
+            let quiet = quiet_since.elapsed() >= Duration::from_secs(2);
+            async move { quiet }
+        },
     )
     .await;
 }
@@ -418,21 +427,21 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
     );
     inj.cleanup().await;
 
-    // Slow: a budget far shorter than a mint takes. The refresher is kept out of the way as
-    // above (it backs off after a failed attempt), so the admission meets a cold namespace.
-    // No ServiceAccount admission may reach the webhook (the namespace's `default` or `minter`
-    // would start the mint, or time out and hold back the Pod's): register it for Pods only,
-    // before the namespace exists.
+    // Slow: a budget far shorter than a mint takes. The refresher is kept out of the way (it
+    // would mint as soon as `minter` exists): another replica holds its Lease, so the
+    // admission meets a cold namespace. No ServiceAccount admission may reach the webhook (the
+    // namespace's `default` or `minter` would start the mint, or time out and hold back the
+    // Pod's): register it for Pods only, before the namespace exists.
+    let lease_ns = "t5b-lease";
+    hold_lease_elsewhere(&c, lease_ns).await;
     let mut inj = Injector::start_for(
         "t5b",
         &kubernetes_registry("minter", 3600),
-        "admission: {budget: 1ms}",
+        &format!("admission: {{budget: 1ms}}\nleaderElection: {{namespace: {lease_ns}}}"),
         &["pods"],
     )
     .await;
-    let cp = ControlPlane::get();
     let ns = inj.namespace("slow", true).await;
-    refresher_backing_off(cp, &ns).await;
     let sa: ServiceAccount =
         serde_json::from_value(json!({"metadata": {"name": "minter"}})).unwrap();
     Api::<ServiceAccount>::namespaced(c.clone(), &ns)
@@ -455,6 +464,31 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
     );
     wait_secret(&c, &ns, "finished in the background", |_| true).await;
     inj.cleanup().await;
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone())
+        .delete(lease_ns, &Default::default())
+        .await
+        .unwrap();
+}
+
+/// Makes namespace `ns` with the service's Lease in it, held by another replica for an hour:
+/// a service started with its election there answers admissions but never refreshes.
+async fn hold_lease_elsewhere(c: &kube::Client, ns: &str) {
+    use k8s_openapi::api::coordination::v1::Lease;
+    create_namespace(c, ns, Default::default()).await;
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "pull-secret-injector"},
+        "spec": {
+            "holderIdentity": "another-replica",
+            "leaseDurationSeconds": 3600,
+            "acquireTime": jiff::Timestamp::now().to_string(),
+            "renewTime": jiff::Timestamp::now().to_string(),
+        }
+    }))
+    .unwrap();
+    Api::<Lease>::namespaced(c.clone(), ns)
+        .create(&PostParams::default(), &lease)
+        .await
+        .unwrap();
 }
 
 /// Issue 23, point 8: a source that fails at once is tried again by admissions on the
@@ -704,12 +738,12 @@ async fn item8_a_secret_the_service_does_not_manage_is_left_alone() {
 async fn item9_dry_run_admissions_have_no_side_effects() {
     let _serial = serial();
     let cp = ControlPlane::get();
-    // The refresher cannot mint here (no `minter` ServiceAccount) and, after a few failures,
-    // backs off for seconds, which leaves a quiet window in which only the admission could act.
+    // The refresher cannot mint here (no `minter` ServiceAccount) and waits for it, which
+    // leaves a quiet window in which only the admission could act.
     let mut inj = Injector::start_with("t9", &kubernetes_registry("minter", 3600), "").await;
     let c = inj.client.clone();
     let ns = inj.namespace("dry", true).await;
-    refresher_backing_off(cp, &ns).await;
+    only_admissions_mint(cp, &ns).await;
     let attempts = cp.token_attempts(&ns);
     let dry = create_pod(
         &c,

@@ -30,6 +30,9 @@ use crate::settings::Settings;
 
 /// How long to wait before looking again at a namespace whose Secret belongs to someone else.
 const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
+/// When to look again at a namespace waiting for its ServiceAccount, should the watch not wake
+/// it first; a namespace still waiting then is reported.
+const ACCOUNT_RECHECK: Duration = Duration::from_secs(300);
 
 pub(crate) struct Refresher {
     controller: Controller<Namespace>,
@@ -55,6 +58,8 @@ struct Context {
     /// Reconciles to run now: when a failing namespace recovers, the others failing are tried
     /// at once instead of at the end of their backoff (a token endpoint came back).
     nudge: mpsc::UnboundedSender<String>,
+    /// Namespaces waiting for the ServiceAccount their Secret is minted for, seen at a recheck.
+    waiting: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,54 +96,85 @@ impl Refresher {
             secret_config,
             secrets.clone(),
             |s: &Secret| layout::assess(Some(s)),
-            Some(touched.clone()),
+            Some((
+                touched.clone(),
+                Box::new(|_: &Secret| true) as Wakes<Secret>,
+            )),
             None,
         )];
         // ServiceAccounts: which ones lack the Secret (created before the namespace opted in,
         // or while the webhook was down), and per ServiceAccount, whose Secrets to keep. In
         // that scope a new ServiceAccount starts a reconcile (it needs a Secret of its own);
         // otherwise ServiceAccounts are attached when their namespace is next reconciled.
+        // With one Secret per namespace, the ServiceAccounts the sources mint for: a namespace
+        // just opted in waits on this watch for them (the controller manager makes `default`
+        // some time after the namespace) instead of failing TokenRequests in a backoff.
+        let minting: Vec<String> = match settings.scope() {
+            IdentityScope::Namespace => {
+                let mut names: Vec<String> = settings
+                    .registries()
+                    .iter()
+                    .filter_map(|r| r.source.token_request().map(|(sa, _)| sa.to_string()))
+                    .collect();
+                names.sort();
+                names.dedup();
+                names
+            }
+            IdentityScope::ServiceAccount => Vec::new(),
+        };
         let accounts = (settings.scope() == IdentityScope::ServiceAccount
-            || settings.inject() == InjectMode::Always)
-            .then(|| {
-                let accounts = Arc::new(Watched::default());
-                let settings = settings.clone();
-                let scope = settings.scope();
-                let attached = move |sa: &ServiceAccount| {
-                    let subject =
-                        settings.subject_for(&sa.namespace().unwrap_or_default(), &sa.name_any());
-                    let secret = settings.secret_of(&subject);
-                    patch::for_service_account(
-                        &serde_json::to_value(sa).unwrap_or_default(),
-                        &secret,
-                    )
+            || settings.inject() == InjectMode::Always
+            || !minting.is_empty())
+        .then(|| {
+            let accounts = Arc::new(Watched::default());
+            let settings = settings.clone();
+            let scope = settings.scope();
+            let attached = move |sa: &ServiceAccount| {
+                let subject =
+                    settings.subject_for(&sa.namespace().unwrap_or_default(), &sa.name_any());
+                let secret = settings.secret_of(&subject);
+                patch::for_service_account(&serde_json::to_value(sa).unwrap_or_default(), &secret)
                     .0
                     .is_empty()
-                };
-                let wake = (scope == IdentityScope::ServiceAccount).then_some(touched);
-                // Per ServiceAccount, a deleted one's Secret goes with it (its owner): what is
-                // remembered about it goes too, or its expiry would stay in the metrics and
-                // count down to a false alert.
-                let gone = (scope == IdentityScope::ServiceAccount).then(|| {
-                    let provisioner = provisioner.clone();
-                    Box::new(move |namespace: &str, name: &str| {
-                        let (p, subject) = (
-                            provisioner.clone(),
-                            Subject::service_account(namespace, name),
-                        );
-                        tokio::spawn(async move { p.forget(&subject).await });
-                    }) as Gone
-                });
-                watches.push(follow(
-                    Api::all(client.clone()),
-                    watcher::Config::default(),
-                    accounts.clone(),
-                    attached,
-                    wake,
-                    gone,
-                ));
-                accounts
+            };
+            // Per ServiceAccount every one starts a reconcile; per namespace only those
+            // the sources mint for.
+            let wakes = move |sa: &ServiceAccount| {
+                scope == IdentityScope::ServiceAccount
+                    || minting.iter().any(|m| sa.metadata.name.as_ref() == Some(m))
+            };
+            let wake = Some((touched, Box::new(wakes) as Wakes<ServiceAccount>));
+            // Per ServiceAccount, a deleted one's Secret goes with it (its owner): what is
+            // remembered about it goes too, or its expiry would stay in the metrics and
+            // count down to a false alert.
+            let gone = (scope == IdentityScope::ServiceAccount).then(|| {
+                let provisioner = provisioner.clone();
+                Box::new(move |namespace: &str, name: &str| {
+                    let (p, subject) = (
+                        provisioner.clone(),
+                        Subject::service_account(namespace, name),
+                    );
+                    tokio::spawn(async move { p.forget(&subject).await });
+                }) as Gone
             });
+            watches.push(follow(
+                Api::all(client.clone()),
+                watcher::Config::default(),
+                accounts.clone(),
+                attached,
+                wake,
+                gone,
+            ));
+            accounts
+        });
+        if let Some(accounts) = &accounts {
+            let accounts = accounts.clone();
+            provisioner.watch_service_accounts(Box::new(move |namespace, name| {
+                accounts
+                    .is_synced()
+                    .then(|| accounts.get(namespace, name).is_some())
+            }));
+        }
         // Pods admitted without the Secret: counted and told, never changed.
         watches.push(super::slipped::follow(
             client.clone(),
@@ -190,6 +226,7 @@ impl Refresher {
             secrets,
             accounts,
             nudge,
+            waiting: Default::default(),
         });
         Self {
             controller,
@@ -298,6 +335,9 @@ async fn await_listed(
 /// Told (namespace, name) of each object that left a watched view.
 type Gone = Box<dyn Fn(&str, &str) + Send>;
 
+/// Which changed objects wake their namespace.
+type Wakes<K> = Box<dyn Fn(&K) -> bool + Send>;
+
 /// Folds a watch of `K` into `view`, names each touched object's namespace on `touched`, if
 /// given (after `view` shows the change), and tells `gone`, if given, each object that left
 /// the view (deleted, or missing from a relist).
@@ -306,7 +346,7 @@ fn follow<K, S>(
     config: watcher::Config,
     view: Arc<Watched<S>>,
     summarise: impl Fn(&K) -> S + Send + 'static,
-    touched: Option<mpsc::UnboundedSender<String>>,
+    touched: Option<(mpsc::UnboundedSender<String>, Wakes<K>)>,
     gone: Option<Gone>,
 ) -> futures::future::BoxFuture<'static, ()>
 where
@@ -326,10 +366,10 @@ where
                             gone(namespace, name);
                         }
                     }
-                    if let Some(touched) = &touched {
+                    if let Some((touched, wakes)) = &touched {
                         let changed = match &event {
-                            watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) => o.namespace(),
-                            watcher::Event::Init | watcher::Event::InitDone => None,
+                            watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) if wakes(o) => o.namespace(),
+                            _ => None,
                         };
                         let namespaces: std::collections::BTreeSet<String> =
                             changed.into_iter().chain(left.into_iter().map(|(ns, _)| ns)).collect();
@@ -372,6 +412,47 @@ async fn listed<S: Clone>(view: &Watched<S>) -> bool {
 }
 
 impl Context {
+    /// A namespace whose Secret waits for its ServiceAccount: not a failure (no backoff, no
+    /// failure count), as a new namespace's `default` comes a little after the namespace.
+    /// Told at the first wait, warned about (log and Event) when still waiting at the recheck.
+    fn wait_for_account(&self, namespace: &str, account: &str) {
+        let again = !self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(namespace.to_string());
+        if !again {
+            tracing::debug!(
+                namespace,
+                service_account = account,
+                "waiting for the ServiceAccount the pull Secret is minted for"
+            );
+            return;
+        }
+        tracing::warn!(namespace, service_account = account, "the ServiceAccount the pull Secret is minted for does not exist; the Secret is written when it does");
+        let note = format!(
+            "ServiceAccount {account} does not exist in this namespace; its pull Secret is minted \
+             for it and is written once it exists"
+        );
+        let (provisioner, regarding) = (
+            self.provisioner.clone(),
+            crate::cluster::reference("Namespace", namespace, namespace),
+        );
+        tokio::spawn(async move {
+            provisioner
+                .events()
+                .warn(&regarding, "Provision", "ServiceAccountMissing", &note)
+                .await
+        });
+    }
+
+    fn done_waiting(&self, namespace: &str) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(namespace);
+    }
+
     /// The subject's Secret as watched. A Secret not seen before the first list completes may
     /// simply not be listed yet: wait for the list rather than read each one.
     async fn watched(&self, subject: &Subject) -> Option<Assessment> {
@@ -408,6 +489,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     tracing::trace!(namespace = %name, "reconcile");
     if ns.metadata.deletion_timestamp.is_some() {
         // Deleting the namespace deletes its Secret; writing into it would be refused.
+        ctx.done_waiting(&name);
         return Ok(Action::await_change());
     }
     match ctx
@@ -417,6 +499,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     {
         Eligibility::OptedIn => {}
         Eligibility::NotSelected | Eligibility::Excluded => {
+            ctx.done_waiting(&name);
             if ctx.secrets.any_in(&name) || ctx.provisioner.has_any(&name) {
                 ctx.provisioner
                     .release(&name)
@@ -492,6 +575,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     if let Some(e) = first_error {
         return Err(e.into());
     }
+    ctx.done_waiting(&name);
     let failures = ctx.provisioner.failures();
     // Only a recovery nudges the others: a namespace that fails for its own reasons is not
     // retried every time some other namespace renews.
@@ -517,6 +601,12 @@ fn error_policy(ns: Arc<Namespace>, error: &ReconcileError, ctx: Arc<Context>) -
     if matches!(*error.0, ProvisionError::Conflict { .. }) {
         tracing::warn!(namespace = %name, error = %error, "not managing this namespace's Secret");
         return Action::requeue(CONFLICT_RECHECK);
+    }
+    if let ProvisionError::NoServiceAccount { name: account, .. } = &*error.0 {
+        if ctx.settings.scope() == IdentityScope::Namespace {
+            ctx.wait_for_account(&name, account);
+            return Action::requeue(ACCOUNT_RECHECK);
+        }
     }
     ctx.provisioner.metrics().renewal_failures.inc();
     let attempt = ctx.provisioner.failures().reconcile_failed(&name);

@@ -58,7 +58,14 @@ pub struct Provisioner {
     /// them again cost no GET. Briefly, and only for admissions: the refresher acts on
     /// ServiceAccounts its watch has seen, and its lookup clears an entry.
     absent_accounts: Cache<String, ()>,
+    /// With one Secret per namespace, whether the refresher's ServiceAccount watch holds
+    /// `namespace/name` (`None` until it has listed): a renewal waits for the ServiceAccount it
+    /// mints for instead of spending a mint slot on a TokenRequest the API server answers 404.
+    watched_accounts: std::sync::OnceLock<AccountView>,
 }
+
+/// Whether the ServiceAccount `(namespace, name)` exists as watched; `None` when not known.
+pub(crate) type AccountView = Box<dyn Fn(&str, &str) -> Option<bool> + Send + Sync>;
 
 /// How long an admission trusts that a ServiceAccount does not exist.
 const ABSENT_ACCOUNT_TTL: Duration = Duration::from_secs(10);
@@ -97,7 +104,35 @@ impl Provisioner {
                 .time_to_live(ABSENT_ACCOUNT_TTL)
                 .max_capacity(ABSENT_ACCOUNTS_KEPT)
                 .build(),
+            watched_accounts: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Hands over the refresher's ServiceAccount watch (once; later calls are ignored).
+    pub(crate) fn watch_service_accounts(&self, view: AccountView) {
+        let _ = self.watched_accounts.set(view);
+    }
+
+    /// With one Secret per namespace: a ServiceAccount that a due registry mints for and that
+    /// the watch, having listed, does not hold. Admissions are not held back (the watch may lag
+    /// a ServiceAccount just created, and the TokenRequest is the authority).
+    fn missing_account(
+        &self,
+        subject: &Subject,
+        caller: Caller,
+        hosts: &[String],
+    ) -> Option<String> {
+        if subject.service_account.is_some() || caller != Caller::Refresher {
+            return None;
+        }
+        let view = self.watched_accounts.get()?;
+        self.settings
+            .registries()
+            .iter()
+            .filter(|r| hosts.contains(&r.host))
+            .filter_map(|r| r.source.token_request().map(|(sa, _)| sa))
+            .find(|sa| view(&subject.namespace, sa) == Some(false))
+            .map(str::to_string)
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {
@@ -545,6 +580,13 @@ impl Provisioner {
         carried: std::collections::BTreeMap<String, Credential>,
         now: Timestamp,
     ) -> Result<(Vec<(String, Credential)>, usize), ProvisionError> {
+        if let Some(name) = self.missing_account(subject, caller, &plan.mint) {
+            // Not a failure: the ServiceAccount watch wakes the namespace when it appears.
+            return Err(ProvisionError::NoServiceAccount {
+                namespace: subject.namespace.clone(),
+                name,
+            });
+        }
         if !plan.mint.is_empty() {
             self.pacer.wait(caller).await;
         }
