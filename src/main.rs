@@ -192,7 +192,9 @@ async fn run() -> anyhow::Result<()> {
             let rows = status::collect(&client().await?, &settings)
                 .await
                 .context("reading the cluster")?;
-            println!("{}", status::render(&rows, jiff::Timestamp::now()));
+            let now = jiff::Timestamp::now();
+            println!("{}", status::render(&rows, now));
+            println!("\n{}", status::renewals(&rows, &settings, now));
         }
         Command::Certs {
             namespace,

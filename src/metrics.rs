@@ -13,6 +13,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+use crate::secret::capacity::{self, Load, Tracked};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {
     /// `Pod`, `ServiceAccount` or `other`.
@@ -67,8 +69,15 @@ pub struct Metrics {
     pub missing_pull_secret_events: Counter,
     managed_secrets: Gauge,
     earliest_expiry_seconds: Gauge<f64, AtomicU64>,
-    /// When each namespace's current credentials expire, as last written or adopted here.
-    expiries: Mutex<HashMap<String, Timestamp>>,
+    /// Renewal capacity (`secret::capacity`): what the Secrets kept need, what was done, the
+    /// ceiling, and how far behind renewals are.
+    renewals_needed_per_second: Gauge<f64, AtomicU64>,
+    renewals: Counter,
+    renewal_ceiling_per_second: Gauge<f64, AtomicU64>,
+    renewal_backlog: Gauge,
+    renewal_oldest_overdue_seconds: Gauge<f64, AtomicU64>,
+    /// Each Secret's renewal times, by subject key, as last written or adopted here.
+    expiries: Mutex<HashMap<String, Tracked>>,
     /// Whether this replica's refresher runs: only then are expiries tracked.
     refreshing: std::sync::atomic::AtomicBool,
 }
@@ -152,6 +161,36 @@ impl Default for Metrics {
             "Seconds until the earliest managed credential expires (negative: already expired)",
             earliest_expiry_seconds.clone(),
         );
+        let renewals_needed_per_second = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "renewals_needed_per_second",
+            "Renewals per second the managed Secrets need: the sum over them of one per renewal interval",
+            renewals_needed_per_second.clone(),
+        );
+        let renewals = Counter::default();
+        registry.register(
+            "renewals",
+            "Managed Secrets seen replaced by a version with newly minted credentials",
+            renewals.clone(),
+        );
+        let renewal_ceiling_per_second = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "renewal_ceiling_per_second",
+            "Mints per second this replica allows (refresh.maxMintsPerSecond), shared by renewals and admissions",
+            renewal_ceiling_per_second.clone(),
+        );
+        let renewal_backlog = Gauge::default();
+        registry.register(
+            "renewal_backlog",
+            "Managed Secrets past their renewal time",
+            renewal_backlog.clone(),
+        );
+        let renewal_oldest_overdue_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "renewal_oldest_overdue_seconds",
+            "How long the managed Secret longest past its renewal time has been due (0: none is)",
+            renewal_oldest_overdue_seconds.clone(),
+        );
         Self {
             registry,
             admissions,
@@ -165,6 +204,11 @@ impl Default for Metrics {
             missing_pull_secret_events,
             managed_secrets,
             earliest_expiry_seconds,
+            renewals_needed_per_second,
+            renewals,
+            renewal_ceiling_per_second,
+            renewal_backlog,
+            renewal_oldest_overdue_seconds,
             expiries: Mutex::default(),
             refreshing: Default::default(),
         }
@@ -216,23 +260,33 @@ impl Metrics {
         }
     }
 
-    /// Records a Secret's expiry, where this replica refreshes (a Secret an admission writes
-    /// elsewhere is adopted by the refreshing replica's watch).
-    pub(crate) fn secret_written(&self, namespace: &str, expires_at: Timestamp) {
+    /// The mints per second allowed: set once, from the configuration.
+    pub(crate) fn set_renewal_ceiling(&self, per_second: f64) {
+        self.renewal_ceiling_per_second.set(per_second);
+    }
+
+    /// Records a Secret's renewal times (by subject key), where this replica refreshes (a
+    /// Secret an admission writes elsewhere is adopted by the refreshing replica's watch). A
+    /// newer version of one already recorded is a renewal.
+    pub(crate) fn secret_written(&self, key: &str, tracked: Tracked) {
         if !self.refreshing.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        self.expiries
+        let previous = self
+            .expiries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(namespace.to_string(), expires_at);
+            .insert(key.to_string(), tracked);
+        if previous.is_some_and(|p| p.newest_issue < tracked.newest_issue) {
+            self.renewals.inc();
+        }
     }
 
-    pub(crate) fn secret_released(&self, namespace: &str) {
+    pub(crate) fn secret_released(&self, key: &str) {
         self.expiries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(namespace);
+            .remove(key);
     }
 
     /// Forgets the Secrets whose key `keep` refuses (their namespace is gone).
@@ -243,18 +297,30 @@ impl Metrics {
             .retain(|k, _| keep(k));
     }
 
+    /// The renewal load of the Secrets recorded (none unless refreshing).
+    pub(crate) fn renewal_load(&self, now: Timestamp) -> Load {
+        let expiries = self.expiries.lock().unwrap_or_else(|p| p.into_inner());
+        capacity::load(expiries.values(), now)
+    }
+
+    /// The mints per second allowed, as set.
+    pub(crate) fn renewal_ceiling(&self) -> f64 {
+        self.renewal_ceiling_per_second.get()
+    }
+
     /// The Prometheus text exposition, with the gauges computed now.
     pub fn encode(&self) -> String {
-        {
-            let expiries = self.expiries.lock().unwrap_or_else(|p| p.into_inner());
-            self.managed_secrets.set(expiries.len() as i64);
-            let now = Timestamp::now();
-            let earliest = expiries
-                .values()
-                .min()
-                .map(|t| t.duration_since(now).as_secs_f64());
-            self.earliest_expiry_seconds.set(earliest.unwrap_or(0.0));
-        }
+        let now = Timestamp::now();
+        let load = self.renewal_load(now);
+        self.managed_secrets.set(load.secrets as i64);
+        let earliest = load
+            .earliest_expiry
+            .map(|t| t.duration_since(now).as_secs_f64());
+        self.earliest_expiry_seconds.set(earliest.unwrap_or(0.0));
+        self.renewals_needed_per_second.set(load.needed_per_second);
+        self.renewal_backlog.set(load.backlog as i64);
+        self.renewal_oldest_overdue_seconds
+            .set(load.oldest_overdue.as_secs_f64());
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -265,6 +331,28 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jiff::SignedDuration;
+
+    /// A Secret issued at `issued` (seconds from the test's start), due at `due`, expiring at
+    /// `expires`, renewed `per_second`.
+    fn tracked(issued: i64, due: i64, expires: i64, per_second: f64) -> Tracked {
+        static START: std::sync::OnceLock<Timestamp> = std::sync::OnceLock::new();
+        let now = *START.get_or_init(Timestamp::now);
+        Tracked {
+            newest_issue: now + SignedDuration::from_secs(issued),
+            renew_at: now + SignedDuration::from_secs(due),
+            expires_at: now + SignedDuration::from_secs(expires),
+            per_second,
+        }
+    }
+
+    fn sample(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+            .parse()
+            .unwrap()
+    }
 
     #[test]
     fn exposition_has_every_family_and_fixed_labels() {
@@ -273,10 +361,7 @@ mod tests {
         m.admission("Pod", "patched");
         m.cache_lookup(true);
         m.mint("kubernetes", true, 0.004);
-        m.secret_written(
-            "team-a",
-            Timestamp::now() + jiff::SignedDuration::from_secs(600),
-        );
+        m.secret_written("team-a", tracked(-3000, 200, 600, 0.0004));
         let text = m.encode();
         for needle in [
             r#"pull_secret_injector_admissions_total{kind="Pod",outcome="patched"} 1"#,
@@ -290,6 +375,11 @@ mod tests {
             "pull_secret_injector_missing_pull_secret_events_total 0",
             r#"pull_secret_injector_secret_writes_skipped_total{writer="provisioner"} 0"#,
             r#"pull_secret_injector_secret_writes_skipped_total{writer="pull_secret_updater"} 0"#,
+            "pull_secret_injector_renewals_total 0",
+            "pull_secret_injector_renewal_backlog 0",
+            "pull_secret_injector_renewal_oldest_overdue_seconds 0",
+            "pull_secret_injector_renewals_needed_per_second 0.0004",
+            "pull_secret_injector_renewal_ceiling_per_second 0",
         ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
@@ -306,7 +396,7 @@ mod tests {
     #[test]
     fn expiries_are_kept_only_while_refreshing() {
         let m = Metrics::default();
-        let soon = Timestamp::now() + jiff::SignedDuration::from_secs(600);
+        let soon = tracked(0, 400, 600, 0.001);
         let managed = |m: &Metrics| {
             m.encode()
                 .lines()
@@ -325,6 +415,53 @@ mod tests {
         assert_eq!(managed(&m).as_deref(), Some("2"));
         m.set_refreshing(false);
         assert_eq!(managed(&m).as_deref(), Some("0"), "stopping forgets them");
+    }
+
+    #[test]
+    fn renewal_capacity_figures_follow_the_secrets_kept() {
+        let m = Metrics::default();
+        m.set_renewal_ceiling(20.0);
+        m.set_refreshing(true);
+        // Two Secrets due later, two overdue (by 30 s and 90 s), one of them already expired.
+        m.secret_written("team-a", tracked(-100, 2000, 3000, 0.5));
+        m.secret_written("team-b", tracked(-100, 2000, 3000, 0.25));
+        m.secret_written("team-c", tracked(-3000, -30, 500, 0.125));
+        m.secret_written("team-d/builder", tracked(-700, -90, -5, 0.125));
+        let text = m.encode();
+        assert_eq!(
+            sample(&text, "pull_secret_injector_renewals_needed_per_second"),
+            1.0
+        );
+        assert_eq!(
+            sample(&text, "pull_secret_injector_renewal_ceiling_per_second"),
+            20.0
+        );
+        assert_eq!(sample(&text, "pull_secret_injector_renewal_backlog"), 2.0);
+        let overdue = sample(&text, "pull_secret_injector_renewal_oldest_overdue_seconds");
+        assert!((89.0..=91.0).contains(&overdue), "{overdue}");
+        let earliest = sample(&text, "pull_secret_injector_earliest_expiry_seconds");
+        assert!((-6.0..=-4.0).contains(&earliest), "{earliest}");
+        assert_eq!(sample(&text, "pull_secret_injector_renewals_total"), 0.0);
+        // Renewed: a newer version of team-c. Seen again as it is, or first seen: no renewal.
+        m.secret_written("team-c", tracked(0, 2000, 3000, 0.125));
+        m.secret_written("team-a", tracked(-100, 2000, 3000, 0.5));
+        m.secret_written("team-e", tracked(0, 2000, 3000, 0.5));
+        let text = m.encode();
+        assert_eq!(sample(&text, "pull_secret_injector_renewals_total"), 1.0);
+        assert_eq!(sample(&text, "pull_secret_injector_renewal_backlog"), 1.0);
+        assert_eq!(
+            sample(&text, "pull_secret_injector_renewals_needed_per_second"),
+            1.5
+        );
+        // A replica that stops refreshing reports nothing to renew.
+        m.set_refreshing(false);
+        let text = m.encode();
+        assert_eq!(
+            sample(&text, "pull_secret_injector_renewals_needed_per_second"),
+            0.0
+        );
+        assert_eq!(sample(&text, "pull_secret_injector_renewal_backlog"), 0.0);
+        assert!(!text.contains("team-"), "no namespace names in labels");
     }
 
     #[test]

@@ -74,6 +74,7 @@ impl Service {
         listener.set_nonblocking(true).map_err(listen_error)?;
 
         let metrics = Arc::new(metrics::Metrics::default());
+        metrics.set_renewal_ceiling(config.refresh.max_mints_per_second);
         let events = Events::new(client.clone(), settings.instance.clone());
         let (stop, stopped) = watch::channel(false);
         let inbox = Inbox::default();

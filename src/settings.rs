@@ -64,6 +64,9 @@ pub struct Settings {
     pub election: Option<Election>,
     /// This replica's name in Events, when it has one.
     pub instance: Option<String>,
+    /// This replica's Pod (namespace, name), when known: Events about the service itself
+    /// (renewal capacity) go on it.
+    pub own_pod: Option<(String, String)>,
     /// The proxy for calls to token endpoints, from the environment.
     pub proxy: ProxyEnv,
 }
@@ -96,10 +99,13 @@ impl Settings {
             own_namespace.as_deref(),
             &config.excluded_namespaces,
         );
+        let own_pod =
+            (env.pod_namespace.clone().or_else(|| own_namespace.clone())).zip(env.pod_name.clone());
         Ok(Self {
             policy,
             election,
             instance: env.pod_name.clone(),
+            own_pod,
             proxy: env.proxy.clone(),
             config,
         })

@@ -11,12 +11,14 @@ use crate::cluster::REPORTING_CONTROLLER;
 use crate::config::InjectMode;
 use crate::core::namespaces::{registries_annotation, registries_for, Eligibility};
 use crate::core::pods::{missing_pull_secret, Expected};
-use crate::core::subject::IdentityScope;
-use crate::secret::layout::{self, EXPIRES_AT, ISSUED_AT, REGISTRIES};
+use crate::core::subject::{IdentityScope, Subject};
+use crate::secret::capacity::{self, Tracked};
+use crate::secret::layout::{self, Assessment, EXPIRES_AT, ISSUED_AT, REGISTRIES};
+use crate::secret::renewal::Schedule;
 use crate::settings::Settings;
 
 /// One opted-in namespace as the cluster shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Row {
     pub namespace: String,
     /// `ok`, `missing`, `not managed` (someone else's Secret) or `unreadable`.
@@ -28,6 +30,8 @@ pub struct Row {
     /// Pods of the namespace (not finished) admitted without this Secret: they pull without
     /// it until they are recreated.
     pub unpatched_pods: usize,
+    /// When its Secret is due and how often it is renewed, when it is ours and intact.
+    pub(crate) renewal: Option<Tracked>,
 }
 
 pub async fn collect(client: &Client, settings: &Settings) -> Result<Vec<Row>, kube::Error> {
@@ -108,6 +112,23 @@ pub async fn collect(client: &Client, settings: &Settings) -> Result<Vec<Row>, k
                 IdentityScope::Namespace => state,
                 IdentityScope::ServiceAccount => format!("{state} ({secret_name})"),
             };
+            let renewal = match secret.as_ref().map(|s| layout::assess(Some(s))) {
+                Some(Assessment::Intact(issued)) => {
+                    let subject = match config.identity_scope {
+                        IdentityScope::Namespace => Subject::namespace(&name),
+                        // `<sa>-<secretName>`: the jitter's key is the ServiceAccount's.
+                        IdentityScope::ServiceAccount => Subject::service_account(
+                            &name,
+                            secret_name
+                                .strip_suffix(&format!("-{}", config.secret_name))
+                                .unwrap_or(&secret_name),
+                        ),
+                    };
+                    let schedule = Schedule::for_subject(&subject, settings.renew_before());
+                    Some(Tracked::of(&issued, &schedule))
+                }
+                _ => None,
+            };
             let last_error = last_error(&events.items, &secret_name);
             // Per ServiceAccount, a row whose Secret is not there yet stands for all of them.
             let unpatched_pods = match secret {
@@ -122,6 +143,7 @@ pub async fn collect(client: &Client, settings: &Settings) -> Result<Vec<Row>, k
                 issued_at,
                 last_error,
                 unpatched_pods,
+                renewal,
             });
         }
     }
@@ -152,6 +174,17 @@ fn last_error(events: &[Event], secret_name: &str) -> Option<String> {
                 e.note.as_deref().unwrap_or_default()
             )
         })
+}
+
+/// The line under the table on renewal capacity: what the Secrets listed need against
+/// `refresh.maxMintsPerSecond` (the refresher's ceiling, as this config sets it), and how many
+/// are past their renewal time.
+pub fn renewals(rows: &[Row], settings: &Settings, now: Timestamp) -> String {
+    let load = capacity::load(rows.iter().filter_map(|r| r.renewal.as_ref()), now);
+    format!(
+        "renewals: {}",
+        capacity::summary(&load, settings.config.refresh.max_mints_per_second)
+    )
 }
 
 /// `text` safe to print on a terminal: control characters (escape sequences, newlines that
@@ -302,6 +335,7 @@ mod tests {
                 "MintFailed: \u{1b}[2J\u{1b}[31mred\nteam-z   ok\u{202e}gnp.exe\u{9b}0m".into(),
             ),
             unpatched_pods: 0,
+            renewal: None,
         };
         let text = render(&[row], "2026-11-22T10:00:00Z".parse().unwrap());
         assert_eq!(text.lines().count(), 2, "{text}");
@@ -338,6 +372,7 @@ mod tests {
                 issued_at: Some("2026-11-22T09:40:00Z".parse().unwrap()),
                 last_error: None,
                 unpatched_pods: 0,
+                renewal: None,
             },
             Row {
                 namespace: "team-b".into(),
@@ -349,6 +384,7 @@ mod tests {
                     "MintFailed: TokenRequest for ServiceAccount team-b/default failed".into(),
                 ),
                 unpatched_pods: 2,
+                renewal: None,
             },
         ];
         let text = render(&rows, now);
@@ -362,5 +398,53 @@ mod tests {
             "team-a      ok        registry.example.com   40m          20m ago   0                -"
         );
         assert_eq!(lines[2], "team-b      missing   -                      -            -         2                MintFailed: TokenRequest for ServiceAccount team-b/default failed");
+    }
+
+    #[test]
+    fn the_renewals_line_says_the_need_against_the_configured_ceiling() {
+        use crate::config::Config;
+        use crate::settings::Environment;
+        let settings = |ceiling: &str| {
+            let yaml = format!(
+                "tls: {{certFile: a, keyFile: b}}\nregistries: [{{host: r.example, kubernetes: \
+                 {{audience: a}}}}]\nrefresh: {{maxMintsPerSecond: {ceiling}}}"
+            );
+            Settings::new(Config::from_yaml(&yaml).unwrap(), &Environment::default()).unwrap()
+        };
+        let now: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        let row = |renewal: Option<Tracked>| Row {
+            namespace: "team-a".into(),
+            state: "ok".into(),
+            registries: "r.example".into(),
+            expires_at: None,
+            issued_at: None,
+            last_error: None,
+            unpatched_pods: 0,
+            renewal,
+        };
+        let tracked = |due_in: i64, per_second: f64| Tracked {
+            renew_at: now + jiff::SignedDuration::from_secs(due_in),
+            expires_at: now + jiff::SignedDuration::from_secs(3600),
+            per_second,
+            newest_issue: now,
+        };
+        // Three Secrets (a missing one counts for nothing), one of them 2 minutes overdue.
+        let rows = vec![
+            row(Some(tracked(600, 0.25))),
+            row(Some(tracked(-120, 0.25))),
+            row(Some(tracked(60, 0.5))),
+            row(None),
+        ];
+        assert_eq!(
+            renewals(&rows, &settings("20"), now),
+            "renewals: need 1.0/s for 3 Secrets, ceiling 20/s (refresh.maxMintsPerSecond); 1 \
+             past their renewal time, the oldest by 2m"
+        );
+        assert_eq!(
+            renewals(&rows, &settings("0.5"), now),
+            "renewals: need 1.0/s for 3 Secrets, ceiling 0.5/s (refresh.maxMintsPerSecond): too \
+             low, Secrets will expire; raise refresh.maxMintsPerSecond to at least 2 or lengthen \
+             the token lifetime; 1 past their renewal time, the oldest by 2m"
+        );
     }
 }

@@ -175,6 +175,12 @@ impl Refresher {
                     .then(|| accounts.get(namespace, name).is_some())
             }));
         }
+        // Renewals needing more mints than the ceiling allows: told while it lasts.
+        watches.push(super::capacity::watch(
+            client.clone(),
+            settings.clone(),
+            provisioner.clone(),
+        ));
         // Pods admitted without the Secret: counted and told, never changed.
         watches.push(super::slipped::follow(
             client.clone(),

@@ -627,13 +627,13 @@ impl Provisioner {
         }
     }
 
-    /// Records the expiry of credentials stored (found, or just written) for the metrics. Found
-    /// ones are recorded before any renewal: should it fail, the metrics still show how long
-    /// the stored credentials last.
+    /// Records the expiry and renewal times of credentials stored (found, or just written) for
+    /// the metrics. Found ones are recorded before any renewal: should it fail, the metrics
+    /// still show how long the stored credentials last, and that they are overdue.
     fn record_stored(&self, subject: &Subject, issued: Option<&Issued>) {
         if let Some(issued) = issued {
-            self.metrics
-                .secret_written(&subject.key(), issued.expires_at);
+            let tracked = super::capacity::Tracked::of(issued, &self.schedule(subject));
+            self.metrics.secret_written(&subject.key(), tracked);
         }
     }
 
