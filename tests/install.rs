@@ -528,6 +528,10 @@ fn the_alerts_and_dashboard_query_only_what_the_service_exports() {
         "mints_total{outcome=\"error\"}",
         "not_ready",
         "invalid",
+        // Renewal capacity (issue 21): the need against the ceiling, and renewals left late.
+        "renewals_needed_per_second",
+        "renewal_ceiling_per_second",
+        "renewal_oldest_overdue_seconds",
     ] {
         assert!(
             expressions.iter().any(|(_, e)| e.contains(needed)),
