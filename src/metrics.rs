@@ -303,11 +303,6 @@ impl Metrics {
         capacity::load(expiries.values(), now)
     }
 
-    /// The mints per second allowed, as set.
-    pub(crate) fn renewal_ceiling(&self) -> f64 {
-        self.renewal_ceiling_per_second.get()
-    }
-
     /// The Prometheus text exposition, with the gauges computed now.
     pub fn encode(&self) -> String {
         let now = Timestamp::now();

@@ -35,17 +35,16 @@ pub(crate) fn watch(
         loop {
             tick.tick().await;
             let now = Timestamp::now();
-            let metrics = provisioner.metrics();
-            let ceiling = metrics.renewal_ceiling();
-            let load = metrics.renewal_load(now);
-            let verdict = capacity::verdict(load.needed_per_second, ceiling);
-            let short = matches!(verdict, Verdict::Short { .. });
-            match alarm.observe(short, now) {
-                Say::Nothing => {}
-                Say::Short { again } => {
-                    let Verdict::Short { enough_at, .. } = verdict else {
-                        continue;
-                    };
+            // The pacer's rate, from the same setting.
+            let ceiling = settings.config.refresh.max_mints_per_second;
+            let load = provisioner.metrics().renewal_load(now);
+            let enough_at = match capacity::verdict(load.needed_per_second, ceiling) {
+                Verdict::Short { enough_at, .. } => Some(enough_at),
+                Verdict::Enough => None,
+            };
+            match (alarm.observe(enough_at.is_some(), now), enough_at) {
+                (Say::Nothing, _) | (Say::Short { .. }, None) => {}
+                (Say::Short { again }, Some(enough_at)) => {
                     tracing::warn!(
                         needed_per_second = load.needed_per_second,
                         ceiling_per_second = ceiling,
@@ -57,18 +56,23 @@ pub(crate) fn watch(
                          allows: Secrets will expire; raise it to at least {enough_at} or \
                          lengthen the token lifetime"
                     );
-                    if pod.is_none() {
-                        pod = own_pod(&client, &settings).await;
+                    let regarding = match &pod {
+                        Some(known) => Some(known.clone()),
+                        None => own_pod(&client, &settings).await,
+                    };
+                    // Kept once its uid is known; looked up again at the next warning if not.
+                    if regarding.as_ref().is_some_and(|p| p.uid.is_some()) {
+                        pod.clone_from(&regarding);
                     }
-                    if let Some(pod) = &pod {
+                    if let Some(regarding) = &regarding {
                         let note = capacity::summary(&load, ceiling);
                         provisioner
                             .events()
-                            .warn(pod, "Renew", "RenewalCapacityShort", &note)
+                            .warn(regarding, "Renew", "RenewalCapacityShort", &note)
                             .await;
                     }
                 }
-                Say::Recovered => tracing::info!(
+                (Say::Recovered, _) => tracing::info!(
                     needed_per_second = load.needed_per_second,
                     ceiling_per_second = ceiling,
                     secrets = load.secrets,
