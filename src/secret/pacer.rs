@@ -4,9 +4,10 @@
 //! it comes up, and while both kinds wait they take turns; so a burst of renewals queued first
 //! cannot make an admission wait behind all of them, and a namespace whose admissions keep
 //! failing cannot take the renewals' slots. Either kind has every slot while the other has
-//! none waiting.
+//! none waiting. Within a kind, renewals go earliest lapse first (a credential that runs out
+//! sooner is renewed sooner, when renewals fall behind), admissions in arrival order.
 
-use std::collections::VecDeque;
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -58,8 +59,10 @@ pub(crate) struct MintPacer {
 struct State {
     /// When the next slot comes up.
     next: Instant,
-    /// Waiters in arrival order, per kind (by `Caller::index`).
-    queues: [VecDeque<u64>; 2],
+    /// Waiters per kind (by `Caller::index`), first served first: by when the credential
+    /// they renew lapses (in ms since the epoch; an arrival's own time when nothing stored
+    /// lasts), then in arrival order.
+    queues: [BTreeSet<Place>; 2],
     /// The kind served first when both wait.
     turn: Caller,
     last_ticket: u64,
@@ -71,7 +74,7 @@ impl MintPacer {
             interval: Duration::from_secs_f64(1.0 / per_second.max(0.001)),
             state: Mutex::new(State {
                 next: Instant::now(),
-                queues: [VecDeque::new(), VecDeque::new()],
+                queues: [BTreeSet::new(), BTreeSet::new()],
                 turn: Caller::Admission,
                 last_ticket: 0,
             }),
@@ -83,13 +86,18 @@ impl MintPacer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits for this caller's slot.
-    pub(crate) async fn wait(&self, caller: Caller) {
+    /// Waits for this caller's slot. `lapses_at`: when the credentials to renew run out
+    /// (`None`: nothing usable is stored, so now). Admissions pass `None`, and are served in
+    /// arrival order.
+    pub(crate) async fn wait(&self, caller: Caller, lapses_at: Option<jiff::Timestamp>) {
+        let lapses = lapses_at
+            .unwrap_or_else(jiff::Timestamp::now)
+            .as_millisecond();
         let ticket = {
             let mut s = self.lock();
             s.last_ticket += 1;
-            let ticket = s.last_ticket;
-            s.queues[caller.index()].push_back(ticket);
+            let ticket = (lapses, s.last_ticket);
+            s.queues[caller.index()].insert(ticket);
             ticket
         };
         // Leaves the queue if this wait is dropped before its slot (a cancelled reconcile).
@@ -107,7 +115,7 @@ impl MintPacer {
             let wake_at = {
                 let mut s = self.lock();
                 let now = Instant::now();
-                let first = s.queues[caller.index()].front() == Some(&ticket);
+                let first = s.queues[caller.index()].first() == Some(&ticket);
                 let turn = served_next(s.turn, !s.queues[0].is_empty(), !s.queues[1].is_empty());
                 if first && turn == Some(caller) {
                     if s.next <= now {
@@ -119,7 +127,7 @@ impl MintPacer {
                             now
                         };
                         s.next = slot + self.interval;
-                        s.queues[caller.index()].pop_front();
+                        s.queues[caller.index()].remove(&ticket);
                         s.turn = caller.other();
                         queued.served = true;
                         drop(s);
@@ -144,17 +152,20 @@ impl MintPacer {
     }
 }
 
+/// A waiter's place in its queue: (lapse time in ms, arrival number).
+type Place = (i64, u64);
+
 struct Queued<'a> {
     pacer: &'a MintPacer,
     caller: Caller,
-    ticket: u64,
+    ticket: Place,
     served: bool,
 }
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         if !self.served {
-            self.pacer.lock().queues[self.caller.index()].retain(|t| *t != self.ticket);
+            self.pacer.lock().queues[self.caller.index()].remove(&self.ticket);
             self.pacer.changed.notify_waiters();
         }
     }
@@ -188,7 +199,7 @@ mod tests {
             let p = pacer.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(arrives).await;
-                p.wait(caller).await;
+                p.wait(caller, None).await;
                 (caller, start.elapsed().as_secs_f64())
             })
         });
@@ -251,9 +262,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_waiter_that_gives_up_leaves_its_place() {
         let pacer = Arc::new(MintPacer::new(1.0));
-        pacer.wait(Caller::Refresher).await; // the slot at 0 is taken
+        pacer.wait(Caller::Refresher, None).await; // the slot at 0 is taken
         let p = pacer.clone();
-        let gone = tokio::spawn(async move { p.wait(Caller::Admission).await });
+        let gone = tokio::spawn(async move { p.wait(Caller::Admission, None).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
         gone.abort();
         let _ = gone.await;
@@ -261,5 +272,43 @@ mod tests {
         // The next slot, at 1 s, goes to the caller still waiting.
         assert_eq!(got.len(), 1);
         assert!((got[0].1 - 0.9).abs() < 1e-9, "{got:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_falling_behind_go_earliest_lapse_first() {
+        let pacer = Arc::new(MintPacer::new(1.0));
+        pacer.wait(Caller::Refresher, None).await; // the slot at 0 is taken
+        let now = jiff::Timestamp::now();
+        let minutes = |m: i64| Some(now + jiff::SignedDuration::from_mins(m));
+        // Queued in this order while the next slot is a second away.
+        let due = [
+            ("in 30 min", minutes(30)),
+            ("in 5 min", minutes(5)),
+            ("nothing stored", None),
+            ("in 10 min", minutes(10)),
+            ("lapsed", minutes(-1)),
+        ];
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let waits: Vec<_> = due
+            .into_iter()
+            .map(|(what, lapses)| {
+                let (p, served) = (pacer.clone(), served.clone());
+                tokio::spawn(async move {
+                    p.wait(Caller::Refresher, lapses).await;
+                    served.lock().unwrap().push(what);
+                })
+            })
+            .collect();
+        futures::future::join_all(waits).await;
+        assert_eq!(
+            *served.lock().unwrap(),
+            [
+                "lapsed",
+                "nothing stored",
+                "in 5 min",
+                "in 10 min",
+                "in 30 min"
+            ]
+        );
     }
 }

@@ -588,7 +588,18 @@ impl Provisioner {
             });
         }
         if !plan.mint.is_empty() {
-            self.pacer.wait(caller).await;
+            // Renewals falling behind go earliest lapse first; a registry with nothing
+            // carried over has nothing that lasts.
+            let lapses_at = match caller {
+                Caller::Admission => None,
+                Caller::Refresher => plan
+                    .mint
+                    .iter()
+                    .map(|h| carried.get(h).map(|c| c.expires_at))
+                    .collect::<Option<Vec<_>>>()
+                    .and_then(|at| at.into_iter().min()),
+            };
+            self.pacer.wait(caller, lapses_at).await;
         }
         let (minted, failures) = self.mint_some(subject, &plan.mint).await;
         if !failures.is_empty() {
