@@ -188,6 +188,49 @@ async fn a_namespace_waits_for_its_service_account_without_minting() {
     inj.cleanup().await;
 }
 
+/// The figure of one metric line, summed over its label sets.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Issue 21: with `maxMintsPerSecond` below what the Secrets kept need, the metrics and
+/// `status` say so (the need of one Secret of 600 s tokens is about 1/375 per second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ceiling_below_the_need_shows_in_the_metrics_and_status() {
+    let _serial = serial();
+    let mut inj = Injector::start_without_webhook(
+        "ren-cap",
+        &kubernetes_registry("default", 600),
+        "refresh: {maxMintsPerSecond: 0.002}\n",
+    )
+    .await;
+    let c = inj.client.clone();
+    let ns = inj.namespace("short", true).await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(c.clone(), &ns);
+    wait_for("the Secret", Duration::from_secs(60), || async {
+        secrets.get_opt("pull-secret").await.unwrap().is_some()
+    })
+    .await;
+    let text = inj.metrics().await;
+    let needed = metric(&text, "pull_secret_injector_renewals_needed_per_second");
+    let ceiling = metric(&text, "pull_secret_injector_renewal_ceiling_per_second");
+    eprintln!("needed {needed}/s, ceiling {ceiling}/s");
+    assert_eq!(ceiling, 0.002, "{text}");
+    assert!(
+        needed > ceiling && needed < 0.01,
+        "one Secret of 600 s tokens needs about 0.0027/s: {needed}"
+    );
+    let status = inj.status_table();
+    assert!(
+        status.contains("too low") && status.contains("refresh.maxMintsPerSecond"),
+        "{status}"
+    );
+    inj.cleanup().await;
+}
+
 mod pull_secret_updater {
     use std::collections::BTreeMap;
 
