@@ -1410,14 +1410,14 @@ async fn scale() -> Vec<Figure> {
         "renewal rate",
         renewals / window.as_secs_f64(),
         "/s",
-        Some(("cap (refresh.maxMintsPerSecond)", 20.0)),
-        "target ≤ cap",
+        Some(("pace at start (the adaptive pace's floor)", 20.0)),
+        "target ≤ pace",
     ));
     figures.push(figure(
         "busiest second",
         peak,
         "mints",
-        Some(("cap", 20.0)),
+        Some(("pace", 20.0)),
         "no thundering herd",
     ));
     figures.push(figure(

@@ -130,15 +130,16 @@ pub struct RefreshConfig {
     /// Renew a credential when less than this remains. Default: a third of its lifetime.
     #[serde(default, deserialize_with = "crate::core::duration::optional_field")]
     pub renew_before: Option<Duration>,
-    /// At most this many mints per second from this replica, so that many Secrets falling due
+    /// The ceiling of mints per second from this replica, so that many Secrets falling due
     /// together (a restart after an outage, thousands of namespaces) never flood the API server
-    /// or a registry. Default 20.
+    /// or a registry. Below it the pace follows what the Secrets kept need (at least 20/s).
+    /// Default 100.
     #[serde(default = "default_max_mints_per_second")]
     pub max_mints_per_second: f64,
 }
 
 fn default_max_mints_per_second() -> f64 {
-    20.0
+    100.0
 }
 
 impl Default for RefreshConfig {

@@ -74,6 +74,7 @@ pub struct Metrics {
     renewals_needed_per_second: Gauge<f64, AtomicU64>,
     renewals: Counter,
     renewal_ceiling_per_second: Gauge<f64, AtomicU64>,
+    mint_rate_per_second: Gauge<f64, AtomicU64>,
     renewal_backlog: Gauge,
     renewal_oldest_overdue_seconds: Gauge<f64, AtomicU64>,
     /// Each Secret's renewal times, by subject key, as last written or adopted here.
@@ -179,6 +180,12 @@ impl Default for Metrics {
             "Mints per second this replica allows (refresh.maxMintsPerSecond), shared by renewals and admissions",
             renewal_ceiling_per_second.clone(),
         );
+        let mint_rate_per_second = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "mint_rate_per_second",
+            "Mints per second this replica paces at now: the renewal need with a margin, between 20/s and the ceiling",
+            mint_rate_per_second.clone(),
+        );
         let renewal_backlog = Gauge::default();
         registry.register(
             "renewal_backlog",
@@ -207,6 +214,7 @@ impl Default for Metrics {
             renewals_needed_per_second,
             renewals,
             renewal_ceiling_per_second,
+            mint_rate_per_second,
             renewal_backlog,
             renewal_oldest_overdue_seconds,
             expiries: Mutex::default(),
@@ -261,6 +269,10 @@ impl Metrics {
     }
 
     /// The mints per second allowed: set once, from the configuration.
+    pub(crate) fn set_mint_rate(&self, per_second: f64) {
+        self.mint_rate_per_second.set(per_second);
+    }
+
     pub(crate) fn set_renewal_ceiling(&self, per_second: f64) {
         self.renewal_ceiling_per_second.set(per_second);
     }

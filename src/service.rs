@@ -75,6 +75,10 @@ impl Service {
 
         let metrics = Arc::new(metrics::Metrics::default());
         metrics.set_renewal_ceiling(config.refresh.max_mints_per_second);
+        metrics.set_mint_rate(crate::secret::capacity::pacing_rate(
+            0.0,
+            config.refresh.max_mints_per_second,
+        ));
         let events = Events::new(client.clone(), settings.instance.clone());
         let (stop, stopped) = watch::channel(false);
         let inbox = Inbox::default();

@@ -1,6 +1,6 @@
-//! Says so, loudly, while the Secrets kept need more renewals per second than
-//! `refresh.maxMintsPerSecond` allows: renewals would slip until Secrets expire, with nothing
-//! failing. Runs beside the refresher, so only where it runs: a warning in the log when it
+//! Paces mints at what the Secrets kept need (`secret::capacity::pacing_rate`), and says so,
+//! loudly, while they need more renewals per second than `refresh.maxMintsPerSecond` allows:
+//! renewals would slip until Secrets expire, with nothing failing. Runs beside the refresher, so only where it runs: a warning in the log when it
 //! starts (again every few minutes while it lasts, `secret::capacity::Alarm`), a Warning Event
 //! on this replica's Pod, and a line when it recovers. The metrics say it at every scrape.
 
@@ -38,6 +38,7 @@ pub(crate) fn watch(
             // The pacer's rate, from the same setting.
             let ceiling = settings.config.refresh.max_mints_per_second;
             let load = provisioner.metrics().renewal_load(now);
+            provisioner.set_mint_rate(capacity::pacing_rate(load.needed_per_second, ceiling));
             let enough_at = match capacity::verdict(load.needed_per_second, ceiling) {
                 Verdict::Short { enough_at, .. } => Some(enough_at),
                 Verdict::Enough => None,

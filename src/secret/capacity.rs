@@ -106,6 +106,23 @@ pub(crate) fn load<'a>(kept: impl IntoIterator<Item = &'a Tracked>, now: Timesta
     load
 }
 
+/// The mint rate the pacer starts at, and never goes below (unless the ceiling is lower):
+/// enough for a burst of opt-ins to be served in seconds, little enough for any API server.
+pub(crate) const FLOOR_PER_SECOND: f64 = 20.0;
+
+/// How far above the need the pacer runs, so that due renewals do not queue (each waits for its
+/// slot only briefly and is written well before `renewBefore / 2` of its credential remains),
+/// with room for admissions and retries.
+pub(crate) const PACING_MARGIN: f64 = 0.25;
+
+/// The mint rate to pace at: the need with its margin, at least the floor, at most the ceiling
+/// (`refresh.maxMintsPerSecond`, which protects the API server and the registries).
+pub(crate) fn pacing_rate(needed: f64, ceiling: f64) -> f64 {
+    (needed * (1.0 + PACING_MARGIN))
+        .max(FLOOR_PER_SECOND)
+        .min(ceiling)
+}
+
 /// Whether the ceiling keeps up with the need.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Verdict {
@@ -410,6 +427,21 @@ mod tests {
                 said,
                 "at {second}s, short: {short}"
             );
+        }
+    }
+
+    #[test]
+    fn the_pacer_follows_the_need_between_the_floor_and_the_ceiling() {
+        // (needed per second, ceiling) -> rate
+        let cases = [
+            (0.0, 100.0, 20.0),   // a quiet cluster: the floor
+            (10.0, 100.0, 20.0),  // 12.5 with the margin: still the floor
+            (40.0, 100.0, 50.0),  // 45,000 one-hour Secrets and more: the need plus a quarter
+            (90.0, 100.0, 100.0), // the ceiling holds
+            (5.0, 2.0, 2.0),      // a ceiling below the floor wins
+        ];
+        for (needed, ceiling, rate) in cases {
+            assert_eq!(pacing_rate(needed, ceiling), rate, "{needed} {ceiling}");
         }
     }
 }

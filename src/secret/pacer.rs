@@ -8,6 +8,7 @@
 //! sooner is renewed sooner, when renewals fall behind), admissions in arrival order.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -50,7 +51,8 @@ fn served_next(turn: Caller, admissions_waiting: bool, refresher_waiting: bool) 
 }
 
 pub(crate) struct MintPacer {
-    interval: Duration,
+    /// The time between slots, in nanoseconds: set anew as the renewal need changes.
+    interval: AtomicU64,
     state: Mutex<State>,
     /// Woken when a slot is taken or a waiter leaves: the waiters look again whose turn it is.
     changed: Notify,
@@ -71,7 +73,7 @@ struct State {
 impl MintPacer {
     pub(crate) fn new(per_second: f64) -> Self {
         Self {
-            interval: Duration::from_secs_f64(1.0 / per_second.max(0.001)),
+            interval: AtomicU64::new(interval_nanos(per_second)),
             state: Mutex::new(State {
                 next: Instant::now(),
                 queues: [BTreeSet::new(), BTreeSet::new()],
@@ -80,6 +82,22 @@ impl MintPacer {
             }),
             changed: Notify::new(),
         }
+    }
+
+    /// Slots per second from now on (the next slot already set keeps its time).
+    pub(crate) fn set_rate(&self, per_second: f64) {
+        self.interval
+            .store(interval_nanos(per_second), Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    /// Slots per second now.
+    pub(crate) fn rate(&self) -> f64 {
+        1e9 / self.interval.load(Ordering::Relaxed) as f64
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval.load(Ordering::Relaxed))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -121,12 +139,9 @@ impl MintPacer {
                     if s.next <= now {
                         // A waiter woken a little late keeps the cadence; after a pause the
                         // cadence starts again now, with no catching up.
-                        let slot = if s.next + self.interval > now {
-                            s.next
-                        } else {
-                            now
-                        };
-                        s.next = slot + self.interval;
+                        let interval = self.interval();
+                        let slot = if s.next + interval > now { s.next } else { now };
+                        s.next = slot + interval;
                         s.queues[caller.index()].remove(&ticket);
                         s.turn = caller.other();
                         queued.served = true;
@@ -154,6 +169,10 @@ impl MintPacer {
 
 /// A waiter's place in its queue: (lapse time in ms, arrival number).
 type Place = (i64, u64);
+
+fn interval_nanos(per_second: f64) -> u64 {
+    (1e9 / per_second.max(0.001)).max(1.0) as u64
+}
 
 struct Queued<'a> {
     pacer: &'a MintPacer,
@@ -310,5 +329,16 @@ mod tests {
                 "in 30 min"
             ]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_rate_applies_from_the_next_slot() {
+        let pacer = Arc::new(MintPacer::new(1.0));
+        pacer.wait(Caller::Refresher, None).await; // slot 0; the next is at 1 s
+        pacer.set_rate(4.0);
+        assert_eq!(pacer.rate(), 4.0);
+        let got = slots(pacer, vec![(Caller::Refresher, Duration::ZERO); 3]).await;
+        let at: Vec<f64> = got.iter().map(|(_, t)| *t).collect();
+        assert_eq!(at, [1.0, 1.25, 1.5]);
     }
 }

@@ -91,7 +91,10 @@ impl Provisioner {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            pacer: MintPacer::new(settings.config.refresh.max_mints_per_second),
+            pacer: MintPacer::new(super::capacity::pacing_rate(
+                0.0,
+                settings.config.refresh.max_mints_per_second,
+            )),
             client,
             settings,
             namespaces,
@@ -133,6 +136,12 @@ impl Provisioner {
             .filter_map(|r| r.source.token_request().map(|(sa, _)| sa))
             .find(|sa| view(&subject.namespace, sa) == Some(false))
             .map(str::to_string)
+    }
+
+    /// Paces mints at `per_second` from now on (the refresher follows the renewal need).
+    pub(crate) fn set_mint_rate(&self, per_second: f64) {
+        self.pacer.set_rate(per_second);
+        self.metrics.set_mint_rate(self.pacer.rate());
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {
