@@ -219,6 +219,12 @@ async fn a_ceiling_below_the_need_shows_in_the_metrics_and_status() {
     let ceiling = metric(&text, "pull_secret_injector_renewal_ceiling_per_second");
     eprintln!("needed {needed}/s, ceiling {ceiling}/s");
     assert_eq!(ceiling, 0.002, "{text}");
+    // The pace never goes above the ceiling, even below its usual floor of 20/s.
+    assert_eq!(
+        metric(&text, "pull_secret_injector_mint_rate_per_second"),
+        0.002,
+        "{text}"
+    );
     assert!(
         needed > ceiling && needed < 0.01,
         "one Secret of 600 s tokens needs about 0.0027/s: {needed}"
