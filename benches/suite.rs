@@ -21,9 +21,15 @@
 //!                 the body's own size. What is still held after, and what giving it back
 //!                 costs (c=16 throughput, CPU per admission); baseline: the same binary with
 //!                 mimalloc's default purge delay
+//!   8. optin      N namespaces labelled at once (BENCH_BURST_NAMESPACES, default 10000) while
+//!                 the controller manager makes their ServiceAccounts: ServiceAccount → Secret
+//!                 delays, TokenRequests refused
+//!   9. lifetimes  N namespaces (BENCH_LIFETIME_NAMESPACES, default 5000) over two lifetimes of
+//!                 600 s tokens: least time to expiry, renewals needed and done, pace, API
+//!                 requests and CPU per renewal, memory
 //! ```
 //!
-//! BENCH_ONLY=handler,tls,...,memory runs a subset.
+//! BENCH_ONLY=handler,tls,...,lifetimes runs a subset.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -1430,6 +1436,382 @@ async fn scale() -> Vec<Figure> {
     figures
 }
 
+/// The release binary serving `extra` config on a port of its own, as a cluster runs it.
+struct Served {
+    child: std::process::Child,
+    certs: Certs,
+    port: u16,
+}
+
+impl Served {
+    fn start(id: &str, registry: &str, extra: &str) -> Self {
+        let cp = ControlPlane::get();
+        let certs = Certs::new();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let yaml = config_yaml(id, &certs, registry, extra)
+            .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+        let config_file = certs.dir.path().join("config.yaml");
+        std::fs::write(&config_file, &yaml).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pull-secret-injector"))
+            .args(["serve", "--config", path_str(&config_file)])
+            .env("KUBECONFIG", cp.kubeconfig())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(certs.dir.path().join("serve.log")).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, certs, port }
+    }
+
+    /// One figure of the service's `/metrics` (summed over label sets); 0 when absent.
+    fn metric(&self, name: &str) -> f64 {
+        let (_, text) = curl(
+            &self.certs,
+            &[&format!("https://127.0.0.1:{}/metrics", self.port)],
+        );
+        text.lines()
+            .filter(|l| l.split([' ', '{']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Makes `names` opted-in namespaces (32 at a time), each with a ServiceAccount `account` when
+/// given (made here at once, unlike `default`, which the controller manager makes at its pace).
+async fn opted_in(admin: &kube::Client, names: &[String], run: &str, account: Option<&str>) {
+    futures::stream::iter(names.iter().cloned())
+        .for_each_concurrent(32, |name| {
+            let c = admin.clone();
+            async move {
+                let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": {"pull-secret-injector.io/inject": "enabled", "e2e-run": run}}})).unwrap();
+                let _ = Api::<Namespace>::all(c.clone()).create(&PostParams::default(), &ns).await;
+                if let Some(account) = account {
+                    let sa: k8s_openapi::api::core::v1::ServiceAccount =
+                        serde_json::from_value(json!({"metadata": {"name": account}})).unwrap();
+                    let _ = Api::namespaced(c, &name).create(&PostParams::default(), &sa).await;
+                }
+            }
+        })
+        .await;
+}
+
+/// Deletes the namespaces without waiting for the namespace controller to empty them.
+async fn delete_namespaces(admin: &kube::Client, names: &[String]) {
+    futures::stream::iter(names.iter().cloned())
+        .for_each_concurrent(32, |name| {
+            let api = Api::<Namespace>::all(admin.clone());
+            async move {
+                let _ = api.delete(&name, &Default::default()).await;
+            }
+        })
+        .await;
+}
+
+/// The audit log's completion time of each successful `verb` on `resource`/`name` in the
+/// namespaces starting with `prefix`, by namespace (the first one).
+fn audited_at(
+    cp: &ControlPlane,
+    prefix: &str,
+    resource: &str,
+    name: &str,
+    verb: &str,
+) -> BTreeMap<String, Timestamp> {
+    let mut at = BTreeMap::new();
+    for e in cp.audit(|e| {
+        e["objectRef"]["resource"] == resource
+            && e["objectRef"]["name"] == name
+            && e["objectRef"]["subresource"].is_null()
+            && e["verb"] == verb
+            && e["responseStatus"]["code"]
+                .as_i64()
+                .is_some_and(|c| c < 300)
+            && e["objectRef"]["namespace"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(prefix))
+    }) {
+        let (Some(ns), Some(t)) = (
+            e["objectRef"]["namespace"].as_str(),
+            e["stageTimestamp"]
+                .as_str()
+                .and_then(|t| t.parse::<Timestamp>().ok()),
+        ) else {
+            continue;
+        };
+        at.entry(ns.to_string()).or_insert(t);
+    }
+    at
+}
+
+/// Item 8, opt-in burst (issue 21): N namespaces (BENCH_BURST_NAMESPACES, default 10000) labelled at
+/// once while the controller manager makes their `default` ServiceAccounts at its own pace:
+/// how soon after its ServiceAccount each has its Secret, and whether any mint slot went to a
+/// TokenRequest refused because the ServiceAccount was not there yet.
+async fn opt_in_burst() -> Vec<Figure> {
+    let n: usize = std::env::var("BENCH_BURST_NAMESPACES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    println!("8. opt-in burst: {n} namespaces labelled at once, `default` made by the controller manager");
+    let cp = ControlPlane::get();
+    let admin = cp.client().await;
+    let served = Served::start("bench-burst", &kubernetes_registry("default", 3600), "");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while curl(
+        &served.certs,
+        &[&format!("https://127.0.0.1:{}/readyz", served.port)],
+    )
+    .0 != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the service did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let names: Vec<String> = (0..n).map(|i| format!("bburst-{i:05}")).collect();
+    let started = Instant::now();
+    let labelled_at = Timestamp::now();
+    opted_in(&admin, &names, "bench-burst", None).await;
+    let labelled = started.elapsed().as_secs_f64();
+    println!("  ({n} namespaces made in {labelled:.1}s)");
+    let limit = Duration::from_secs(60 + n as u64 / 5);
+    while served.metric("pull_secret_injector_managed_secrets") < n as f64
+        && started.elapsed() < limit
+    {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let all = started.elapsed().as_secs_f64();
+    let accounts = audited_at(cp, "bburst-", "serviceaccounts", "default", "create");
+    let secrets = audited_at(cp, "bburst-", "secrets", "pull-secret", "create");
+    let mut delays: Vec<f64> = secrets
+        .iter()
+        .filter_map(|(ns, written)| {
+            let made = accounts.get(ns)?;
+            Some(written.duration_since(*made).as_secs_f64())
+        })
+        .collect();
+    delays.sort_by(f64::total_cmp);
+    let (first_sa, last_sa) = (accounts.values().min(), accounts.values().max());
+    let sa_rate = match (first_sa, last_sa) {
+        (Some(a), Some(b)) if b > a => accounts.len() as f64 / b.duration_since(*a).as_secs_f64(),
+        _ => f64::NAN,
+    };
+    let refused = cp
+        .audit(|e| {
+            e["objectRef"]["subresource"] == "token"
+                && e["responseStatus"]["code"] == 404
+                && e["objectRef"]["namespace"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("bburst-"))
+        })
+        .len();
+    let minted = cp
+        .audit(|e| {
+            e["objectRef"]["subresource"] == "token"
+                && e["objectRef"]["namespace"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("bburst-"))
+        })
+        .len();
+    drop(served);
+    delete_namespaces(&admin, &names).await;
+    vec![
+        figure(format!("{n} namespaces labelled"), labelled, "s", None, ""),
+        figure(
+            "ServiceAccounts made by the controller manager",
+            sa_rate,
+            "/s",
+            None,
+            "",
+        ),
+        figure(
+            format!("label → all {n} Secrets"),
+            all,
+            "s",
+            Some((
+                "label → last ServiceAccount",
+                last_sa.map_or(f64::NAN, |t| t.duration_since(labelled_at).as_secs_f64()),
+            )),
+            "close to the ServiceAccounts' pace",
+        ),
+        figure(
+            "Secrets with their ServiceAccount's time known",
+            delays.len() as f64,
+            "",
+            Some(("namespaces", n as f64)),
+            "all",
+        ),
+        figure(
+            "ServiceAccount → Secret, p50",
+            percentile(&delays, 0.5),
+            "s",
+            None,
+            "a few seconds",
+        ),
+        figure(
+            "ServiceAccount → Secret, p90",
+            percentile(&delays, 0.9),
+            "s",
+            None,
+            "",
+        ),
+        figure(
+            "ServiceAccount → Secret, p99",
+            percentile(&delays, 0.99),
+            "s",
+            None,
+            "",
+        ),
+        figure(
+            "ServiceAccount → Secret, max",
+            delays.last().copied().unwrap_or(f64::NAN),
+            "s",
+            None,
+            "",
+        ),
+        figure(
+            "TokenRequests refused (404: no ServiceAccount yet)",
+            refused as f64,
+            "",
+            Some(("TokenRequests", minted as f64)),
+            "target 0",
+        ),
+    ]
+}
+
+/// Item 9, renewal over two lifetimes (issue 21): N namespaces (BENCH_LIFETIME_NAMESPACES, default
+/// 5000), tokens of 600 s (the shortest the API server allows), default renewal settings
+/// (BENCH_RENEW_BEFORE overrides `refresh.renewBefore`): the smallest time-to-expiry seen,
+/// renewals needed against done, the pace, API requests and CPU per renewal, memory.
+async fn lifetimes() -> Vec<Figure> {
+    let n: usize = std::env::var("BENCH_LIFETIME_NAMESPACES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
+    let renew_before = std::env::var("BENCH_RENEW_BEFORE").ok();
+    println!(
+        "9. lifetimes: {n} namespaces, 600 s tokens, renewBefore {}",
+        renew_before.as_deref().unwrap_or("default (200 s)")
+    );
+    let cp = ControlPlane::get();
+    let admin = cp.client().await;
+    let names: Vec<String> = (0..n).map(|i| format!("blife-{i:05}")).collect();
+    let set_up = Instant::now();
+    opted_in(&admin, &names, "bench-life", Some("puller")).await;
+    println!(
+        "  ({n} namespaces and ServiceAccounts in {:.1}s)",
+        set_up.elapsed().as_secs_f64()
+    );
+    let extra = renew_before
+        .map(|r| format!("refresh: {{renewBefore: {r}}}\n"))
+        .unwrap_or_default();
+    let requests_before = apiserver_requests(&admin).await;
+    let started = Instant::now();
+    let served = Served::start("bench-life", &kubernetes_registry("puller", 600), &extra);
+    let cpu0 = cpu_seconds(served.pid());
+    while served.metric("pull_secret_injector_managed_secrets") < n as f64
+        && started.elapsed() < Duration::from_secs(120 + n as u64 / 5)
+    {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let filled = started.elapsed().as_secs_f64();
+    println!("  (all {n} Secrets written {filled:.0}s after start; now two lifetimes)");
+    let renewals0 = served.metric("pull_secret_injector_renewals_total");
+    let window = Instant::now();
+    let (mut least, mut needed, mut pace, mut samples, mut backlog) =
+        (f64::INFINITY, 0.0, 0.0_f64, 0.0_f64, 0.0_f64);
+    // Two lifetimes of 600 s; BENCH_LIFETIME_SECONDS shortens it for a trial.
+    let span = std::env::var("BENCH_LIFETIME_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1200);
+    while window.elapsed() < Duration::from_secs(span) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        least = least.min(served.metric("pull_secret_injector_earliest_expiry_seconds"));
+        needed += served.metric("pull_secret_injector_renewals_needed_per_second");
+        pace = pace.max(served.metric("pull_secret_injector_mint_rate_per_second"));
+        backlog = backlog.max(served.metric("pull_secret_injector_renewal_backlog"));
+        samples += 1.0;
+    }
+    let seconds = window.elapsed().as_secs_f64();
+    let renewals = served.metric("pull_secret_injector_renewals_total") - renewals0;
+    let cpu = cpu_seconds(served.pid()) - cpu0;
+    let rss = proc_status(served.pid(), "VmRSS:") / 1024.0;
+    let after = apiserver_requests(&admin).await;
+    // Everything the service asks about Secrets and ServiceAccounts (TokenRequests are
+    // `create` on serviceaccounts), from start: the initial mints count as renewals here.
+    let asked: f64 = after
+        .iter()
+        .filter(|((resource, _), _)| resource == "secrets" || resource == "serviceaccounts")
+        .map(|(k, v)| v - requests_before.get(k).copied().unwrap_or(0.0))
+        .sum();
+    let written = served.metric("pull_secret_injector_renewals_total") + n as f64;
+    drop(served);
+    delete_namespaces(&admin, &names).await;
+    vec![
+        figure(format!("start → all {n} Secrets"), filled, "s", None, ""),
+        figure(
+            "smallest time to expiry seen (two lifetimes)",
+            least,
+            "s",
+            Some(("renewBefore / 2", 100.0)),
+            "target ≥ 1",
+        ),
+        figure(
+            "renewals needed (mean)",
+            needed / samples.max(1.0),
+            "/s",
+            None,
+            "",
+        ),
+        figure(
+            "renewals done",
+            renewals / seconds,
+            "/s",
+            Some(("needed", needed / samples.max(1.0))),
+            "≈ 1",
+        ),
+        figure("pace (highest)", pace, "/s", None, "≥ the need, ≥ 20"),
+        figure("backlog (highest)", backlog, "Secrets", None, ""),
+        figure(
+            "API requests per Secret written (Secrets, ServiceAccounts, TokenRequests)",
+            asked / written.max(1.0),
+            "",
+            None,
+            "target ≤ 2",
+        ),
+        figure(
+            "CPU per renewal",
+            cpu * 1000.0 / written.max(1.0),
+            "ms",
+            None,
+            "",
+        ),
+        figure(
+            "resident memory",
+            rss,
+            "MiB",
+            Some(("namespaces", n as f64)),
+            "",
+        ),
+    ]
+}
+
 /// The release hack/control-plane runs (KUBERNETES_VERSION, or KUBEBUILDER_ASSETS' binary).
 fn kube_apiserver_version() -> String {
     let binary = match std::env::var_os("KUBEBUILDER_ASSETS") {
@@ -1510,6 +1892,12 @@ fn main() {
         }
         if wanted("memory") {
             sections.push(("7. Memory per review", memory().await));
+        }
+        if wanted("optin") {
+            sections.push(("8. Opt-in burst", opt_in_burst().await));
+        }
+        if wanted("lifetimes") {
+            sections.push(("9. Renewal over two lifetimes", lifetimes().await));
         }
     });
     let machine = machine();
