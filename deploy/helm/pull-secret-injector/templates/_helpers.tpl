@@ -12,7 +12,7 @@ app.kubernetes.io/name: {{ .Values.name }}
 {{- if .kubernetes -}}
 {{- $names = append $names (default "default" .kubernetes.serviceAccount) -}}
 {{- else -}}
-{{- range $source := list .chainguard .quay .ecr .gcp .acr .tokenExchange -}}
+{{- range $source := list .chainguard .quay .ecr .gcp .acr .tokenExchange .artifactory .cloudsmith .artifactKeeper .dockerHub .alibaba .declarative -}}
 {{- if $source -}}
 {{- $token := $source.serviceAccountToken | default dict -}}
 {{- if not $token.file -}}
@@ -36,7 +36,7 @@ app.kubernetes.io/name: {{ .Values.name }}
 {{- if .kubernetes -}}
 {{- $seconds = .kubernetes.expirationSeconds | default 3600 | int -}}
 {{- else -}}
-{{- range $source := list .chainguard .quay .ecr .gcp .acr .tokenExchange -}}
+{{- range $source := list .chainguard .quay .ecr .gcp .acr .tokenExchange .artifactory .cloudsmith .artifactKeeper .dockerHub .alibaba .declarative -}}
 {{- if $source -}}
 {{- $token := $source.serviceAccountToken | default dict -}}
 {{- if not $token.file -}}
@@ -116,6 +116,18 @@ app.kubernetes.io/name: {{ .Values.name }}
 {{- $source = .gcp -}}{{- $audience = .gcp.audience | default (printf "https://iam.googleapis.com/%s" (trimPrefix "//iam.googleapis.com/" .gcp.workloadIdentityProvider)) -}}
 {{- else if .tokenExchange -}}
 {{- $source = .tokenExchange -}}{{- $audience = .tokenExchange.subjectTokenAudience -}}
+{{- else if .artifactory -}}
+{{- $source = .artifactory -}}{{- $audience = .artifactory.audience -}}
+{{- else if .cloudsmith -}}
+{{- $source = .cloudsmith -}}{{- $audience = .cloudsmith.audience -}}
+{{- else if .artifactKeeper -}}
+{{- $source = .artifactKeeper -}}{{- $audience = .artifactKeeper.audience -}}
+{{- else if .dockerHub -}}
+{{- $source = .dockerHub -}}{{- $audience = .dockerHub.audience | default "https://identity.docker.com" -}}
+{{- else if .alibaba -}}
+{{- $source = .alibaba -}}{{- $audience = .alibaba.audience | default "sts.aliyuncs.com" -}}
+{{- else if .declarative -}}
+{{- $source = .declarative -}}{{- $audience = .declarative.audience -}}
 {{- end -}}
 {{- if and $audience (not ($source.serviceAccountToken | default dict).file) -}}
 {{- $audiences = append $audiences $audience -}}
