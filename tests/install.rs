@@ -1441,6 +1441,44 @@ async fn create_secret_as(
         .map_err(|e| e.to_string())
 }
 
+/// Issue 21, sizing: with `resources` empty the chart sizes the service from the Secrets it will
+/// keep and their lifetime, by the README's formula; `resources` set wins.
+#[test]
+fn the_chart_sizes_the_service_from_the_secrets_it_keeps() {
+    let container = |values: Value| {
+        let objects = helm_objects(&values.to_string());
+        let deployment = find(&objects, "Deployment");
+        deployment["spec"]["template"]["spec"]["containers"][0]["resources"].clone()
+    };
+    // (Secrets, token lifetime) -> requests (cpu m, memory Mi), limits (cpu m, memory Mi):
+    // memory 64 Mi + 8 KiB per Secret, CPU 50m + 2.2 ms per renewal per second.
+    for (secrets, lifetime, requests, limits) in [
+        (1_000, 3_600, (51, 72), (1_000, 256)),
+        (100_000, 3_600, (148, 846), (1_000, 1_692)),
+        (100_000, 600, (637, 846), (1_274, 1_692)),
+        (1_000_000, 3_600, (1_028, 7_877), (2_056, 15_754)),
+    ] {
+        let values = json!({"sizing": {"secrets": secrets, "tokenLifetimeSeconds": lifetime}});
+        let r = container(values);
+        let pair = |side: &str| {
+            (
+                r[side]["cpu"].as_str().unwrap_or_default().to_string(),
+                r[side]["memory"].as_str().unwrap_or_default().to_string(),
+            )
+        };
+        assert_eq!(
+            (pair("requests"), pair("limits")),
+            (
+                (format!("{}m", requests.0), format!("{}Mi", requests.1)),
+                (format!("{}m", limits.0), format!("{}Mi", limits.1))
+            ),
+            "{secrets} Secrets of {lifetime} s"
+        );
+    }
+    let mine = json!({"requests": {"cpu": "2", "memory": "3Gi"}});
+    assert_eq!(container(json!({"resources": mine})), mine);
+}
+
 /// The chart's self-fencing policy allows exactly the audiences (`Config::token_audiences`) and
 /// at most the lifetime (`Config::max_token_seconds`) the config it renders requests tokens
 /// for, and its RBAC exactly those ServiceAccounts (`Config::token_service_accounts`), for

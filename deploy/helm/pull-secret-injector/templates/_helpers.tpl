@@ -135,3 +135,20 @@ app.kubernetes.io/name: {{ .Values.name }}
 {{- end -}}
 {{- $audiences | uniq | toJson -}}
 {{- end -}}
+
+{{/* The service container's resources: .Values.resources when set, else sized from
+     .Values.sizing (README, Sizing): memory 64 MiB plus 8 KiB per Secret kept (limit twice
+     that, at least 256 MiB); CPU 50m plus 2.2 ms per renewal per second, renewals being
+     secrets / (0.625 × lifetime) (limit twice that, at least one core). */}}
+{{- define "psi.resources" -}}
+{{- if .Values.resources -}}
+{{- toYaml .Values.resources -}}
+{{- else -}}
+{{- $n := int .Values.sizing.secrets -}}
+{{- $life := int .Values.sizing.tokenLifetimeSeconds -}}
+{{- $memory := add 64 (div (add (mul $n 8) 1023) 1024) -}}
+{{- $cpu := add 50 (div (add (mul $n 352) (sub (mul $life 100) 1)) (mul $life 100)) -}}
+requests: {cpu: {{ $cpu }}m, memory: {{ $memory }}Mi}
+limits: {cpu: {{ max 1000 (mul $cpu 2) }}m, memory: {{ max 256 (mul $memory 2) }}Mi}
+{{- end -}}
+{{- end -}}
