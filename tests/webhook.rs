@@ -367,7 +367,8 @@ async fn item5_admission_answers_within_the_budget_when_minting_fails_or_is_slow
             "{needle} missing from /metrics:\n{metrics}"
         );
     }
-    assert!(!metrics.contains("renewal_failures_total 0"), "{metrics}");
+    // The refresher does not count this as its failure: it waits on its ServiceAccount watch
+    // for `minter` instead of minting (tests/renewal.rs); the admission's failure shows above.
     // Events anyone here may write about the Secret, newer than the service's (issue 23,
     // point 12): another controller's is left out; one that claims to be the service's is
     // shown, with its terminal escapes and line breaks as `?`.
