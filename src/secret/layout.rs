@@ -512,7 +512,10 @@ mod tests {
         // A write of what is stored is known to change nothing, from the digest alone.
         assert!(unchanged(&version.written, &built));
         let kept = format!("{seen:?}");
-        assert!(!kept.contains("tok-a") && !kept.contains("dG9rLWE"), "{kept}");
+        assert!(
+            !kept.contains("tok-a") && !kept.contains("dG9rLWE"),
+            "{kept}"
+        );
         // Not yet stored: nothing to write over.
         assert_eq!(Version::of(&built), None);
     }

@@ -258,8 +258,8 @@ fn is_token_request(e: &Value, namespace: &str, service_account: &str) -> bool {
 pub const AUDITED_NS: &str = "psi-audited";
 pub const AUDITED_USER: &str = "system:serviceaccount:psi-audited:injector";
 
-/// A client acting as [`AUDITED_USER`], bound to cluster-admin: what the service is then seen
-/// asking is what it asks, not what RBAC lets it.
+/// The service's client (`api_client`, default limits) acting as [`AUDITED_USER`], bound to
+/// cluster-admin: what the service is then seen asking is what it asks, not what RBAC lets it.
 pub async fn audited_client() -> Client {
     use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
     let cp = ControlPlane::get();
@@ -300,7 +300,8 @@ pub async fn audited_client() -> Client {
     let mut config = kube::Config::new(cp.server().parse().unwrap());
     config.accept_invalid_certs = true;
     config.auth_info.token = Some(token.into());
-    Client::try_from(config).unwrap()
+    // The service's own client, as `serve` makes it: rate limited, 429s waited out.
+    pull_secret_injector::api_client::client(config, &Default::default()).unwrap()
 }
 
 /// Tests that run the service take turns: two instances with different selectors would each
