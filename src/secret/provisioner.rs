@@ -610,9 +610,12 @@ impl Provisioner {
                     tracing::info!(%subject, secret = %name, minted = ?plan.mint, failed = next.failed, expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
                     return Ok(fresh);
                 }
-                // Written (or deleted) by someone else since the version this started from was
-                // read or watched: read it, once, and start again from it.
-                Err(kube::Error::Api(s)) if (s.code == 409 || s.code == 404) && !raced => {
+                // Written (or, for a replace, deleted) by someone else since the version this
+                // started from was read or watched: read it, once, and start again from it. A
+                // create answered 404 has no namespace to write in: reported as it is.
+                Err(kube::Error::Api(s))
+                    if (s.code == 409 || (s.code == 404 && version.is_some())) && !raced =>
+                {
                     raced = true;
                     tracing::debug!(
                         namespace,
@@ -620,7 +623,9 @@ impl Provisioner {
                         "pull Secret changed since it was read or watched; reading it again"
                     );
                 }
-                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
+                Err(kube::Error::Api(s))
+                    if s.code == 409 || (s.code == 404 && version.is_some()) =>
+                {
                     return Err(ProvisionError::Contended {
                         action: "writing",
                         kind: "Secret",
