@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Client;
@@ -28,19 +29,39 @@ fn describe(e: &kube::Error) -> String {
     }
 }
 
-/// Writes `secret` where `stored` was read: created if there was none, otherwise replaced at
-/// exactly the version read, so a concurrent writer makes this fail with 409 instead of being
-/// overwritten.
+/// The version of a stored object that a write replaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    pub resource_version: String,
+    /// Sent too: should the object have been deleted and made again, the write is refused
+    /// even were the version to match.
+    pub uid: Option<String>,
+}
+
+impl Stamp {
+    /// `None` for an object the API server has not stored (no resourceVersion).
+    pub fn of(meta: &ObjectMeta) -> Option<Self> {
+        Some(Self {
+            resource_version: meta.resource_version.clone()?,
+            uid: meta.uid.clone(),
+        })
+    }
+}
+
+/// Writes `secret` over the version `at` (read, or as watched): created if there was none,
+/// otherwise replaced at exactly that version, so a concurrent writer makes this fail with 409
+/// instead of being overwritten.
 pub(crate) async fn create_or_replace(
     api: &Api<Secret>,
-    stored: Option<&Secret>,
+    at: Option<&Stamp>,
     mut secret: Secret,
 ) -> kube::Result<Secret> {
     let params = PostParams::default();
-    match stored {
+    match at {
         None => api.create(&params, &secret).await,
-        Some(old) => {
-            secret.metadata.resource_version = old.metadata.resource_version.clone();
+        Some(at) => {
+            secret.metadata.resource_version = Some(at.resource_version.clone());
+            secret.metadata.uid = at.uid.clone();
             let name = secret.metadata.name.clone().unwrap_or_default();
             api.replace(&name, &params, &secret).await
         }

@@ -42,6 +42,9 @@ pub struct Config {
     pub excluded_namespaces: Vec<String>,
     #[serde(default)]
     pub refresh: RefreshConfig,
+    /// How hard the service may press the API server.
+    #[serde(default)]
+    pub api_server: ApiServerConfig,
     #[serde(default)]
     pub admission: AdmissionConfig,
     /// With several replicas: only the holder of this Lease refreshes. Absent: this process
@@ -147,6 +150,37 @@ impl Default for RefreshConfig {
         Self {
             renew_before: None,
             max_mints_per_second: default_max_mints_per_second(),
+        }
+    }
+}
+
+/// The service's requests to the API server, all of them (watches, reads, TokenRequests,
+/// writes, Events), over one client per process.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiServerConfig {
+    /// Requests per second on average, at most. Each renewal takes two (a TokenRequest and a
+    /// write), so this must be at least twice `refresh.maxMintsPerSecond`. Default 250.
+    #[serde(default = "default_qps")]
+    pub qps: f64,
+    /// Requests that may go at once, above that rate, after a quieter spell. Default 500.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+}
+
+fn default_qps() -> f64 {
+    250.0
+}
+
+fn default_burst() -> u32 {
+    500
+}
+
+impl Default for ApiServerConfig {
+    fn default() -> Self {
+        Self {
+            qps: default_qps(),
+            burst: default_burst(),
         }
     }
 }
@@ -548,6 +582,21 @@ impl Config {
                 err("refresh.renewBefore", "must be more than 0s".into());
             }
         }
+        if !(self.api_server.qps > 0.0 && self.api_server.qps.is_finite()) {
+            err("apiServer.qps", "must be a number above 0".into());
+        } else if self.api_server.qps < 2.0 * self.refresh.max_mints_per_second {
+            err(
+                "apiServer.qps",
+                format!(
+                    "must be at least twice refresh.maxMintsPerSecond ({}): each renewal is a \
+                     TokenRequest and a write",
+                    self.refresh.max_mints_per_second
+                ),
+            );
+        }
+        if self.api_server.burst == 0 {
+            err("apiServer.burst", "must be at least 1".into());
+        }
         if let Some(le) = &self.leader_election {
             if let Err(m) = validate_dns_subdomain(&le.lease_name) {
                 err("leaderElection.leaseName", m);
@@ -670,6 +719,44 @@ registries:
         };
         assert_eq!(k.service_account, "default");
         assert_eq!(k.expiration_seconds, 3600);
+    }
+
+    #[test]
+    fn api_server_limits_default_to_250_per_second_in_bursts_of_500_and_are_checked() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(
+            c.api_server,
+            ApiServerConfig {
+                qps: 250.0,
+                burst: 500
+            }
+        );
+        let c = Config::from_yaml(&format!(
+            "{MINIMAL}apiServer: {{qps: 5.5}}\nrefresh: {{maxMintsPerSecond: 2.75}}\n"
+        ))
+        .unwrap();
+        assert_eq!((c.api_server.qps, c.api_server.burst), (5.5, 500));
+        // Below two requests per mint at the ceiling: renewals would wait on the client.
+        let errors = invalid(&format!("{MINIMAL}apiServer: {{qps: 150}}\n"));
+        assert_eq!(errors[0].path, "apiServer.qps");
+        assert!(errors[0]
+            .message
+            .contains("twice refresh.maxMintsPerSecond (100)"));
+        for (value, path) in [
+            ("{qps: 0}", "apiServer.qps"),
+            ("{qps: -1}", "apiServer.qps"),
+            ("{qps: .inf}", "apiServer.qps"),
+            ("{qps: .nan}", "apiServer.qps"),
+            ("{burst: 0}", "apiServer.burst"),
+        ] {
+            let errors = invalid(&format!("{MINIMAL}apiServer: {value}\n"));
+            let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+            assert_eq!(paths, [path], "{value}");
+        }
+        assert_eq!(
+            parse_error(&format!("{MINIMAL}apiServer: {{burst: -1}}\n")).path,
+            "apiServer.burst"
+        );
     }
 
     #[test]

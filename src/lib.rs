@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod api_client;
 pub mod cluster;
 pub(crate) mod coarse_timer;
 pub(crate) mod compat;

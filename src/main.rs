@@ -189,7 +189,7 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Status { config } => {
             let settings = Settings::new(Config::from_file(&config)?, &env)?;
-            let rows = status::collect(&client().await?, &settings)
+            let rows = status::collect(&client(&settings.config.api_server).await?, &settings)
                 .await
                 .context("reading the cluster")?;
             let now = jiff::Timestamp::now();
@@ -216,7 +216,7 @@ async fn run() -> anyhow::Result<()> {
                 renew_within: day
                     * u32::try_from(renew_within_days).context("--renew-within-days")?,
             };
-            certs::ensure(&client().await?, &request).await?;
+            certs::ensure(&client(&Default::default()).await?, &request).await?;
         }
         Command::TokenServer { config } => {
             let config = TokenServerConfig::from_file(&config)?;
@@ -229,7 +229,8 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Serve { config } => {
             let settings = Settings::new(Config::from_file(&config)?, &env)?;
-            let service = Service::start(settings, client().await?).await?;
+            let client = client(&settings.config.api_server).await?;
+            let service = Service::start(settings, client).await?;
             service
                 .run_until(shutdown_signal())
                 .await
@@ -249,7 +250,10 @@ async fn credential_provider(
     Ok(plugin.answer(&input).await?.to_json())
 }
 
-async fn client() -> anyhow::Result<kube::Client> {
+/// The client to the API server, at most `limits` requests per second and burst.
+async fn client(
+    limits: &pull_secret_injector::config::ApiServerConfig,
+) -> anyhow::Result<kube::Client> {
     let context = "cannot create a Kubernetes client from KUBECONFIG or the in-cluster environment";
     let mut config = kube::Config::infer().await.context(context)?;
     // kube falls back to $HTTPS_PROXY for a kubeconfig that names no proxy-url; the API server
@@ -258,7 +262,7 @@ async fn client() -> anyhow::Result<kube::Client> {
     if !settings::kubeconfig_names_proxy(kubeconfig.as_ref()) {
         config.proxy_url = None;
     }
-    kube::Client::try_from(config).context(context)
+    pull_secret_injector::api_client::client(config, limits).context(context)
 }
 
 fn init_tracing(format: LogFormat, default: &str) {

@@ -128,6 +128,12 @@ impl Default for Metrics {
             "Background reconciles that failed (retried with backoff)",
             renewal_failures.clone(),
         );
+        registry.register(
+            "api_throttled",
+            "Answers 429 (too many requests) from the API server, each waited out before any \
+             request of the client is sent again",
+            crate::api_client::THROTTLED.clone(),
+        );
         let secret_writes_skipped = Family::<WriterLabels, Counter>::default();
         registry.register(
             "secret_writes_skipped",

@@ -366,3 +366,122 @@ async fn admissions_alone_provision_a_new_namespace_after_a_quick_failure() {
         .delete(lease_ns, &Default::default())
         .await;
 }
+
+/// Issue 21, point 1: an API server that answers 429 (API Priority and Fairness) is waited
+/// out, not pressed. The service's identity is put in a priority level of its own with no
+/// seat and no queue for its first seconds, so that every request it makes is refused: it
+/// starts once the level is gone, makes every Secret, counts the 429s, and after each one no
+/// request of the service reaches the API server before the `Retry-After` given (at least 1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_429_are_counted_and_waited_out_by_every_request() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let admin = cp.client().await;
+    let starved = [
+        json!({
+            "apiVersion": "flowcontrol.apiserver.k8s.io/v1", "kind": "PriorityLevelConfiguration",
+            "metadata": {"name": "psi-starved"},
+            "spec": {"type": "Limited", "limited": {
+                "nominalConcurrencyShares": 0, "lendablePercent": 0, "borrowingLimitPercent": 0,
+                "limitResponse": {"type": "Reject"}}}
+        }),
+        json!({
+            "apiVersion": "flowcontrol.apiserver.k8s.io/v1", "kind": "FlowSchema",
+            "metadata": {"name": "psi-starved"},
+            "spec": {
+                "priorityLevelConfiguration": {"name": "psi-starved"},
+                "matchingPrecedence": 100,
+                "distinguisherMethod": {"type": "ByUser"},
+                "rules": [{
+                    "subjects": [{"kind": "ServiceAccount", "serviceAccount": {"namespace": AUDITED_NS, "name": "injector"}}],
+                    "resourceRules": [{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"], "clusterScope": true, "namespaces": ["*"]}],
+                    "nonResourceRules": [{"verbs": ["*"], "nonResourceURLs": ["*"]}]
+                }]
+            }
+        }),
+    ];
+    // The identity first (its namespace and binding), then its priority level.
+    drop(audited_client().await);
+    apply_untyped(&admin, &starved).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Namespaces opted in already: the service's start has twenty Secrets to make at once.
+    let mut namespaces = Vec::new();
+    for i in 0..20 {
+        let name = format!("t-429-n{i}");
+        let labels = [
+            ("pull-secret-injector.io/inject", "enabled"),
+            ("e2e-run", "t-429"),
+        ];
+        let labels = labels.map(|(k, v)| (k.to_string(), v.to_string())).into();
+        create_namespace(&admin, &name, labels).await;
+        namespaces.push(name);
+    }
+    let relief = {
+        let (admin, starved) = (admin.clone(), starved.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            delete_untyped(&admin, &starved).await;
+        })
+    };
+    let inj =
+        Injector::start_audited("t-429", &kubernetes_registry("default", 3600), "", false).await;
+    wait_for(
+        "every Secret, through the 429s",
+        Duration::from_secs(240),
+        || async {
+            for ns in &namespaces {
+                if get_secret(&admin, ns).await.is_none() {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    let metrics = inj.metrics().await;
+    relief.await.unwrap();
+
+    let mine = cp.audit(|e| e["user"]["username"] == AUDITED_USER);
+    let at = |e: &serde_json::Value, field: &str| -> jiff::Timestamp {
+        e[field].as_str().and_then(|t| t.parse().ok()).unwrap()
+    };
+    let refused: Vec<jiff::Timestamp> = mine
+        .iter()
+        .filter(|e| e["responseStatus"]["code"] == 429)
+        .map(|e| at(e, "stageTimestamp"))
+        .collect();
+    let counted: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("pull_secret_injector_api_throttled_total "))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    eprintln!(
+        "429s: {} in the audit log, {counted} counted",
+        refused.len()
+    );
+    assert!(!refused.is_empty(), "no 429: the test shows nothing");
+    assert!(counted >= 1.0, "{metrics}");
+    // Requests sent at the moment a 429 came may still arrive just after it.
+    let pressed: Vec<(String, i64)> = refused
+        .iter()
+        .flat_map(|t| {
+            mine.iter().filter_map(move |e| {
+                let ms = at(e, "requestReceivedTimestamp")
+                    .duration_since(*t)
+                    .as_millis() as i64;
+                (100..900)
+                    .contains(&ms)
+                    .then(|| (e["requestURI"].as_str().unwrap_or_default().to_string(), ms))
+            })
+        })
+        .collect();
+    assert!(
+        pressed.is_empty(),
+        "requests sent within a second after a 429 (URI, ms after it): {pressed:?}"
+    );
+    inj.cleanup().await;
+    let all: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin.clone());
+    for ns in &namespaces {
+        let _ = all.delete(ns, &DeleteParams::default()).await;
+    }
+}

@@ -21,7 +21,8 @@ use support::*;
 async fn wait_for_mints(cp: &ControlPlane, subjects: &[(String, String)], mints: usize) {
     wait_for(
         &format!("{mints} TokenRequests for each of {subjects:?}"),
-        Duration::from_secs(240),
+        // Each renewal comes 0 to 120 s after the mint before it.
+        Duration::from_secs(120 * mints as u64),
         || async {
             subjects
                 .iter()
@@ -99,14 +100,18 @@ async fn service_account_scope_writes_each_secret_once_per_renewal() {
     inj.cleanup().await;
 }
 
+/// Issue 21, point 3: each renewal is one TokenRequest and one write over the version the
+/// watch saw, with no read of the Secret first. The service runs as an identity whose every
+/// request the audit log keeps, reads included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn namespace_scope_writes_each_secret_once_per_renewal() {
+async fn namespace_scope_renews_each_secret_with_one_mint_one_write_and_no_read() {
     let _serial = serial();
     let cp = ControlPlane::get();
-    let mut inj = Injector::start_without_webhook(
+    let mut inj = Injector::start_audited(
         "ren-ns",
         &kubernetes_registry("default", 600),
         "refresh: {renewBefore: 8m}\n",
+        false,
     )
     .await;
     let mut namespaces = Vec::new();
@@ -117,7 +122,7 @@ async fn namespace_scope_writes_each_secret_once_per_renewal() {
         .iter()
         .map(|ns| (ns.clone(), "default".to_string()))
         .collect();
-    wait_for_mints(cp, &subjects, 2).await;
+    wait_for_mints(cp, &subjects, 3).await;
 
     let counts: Vec<(String, Vec<usize>)> = namespaces
         .iter()
@@ -128,6 +133,22 @@ async fn namespace_scope_writes_each_secret_once_per_renewal() {
         })
         .collect();
     assert_written_once_per_mint(&counts);
+    let reads: Vec<(String, usize, usize)> = namespaces
+        .iter()
+        .map(|ns| {
+            let mints = cp.token_requests_for(ns, "default");
+            (
+                ns.clone(),
+                mints,
+                cp.secret_gets(ns, "pull-secret", AUDITED_USER),
+            )
+        })
+        .collect();
+    eprintln!("(namespace, TokenRequests, GETs of the Secret): {reads:?}");
+    assert!(
+        reads.iter().all(|(_, _, gets)| *gets == 0),
+        "the Secret was read before being written: {reads:?}"
+    );
     assert_eq!(skipped_writes(&inj).await, 0.0);
     inj.cleanup().await;
 }

@@ -311,7 +311,7 @@ async fn reconcile(
         .get_or_insert_default()
         .insert(MINTED_FOR_ANNOTATION.into(), identity.clone());
     next.metadata.managed_fields = None;
-    if layout::unchanged(&secret, &next) {
+    if layout::unchanged(&layout::Written::of(&secret), &next) {
         // The source handed back the token already stored.
         ctx.metrics.secret_write_skipped("pull_secret_updater");
         tracing::debug!(namespace, secret = %name, "the Secret already holds this token; not written");

@@ -181,9 +181,10 @@ pub async fn ensure(client: &Client, req: &CertsRequest) -> Result<Bundle, Certs
             }
         }
         let fresh = generate(&names, req.validity)?;
-        match cluster::create_or_replace(&api, stored.as_ref(), tls_secret(req, &names, &fresh))
-            .await
-        {
+        let at = stored
+            .as_ref()
+            .and_then(|s| cluster::Stamp::of(&s.metadata));
+        match cluster::create_or_replace(&api, at.as_ref(), tls_secret(req, &names, &fresh)).await {
             Ok(_) => {
                 tracing::info!(secret = %what, not_after = %fresh.not_after, "wrote a new webhook certificate");
                 break fresh;

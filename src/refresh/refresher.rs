@@ -23,8 +23,8 @@ use crate::config::InjectMode;
 use crate::core::namespaces::{Eligibility, REGISTRIES_ANNOTATION};
 use crate::core::patch;
 use crate::core::subject::{IdentityScope, Subject};
-use crate::secret::layout::{self, Assessment, MANAGED_BY_LABEL, MANAGER};
-use crate::secret::provisioner::{ProvisionError, Provisioner};
+use crate::secret::layout::{self, Seen, MANAGED_BY_LABEL, MANAGER};
+use crate::secret::provisioner::{Known, ProvisionError, Provisioner};
 use crate::secret::renewal;
 use crate::settings::Settings;
 
@@ -49,8 +49,8 @@ pub(crate) struct Refresher {
 struct Context {
     settings: Arc<Settings>,
     provisioner: Arc<Provisioner>,
-    /// The managed Secrets as last watched.
-    secrets: Arc<Watched<Assessment>>,
+    /// The managed Secrets as last watched (a renewal writes over the version seen).
+    secrets: Arc<Watched<Seen>>,
     /// Every ServiceAccount as last watched: whether it references its pull Secret. `None`
     /// when ServiceAccounts are never needed (`inject: matchingImages`, one Secret per
     /// namespace).
@@ -95,7 +95,7 @@ impl Refresher {
             Api::all(client.clone()),
             secret_config,
             secrets.clone(),
-            |s: &Secret| layout::assess(Some(s)),
+            layout::seen,
             Some((
                 touched.clone(),
                 Box::new(|_: &Secret| true) as Wakes<Secret>,
@@ -461,13 +461,14 @@ impl Context {
 
     /// The subject's Secret as watched. A Secret not seen before the first list completes may
     /// simply not be listed yet: wait for the list rather than read each one.
-    async fn watched(&self, subject: &Subject) -> Option<Assessment> {
+    async fn watched(&self, subject: &Subject) -> Known {
         let name = self.settings.secret_of(subject);
-        match self.secrets.get(&subject.namespace, &name) {
+        let seen = match self.secrets.get(&subject.namespace, &name) {
             Some(seen) => Some(seen),
             None if listed(&self.secrets).await => self.secrets.get(&subject.namespace, &name),
-            None => None,
-        }
+            None => return Known::Unknown,
+        };
+        seen.map_or(Known::Absent, Known::Seen)
     }
 
     /// Whether every ServiceAccount of the namespace references its Secret, as watched: then

@@ -12,6 +12,7 @@ use k8s_openapi::ByteString;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::cluster::Stamp;
 use crate::core::credential::{Credential, Sensitive};
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -233,27 +234,81 @@ pub fn assess(secret: Option<&Secret>) -> Assessment {
     }
 }
 
-/// Whether replacing `stored` with `next` would leave it as it is: the same type, data,
-/// labels, annotations, owner references and finalizers (what a replace sets; an empty map or
-/// list is the same as none). Such a write is skipped: it would cost an etcd round trip and
-/// wake every watcher of the Secret for nothing.
-pub(crate) fn unchanged(stored: &Secret, next: &Secret) -> bool {
-    fn map<V>(m: &Option<BTreeMap<String, V>>) -> Option<&BTreeMap<String, V>> {
-        m.as_ref().filter(|m| !m.is_empty())
+/// A digest of what a replace sets on a Secret: its type, data, labels, annotations, owner
+/// references, finalizers and immutability (an empty map or list counts as none). Two Secrets
+/// with the same digest are the same to a replace, so a write can be skipped by comparing with
+/// the digest kept from a watch, without the stored Secret at hand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written([u8; 32]);
+
+impl Written {
+    pub fn of(secret: &Secret) -> Self {
+        fn map<V>(m: &Option<BTreeMap<String, V>>) -> Option<&BTreeMap<String, V>> {
+            m.as_ref().filter(|m| !m.is_empty())
+        }
+        fn list<T>(l: &Option<Vec<T>>) -> &[T] {
+            l.as_deref().unwrap_or_default()
+        }
+        let m = &secret.metadata;
+        let shape = json!({
+            "type": secret.type_,
+            "data": map(&secret.data),
+            // Write-only: a stored Secret never shows it, so holding any is always a change.
+            "stringData": map(&secret.string_data),
+            "immutable": secret.immutable.unwrap_or(false),
+            "labels": map(&m.labels),
+            "annotations": map(&m.annotations),
+            "ownerReferences": list(&m.owner_references),
+            "finalizers": list(&m.finalizers),
+        });
+        // Maps of strings and k8s-openapi structs always serialise, in a fixed order.
+        Self(Sha256::digest(serde_json::to_vec(&shape).unwrap_or_default()).into())
     }
-    fn list<T>(l: &Option<Vec<T>>) -> &[T] {
-        l.as_deref().unwrap_or_default()
+}
+
+/// Whether replacing a Secret written as `stored` with `next` would leave it as it is. Such a
+/// write is skipped: it would cost an etcd round trip and wake every watcher of the Secret for
+/// nothing.
+pub(crate) fn unchanged(stored: &Written, next: &Secret) -> bool {
+    map_is_empty(&next.string_data) && *stored == Written::of(next)
+}
+
+fn map_is_empty<V>(m: &Option<BTreeMap<String, V>>) -> bool {
+    m.as_ref().is_none_or(BTreeMap::is_empty)
+}
+
+/// What a write over a stored Secret needs of it, no credential among it: the version to
+/// replace (a write over any other is refused with 409) and what that version holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Version {
+    pub stamp: Stamp,
+    pub written: Written,
+}
+
+impl Version {
+    /// `None` for a Secret the API server has not stored (no resourceVersion).
+    pub fn of(secret: &Secret) -> Option<Self> {
+        Some(Self {
+            stamp: Stamp::of(&secret.metadata)?,
+            written: Written::of(secret),
+        })
     }
-    let (old, new) = (&stored.metadata, &next.metadata);
-    stored.type_ == next.type_
-        && map(&stored.data) == map(&next.data)
-        // Write-only: what it holds is always a change.
-        && map(&next.string_data).is_none()
-        && stored.immutable.unwrap_or(false) == next.immutable.unwrap_or(false)
-        && map(&old.labels) == map(&new.labels)
-        && map(&old.annotations) == map(&new.annotations)
-        && list(&old.owner_references) == list(&new.owner_references)
-        && list(&old.finalizers) == list(&new.finalizers)
+}
+
+/// A managed Secret as the refresher's watch saw it: what it says about itself and which
+/// version it is. About 200 bytes, where the Secret itself is several KiB.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub assessment: Assessment,
+    pub version: Option<Version>,
+}
+
+/// Reduces a watched Secret to what renewing it needs.
+pub fn seen(secret: &Secret) -> Seen {
+    Seen {
+        assessment: assess(Some(secret)),
+        version: Version::of(secret),
+    }
 }
 
 /// The credentials an intact Secret holds, for the hosts in `issued`, to carry over into the
@@ -432,9 +487,37 @@ mod tests {
                 false,
             ),
         ];
+        let written = Written::of(&stored);
         for (what, next, expected) in cases {
-            assert_eq!(unchanged(&stored, &next), expected, "{what}");
+            assert_eq!(unchanged(&written, &next), expected, "{what}");
         }
+    }
+
+    #[test]
+    fn a_watched_secret_is_kept_as_its_version_and_a_digest_never_its_credentials() {
+        let (built, issued) = build("ns", "pull-secret", &creds());
+        let mut stored = built.clone();
+        stored.metadata.resource_version = Some("42".into());
+        stored.metadata.uid = Some("u-1".into());
+        let seen = seen(&stored);
+        assert_eq!(seen.assessment, Assessment::Intact(issued));
+        let version = seen.version.clone().expect("stored, so versioned");
+        assert_eq!(
+            version.stamp,
+            Stamp {
+                resource_version: "42".into(),
+                uid: Some("u-1".into())
+            }
+        );
+        // A write of what is stored is known to change nothing, from the digest alone.
+        assert!(unchanged(&version.written, &built));
+        let kept = format!("{seen:?}");
+        assert!(
+            !kept.contains("tok-a") && !kept.contains("dG9rLWE"),
+            "{kept}"
+        );
+        // Not yet stored: nothing to write over.
+        assert_eq!(Version::of(&built), None);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use moka::Expiry;
 
 pub(crate) use super::error::ProvisionError;
 use super::failures::Failures;
-use super::layout::{self, Assessment, Issued};
+use super::layout::{self, Assessment, Issued, Seen, Version};
 use super::pacer::{Caller, MintPacer};
 use super::renewal;
 use super::write;
@@ -63,6 +63,62 @@ pub struct Provisioner {
     /// mints for instead of spending a mint slot on a TokenRequest the API server answers 404.
     watched_accounts: std::sync::OnceLock<AccountView>,
 }
+
+/// What the refresher's watch knows of a subject's Secret.
+#[derive(Clone, Debug)]
+pub(crate) enum Known {
+    /// Nothing (the watch has not listed, or is listing again): the API server is asked.
+    Unknown,
+    /// The watch has listed and holds no managed Secret of that name.
+    Absent,
+    Seen(Seen),
+}
+
+/// The stored Secret a provisioning starts from.
+#[derive(Debug)]
+enum Stored {
+    /// Read from the API server; `None`: there is none.
+    Read(Option<Box<Secret>>),
+    /// As the refresher's watch last saw it, with no credentials; `None`: there is none.
+    Watched(Option<Seen>),
+}
+
+impl Stored {
+    fn assessment(&self) -> Assessment {
+        match self {
+            Stored::Read(secret) => layout::assess(secret.as_deref()),
+            Stored::Watched(seen) => seen
+                .as_ref()
+                .map_or(Assessment::Missing, |s| s.assessment.clone()),
+        }
+    }
+
+    fn is_watched(&self) -> bool {
+        matches!(self, Stored::Watched(_))
+    }
+
+    /// The version a write replaces; `None`: a write creates.
+    fn version(&self) -> Option<Version> {
+        match self {
+            Stored::Read(secret) => secret.as_deref().and_then(Version::of),
+            Stored::Watched(seen) => seen.as_ref().and_then(|s| s.version.clone()),
+        }
+    }
+
+    /// The credentials it holds, to carry over into the next version (none when watched).
+    fn carried(&self) -> std::collections::BTreeMap<String, Credential> {
+        match self {
+            Stored::Read(Some(secret)) => match layout::assess(Some(secret)) {
+                Assessment::Intact(issued) => layout::stored_credentials(secret, &issued),
+                _ => Default::default(),
+            },
+            _ => Default::default(),
+        }
+    }
+}
+
+/// What a round of mints gave, by registry host: the credentials, and the failures.
+type Minted = (Vec<(String, Credential)>, Vec<(String, ProvisionError)>);
 
 /// Whether the ServiceAccount `(namespace, name)` exists as watched; `None` when not known.
 pub(crate) type AccountView = Box<dyn Fn(&str, &str) -> Option<bool> + Send + Sync>;
@@ -166,24 +222,43 @@ impl Provisioner {
         subject: &Subject,
         caller: Caller,
     ) -> Result<Fresh, Arc<ProvisionError>> {
+        self.ensure_from(subject, caller, None).await
+    }
+
+    /// [`ensure`](Self::ensure), provisioning from `stored` when given instead of reading it.
+    async fn ensure_from(
+        &self,
+        subject: &Subject,
+        caller: Caller,
+        stored: Option<Stored>,
+    ) -> Result<Fresh, Arc<ProvisionError>> {
         self.cache
-            .try_get_with(subject.key(), self.provision(subject, caller))
+            .try_get_with(subject.key(), self.provision(subject, caller, stored))
             .await
     }
 
     /// Like [`ensure`](Self::ensure), but first checks the stored Secret against the cache, so a
     /// Secret that was deleted or edited since it was written is noticed and restored.
-    /// `watched` is the Secret as the refresher's watch last saw it: when it confirms the cache,
-    /// or can be adopted as it is, the Secret is not read again.
+    /// `known` is the Secret as the refresher's watch last saw it: when it confirms the cache,
+    /// or can be adopted as it is, the Secret is not read; a renewal writes over the version
+    /// watched, unread (a write that loses a race reads it then).
     pub(crate) async fn ensure_verified(
         &self,
         subject: &Subject,
-        watched: Option<Assessment>,
+        known: Known,
     ) -> Result<Fresh, Arc<ProvisionError>> {
         let namespace = subject.namespace.as_str();
         let key = subject.key();
-        let watched = match watched {
-            Some(Assessment::Intact(issued)) => Some(issued),
+        let mut from = match known {
+            Known::Unknown => None,
+            Known::Absent => Some(Stored::Watched(None)),
+            Known::Seen(seen) => Some(Stored::Watched(Some(seen))),
+        };
+        let watched = match &from {
+            Some(Stored::Watched(Some(seen))) => match &seen.assessment {
+                Assessment::Intact(issued) => Some(issued.clone()),
+                _ => None,
+            },
             _ => None,
         };
         if let Some(cached) = self.cache.get(&key).await {
@@ -191,13 +266,10 @@ impl Provisioner {
                 Some(issued) if issued == cached.issued => Assessment::Intact(issued),
                 // Not seen, or not as written: the watch may lag, so ask the API server.
                 _ => {
-                    let name = self.settings.secret_of(subject);
-                    let stored = self
-                        .secrets(namespace)
-                        .get_opt(&name)
-                        .await
-                        .map_err(|e| self.api_error("reading", namespace, &name, e))?;
-                    layout::assess(stored.as_ref())
+                    let stored = self.read(subject).await?;
+                    let found = layout::assess(stored.as_deref());
+                    from = Some(Stored::Read(stored));
+                    found
                 }
             };
             let selection = self.selection(namespace).await?;
@@ -239,7 +311,7 @@ impl Provisioner {
                 }
             }
         }
-        self.ensure(subject, Caller::Refresher).await
+        self.ensure_from(subject, Caller::Refresher, from).await
     }
 
     /// Records a Secret known to be fresh (as written by another replica), without reading it.
@@ -427,13 +499,29 @@ impl Provisioner {
         }
     }
 
-    /// Reads what is stored and works out, registry by registry, what is still good and what
-    /// must be minted (`renewal::Schedule::decide`); adopts the Secret when nothing is due,
-    /// otherwise mints what is due and writes the next version. A registry whose source fails
-    /// keeps its previous credential while that is unexpired, and does not hold back the
-    /// others: the Secret is written with what could be had and retried soon. A write that
-    /// loses a race with another writer reads again once.
-    async fn provision(&self, subject: &Subject, caller: Caller) -> Result<Fresh, ProvisionError> {
+    /// The subject's Secret as stored now.
+    async fn read(&self, subject: &Subject) -> Result<Option<Box<Secret>>, ProvisionError> {
+        let name = self.settings.secret_of(subject);
+        self.secrets(&subject.namespace)
+            .get_opt(&name)
+            .await
+            .map(|s| s.map(Box::new))
+            .map_err(|e| self.api_error("reading", &subject.namespace, &name, e))
+    }
+
+    /// Works out from what is stored (`stored`, or else read), registry by registry, what is
+    /// still good and what must be minted (`renewal::Schedule::decide`); adopts the Secret when
+    /// nothing is due, otherwise mints what is due and writes the next version over the
+    /// version it started from. A registry whose source fails keeps its previous credential
+    /// while that is unexpired, and does not hold back the others: the Secret is written with
+    /// what could be had and retried soon. A write that loses a race with another writer reads
+    /// again once.
+    async fn provision(
+        &self,
+        subject: &Subject,
+        caller: Caller,
+        stored: Option<Stored>,
+    ) -> Result<Fresh, ProvisionError> {
         let namespace = subject.namespace.as_str();
         let name = self.settings.secret_of(subject);
         let api = self.secrets(namespace);
@@ -445,12 +533,14 @@ impl Provisioner {
         };
         let selected = self.selected(namespace).await?;
         let configured: Vec<&str> = selected.iter().map(String::as_str).collect();
-        for attempt in 0..2 {
-            let stored = api
-                .get_opt(&name)
-                .await
-                .map_err(|e| self.api_error("reading", namespace, &name, e))?;
-            let previous = match layout::assess(stored.as_ref()) {
+        let mut given = stored;
+        let mut raced = false;
+        loop {
+            let mut stored = match given.take() {
+                Some(stored) => stored,
+                None => Stored::Read(self.read(subject).await?),
+            };
+            let previous = match stored.assessment() {
                 Assessment::Foreign => return Err(self.foreign(namespace, name).await),
                 Assessment::Intact(issued) => Some(issued),
                 Assessment::Missing | Assessment::Tampered | Assessment::Outdated => None,
@@ -465,33 +555,60 @@ impl Provisioner {
                 }
                 Err(plan) => plan,
             };
-            let carried = match (&stored, &previous) {
-                (Some(secret), Some(issued)) => layout::stored_credentials(secret, issued),
-                _ => Default::default(),
-            };
-            let (credentials, failed) = self
-                .credentials(subject, caller, &name, &configured, &plan, carried, now)
+            // Credentials carried over unrenewed are in the stored Secret only (a watch keeps
+            // none): read it for them. A whole renewal needs none.
+            if stored.is_watched() && previous.is_some() && !plan.keep.is_empty() {
+                continue;
+            }
+            let (minted, failed) = self
+                .mint_due(subject, caller, &plan, previous.as_ref())
                 .await?;
-            let (mut secret, issued) = layout::build(namespace, &name, &credentials);
+            // A registry whose mint failed keeps its stored credential while that lasts.
+            let lasting = |(host, _): &(String, ProvisionError)| {
+                previous
+                    .as_ref()
+                    .and_then(|p| p.registries.get(host))
+                    .is_some_and(|l| l.expires_at > now)
+            };
+            if stored.is_watched() && failed.iter().any(lasting) {
+                stored = Stored::Read(self.read(subject).await?);
+            }
+            let carried = stored.carried();
+            if !failed.is_empty() {
+                let note = write::mint_failed_note(&failed, &carried, now);
+                let regarding = cluster::reference("Secret", namespace, &name);
+                self.warn(&regarding, "MintFailed", &note).await;
+            }
+            let dropping = !plan.drop.is_empty();
+            let next =
+                match write::next_version(&configured, &minted, &failed, carried, dropping, now) {
+                    Ok(next) => next,
+                    Err(e) => {
+                        self.failures.incomplete_write(&subject.key());
+                        return Err(e);
+                    }
+                };
+            let (mut secret, issued) = layout::build(namespace, &name, &next.credentials);
             if let Some(owner) = &owner {
                 // Owned by its ServiceAccount: deleting the ServiceAccount deletes the Secret.
                 secret.metadata.owner_references = Some(vec![owner.clone()]);
             }
-            let written = match &stored {
-                Some(current) if layout::unchanged(current, &secret) => {
+            let version = stored.version();
+            let written = match &version {
+                Some(v) if layout::unchanged(&v.written, &secret) => {
                     // Nothing would change (a source handed back the stored credential, or a
                     // plan asked for a write it should not have): counted, not sent to etcd.
                     self.metrics.secret_write_skipped("provisioner");
                     tracing::debug!(%subject, secret = %name, "the Secret already holds what would be written; not written");
                     Ok(())
                 }
-                _ => cluster::create_or_replace(&api, stored.as_ref(), secret)
+                _ => cluster::create_or_replace(&api, version.as_ref().map(|v| &v.stamp), secret)
                     .await
                     .map(drop),
             };
             match written {
                 Ok(()) => {
-                    if failed == 0 {
+                    if next.failed == 0 {
                         self.failures.complete_write(&subject.key());
                     } else {
                         self.failures.incomplete_write(&subject.key());
@@ -499,17 +616,35 @@ impl Provisioner {
                     self.failures.provisioned(&subject.key());
                     self.record_stored(subject, Some(&issued));
                     let fresh = self.fresh(subject, issued, &configured);
-                    tracing::info!(%subject, secret = %name, minted = ?plan.mint, failed, expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
+                    tracing::info!(%subject, secret = %name, minted = ?plan.mint, failed = next.failed, expires_at = %fresh.issued.expires_at, renew_at = %fresh.renew_at, "wrote pull Secret");
                     return Ok(fresh);
                 }
-                Err(kube::Error::Api(s)) if s.code == 409 && attempt == 0 => {
+                // Written (or, for a replace, deleted) by someone else since the version this
+                // started from was read or watched: read it, once, and start again from it. A
+                // create answered 404 has no namespace to write in: reported as it is.
+                Err(kube::Error::Api(s))
+                    if (s.code == 409 || (s.code == 404 && version.is_some())) && !raced =>
+                {
+                    raced = true;
                     tracing::debug!(
                         namespace,
-                        "pull Secret was written concurrently; reading it again"
+                        code = s.code,
+                        "pull Secret changed since it was read or watched; reading it again"
                     );
                 }
+                Err(kube::Error::Api(s))
+                    if s.code == 409 || (s.code == 404 && version.is_some()) =>
+                {
+                    return Err(ProvisionError::Contended {
+                        action: "writing",
+                        kind: "Secret",
+                        namespace: namespace.into(),
+                        name,
+                        reason: "conflicting writers",
+                    })
+                }
                 Err(e) => {
-                    let action = if stored.is_some() {
+                    let action = if version.is_some() {
                         "replacing"
                     } else {
                         "creating"
@@ -518,13 +653,6 @@ impl Provisioner {
                 }
             }
         }
-        Err(ProvisionError::Contended {
-            action: "writing",
-            kind: "Secret",
-            namespace: namespace.into(),
-            name,
-            reason: "conflicting writers",
-        })
     }
 
     /// The configured registries the namespace selects; what its annotation names wrongly is
@@ -575,20 +703,15 @@ impl Provisioner {
         }
     }
 
-    /// Mints what the plan says is due (taking a mint slot first), reports failed mints on the
-    /// Secret, and takes the next version's credentials from the pure [`write::next_version`]:
-    /// them in configuration order and how many mints failed, or why nothing is worth writing.
-    #[allow(clippy::too_many_arguments)]
-    async fn credentials(
+    /// Mints what the plan says is due, taking a mint slot first: what was minted, and what
+    /// failed.
+    async fn mint_due(
         &self,
         subject: &Subject,
         caller: Caller,
-        name: &str,
-        configured: &[&str],
         plan: &renewal::Plan,
-        carried: std::collections::BTreeMap<String, Credential>,
-        now: Timestamp,
-    ) -> Result<(Vec<(String, Credential)>, usize), ProvisionError> {
+        previous: Option<&Issued>,
+    ) -> Result<Minted, ProvisionError> {
         if let Some(name) = self.missing_account(subject, caller, &plan.mint) {
             // Not a failure: the ServiceAccount watch wakes the namespace when it appears.
             return Err(ProvisionError::NoServiceAccount {
@@ -597,31 +720,24 @@ impl Provisioner {
             });
         }
         if !plan.mint.is_empty() {
-            // Renewals falling behind go earliest lapse first; a registry with nothing
-            // carried over has nothing that lasts.
+            // Renewals falling behind go earliest lapse first; a registry with nothing stored
+            // has nothing that lasts.
             let lapses_at = match caller {
                 Caller::Admission => None,
                 Caller::Refresher => plan
                     .mint
                     .iter()
-                    .map(|h| carried.get(h).map(|c| c.expires_at))
+                    .map(|h| {
+                        previous
+                            .and_then(|p| p.registries.get(h))
+                            .map(|l| l.expires_at)
+                    })
                     .collect::<Option<Vec<_>>>()
                     .and_then(|at| at.into_iter().min()),
             };
             self.pacer.wait(caller, lapses_at).await;
         }
-        let (minted, failures) = self.mint_some(subject, &plan.mint).await;
-        if !failures.is_empty() {
-            let note = write::mint_failed_note(&failures, &carried, now);
-            let regarding = cluster::reference("Secret", &subject.namespace, name);
-            self.warn(&regarding, "MintFailed", &note).await;
-        }
-        let dropping = !plan.drop.is_empty();
-        let next = write::next_version(configured, &minted, &failures, carried, dropping, now);
-        if next.is_err() {
-            self.failures.incomplete_write(&subject.key());
-        }
-        next.map(|v| (v.credentials, v.failed))
+        Ok(self.mint_some(subject, &plan.mint).await)
     }
 
     /// When the subject's credentials fall due: one schedule for the plan and the freshness.

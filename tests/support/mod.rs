@@ -165,6 +165,21 @@ impl ControlPlane {
         .len()
     }
 
+    /// GETs of Secret `namespace/name` by `user`, whatever their outcome. Logged for
+    /// [`AUDITED_USER`] only (the audit policy in hack/control-plane logs every request of
+    /// that identity, and no other reads).
+    pub fn secret_gets(&self, namespace: &str, name: &str, user: &str) -> usize {
+        self.audit(|e| {
+            e["verb"] == "get"
+                && e["user"]["username"] == user
+                && e["objectRef"]["resource"] == "secrets"
+                && e["objectRef"]["namespace"] == namespace
+                && e["objectRef"]["name"] == name
+                && e["objectRef"]["subresource"].is_null()
+        })
+        .len()
+    }
+
     /// Successful TokenRequests for ServiceAccount `namespace/service_account`.
     pub fn token_requests_for(&self, namespace: &str, service_account: &str) -> usize {
         self.audit(|e| is_token_request(e, namespace, service_account))
@@ -236,6 +251,57 @@ fn is_token_request(e: &Value, namespace: &str, service_account: &str) -> bool {
         && e["objectRef"]["namespace"] == namespace
         && e["objectRef"]["name"] == service_account
         && succeeded(e)
+}
+
+/// Everything the service asks is in the audit log when it runs as this identity (see the
+/// audit policy in hack/control-plane).
+pub const AUDITED_NS: &str = "psi-audited";
+pub const AUDITED_USER: &str = "system:serviceaccount:psi-audited:injector";
+
+/// The service's client (`api_client`, default limits) acting as [`AUDITED_USER`], bound to
+/// cluster-admin: what the service is then seen asking is what it asks, not what RBAC lets it.
+pub async fn audited_client() -> Client {
+    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+    let cp = ControlPlane::get();
+    let admin = cp.client().await;
+    if Api::<Namespace>::all(admin.clone())
+        .get_opt(AUDITED_NS)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        create_namespace(&admin, AUDITED_NS, Default::default()).await;
+        let sa: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": "injector"}})).unwrap();
+        Api::<ServiceAccount>::namespaced(admin.clone(), AUDITED_NS)
+            .create(&PostParams::default(), &sa)
+            .await
+            .unwrap();
+        let binding: ClusterRoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": "psi-audited-injector"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": "injector", "namespace": AUDITED_NS}]
+        }))
+        .unwrap();
+        let _ = Api::<ClusterRoleBinding>::all(admin.clone())
+            .create(&PostParams::default(), &binding)
+            .await;
+    }
+    let request: k8s_openapi::api::authentication::v1::TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
+            .unwrap();
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), AUDITED_NS)
+        .create_token_request("injector", &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let mut config = kube::Config::new(cp.server().parse().unwrap());
+    config.accept_invalid_certs = true;
+    config.auth_info.token = Some(token.into());
+    // The service's own client, as `serve` makes it: rate limited, 429s waited out.
+    pull_secret_injector::api_client::client(config, &Default::default()).unwrap()
 }
 
 /// Tests that run the service take turns: two instances with different selectors would each
@@ -379,6 +445,35 @@ impl Injector {
         };
         me.run().await;
         me
+    }
+
+    /// The service run as [`AUDITED_USER`], so that the audit log shows every request it
+    /// makes; its webhook registered or not. `client` stays the admin's.
+    pub async fn start_audited(id: &str, registry: &str, extra: &str, webhook: bool) -> Self {
+        let cp = ControlPlane::get();
+        let admin = cp.client().await;
+        let certs = Certs::new();
+        let config_yaml = config_yaml(id, &certs, registry, extra);
+        let config = Config::from_yaml(&config_yaml).expect("test config is valid");
+        let service = Service::start(settings(config), audited_client().await)
+            .await
+            .expect("service starts");
+        wait_for("ready", Duration::from_secs(30), || async {
+            service.is_ready()
+        })
+        .await;
+        if webhook {
+            return Self::attach(id, service, certs, admin, config_yaml).await;
+        }
+        Injector {
+            id: id.into(),
+            service: Some(service),
+            certs,
+            client: admin,
+            config_yaml,
+            namespaces: vec![],
+            webhooks: vec![],
+        }
     }
 
     /// The service's `/metrics` text.
