@@ -21,9 +21,12 @@
 //!                 the body's own size. What is still held after, and what giving it back
 //!                 costs (c=16 throughput, CPU per admission); baseline: the same binary with
 //!                 mimalloc's default purge delay
+//!   8. footprint  resident memory per opted-in namespace, per other namespace and per Pod
+//!                 admitted with its Secret (BENCH_FOOTPRINT of each, default 3000): the
+//!                 service restarted after each is added
 //! ```
 //!
-//! BENCH_ONLY=handler,tls,...,memory runs a subset.
+//! BENCH_ONLY=handler,tls,...,footprint runs a subset.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -1430,6 +1433,132 @@ async fn scale() -> Vec<Figure> {
     figures
 }
 
+/// The Pod of `pod_review` as stored, in `namespace`, listing the pull Secret (admitted with it).
+fn patched_pod(namespace: &str, name: &str) -> Value {
+    let mut pod = pod_review(namespace, name)["request"]["object"].clone();
+    pod["metadata"] = json!({"name": name, "namespace": namespace, "labels": {"app": "app", "pod-template-hash": "7d9f8c"}});
+    pod["spec"]["imagePullSecrets"] = json!([{"name": "pull-secret"}]);
+    pod
+}
+
+/// Makes `names` (with `labels`), each with its `default` ServiceAccount (made here rather than
+/// waited for: the controller manager makes them at its own pace) and, with `secret`, a fresh
+/// pull Secret.
+async fn populate(admin: &kube::Client, names: &[String], labels: Value, secret: bool) {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    futures::stream::iter(names.iter().cloned())
+        .for_each_concurrent(32, |name| {
+            let (c, labels) = (admin.clone(), labels.clone());
+            async move {
+                let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
+                let _ = Api::<Namespace>::all(c.clone()).create(&PostParams::default(), &ns).await;
+                let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
+                let _ = Api::<ServiceAccount>::namespaced(c.clone(), &name).create(&PostParams::default(), &sa).await;
+                if secret {
+                    let now = Timestamp::now();
+                    let (secret, _) = layout::build(&name, "pull-secret", &fake_credentials(now, now + jiff::SignedDuration::from_hours(1)));
+                    let _ = Api::<Secret>::namespaced(c, &name).create(&PostParams::default(), &secret).await;
+                }
+            }
+        })
+        .await;
+}
+
+/// Resident memory of the service (its own process, release build) once it has adopted
+/// `managed` Secrets and had `settle` to finish its other lists: (VmRSS, VmHWM) in KiB, the
+/// smaller of two starts each.
+async fn settled_rss(binary: &std::path::Path, config: &std::path::Path, certs: &Certs, port: u16, managed: usize) -> (f64, f64) {
+    let cp = ControlPlane::get();
+    let mut best = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..2 {
+        let mut child = std::process::Command::new(binary)
+            .args(["serve", "--config", path_str(config)])
+            .env("KUBECONFIG", cp.kubeconfig())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(certs.dir.path().join("footprint.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(300) {
+            let (_, text) = curl(certs, &[&format!("https://127.0.0.1:{port}/metrics")]);
+            let adopted = text
+                .lines()
+                .find_map(|l| l.strip_prefix("pull_secret_injector_managed_secrets "))
+                .and_then(|v| v.parse::<f64>().ok());
+            if adopted.is_some_and(|a| a >= managed as f64) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let pid = child.id();
+        let rss = (0..3)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(500));
+                proc_status(pid, "VmRSS:")
+            })
+            .fold(f64::INFINITY, f64::min);
+        let peak = proc_status(pid, "VmHWM:");
+        let _ = child.kill();
+        let _ = child.wait();
+        best = (best.0.min(rss), best.1.min(peak));
+    }
+    best
+}
+
+/// Resident memory per namespace and per Pod: the service started afresh after each of N
+/// opted-in namespaces (with their Secrets), N other namespaces, and N Pods admitted with their
+/// Secret are added; each step's growth divided by N.
+async fn footprint() -> Vec<Figure> {
+    let n: usize = std::env::var("BENCH_FOOTPRINT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    println!("8. footprint: resident memory per opted-in namespace, other namespace and Pod ({n} each)");
+    let cp = ControlPlane::get();
+    let admin = cp.client().await;
+    let certs = Certs::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let yaml = config_yaml("bench-foot", &certs, &kubernetes_registry("default", 3600), "")
+        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+    let config = certs.dir.path().join("config.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_pull-secret-injector"));
+    let measure = |managed: usize| settled_rss(binary, &config, &certs, port, managed);
+
+    let empty = measure(0).await;
+    let opted: Vec<String> = (0..n).map(|i| format!("bfoot-in-{i:05}")).collect();
+    let started = Instant::now();
+    populate(&admin, &opted, json!({"pull-secret-injector.io/inject": "enabled", "e2e-run": "bench-foot"}), true).await;
+    println!("  (set-up: {n} opted-in namespaces in {:.1}s)", started.elapsed().as_secs_f64());
+    let with_opted = measure(n).await;
+    let others: Vec<String> = (0..n).map(|i| format!("bfoot-out-{i:05}")).collect();
+    populate(&admin, &others, json!({"e2e-run": "bench-foot"}), false).await;
+    let with_others = measure(n).await;
+    let started = Instant::now();
+    futures::stream::iter(opted.iter().cloned())
+        .for_each_concurrent(32, |ns| {
+            let c = admin.clone();
+            async move {
+                let pod: Pod = serde_json::from_value(patched_pod(&ns, "app")).unwrap();
+                let _ = Api::<Pod>::namespaced(c, &ns).create(&PostParams::default(), &pod).await;
+            }
+        })
+        .await;
+    println!("  (set-up: {n} Pods in {:.1}s)", started.elapsed().as_secs_f64());
+    let with_pods = measure(n).await;
+    let per = |after: f64, before: f64| (after - before) * 1024.0 / n as f64;
+    vec![
+        figure("resident memory, no namespace of its own", empty.0 / 1024.0, "MiB", None, ""),
+        figure("per opted-in namespace (with its Secret)", per(with_opted.0, empty.0), "B", Some(("target", 3072.0)), "target ≤ 3 KiB"),
+        figure("per other namespace", per(with_others.0, with_opted.0), "B", Some(("target", 1024.0)), "target ≤ 1 KiB"),
+        figure("per Pod admitted with its Secret", per(with_pods.0, with_others.0), "B", None, "target 0"),
+        figure(format!("resident memory with {n} + {n} namespaces and {n} Pods"), with_pods.0 / 1024.0, "MiB", None, ""),
+        figure("peak resident memory at start, the same", with_pods.1 / 1024.0, "MiB", Some(("before the Pods", with_others.1 / 1024.0)), ""),
+    ]
+}
+
 /// The release hack/control-plane runs (KUBERNETES_VERSION, or KUBEBUILDER_ASSETS' binary).
 fn kube_apiserver_version() -> String {
     let binary = match std::env::var_os("KUBEBUILDER_ASSETS") {
@@ -1510,6 +1639,9 @@ fn main() {
         }
         if wanted("memory") {
             sections.push(("7. Memory per review", memory().await));
+        }
+        if wanted("footprint") {
+            sections.push(("8. Memory per namespace and per Pod", footprint().await));
         }
     });
     let machine = machine();
