@@ -28,6 +28,7 @@ pub(crate) mod refresh;
 pub mod secret;
 pub mod service;
 pub mod settings;
+pub(crate) mod slim;
 pub mod sources;
 pub mod tls;
 pub mod token_server;

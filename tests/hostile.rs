@@ -26,54 +26,12 @@ fn pod_review(namespace: &str, service_account: &str) -> Value {
     })
 }
 
-/// Everything the service asks is in the audit log when it runs as this identity (see the
-/// audit policy in hack/control-plane).
-const AUDITED_NS: &str = "psi-audited";
-const AUDITED_USER: &str = "system:serviceaccount:psi-audited:injector";
-
 /// The service, run as [`AUDITED_USER`] (bound to cluster-admin: what is shown here is what it
 /// asks, not what RBAC lets it), its webhook registered with the API server.
 async fn start_audited(id: &str, registry: &str, extra: &str) -> Injector {
-    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
     let cp = ControlPlane::get();
     let admin = cp.client().await;
-    if Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
-        .get_opt(AUDITED_NS)
-        .await
-        .unwrap()
-        .is_none()
-    {
-        create_namespace(&admin, AUDITED_NS, Default::default()).await;
-        let sa: ServiceAccount =
-            serde_json::from_value(json!({"metadata": {"name": "injector"}})).unwrap();
-        Api::<ServiceAccount>::namespaced(admin.clone(), AUDITED_NS)
-            .create(&PostParams::default(), &sa)
-            .await
-            .unwrap();
-        let binding: ClusterRoleBinding = serde_json::from_value(json!({
-            "metadata": {"name": "psi-audited-injector"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
-            "subjects": [{"kind": "ServiceAccount", "name": "injector", "namespace": AUDITED_NS}]
-        }))
-        .unwrap();
-        let _ = Api::<ClusterRoleBinding>::all(admin.clone())
-            .create(&PostParams::default(), &binding)
-            .await;
-    }
-    let request: k8s_openapi::api::authentication::v1::TokenRequest =
-        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
-            .unwrap();
-    let token = Api::<ServiceAccount>::namespaced(admin.clone(), AUDITED_NS)
-        .create_token_request("injector", &PostParams::default(), &request)
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token;
-    let mut config = kube::Config::new(cp.server().parse().unwrap());
-    config.accept_invalid_certs = true;
-    config.auth_info.token = Some(token.into());
-    let client = kube::Client::try_from(config).unwrap();
+    let client = audited_client(cp).await;
     let certs = Certs::new();
     let yaml = config_yaml(id, &certs, registry, extra);
     let settings = settings(pull_secret_injector::config::Config::from_yaml(&yaml).unwrap());

@@ -10,6 +10,8 @@
 //! damaged) sends the caller to the API server, as without the view.
 
 use std::collections::HashMap;
+#[cfg(test)]
+use std::sync::Arc;
 use std::sync::RwLock;
 
 use kube::runtime::watcher::Event;
@@ -22,7 +24,6 @@ pub(crate) struct Watched<S> {
     state: RwLock<State<S>>,
     /// True once a first complete list has been folded in.
     synced: tokio::sync::watch::Sender<bool>,
-    created: std::time::Instant,
 }
 
 struct State<S> {
@@ -40,7 +41,6 @@ impl<S> Default for Watched<S> {
                 relisting: None,
             }),
             synced: tokio::sync::watch::Sender::new(false),
-            created: std::time::Instant::now(),
         }
     }
 }
@@ -158,15 +158,14 @@ impl<S: Clone> Watched<S> {
                 .is_none()
     }
 
-    /// Whether the view is complete, waiting for the first list until `limit` after the view
-    /// was made. The limit is shared by all callers: when the watch cannot list (an
-    /// RBAC rule missing after an upgrade), only the first ones wait, not every caller in turn.
-    pub(crate) async fn synced_within(&self, limit: std::time::Duration) -> bool {
-        if !self.is_synced() {
-            let rest = limit.saturating_sub(self.created.elapsed());
-            let _ = tokio::time::timeout(rest, self.synced.subscribe().wait_for(|synced| *synced))
-                .await;
-        }
+    /// Whether a first complete list has been folded in (a relist may be under way since).
+    pub(crate) fn has_listed(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Whether the view is complete, waiting for its first list however long that takes.
+    pub(crate) async fn first_list(&self) -> bool {
+        let _ = self.synced.subscribe().wait_for(|listed| *listed).await;
         self.is_synced()
     }
 }
@@ -284,13 +283,22 @@ mod tests {
         assert_eq!(names, ["builder", "default"]);
     }
 
-    #[tokio::test]
-    async fn callers_wait_for_the_first_list_only_until_one_deadline() {
+    #[tokio::test(start_paused = true)]
+    async fn callers_wait_for_the_first_list_however_long_it_takes() {
         use k8s_openapi::api::core::v1::ServiceAccount;
-        let w: Watched<bool> = Watched::default();
-        // A watch that cannot list: the caller gets `false` and reads from the API server.
-        assert!(!w.synced_within(std::time::Duration::from_millis(20)).await);
+        let w: Arc<Watched<bool>> = Arc::new(Watched::default());
+        let waiting = tokio::spawn({
+            let w = w.clone();
+            async move { w.first_list().await }
+        });
+        // A watch that cannot list for ten minutes (an RBAC rule missing): still waiting.
+        tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+        assert!(!waiting.is_finished() && !w.has_listed());
+        w.apply(&Event::<ServiceAccount>::Init, |_| true);
         w.apply(&Event::<ServiceAccount>::InitDone, |_| true);
-        assert!(w.synced_within(std::time::Duration::ZERO).await);
+        assert!(waiting.await.unwrap(), "complete once listed");
+        // During a relist the answer comes at once: not complete, ask the API server.
+        w.apply(&Event::<ServiceAccount>::Init, |_| true);
+        assert!(!w.first_list().await && w.has_listed());
     }
 }

@@ -139,6 +139,10 @@ impl Provisioner {
         &self.metrics
     }
 
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     /// The Warning Events recorder, shared with the refresher's Pod watch.
     pub(crate) fn events(&self) -> &Events {
         &self.events

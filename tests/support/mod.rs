@@ -238,6 +238,60 @@ fn is_token_request(e: &Value, namespace: &str, service_account: &str) -> bool {
         && succeeded(e)
 }
 
+/// Everything the service asks is in the audit log when it runs as this identity (see the
+/// audit policy in hack/control-plane).
+pub const AUDITED_NS: &str = "psi-audited";
+pub const AUDITED_USER: &str = "system:serviceaccount:psi-audited:injector";
+
+/// A client acting as [`AUDITED_USER`], bound to cluster-admin: what a test shows is what the
+/// service asks, not what RBAC lets it.
+pub async fn audited_client(cp: &ControlPlane) -> Client {
+    Client::try_from(audited_config(cp).await).expect("client")
+}
+
+/// The client configuration of `audited_client` (to build a client with a layer added).
+pub async fn audited_config(cp: &ControlPlane) -> kube::Config {
+    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+    let admin = cp.client().await;
+    if Api::<Namespace>::all(admin.clone())
+        .get_opt(AUDITED_NS)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        create_namespace(&admin, AUDITED_NS, Default::default()).await;
+        let sa: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": "injector"}})).unwrap();
+        Api::<ServiceAccount>::namespaced(admin.clone(), AUDITED_NS)
+            .create(&PostParams::default(), &sa)
+            .await
+            .unwrap();
+        let binding: ClusterRoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": "psi-audited-injector"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": "injector", "namespace": AUDITED_NS}]
+        }))
+        .unwrap();
+        let _ = Api::<ClusterRoleBinding>::all(admin.clone())
+            .create(&PostParams::default(), &binding)
+            .await;
+    }
+    let request: k8s_openapi::api::authentication::v1::TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
+            .unwrap();
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), AUDITED_NS)
+        .create_token_request("injector", &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let mut config = kube::Config::new(cp.server().parse().unwrap());
+    config.accept_invalid_certs = true;
+    config.auth_info.token = Some(token.into());
+    config
+}
+
 /// Tests that run the service take turns: two instances with different selectors would each
 /// clean up the other's namespaces, as two differently configured installations would.
 pub fn serial() -> MutexGuard<'static, ()> {
