@@ -204,7 +204,7 @@ mod tests {
     }
 
     fn secret(registries: &[(&str, i64, i64)]) -> Issued {
-        let registries: std::collections::BTreeMap<String, Lifetime> = registries
+        let registries: crate::secret::layout::Registries = registries
             .iter()
             .map(|(h, i, e)| (h.to_string(), issued(*i, *e)))
             .collect();
@@ -285,7 +285,7 @@ mod tests {
         let ab = ["a.example", "b.example"];
         let subject = Subject::service_account("ns", "builder");
         let s = schedule(&subject, rb);
-        let due = s.renew_at(&one.registries["a.example"]);
+        let due = s.renew_at(one.registries.get("a.example").unwrap());
         let keep = |issued, renew_at| Decision::Keep { issued, renew_at };
         let write = |mint: &[&str], drop: &[&str], keep: &[&str]| {
             let v = |h: &[&str]| h.iter().map(|h| h.to_string()).collect::<Vec<_>>();
