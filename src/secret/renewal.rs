@@ -100,7 +100,7 @@ impl Schedule {
     ) -> Plan {
         let mut plan = Plan::default();
         for host in configured {
-            match stored.and_then(|i| i.registries.get(*host)) {
+            match stored.and_then(|i| i.registries.get(host)) {
                 Some(l) if now < self.renew_at(l) => plan.keep.push(host.to_string()),
                 _ => plan.mint.push(host.to_string()),
             }
@@ -147,13 +147,13 @@ impl Schedule {
     ) -> Timestamp {
         let earliest = configured
             .iter()
-            .filter_map(|h| issued.registries.get(*h))
+            .filter_map(|h| issued.registries.get(h))
             .map(|l| self.renew_at(l))
             .min()
             .unwrap_or(now);
         let incomplete = configured
             .iter()
-            .any(|h| !issued.registries.contains_key(*h));
+            .any(|h| !issued.registries.contains_key(h));
         if incomplete {
             let soon = now
                 .checked_add(SignedDuration::try_from(retry).unwrap_or(SignedDuration::ZERO))
