@@ -164,11 +164,13 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     }
 }
 
-/// A watch whose (re)lists the API server answers from its watch cache, not from etcd: a
-/// streaming list (a watch that starts with the objects there are, `sendInitialEvents`, on by
-/// default from 1.34) where the server offers it; where it refuses one (the `WatchList` feature
-/// off, as by default in 1.33), pages listed at `resourceVersion=0`. Either way no list is a
-/// quorum read, and a streaming list holds no page of objects at once.
+/// A watch whose (re)lists the API server answers from its watch cache where it can: a
+/// streaming list (a watch that starts with the objects there are, `sendInitialEvents` at
+/// resourceVersion 0; on by default from 1.34), which also holds no page of objects at once.
+/// Where the server refuses one (its `WatchList` feature off, as by default in 1.33): pages of
+/// 500, as before; on 1.33 the first page comes from the cache (a consistent read) and the
+/// others from etcd. Not `resourceVersion=0` unpaged: one response with every object, Pods
+/// of a whole cluster included.
 pub(crate) fn watch_from_cache<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -178,13 +180,13 @@ where
     K::DynamicType: Default,
 {
     use futures::StreamExt;
-    let paged = config.clone().any_semantic();
+    let paged = config.clone();
     let mut current = watcher(api.clone(), config.streaming_lists()).boxed();
     let mut streaming = true;
     futures::stream::poll_fn(move |cx| loop {
         match futures::ready!(current.poll_next_unpin(cx)) {
             Some(Err(e)) if streaming && streaming_refused(&e) => {
-                tracing::info!(kind = %K::kind(&Default::default()), "the API server offers no streaming lists; listing from its cache in pages");
+                tracing::info!(kind = %K::kind(&Default::default()), "the API server offers no streaming lists; listing in pages");
                 streaming = false;
                 current = watcher(api.clone(), paged.clone()).boxed();
             }
