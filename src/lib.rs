@@ -21,6 +21,8 @@ pub mod config;
 pub(crate) mod connections;
 pub mod core;
 pub mod credential_provider;
+#[doc(hidden)]
+pub mod footprint;
 pub mod http;
 pub mod metrics;
 pub mod ops;

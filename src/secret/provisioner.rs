@@ -246,6 +246,12 @@ impl Provisioner {
         self.cache.insert(subject.key(), fresh).await;
     }
 
+    /// Finishes the cache's pending bookkeeping; returns how many entries it holds.
+    pub(crate) async fn settle_cache(&self) -> u64 {
+        self.cache.run_pending_tasks().await;
+        self.cache.entry_count()
+    }
+
     /// Whether the subject's entry is cached and fresh: no I/O.
     pub(crate) async fn is_fresh(&self, subject: &Subject) -> bool {
         // contains_key honours expiry and, unlike get, clones nothing.
