@@ -169,7 +169,9 @@ pub async fn controller_schedule(n: usize) -> Held {
     }
     writer.apply_watcher_event(&Event::InitDone);
     let done = Arc::new(AtomicUsize::new(0));
-    let controller = Controller::for_shared_stream(futures::stream::iter(namespaces), store)
+    // The stream stays open, as the watch's does: the controller stops when it ends.
+    let events = futures::stream::iter(namespaces).chain(futures::stream::pending());
+    let controller = Controller::for_shared_stream(events, store)
         .run(
             |_, done: Arc<AtomicUsize>| async move {
                 done.fetch_add(1, Ordering::Relaxed);
@@ -182,7 +184,13 @@ pub async fn controller_schedule(n: usize) -> Held {
         )
         .for_each(|_| futures::future::ready(()));
     let running = tokio::spawn(controller);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
     while done.load(Ordering::Relaxed) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reconciled {} of {n}",
+            done.load(Ordering::Relaxed)
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     // The writer lives as long as the controller, as in the service.
