@@ -22,7 +22,7 @@
 //!                 costs (c=16 throughput, CPU per admission); baseline: the same binary with
 //!                 mimalloc's default purge delay
 //!   8. footprint  resident memory per opted-in namespace, per other namespace and per Pod
-//!                 admitted with its Secret (BENCH_FOOTPRINT of each, default 4000): the
+//!                 admitted with its Secret (BENCH_FOOTPRINT of each, default 3000): the
 //!                 service restarted after each is added (median of three starts)
 //!   9. caches     the bytes each cache holds with a million entries (BENCH_CACHE_ENTRIES),
 //!                 filled in this process without a cluster, counted by the allocator
@@ -1678,6 +1678,35 @@ async fn settled_rss(
     )
 }
 
+/// Bytes the service holds (allocated and not freed), run in this process, once it has adopted
+/// `managed` Secrets and had 8 s more: what it keeps, without the allocator's fragmentation.
+async fn live_bytes(managed: usize) -> f64 {
+    use std::sync::atomic::Ordering;
+    HELD.store(0, Ordering::Relaxed);
+    COUNTING.store(true, Ordering::Relaxed);
+    let mut inj =
+        Injector::start_without_webhook("bench-foot", &kubernetes_registry("default", 3600), "")
+            .await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(300) {
+        let adopted = inj
+            .metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("pull_secret_injector_managed_secrets "))
+            .and_then(|v| v.parse::<f64>().ok());
+        if adopted.is_some_and(|a| a >= managed as f64) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let held = HELD.load(Ordering::Relaxed) as f64;
+    inj.stop().await;
+    COUNTING.store(false, Ordering::Relaxed);
+    held
+}
+
 /// Resident memory per namespace and per Pod: the service started afresh after each of N
 /// opted-in namespaces (with their Secrets), N other namespaces, and N Pods admitted with their
 /// Secret are added; each step's growth divided by N.
@@ -1707,7 +1736,11 @@ async fn footprint() -> Vec<Figure> {
     let config = certs.dir.path().join("config.yaml");
     std::fs::write(&config, &yaml).unwrap();
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_pull-secret-injector"));
-    let measure = |managed: usize| settled_rss(binary, &config, &certs, port, managed);
+    let (config, certs) = (&config, &certs);
+    let measure = |managed: usize| async move {
+        let rss = settled_rss(binary, config, certs, port, managed).await;
+        (rss.0, rss.1, live_bytes(managed).await)
+    };
 
     let empty = measure(0).await;
     let opted: Vec<String> = (0..n).map(|i| format!("bfoot-in-{i:05}")).collect();
@@ -1780,6 +1813,28 @@ async fn footprint() -> Vec<Figure> {
             "B",
             None,
             "target 0",
+        ),
+        // The same steps in process, counted by the allocator: what is kept, fragmentation aside.
+        figure(
+            "held per opted-in namespace (in process)",
+            (with_opted.2 - empty.2) / n as f64,
+            "B",
+            None,
+            "",
+        ),
+        figure(
+            "held per other namespace (in process)",
+            (with_others.2 - with_opted.2) / n as f64,
+            "B",
+            None,
+            "",
+        ),
+        figure(
+            "held per Pod (in process)",
+            (with_pods.2 - with_others.2) / n as f64,
+            "B",
+            None,
+            "",
         ),
         figure(
             format!("resident memory with {n} + {n} namespaces and {n} Pods"),
