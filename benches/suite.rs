@@ -27,16 +27,89 @@
 //!   9. lifetimes  N namespaces (BENCH_LIFETIME_NAMESPACES, default 5000) over two lifetimes of
 //!                 600 s tokens: least time to expiry, renewals needed and done, pace, API
 //!                 requests and CPU per renewal, memory
+//!  10. footprint  resident memory per opted-in namespace, per other namespace and per Pod
+//!                 admitted with its Secret (BENCH_FOOTPRINT of each, default 3000): the
+//!                 service restarted after each is added (median of three starts)
+//!  11. caches     the bytes each cache holds with a million entries (BENCH_CACHE_ENTRIES),
+//!                 filled in this process without a cluster, counted by the allocator
 //! ```
 //!
-//! BENCH_ONLY=handler,tls,...,lifetimes runs a subset.
+//! BENCH_ONLY=handler,tls,...,caches runs a subset.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-// The service runs in this process with the allocator its binary uses (src/main.rs).
+// The service runs in this process with the allocator its binary uses (src/main.rs), which
+// counts the bytes held while the `caches` item asks it to (and costs one load otherwise).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: Counting = Counting;
+
+struct Counting;
+
+static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static HELD: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+impl Counting {
+    /// What mimalloc gave for `ptr` (its size class, not the size asked).
+    fn usable(ptr: *mut u8) -> isize {
+        // SAFETY: `ptr` is a live block mimalloc returned.
+        unsafe { libmimalloc_sys::mi_usable_size(ptr.cast()) as isize }
+    }
+
+    fn count(delta: isize) {
+        if COUNTING.load(std::sync::atomic::Ordering::Relaxed) {
+            HELD.fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+// SAFETY: every call is passed to mimalloc as it is; counting only reads the blocks' sizes.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let ptr = std::alloc::GlobalAlloc::alloc(&mimalloc::MiMalloc, layout);
+        if !ptr.is_null() {
+            Self::count(Self::usable(ptr));
+        }
+        ptr
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let ptr = std::alloc::GlobalAlloc::alloc_zeroed(&mimalloc::MiMalloc, layout);
+        if !ptr.is_null() {
+            Self::count(Self::usable(ptr));
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        Self::count(-Self::usable(ptr));
+        std::alloc::GlobalAlloc::dealloc(&mimalloc::MiMalloc, ptr, layout)
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        let before = Self::usable(ptr);
+        let new = std::alloc::GlobalAlloc::realloc(&mimalloc::MiMalloc, ptr, layout, size);
+        if !new.is_null() {
+            Self::count(Self::usable(new) - before);
+        }
+        new
+    }
+}
+
+/// Bytes held (allocated and not freed) by what `fill` builds, as mimalloc sized the blocks,
+/// and the structure itself, to be dropped once measured.
+async fn held_by<F: std::future::Future<Output = pull_secret_injector::footprint::Held>>(
+    fill: F,
+) -> f64 {
+    use std::sync::atomic::Ordering;
+    HELD.store(0, Ordering::Relaxed);
+    COUNTING.store(true, Ordering::Relaxed);
+    let held = fill.await;
+    let bytes = HELD.load(Ordering::Relaxed);
+    COUNTING.store(false, Ordering::Relaxed);
+    drop(held);
+    bytes as f64
+}
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -1436,6 +1509,356 @@ async fn scale() -> Vec<Figure> {
     figures
 }
 
+/// The service's caches at a million entries (BENCH_CACHE_ENTRIES), filled in this process
+/// without a cluster: the bytes each holds, counted by the allocator.
+async fn caches() -> Vec<Figure> {
+    use pull_secret_injector::footprint;
+    let n: usize = std::env::var("BENCH_CACHE_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    println!("11. caches: the bytes each cache holds with {n} entries");
+    let certs = Certs::new();
+    let config = Config::from_yaml(&config_yaml(
+        "bench-caches",
+        &certs,
+        &kubernetes_registry("default", 3600),
+        "",
+    ))
+    .unwrap();
+    let mut figures = Vec::new();
+    let mut total = 0.0;
+    for (what, bytes) in [
+        (
+            "provisioner's cache (Fresh, moka)",
+            held_by(footprint::fresh_cache(n, config)).await,
+        ),
+        (
+            "Secret view (Watched<Assessment>)",
+            held_by(async { footprint::secret_view(n) }).await,
+        ),
+        (
+            "ServiceAccount view (Watched<bool>)",
+            held_by(async { footprint::account_view(n) }).await,
+        ),
+        (
+            "metrics' per-Secret records",
+            held_by(async { footprint::expiry_records(n) }).await,
+        ),
+        (
+            "Failures, every namespace failing",
+            held_by(async { footprint::failure_records(n) }).await,
+        ),
+        (
+            "Namespace store",
+            held_by(async { footprint::namespace_store(n) }).await,
+        ),
+        (
+            "controller's schedule, its store included",
+            held_by(footprint::controller_schedule(n)).await,
+        ),
+    ] {
+        total += bytes;
+        figures.push(figure(
+            format!("{what}, per entry"),
+            bytes / n as f64,
+            "B",
+            None,
+            "",
+        ));
+        figures.push(figure(
+            format!("{what}, {n} entries"),
+            bytes / 1048576.0,
+            "MiB",
+            None,
+            "",
+        ));
+    }
+    figures.push(figure(
+        format!("all of them, {n} entries"),
+        total / 1048576.0,
+        "MiB",
+        None,
+        "",
+    ));
+    figures
+}
+
+/// The Pod of `pod_review` as stored, in `namespace`, listing the pull Secret (admitted with it).
+fn patched_pod(namespace: &str, name: &str) -> Value {
+    let mut pod = pod_review(namespace, name)["request"]["object"].clone();
+    pod["metadata"] = json!({"name": name, "namespace": namespace, "labels": {"app": "app", "pod-template-hash": "7d9f8c"}});
+    pod["spec"]["imagePullSecrets"] = json!([{"name": "pull-secret"}]);
+    pod
+}
+
+/// Makes `names` (with `labels`), each with its `default` ServiceAccount (made here rather than
+/// waited for: the controller manager makes them at its own pace) and, with `secret`, a fresh
+/// pull Secret.
+async fn populate(admin: &kube::Client, names: &[String], labels: Value, secret: bool) {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    futures::stream::iter(names.iter().cloned())
+        .for_each_concurrent(32, |name| {
+            let (c, labels) = (admin.clone(), labels.clone());
+            async move {
+                let ns: Namespace =
+                    serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))
+                        .unwrap();
+                let _ = Api::<Namespace>::all(c.clone())
+                    .create(&PostParams::default(), &ns)
+                    .await;
+                let sa: ServiceAccount =
+                    serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
+                let _ = Api::<ServiceAccount>::namespaced(c.clone(), &name)
+                    .create(&PostParams::default(), &sa)
+                    .await;
+                if secret {
+                    let now = Timestamp::now();
+                    let (secret, _) = layout::build(
+                        &name,
+                        "pull-secret",
+                        &fake_credentials(now, now + jiff::SignedDuration::from_hours(1)),
+                    );
+                    let _ = Api::<Secret>::namespaced(c, &name)
+                        .create(&PostParams::default(), &secret)
+                        .await;
+                }
+            }
+        })
+        .await;
+}
+
+/// Resident memory of the service (its own process, release build) once it has adopted
+/// `managed` Secrets and had 8 s to finish its other lists: (VmRSS, VmHWM) in KiB, the median
+/// of three starts each.
+async fn settled_rss(
+    binary: &std::path::Path,
+    config: &std::path::Path,
+    certs: &Certs,
+    port: u16,
+    managed: usize,
+) -> (f64, f64) {
+    let cp = ControlPlane::get();
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let mut child = std::process::Command::new(binary)
+            .args(["serve", "--config", path_str(config)])
+            .env("KUBECONFIG", cp.kubeconfig())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(certs.dir.path().join("footprint.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(300) {
+            let (_, text) = curl(certs, &[&format!("https://127.0.0.1:{port}/metrics")]);
+            let adopted = text
+                .lines()
+                .find_map(|l| l.strip_prefix("pull_secret_injector_managed_secrets "))
+                .and_then(|v| v.parse::<f64>().ok());
+            if adopted.is_some_and(|a| a >= managed as f64) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let pid = child.id();
+        let rss = (0..3)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(500));
+                proc_status(pid, "VmRSS:")
+            })
+            .fold(f64::INFINITY, f64::min);
+        let peak = proc_status(pid, "VmHWM:");
+        let _ = child.kill();
+        let _ = child.wait();
+        runs.push((rss, peak));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (
+        median(runs.iter().map(|r| r.0).collect()),
+        median(runs.iter().map(|r| r.1).collect()),
+    )
+}
+
+/// Bytes the service holds (allocated and not freed), run in this process, once it has adopted
+/// `managed` Secrets and had 8 s more: what it keeps, without the allocator's fragmentation.
+async fn live_bytes(managed: usize) -> f64 {
+    use std::sync::atomic::Ordering;
+    HELD.store(0, Ordering::Relaxed);
+    COUNTING.store(true, Ordering::Relaxed);
+    let mut inj =
+        Injector::start_without_webhook("bench-foot", &kubernetes_registry("default", 3600), "")
+            .await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(300) {
+        let adopted = inj
+            .metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("pull_secret_injector_managed_secrets "))
+            .and_then(|v| v.parse::<f64>().ok());
+        if adopted.is_some_and(|a| a >= managed as f64) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let held = HELD.load(Ordering::Relaxed) as f64;
+    inj.stop().await;
+    COUNTING.store(false, Ordering::Relaxed);
+    held
+}
+
+/// Resident memory per namespace and per Pod: the service started afresh after each of N
+/// opted-in namespaces (with their Secrets), N other namespaces, and N Pods admitted with their
+/// Secret are added; each step's growth divided by N.
+async fn footprint() -> Vec<Figure> {
+    let n: usize = std::env::var("BENCH_FOOTPRINT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    println!(
+        "10. footprint: resident memory per opted-in namespace, other namespace and Pod ({n} each)"
+    );
+    let cp = ControlPlane::get();
+    let admin = cp.client().await;
+    let certs = Certs::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = config_yaml(
+        "bench-foot",
+        &certs,
+        &kubernetes_registry("default", 3600),
+        "",
+    )
+    .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+    let config = certs.dir.path().join("config.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_pull-secret-injector"));
+    let (config, certs) = (&config, &certs);
+    let measure = |managed: usize| async move {
+        let rss = settled_rss(binary, config, certs, port, managed).await;
+        (rss.0, rss.1, live_bytes(managed).await)
+    };
+
+    let empty = measure(0).await;
+    let opted: Vec<String> = (0..n).map(|i| format!("bfoot-in-{i:05}")).collect();
+    let started = Instant::now();
+    populate(
+        &admin,
+        &opted,
+        json!({"pull-secret-injector.io/inject": "enabled", "e2e-run": "bench-foot"}),
+        true,
+    )
+    .await;
+    println!(
+        "  (set-up: {n} opted-in namespaces in {:.1}s)",
+        started.elapsed().as_secs_f64()
+    );
+    let with_opted = measure(n).await;
+    let others: Vec<String> = (0..n).map(|i| format!("bfoot-out-{i:05}")).collect();
+    // Labelled as namespaces are, with no label the selector reads.
+    populate(
+        &admin,
+        &others,
+        json!({"team": "other", "cost-centre": "c-1234"}),
+        false,
+    )
+    .await;
+    let with_others = measure(n).await;
+    let started = Instant::now();
+    futures::stream::iter(opted.iter().cloned())
+        .for_each_concurrent(32, |ns| {
+            let c = admin.clone();
+            async move {
+                let pod: Pod = serde_json::from_value(patched_pod(&ns, "app")).unwrap();
+                let _ = Api::<Pod>::namespaced(c, &ns)
+                    .create(&PostParams::default(), &pod)
+                    .await;
+            }
+        })
+        .await;
+    println!(
+        "  (set-up: {n} Pods in {:.1}s)",
+        started.elapsed().as_secs_f64()
+    );
+    let with_pods = measure(n).await;
+    let per = |after: f64, before: f64| (after - before) * 1024.0 / n as f64;
+    vec![
+        figure(
+            "resident memory, no namespace of its own",
+            empty.0 / 1024.0,
+            "MiB",
+            None,
+            "",
+        ),
+        figure(
+            "per opted-in namespace (with its Secret)",
+            per(with_opted.0, empty.0),
+            "B",
+            Some(("target", 3072.0)),
+            "target ≤ 3 KiB",
+        ),
+        figure(
+            "per other namespace",
+            per(with_others.0, with_opted.0),
+            "B",
+            Some(("target", 1024.0)),
+            "target ≤ 1 KiB",
+        ),
+        figure(
+            "per Pod admitted with its Secret",
+            per(with_pods.0, with_others.0),
+            "B",
+            None,
+            "target 0",
+        ),
+        // The same steps in process, counted by the allocator: what is kept, fragmentation aside.
+        figure(
+            "held per opted-in namespace (in process)",
+            (with_opted.2 - empty.2) / n as f64,
+            "B",
+            None,
+            "",
+        ),
+        figure(
+            "held per other namespace (in process)",
+            (with_others.2 - with_opted.2) / n as f64,
+            "B",
+            None,
+            "",
+        ),
+        figure(
+            "held per Pod (in process)",
+            (with_pods.2 - with_others.2) / n as f64,
+            "B",
+            None,
+            "",
+        ),
+        figure(
+            format!("resident memory with {n} + {n} namespaces and {n} Pods"),
+            with_pods.0 / 1024.0,
+            "MiB",
+            None,
+            "",
+        ),
+        figure(
+            "peak resident memory at start, the same",
+            with_pods.1 / 1024.0,
+            "MiB",
+            Some(("before the Pods", with_others.1 / 1024.0)),
+            "",
+        ),
+    ]
+}
+
 /// The release binary serving `extra` config on a port of its own, as a cluster runs it.
 struct Served {
     child: std::process::Child,
@@ -1898,6 +2321,12 @@ fn main() {
         }
         if wanted("lifetimes") {
             sections.push(("9. Renewal over two lifetimes", lifetimes().await));
+        }
+        if wanted("footprint") {
+            sections.push(("10. Memory per namespace and per Pod", footprint().await));
+        }
+        if wanted("caches") {
+            sections.push(("11. Caches at a million entries", caches().await));
         }
     });
     let machine = machine();

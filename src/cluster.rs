@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
 use kube::Client;
 
 /// A failed API call. Displays as the server's message and status, nothing more; the error
@@ -181,6 +182,67 @@ impl Iterator for WatchBackoff {
 impl kube::runtime::utils::Backoff for WatchBackoff {
     fn reset(&mut self) {
         self.next = Self::FIRST;
+    }
+}
+
+/// A watch whose (re)lists the API server answers from its watch cache where it can: a
+/// streaming list (a watch that starts with the objects there are, `sendInitialEvents` at
+/// resourceVersion 0; on by default from 1.34), which also holds no page of objects at once.
+/// Where the server refuses one (its `WatchList` feature off, as by default in 1.33): pages of
+/// 500, as before; on 1.33 the first page comes from the cache (a consistent read) and the
+/// others from etcd. Not `resourceVersion=0` unpaged: one response with every object, Pods
+/// of a whole cluster included.
+pub(crate) fn watch_from_cache<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> futures::stream::BoxStream<'static, watcher::Result<watcher::Event<K>>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    use futures::StreamExt;
+    let paged = config.clone();
+    let mut current = watcher(api.clone(), config.streaming_lists()).boxed();
+    let mut streaming = true;
+    futures::stream::poll_fn(move |cx| loop {
+        match futures::ready!(current.poll_next_unpin(cx)) {
+            Some(Err(e)) if streaming && streaming_refused(&e) => {
+                tracing::info!(kind = %K::kind(&Default::default()), "the API server offers no streaming lists; listing in pages");
+                streaming = false;
+                current = watcher(api.clone(), paged.clone()).boxed();
+            }
+            next => return std::task::Poll::Ready(next),
+        }
+    })
+    .boxed()
+}
+
+/// Whether a watch failed because the API server does not offer streaming lists: it refuses
+/// `sendInitialEvents` as invalid (422) when its `WatchList` feature is off.
+fn streaming_refused(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::WatchStartFailed(kube::Error::Api(s)) if s.code == 422)
+}
+
+#[cfg(test)]
+mod list_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refused_streaming_list_falls_back_to_pages() {
+        let api = |code: u16| {
+            kube::Error::Api(Box::new(
+                kube::core::Status::failure("refused", "Invalid").with_code(code),
+            ))
+        };
+        for (error, refused) in [
+            (watcher::Error::WatchStartFailed(api(422)), true),
+            (watcher::Error::WatchStartFailed(api(403)), false),
+            (watcher::Error::WatchStartFailed(api(500)), false),
+            (watcher::Error::WatchFailed(api(422)), false),
+            (watcher::Error::InitialListFailed(api(422)), false),
+        ] {
+            assert_eq!(streaming_refused(&error), refused, "{error:?}");
+        }
     }
 }
 

@@ -22,6 +22,8 @@ pub mod config;
 pub(crate) mod connections;
 pub mod core;
 pub mod credential_provider;
+#[doc(hidden)]
+pub mod footprint;
 pub mod http;
 pub mod metrics;
 pub mod ops;
@@ -29,6 +31,7 @@ pub(crate) mod refresh;
 pub mod secret;
 pub mod service;
 pub mod settings;
+pub(crate) mod slim;
 pub mod sources;
 pub mod tls;
 pub mod token_server;

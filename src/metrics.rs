@@ -47,6 +47,12 @@ pub(crate) struct WriterLabels {
     pub writer: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabels {
+    /// `Secret` or `ServiceAccount`.
+    pub kind: String,
+}
+
 /// The writers of [`Metrics::secret_write_skipped`].
 pub(crate) const WRITERS: [&str; 2] = ["provisioner", "pull_secret_updater"];
 
@@ -81,6 +87,9 @@ pub struct Metrics {
     expiries: Mutex<HashMap<String, Tracked>>,
     /// Whether this replica's refresher runs: only then are expiries tracked.
     refreshing: std::sync::atomic::AtomicBool,
+    /// Per watch the refresher reads (`Secret`, `ServiceAccount`): 1 while its view is
+    /// complete. Reconciles wait for the first list, so 0 for long stops all renewals.
+    watch_synced: Family<KindLabels, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -204,6 +213,12 @@ impl Default for Metrics {
             "How long the managed Secret longest past its renewal time has been due (0: none is)",
             renewal_oldest_overdue_seconds.clone(),
         );
+        let watch_synced = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "watch_synced",
+            "1 while the refresher's watch of this kind holds a complete list; reconciles wait for its first list",
+            watch_synced.clone(),
+        );
         Self {
             registry,
             admissions,
@@ -225,6 +240,7 @@ impl Default for Metrics {
             renewal_oldest_overdue_seconds,
             expiries: Mutex::default(),
             refreshing: Default::default(),
+            watch_synced,
         }
     }
 }
@@ -262,6 +278,15 @@ impl Metrics {
         self.secret_writes_skipped
             .get_or_create(&WriterLabels { writer })
             .inc();
+    }
+
+    /// Whether the refresher's watch of `kind` holds a complete list.
+    pub(crate) fn watch_synced(&self, kind: &str, synced: bool) {
+        self.watch_synced
+            .get_or_create(&KindLabels {
+                kind: kind.to_string(),
+            })
+            .set(i64::from(synced));
     }
 
     /// Starts or stops tracking expiries; stopping forgets them (`managed_secrets` reads 0).

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use axum_server::tls_rustls::RustlsConfig;
 use futures::StreamExt;
+use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::Api;
@@ -24,6 +25,7 @@ use crate::refresh::leadership;
 use crate::refresh::refresher::{self, Refresher};
 use crate::secret::provisioner::Provisioner;
 use crate::settings::Settings;
+use crate::slim::Slim;
 use crate::tls::{self, ReloadingCert};
 use crate::{coarse_timer, http};
 
@@ -202,13 +204,15 @@ impl Service {
         stopped: &watch::Receiver<bool>,
     ) -> (Arc<AtomicBool>, [JoinHandle<()>; 2]) {
         let inbox = inbox.clone();
+        let policy = provisioner.settings().policy.clone();
         let watch = reflector::reflector(
             writer,
-            watcher(
-                Api::<Namespace>::all(client.clone()),
+            crate::cluster::watch_from_cache(
+                Api::<Slim<Namespace>>::all(client.clone()),
                 watcher::Config::default(),
             )
-            .modify(refresher::slim_namespace),
+            .map_ok(crate::slim::unwrap)
+            .modify(move |ns| refresher::slim_namespace(ns, &policy)),
         )
         .backoff(crate::cluster::WatchBackoff::default())
         .scan(Vec::new(), move |relisted, event| {

@@ -64,6 +64,8 @@ pub struct NamespacePolicy {
     /// that slips by selects nothing rather than everything.
     selector: Option<Selector>,
     excluded: BTreeSet<String>,
+    /// The label keys the selector reads: no other label can change a namespace's eligibility.
+    label_keys: BTreeSet<String>,
 }
 
 /// Why a namespace is or is not served.
@@ -84,9 +86,22 @@ impl NamespacePolicy {
             ALWAYS_EXCLUDED.iter().map(|s| s.to_string()).collect();
         excluded.extend(own_namespace.map(str::to_string));
         excluded.extend(extra_excluded.iter().cloned());
+        let label_keys = selector
+            .match_labels
+            .iter()
+            .flat_map(|m| m.keys().cloned())
+            .chain(
+                selector
+                    .match_expressions
+                    .iter()
+                    .flatten()
+                    .map(|e| e.key.clone()),
+            )
+            .collect();
         Self {
             selector: Selector::try_from(selector).ok(),
             excluded,
+            label_keys,
         }
     }
 
@@ -110,6 +125,12 @@ impl NamespacePolicy {
 
     pub(crate) fn is_excluded(&self, name: &str) -> bool {
         self.excluded.contains(name)
+    }
+
+    /// Whether a label with this key can change a namespace's eligibility: the Namespace
+    /// watch keeps only those (with thousands of namespaces, other labels are most of it).
+    pub(crate) fn reads_label(&self, key: &str) -> bool {
+        self.label_keys.contains(key)
     }
 }
 
@@ -227,6 +248,46 @@ mod tests {
             &labels(&[("tier", "a"), ("team", "x"), ("env", "prod")])
         ));
         assert!(!matches(&s, &labels(&[("tier", "a")])));
+    }
+
+    #[test]
+    fn labels_the_selector_does_not_read_change_nothing() {
+        let selectors = [
+            opt_in(),
+            LabelSelector {
+                match_labels: Some(labels(&[("inject", "enabled")])),
+                match_expressions: Some(vec![
+                    expr("tier", "In", &["a"]),
+                    expr("legacy", "DoesNotExist", &[]),
+                ]),
+            },
+        ];
+        let namespaces = [
+            labels(&[("inject", "enabled"), ("tier", "a"), ("x", "y")]),
+            labels(&[
+                ("inject", "enabled"),
+                ("tier", "a"),
+                ("legacy", "1"),
+                ("x", "y"),
+            ]),
+            labels(&[("inject", "enabled"), ("kubernetes.io/metadata.name", "n")]),
+            labels(&[("x", "y")]),
+        ];
+        for selector in &selectors {
+            let p = NamespacePolicy::new(selector.clone(), None, &[]);
+            for all in &namespaces {
+                let mut read = all.clone();
+                read.retain(|k, _| p.reads_label(k));
+                assert_eq!(
+                    p.eligibility("ns", Some(&read)),
+                    p.eligibility("ns", Some(all)),
+                    "{selector:?} {all:?}"
+                );
+            }
+        }
+        let p = NamespacePolicy::new(selectors[1].clone(), None, &[]);
+        assert!(p.reads_label("inject") && p.reads_label("tier") && p.reads_label("legacy"));
+        assert!(!p.reads_label("x"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::images;
 use super::subject::{IdentityScope, Subject};
 
 /// The kubelet's mark on the API server's copy of a static Pod; those may not reference Secrets.
-const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+pub(crate) const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// What a Pod of an opted-in namespace is expected to carry.
 #[derive(Clone, Copy, Debug)]
@@ -196,6 +196,17 @@ mod tests {
             ),
         ] {
             assert_eq!(missing_pull_secret(&pod, &expected), answer, "{what}");
+            // The Pod watch decodes only what this reads: the same answer from that.
+            let slim = serde_json::from_value::<crate::slim::Slim<Pod>>(
+                serde_json::to_value(&pod).unwrap(),
+            )
+            .unwrap()
+            .0;
+            assert_eq!(
+                missing_pull_secret(&slim, &expected),
+                answer,
+                "{what}, slim"
+            );
         }
     }
 

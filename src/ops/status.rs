@@ -16,6 +16,7 @@ use crate::secret::capacity::{self, Tracked};
 use crate::secret::layout::{self, Assessment, EXPIRES_AT, ISSUED_AT, REGISTRIES};
 use crate::secret::renewal::Schedule;
 use crate::settings::Settings;
+use crate::slim::Slim;
 
 /// One opted-in namespace as the cluster shows it.
 #[derive(Clone, Debug, PartialEq)]
@@ -81,12 +82,12 @@ pub async fn collect(client: &Client, settings: &Settings) -> Result<Vec<Row>, k
             only_for_hosts: hosts.as_deref(),
         };
         // The Secret each unpatched Pod lacks.
-        let lacking: Vec<String> = Api::<Pod>::namespaced(client.clone(), &name)
+        let lacking: Vec<String> = Api::<Slim<Pod>>::namespaced(client.clone(), &name)
             .list(&ListParams::default())
             .await?
             .items
             .iter()
-            .filter_map(|p| missing_pull_secret(p, &expected))
+            .filter_map(|p| missing_pull_secret(&p.0, &expected))
             .collect();
         for (secret_name, secret) in secrets {
             let annotation = |s: &Secret, k: &str| {

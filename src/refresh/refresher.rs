@@ -20,13 +20,14 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::watched::Watched;
 use crate::config::InjectMode;
-use crate::core::namespaces::{Eligibility, REGISTRIES_ANNOTATION};
+use crate::core::namespaces::{Eligibility, NamespacePolicy};
 use crate::core::patch;
 use crate::core::subject::{IdentityScope, Subject};
 use crate::secret::layout::{self, Seen, MANAGED_BY_LABEL, MANAGER};
 use crate::secret::provisioner::{Known, ProvisionError, Provisioner};
 use crate::secret::renewal;
 use crate::settings::Settings;
+use crate::slim::{self, Slim, Slimmed};
 
 /// How long to wait before looking again at a namespace whose Secret belongs to someone else.
 const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
@@ -101,6 +102,7 @@ impl Refresher {
                 Box::new(|_: &Secret| true) as Wakes<Secret>,
             )),
             None,
+            provisioner.clone(),
         )];
         // ServiceAccounts: which ones lack the Secret (created before the namespace opted in,
         // or while the webhook was down), and per ServiceAccount, whose Secrets to keep. In
@@ -164,6 +166,7 @@ impl Refresher {
                 attached,
                 wake,
                 gone,
+                provisioner.clone(),
             ));
             accounts
         });
@@ -344,29 +347,36 @@ type Gone = Box<dyn Fn(&str, &str) + Send>;
 /// Which changed objects wake their namespace.
 type Wakes<K> = Box<dyn Fn(&K) -> bool + Send>;
 
-/// Folds a watch of `K` into `view`, names each touched object's namespace on `touched`, if
-/// given (after `view` shows the change), and tells `gone`, if given, each object that left
-/// the view (deleted, or missing from a relist).
+/// Folds a watch of `K` (decoded slim, from the API server's cache) into `view`, names each
+/// touched object's namespace on `touched`, if given (after `view` shows the change), and tells
+/// `gone`, if given, each object that left the view (deleted, or missing from a relist).
+/// `pull_secret_injector_watch_synced{kind}` says whether the view is complete.
 fn follow<K, S>(
-    api: Api<K>,
+    api: Api<Slim<K>>,
     config: watcher::Config,
     view: Arc<Watched<S>>,
     summarise: impl Fn(&K) -> S + Send + 'static,
     touched: Option<(mpsc::UnboundedSender<String>, Wakes<K>)>,
     gone: Option<Gone>,
+    provisioner: Arc<Provisioner>,
 ) -> futures::future::BoxFuture<'static, ()>
 where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-    K::DynamicType: Default,
+    K: Slimmed + kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + 'static,
     S: Clone + Send + Sync + 'static,
 {
-    use futures::FutureExt;
-    watcher(api, config)
+    use futures::{FutureExt, TryStreamExt};
+    let kind = K::kind(&());
+    provisioner.metrics().watch_synced(&kind, false);
+    crate::cluster::watch_from_cache(api, config)
+        .map_ok(slim::unwrap)
         .backoff(crate::cluster::WatchBackoff::default())
         .for_each(move |event| {
             match event {
                 Ok(event) => {
                     let left = view.apply(&event, &summarise);
+                    if matches!(event, watcher::Event::Init | watcher::Event::InitDone) {
+                        provisioner.metrics().watch_synced(&kind, view.is_synced());
+                    }
                     if let Some(gone) = &gone {
                         for (namespace, name) in &left {
                             gone(namespace, name);
@@ -384,37 +394,38 @@ where
                         }
                     }
                 }
-                // Reconciles read from the API server meanwhile; a lasting failure here is
-                // most likely a missing RBAC rule, so it is worth a warning.
-                Err(e) => tracing::warn!(error = %e, kind = %K::kind(&Default::default()), "watch failed; retrying"),
+                // Until this watch has listed once, reconciles wait for it; a lasting failure
+                // here (most likely a missing RBAC rule) holds every namespace back.
+                Err(e) if !view.has_listed() => tracing::warn!(error = %e, %kind, "watch cannot list; reconciles wait for its first list; retrying"),
+                Err(e) => tracing::warn!(error = %e, %kind, "watch failed; retrying"),
             }
             futures::future::ready(())
         })
         .boxed()
 }
 
-/// Keeps of a Namespace only what deciding about it needs (name, labels, deletion, its registry
-/// selection): with thousands of namespaces, managed fields and annotations would be most of
+/// Keeps of a Namespace (decoded slim: name, labels, deletion, its registry selection) only
+/// what deciding about it needs: the labels `policy` reads, and not the uid or resourceVersion
+/// (the watch has read that by now). With thousands of namespaces, the rest would be most of
 /// the memory.
-pub(crate) fn slim_namespace(ns: &mut Namespace) {
-    ns.metadata.managed_fields = None;
-    ns.metadata.annotations = ns
-        .metadata
-        .annotations
-        .take()
-        .and_then(|mut a| a.remove(REGISTRIES_ANNOTATION))
-        .map(|v| [(REGISTRIES_ANNOTATION.to_string(), v)].into());
-    ns.spec = None;
-    ns.status = None;
+pub(crate) fn slim_namespace(ns: &mut Namespace, policy: &NamespacePolicy) {
+    let meta = &mut ns.metadata;
+    meta.uid = None;
+    meta.resource_version = None;
+    if let Some(labels) = meta.labels.as_mut() {
+        labels.retain(|key, _| policy.reads_label(key));
+    }
+    if meta.labels.as_ref().is_some_and(|l| l.is_empty()) {
+        meta.labels = None;
+    }
 }
 
-/// How long after the refresher starts reconciles wait for a watch's first full list; after
-/// that they ask the API server themselves.
-const FIRST_LIST_WAIT: Duration = Duration::from_secs(30);
-
-/// Whether `view` holds a full list, waiting for the first one if need be.
+/// Whether `view` holds a full list, waiting for its first one however long that takes: at
+/// start-up a namespace not yet in the view is not read from the API server one by one (the
+/// list may take a while with 100,000 Secrets); during a later relist the answer is `false`
+/// and callers ask the API server, as renewals must not wait on a watch that is down.
 async fn listed<S: Clone>(view: &Watched<S>) -> bool {
-    view.synced_within(FIRST_LIST_WAIT).await
+    view.first_list().await
 }
 
 impl Context {
@@ -630,6 +641,33 @@ mod tests {
 
     fn namespace(name: &str) -> Namespace {
         serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap()
+    }
+
+    #[test]
+    fn a_namespace_keeps_the_labels_the_selector_reads() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+        let selector: LabelSelector =
+            serde_json::from_value(serde_json::json!({"matchLabels": {"inject": "enabled"}}))
+                .unwrap();
+        let policy = NamespacePolicy::new(selector, None, &[]);
+        let mut ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {
+            "name": "team", "uid": "u", "resourceVersion": "5",
+            "labels": {"inject": "enabled", "kubernetes.io/metadata.name": "team"},
+            "annotations": {"pull-secret-injector.io/registries": "r.example"}}}))
+        .unwrap();
+        slim_namespace(&mut ns, &policy);
+        let expected: Namespace = serde_json::from_value(serde_json::json!({"metadata": {
+            "name": "team", "labels": {"inject": "enabled"},
+            "annotations": {"pull-secret-injector.io/registries": "r.example"}}}))
+        .unwrap();
+        assert_eq!(ns, expected);
+        let mut other = namespace("other");
+        other.metadata.labels = Some([("team".to_string(), "a".to_string())].into());
+        slim_namespace(&mut other, &policy);
+        assert_eq!(
+            other.metadata.labels, None,
+            "no label the selector reads: none kept"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,12 +1,13 @@
 //! Pods that slipped through admission without the pull Secret (`core::pods`), as the leader's
 //! Pod watch sees them: counted in `pods_without_pull_secret`, and each gets one Warning Event
 //! (`MissingPullSecret`) saying what to do. No Pod is ever changed: its pull Secrets cannot be
-//! after admission. Only what that needs is kept: the UIDs of the Pods flagged, not the Pods.
+//! after admission. Only what that needs is decoded (`slim`), and kept: the UIDs of the Pods
+//! flagged, not the Pods.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -17,6 +18,7 @@ use crate::core::namespaces::{registries_annotation, registries_for, Eligibility
 use crate::core::pods::{self, Expected};
 use crate::secret::provisioner::Provisioner;
 use crate::settings::Settings;
+use crate::slim::Slim;
 
 /// The Event's reason, as `kubectl get events` shows it.
 pub(crate) const REASON: &str = "MissingPullSecret";
@@ -72,7 +74,9 @@ pub(super) fn follow(
         if !crate::cluster::wait_until_ready(&namespaces).await {
             return;
         }
-        watcher(Api::<Pod>::all(client), watcher::Config::default())
+        // Decoded slim: only what `core::pods` reads, whatever else the Pods hold.
+        crate::cluster::watch_from_cache(Api::<Slim<Pod>>::all(client), watcher::Config::default())
+            .map_ok(crate::slim::unwrap)
             .backoff(crate::cluster::WatchBackoff::default())
             .for_each(|event| {
                 let (flagged, settings, namespaces, provisioner) = (

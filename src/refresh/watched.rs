@@ -1,7 +1,7 @@
 //! Objects as the refresher's watches last saw them, each reduced to a small summary: a managed
 //! Secret to what it says about itself (`layout::assess`), a ServiceAccount to whether it
 //! references its pull Secret. The refresher reads these instead of asking the API server:
-//! adopting 10,000 namespaces at start-up then costs a few paged LISTs instead of a GET and a
+//! adopting 10,000 namespaces at start-up then costs one list of each kind instead of a GET and a
 //! LIST per namespace, and checking a namespace at renewal costs no read at all. Credentials
 //! are not kept.
 //!
@@ -9,38 +9,64 @@
 //! refresher already believes, or that nothing needs doing; anything else (absent, different,
 //! damaged) sends the caller to the API server, as without the view.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::ops::Bound;
+#[cfg(test)]
+use std::sync::Arc;
 use std::sync::RwLock;
 
 use kube::runtime::watcher::Event;
 use kube::{Resource, ResourceExt};
 
-/// Summaries by namespace, then name.
-type ByNamespace<S> = HashMap<String, HashMap<String, S>>;
+/// Summaries by `namespace/name` (neither name holds a `/`), in order, so that a namespace's
+/// objects are one range. One flat map rather than a map per namespace: a hash map per
+/// namespace cost a table of its own for the one or two objects most namespaces have.
+type Entries<S> = BTreeMap<Box<str>, S>;
+
+fn key(namespace: &str, name: &str) -> Box<str> {
+    format!("{namespace}/{name}").into_boxed_str()
+}
+
+/// The names and summaries of `namespace`'s objects.
+fn in_namespace<'a, S>(
+    entries: &'a Entries<S>,
+    namespace: &str,
+) -> impl Iterator<Item = (&'a str, &'a S)> + 'a {
+    let prefix = format!("{namespace}/");
+    entries
+        .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+        .map(move |(k, s)| (k.strip_prefix(prefix.as_str()), s))
+        .take_while(|(name, _)| name.is_some())
+        .filter_map(|(name, s)| Some((name?, s)))
+}
+
+/// `namespace/name` split again.
+fn split(key: &str) -> (String, String) {
+    let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+    (namespace.to_string(), name.to_string())
+}
 
 pub(crate) struct Watched<S> {
     state: RwLock<State<S>>,
     /// True once a first complete list has been folded in.
     synced: tokio::sync::watch::Sender<bool>,
-    created: std::time::Instant,
 }
 
 struct State<S> {
-    current: ByNamespace<S>,
+    current: Entries<S>,
     /// During a (re)list: the objects listed so far. When the list completes they replace
     /// `current`, which drops the objects deleted while the watch was down.
-    relisting: Option<ByNamespace<S>>,
+    relisting: Option<Entries<S>>,
 }
 
 impl<S> Default for Watched<S> {
     fn default() -> Self {
         Self {
             state: RwLock::new(State {
-                current: HashMap::new(),
+                current: BTreeMap::new(),
                 relisting: None,
             }),
             synced: tokio::sync::watch::Sender::new(false),
-            created: std::time::Instant::now(),
         }
     }
 }
@@ -57,53 +83,41 @@ impl<S: Clone> Watched<S> {
         summarise: impl Fn(&K) -> S,
     ) -> Vec<(String, String)> {
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
-        let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
+        let key_of = |o: &K| key(&o.namespace().unwrap_or_default(), &o.name_any());
         match event {
             // The first list fills the view directly (nothing to keep apart from it, and no
             // second copy of 10,000 entries); a relist fills a buffer beside the old view.
-            Event::Init if *self.synced.borrow() => state.relisting = Some(HashMap::new()),
+            Event::Init if *self.synced.borrow() => state.relisting = Some(BTreeMap::new()),
             Event::Init => state.current.clear(),
             Event::InitApply(object) => {
-                let ((namespace, name), summary) = (key(object), summarise(object));
+                let (key, summary) = (key_of(object), summarise(object));
                 let into = match state.relisting.as_mut() {
                     Some(listed) => listed,
                     None => &mut state.current,
                 };
-                into.entry(namespace).or_default().insert(name, summary);
+                into.insert(key, summary);
             }
             Event::InitDone => {
                 let mut gone = Vec::new();
                 if let Some(listed) = state.relisting.take() {
-                    for (namespace, names) in &state.current {
-                        for name in names.keys() {
-                            if listed.get(namespace).is_none_or(|l| !l.contains_key(name)) {
-                                gone.push((namespace.clone(), name.clone()));
-                            }
-                        }
-                    }
+                    gone = state
+                        .current
+                        .keys()
+                        .filter(|k| !listed.contains_key(*k))
+                        .map(|k| split(k))
+                        .collect();
                     state.current = listed;
                 }
                 self.synced.send_replace(true);
                 return gone;
             }
             Event::Apply(object) => {
-                let ((namespace, name), summary) = (key(object), summarise(object));
-                state
-                    .current
-                    .entry(namespace)
-                    .or_default()
-                    .insert(name, summary);
+                let (key, summary) = (key_of(object), summarise(object));
+                state.current.insert(key, summary);
             }
             Event::Delete(object) => {
-                let (namespace, name) = key(object);
-                if let Some(names) = state.current.get_mut(&namespace) {
-                    let removed = names.remove(&name).is_some();
-                    if names.is_empty() {
-                        state.current.remove(&namespace);
-                    }
-                    if removed {
-                        return vec![(namespace, name)];
-                    }
+                if let Some((key, _)) = state.current.remove_entry(&*key_of(object)) {
+                    return vec![split(&key)];
                 }
             }
         }
@@ -115,35 +129,30 @@ impl<S: Clone> Watched<S> {
     pub(crate) fn get(&self, namespace: &str, name: &str) -> Option<S> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
         let seen = state.relisting.as_ref().unwrap_or(&state.current);
-        seen.get(namespace)?.get(name).cloned()
+        seen.get(&*key(namespace, name)).cloned()
     }
 
     /// Whether the namespace holds any object.
     pub(crate) fn any_in(&self, namespace: &str) -> bool {
-        self.state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .current
-            .contains_key(namespace)
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let any = in_namespace(&state.current, namespace).next().is_some();
+        any
     }
 
     /// Whether every object of the namespace (none at all included) passes `check`.
     pub(crate) fn all_in(&self, namespace: &str, check: impl Fn(&S) -> bool) -> bool {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        state
-            .current
-            .get(namespace)
-            .is_none_or(|names| names.values().all(check))
+        let all = in_namespace(&state.current, namespace).all(|(_, s)| check(s));
+        all
     }
 
     /// The names of the namespace's objects.
     pub(crate) fn names_in(&self, namespace: &str) -> Vec<String> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        state
-            .current
-            .get(namespace)
-            .map(|names| names.keys().cloned().collect())
-            .unwrap_or_default()
+        let names = in_namespace(&state.current, namespace)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        names
     }
 
     /// Whether the view is complete: its first list has been folded in, and no relist (after
@@ -158,15 +167,14 @@ impl<S: Clone> Watched<S> {
                 .is_none()
     }
 
-    /// Whether the view is complete, waiting for the first list until `limit` after the view
-    /// was made. The limit is shared by all callers: when the watch cannot list (an
-    /// RBAC rule missing after an upgrade), only the first ones wait, not every caller in turn.
-    pub(crate) async fn synced_within(&self, limit: std::time::Duration) -> bool {
-        if !self.is_synced() {
-            let rest = limit.saturating_sub(self.created.elapsed());
-            let _ = tokio::time::timeout(rest, self.synced.subscribe().wait_for(|synced| *synced))
-                .await;
-        }
+    /// Whether a first complete list has been folded in (a relist may be under way since).
+    pub(crate) fn has_listed(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Whether the view is complete, waiting for its first list however long that takes.
+    pub(crate) async fn first_list(&self) -> bool {
+        let _ = self.synced.subscribe().wait_for(|listed| *listed).await;
         self.is_synced()
     }
 }
@@ -265,6 +273,31 @@ mod tests {
     }
 
     #[test]
+    fn a_namespace_is_not_confused_with_one_whose_name_it_begins() {
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let w: Watched<bool> = Watched::default();
+        let account = |namespace: &str, name: &str| {
+            let mut sa = ServiceAccount::default();
+            sa.metadata.namespace = Some(namespace.into());
+            sa.metadata.name = Some(name.into());
+            sa
+        };
+        for (namespace, name, attached) in [
+            ("team", "default", true),
+            ("team-a", "builder", false),
+            ("team.b", "x", false),
+            ("tea", "y", false),
+        ] {
+            w.apply(&Event::Apply(account(namespace, name)), |_| attached);
+        }
+        assert_eq!(w.names_in("team"), ["default"]);
+        assert!(w.all_in("team", |attached| *attached));
+        assert!(w.any_in("team-a") && !w.any_in("te"));
+        assert_eq!(w.get("team-a", "builder"), Some(false));
+        assert_eq!(w.get("team", "builder"), None);
+    }
+
+    #[test]
     fn a_namespace_without_objects_passes_every_check() {
         use k8s_openapi::api::core::v1::ServiceAccount;
         let w: Watched<bool> = Watched::default();
@@ -284,13 +317,22 @@ mod tests {
         assert_eq!(names, ["builder", "default"]);
     }
 
-    #[tokio::test]
-    async fn callers_wait_for_the_first_list_only_until_one_deadline() {
+    #[tokio::test(start_paused = true)]
+    async fn callers_wait_for_the_first_list_however_long_it_takes() {
         use k8s_openapi::api::core::v1::ServiceAccount;
-        let w: Watched<bool> = Watched::default();
-        // A watch that cannot list: the caller gets `false` and reads from the API server.
-        assert!(!w.synced_within(std::time::Duration::from_millis(20)).await);
+        let w: Arc<Watched<bool>> = Arc::new(Watched::default());
+        let waiting = tokio::spawn({
+            let w = w.clone();
+            async move { w.first_list().await }
+        });
+        // A watch that cannot list for ten minutes (an RBAC rule missing): still waiting.
+        tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+        assert!(!waiting.is_finished() && !w.has_listed());
+        w.apply(&Event::<ServiceAccount>::Init, |_| true);
         w.apply(&Event::<ServiceAccount>::InitDone, |_| true);
-        assert!(w.synced_within(std::time::Duration::ZERO).await);
+        assert!(waiting.await.unwrap(), "complete once listed");
+        // During a relist the answer comes at once: not complete, ask the API server.
+        w.apply(&Event::<ServiceAccount>::Init, |_| true);
+        assert!(!w.first_list().await && w.has_listed());
     }
 }

@@ -41,7 +41,60 @@ pub struct Issued {
     pub expires_at: Timestamp,
     pub content_sha256: String,
     /// Each registry host's credential lifetime.
-    pub registries: BTreeMap<String, Lifetime>,
+    pub registries: Registries,
+}
+
+/// Each registry host's credential lifetime, by host. A sorted slice rather than a
+/// `BTreeMap`: a Secret holds one or a few, and a map's node has room for eleven (640 bytes
+/// per Secret, twice: the refresher's view and the provisioner's cache hold one each).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Registries(Box<[(String, Lifetime)]>);
+
+impl Registries {
+    pub fn get(&self, host: &str) -> Option<&Lifetime> {
+        self.0
+            .binary_search_by(|(h, _)| h.as_str().cmp(host))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    pub fn contains_key(&self, host: &str) -> bool {
+        self.get(host).is_some()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(h, _)| h)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Lifetime> {
+        self.0.iter().map(|(_, l)| l)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// By host; a host given twice keeps its last lifetime, as a map's `collect` would.
+impl FromIterator<(String, Lifetime)> for Registries {
+    fn from_iter<I: IntoIterator<Item = (String, Lifetime)>>(iter: I) -> Self {
+        let sorted: BTreeMap<String, Lifetime> = iter.into_iter().collect();
+        Self(sorted.into_iter().collect())
+    }
+}
+
+impl serde::Serialize for Registries {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(h, l)| (h, l)))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Registries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(BTreeMap::<String, Lifetime>::deserialize(d)?
+            .into_iter()
+            .collect())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -54,7 +107,7 @@ pub struct Lifetime {
 impl Issued {
     /// One registry's lifetime for all of the Secret (tests, benchmarks).
     pub fn single(host: &str, issued_at: Timestamp, expires_at: Timestamp) -> Self {
-        let registries = BTreeMap::from([(
+        let registries = Registries::from_iter([(
             host.to_string(),
             Lifetime {
                 issued_at,
@@ -132,7 +185,7 @@ pub fn build(
     credentials: &[(String, Credential)],
 ) -> (Secret, Issued) {
     let data = docker_config_json(credentials);
-    let registries: BTreeMap<String, Lifetime> = credentials
+    let registries: Registries = credentials
         .iter()
         .map(|(h, c)| {
             (
@@ -214,7 +267,7 @@ pub fn assess(secret: Option<&Secret>) -> Assessment {
                 && secret.type_.as_deref() == Some(DOCKER_CONFIG_TYPE) => {}
         _ => return Assessment::Tampered,
     }
-    let registries: Option<BTreeMap<String, Lifetime>> =
+    let registries: Option<Registries> =
         get(CREDENTIALS).and_then(|v| serde_json::from_str(v).ok());
     let Some(registries) = registries.filter(|r| !r.is_empty()) else {
         return Assessment::Outdated;
@@ -389,11 +442,15 @@ mod tests {
         assert_eq!(a[EXPIRES_AT], "1970-01-01T00:33:20Z");
         assert_eq!(a[REGISTRIES], "ghcr.io,registry.example.com");
         assert_eq!(
-            issued.registries["ghcr.io"].expires_at,
+            issued.registries.get("ghcr.io").unwrap().expires_at,
             Timestamp::from_second(2000).unwrap()
         );
         assert_eq!(
-            issued.registries["registry.example.com"].expires_at,
+            issued
+                .registries
+                .get("registry.example.com")
+                .unwrap()
+                .expires_at,
             Timestamp::from_second(4600).unwrap()
         );
         assert_eq!(assess(Some(&s)), Assessment::Intact(issued.clone()));

@@ -204,6 +204,10 @@ impl Provisioner {
         &self.metrics
     }
 
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     /// The Warning Events recorder, shared with the refresher's Pod watch.
     pub(crate) fn events(&self) -> &Events {
         &self.events
@@ -321,6 +325,12 @@ impl Provisioner {
         let fresh = self.fresh(subject, issued, &selection.hosts);
         self.failures.provisioned(&subject.key());
         self.cache.insert(subject.key(), fresh).await;
+    }
+
+    /// Finishes the cache's pending bookkeeping; returns how many entries it holds.
+    pub(crate) async fn settle_cache(&self) -> u64 {
+        self.cache.run_pending_tasks().await;
+        self.cache.entry_count()
     }
 
     /// Whether the subject's entry is cached and fresh: no I/O.

@@ -100,7 +100,7 @@ impl Schedule {
     ) -> Plan {
         let mut plan = Plan::default();
         for host in configured {
-            match stored.and_then(|i| i.registries.get(*host)) {
+            match stored.and_then(|i| i.registries.get(host)) {
                 Some(l) if now < self.renew_at(l) => plan.keep.push(host.to_string()),
                 _ => plan.mint.push(host.to_string()),
             }
@@ -147,13 +147,13 @@ impl Schedule {
     ) -> Timestamp {
         let earliest = configured
             .iter()
-            .filter_map(|h| issued.registries.get(*h))
+            .filter_map(|h| issued.registries.get(h))
             .map(|l| self.renew_at(l))
             .min()
             .unwrap_or(now);
         let incomplete = configured
             .iter()
-            .any(|h| !issued.registries.contains_key(*h));
+            .any(|h| !issued.registries.contains_key(h));
         if incomplete {
             let soon = now
                 .checked_add(SignedDuration::try_from(retry).unwrap_or(SignedDuration::ZERO))
@@ -204,7 +204,7 @@ mod tests {
     }
 
     fn secret(registries: &[(&str, i64, i64)]) -> Issued {
-        let registries: std::collections::BTreeMap<String, Lifetime> = registries
+        let registries: crate::secret::layout::Registries = registries
             .iter()
             .map(|(h, i, e)| (h.to_string(), issued(*i, *e)))
             .collect();
@@ -285,7 +285,7 @@ mod tests {
         let ab = ["a.example", "b.example"];
         let subject = Subject::service_account("ns", "builder");
         let s = schedule(&subject, rb);
-        let due = s.renew_at(&one.registries["a.example"]);
+        let due = s.renew_at(one.registries.get("a.example").unwrap());
         let keep = |issued, renew_at| Decision::Keep { issued, renew_at };
         let write = |mint: &[&str], drop: &[&str], keep: &[&str]| {
             let v = |h: &[&str]| h.iter().map(|h| h.to_string()).collect::<Vec<_>>();

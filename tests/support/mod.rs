@@ -261,6 +261,12 @@ pub const AUDITED_USER: &str = "system:serviceaccount:psi-audited:injector";
 /// The service's client (`api_client`, default limits) acting as [`AUDITED_USER`], bound to
 /// cluster-admin: what the service is then seen asking is what it asks, not what RBAC lets it.
 pub async fn audited_client() -> Client {
+    // The service's own client, as `serve` makes it: rate limited, 429s waited out.
+    pull_secret_injector::api_client::client(audited_config().await, &Default::default()).unwrap()
+}
+
+/// The client configuration of [`audited_client`] (to build a client with a layer added).
+pub async fn audited_config() -> kube::Config {
     use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
     let cp = ControlPlane::get();
     let admin = cp.client().await;
@@ -300,8 +306,7 @@ pub async fn audited_client() -> Client {
     let mut config = kube::Config::new(cp.server().parse().unwrap());
     config.accept_invalid_certs = true;
     config.auth_info.token = Some(token.into());
-    // The service's own client, as `serve` makes it: rate limited, 429s waited out.
-    pull_secret_injector::api_client::client(config, &Default::default()).unwrap()
+    config
 }
 
 /// Tests that run the service take turns: two instances with different selectors would each
