@@ -20,7 +20,6 @@ use serde::Deserialize;
 
 use crate::core::namespaces::REGISTRIES_ANNOTATION;
 use crate::core::pods::MIRROR_ANNOTATION;
-use crate::secret::layout::{DOCKER_CONFIG_KEY, MANAGED_BY_LABEL};
 
 /// A `K` decoded with only the fields its checks read.
 #[derive(Clone, Debug)]
@@ -61,13 +60,14 @@ impl<K: kube::Resource<DynamicType = ()>> kube::Resource for Slim<K> {
     }
 }
 
-/// Which label and annotation keys are kept. The rest of the metadata kept is what every
-/// watch needs: name, namespace, uid, resourceVersion (a watch resumes from it) and
-/// deletionTimestamp.
+/// Which label and annotation keys are kept, and whether owner references and finalizers are.
+/// The rest of the metadata kept is what every watch needs: name, namespace, uid,
+/// resourceVersion (a watch resumes from it) and deletionTimestamp.
 #[derive(Clone, Copy)]
 struct Keep {
     label: fn(&str) -> bool,
     annotation: fn(&str) -> bool,
+    owners: bool,
 }
 
 fn none(_: &str) -> bool {
@@ -108,6 +108,8 @@ impl<'de> Visitor<'de> for Keep {
                 "annotations" => {
                     meta.annotations = map.next_value_seed(Only::new(self.annotation))?
                 }
+                "ownerReferences" if self.owners => meta.owner_references = map.next_value()?,
+                "finalizers" if self.owners => meta.finalizers = map.next_value()?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -211,10 +213,14 @@ fn names<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Erro
 
 macro_rules! meta_with {
     ($name:ident, $label:expr, $annotation:expr) => {
+        meta_with!($name, $label, $annotation, false);
+    };
+    ($name:ident, $label:expr, $annotation:expr, $owners:expr) => {
         fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
             Keep {
                 label: $label,
                 annotation: $annotation,
+                owners: $owners,
             }
             .deserialize(d)
         }
@@ -225,9 +231,10 @@ macro_rules! meta_with {
 meta_with!(pod_meta, none, |k| k == MIRROR_ANNOTATION);
 // ServiceAccounts: whether they list the Secret is in their lists, not their metadata.
 meta_with!(account_meta, none, none);
-// Managed Secrets: the label that marks them ours, and our annotations (`layout::assess`).
-meta_with!(secret_meta, |k| k == MANAGED_BY_LABEL, |k| k
-    .starts_with("pull-secret-injector.io/"));
+// Managed Secrets: all that a replace sets, so that `layout::Written` of the watched Secret is
+// that of the stored one (a write that would change nothing is skipped by it); only managed
+// fields are left out. The watch keeps a summary, not the Secret.
+meta_with!(secret_meta, all, all, true);
 // Namespaces: every label (the selector may name any), the registry selection.
 meta_with!(namespace_meta, all, |k| k == REGISTRIES_ANNOTATION);
 
@@ -330,28 +337,23 @@ impl Slimmed for ServiceAccount {
 
 impl Slimmed for Secret {
     fn decode<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        fn docker_config(k: &str) -> bool {
-            k == DOCKER_CONFIG_KEY
-        }
-        fn data<'de, D: Deserializer<'de>>(
-            d: D,
-        ) -> Result<Option<BTreeMap<String, ByteString>>, D::Error> {
-            Only::new(docker_config).deserialize(d)
-        }
         #[derive(Deserialize)]
         struct Fields {
             #[serde(default, deserialize_with = "secret_meta")]
             metadata: ObjectMeta,
             #[serde(default, rename = "type")]
             type_: Option<String>,
-            #[serde(default, deserialize_with = "data")]
+            #[serde(default)]
             data: Option<BTreeMap<String, ByteString>>,
+            #[serde(default)]
+            immutable: Option<bool>,
         }
         let f = Fields::deserialize(d)?;
         Ok(Secret {
             metadata: f.metadata,
             type_: f.type_,
             data: f.data,
+            immutable: f.immutable,
             ..Default::default()
         })
     }
@@ -467,7 +469,7 @@ mod tests {
     }
 
     #[test]
-    fn a_managed_secret_is_assessed_as_in_full() {
+    fn a_managed_secret_is_read_as_stored_but_for_managed_fields() {
         use crate::core::credential::{Credential, Sensitive};
         use crate::secret::layout;
         let now = jiff::Timestamp::now();
@@ -477,16 +479,25 @@ mod tests {
             issued_at: now,
             expires_at: now + jiff::SignedDuration::from_hours(1),
         };
-        let (mut full, _) =
-            layout::build("team", "pull-secret", &[("r.example".into(), credential)]);
-        full.metadata.resource_version = Some("9".into());
+        let (full, _) = layout::build("team", "pull-secret", &[("r.example".into(), credential)]);
         let mut stored = serde_json::to_value(&full).unwrap();
-        stored["metadata"]["managedFields"] = managed_fields();
+        // What the API server and users add: a version, an owner (serviceAccount scope),
+        // someone else's label, annotation, finalizer and key.
+        stored["metadata"]["resourceVersion"] = json!("9");
+        stored["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1",
+            "kind": "ServiceAccount", "name": "builder", "uid": "u1"}]);
+        stored["metadata"]["labels"]["team"] = json!("a");
         stored["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] =
             json!("{}");
+        stored["metadata"]["finalizers"] = json!(["example.com/keep"]);
         stored["data"]["extra"] = json!("eA==");
+        let as_stored: Secret = serde_json::from_value(stored.clone()).unwrap();
+        stored["metadata"]["managedFields"] = managed_fields();
         let secret: Secret = slim(stored);
-        assert_eq!(secret, full, "only the extras are left out");
+        assert_eq!(secret, as_stored, "only the managed fields are left out");
+        // The watch's summary of it is that of the stored Secret: a write is skipped only
+        // when it would really change nothing.
+        assert_eq!(layout::seen(&secret), layout::seen(&as_stored));
         assert!(matches!(
             layout::assess(Some(&secret)),
             layout::Assessment::Intact(_)
