@@ -209,6 +209,48 @@ async fn a_namespace_waits_for_its_service_account_without_minting() {
     inj.cleanup().await;
 }
 
+/// The admission of the ServiceAccount a Secret is minted from (the namespace's `default`, made
+/// as the namespace is) cannot mint: the account does not exist until it is admitted. It is
+/// patched and leaves the Secret to the refresher: no TokenRequest refused 404 at admission (the
+/// bench's cold burst found one per new namespace, each holding back the Pods that followed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admission_of_the_minting_service_account_does_not_mint() {
+    let _serial = serial();
+    let cp = ControlPlane::get();
+    let mut inj = Injector::start_with("ren-sa-adm", &kubernetes_registry("puller", 600), "").await;
+    let c = inj.client.clone();
+    let ns = inj.namespace("sa-adm", true).await;
+    let created = Api::<ServiceAccount>::namespaced(c.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "puller"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let refs: Vec<&str> = created
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(
+        refs,
+        ["pull-secret"],
+        "the ServiceAccount is patched at admission"
+    );
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(c.clone(), &ns);
+    wait_for("the Secret", Duration::from_secs(10), || async {
+        secrets.get_opt("pull-secret").await.unwrap().is_some()
+    })
+    .await;
+    assert_eq!(
+        (cp.token_attempts(&ns), cp.token_requests(&ns)),
+        (1, 1),
+        "one TokenRequest, the refresher's, and none refused"
+    );
+    inj.cleanup().await;
+}
+
 /// The figure of one metric line, summed over its label sets.
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()

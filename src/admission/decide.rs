@@ -196,9 +196,12 @@ pub fn decide(
     if req.is_dry_run() {
         return Decision::patched(patch);
     }
-    // Per ServiceAccount, a ServiceAccount being created cannot have a token minted for it
-    // yet: the refresher provisions its Secret once it exists.
-    if scope == IdentityScope::ServiceAccount && target == Target::ServiceAccount {
+    // A ServiceAccount needs no credential yet; the Pods that use it do, and their admissions
+    // provision. Minting here would often be for an account that does not exist yet (in
+    // serviceAccount scope the one being created, per namespace the namespace's `default` at
+    // the namespace's creation, or the registry's own account): refused 404, a mint slot spent
+    // and the Pods that follow held back. The refresher starts the Secret once it exists.
+    if target == Target::ServiceAccount {
         return Decision::patched(patch);
     }
     Decision::Provision {
@@ -337,11 +340,11 @@ mod tests {
                 "",
             ),
             (
-                "a ServiceAccount",
+                "a ServiceAccount is patched, provisioned later",
                 &always,
                 all.clone(),
                 sa_create.clone(),
-                "provision team-a pull-secret",
+                "patched pull-secret",
                 "",
             ),
             // images
