@@ -10,8 +10,8 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerState, ContainerStateWaiting, ContainerStatus, LocalObjectReference, Namespace, ObjectReference, Pod, PodSpec, PodStatus, Secret,
-    ServiceAccount,
+    Container, ContainerState, ContainerStateWaiting, ContainerStatus, LocalObjectReference,
+    Namespace, ObjectReference, Pod, PodSpec, PodStatus, Secret, ServiceAccount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::ByteString;

@@ -168,14 +168,6 @@ impl Bucket {
             false
         }
     }
-
-    /// How long until a token is there, from the last `take`.
-    pub(crate) fn wait(&self) -> Duration {
-        let missing = (1.0 - self.tokens).max(0.0);
-        Duration::from_secs_f64(missing / self.per_second.max(f64::MIN_POSITIVE)).min(
-            Duration::from_secs(3600),
-        )
-    }
 }
 
 #[cfg(test)]
@@ -315,7 +307,12 @@ mod tests {
             controller: "ReplicaSet".into(),
         };
         for (what, pod, situation, decision) in [
-            ("stuck, controlled, Secret there", &stuck_rs, s, evict.clone()),
+            (
+                "stuck, controlled, Secret there",
+                &stuck_rs,
+                s,
+                evict.clone(),
+            ),
             ("bare", &bare, s, Decision::TellToRecreate),
             ("not failing to pull", &pulling, s, Decision::Leave),
             (
@@ -405,7 +402,6 @@ mod tests {
         assert!(b.take(s(0)));
         assert!(b.take(s(0)));
         assert!(!b.take(s(0)), "the burst is spent");
-        assert_eq!(b.wait(), s(10));
         assert!(b.take(s(10)));
         assert!(!b.take(s(11)));
         // A long pause refills to the burst, no more.
