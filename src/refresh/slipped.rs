@@ -11,7 +11,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kube::api::{DeleteParams, EvictParams, Preconditions};
 use tokio::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
@@ -326,19 +325,7 @@ impl Remediate {
     }
 
     async fn evict(&self, uid: &str, stuck: &Stuck, controller: &str) {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &stuck.namespace);
-        // Only this Pod, not one of the same name made since.
-        let params = EvictParams {
-            delete_options: Some(DeleteParams {
-                preconditions: Some(Preconditions {
-                    uid: Some(uid.to_string()),
-                    resource_version: None,
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let result = api.evict(&stuck.name, &params).await.map(|_| ());
+        let result = evict(&self.client, &stuck.namespace, &stuck.name, uid).await;
         let outcome = outcome(&result);
         self.provisioner.metrics().pod_evicted(outcome);
         let (namespace, pod) = (&stuck.namespace, &stuck.name);
@@ -394,6 +381,33 @@ impl Remediate {
             .await;
         self.provisioner.metrics().recreate_pod_events.inc();
     }
+}
+
+/// The Eviction body: only the Pod of this UID (not one of the same name made since), with its
+/// own grace period. Written out rather than kube's `Api::evict`, whose body names the field
+/// `delete_options`, which the API server ignores (and with it the precondition).
+pub(crate) fn eviction(namespace: &str, name: &str, uid: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "policy/v1", "kind": "Eviction",
+        "metadata": {"name": name, "namespace": namespace},
+        "deleteOptions": {"preconditions": {"uid": uid}},
+    })
+}
+
+/// POSTs the eviction of `namespace/name` (UID `uid`).
+async fn evict(client: &Client, namespace: &str, name: &str, uid: &str) -> Result<(), kube::Error> {
+    let body =
+        serde_json::to_vec(&eviction(namespace, name, uid)).map_err(kube::Error::SerdeError)?;
+    let request = http::Request::post(format!(
+        "/api/v1/namespaces/{namespace}/pods/{name}/eviction"
+    ))
+    .header(http::header::CONTENT_TYPE, "application/json")
+    .body(body)
+    .map_err(kube::Error::HttpError)?;
+    client
+        .request::<serde_json::Value>(request)
+        .await
+        .map(|_| ())
 }
 
 fn pod_reference(stuck: &Stuck, uid: &str) -> ObjectReference {
@@ -476,6 +490,18 @@ mod tests {
         f.listing = Some(HashSet::new());
         f.relisted();
         assert!(f.stuck.is_empty());
+    }
+
+    #[test]
+    fn the_eviction_names_the_pods_uid_and_keeps_its_grace_period() {
+        // The exact JSON the API server receives: camelCase deleteOptions (kube's own evict
+        // sends `delete_options`, which is ignored), no gracePeriodSeconds (the fence refuses it).
+        assert_eq!(
+            eviction("team", "app-1", "u1"),
+            serde_json::json!({"apiVersion": "policy/v1", "kind": "Eviction",
+                "metadata": {"name": "app-1", "namespace": "team"},
+                "deleteOptions": {"preconditions": {"uid": "u1"}}})
+        );
     }
 
     #[test]
