@@ -361,7 +361,16 @@ async fn pods_stuck_without_the_secret_are_evicted_when_a_controller_recreates_t
     let selector = serde_json::json!({"matchLabels": {"pull-secret-injector.io/inject": "enabled", "e2e-run": "nodeev"}});
     inj.register_webhook_for(webhook, selector, &["pods", "serviceaccounts"])
         .await;
-    inj.wait_webhook_active().await;
+    wait_for(
+        "the webhook active again",
+        std::time::Duration::from_secs(30),
+        || async {
+            let probe = serde_json::json!({"imagePullSecrets": [{"name": "x"}]});
+            let pod = create_pod(&c, ns, "probe", probe, true).await.pod;
+            pull_secret_names(&pod).contains(&"pull-secret".to_string())
+        },
+    )
+    .await;
     wait_secret(&c, ns, "made once the service is back", |_| true).await;
     // The Deployment's stuck Pod is evicted; its replacement carries the Secret and runs.
     let app_uid = stuck_app.metadata.uid.clone().unwrap();

@@ -11,6 +11,7 @@
 //! [`sources`]: crate::sources
 
 pub mod install;
+pub mod node;
 pub(crate) mod protocol;
 
 use std::collections::BTreeMap;

@@ -573,7 +573,7 @@ impl Injector {
 
     /// The API server picks up a new webhook configuration asynchronously: wait until a dry-run
     /// Pod in an opted-in probe namespace comes back patched.
-    pub async fn wait_webhook_active(&mut self) {
+    async fn wait_webhook_active(&mut self) {
         let ns = self.namespace("probe", true).await;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
