@@ -10,6 +10,7 @@
 //!
 //! [`sources`]: crate::sources
 
+pub mod check;
 pub mod install;
 pub mod node;
 pub(crate) mod protocol;
