@@ -229,8 +229,9 @@ macro_rules! meta_with {
     };
 }
 
-// Pods: whether it is a mirror Pod (`core::pods`), and its controller (`core::remediation`).
-meta_with!(pod_meta, none, |k| k == MIRROR_ANNOTATION, true, false);
+// Pods: whether it is a mirror Pod (`core::pods`), its controller and its labels (which
+// PodDisruptionBudgets select by, `core::remediation`).
+meta_with!(pod_meta, all, |k| k == MIRROR_ANNOTATION, true, false);
 // ServiceAccounts: whether they list the Secret is in their lists, not their metadata.
 meta_with!(account_meta, none, none);
 // Managed Secrets: all that a replace sets, so that `layout::Written` of the watched Secret is
@@ -470,6 +471,7 @@ mod tests {
         let expected: Pod = serde_json::from_value(json!({
             "metadata": {"name": "p", "namespace": "team", "uid": "u1", "resourceVersion": "7",
                          "deletionTimestamp": "2026-12-01T00:00:00Z",
+                         "labels": {"app": "a"},
                          "annotations": {"kubernetes.io/config.mirror": "x"},
                          "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
                                               "name": "rs", "uid": "u2", "controller": true}]},

@@ -842,6 +842,7 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         ("delete", "", "pods", ns, Some("app")),
         // Evictions only with remediation.mode evictStuckPods (the evict-stuck-pods overlay).
         ("create", "", "pods/eviction", ns, Some("app")),
+        ("list", "policy", "poddisruptionbudgets", ns, None),
         ("get", "", "configmaps", ns, Some("x")),
         (
             "update",
@@ -1781,6 +1782,9 @@ async fn evictions_are_granted_with_evict_stuck_pods_and_fenced_to_opted_in_name
             )
             .await
         );
+        let pdbs = "poddisruptionbudgets";
+        assert!(can_as(&admin, sa, "list", "policy", pdbs, Some(ns), None).await);
+        assert!(!can_as(&admin, sa, "update", "policy", pdbs, Some(ns), Some("b")).await);
         for verb in ["delete", "update", "patch"] {
             assert!(!can_as(&admin, sa, verb, "", "pods", Some(ns), Some("p")).await);
         }

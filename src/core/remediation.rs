@@ -7,9 +7,12 @@
 //! recreated. The rules are here, decided from their arguments; the watch and the eviction
 //! are in `refresh::slipped`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::core::{Selector, SelectorExt};
 
 /// The controllers that recreate an evicted Pod, by `apiVersion` and `kind` of the Pod's
 /// controller reference.
@@ -34,6 +37,8 @@ pub(crate) struct PodView {
     pub recreated_by: Option<String>,
     /// Whether a container (or init container) waits with `ErrImagePull`/`ImagePullBackOff`.
     pub pull_failing: bool,
+    /// Its labels, which PodDisruptionBudgets select by.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl PodView {
@@ -64,6 +69,7 @@ impl PodView {
         Self {
             recreated_by,
             pull_failing,
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
         }
     }
 }
@@ -112,6 +118,34 @@ pub(crate) fn decide(pod: &PodView, s: &Situation) -> Decision {
         },
         None => Decision::TellToRecreate,
     }
+}
+
+/// The PodDisruptionBudget that holds an eviction of a Pod with `labels`, if one does: one that
+/// selects it and allows no disruption now (or whose status the disruption controller has not
+/// computed yet). The Eviction API itself lets a Pending Pod (which a Pod that cannot pull is)
+/// go whatever its budgets say; the service holds to them all the same.
+pub(crate) fn held_by(
+    budgets: &[PodDisruptionBudget],
+    labels: &BTreeMap<String, String>,
+) -> Option<String> {
+    budgets
+        .iter()
+        .filter(|b| {
+            b.spec
+                .as_ref()
+                .and_then(|s| s.selector.clone())
+                .and_then(|s| Selector::try_from(s).ok())
+                // An empty selector selects every Pod of the namespace.
+                .is_some_and(|s| s.matches(labels))
+        })
+        .find(|b| {
+            let observed = b
+                .status
+                .as_ref()
+                .is_some_and(|s| s.observed_generation >= b.metadata.generation);
+            !observed || b.status.as_ref().is_none_or(|s| s.disruptions_allowed < 1)
+        })
+        .map(|b| b.metadata.name.clone().unwrap_or_default())
 }
 
 /// The Event note on a stuck Pod that is not evicted.
@@ -269,6 +303,7 @@ mod tests {
             let expected = PodView {
                 recreated_by: recreated_by.map(String::from),
                 pull_failing,
+                labels: BTreeMap::new(),
             };
             assert_eq!(PodView::of(&pod), expected, "{what}");
             // The Pod watch decodes only what is read: the same view from that.
@@ -286,6 +321,7 @@ mod tests {
         let stuck_rs = PodView {
             recreated_by: Some("ReplicaSet".into()),
             pull_failing: true,
+            labels: BTreeMap::new(),
         };
         let bare = PodView {
             recreated_by: None,
@@ -383,6 +419,50 @@ mod tests {
             ),
         ] {
             assert_eq!(decide(pod, &situation), decision, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_budget_that_allows_no_disruption_holds_the_pods_it_selects() {
+        let budget = |name: &str, selector: serde_json::Value, allowed: i32, observed: i64| {
+            serde_json::from_value::<PodDisruptionBudget>(json!({
+                "metadata": {"name": name, "generation": 2},
+                "spec": {"selector": selector, "minAvailable": 1},
+                "status": {"disruptionsAllowed": allowed, "observedGeneration": observed,
+                           "currentHealthy": 0, "desiredHealthy": 1, "expectedPods": 1}
+            }))
+            .unwrap()
+        };
+        let app = BTreeMap::from([("app".to_string(), "web".to_string())]);
+        let web = json!({"matchLabels": {"app": "web"}});
+        let other = json!({"matchLabels": {"app": "db"}});
+        let everything = json!({});
+        for (what, budgets, held) in [
+            ("none", vec![], None),
+            ("allows one", vec![budget("b", web.clone(), 1, 2)], None),
+            (
+                "allows none",
+                vec![budget("b", web.clone(), 0, 2)],
+                Some("b"),
+            ),
+            (
+                "not observed yet",
+                vec![budget("b", web.clone(), 1, 1)],
+                Some("b"),
+            ),
+            ("another app's", vec![budget("b", other, 0, 2)], None),
+            (
+                "the whole namespace",
+                vec![budget("all", everything, 0, 2)],
+                Some("all"),
+            ),
+            (
+                "one of two",
+                vec![budget("a", web.clone(), 1, 2), budget("b", web, 0, 2)],
+                Some("b"),
+            ),
+        ] {
+            assert_eq!(held_by(&budgets, &app).as_deref(), held, "{what}");
         }
     }
 

@@ -11,6 +11,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::ListParams;
 use tokio::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
@@ -325,7 +327,14 @@ impl Remediate {
     }
 
     async fn evict(&self, uid: &str, stuck: &Stuck, controller: &str) {
-        let result = evict(&self.client, &stuck.namespace, &stuck.name, uid).await;
+        let result = match self.budget_holding(stuck).await {
+            Ok(Some(budget)) => {
+                tracing::info!(namespace = %stuck.namespace, pod = %stuck.name, %budget, "eviction held by a PodDisruptionBudget that allows no disruption; trying again later");
+                Err(held_by_budget())
+            }
+            Ok(None) => evict(&self.client, &stuck.namespace, &stuck.name, uid).await,
+            Err(e) => Err(e),
+        };
         let outcome = outcome(&result);
         self.provisioner.metrics().pod_evicted(outcome);
         let (namespace, pod) = (&stuck.namespace, &stuck.name);
@@ -367,6 +376,14 @@ impl Remediate {
         });
     }
 
+    /// The budget of the Pod's namespace that holds its eviction, if one does.
+    async fn budget_holding(&self, stuck: &Stuck) -> Result<Option<String>, kube::Error> {
+        let budgets = Api::<PodDisruptionBudget>::namespaced(self.client.clone(), &stuck.namespace)
+            .list(&ListParams::default())
+            .await?;
+        Ok(remediation::held_by(&budgets.items, &stuck.view.labels))
+    }
+
     async fn tell_to_recreate(&self, uid: &str, stuck: &Stuck) {
         self.update(uid, |s| s.told_to_recreate = true);
         tracing::warn!(namespace = %stuck.namespace, pod = %stuck.name, "a Pod without a controller is stuck without the pull Secret; it is not evicted");
@@ -392,6 +409,19 @@ pub(crate) fn eviction(namespace: &str, name: &str, uid: &str) -> serde_json::Va
         "metadata": {"name": name, "namespace": namespace},
         "deleteOptions": {"preconditions": {"uid": uid}},
     })
+}
+
+/// The refusal the Eviction API gives when a budget holds, for a hold decided here: the API
+/// server lets a Pending Pod go whatever its budgets say.
+fn held_by_budget() -> kube::Error {
+    kube::Error::Api(
+        kube::core::Status::failure(
+            "Cannot evict pod as it would violate the pod's disruption budget.",
+            "TooManyRequests",
+        )
+        .with_code(429)
+        .boxed(),
+    )
 }
 
 /// POSTs the eviction of `namespace/name` (UID `uid`).
