@@ -401,14 +401,6 @@ async fn pods_stuck_without_the_secret_are_evicted_when_a_controller_recreates_t
         "{evs:?}"
     );
     // The budget allows no disruption: held's Pod stays, its evictions were refused.
-    eprintln!(
-        "held: {:?}",
-        pods_of(&c, ns, "held")
-            .await
-            .iter()
-            .map(|p| (p.metadata.name.clone(), p.metadata.uid.clone()))
-            .collect::<Vec<_>>()
-    );
     wait_for(
         "an eviction held by the budget",
         std::time::Duration::from_secs(60),

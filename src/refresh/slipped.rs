@@ -328,10 +328,7 @@ impl Remediate {
 
     async fn evict(&self, uid: &str, stuck: &Stuck, controller: &str) {
         let result = match self.budget_holding(stuck).await {
-            Ok(Some(budget)) => {
-                tracing::info!(namespace = %stuck.namespace, pod = %stuck.name, %budget, "eviction held by a PodDisruptionBudget that allows no disruption; trying again later");
-                Err(held_by_budget())
-            }
+            Ok(Some(budget)) => Err(held_by_budget(&budget)),
             Ok(None) => evict(&self.client, &stuck.namespace, &stuck.name, uid).await,
             Err(e) => Err(e),
         };
@@ -413,14 +410,12 @@ pub(crate) fn eviction(namespace: &str, name: &str, uid: &str) -> serde_json::Va
 
 /// The refusal the Eviction API gives when a budget holds, for a hold decided here: the API
 /// server lets a Pending Pod go whatever its budgets say.
-fn held_by_budget() -> kube::Error {
+fn held_by_budget(budget: &str) -> kube::Error {
+    let message = format!("PodDisruptionBudget {budget} allows no disruption now");
     kube::Error::Api(
-        kube::core::Status::failure(
-            "Cannot evict pod as it would violate the pod's disruption budget.",
-            "TooManyRequests",
-        )
-        .with_code(429)
-        .boxed(),
+        kube::core::Status::failure(&message, "TooManyRequests")
+            .with_code(429)
+            .boxed(),
     )
 }
 
