@@ -55,7 +55,7 @@ pub(crate) struct EvictionLabels {
 
 /// The outcomes of [`Metrics::pod_evictions`]: `evicted`; `disruption_budget` (a
 /// PodDisruptionBudget allows no disruption now: tried again later); `gone` (the Pod went
-/// meanwhile); `failed` (any other refusal, logged).
+/// meanwhile, or its name is another Pod's); `failed` (any other refusal, logged).
 pub(crate) const EVICTION_OUTCOMES: [&str; 4] = ["evicted", "disruption_budget", "gone", "failed"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

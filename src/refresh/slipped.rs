@@ -252,7 +252,8 @@ fn outcome(result: &Result<(), kube::Error>) -> &'static str {
         Ok(()) => "evicted",
         // The Eviction API answers 429 while a PodDisruptionBudget allows no disruption.
         Err(kube::Error::Api(s)) if s.code == 429 => "disruption_budget",
-        Err(kube::Error::Api(s)) if s.code == 404 => "gone",
+        // 409: the precondition failed, the name is another Pod's now.
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => "gone",
         Err(_) => "failed",
     }
 }
@@ -541,6 +542,7 @@ mod tests {
         assert_eq!(outcome(&Ok(())), "evicted");
         assert_eq!(outcome(&api(429)), "disruption_budget");
         assert_eq!(outcome(&api(404)), "gone");
+        assert_eq!(outcome(&api(409)), "gone");
         assert_eq!(outcome(&api(403)), "failed");
         for word in ["evicted", "disruption_budget", "gone", "failed"] {
             assert!(crate::metrics::EVICTION_OUTCOMES.contains(&word));
