@@ -1821,8 +1821,11 @@ async fn evictions_are_granted_with_evict_stuck_pods_and_fenced_to_opted_in_name
             }
         }
     };
+    // RBAC and the fence both in force: a Pod that does not exist, refused by the fence.
     wait_for("the fence in force", Duration::from_secs(30), || async {
-        evict("kube-system", "psi-evict-stuck", None).await.is_err()
+        evict(plain, "psi-evict-probe", None)
+            .await
+            .is_err_and(|e| e.contains("only in namespaces that opted in"))
     })
     .await;
     evict(opted, "psi-evict-stuck", None)
