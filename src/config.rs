@@ -66,7 +66,55 @@ pub struct Config {
     /// How exchanging token sources reach their endpoints.
     #[serde(default)]
     pub http: crate::http::HttpConfig,
+    /// What is done about Pods of opted-in namespaces admitted without the Secret that cannot
+    /// pull: reported (the default), or evicted so that their controller recreates them.
+    #[serde(default)]
+    pub remediation: RemediationConfig,
     pub registries: Vec<RegistryConfig>,
+}
+
+/// See [`RemediationConfig::mode`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RemediationMode {
+    /// Counted and told with an Event; never changed.
+    #[default]
+    Report,
+    /// Also evicted (Eviction API, PodDisruptionBudgets respected) once the namespace's Secret
+    /// exists, when in `ErrImagePull`/`ImagePullBackOff` and owned by a ReplicaSet,
+    /// StatefulSet, DaemonSet or Job. A bare Pod is never evicted.
+    EvictStuckPods,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RemediationConfig {
+    #[serde(default)]
+    pub mode: RemediationMode,
+    /// Evictions a minute at most, from this service as a whole (the leader). Default 10.
+    #[serde(default = "default_max_evictions_per_minute")]
+    pub max_evictions_per_minute: f64,
+    /// Evictions at once after a quiet spell. Default 3.
+    #[serde(default = "default_eviction_burst")]
+    pub eviction_burst: u32,
+}
+
+fn default_max_evictions_per_minute() -> f64 {
+    10.0
+}
+
+fn default_eviction_burst() -> u32 {
+    3
+}
+
+impl Default for RemediationConfig {
+    fn default() -> Self {
+        Self {
+            mode: RemediationMode::default(),
+            max_evictions_per_minute: default_max_evictions_per_minute(),
+            eviction_burst: default_eviction_burst(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -594,6 +642,19 @@ impl Config {
                 ),
             );
         }
+        let r = &self.remediation;
+        if !(r.max_evictions_per_minute > 0.0 && r.max_evictions_per_minute <= 600.0) {
+            err(
+                "remediation.maxEvictionsPerMinute",
+                "must be a number above 0 and at most 600".into(),
+            );
+        }
+        if !(1..=100).contains(&r.eviction_burst) {
+            err(
+                "remediation.evictionBurst",
+                "must be at least 1 and at most 100".into(),
+            );
+        }
         if self.api_server.burst == 0 {
             err("apiServer.burst", "must be at least 1".into());
         }
@@ -756,6 +817,52 @@ registries:
         assert_eq!(
             parse_error(&format!("{MINIMAL}apiServer: {{burst: -1}}\n")).path,
             "apiServer.burst"
+        );
+    }
+
+    #[test]
+    fn remediation_reports_by_default_and_its_rate_is_checked() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.remediation.mode, RemediationMode::Report);
+        assert_eq!(
+            (
+                c.remediation.max_evictions_per_minute,
+                c.remediation.eviction_burst
+            ),
+            (10.0, 3)
+        );
+        let c = Config::from_yaml(&format!(
+            "{MINIMAL}remediation: {{mode: evictStuckPods, maxEvictionsPerMinute: 0.5}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.remediation.mode, RemediationMode::EvictStuckPods);
+        assert_eq!(c.remediation.max_evictions_per_minute, 0.5);
+        for (value, path) in [
+            (
+                "{maxEvictionsPerMinute: 0}",
+                "remediation.maxEvictionsPerMinute",
+            ),
+            (
+                "{maxEvictionsPerMinute: .nan}",
+                "remediation.maxEvictionsPerMinute",
+            ),
+            (
+                "{maxEvictionsPerMinute: 601}",
+                "remediation.maxEvictionsPerMinute",
+            ),
+            ("{evictionBurst: 0}", "remediation.evictionBurst"),
+            ("{evictionBurst: 101}", "remediation.evictionBurst"),
+        ] {
+            let errors = invalid(&format!("{MINIMAL}remediation: {value}\n"));
+            let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+            assert_eq!(paths, [path], "{value}");
+        }
+        assert_eq!(
+            parse_error(&format!(
+                "{MINIMAL}remediation: {{mode: evictEverything}}\n"
+            ))
+            .path,
+            "remediation.mode"
         );
     }
 

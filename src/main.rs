@@ -91,10 +91,11 @@ enum Command {
     /// Kubelet image credential provider (credentialprovider.kubelet.k8s.io/v1): reads a
     /// CredentialProviderRequest on stdin, writes the credential for the image's registry,
     /// minted from the Pod's service-account token, on stdout. See docs/credential-provider.md.
+    #[command(args_conflicts_with_subcommands = true)]
     CredentialProvider {
         /// `http` and `registries`, as in the service's config.
         #[arg(long, env = "PULL_SECRET_INJECTOR_CREDENTIAL_PROVIDER_CONFIG")]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Instead of answering: check the config, then copy this binary to DIR/NAME and the
         /// config to DIR/NAME.yaml (a DaemonSet's init container filling the kubelet's
         /// --image-credential-provider-bin-dir).
@@ -103,6 +104,8 @@ enum Command {
         /// The file name under --install-to: the provider's `name` in the kubelet's config.
         #[arg(long, default_value = "pull-secret-injector", requires = "install_to")]
         name: String,
+        #[command(subcommand)]
+        action: Option<ProviderAction>,
     },
     /// Check a config file and print what is wrong with it, without starting anything.
     CheckConfig {
@@ -111,6 +114,48 @@ enum Command {
         /// Which command's config the file is.
         #[arg(long, value_enum, default_value_t = ConfigKind::Serve)]
         kind: ConfigKind,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProviderAction {
+    /// Print the kubelet's CredentialProviderConfig with this plugin's providers merged in
+    /// (one per token audience; other providers kept); with --write, replace the file.
+    /// Idempotent. Restart the kubelet after a change.
+    Merge {
+        #[arg(long, env = "PULL_SECRET_INJECTOR_CREDENTIAL_PROVIDER_CONFIG")]
+        config: PathBuf,
+        /// The kubelet's --image-credential-provider-config (need not exist yet).
+        #[arg(long)]
+        kubelet_config: PathBuf,
+        /// The plugin's config as the kubelet passes it: default, --config as given.
+        #[arg(long)]
+        config_path: Option<String>,
+        #[arg(long, default_value = "pull-secret-injector")]
+        name: String,
+        /// Replace --kubelet-config (written beside it, then renamed) instead of printing.
+        #[arg(long)]
+        write: bool,
+    },
+    /// Check on a node that the kubelet will call this plugin with the tokens it needs: its
+    /// CredentialProviderConfig, the node's right to request each audience, a sample request.
+    Check {
+        #[arg(long, env = "PULL_SECRET_INJECTOR_CREDENTIAL_PROVIDER_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        kubelet_config: PathBuf,
+        /// The kubelet's --image-credential-provider-bin-dir.
+        #[arg(long)]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "pull-secret-injector")]
+        name: String,
+        /// Check as node NAME (SubjectAccessReview); without it, as the kubeconfig's identity
+        /// (the node's own: SelfSubjectAccessReview).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// NAMESPACE/NAME of a ServiceAccount to run a sample request with.
+        #[arg(long)]
+        sample_service_account: Option<String>,
     },
 }
 
@@ -151,9 +196,17 @@ async fn run() -> anyhow::Result<()> {
 
     match cli.command {
         Command::CredentialProvider {
-            config,
+            action: Some(action),
+            ..
+        } => provider_action(action).await?,
+        Command::CredentialProvider { config: None, .. } => {
+            anyhow::bail!("credential-provider needs --config (or a subcommand: merge, check)")
+        }
+        Command::CredentialProvider {
+            config: Some(config),
             install_to: Some(dir),
             name,
+            ..
         } => {
             PluginConfig::from_file(&config)?;
             let binary = std::env::current_exe().context("locating this binary")?;
@@ -161,7 +214,10 @@ async fn run() -> anyhow::Result<()> {
                 println!("installed {}", path.display());
             }
         }
-        Command::CredentialProvider { config, .. } => {
+        Command::CredentialProvider {
+            config: Some(config),
+            ..
+        } => {
             let code = match credential_provider(&config, &env).await {
                 Ok(response) => {
                     println!("{response}");
@@ -235,6 +291,92 @@ async fn run() -> anyhow::Result<()> {
                 .run_until(shutdown_signal())
                 .await
                 .context("webhook server failed")?;
+        }
+    }
+    Ok(())
+}
+
+/// `credential-provider merge` and `check`.
+async fn provider_action(action: ProviderAction) -> anyhow::Result<()> {
+    use credential_provider::{check, node};
+    match action {
+        ProviderAction::Merge {
+            config,
+            kubelet_config,
+            config_path,
+            name,
+            write,
+        } => {
+            let plugin = PluginConfig::from_file(&config)?;
+            let config_path = config_path.unwrap_or_else(|| config.display().to_string());
+            let entries = node::entries(
+                &plugin,
+                &node::EntryOptions {
+                    name: &name,
+                    config_path: &config_path,
+                },
+            );
+            let existing = match std::fs::read_to_string(&kubelet_config) {
+                Ok(text) => Some(
+                    serde_yaml::from_str::<serde_json::Value>(&text)
+                        .with_context(|| format!("{} is not YAML", kubelet_config.display()))?,
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", kubelet_config.display())),
+            };
+            let (merged, what) = node::merge(existing, &entries)
+                .with_context(|| format!("merging into {}", kubelet_config.display()))?;
+            let text = serde_yaml::to_string(&merged).context("writing YAML")?;
+            if !write {
+                print!("{text}");
+                return Ok(());
+            }
+            match what {
+                node::Merged::Unchanged => {
+                    println!("{}: unchanged", kubelet_config.display())
+                }
+                node::Merged::Changed(names) => {
+                    let partial = kubelet_config.with_extension("partial");
+                    std::fs::write(&partial, text)
+                        .with_context(|| format!("writing {}", partial.display()))?;
+                    std::fs::rename(&partial, &kubelet_config)
+                        .with_context(|| format!("replacing {}", kubelet_config.display()))?;
+                    println!(
+                        "{}: merged {}; restart the kubelet",
+                        kubelet_config.display(),
+                        names.join(", ")
+                    );
+                }
+            }
+        }
+        ProviderAction::Check {
+            config,
+            kubelet_config,
+            bin_dir,
+            name,
+            node_name,
+            sample_service_account,
+        } => {
+            let options = check::CheckOptions {
+                config: PluginConfig::from_file(&config)?,
+                kubelet_config,
+                bin_dir,
+                name,
+                node_name,
+                sample_service_account,
+            };
+            let client = client(&Default::default()).await?;
+            let findings = check::run(&client, &options).await?;
+            let failed = findings.iter().filter(|f| f.is_err()).count();
+            for f in &findings {
+                match f {
+                    Ok(line) => println!("ok: {line}"),
+                    Err(line) => println!("FAIL: {line}"),
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} check(s) failed");
+            }
         }
     }
     Ok(())

@@ -48,6 +48,17 @@ pub(crate) struct WriterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct EvictionLabels {
+    /// One of [`EVICTION_OUTCOMES`].
+    pub outcome: &'static str,
+}
+
+/// The outcomes of [`Metrics::pod_evictions`]: `evicted`; `disruption_budget` (a
+/// PodDisruptionBudget allows no disruption now: tried again later); `gone` (the Pod went
+/// meanwhile, or its name is another Pod's); `failed` (any other refusal, logged).
+pub(crate) const EVICTION_OUTCOMES: [&str; 4] = ["evicted", "disruption_budget", "gone", "failed"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct KindLabels {
     /// `Secret` or `ServiceAccount`.
     pub kind: String,
@@ -73,6 +84,10 @@ pub struct Metrics {
     pub pods_without_pull_secret: Gauge,
     /// `MissingPullSecret` Events recorded on such Pods.
     pub missing_pull_secret_events: Counter,
+    /// Evictions of such Pods stuck pulling (`remediation.mode: evictStuckPods`), by outcome.
+    pub(crate) pod_evictions: Family<EvictionLabels, Counter>,
+    /// `RecreatePod` Events on stuck Pods nothing would recreate (never evicted).
+    pub(crate) recreate_pod_events: Counter,
     managed_secrets: Gauge,
     earliest_expiry_seconds: Gauge<f64, AtomicU64>,
     /// Renewal capacity (`secret::capacity`): what the Secrets kept need, what was done, the
@@ -213,6 +228,21 @@ impl Default for Metrics {
             "How long the managed Secret longest past its renewal time has been due (0: none is)",
             renewal_oldest_overdue_seconds.clone(),
         );
+        let pod_evictions = Family::<EvictionLabels, Counter>::default();
+        for outcome in EVICTION_OUTCOMES {
+            let _ = pod_evictions.get_or_create(&EvictionLabels { outcome });
+        }
+        registry.register(
+            "pod_evictions",
+            "Evictions of Pods admitted without the pull Secret and stuck pulling (remediation.mode evictStuckPods), by outcome",
+            pod_evictions.clone(),
+        );
+        let recreate_pod_events = Counter::default();
+        registry.register(
+            "recreate_pod_events",
+            "Events telling to recreate a stuck Pod without the pull Secret that no controller would recreate (never evicted)",
+            recreate_pod_events.clone(),
+        );
         let watch_synced = Family::<KindLabels, Gauge>::default();
         registry.register(
             "watch_synced",
@@ -230,6 +260,8 @@ impl Default for Metrics {
             secret_writes_skipped,
             pods_without_pull_secret,
             missing_pull_secret_events,
+            pod_evictions,
+            recreate_pod_events,
             managed_secrets,
             earliest_expiry_seconds,
             renewals_needed_per_second,
@@ -250,6 +282,12 @@ impl Metrics {
     pub fn admission(&self, kind: &'static str, outcome: &'static str) {
         self.admissions
             .get_or_create(&AdmissionLabels { kind, outcome })
+            .inc();
+    }
+
+    pub(crate) fn pod_evicted(&self, outcome: &'static str) {
+        self.pod_evictions
+            .get_or_create(&EvictionLabels { outcome })
             .inc();
     }
 
@@ -411,6 +449,11 @@ mod tests {
             "pull_secret_injector_renewal_failures_total 0",
             "pull_secret_injector_pods_without_pull_secret 0",
             "pull_secret_injector_missing_pull_secret_events_total 0",
+            r#"pull_secret_injector_pod_evictions_total{outcome="evicted"} 0"#,
+            r#"pull_secret_injector_pod_evictions_total{outcome="disruption_budget"} 0"#,
+            r#"pull_secret_injector_pod_evictions_total{outcome="gone"} 0"#,
+            r#"pull_secret_injector_pod_evictions_total{outcome="failed"} 0"#,
+            "pull_secret_injector_recreate_pod_events_total 0",
             r#"pull_secret_injector_secret_writes_skipped_total{writer="provisioner"} 0"#,
             r#"pull_secret_injector_secret_writes_skipped_total{writer="pull_secret_updater"} 0"#,
             "pull_secret_injector_renewals_total 0",

@@ -69,6 +69,8 @@ pub struct Settings {
     pub own_pod: Option<(String, String)>,
     /// The proxy for calls to token endpoints, from the environment.
     pub proxy: ProxyEnv,
+    /// The namespace the service runs in, when known: never touched.
+    pub own_namespace: Option<String>,
 }
 
 impl Settings {
@@ -107,6 +109,7 @@ impl Settings {
             instance: env.pod_name.clone(),
             own_pod,
             proxy: env.proxy.clone(),
+            own_namespace,
             config,
         })
     }

@@ -10,8 +10,8 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use k8s_openapi::api::core::v1::{
-    Container, LocalObjectReference, Namespace, ObjectReference, Pod, PodSpec, PodStatus, Secret,
-    ServiceAccount,
+    Container, ContainerState, ContainerStateWaiting, ContainerStatus, LocalObjectReference,
+    Namespace, ObjectReference, Pod, PodSpec, PodStatus, Secret, ServiceAccount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::ByteString;
@@ -68,6 +68,7 @@ struct Keep {
     label: fn(&str) -> bool,
     annotation: fn(&str) -> bool,
     owners: bool,
+    finalizers: bool,
 }
 
 fn none(_: &str) -> bool {
@@ -109,7 +110,7 @@ impl<'de> Visitor<'de> for Keep {
                     meta.annotations = map.next_value_seed(Only::new(self.annotation))?
                 }
                 "ownerReferences" if self.owners => meta.owner_references = map.next_value()?,
-                "finalizers" if self.owners => meta.finalizers = map.next_value()?,
+                "finalizers" if self.finalizers => meta.finalizers = map.next_value()?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -213,28 +214,30 @@ fn names<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Erro
 
 macro_rules! meta_with {
     ($name:ident, $label:expr, $annotation:expr) => {
-        meta_with!($name, $label, $annotation, false);
+        meta_with!($name, $label, $annotation, false, false);
     };
-    ($name:ident, $label:expr, $annotation:expr, $owners:expr) => {
+    ($name:ident, $label:expr, $annotation:expr, $owners:expr, $finalizers:expr) => {
         fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
             Keep {
                 label: $label,
                 annotation: $annotation,
                 owners: $owners,
+                finalizers: $finalizers,
             }
             .deserialize(d)
         }
     };
 }
 
-// Pods: whether it is a mirror Pod (`core::pods`).
-meta_with!(pod_meta, none, |k| k == MIRROR_ANNOTATION);
+// Pods: whether it is a mirror Pod (`core::pods`), its controller and its labels (which
+// PodDisruptionBudgets select by, `core::remediation`).
+meta_with!(pod_meta, all, |k| k == MIRROR_ANNOTATION, true, false);
 // ServiceAccounts: whether they list the Secret is in their lists, not their metadata.
 meta_with!(account_meta, none, none);
 // Managed Secrets: all that a replace sets, so that `layout::Written` of the watched Secret is
 // that of the stored one (a write that would change nothing is skipped by it); only managed
 // fields are left out. The watch keeps a summary, not the Secret.
-meta_with!(secret_meta, all, all, true);
+meta_with!(secret_meta, all, all, true, true);
 // Namespaces: every label (the selector may name any), the registry selection.
 meta_with!(namespace_meta, all, |k| k == REGISTRIES_ANNOTATION);
 
@@ -267,10 +270,47 @@ impl Slimmed for Pod {
             image: Option<String>,
         }
         #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
         struct Status {
             #[serde(default)]
             phase: Option<String>,
+            #[serde(default)]
+            container_statuses: Option<Vec<Waiting>>,
+            #[serde(default)]
+            init_container_statuses: Option<Vec<Waiting>>,
         }
+        // `state.waiting.reason` of a container status (`core::remediation`).
+        #[derive(Deserialize)]
+        struct Waiting {
+            #[serde(default)]
+            state: Option<State>,
+        }
+        #[derive(Deserialize)]
+        struct State {
+            #[serde(default)]
+            waiting: Option<Reason>,
+        }
+        #[derive(Deserialize)]
+        struct Reason {
+            #[serde(default)]
+            reason: Option<String>,
+        }
+        let statuses = |list: Option<Vec<Waiting>>| -> Option<Vec<ContainerStatus>> {
+            list.map(|l| {
+                l.into_iter()
+                    .map(|c| ContainerStatus {
+                        state: c.state.map(|s| ContainerState {
+                            waiting: s.waiting.map(|w| ContainerStateWaiting {
+                                reason: w.reason,
+                                message: None,
+                            }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect()
+            })
+        };
         let containers = |list: Option<Vec<Image>>| -> Vec<Container> {
             list.into_iter()
                 .flatten()
@@ -296,6 +336,8 @@ impl Slimmed for Pod {
             }),
             status: f.status.map(|s| PodStatus {
                 phase: s.phase,
+                container_statuses: statuses(s.container_statuses),
+                init_container_statuses: statuses(s.init_container_statuses),
                 ..Default::default()
             }),
         })
@@ -410,22 +452,36 @@ mod tests {
                          "deletionTimestamp": "2026-12-01T00:00:00Z",
                          "labels": {"app": "a"},
                          "annotations": {"kubernetes.io/config.mirror": "x", "other": "y"},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                              "name": "rs", "uid": "u2", "controller": true}],
+                         "finalizers": ["example.com/f"],
                          "managedFields": managed_fields()},
             "spec": {"serviceAccountName": "builder", "imagePullSecrets": [{"name": "pull-secret"}],
                      "containers": [{"name": "c", "image": "registry.example.com/app",
                                      "env": [{"name": "A", "value": "b"}]}],
                      "initContainers": [{"name": "i", "image": "init"}],
                      "volumes": [{"name": "v", "emptyDir": {}}]},
-            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}],
+                       "containerStatuses": [{"name": "c", "image": "i", "imageID": "x",
+                           "ready": false, "restartCount": 3, "started": false,
+                           "state": {"waiting": {"reason": "ImagePullBackOff",
+                                                 "message": "Back-off pulling image"}},
+                           "lastState": {"terminated": {"exitCode": 1}}}]}
         }));
         let expected: Pod = serde_json::from_value(json!({
             "metadata": {"name": "p", "namespace": "team", "uid": "u1", "resourceVersion": "7",
                          "deletionTimestamp": "2026-12-01T00:00:00Z",
-                         "annotations": {"kubernetes.io/config.mirror": "x"}},
+                         "labels": {"app": "a"},
+                         "annotations": {"kubernetes.io/config.mirror": "x"},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                              "name": "rs", "uid": "u2", "controller": true}]},
             "spec": {"serviceAccountName": "builder", "imagePullSecrets": [{"name": "pull-secret"}],
                      "containers": [{"name": "", "image": "registry.example.com/app"}],
                      "initContainers": [{"name": "", "image": "init"}]},
-            "status": {"phase": "Running"}
+            "status": {"phase": "Running",
+                       "containerStatuses": [{"name": "", "image": "", "imageID": "",
+                           "ready": false, "restartCount": 0,
+                           "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}
         }))
         .unwrap();
         assert_eq!(pod, expected);

@@ -651,7 +651,11 @@ async fn grant_node_audiences(c: &kube::Client) {
             &object,
         )
         .await;
-        assert!(status.is_success(), "creating the {kind}: {status} {text}");
+        // Another test of this binary may have granted them already.
+        assert!(
+            status.is_success() || status == 409,
+            "creating the {kind}: {status} {text}"
+        );
     }
 }
 
@@ -979,5 +983,211 @@ async fn the_kubelet_pulls_with_the_pods_own_identity_and_no_secret() {
     );
     assert_no_secrets(&c, EXCHANGE).await;
 
+    registry.shutdown().await;
+}
+
+/// What `credential-provider merge` and `check` print, and whether they succeeded.
+fn run_cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("KUBECONFIG", control_plane().kubeconfig())
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// For operators who provision nodes with a file: this plugin's entry merged into the node's
+/// CredentialProviderConfig (the two providers already there kept), the kubelet restarted, and
+/// a Pod pulls with its own identity and no Secret. `check` finds nothing wrong on that node;
+/// with the node's grant for the audience removed, it names the missing grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_config_after_a_kubelet_restart_pulls_and_check_names_a_missing_grant() {
+    if !tools_present() || !kubelet_has_service_account_tokens() {
+        return;
+    }
+    let _serial = serial();
+    let setup = node_setup();
+    let cp = control_plane();
+    let c = cp.client().await;
+    grant_node_audiences(&c).await;
+    let ip = cp.host_ip();
+    let work = tempfile::tempdir().unwrap();
+    let ns = "cp-merged";
+    let rules = format!(
+        "  - {{namespace: {ns}, serviceAccount: default, repositories: [\"merged/*\"]}}\n  \
+         - {{namespace: cp-merged-ci, serviceAccount: pusher, repositories: [\"*\"], actions: [pull, push]}}\n"
+    );
+    let registry = PrivateRegistry::start_at(
+        cp,
+        &c,
+        work.path(),
+        &ip,
+        setup.port,
+        "cp-merged-infra",
+        &rules,
+    )
+    .await;
+    trust_registry(cp, &registry);
+    let host = registry.host.clone();
+    let image = format!("{host}/merged/app:v1");
+    create_namespace(&c, "cp-merged-ci", Default::default()).await;
+    let pusher = service_account_token(&c, "cp-merged-ci", "pusher", vec![SERVICE.into()]).await;
+    registry.push(
+        &busybox_image(work.path(), &image),
+        "merged/app:v1",
+        &format!("pusher:{pusher}"),
+    );
+
+    // 1. The plugin as the operator installs it: binary and config in the bin dir, its entry
+    // merged into the kubelet's file; twice (the second changes nothing).
+    let name = "psi-merged";
+    let bin = setup.dir.join("bin");
+    let _ = std::fs::remove_file(bin.join(name));
+    std::os::unix::fs::symlink(BIN, bin.join(name)).unwrap();
+    let plugin = bin.join(format!("{name}.yaml"));
+    std::fs::write(
+        &plugin,
+        format!("registries:\n  - host: \"{host}\"\n    kubernetes: {{audience: {SERVICE}}}\n"),
+    )
+    .unwrap();
+    let kubelet_config = setup.dir.join("credential-providers.yaml");
+    let (plugin_s, kubelet_s) = (plugin.to_str().unwrap(), kubelet_config.to_str().unwrap());
+    // Put back at the end: the merged provider matches every image of the registry's host,
+    // which the other test of this binary counts on reaching only its own two providers.
+    let original = std::fs::read_to_string(&kubelet_config).unwrap();
+    let merge = [
+        "credential-provider",
+        "merge",
+        "--config",
+        plugin_s,
+        "--kubelet-config",
+        kubelet_s,
+        "--name",
+        name,
+        "--write",
+    ];
+    let (ok, out) = run_cli(&merge);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("merged {name}; restart the kubelet")),
+        "{out}"
+    );
+    let (ok, out) = run_cli(&merge);
+    assert!(ok && out.contains("unchanged"), "{out}");
+    let merged: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&kubelet_config).unwrap()).unwrap();
+    let names: Vec<&str> = merged["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["psi-direct", "psi-exchange", name], "others kept");
+    cp.restart_kubelet();
+
+    // 2. A Pod of the namespace pulls with its own token, no Secret anywhere.
+    create_namespace(&c, ns, Default::default()).await;
+    wait_for(
+        "the default ServiceAccount",
+        Duration::from_secs(30),
+        || async {
+            Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(c.clone(), ns)
+                .get_opt("default")
+                .await
+                .unwrap()
+                .is_some()
+        },
+    )
+    .await;
+    run_to_completion(cp, &c, ns, app_pod("app", &image, "Always")).await;
+    assert_no_secrets(&c, ns).await;
+
+    // 3. `check` on this node: all holds, the sample request included.
+    let sample = format!("{ns}/default");
+    let bin_s = bin.to_str().unwrap();
+    let check = [
+        "credential-provider",
+        "check",
+        "--config",
+        plugin_s,
+        "--kubelet-config",
+        kubelet_s,
+        "--bin-dir",
+        bin_s,
+        "--name",
+        name,
+        "--node-name",
+        "psi-node",
+        "--sample-service-account",
+        &sample,
+    ];
+    let (ok, out) = run_cli(&check);
+    eprintln!("check:\n{out}");
+    assert!(ok, "{out}");
+    assert!(!out.contains("FAIL"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "node psi-node may request service-account tokens for audience {SERVICE}"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("the plugin answered a credential (not shown)"),
+        "{out}"
+    );
+    assert!(!out.contains("eyJ"), "no token printed: {out}");
+
+    // 4. The node's grant removed: `check` names it and what to do.
+    let binding = "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/pull-secret-injector-credential-provider";
+    let saved: Value = c
+        .request(http::Request::get(binding).body(Vec::new()).unwrap())
+        .await
+        .unwrap();
+    c.request_text(http::Request::delete(binding).body(Vec::new()).unwrap())
+        .await
+        .unwrap();
+    let (ok, out) = run_cli(&check);
+    eprintln!("check without the grant:\n{out}");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("FAIL: node psi-node may not request service-account tokens for audience {SERVICE} (verb request-serviceaccounts-token-audience)")),
+        "{out}"
+    );
+    assert!(out.contains("grant it to group system:nodes"), "{out}");
+    // And a provider without tokenAttributes: named too.
+    let mut broken = merged.clone();
+    broken["providers"][2]
+        .as_object_mut()
+        .unwrap()
+        .remove("tokenAttributes");
+    let broken_file = work.path().join("broken.yaml");
+    std::fs::write(&broken_file, serde_yaml::to_string(&broken).unwrap()).unwrap();
+    let mut args = check.to_vec();
+    args[5] = broken_file.to_str().unwrap();
+    let (_, out) = run_cli(&args);
+    assert!(
+        out.contains("no tokenAttributes, so the kubelet passes no service-account token"),
+        "{out}"
+    );
+
+    let mut restore = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": saved["metadata"]["name"]}});
+    restore["roleRef"] = saved["roleRef"].clone();
+    restore["subjects"] = saved["subjects"].clone();
+    let (status, _, text) = post(
+        &c,
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+        &restore,
+    )
+    .await;
+    assert!(status.is_success(), "{status} {text}");
+    std::fs::write(&kubelet_config, original).unwrap();
+    cp.restart_kubelet();
     registry.shutdown().await;
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use serde_json::{json, Value};
@@ -196,6 +196,11 @@ fn the_helm_chart_renders_the_same_objects_as_kustomize() {
             "pull-secret-injector",
             r#"{"config": {"admission": {"mode": "policy"}}}"#,
             &["policy"],
+        ),
+        (
+            "pull-secret-injector",
+            r#"{"config": {"remediation": {"mode": "evictStuckPods"}}}"#,
+            &["evict-stuck-pods"],
         ),
         ("token-server", "{}", &["token-server"]),
     ] {
@@ -835,6 +840,9 @@ async fn the_kustomize_base_installs_with_least_privilege_and_works_with_its_own
         ("update", "", "pods", ns, Some("app")),
         ("patch", "", "pods", ns, Some("app")),
         ("delete", "", "pods", ns, Some("app")),
+        // Evictions only with remediation.mode evictStuckPods (the evict-stuck-pods overlay).
+        ("create", "", "pods/eviction", ns, Some("app")),
+        ("list", "policy", "poddisruptionbudgets", ns, None),
         ("get", "", "configmaps", ns, Some("x")),
         (
             "update",
@@ -1738,6 +1746,120 @@ async fn the_fence_counts_as_opted_in_exactly_the_namespaces_the_service_serves(
     let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
     for (name, _) in &cases {
         let _ = namespaces.delete(name, &DeleteParams::default()).await;
+    }
+    delete_untyped(&admin, &fence).await;
+}
+
+/// remediation.mode evictStuckPods: the chart grants evictions (and nothing else more), and the
+/// fence keeps them to namespaces that opted in (not the service's own, not kube-system), with
+/// the Pod's own grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evictions_are_granted_with_evict_stuck_pods_and_fenced_to_opted_in_namespaces() {
+    let _serial = serial();
+    let admin = ControlPlane::get().client().await;
+    let sa = "psi-evict";
+    let values = json!({"name": sa, "createNamespace": true,
+        "config": {"remediation": {"mode": "evictStuckPods"}}});
+    let fence = apply_fence_and_rbac(&admin, &values.to_string()).await;
+    let (opted, plain) = ("psi-evict-team", "psi-evict-plain");
+    let enabled = std::collections::BTreeMap::from([(
+        "pull-secret-injector.io/inject".to_string(),
+        "enabled".to_string(),
+    )]);
+    create_namespace(&admin, opted, enabled).await;
+    create_namespace(&admin, plain, Default::default()).await;
+    // RBAC: evictions anywhere (it cannot say where); still no deleting or changing Pods.
+    for ns in [opted, plain] {
+        assert!(
+            can_as(
+                &admin,
+                sa,
+                "create",
+                "",
+                "pods/eviction",
+                Some(ns),
+                Some("p")
+            )
+            .await
+        );
+        let pdbs = "poddisruptionbudgets";
+        assert!(can_as(&admin, sa, "list", "policy", pdbs, Some(ns), None).await);
+        assert!(!can_as(&admin, sa, "update", "policy", pdbs, Some(ns), Some("b")).await);
+        for verb in ["delete", "update", "patch"] {
+            assert!(!can_as(&admin, sa, verb, "", "pods", Some(ns), Some("p")).await);
+        }
+    }
+    // Unscheduled Pods (no node here) are evicted at once: no budget, nothing running.
+    let pod = |name: &str| -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name},
+            "spec": {"containers": [{"name": "c", "image": "registry.example.com/app"}]}}))
+        .unwrap()
+    };
+    for ns in [opted, plain, NS, "kube-system"] {
+        for name in ["stuck", "hurried"] {
+            Api::<Pod>::namespaced(admin.clone(), ns)
+                .create(&PostParams::default(), &pod(&format!("{sa}-{name}")))
+                .await
+                .unwrap();
+        }
+    }
+    let as_sa = client_as(&admin, sa).await;
+    let evict = |ns: &'static str, name: &'static str, grace: Option<i64>| {
+        let as_sa = as_sa.clone();
+        async move {
+            let mut body = json!({"apiVersion": "policy/v1", "kind": "Eviction",
+                "metadata": {"name": name, "namespace": ns}});
+            if let Some(g) = grace {
+                body["deleteOptions"] = json!({"gracePeriodSeconds": g});
+            }
+            let path = format!("/api/v1/namespaces/{ns}/pods/{name}/eviction");
+            let (status, _, text) = post(&as_sa, &path, &body).await;
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(format!("{status} {text}"))
+            }
+        }
+    };
+    // RBAC and the fence both in force: a Pod that does not exist, refused by the fence.
+    wait_for("the fence in force", Duration::from_secs(30), || async {
+        evict(plain, "psi-evict-probe", None)
+            .await
+            .is_err_and(|e| e.contains("only in namespaces that opted in"))
+    })
+    .await;
+    evict(opted, "psi-evict-stuck", None)
+        .await
+        .expect("evicted where the namespace opted in");
+    for ns in [plain, NS, "kube-system"] {
+        let e = evict(ns, "psi-evict-stuck", None).await.unwrap_err();
+        assert!(
+            e.contains("evicts Pods only in namespaces that opted in"),
+            "{ns}: {e}"
+        );
+    }
+    let e = evict(opted, "psi-evict-hurried", Some(0))
+        .await
+        .unwrap_err();
+    assert!(e.contains("with their own termination grace period"), "{e}");
+    let gone = Api::<Pod>::namespaced(admin.clone(), opted)
+        .get_opt("psi-evict-stuck")
+        .await
+        .unwrap();
+    assert!(
+        gone.is_none_or(|p| p.metadata.deletion_timestamp.is_some()),
+        "the evicted Pod is deleted"
+    );
+    for ns in [NS, "kube-system"] {
+        for name in ["stuck", "hurried"] {
+            let _ = Api::<Pod>::namespaced(admin.clone(), ns)
+                .delete(&format!("{sa}-{name}"), &DeleteParams::default())
+                .await;
+        }
+    }
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone());
+    for ns in [opted, plain] {
+        let _ = namespaces.delete(ns, &DeleteParams::default()).await;
     }
     delete_untyped(&admin, &fence).await;
 }

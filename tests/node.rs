@@ -232,3 +232,235 @@ async fn in_policy_mode_a_pod_created_before_its_secret_starts_once_the_secret_e
     inj.cleanup().await;
     registry.shutdown().await;
 }
+
+/// A Deployment of `app`'s image whose container sleeps: Running once pulled.
+fn deployment(name: &str, image: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}},
+                   "spec": {"terminationGracePeriodSeconds": 0,
+                            "containers": [{"name": "app", "image": image,
+                                            "imagePullPolicy": "Always",
+                                            "command": ["/bin/busybox", "sleep", "3600"]}]}}}
+    })
+}
+
+/// The Pods of Deployment `app` (by its label), not being deleted.
+async fn pods_of(c: &kube::Client, ns: &str, app: &str) -> Vec<k8s_openapi::api::core::v1::Pod> {
+    kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(c.clone(), ns)
+        .list(&kube::api::ListParams::default().labels(&format!("app={app}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+/// The one Pod of Deployment `app`, once there is one.
+async fn wait_pod_of(c: &kube::Client, ns: &str, app: &str) -> k8s_openapi::api::core::v1::Pod {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(p) = pods_of(c, ns, app).await.into_iter().next() {
+            return p;
+        }
+        assert!(std::time::Instant::now() < deadline, "no Pod of {ns}/{app}");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+fn metric(text: &str, line: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `remediation.mode: evictStuckPods` on the real node: Pods created while the service is down
+/// are admitted without the Secret and cannot pull. Once the service is back and the Secret
+/// exists, the Deployment's Pod is evicted and its replacement, admitted with the Secret, runs;
+/// a Deployment whose PodDisruptionBudget allows no disruption keeps its Pod; a bare Pod is
+/// never evicted and gets an Event saying to recreate it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_stuck_without_the_secret_are_evicted_when_a_controller_recreates_them() {
+    if !tools_present() {
+        return;
+    }
+    let _serial = serial();
+    let cp = ControlPlane::with_node();
+    let c = cp.client().await;
+    let work = tempfile::tempdir().unwrap();
+    let ns = "nodeev-team";
+    let rules = format!(
+        "  - {{namespace: {ns}, repositories: [\"team-a/*\"]}}\n  - {{namespace: nodeev-ci, serviceAccount: pusher, repositories: [\"team-a/*\"], actions: [pull, push]}}\n"
+    );
+    let registry =
+        PrivateRegistry::start(cp, &c, work.path(), &cp.host_ip(), "nodeev-infra", &rules).await;
+    trust_registry(cp, &registry);
+    let host = registry.host.clone();
+    let image = format!("{host}/team-a/app:v1");
+    create_namespace(&c, "nodeev-ci", Default::default()).await;
+    let pusher = service_account_token(&c, "nodeev-ci", "pusher", vec![SERVICE.into()]).await;
+    registry.push(
+        &busybox_image(work.path(), &image),
+        "team-a/app:v1",
+        &format!("pusher:{pusher}"),
+    );
+    let entry = format!(
+        "  - host: \"{host}\"\n    kubernetes: {{serviceAccount: default, audience: {SERVICE}, \
+         expirationSeconds: 600, username: k8s}}\n"
+    );
+    let extra = "remediation: {mode: evictStuckPods, maxEvictionsPerMinute: 30}\n";
+    let mut inj = Injector::start_with("nodeev", &entry, extra).await;
+    let webhook = "psi-nodeev";
+    // 1. The service goes down (its webhook stays registered, failurePolicy Ignore): the
+    // namespace opts in and its workloads are created without the Secret.
+    inj.stop().await;
+    let team = inj.namespace("team", true).await;
+    assert_eq!(team, ns);
+    let apps = |path: &str| format!("/apis/apps/v1/namespaces/{ns}/{path}");
+    for name in ["app", "held"] {
+        let (status, _, text) = post(&c, &apps("deployments"), &deployment(name, &image)).await;
+        assert!(status.is_success(), "{status} {text}");
+    }
+    let pdb = serde_json::json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "held"},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "held"}}}});
+    let (status, _, text) = post(
+        &c,
+        &format!("/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets"),
+        &pdb,
+    )
+    .await;
+    assert!(status.is_success(), "{status} {text}");
+    let mut bare = app_pod("bare", &image, "Always");
+    bare["spec"]["containers"][0]["command"] = serde_json::json!(["/bin/busybox", "sleep", "3600"]);
+    create(&c, ns, bare).await;
+    let stuck_app = wait_pod_of(&c, ns, "app").await;
+    let stuck_held = wait_pod_of(&c, ns, "held").await;
+    for pod in [&stuck_app, &stuck_held] {
+        assert!(
+            pull_secret_names(pod).is_empty(),
+            "admitted without the Secret"
+        );
+        let evs = wait_pull_refused(&c, ns, &pod.metadata.name.clone().unwrap()).await;
+        assert!(
+            evs.iter().any(|e| e.contains("401 Unauthorized")),
+            "{evs:?}"
+        );
+    }
+    wait_pull_refused(&c, ns, "bare").await;
+    assert!(
+        get_secret(&c, ns).await.is_none(),
+        "no Secret while the service is down"
+    );
+
+    // 2. The service is back (on another port: its webhook points there again).
+    inj.run().await;
+    let selector = serde_json::json!({"matchLabels": {"pull-secret-injector.io/inject": "enabled", "e2e-run": "nodeev"}});
+    inj.register_webhook_for(webhook, selector, &["pods", "serviceaccounts"])
+        .await;
+    wait_for(
+        "the webhook active again",
+        std::time::Duration::from_secs(30),
+        || async {
+            let probe = serde_json::json!({"imagePullSecrets": [{"name": "x"}]});
+            let pod = create_pod(&c, ns, "probe", probe, true).await.pod;
+            pull_secret_names(&pod).contains(&"pull-secret".to_string())
+        },
+    )
+    .await;
+    wait_secret(&c, ns, "made once the service is back", |_| true).await;
+    // The Deployment's stuck Pod is evicted; its replacement carries the Secret and runs.
+    let app_uid = stuck_app.metadata.uid.clone().unwrap();
+    wait_for(
+        "app's replacement running with the Secret",
+        std::time::Duration::from_secs(180),
+        || async {
+            pods_of(&c, ns, "app").await.iter().any(|p| {
+                p.metadata.uid.as_deref() != Some(&app_uid)
+                    && pull_secret_names(p) == ["pull-secret"]
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            })
+        },
+    )
+    .await;
+    let old = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(c.clone(), ns)
+        .get_opt(&stuck_app.metadata.name.clone().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        old.is_none_or(|p| p.metadata.deletion_timestamp.is_some()),
+        "the stuck Pod was evicted"
+    );
+    let evs = events(&c, ns, &stuck_app.metadata.name.clone().unwrap()).await;
+    assert!(
+        evs.iter()
+            .any(|e| e.starts_with("EvictedWithoutPullSecret:")),
+        "{evs:?}"
+    );
+    // The budget allows no disruption: held's Pod stays, its evictions were refused.
+    wait_for(
+        "an eviction held by the budget",
+        std::time::Duration::from_secs(60),
+        || async {
+            metric(
+                &inj.metrics().await,
+                "pull_secret_injector_pod_evictions_total{outcome=\"disruption_budget\"} ",
+            ) >= 1.0
+        },
+    )
+    .await;
+    let held = pods_of(&c, ns, "held").await;
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].metadata.uid, stuck_held.metadata.uid, "held stays");
+    // The bare Pod: left alone, told to be recreated.
+    let bare = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(c.clone(), ns)
+        .get("bare")
+        .await
+        .unwrap();
+    assert!(
+        bare.metadata.deletion_timestamp.is_none(),
+        "a bare Pod is never evicted"
+    );
+    wait_for(
+        "the bare Pod's Event",
+        std::time::Duration::from_secs(30),
+        || async {
+            events(&c, ns, "bare")
+                .await
+                .iter()
+                .any(|e| e.starts_with("RecreatePod:") && e.contains("recreate it yourself"))
+        },
+    )
+    .await;
+    let text = inj.metrics().await;
+    eprintln!(
+        "evictions: {}",
+        text.lines()
+            .filter(|l| l.starts_with("pull_secret_injector_pod_evictions_total"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "pull_secret_injector_pod_evictions_total{outcome=\"failed\"} "
+        ),
+        0.0
+    );
+    assert!(
+        metric(
+            &text,
+            "pull_secret_injector_pod_evictions_total{outcome=\"evicted\"} "
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(&text, "pull_secret_injector_recreate_pod_events_total "),
+        1.0
+    );
+
+    inj.cleanup().await;
+    registry.shutdown().await;
+}

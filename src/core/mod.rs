@@ -9,4 +9,5 @@ pub(crate) mod names;
 pub mod namespaces;
 pub mod patch;
 pub(crate) mod pods;
+pub(crate) mod remediation;
 pub mod subject;

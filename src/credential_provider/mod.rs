@@ -10,7 +10,9 @@
 //!
 //! [`sources`]: crate::sources
 
+pub mod check;
 pub mod install;
+pub mod node;
 pub(crate) mod protocol;
 
 use std::collections::BTreeMap;

@@ -184,12 +184,14 @@ impl Refresher {
             settings.clone(),
             provisioner.clone(),
         ));
-        // Pods admitted without the Secret: counted and told, never changed.
+        // Pods admitted without the Secret: counted and told; with evictStuckPods, those stuck
+        // pulling are evicted once the Secret exists (or told to be recreated).
         watches.push(super::slipped::follow(
             client.clone(),
             settings.clone(),
             namespaces.clone(),
             provisioner.clone(),
+            secrets.clone(),
         ));
         let (nudge, nudged) = mpsc::unbounded_channel();
         let (listed_retry, retry_now) = mpsc::unbounded_channel();

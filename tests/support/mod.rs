@@ -238,6 +238,17 @@ impl ControlPlane {
             .expect("restart apiserver");
         assert!(status.success());
     }
+
+    /// Stops the node's kubelet and starts it again with the same flags (it rereads its
+    /// credential provider config only at start); returns once the node is Ready again.
+    pub fn restart_kubelet(&self) {
+        let status = Command::new(repo().join("hack/control-plane"))
+            .args(["restart-kubelet"])
+            .arg(&self.dir)
+            .status()
+            .expect("restart kubelet");
+        assert!(status.success());
+    }
 }
 
 fn succeeded(e: &Value) -> bool {
