@@ -1,10 +1,10 @@
 # A minimal image: a statically linked binary on a distroless base, running as non-root.
-#   docker build -t pull-secret-injector:0.1.0 .
+#   docker build -t pull-secret-injector:0.2.0 .
 # The same binary is the kubelet credential provider (docs/credential-provider.md). To put it on
 # nodes: the DaemonSet in deploy/credential-provider runs this image with
 # `credential-provider --install-to <hostPath>` (it copies itself; the image has no shell), or a
 # node image build copies it out:
-#   COPY --from=pull-secret-injector:0.1.0 /usr/local/bin/pull-secret-injector /etc/kubernetes/credential-providers/
+#   COPY --from=pull-secret-injector:0.2.0 /usr/local/bin/pull-secret-injector /etc/kubernetes/credential-providers/
 FROM rust:1-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends musl-tools && rm -rf /var/lib/apt/lists/* \
  && rustup target add x86_64-unknown-linux-musl
