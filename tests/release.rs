@@ -195,10 +195,7 @@ impl User {
             .env("PATH", &self.path)
             .env("HOME", &self.dir)
             .env("DOCKER_CONFIG", self.dir.join(".docker"))
-            .env(
-                "HELM_REGISTRY_CONFIG",
-                self.dir.join(".docker/config.json"),
-            )
+            .env("HELM_REGISTRY_CONFIG", self.dir.join(".docker/config.json"))
             .env("SSL_CERT_FILE", self.dir.join("ca-bundle.pem"))
             .env("KUBECONFIG", &self.kubeconfig)
             .env_remove("COSIGN_PASSWORD");
@@ -244,7 +241,11 @@ fn statements(envelopes: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_verifies_and_its_chart_installs_on_the_node() {
-    if !tools_present() || ["cosign", "syft", "helm"].iter().any(|t| built_tool(t).is_none()) {
+    if !tools_present()
+        || ["cosign", "syft", "helm"]
+            .iter()
+            .any(|t| built_tool(t).is_none())
+    {
         return;
     }
     let _serial = serial();
@@ -351,7 +352,10 @@ async fn a_release_verifies_and_its_chart_installs_on_the_node() {
     eprintln!("README block verify-release:\n{}", text(&out));
     // The attestation it printed is syft's SPDX SBOM of exactly the pushed digest.
     let attested = statements(&std::fs::read_to_string(user_dir.join("attestation.json")).unwrap());
-    assert!(!attested.is_empty(), "verify-attestation printed the attestation");
+    assert!(
+        !attested.is_empty(),
+        "verify-attestation printed the attestation"
+    );
     for statement in &attested {
         assert_eq!(statement["predicateType"], "https://spdx.dev/Document");
         assert_eq!(
@@ -360,11 +364,15 @@ async fn a_release_verifies_and_its_chart_installs_on_the_node() {
         );
         let sbom = &statement["predicate"];
         assert!(
-            sbom["spdxVersion"].as_str().is_some_and(|v| v.starts_with("SPDX-")),
+            sbom["spdxVersion"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("SPDX-")),
             "{sbom:.300}"
         );
         assert!(
-            sbom["name"].as_str().is_some_and(|n| n.contains("pull-secret-injector")),
+            sbom["name"]
+                .as_str()
+                .is_some_and(|n| n.contains("pull-secret-injector")),
             "the SBOM names the image: {:.300}",
             sbom["name"]
         );
@@ -439,7 +447,13 @@ async fn a_release_verifies_and_its_chart_installs_on_the_node() {
         );
     }
     // The signed digest itself still verifies: what failed is the tag's new content.
-    let verify = user.cosign(&["verify", "--key", "cosign.pub", "--insecure-ignore-tlog", &image_ref]);
+    let verify = user.cosign(&[
+        "verify",
+        "--key",
+        "cosign.pub",
+        "--insecure-ignore-tlog",
+        &image_ref,
+    ]);
     assert!(verify.status.success(), "{}", text(&verify));
     // And a signature by another key does not count.
     let other = work.path().join("other");
