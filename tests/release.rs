@@ -137,10 +137,10 @@ fn built_tool(name: &str) -> Option<PathBuf> {
     None
 }
 
-/// The README block `<!-- readme: run by tests/release.rs: NAME ... -->`.
+/// The README block `<!-- readme: run by tests/release.rs (block NAME, ...) -->`.
 fn readme_block(name: &str) -> String {
     let text = read("README.md");
-    let marker = format!("<!-- readme: run by tests/release.rs: {name} ");
+    let marker = format!("<!-- readme: run by tests/release.rs (block {name},");
     let start = text
         .find(&marker)
         .unwrap_or_else(|| panic!("README has a block marked {marker:?}"));
