@@ -32,6 +32,45 @@ const NS: &str = "pull-secret-injector";
 const NAME: &str = "pull-secret-injector";
 const IMAGE_REPOSITORY: &str = "pull-secret-injector/pull-secret-injector";
 
+/// Pod Security Admission's `restricted` level, enforced: on the service's namespace (the
+/// kustomize base's Namespace carries it; Helm users label the namespace they create, as the
+/// README says) and on every opted-in namespace of this test.
+fn restricted() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "pod-security.kubernetes.io/enforce".to_string(),
+            "restricted".to_string(),
+        ),
+        (
+            "pod-security.kubernetes.io/enforce-version".to_string(),
+            "latest".to_string(),
+        ),
+    ])
+}
+
+/// What `restricted` asks of a Pod and of each container.
+fn restricted_pod_context() -> Value {
+    json!({"runAsNonRoot": true, "runAsUser": 65534, "seccompProfile": {"type": "RuntimeDefault"}})
+}
+
+fn restricted_container_context() -> Value {
+    json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}})
+}
+
+/// The enforcement is on in `ns`: a Pod that breaks the level is refused, so the Pods that
+/// run there (the service's own, or the test's) meet it.
+async fn assert_restricted_enforced(c: &kube::Client, ns: &str) {
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "too-privileged"},
+        "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1",
+                                 "securityContext": {"privileged": true}}]}});
+    let (status, _, text) =
+        post(c, &format!("/api/v1/namespaces/{ns}/pods?dryRun=All"), &pod).await;
+    assert!(
+        status == 403 && text.contains("violates PodSecurity \"restricted:latest\""),
+        "{ns}: Pod Security `restricted` should refuse a privileged Pod: {status} {text:.300}"
+    );
+}
+
 /// kubectl of the cluster's own release, built by hack/build-kubernetes with the node.
 fn kubectl_binary() -> String {
     let path = Command::new(repo().join("hack/build-kubernetes"))
@@ -82,14 +121,18 @@ fn registry_config(host: &str) -> Value {
 /// The service's own namespace with the Secret its Pods pull the image with (the namespace is
 /// never injected into): a token of a ServiceAccount there, which the token server's rules let
 /// pull `pull-secret-injector/*`.
-async fn namespace_with_image_pull_secret(c: &kube::Client, host: &str) {
+async fn namespace_with_image_pull_secret(
+    c: &kube::Client,
+    host: &str,
+    labels: BTreeMap<String, String>,
+) {
     if Api::<Namespace>::all(c.clone())
         .get_opt(NS)
         .await
         .unwrap()
         .is_none()
     {
-        create_namespace(c, NS, Default::default()).await;
+        create_namespace(c, NS, labels).await;
     }
     let token = service_account_token(c, NS, "image-puller", vec![SERVICE.into()]).await;
     let auth = base64_encode(&format!("k8s:{token}"));
@@ -256,8 +299,10 @@ fn app_pod(name: &str, image: &str) -> Value {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
         "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
                  "imagePullSecrets": [{"name": "mine"}],
+                 "securityContext": restricted_pod_context(),
                  "containers": [{"name": "app", "image": image, "imagePullPolicy": "Always",
-                                 "command": ["/bin/sh", "-c", "cat /hello.txt"]}]}
+                                 "command": ["/bin/sh", "-c", "cat /hello.txt"],
+                                 "securityContext": restricted_container_context()}]}
     })
 }
 
@@ -676,11 +721,12 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
         "helm-late",
         "helm-released",
     ] {
-        create_namespace(&c, team, BTreeMap::new()).await;
+        create_namespace(&c, team, restricted()).await;
     }
 
-    // ---- kustomize: `kubectl apply -k` of an overlay of the base, as a user writes it.
-    namespace_with_image_pull_secret(&c, &host).await;
+    // ---- kustomize: `kubectl apply -k` of an overlay of the base, as a user writes it. The
+    // namespace is made unlabelled: the base's Namespace brings Pod Security `restricted`.
+    namespace_with_image_pull_secret(&c, &host, BTreeMap::new()).await;
     // kustomize takes other kustomizations by relative path only: the overlay sits in this
     // checkout's target directory.
     let tmp = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
@@ -734,6 +780,8 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
     let applied = Instant::now();
     kubectl(cp, &["apply", "-k", overlay.to_str().unwrap()]);
     wait_rolled_out(&c, "both replicas Ready (kustomize)").await;
+    assert_restricted_enforced(&c, NS).await;
+    assert_restricted_enforced(&c, "kustomize-team").await;
     eprintln!(
         "kustomize: both replicas Ready {:?} after apply",
         applied.elapsed()
@@ -806,14 +854,23 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
         &c,
         "kustomize-team",
         "after",
-        json!({"imagePullSecrets": [{"name": "mine"}]}),
+        json!({"imagePullSecrets": [{"name": "mine"}], "securityContext": restricted_pod_context(),
+               "containers": [{"name": "app", "image": "registry.invalid/app:1",
+                               "securityContext": restricted_container_context()}]}),
         true,
     )
     .await;
     assert_eq!(pull_secret_names(&pod.pod), ["mine"]);
 
     // ---- 5. Helm: the chart installed with Helm's library, the image and config as values.
-    namespace_with_image_pull_secret(&c, &host).await;
+    // The namespace made as the README's hardened-cluster step makes it for Helm (which
+    // cannot label a namespace it creates): Pod Security `restricted` enforced.
+    let mut labels = restricted();
+    labels.insert(
+        "pull-secret-injector.io/inject".to_string(),
+        "disabled".to_string(),
+    );
+    namespace_with_image_pull_secret(&c, &host, labels).await;
     let values = |annotation: &str| {
         json!({
             "image": {"repository": format!("{host}/{IMAGE_REPOSITORY}"), "tag": "test"},
@@ -834,6 +891,8 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
         "helm install prints the NOTES: {notes}"
     );
     wait_rolled_out(&c, "both replicas Ready (Helm)").await;
+    assert_restricted_enforced(&c, NS).await;
+    assert_restricted_enforced(&c, "helm-team").await;
     check_running(cp, &c).await;
     let restart = || {
         helm_release(
