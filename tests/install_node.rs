@@ -34,8 +34,10 @@ fn app_pod(name: &str, image: &str) -> Value {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
         "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
                  "imagePullSecrets": [{"name": "mine"}],
+                 "securityContext": restricted_pod_context(),
                  "containers": [{"name": "app", "image": image, "imagePullPolicy": "Always",
-                                 "command": ["/bin/sh", "-c", "cat /hello.txt"]}]}
+                                 "command": ["/bin/sh", "-c", "cat /hello.txt"],
+                                 "securityContext": restricted_container_context()}]}
     })
 }
 
@@ -404,11 +406,12 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
         "helm-late",
         "helm-released",
     ] {
-        create_namespace(&c, team, BTreeMap::new()).await;
+        create_namespace(&c, team, restricted()).await;
     }
 
-    // ---- kustomize: `kubectl apply -k` of an overlay of the base, as a user writes it.
-    namespace_with_image_pull_secret(&c, &host).await;
+    // ---- kustomize: `kubectl apply -k` of an overlay of the base, as a user writes it. The
+    // namespace is made unlabelled: the base's Namespace brings Pod Security `restricted`.
+    namespace_with_image_pull_secret(&c, &host, BTreeMap::new()).await;
     // kustomize takes other kustomizations by relative path only: the overlay sits in this
     // checkout's target directory.
     let tmp = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
@@ -462,6 +465,8 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
     let applied = Instant::now();
     kubectl(cp, &["apply", "-k", overlay.to_str().unwrap()]);
     wait_rolled_out(&c, "both replicas Ready (kustomize)").await;
+    assert_restricted_enforced(&c, NS).await;
+    assert_restricted_enforced(&c, "kustomize-team").await;
     eprintln!(
         "kustomize: both replicas Ready {:?} after apply",
         applied.elapsed()
@@ -534,14 +539,23 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
         &c,
         "kustomize-team",
         "after",
-        json!({"imagePullSecrets": [{"name": "mine"}]}),
+        json!({"imagePullSecrets": [{"name": "mine"}], "securityContext": restricted_pod_context(),
+               "containers": [{"name": "app", "image": "registry.invalid/app:1",
+                               "securityContext": restricted_container_context()}]}),
         true,
     )
     .await;
     assert_eq!(pull_secret_names(&pod.pod), ["mine"]);
 
     // ---- 5. Helm: the chart installed with the helm CLI, the image and config as values.
-    namespace_with_image_pull_secret(&c, &host).await;
+    // The namespace made as the README's hardened-cluster step makes it for Helm (which
+    // cannot label a namespace it creates): Pod Security `restricted` enforced.
+    let mut labels = restricted();
+    labels.insert(
+        "pull-secret-injector.io/inject".to_string(),
+        "disabled".to_string(),
+    );
+    namespace_with_image_pull_secret(&c, &host, labels).await;
     let values = |annotation: &str| {
         json!({
             "image": {"repository": format!("{host}/{IMAGE_REPOSITORY}"), "tag": "test"},
@@ -562,6 +576,8 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
         "helm install prints the NOTES: {notes}"
     );
     wait_rolled_out(&c, "both replicas Ready (Helm)").await;
+    assert_restricted_enforced(&c, NS).await;
+    assert_restricted_enforced(&c, "helm-team").await;
     check_running(cp, &c).await;
     let restart = || {
         helm_release(

@@ -421,7 +421,7 @@ async fn a_release_verifies_and_its_chart_installs_on_the_node() {
     std::fs::copy(keys.join("cosign.pub"), user_dir.join("cosign.pub")).unwrap();
     // The node pulls the image with the Secret in the service's namespace; the service's config
     // names this registry.
-    namespace_with_image_pull_secret(&c, &host).await;
+    namespace_with_image_pull_secret(&c, &host, restricted()).await;
     let auth = base64_encode(&login);
     let creds = json!({"auths": {release_host.clone(): {"username": "releaser", "password": release_password, "auth": auth}}});
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({

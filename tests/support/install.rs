@@ -3,6 +3,7 @@
 //! private registry, kubectl and Helm, and what proves the install runs (both replicas Ready
 //! through HTTPS probes, the TLS Secret and `caBundle`, the Service's endpoints).
 
+use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{json, Value};
 
 use super::registry::{service_account_token, SERVICE};
-use super::{create_namespace, repo, wait_for, ControlPlane};
+use super::{create_namespace, post, repo, wait_for, ControlPlane};
 
 pub const NS: &str = "pull-secret-injector";
 pub const NAME: &str = "pull-secret-injector";
@@ -61,6 +62,45 @@ pub fn helm_release(cp: &ControlPlane, args: &[&str]) -> String {
 
 /// The config a user writes for this registry: tokens of each namespace's `default`
 /// ServiceAccount with the registry's audience.
+/// Pod Security Admission's `restricted` level, enforced: on the service's namespace (the
+/// kustomize base's Namespace carries it; Helm users label the namespace they create, as the
+/// README says) and on every opted-in namespace of this test.
+pub fn restricted() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "pod-security.kubernetes.io/enforce".to_string(),
+            "restricted".to_string(),
+        ),
+        (
+            "pod-security.kubernetes.io/enforce-version".to_string(),
+            "latest".to_string(),
+        ),
+    ])
+}
+
+/// What `restricted` asks of a Pod and of each container.
+pub fn restricted_pod_context() -> Value {
+    json!({"runAsNonRoot": true, "runAsUser": 65534, "seccompProfile": {"type": "RuntimeDefault"}})
+}
+
+pub fn restricted_container_context() -> Value {
+    json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}})
+}
+
+/// The enforcement is on in `ns`: a Pod that breaks the level is refused, so the Pods that
+/// run there (the service's own, or the test's) meet it.
+pub async fn assert_restricted_enforced(c: &kube::Client, ns: &str) {
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "too-privileged"},
+        "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1",
+                                 "securityContext": {"privileged": true}}]}});
+    let (status, _, text) =
+        post(c, &format!("/api/v1/namespaces/{ns}/pods?dryRun=All"), &pod).await;
+    assert!(
+        status == 403 && text.contains("violates PodSecurity \"restricted:latest\""),
+        "{ns}: Pod Security `restricted` should refuse a privileged Pod: {status} {text:.300}"
+    );
+}
+
 pub fn registry_config(host: &str) -> Value {
     json!([{"host": host, "kubernetes": {"serviceAccount": "default", "audience": SERVICE,
             "expirationSeconds": 600, "username": "k8s"}}])
@@ -69,14 +109,18 @@ pub fn registry_config(host: &str) -> Value {
 /// The service's own namespace with the Secret its Pods pull the image with (the namespace is
 /// never injected into): a token of a ServiceAccount there, which the token server's rules let
 /// pull `pull-secret-injector/*`.
-pub async fn namespace_with_image_pull_secret(c: &kube::Client, host: &str) {
+pub async fn namespace_with_image_pull_secret(
+    c: &kube::Client,
+    host: &str,
+    labels: BTreeMap<String, String>,
+) {
     if Api::<Namespace>::all(c.clone())
         .get_opt(NS)
         .await
         .unwrap()
         .is_none()
     {
-        create_namespace(c, NS, Default::default()).await;
+        create_namespace(c, NS, labels).await;
     }
     let token = service_account_token(c, NS, "image-puller", vec![SERVICE.into()]).await;
     let auth = base64_encode(&format!("k8s:{token}"));
