@@ -12,8 +12,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -39,52 +37,6 @@ fn app_pod(name: &str, image: &str) -> Value {
                                  "command": ["/bin/sh", "-c", "cat /hello.txt"],
                                  "securityContext": restricted_container_context()}]}
     })
-}
-
-/// Pod creations (dry runs: they go through the whole admission chain, webhook included, and
-/// nothing is scheduled) one after another until stopped: how many, and each that failed or
-/// came back without the Secret.
-struct Admissions {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
-}
-
-impl Admissions {
-    fn start(c: &kube::Client, ns: &str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (c, ns, s) = (c.clone(), ns.to_string(), stop.clone());
-        let task = tokio::spawn(async move {
-            let (mut count, mut lost) = (0, Vec::new());
-            while !s.load(Ordering::SeqCst) {
-                count += 1;
-                let pod = app_pod(&format!("probe-{count}"), "registry.invalid/app:1");
-                let (status, warnings, text) = post(
-                    &c,
-                    &format!("/api/v1/namespaces/{ns}/pods?dryRun=All"),
-                    &pod,
-                )
-                .await;
-                let patched = serde_json::from_str::<Pod>(&text)
-                    .ok()
-                    .map(|p| pull_secret_names(&p).contains(&"pull-secret".to_string()))
-                    .unwrap_or(false);
-                if !status.is_success() || !patched {
-                    lost.push(format!("#{count}: {status} {warnings:?} {text:.200}"));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            (count, lost)
-        });
-        Self { stop, task }
-    }
-
-    async fn finish(self, what: &str) {
-        self.stop.store(true, Ordering::SeqCst);
-        let (count, lost) = self.task.await.unwrap();
-        eprintln!("{what}: {count} admissions, {} lost", lost.len());
-        assert!(count > 10, "{what}: only {count} admissions were tried");
-        assert!(lost.is_empty(), "{what}: admissions lost: {lost:#?}");
-    }
 }
 
 async fn lease_holder(c: &kube::Client) -> Option<String> {
@@ -147,7 +99,7 @@ async fn exercise(
         .map(|p| p.metadata.name.clone().unwrap())
         .find(|n| *n != leader_name)
         .unwrap();
-    let admissions = Admissions::start(c, team);
+    let admissions = Admissions::start(c, &[team], Duration::from_millis(100));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let deleted_at = Instant::now();
     Api::<Pod>::namespaced(c.clone(), NS)
@@ -193,7 +145,7 @@ async fn exercise(
     admissions.finish("Lease holder deleted").await;
 
     // 4. A rolling update completes with no admission lost.
-    let admissions = Admissions::start(c, team);
+    let admissions = Admissions::start(c, &[team], Duration::from_millis(100));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before: Vec<String> = service_pods(c)
         .await
@@ -412,56 +364,13 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
     // ---- kustomize: `kubectl apply -k` of an overlay of the base, as a user writes it. The
     // namespace is made unlabelled: the base's Namespace brings Pod Security `restricted`.
     namespace_with_image_pull_secret(&c, &host, BTreeMap::new()).await;
-    // kustomize takes other kustomizations by relative path only: the overlay sits in this
-    // checkout's target directory.
-    let tmp = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let tmp = match tmp.starts_with(repo()) {
-        true => tmp,
-        // CARGO_TARGET_DIR elsewhere: the checkout's own (ignored) target directory.
-        false => repo().join("target/tmp"),
-    };
-    let overlay = tmp.join(format!("install-overlay-{}", std::process::id()));
-    std::fs::create_dir_all(&overlay).unwrap();
-    let depth = overlay
-        .strip_prefix(repo())
-        .expect("the target directory is in the checkout")
-        .components()
-        .count();
-    let base = format!("{}deploy/kustomize/base", "../".repeat(depth));
-    let mut config: Value = serde_yaml::from_str(
-        serde_yaml::from_str::<Value>(
-            &std::fs::read_to_string(repo().join("deploy/kustomize/base/configmap.yaml")).unwrap(),
-        )
-        .unwrap()["data"]["config.yaml"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
-    config["registries"] = registry_config(&host);
-    std::fs::write(
-        overlay.join("kustomization.yaml"),
-        serde_yaml::to_string(&json!({
-            "apiVersion": "kustomize.config.k8s.io/v1beta1",
-            "kind": "Kustomization",
-            "resources": [base],
-            "images": [{"name": "pull-secret-injector", "newName": format!("{host}/{IMAGE_REPOSITORY}"), "newTag": "test"}],
-            "patches": [
-                {"target": {"kind": "Deployment", "name": NAME},
-                 "patch": serde_json::to_string(&json!([{"op": "add", "path": "/spec/template/spec/imagePullSecrets",
-                                                          "value": [{"name": "registry-creds"}]}])).unwrap()},
-                {"target": {"kind": "ConfigMap", "name": NAME},
-                 "patch": serde_json::to_string(&json!([{"op": "replace", "path": "/data/config.yaml",
-                                                          "value": serde_yaml::to_string(&config).unwrap()}])).unwrap()},
-                // The self-fencing policy's audiences follow the registries, as the base says.
-                {"target": {"kind": "ValidatingAdmissionPolicy", "name": format!("{NAME}-fence")},
-                 "patch": serde_json::to_string(&json!([{"op": "test", "path": "/spec/variables/0/name", "value": "audiences"},
-                                                         {"op": "replace", "path": "/spec/variables/0/expression",
-                                                          "value": json!([SERVICE]).to_string()}])).unwrap()}
-            ]
-        }))
-        .unwrap(),
-    )
-    .unwrap();
+    let overlay = kustomize_overlay(
+        &format!("install-overlay-{}", std::process::id()),
+        &repo().join("deploy/kustomize/base"),
+        &host,
+        "test",
+        &|_| {},
+    );
     let applied = Instant::now();
     kubectl(cp, &["apply", "-k", overlay.to_str().unwrap()]);
     wait_rolled_out(&c, "both replicas Ready (kustomize)").await;

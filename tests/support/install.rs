@@ -4,7 +4,10 @@
 //! through HTTPS probes, the TLS Secret and `caBundle`, the Service's endpoints).
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -15,7 +18,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{json, Value};
 
 use super::registry::{service_account_token, SERVICE};
-use super::{create_namespace, post, repo, wait_for, ControlPlane};
+use super::{create_namespace, post, pull_secret_names, repo, wait_for, ControlPlane};
 
 pub const NS: &str = "pull-secret-injector";
 pub const NAME: &str = "pull-secret-injector";
@@ -328,4 +331,192 @@ pub fn dump_logs(cp: &ControlPlane) {
             }
         }
     }
+}
+
+/// A Pod with a pull Secret of its own (so that the API server sends it to the webhook: the
+/// shipped matchConditions skip Pods that get the reference from their ServiceAccount), meeting
+/// Pod Security `restricted`.
+pub fn probe_pod(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
+                 "imagePullSecrets": [{"name": "mine"}],
+                 "securityContext": restricted_pod_context(),
+                 "containers": [{"name": "app", "image": "registry.invalid/app:1",
+                                 "command": ["/bin/sh", "-c", "true"],
+                                 "securityContext": restricted_container_context()}]}
+    })
+}
+
+/// Pod creations (dry runs: they go through the whole admission chain, webhook included, and
+/// nothing is scheduled) one after another, in each of `namespaces` in turn, until stopped: how
+/// many, and each that failed or came back without the Secret.
+pub struct Admissions {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Admissions {
+    pub fn start(c: &kube::Client, namespaces: &[&str], every: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let namespaces: Vec<String> = namespaces.iter().map(|n| n.to_string()).collect();
+        let (c, s) = (c.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let (mut count, mut lost) = (0, Vec::new());
+            while !s.load(Ordering::SeqCst) {
+                let ns = &namespaces[count % namespaces.len()];
+                count += 1;
+                let (status, warnings, text) = post(
+                    &c,
+                    &format!("/api/v1/namespaces/{ns}/pods?dryRun=All"),
+                    &probe_pod(&format!("probe-{count}")),
+                )
+                .await;
+                let patched = serde_json::from_str::<Pod>(&text)
+                    .ok()
+                    .map(|p| pull_secret_names(&p).contains(&"pull-secret".to_string()))
+                    .unwrap_or(false);
+                if !status.is_success() || !patched {
+                    lost.push(format!(
+                        "#{count} in {ns}: {status} {warnings:?} {text:.200}"
+                    ));
+                }
+                tokio::time::sleep(every).await;
+            }
+            (count, lost)
+        });
+        Self { stop, task }
+    }
+
+    pub async fn finish(self, what: &str) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (count, lost) = self.task.await.unwrap();
+        eprintln!("{what}: {count} admissions, {} lost", lost.len());
+        assert!(count > 10, "{what}: only {count} admissions were tried");
+        assert!(lost.is_empty(), "{what}: admissions lost: {lost:#?}");
+    }
+}
+
+/// A kustomize overlay of `base` (a checkout's `deploy/kustomize/base`) as a user writes it:
+/// the image from the harness's registry at `tag`, the Secret the Pods pull it with, the
+/// config's registries for that registry (`edit` may change the config further), and the
+/// self-fencing policy's audiences following them. It sits in this checkout's target directory
+/// (kustomize takes other kustomizations by relative path only); returns its directory.
+pub fn kustomize_overlay(
+    name: &str,
+    base: &Path,
+    host: &str,
+    tag: &str,
+    edit: &dyn Fn(&mut Value),
+) -> PathBuf {
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let tmp = match tmp.starts_with(repo()) {
+        true => tmp,
+        // CARGO_TARGET_DIR elsewhere: the checkout's own (ignored) target directory.
+        false => repo().join("target/tmp"),
+    };
+    let overlay = tmp.join(name);
+    std::fs::create_dir_all(&overlay).unwrap();
+    let mut config: Value = serde_yaml::from_str(
+        serde_yaml::from_str::<Value>(
+            &std::fs::read_to_string(base.join("configmap.yaml")).unwrap(),
+        )
+        .unwrap()["data"]["config.yaml"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let base = relative_path(&overlay, base);
+    config["registries"] = registry_config(host);
+    edit(&mut config);
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        serde_yaml::to_string(&json!({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [base],
+            "images": [{"name": "pull-secret-injector", "newName": format!("{host}/{IMAGE_REPOSITORY}"), "newTag": tag}],
+            "patches": [
+                {"target": {"kind": "Deployment", "name": NAME},
+                 "patch": serde_json::to_string(&json!([{"op": "add", "path": "/spec/template/spec/imagePullSecrets",
+                                                          "value": [{"name": "registry-creds"}]}])).unwrap()},
+                {"target": {"kind": "ConfigMap", "name": NAME},
+                 "patch": serde_json::to_string(&json!([{"op": "replace", "path": "/data/config.yaml",
+                                                          "value": serde_yaml::to_string(&config).unwrap()}])).unwrap()},
+                // The self-fencing policy's audiences follow the registries, as the base says.
+                {"target": {"kind": "ValidatingAdmissionPolicy", "name": format!("{NAME}-fence")},
+                 "patch": serde_json::to_string(&json!([{"op": "test", "path": "/spec/variables/0/name", "value": "audiences"},
+                                                         {"op": "replace", "path": "/spec/variables/0/expression",
+                                                          "value": json!([SERVICE]).to_string()}])).unwrap()}
+            ]
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    overlay
+}
+
+/// `to` relative to the directory `from` (both absolute, symlinks resolved where they exist).
+fn relative_path(from: &Path, to: &Path) -> String {
+    let from = from.canonicalize().unwrap_or_else(|_| from.to_path_buf());
+    let to = to.canonicalize().unwrap_or_else(|_| to.to_path_buf());
+    let common = from
+        .components()
+        .zip(to.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let ups = from.components().count() - common;
+    let rest: PathBuf = to.components().skip(common).collect();
+    format!("{}{}", "../".repeat(ups), rest.display())
+}
+
+/// The kinds an install is made of (the charts' and kustomize bases' objects, and what a
+/// user's overlay may add), as `kubectl get` names them.
+const INSTALL_KINDS: &str = "serviceaccount,role,rolebinding,clusterrole,clusterrolebinding,\
+configmap,service,deployment,poddisruptionbudget,networkpolicy,\
+validatingadmissionpolicy,validatingadmissionpolicybinding,mutatingwebhookconfiguration";
+
+/// `Kind/name` of an object when it is part of the install: a kind of [`INSTALL_KINDS`], named
+/// after the service, in its namespace or cluster-scoped.
+fn install_object(o: &Value) -> Option<String> {
+    let kind = o["kind"].as_str()?;
+    let name = o["metadata"]["name"].as_str()?;
+    let ns = o["metadata"]["namespace"].as_str();
+    let kinds: Vec<&str> = INSTALL_KINDS.split(',').collect();
+    (kinds.contains(&kind.to_lowercase().as_str())
+        && name.starts_with(NAME)
+        && ns.is_none_or(|n| n == NS))
+    .then(|| format!("{kind}/{name}"))
+}
+
+/// What is installed now: each object of [`INSTALL_KINDS`] named after the service.
+pub fn installed_objects(cp: &ControlPlane) -> Vec<String> {
+    let listed: Value = serde_json::from_str(&kubectl(
+        cp,
+        &["get", INSTALL_KINDS, "--all-namespaces", "-o", "json"],
+    ))
+    .unwrap();
+    let mut found: Vec<String> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(install_object)
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// The same for a rendered YAML stream (`helm template`, `kubectl kustomize`): what an install
+/// of it should leave, no more.
+pub fn rendered_objects(yaml: &str) -> Vec<String> {
+    use serde::Deserialize;
+    let mut found: Vec<String> = serde_yaml::Deserializer::from_str(yaml)
+        .filter_map(|doc| Value::deserialize(doc).ok())
+        .filter(|o| !o.is_null())
+        .filter_map(|o| install_object(&o))
+        .collect();
+    found.sort();
+    found.dedup();
+    found
 }
