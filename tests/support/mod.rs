@@ -34,28 +34,6 @@ pub struct ControlPlane {
 
 static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
 static SERIAL: Mutex<()> = Mutex::new(());
-static NODE_LOCK: OnceLock<std::fs::File> = OnceLock::new();
-
-/// One node on this machine at a time, whichever checkout or test binary starts it: two
-/// kubelets with the cgroupfs driver share the `kubepods` cgroup tree, and each kills the other's
-/// containers as orphans (exit 137, "Pod sandbox changed"). Held until this process exits.
-fn hold_node_lock() {
-    let path = std::env::temp_dir().join("psi-node.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .expect("open the node lock");
-    if file.try_lock().is_err() {
-        eprintln!(
-            "waiting for another test binary's node to stop ({} is held)",
-            path.display()
-        );
-        file.lock().expect("lock the node lock");
-    }
-    let _ = NODE_LOCK.set(file);
-}
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -94,7 +72,6 @@ impl ControlPlane {
             let mut cmd = Command::new(repo().join("hack/control-plane"));
             cmd.arg("up").arg(&dir);
             if node {
-                hold_node_lock();
                 cmd.arg("--node");
                 for a in kubelet_args {
                     cmd.arg("--kubelet-arg").arg(a);
