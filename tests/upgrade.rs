@@ -234,7 +234,7 @@ print(version.strip())
     )
 }
 
-/// An image as pushed: its tag, manifest digest and the version its binary reports.
+/// An image as pushed: its tag and manifest digest (its binary's `--version` checked when built).
 struct Image {
     tag: String,
     digest: String,
