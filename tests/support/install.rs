@@ -91,16 +91,19 @@ pub fn restricted_container_context() -> Value {
 }
 
 /// The enforcement is on in `ns`: a Pod that breaks the level is refused, so the Pods that
-/// run there (the service's own, or the test's) meet it.
+/// run there (the service's own, or the test's) meet it. The Pod is one `baseline` allows (no
+/// security context: root allowed, privilege escalation and capabilities left as they are),
+/// not a privileged one, which the API server refuses itself (`--allow-privileged` is off)
+/// before Pod Security sees it.
 pub async fn assert_restricted_enforced(c: &kube::Client, ns: &str) {
-    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "too-privileged"},
-        "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1",
-                                 "securityContext": {"privileged": true}}]}});
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "not-restricted"},
+        "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]}});
     let (status, _, text) =
         post(c, &format!("/api/v1/namespaces/{ns}/pods?dryRun=All"), &pod).await;
     assert!(
         status == 403 && text.contains("violates PodSecurity \"restricted:latest\""),
-        "{ns}: Pod Security `restricted` should refuse a privileged Pod: {status} {text:.300}"
+        "{ns}: Pod Security `restricted` should refuse a Pod without a restricted security \
+         context: {status} {text:.300}"
     );
 }
 
