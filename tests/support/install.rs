@@ -100,8 +100,13 @@ pub async fn assert_restricted_enforced(c: &kube::Client, ns: &str) {
         "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]}});
     let (status, _, text) =
         post(c, &format!("/api/v1/namespaces/{ns}/pods?dryRun=All"), &pod).await;
+    // The Status's message, not the body: JSON escapes its quotes.
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|s| s["message"].as_str().map(str::to_owned))
+        .unwrap_or_default();
     assert!(
-        status == 403 && text.contains("violates PodSecurity \"restricted:latest\""),
+        status == 403 && message.contains("violates PodSecurity \"restricted:latest\""),
         "{ns}: Pod Security `restricted` should refuse a Pod without a restricted security \
          context: {status} {text:.300}"
     );
