@@ -202,6 +202,16 @@ fn the_helm_chart_renders_the_same_objects_as_kustomize() {
             r#"{"config": {"remediation": {"mode": "evictStuckPods"}}}"#,
             &["evict-stuck-pods"],
         ),
+        (
+            "pull-secret-injector",
+            r#"{"config": {"serviceAccounts": "apply"}}"#,
+            &["gitops"],
+        ),
+        (
+            "pull-secret-injector",
+            r#"{"config": {"serviceAccounts": "never"}}"#,
+            &["pods-only"],
+        ),
         ("token-server", "{}", &["token-server"]),
     ] {
         let overlay = overlays.join("+");
