@@ -632,6 +632,32 @@ fn control_plane() -> &'static ControlPlane {
     ])
 }
 
+/// The DaemonSet's own identity (check-rbac.yaml, as shipped); the binding's name.
+async fn apply_check_rbac(c: &kube::Client) -> String {
+    let text =
+        std::fs::read_to_string(repo().join("deploy/credential-provider/check-rbac.yaml")).unwrap();
+    let mut binding = String::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let object: Value = serde::Deserialize::deserialize(doc).unwrap();
+        let name = object["metadata"]["name"].as_str().unwrap().to_string();
+        let path = match object["kind"].as_str().unwrap() {
+            "ServiceAccount" => "/api/v1/namespaces/kube-system/serviceaccounts".to_string(),
+            "ClusterRole" => "/apis/rbac.authorization.k8s.io/v1/clusterroles".to_string(),
+            "ClusterRoleBinding" => {
+                binding = name.clone();
+                "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings".to_string()
+            }
+            other => panic!("check-rbac.yaml: unexpected {other}"),
+        };
+        let (status, _, text) = post(c, &path, &object).await;
+        assert!(
+            status.is_success() || status == 409,
+            "creating {name}: {status} {text}"
+        );
+    }
+    binding
+}
+
 /// The shipped node RBAC, for the test's two audiences.
 async fn grant_node_audiences(c: &kube::Client) {
     let text =
@@ -1142,6 +1168,89 @@ async fn a_merged_config_after_a_kubelet_restart_pulls_and_check_names_a_missing
         "{out}"
     );
     assert!(!out.contains("eyJ"), "no token printed: {out}");
+
+    // 3b. The same check as the DaemonSet's `check` init container runs it at start: its
+    // arguments as shipped (this machine's paths for the mounts), NODE_NAME from the downward
+    // API, and the identity it is given: its ServiceAccount with check-rbac.yaml and nothing
+    // else. Without that binding the check cannot ask, and says so.
+    let check_rbac = apply_check_rbac(&c).await;
+    let daemonset: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("deploy/credential-provider/daemonset.yaml")).unwrap(),
+    )
+    .unwrap();
+    let pod = &daemonset["spec"]["template"]["spec"];
+    let container = pod["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "check")
+        .expect("an init container named check");
+    assert_eq!(
+        container["env"][0],
+        json!({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
+    );
+    let service_account = pod["serviceAccountName"].as_str().unwrap();
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .unwrap()
+                .replace("/config/pull-secret-injector.yaml", plugin_s)
+                .replace("/host/credential-provider-config.yaml", kubelet_s)
+                .replace("/host/credential-providers", bin_s)
+                .replace("--name=pull-secret-injector", &format!("--name={name}"))
+        })
+        .collect();
+    let token = service_account_token(&c, "kube-system", service_account, vec![]).await;
+    let kubeconfig = work.path().join("daemonset-kubeconfig");
+    let mut admin: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(cp.kubeconfig()).unwrap()).unwrap();
+    admin["users"][0]["user"] = json!({ "token": token });
+    std::fs::write(&kubeconfig, serde_yaml::to_string(&admin).unwrap()).unwrap();
+    let as_daemonset = || {
+        let out = Command::new(BIN)
+            .args(&args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("NODE_NAME", "psi-node")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, out) = as_daemonset();
+    eprintln!("the DaemonSet's check:\n{out}");
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "ok: node psi-node may request service-account tokens for audience {SERVICE}"
+        )),
+        "{out}"
+    );
+    assert!(!out.contains(&token), "no token printed: {out}");
+    c.request_text(
+        http::Request::delete(format!(
+            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{check_rbac}"
+        ))
+        .body(Vec::new())
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "the check refused without its binding",
+        Duration::from_secs(10),
+        || async {
+            let (ok, out) = as_daemonset();
+            !ok && out.contains("asking the API server") && out.contains("forbidden")
+        },
+    )
+    .await;
 
     // 4. The node's grant removed: `check` names it and what to do.
     let binding = "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/pull-secret-injector-credential-provider";

@@ -110,8 +110,7 @@ fn base_objects() -> Vec<Value> {
 
 /// `hack/helm-render` of a chart of `deploy/helm`: stdout on success, stderr on failure.
 fn helm_render(chart: &str, args: &[&str], values: &str) -> Result<String, String> {
-    let out = std::process::Command::new("python3")
-        .arg(repo().join("hack/helm-render"))
+    let out = std::process::Command::new(repo().join("hack/helm-render"))
         .args(args)
         .arg(repo().join("deploy/helm").join(chart))
         .arg(NS)
@@ -125,7 +124,7 @@ fn helm_render(chart: &str, args: &[&str], values: &str) -> Result<String, Strin
     }
 }
 
-/// The Helm chart, linted (strict) and rendered offline by Helm's own library.
+/// The Helm chart, linted (strict) and rendered offline by the helm CLI.
 fn helm_objects(values: &str) -> Vec<Value> {
     chart_objects("pull-secret-injector", values)
 }

@@ -1,6 +1,6 @@
 //! The install as a user runs it, on the real node: the project's own image (`hack/image`,
 //! pushed to the private registry, pulled by the kubelet with credentials), `kubectl apply -k`
-//! of the kustomize base, then the Helm chart installed with Helm's own library. Both replicas
+//! of the kustomize base, then the Helm chart installed with the helm CLI. Both replicas
 //! run as Pods: the `certs` init container, HTTPS probes, the API server calling the webhook
 //! through its Service (at the Pods' addresses on the node's bridge: `hack/control-plane`), the
 //! Lease hand-over when its holder is deleted, a rolling update, and uninstall.
@@ -17,237 +17,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::{json, Value};
+use support::install::*;
 use support::node::*;
 use support::registry::*;
 use support::*;
-
-const NS: &str = "pull-secret-injector";
-const NAME: &str = "pull-secret-injector";
-const IMAGE_REPOSITORY: &str = "pull-secret-injector/pull-secret-injector";
-
-/// kubectl of the cluster's own release, built by hack/build-kubernetes with the node.
-fn kubectl_binary() -> String {
-    let path = Command::new(repo().join("hack/build-kubernetes"))
-        .args(["path", "kubectl"])
-        .output()
-        .expect("hack/build-kubernetes path kubectl");
-    String::from_utf8_lossy(&path.stdout).trim().to_string()
-}
-
-fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
-    let out = Command::new(kubectl_binary())
-        .args(args)
-        .env("KUBECONFIG", cp.kubeconfig())
-        .output()
-        .expect("run kubectl");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn helm_release(cp: &ControlPlane, args: &[&str]) -> String {
-    let out = Command::new("python3")
-        .arg(repo().join("hack/helm-release"))
-        .arg(args[0])
-        .arg(cp.kubeconfig())
-        .args(&args[1..])
-        .output()
-        .expect("run hack/helm-release");
-    assert!(
-        out.status.success(),
-        "hack/helm-release {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The config a user writes for this registry: tokens of each namespace's `default`
-/// ServiceAccount with the registry's audience.
-fn registry_config(host: &str) -> Value {
-    json!([{"host": host, "kubernetes": {"serviceAccount": "default", "audience": SERVICE,
-            "expirationSeconds": 600, "username": "k8s"}}])
-}
-
-/// The service's own namespace with the Secret its Pods pull the image with (the namespace is
-/// never injected into): a token of a ServiceAccount there, which the token server's rules let
-/// pull `pull-secret-injector/*`.
-async fn namespace_with_image_pull_secret(c: &kube::Client, host: &str) {
-    if Api::<Namespace>::all(c.clone())
-        .get_opt(NS)
-        .await
-        .unwrap()
-        .is_none()
-    {
-        create_namespace(c, NS, Default::default()).await;
-    }
-    let token = service_account_token(c, NS, "image-puller", vec![SERVICE.into()]).await;
-    let auth = base64_encode(&format!("k8s:{token}"));
-    let config = json!({"auths": {host: {"username": "k8s", "password": token, "auth": auth}}});
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "registry-creds"},
-        "type": "kubernetes.io/dockerconfigjson",
-        "stringData": {".dockerconfigjson": config.to_string()}
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(c.clone(), NS)
-        .patch(
-            "registry-creds",
-            &PatchParams::apply("install-test").force(),
-            &Patch::Apply(&secret),
-        )
-        .await
-        .unwrap();
-}
-
-fn base64_encode(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-/// Both replicas of the Deployment up to date and Ready, and no other Pod of it left.
-async fn wait_rolled_out(c: &kube::Client, what: &str) {
-    let deployments: Api<Deployment> = Api::namespaced(c.clone(), NS);
-    let pods: Api<Pod> = Api::namespaced(c.clone(), NS);
-    wait_for(what, Duration::from_secs(300), || async {
-        let Some(d) = deployments.get_opt(NAME).await.ok().flatten() else {
-            return false;
-        };
-        let status = d.status.clone().unwrap_or_default();
-        let generation = d.metadata.generation.unwrap_or(0);
-        let listed = pods
-            .list(&ListParams::default().labels("app.kubernetes.io/name=pull-secret-injector"))
-            .await
-            .map(|l| l.items.len())
-            .unwrap_or(0);
-        status.observed_generation.unwrap_or(0) >= generation
-            && status.updated_replicas == Some(2)
-            && status.ready_replicas == Some(2)
-            && status.replicas == Some(2)
-            && listed == 2
-    })
-    .await;
-}
-
-async fn service_pods(c: &kube::Client) -> Vec<Pod> {
-    Api::<Pod>::namespaced(c.clone(), NS)
-        .list(&ListParams::default().labels("app.kubernetes.io/name=pull-secret-injector"))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect()
-}
-
-/// Point 1: both replicas Ready through their HTTPS probes, the `certs` init container made
-/// the TLS Secret and set `caBundle`, and the Service's endpoints are the Pods on the node's
-/// bridge (addresses the harness made, never this machine's own).
-async fn check_running(cp: &ControlPlane, c: &kube::Client) {
-    let pods = service_pods(c).await;
-    assert_eq!(pods.len(), 2);
-    let node: Value =
-        serde_json::from_str(&std::fs::read_to_string(cp.dir.join("node.json")).unwrap()).unwrap();
-    let n = node["netns"].as_str().unwrap().trim_start_matches("psi-");
-    let pod_network = format!("10.214.{n}.");
-    for pod in &pods {
-        let spec = pod.spec.as_ref().unwrap();
-        let status = pod.status.as_ref().unwrap();
-        let name = pod.metadata.name.as_deref().unwrap();
-        assert!(
-            status
-                .conditions
-                .iter()
-                .flatten()
-                .any(|c| c.type_ == "Ready" && c.status == "True"),
-            "{name} is Ready"
-        );
-        let probe = spec.containers[0].readiness_probe.as_ref().unwrap();
-        assert_eq!(
-            probe.http_get.as_ref().unwrap().scheme.as_deref(),
-            Some("HTTPS")
-        );
-        let init = &status.init_container_statuses.as_ref().unwrap()[0];
-        assert_eq!(init.name, "certs");
-        let done = init
-            .state
-            .as_ref()
-            .and_then(|s| s.terminated.as_ref())
-            .expect("certs ran");
-        assert_eq!(done.exit_code, 0, "certs succeeded in {name}");
-        let ip = status.pod_ip.as_deref().unwrap();
-        assert!(
-            ip.starts_with(&pod_network),
-            "{name} runs at {ip}, on the node's bridge"
-        );
-        assert_eq!(
-            spec.image_pull_secrets.as_ref().unwrap()[0].name,
-            "registry-creds"
-        );
-    }
-    let tls = Api::<Secret>::namespaced(c.clone(), NS)
-        .get("pull-secret-injector-tls")
-        .await
-        .expect("the certs init container made the TLS Secret");
-    assert_eq!(tls.type_.as_deref(), Some("kubernetes.io/tls"));
-    let ca = tls.data.as_ref().unwrap()["ca.crt"].0.clone();
-    let hook = Api::<MutatingWebhookConfiguration>::all(c.clone())
-        .get(NAME)
-        .await
-        .unwrap();
-    let webhook = &hook.webhooks.as_ref().unwrap()[0];
-    assert_eq!(
-        webhook.client_config.ca_bundle.as_ref().unwrap().0,
-        ca,
-        "caBundle is the TLS Secret's CA"
-    );
-    let service = webhook.client_config.service.as_ref().expect("by Service");
-    assert_eq!(
-        (service.namespace.as_str(), service.name.as_str()),
-        (NS, NAME)
-    );
-    assert!(webhook.client_config.url.is_none());
-    // The Service's endpoints: both Pods, Ready. The EndpointSlice controller follows the
-    // Pods' readiness a moment later, so it is waited for (on a busy machine, seconds).
-    let mut ips: Vec<String> = pods
-        .iter()
-        .map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap())
-        .collect();
-    ips.sort();
-    let slices = Api::<EndpointSlice>::namespaced(c.clone(), NS);
-    let selector = ListParams::default().labels(&format!("kubernetes.io/service-name={NAME}"));
-    let ready_endpoints = || async {
-        let mut ready: Vec<String> = slices
-            .list(&selector)
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .flat_map(|s| s.endpoints.iter())
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-            .flat_map(|e| e.addresses.clone())
-            .collect();
-        ready.sort();
-        ready
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut ready = ready_endpoints().await;
-    while ready != ips && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        ready = ready_endpoints().await;
-    }
-    assert_eq!(ready, ips, "the Service's ready endpoints are the two Pods");
-}
 
 /// A Pod with a pull Secret of its own (so that the API server sends it to the webhook: the
 /// shipped matchConditions skip Pods that get the reference from their ServiceAccount).
@@ -256,8 +34,10 @@ fn app_pod(name: &str, image: &str) -> Value {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
         "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
                  "imagePullSecrets": [{"name": "mine"}],
+                 "securityContext": restricted_pod_context(),
                  "containers": [{"name": "app", "image": image, "imagePullPolicy": "Always",
-                                 "command": ["/bin/sh", "-c", "cat /hello.txt"]}]}
+                                 "command": ["/bin/sh", "-c", "cat /hello.txt"],
+                                 "securityContext": restricted_container_context()}]}
     })
 }
 
@@ -305,24 +85,6 @@ impl Admissions {
         assert!(count > 10, "{what}: only {count} admissions were tried");
         assert!(lost.is_empty(), "{what}: admissions lost: {lost:#?}");
     }
-}
-
-async fn label_namespace(c: &kube::Client, ns: &str, opted_in: bool) {
-    let value = if opted_in {
-        json!("enabled")
-    } else {
-        Value::Null
-    };
-    Api::<Namespace>::all(c.clone())
-        .patch(
-            ns,
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"labels": {"pull-secret-injector.io/inject": value}}}),
-            ),
-        )
-        .await
-        .unwrap();
 }
 
 async fn lease_holder(c: &kube::Client) -> Option<String> {
@@ -461,38 +223,6 @@ async fn exercise(
     tokio::time::sleep(Duration::from_secs(2)).await;
     admissions.finish("rolling update").await;
     check_running(cp, c).await;
-}
-
-/// The service's Pods' logs, as the kubelet keeps them, for a failure's message.
-fn dump_logs(cp: &ControlPlane) {
-    let logs = cp.dir.join("node/pod-logs");
-    for pod in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
-        if !pod
-            .file_name()
-            .to_string_lossy()
-            .starts_with(&format!("{NS}_"))
-        {
-            continue;
-        }
-        for container in std::fs::read_dir(pod.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            for log in std::fs::read_dir(container.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let text = std::fs::read_to_string(log.path()).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                eprintln!("== {}:", log.path().display());
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
-        }
-    }
 }
 
 /// What is left of the install: objects named like it, cluster-wide and in its namespace.
@@ -676,11 +406,12 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
         "helm-late",
         "helm-released",
     ] {
-        create_namespace(&c, team, BTreeMap::new()).await;
+        create_namespace(&c, team, restricted()).await;
     }
 
-    // ---- kustomize: `kubectl apply -k` of an overlay of the base, as a user writes it.
-    namespace_with_image_pull_secret(&c, &host).await;
+    // ---- kustomize: `kubectl apply -k` of an overlay of the base, as a user writes it. The
+    // namespace is made unlabelled: the base's Namespace brings Pod Security `restricted`.
+    namespace_with_image_pull_secret(&c, &host, BTreeMap::new()).await;
     // kustomize takes other kustomizations by relative path only: the overlay sits in this
     // checkout's target directory.
     let tmp = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
@@ -734,6 +465,8 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
     let applied = Instant::now();
     kubectl(cp, &["apply", "-k", overlay.to_str().unwrap()]);
     wait_rolled_out(&c, "both replicas Ready (kustomize)").await;
+    assert_restricted_enforced(&c, NS).await;
+    assert_restricted_enforced(&c, "kustomize-team").await;
     eprintln!(
         "kustomize: both replicas Ready {:?} after apply",
         applied.elapsed()
@@ -806,14 +539,23 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
         &c,
         "kustomize-team",
         "after",
-        json!({"imagePullSecrets": [{"name": "mine"}]}),
+        json!({"imagePullSecrets": [{"name": "mine"}], "securityContext": restricted_pod_context(),
+               "containers": [{"name": "app", "image": "registry.invalid/app:1",
+                               "securityContext": restricted_container_context()}]}),
         true,
     )
     .await;
     assert_eq!(pull_secret_names(&pod.pod), ["mine"]);
 
-    // ---- 5. Helm: the chart installed with Helm's library, the image and config as values.
-    namespace_with_image_pull_secret(&c, &host).await;
+    // ---- 5. Helm: the chart installed with the helm CLI, the image and config as values.
+    // The namespace made as the README's hardened-cluster step makes it for Helm (which
+    // cannot label a namespace it creates): Pod Security `restricted` enforced.
+    let mut labels = restricted();
+    labels.insert(
+        "pull-secret-injector.io/inject".to_string(),
+        "disabled".to_string(),
+    );
+    namespace_with_image_pull_secret(&c, &host, labels).await;
     let values = |annotation: &str| {
         json!({
             "image": {"repository": format!("{host}/{IMAGE_REPOSITORY}"), "tag": "test"},
@@ -834,6 +576,8 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
         "helm install prints the NOTES: {notes}"
     );
     wait_rolled_out(&c, "both replicas Ready (Helm)").await;
+    assert_restricted_enforced(&c, NS).await;
+    assert_restricted_enforced(&c, "helm-team").await;
     check_running(cp, &c).await;
     let restart = || {
         helm_release(

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod attack;
+pub mod install;
 pub mod node;
 pub mod proxy;
 pub mod registry;
@@ -769,8 +770,7 @@ pub fn shipped_admission_policies(helm_values: Option<&str>) -> Vec<Value> {
         )
         .unwrap(),
         Some(values) => {
-            let out = Command::new("python3")
-                .arg(repo().join("hack/helm-render"))
+            let out = Command::new(repo().join("hack/helm-render"))
                 .arg(repo().join("deploy/helm/pull-secret-injector"))
                 .arg("pull-secret-injector")
                 .arg(values)
