@@ -226,6 +226,19 @@ async fn in_policy_mode_a_pod_created_before_its_secret_starts_once_the_secret_e
     );
 
     delete_untyped(&c, &policies).await;
+    // The API server drops deleted policies from its admission chain a moment later: the next
+    // test (a service that is down, Pods admitted without the Secret) must not meet them.
+    wait_for(
+        "the policies no longer applied",
+        std::time::Duration::from_secs(30),
+        || async {
+            let pod = create_pod(&c, ns, "probe", serde_json::json!({}), true)
+                .await
+                .pod;
+            pull_secret_names(&pod).is_empty()
+        },
+    )
+    .await;
     let _ = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone())
         .delete(ns, &Default::default())
         .await;
