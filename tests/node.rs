@@ -227,15 +227,15 @@ async fn in_policy_mode_a_pod_created_before_its_secret_starts_once_the_secret_e
 
     delete_untyped(&c, &policies).await;
     // The API server drops deleted policies from its admission chain a moment later: the next
-    // test (a service that is down, Pods admitted without the Secret) must not meet them.
+    // test (a service that is down, Pods admitted without the Secret) must not meet them. The
+    // probe lists a Secret of its own, so that it does not take the ServiceAccount's list.
     wait_for(
         "the policies no longer applied",
         std::time::Duration::from_secs(30),
         || async {
-            let pod = create_pod(&c, ns, "probe", serde_json::json!({}), true)
-                .await
-                .pod;
-            pull_secret_names(&pod).is_empty()
+            let own = serde_json::json!({"imagePullSecrets": [{"name": "own"}]});
+            let pod = create_pod(&c, ns, "probe", own, true).await.pod;
+            pull_secret_names(&pod) == ["own"]
         },
     )
     .await;
