@@ -60,6 +60,12 @@ pub struct Config {
     /// `serviceAccount` (one Secret per ServiceAccount, `<sa>-<secretName>`, minted for it).
     #[serde(default)]
     pub identity_scope: crate::core::subject::IdentityScope,
+    /// What is done to ServiceAccounts: `patch` (the default: the reference added at their
+    /// admission and to existing ones), `apply` (for ServiceAccounts managed by GitOps: not at
+    /// admission; added to existing ones by server-side apply as field manager
+    /// `pull-secret-injector`) or `never` (only Pods get the reference). docs/gitops.md.
+    #[serde(default)]
+    pub service_accounts: crate::core::accounts::ServiceAccountMode,
     /// Compatibility with chainguard's pull-secret-updater (annotated Secrets in any namespace).
     #[serde(default)]
     pub pull_secret_updater: Option<updater::UpdaterConfig>,
@@ -690,6 +696,14 @@ impl Config {
                 "matchingImages needs admission.mode webhook: which images match a registry is decided by the service, not by the shipped policies".into(),
             );
         }
+        if self.service_accounts == crate::core::accounts::ServiceAccountMode::Apply
+            && self.inject == InjectMode::MatchingImages
+        {
+            err(
+                "serviceAccounts",
+                "apply has nothing to apply with inject matchingImages, which leaves ServiceAccounts alone: use never (or leave it out)".into(),
+            );
+        }
         if let Some(u) = &self.pull_secret_updater {
             u.validate(self.http.allow_plain_http, &mut err);
         }
@@ -1030,6 +1044,42 @@ registries:
             "{base}admission: {{mode: policy}}\ninject: matchingImages\n"
         ));
         assert_eq!(errors[0].path, "inject");
+    }
+
+    #[test]
+    fn service_accounts_mode_parses_and_is_checked() {
+        use crate::core::accounts::ServiceAccountMode;
+        let base = "tls: {certFile: a, keyFile: b}\nregistries: [{host: r.example, kubernetes: {audience: a}}]\n";
+        for (extra, mode) in [
+            ("", ServiceAccountMode::Patch),
+            ("serviceAccounts: patch\n", ServiceAccountMode::Patch),
+            ("serviceAccounts: apply\n", ServiceAccountMode::Apply),
+            ("serviceAccounts: never\n", ServiceAccountMode::Never),
+            (
+                "serviceAccounts: never\ninject: matchingImages\n",
+                ServiceAccountMode::Never,
+            ),
+        ] {
+            let c = Config::from_yaml(&format!("{base}{extra}")).unwrap();
+            assert_eq!(c.service_accounts, mode, "{extra:?}");
+        }
+        let e = parse_error(&format!("{base}serviceAccounts: pods\n"));
+        assert_eq!(e.path, "serviceAccounts");
+        assert!(
+            e.message.contains("patch, apply, never") || e.message.contains("`patch`"),
+            "{}",
+            e.message
+        );
+        let errors = invalid(&format!(
+            "{base}serviceAccounts: apply\ninject: matchingImages\n"
+        ));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "serviceAccounts");
+        assert!(
+            errors[0].message.contains("use never"),
+            "{}",
+            errors[0].message
+        );
     }
 
     #[test]

@@ -123,6 +123,11 @@ impl Settings {
         self.config.inject
     }
 
+    /// What is done to ServiceAccounts (`serviceAccounts`).
+    pub(crate) fn service_accounts(&self) -> crate::core::accounts::ServiceAccountMode {
+        self.config.service_accounts
+    }
+
     pub(crate) fn scope(&self) -> IdentityScope {
         self.config.identity_scope
     }

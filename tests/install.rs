@@ -201,6 +201,16 @@ fn the_helm_chart_renders_the_same_objects_as_kustomize() {
             r#"{"config": {"remediation": {"mode": "evictStuckPods"}}}"#,
             &["evict-stuck-pods"],
         ),
+        (
+            "pull-secret-injector",
+            r#"{"config": {"serviceAccounts": "apply"}}"#,
+            &["gitops"],
+        ),
+        (
+            "pull-secret-injector",
+            r#"{"config": {"serviceAccounts": "never"}}"#,
+            &["pods-only"],
+        ),
         ("token-server", "{}", &["token-server"]),
     ] {
         let overlay = overlays.join("+");
@@ -1788,10 +1798,15 @@ async fn evictions_are_granted_with_evict_stuck_pods_and_fenced_to_opted_in_name
             assert!(!can_as(&admin, sa, verb, "", "pods", Some(ns), Some("p")).await);
         }
     }
-    // Unscheduled Pods (no node here) are evicted at once: no budget, nothing running.
+    // Unscheduled Pods (no node here) are evicted at once: no budget, nothing running. They
+    // meet Pod Security `restricted`, which the chart's namespace (here NS) enforces.
     let pod = |name: &str| -> Pod {
         serde_json::from_value(json!({"metadata": {"name": name},
-            "spec": {"containers": [{"name": "c", "image": "registry.example.com/app"}]}}))
+            "spec": {"securityContext": {"runAsNonRoot": true, "runAsUser": 65534,
+                                         "seccompProfile": {"type": "RuntimeDefault"}},
+                     "containers": [{"name": "c", "image": "registry.example.com/app",
+                                     "securityContext": {"allowPrivilegeEscalation": false,
+                                                         "capabilities": {"drop": ["ALL"]}}}]}}))
         .unwrap()
     };
     for ns in [opted, plain, NS, "kube-system"] {

@@ -226,6 +226,19 @@ async fn in_policy_mode_a_pod_created_before_its_secret_starts_once_the_secret_e
     );
 
     delete_untyped(&c, &policies).await;
+    // The API server drops deleted policies from its admission chain a moment later: the next
+    // test (a service that is down, Pods admitted without the Secret) must not meet them. The
+    // probe lists a Secret of its own, so that it does not take the ServiceAccount's list.
+    wait_for(
+        "the policies no longer applied",
+        std::time::Duration::from_secs(30),
+        || async {
+            let own = serde_json::json!({"imagePullSecrets": [{"name": "own"}]});
+            let pod = create_pod(&c, ns, "probe", own, true).await.pod;
+            pull_secret_names(&pod) == ["own"]
+        },
+    )
+    .await;
     let _ = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone())
         .delete(ns, &Default::default())
         .await;
@@ -461,6 +474,86 @@ async fn pods_stuck_without_the_secret_are_evicted_when_a_controller_recreates_t
         1.0
     );
 
+    inj.cleanup().await;
+    registry.shutdown().await;
+}
+
+/// `serviceAccounts: never` (the `pods-only` overlay, docs/gitops.md): the webhook registered
+/// for Pods alone patches the Pod, the kubelet pulls with the Secret, and the Pod's
+/// ServiceAccount is never written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_pods_only_mode_the_pod_pulls_and_its_service_account_is_untouched() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    if !tools_present() {
+        return;
+    }
+    let _serial = serial();
+    let cp = ControlPlane::with_node();
+    let c = cp.client().await;
+    let work = tempfile::tempdir().unwrap();
+    let rules = r#"  - {namespace: nodepo-team, repositories: ["team-a/*"]}
+  - {namespace: nodepo-ci, serviceAccount: pusher, repositories: ["team-a/*"], actions: [pull, push]}
+"#;
+    let registry =
+        PrivateRegistry::start(cp, &c, work.path(), &cp.host_ip(), "nodepo-infra", rules).await;
+    trust_registry(cp, &registry);
+    let host = registry.host.clone();
+    let image = format!("{host}/team-a/app:v1");
+    create_namespace(&c, "nodepo-ci", Default::default()).await;
+    let pusher = service_account_token(&c, "nodepo-ci", "pusher", vec![SERVICE.into()]).await;
+    registry.push(
+        &busybox_image(work.path(), &image),
+        "team-a/app:v1",
+        &format!("pusher:{pusher}"),
+    );
+
+    let entry = format!(
+        "  - host: \"{host}\"\n    kubernetes: {{serviceAccount: default, audience: {SERVICE}, \
+         expirationSeconds: 600, username: k8s}}\n"
+    );
+    let mut inj =
+        Injector::start_for("nodepo", &entry, "serviceAccounts: never\n", &["pods"]).await;
+    let ns = inj.namespace("team", true).await;
+    let accounts = kube::Api::<ServiceAccount>::namespaced(c.clone(), &ns);
+    let app: ServiceAccount =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "app"}})).unwrap();
+    let app = accounts.create(&Default::default(), &app).await.unwrap();
+    wait_secret(&c, &ns, "made by the refresher", |_| true).await;
+
+    let pod = create(&c, &ns, app_pod_as("runs", &image, "Always", "app")).await;
+    assert_eq!(
+        pull_secret_names(&pod),
+        ["pull-secret"],
+        "the Pod is patched"
+    );
+    let printed = wait_succeeded(cp, &c, &ns, "runs").await;
+    assert!(printed.contains(MARKER), "the container printed: {printed}");
+
+    for (name, before) in [("app", Some(app)), ("default", None)] {
+        let now = accounts.get(name).await.unwrap();
+        if let Some(before) = before {
+            assert_eq!(
+                now.metadata.resource_version, before.metadata.resource_version,
+                "{name} never written"
+            );
+        }
+        assert!(
+            now.image_pull_secrets.is_none(),
+            "{name}: {:?}",
+            now.image_pull_secrets
+        );
+        let managers: Vec<String> = now
+            .metadata
+            .managed_fields
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|m| m.manager)
+            .collect();
+        assert!(
+            !managers.iter().any(|m| m.contains("pull-secret-injector")),
+            "{name}: {managers:?}"
+        );
+    }
     inj.cleanup().await;
     registry.shutdown().await;
 }

@@ -163,6 +163,11 @@ pub fn decide(
             ),
         );
     }
+    // `serviceAccounts: apply` or `never`: a ServiceAccount's admission is answered unchanged
+    // (the webhook is then registered for Pods only; this covers a registration left over).
+    if target == Target::ServiceAccount && !settings.service_accounts().patches_at_admission() {
+        return Decision::unchanged();
+    }
     if settings.inject() == InjectMode::MatchingImages {
         if target != Target::Pod {
             return Decision::unchanged();
@@ -279,6 +284,9 @@ mod tests {
         let always = settings("");
         let matching = settings("inject: matchingImages\n");
         let per_sa = settings("identityScope: serviceAccount\n");
+        let applied = settings("serviceAccounts: apply\n");
+        let pods_only = settings("serviceAccounts: never\n");
+        let pods_only_per_sa = settings("serviceAccounts: never\nidentityScope: serviceAccount\n");
         let all = served(&["ghcr.io", "cgr.dev"]);
         let pod_create = body("Pod", "CREATE", false, pod("ghcr.io/a/b", "builder"));
         let sa_create = body(
@@ -422,6 +430,61 @@ mod tests {
                 ),
                 "unchanged",
                 "without a name",
+            ),
+            // serviceAccounts: apply and never leave a ServiceAccount's admission alone;
+            // Pods are patched as ever
+            (
+                "apply: a ServiceAccount is left to the refresher",
+                &applied,
+                all.clone(),
+                sa_create.clone(),
+                "unchanged",
+                "",
+            ),
+            (
+                "apply: a Pod",
+                &applied,
+                all.clone(),
+                pod_create.clone(),
+                "provision team-a pull-secret",
+                "",
+            ),
+            (
+                "never: a ServiceAccount is left alone",
+                &pods_only,
+                all.clone(),
+                sa_create.clone(),
+                "unchanged",
+                "",
+            ),
+            (
+                "never: a Pod",
+                &pods_only,
+                all.clone(),
+                pod_create.clone(),
+                "provision team-a pull-secret",
+                "",
+            ),
+            (
+                "never, per ServiceAccount: a Pod gets its account's Secret",
+                &pods_only_per_sa,
+                all.clone(),
+                pod_create.clone(),
+                "provision team-a/builder builder-pull-secret",
+                "",
+            ),
+            (
+                "never: a dry-run ServiceAccount is left alone too",
+                &pods_only,
+                all.clone(),
+                body(
+                    "ServiceAccount",
+                    "CREATE",
+                    true,
+                    json!({"metadata": {"name": "builder"}}),
+                ),
+                "unchanged",
+                "",
             ),
             // dry run
             (

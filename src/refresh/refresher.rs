@@ -20,6 +20,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::watched::Watched;
 use crate::config::InjectMode;
+use crate::core::accounts::Write;
 use crate::core::namespaces::{Eligibility, NamespacePolicy};
 use crate::core::patch;
 use crate::core::subject::{IdentityScope, Subject};
@@ -124,13 +125,18 @@ impl Refresher {
             }
             IdentityScope::ServiceAccount => Vec::new(),
         };
+        let writes_accounts = settings.inject() == InjectMode::Always
+            && settings.service_accounts().refresher_writes().is_some();
         let accounts = (settings.scope() == IdentityScope::ServiceAccount
-            || settings.inject() == InjectMode::Always
+            || writes_accounts
             || !minting.is_empty())
         .then(|| {
             let accounts = Arc::new(Watched::default());
             let settings = settings.clone();
             let scope = settings.scope();
+            let applies = writes_accounts
+                && settings.service_accounts().refresher_writes() == Some(Write::ServerSideApply);
+            let (store, policy) = (namespaces.clone(), settings.policy.clone());
             let attached = move |sa: &ServiceAccount| {
                 let subject =
                     settings.subject_for(&sa.namespace().unwrap_or_default(), &sa.name_any());
@@ -139,11 +145,24 @@ impl Refresher {
                     .0
                     .is_empty()
             };
+            // `serviceAccounts: apply` patches no ServiceAccount at admission: one created
+            // without the Secret, or whose Secret a GitOps tool's apply took back, starts a
+            // reconcile that applies it (one whose list such a tool declares is planned to
+            // nothing, so this ends there).
+            let is_attached = attached.clone();
+            let opted_in = move |ns: &str| {
+                store.get(&ObjectRef::new(ns)).is_some_and(|n| {
+                    policy.eligibility(ns, n.metadata.labels.as_ref()) == Eligibility::OptedIn
+                })
+            };
             // Per ServiceAccount every one starts a reconcile; per namespace only those
             // the sources mint for.
             let wakes = move |sa: &ServiceAccount| {
                 scope == IdentityScope::ServiceAccount
                     || minting.iter().any(|m| sa.metadata.name.as_ref() == Some(m))
+                    || (applies
+                        && !is_attached(sa)
+                        && opted_in(&sa.namespace().unwrap_or_default()))
             };
             let wake = Some((touched, Box::new(wakes) as Wakes<ServiceAccount>));
             // Per ServiceAccount, a deleted one's Secret goes with it (its owner): what is
@@ -580,7 +599,9 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Reco
     }
     // With `inject: matchingImages` ServiceAccounts are left alone: the API server would copy
     // their list into every Pod, matching or not.
+    // With `serviceAccounts: never` they are never touched.
     let patched = match ctx.settings.inject() {
+        _ if ctx.settings.service_accounts().refresher_writes().is_none() => 0,
         InjectMode::Always if ctx.accounts_attached(&name).await => 0,
         InjectMode::Always => ctx
             .provisioner

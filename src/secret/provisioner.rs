@@ -452,8 +452,11 @@ impl Provisioner {
                 }
             }
         }
-        self.for_each_service_account(namespace, patch::remove_from_service_account)
-            .await?;
+        // `serviceAccounts: never` never touches a ServiceAccount, not even to take back.
+        if self.settings.service_accounts().detaches() {
+            self.for_each_service_account(namespace, patch::remove_from_service_account)
+                .await?;
+        }
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 
 use super::{ProvisionError, Provisioner};
+use crate::core::accounts::{self, Write};
 use crate::core::patch;
 use crate::secret::pacer::Caller;
 
@@ -43,12 +44,105 @@ impl Provisioner {
 
     /// Adds the Secret to every existing ServiceAccount of the namespace that lacks it (those
     /// created later are patched at admission). Returns how many were patched.
+    /// With `serviceAccounts: apply` by server-side apply, with `never` not at all.
     pub(crate) async fn attach_to_service_accounts(
         &self,
         namespace: &str,
     ) -> Result<usize, ProvisionError> {
-        self.for_each_service_account(namespace, patch::for_service_account)
-            .await
+        match self.settings.service_accounts().refresher_writes() {
+            Some(Write::JsonPatch) => {
+                self.for_each_service_account(namespace, patch::for_service_account)
+                    .await
+            }
+            Some(Write::ServerSideApply) => self.apply_to_service_accounts(namespace).await,
+            None => Ok(0),
+        }
+    }
+
+    /// `serviceAccounts: apply`: attaches the Secret to every ServiceAccount of the namespace
+    /// that lacks it by server-side apply as [`accounts::FIELD_MANAGER`] (`core::accounts`
+    /// says what is sent and whether with force). One failing ServiceAccount does not stop the
+    /// others. Returns how many were changed.
+    async fn apply_to_service_accounts(&self, namespace: &str) -> Result<usize, ProvisionError> {
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let list = api.list(&service_account_list()).await.map_err(|e| {
+            ProvisionError::ListServiceAccounts {
+                namespace: namespace.into(),
+                source: e.into(),
+            }
+        })?;
+        let mut applied = 0;
+        let mut first_error = None;
+        for sa in list {
+            match self.apply_service_account(&api, namespace, sa).await? {
+                Ok(true) => applied += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(applied),
+        }
+    }
+
+    /// Applies the plan for one ServiceAccount, reading it again when it changed in between
+    /// (409: its `resourceVersion`, or a conflict over a field another manager took meanwhile;
+    /// the plan is made anew from what is read). Results as [`Self::patch_service_account`].
+    async fn apply_service_account(
+        &self,
+        api: &Api<ServiceAccount>,
+        namespace: &str,
+        sa: ServiceAccount,
+    ) -> Result<Result<bool, ProvisionError>, ProvisionError> {
+        let name = sa.metadata.name.clone().unwrap_or_default();
+        let secret = self
+            .settings
+            .secret_of(&self.settings.subject_for(namespace, &name));
+        let mut current = Some(sa);
+        for _attempt in 0..3 {
+            let Some(sa) = current.take() else {
+                return Ok(Ok(false));
+            };
+            let plan =
+                accounts::plan_apply(&serde_json::to_value(&sa).unwrap_or_default(), &secret);
+            if let Some(manager) = &plan.declared_by {
+                tracing::warn!(
+                    namespace,
+                    service_account = %name,
+                    field_manager = %manager,
+                    secret = %secret,
+                    "imagePullSecrets is declared by another server-side apply and lacks the pull Secret: left to it (add the Secret to that manifest; Pods still get it at admission)"
+                );
+            }
+            let Some(body) = plan.body else {
+                return Ok(Ok(false));
+            };
+            let mut params = PatchParams::apply(accounts::FIELD_MANAGER);
+            params.force = plan.force;
+            match api.patch(&name, &params, &Patch::Apply(body)).await {
+                Ok(_) => return Ok(Ok(true)),
+                // Gone, or (an apply with a resourceVersion to an absent object) not there to
+                // create: never created by this service.
+                Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Ok(false)),
+                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 422 => {
+                    current = api
+                        .get_opt(&name)
+                        .await
+                        .map_err(|e| self.sa_error("reading", namespace, &name, e))?;
+                }
+                Err(e) => return Ok(Err(self.sa_error("applying", namespace, &name, e))),
+            }
+        }
+        Ok(Err(ProvisionError::Contended {
+            action: "applying",
+            kind: "ServiceAccount",
+            namespace: namespace.into(),
+            name,
+            reason: "it kept changing while being applied",
+        }))
     }
 
     /// Applies `make`'s patch to every ServiceAccount of the namespace. Each patch is tied to the
@@ -123,10 +217,13 @@ impl Provisioner {
                     value: serde_json::json!(sa.metadata.resource_version),
                 }),
             );
-            match api
-                .patch(&name, &PatchParams::default(), &Patch::<()>::Json(p))
-                .await
-            {
+            // Named, so that `managedFields` shows this service as the updater (Argo CD's
+            // `managedFieldsManagers` ignores by that name).
+            let params = PatchParams {
+                field_manager: Some(accounts::FIELD_MANAGER.into()),
+                ..Default::default()
+            };
+            match api.patch(&name, &params, &Patch::<()>::Json(p)).await {
                 Ok(_) => return Ok(Ok(true)),
                 Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Ok(false)),
                 // The `test` failed: the ServiceAccount changed since it was read.
