@@ -364,6 +364,9 @@ async fn the_install_runs_on_the_node_and_uninstalls_cleanly() {
     // ---- kustomize: `kubectl apply -k` of an overlay of the base, as a user writes it. The
     // namespace is made unlabelled: the base's Namespace brings Pod Security `restricted`.
     namespace_with_image_pull_secret(&c, &host, BTreeMap::new()).await;
+    // Pod Security `restricted` covers all the hardening but a read-only root filesystem: a
+    // policy refuses the service's Pods here without it, for both installs.
+    enforce_read_only_root(&c, NS).await;
     let overlay = kustomize_overlay(
         &format!("install-overlay-{}", std::process::id()),
         &repo().join("deploy/kustomize/base"),

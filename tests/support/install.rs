@@ -112,6 +112,55 @@ pub async fn assert_restricted_enforced(c: &kube::Client, ns: &str) {
     );
 }
 
+/// Pod Security has no rule for a read-only root filesystem: a ValidatingAdmissionPolicy
+/// enforces it on `ns`'s Pods (every container and init container), so that the service's Pods
+/// being admitted there proves they run with it. Returns once the API server applies it.
+pub async fn enforce_read_only_root(c: &kube::Client, ns: &str) {
+    let name = format!("read-only-root-{ns}");
+    let every = |list: &str| {
+        format!(
+            "(!has(object.spec.{list}) || object.spec.{list}.all(c, has(c.securityContext) && \
+             has(c.securityContext.readOnlyRootFilesystem) && \
+             c.securityContext.readOnlyRootFilesystem))"
+        )
+    };
+    super::apply_untyped(
+        c,
+        &[
+            json!({"apiVersion": "admissionregistration.k8s.io/v1",
+                   "kind": "ValidatingAdmissionPolicy", "metadata": {"name": name},
+                   "spec": {"failurePolicy": "Fail",
+                            "matchConstraints": {"resourceRules": [{"apiGroups": [""],
+                                "apiVersions": ["v1"], "operations": ["CREATE"],
+                                "resources": ["pods"]}]},
+                            "validations": [{
+                                "expression": format!("{} && {}", every("containers"), every("initContainers")),
+                                "message": "every container must set securityContext.readOnlyRootFilesystem: true"}]}}),
+            json!({"apiVersion": "admissionregistration.k8s.io/v1",
+                   "kind": "ValidatingAdmissionPolicyBinding", "metadata": {"name": name},
+                   "spec": {"policyName": name, "validationActions": ["Deny"],
+                            "matchResources": {"namespaceSelector": {"matchLabels":
+                                {"kubernetes.io/metadata.name": ns}}}}}),
+        ],
+    )
+    .await;
+    // A Pod `restricted` allows, with a writable root filesystem: refused once in force.
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "writable-root"},
+        "spec": {"securityContext": restricted_pod_context(),
+                 "containers": [{"name": "app", "image": "registry.invalid/app:1",
+                                 "securityContext": restricted_container_context()}]}});
+    wait_for(
+        "the read-only root policy in force",
+        Duration::from_secs(30),
+        || async {
+            let (status, _, text) =
+                post(c, &format!("/api/v1/namespaces/{ns}/pods?dryRun=All"), &pod).await;
+            status == 403 && text.contains("readOnlyRootFilesystem: true")
+        },
+    )
+    .await;
+}
+
 pub fn registry_config(host: &str) -> Value {
     json!([{"host": host, "kubernetes": {"serviceAccount": "default", "audience": SERVICE,
             "expirationSeconds": 600, "username": "k8s"}}])
