@@ -155,7 +155,12 @@ pub async fn enforce_read_only_root(c: &kube::Client, ns: &str) {
         || async {
             let (status, _, text) =
                 post(c, &format!("/api/v1/namespaces/{ns}/pods?dryRun=All"), &pod).await;
-            status == 403 && text.contains("readOnlyRootFilesystem: true")
+            // A policy's denial is 422 Invalid unless the validation names a reason.
+            let refused = status == 422 && text.contains("readOnlyRootFilesystem: true");
+            if !refused {
+                eprintln!("read-only root policy not yet in force: {status} {text:.300}");
+            }
+            refused
         },
     )
     .await;
