@@ -1510,6 +1510,10 @@ async fn scale() -> Vec<Figure> {
         None,
         "",
     ));
+    // Left behind, these namespaces' Secrets would be taken back by the next item's service
+    // (its selector does not match them): thousands of releases ahead of its own namespace.
+    // Terminating namespaces are skipped.
+    delete_namespaces(&admin, &names).await;
     figures
 }
 
@@ -1612,15 +1616,15 @@ async fn populate(admin: &kube::Client, names: &[String], labels: Value, secret:
                 let _ = Api::<Namespace>::all(c.clone())
                     .create(&PostParams::default(), &ns)
                     .await;
-                let refs = if secret {
-                    json!([{"name": "pull-secret"}])
-                } else {
-                    json!([])
-                };
-                let sa: ServiceAccount = serde_json::from_value(
-                    json!({"metadata": {"name": "default"}, "imagePullSecrets": refs}),
-                )
-                .unwrap();
+                // Attached as the service attaches it (both lists and the marker annotation):
+                // anything less and a restart's adoption patches, and first lists, every one.
+                let mut sa = json!({"metadata": {"name": "default"}});
+                if secret {
+                    let attach =
+                        pull_secret_injector::core::patch::for_service_account(&sa, "pull-secret");
+                    json_patch::patch(&mut sa, &attach).unwrap();
+                }
+                let sa: ServiceAccount = serde_json::from_value(sa).unwrap();
                 let _ = Api::<ServiceAccount>::namespaced(c.clone(), &name)
                     .create(&PostParams::default(), &sa)
                     .await;
