@@ -155,21 +155,7 @@ async fn in_policy_mode_a_pod_created_before_its_secret_starts_once_the_secret_e
     let c = cp.client().await;
     let work = tempfile::tempdir().unwrap();
     let ns = "nodepol-team";
-    let rules = format!(
-        "  - {{namespace: {ns}, repositories: [\"team-a/*\"]}}\n  - {{namespace: nodepol-ci, serviceAccount: pusher, repositories: [\"team-a/*\"], actions: [pull, push]}}\n"
-    );
-    let registry =
-        PrivateRegistry::start(cp, &c, work.path(), &cp.host_ip(), "nodepol-infra", &rules).await;
-    trust_registry(cp, &registry);
-    let host = registry.host.clone();
-    let image = format!("{host}/team-a/app:v1");
-    create_namespace(&c, "nodepol-ci", Default::default()).await;
-    let pusher = service_account_token(&c, "nodepol-ci", "pusher", vec![SERVICE.into()]).await;
-    registry.push(
-        &busybox_image(work.path(), &image),
-        "team-a/app:v1",
-        &format!("pusher:{pusher}"),
-    );
+    let (registry, host, image) = registry_with_app(cp, &c, work.path(), "nodepol").await;
 
     let policies = shipped_admission_policies(None);
     apply_untyped(&c, &policies).await;
@@ -305,21 +291,7 @@ async fn pods_stuck_without_the_secret_are_evicted_when_a_controller_recreates_t
     let c = cp.client().await;
     let work = tempfile::tempdir().unwrap();
     let ns = "nodeev-team";
-    let rules = format!(
-        "  - {{namespace: {ns}, repositories: [\"team-a/*\"]}}\n  - {{namespace: nodeev-ci, serviceAccount: pusher, repositories: [\"team-a/*\"], actions: [pull, push]}}\n"
-    );
-    let registry =
-        PrivateRegistry::start(cp, &c, work.path(), &cp.host_ip(), "nodeev-infra", &rules).await;
-    trust_registry(cp, &registry);
-    let host = registry.host.clone();
-    let image = format!("{host}/team-a/app:v1");
-    create_namespace(&c, "nodeev-ci", Default::default()).await;
-    let pusher = service_account_token(&c, "nodeev-ci", "pusher", vec![SERVICE.into()]).await;
-    registry.push(
-        &busybox_image(work.path(), &image),
-        "team-a/app:v1",
-        &format!("pusher:{pusher}"),
-    );
+    let (registry, host, image) = registry_with_app(cp, &c, work.path(), "nodeev").await;
     let entry = format!(
         "  - host: \"{host}\"\n    kubernetes: {{serviceAccount: default, audience: {SERVICE}, \
          expirationSeconds: 600, username: k8s}}\n"
@@ -491,21 +463,7 @@ async fn in_pods_only_mode_the_pod_pulls_and_its_service_account_is_untouched() 
     let cp = ControlPlane::with_node();
     let c = cp.client().await;
     let work = tempfile::tempdir().unwrap();
-    let rules = r#"  - {namespace: nodepo-team, repositories: ["team-a/*"]}
-  - {namespace: nodepo-ci, serviceAccount: pusher, repositories: ["team-a/*"], actions: [pull, push]}
-"#;
-    let registry =
-        PrivateRegistry::start(cp, &c, work.path(), &cp.host_ip(), "nodepo-infra", rules).await;
-    trust_registry(cp, &registry);
-    let host = registry.host.clone();
-    let image = format!("{host}/team-a/app:v1");
-    create_namespace(&c, "nodepo-ci", Default::default()).await;
-    let pusher = service_account_token(&c, "nodepo-ci", "pusher", vec![SERVICE.into()]).await;
-    registry.push(
-        &busybox_image(work.path(), &image),
-        "team-a/app:v1",
-        &format!("pusher:{pusher}"),
-    );
+    let (registry, host, image) = registry_with_app(cp, &c, work.path(), "nodepo").await;
 
     let entry = format!(
         "  - host: \"{host}\"\n    kubernetes: {{serviceAccount: default, audience: {SERVICE}, \
@@ -556,4 +514,32 @@ async fn in_pods_only_mode_the_pod_pulls_and_its_service_account_is_untouched() 
     }
     inj.cleanup().await;
     registry.shutdown().await;
+}
+
+/// A private registry on the node's address where `{prefix}-team` may pull `team-a/*` and the
+/// ServiceAccount `{prefix}-ci/pusher` may push it, with `team-a/app:v1` pushed: the registry,
+/// its host and the image.
+async fn registry_with_app(
+    cp: &ControlPlane,
+    c: &kube::Client,
+    work: &std::path::Path,
+    prefix: &str,
+) -> (PrivateRegistry, String, String) {
+    let rules = format!(
+        "  - {{namespace: {prefix}-team, repositories: [\"team-a/*\"]}}\n  - {{namespace: {prefix}-ci, serviceAccount: pusher, repositories: [\"team-a/*\"], actions: [pull, push]}}\n"
+    );
+    let infra = format!("{prefix}-infra");
+    let registry = PrivateRegistry::start(cp, c, work, &cp.host_ip(), &infra, &rules).await;
+    trust_registry(cp, &registry);
+    let host = registry.host.clone();
+    let image = format!("{host}/team-a/app:v1");
+    let ci = format!("{prefix}-ci");
+    create_namespace(c, &ci, Default::default()).await;
+    let pusher = service_account_token(c, &ci, "pusher", vec![SERVICE.into()]).await;
+    registry.push(
+        &busybox_image(work, &image),
+        "team-a/app:v1",
+        &format!("pusher:{pusher}"),
+    );
+    (registry, host, image)
 }
