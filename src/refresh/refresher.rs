@@ -248,7 +248,7 @@ impl Refresher {
             UnboundedReceiverStream::new(changed),
         );
         let controller = Controller::for_shared_stream(namespace_events, namespaces)
-            .with_config(ControllerConfig::default().concurrency(16))
+            .with_config(ControllerConfig::default().concurrency(RECONCILES_AT_ONCE))
             .reconcile_on(triggers);
         let context = Arc::new(Context {
             settings,
@@ -317,6 +317,14 @@ impl Drop for Refreshing {
         self.0.metrics().set_refreshing(false);
     }
 }
+
+/// Reconciles running at once. Most of them wait for a mint slot or for the client's rate limit,
+/// which serve in order (renewals earliest lapse first, the rest in arrival order). Namespaces
+/// due beyond this bound wait in kube-runtime's scheduler, which hands them out in no
+/// particular order (a hash set): with 16, a namespace could wait out a whole opt-in burst of
+/// thousands while later ones went first. The bound keeps the futures of a backlog of 100,000
+/// from being held at once.
+const RECONCILES_AT_ONCE: u16 = 1024;
 
 /// How long a retry waits for its namespace to appear in the store.
 const RETRY_WAIT: Duration = Duration::from_secs(120);

@@ -7,9 +7,9 @@
 //! none waiting. Within a kind, renewals go earliest lapse first (a credential that runs out
 //! sooner is renewed sooner, when renewals fall behind), admissions in arrival order.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -54,8 +54,6 @@ pub(crate) struct MintPacer {
     /// The time between slots, in nanoseconds: set anew as the renewal need changes.
     interval: AtomicU64,
     state: Mutex<State>,
-    /// Woken when a slot is taken or a waiter leaves: the waiters look again whose turn it is.
-    changed: Notify,
 }
 
 struct State {
@@ -63,8 +61,10 @@ struct State {
     next: Instant,
     /// Waiters per kind (by `Caller::index`), first served first: by when the credential
     /// they renew lapses (in ms since the epoch; an arrival's own time when nothing stored
-    /// lasts), then in arrival order.
-    queues: [BTreeSet<Place>; 2],
+    /// lasts), then in arrival order; each with its own wake-up. Only the first of each queue
+    /// can be served next, so only they are woken when a slot is taken, a waiter leaves or the
+    /// rate changes: a backlog of a thousand waiters costs two wake-ups per slot, not a thousand.
+    queues: [BTreeMap<Place, Arc<Notify>>; 2],
     /// The kind served first when both wait.
     turn: Caller,
     last_ticket: u64,
@@ -76,11 +76,10 @@ impl MintPacer {
             interval: AtomicU64::new(interval_nanos(per_second)),
             state: Mutex::new(State {
                 next: Instant::now(),
-                queues: [BTreeSet::new(), BTreeSet::new()],
+                queues: [BTreeMap::new(), BTreeMap::new()],
                 turn: Caller::Admission,
                 last_ticket: 0,
             }),
-            changed: Notify::new(),
         }
     }
 
@@ -88,7 +87,7 @@ impl MintPacer {
     pub(crate) fn set_rate(&self, per_second: f64) {
         self.interval
             .store(interval_nanos(per_second), Ordering::Relaxed);
-        self.changed.notify_waiters();
+        self.lock().wake_heads();
     }
 
     /// Slots per second now.
@@ -111,11 +110,14 @@ impl MintPacer {
         let lapses = lapses_at
             .unwrap_or_else(jiff::Timestamp::now)
             .as_millisecond();
+        let woken = Arc::new(Notify::new());
         let ticket = {
             let mut s = self.lock();
             s.last_ticket += 1;
             let ticket = (lapses, s.last_ticket);
-            s.queues[caller.index()].insert(ticket);
+            s.queues[caller.index()].insert(ticket, woken.clone());
+            // A new head (an earlier lapse than the waiting head's) must look at the slot.
+            s.wake_heads();
             ticket
         };
         // Leaves the queue if this wait is dropped before its slot (a cancelled reconcile).
@@ -126,14 +128,10 @@ impl MintPacer {
             served: false,
         };
         loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            // Registered before looking, so a change made meanwhile is not missed.
-            changed.as_mut().enable();
             let wake_at = {
                 let mut s = self.lock();
                 let now = Instant::now();
-                let first = s.queues[caller.index()].first() == Some(&ticket);
+                let first = s.queues[caller.index()].keys().next() == Some(&ticket);
                 let turn = served_next(s.turn, !s.queues[0].is_empty(), !s.queues[1].is_empty());
                 if first && turn == Some(caller) {
                     if s.next <= now {
@@ -145,8 +143,7 @@ impl MintPacer {
                         s.queues[caller.index()].remove(&ticket);
                         s.turn = caller.other();
                         queued.served = true;
-                        drop(s);
-                        self.changed.notify_waiters();
+                        s.wake_heads();
                         return;
                     }
                     Some(s.next)
@@ -154,14 +151,15 @@ impl MintPacer {
                     None
                 }
             };
+            // A wake-up sent since the look above is kept (`notify_one` stores it): none is lost.
             match wake_at {
                 Some(at) => {
                     tokio::select! {
                         () = tokio::time::sleep_until(at) => {}
-                        () = &mut changed => {}
+                        () = woken.notified() => {}
                     }
                 }
-                None => changed.await,
+                None => woken.notified().await,
             }
         }
     }
@@ -169,6 +167,17 @@ impl MintPacer {
 
 /// A waiter's place in its queue: (lapse time in ms, arrival number).
 type Place = (i64, u64);
+
+impl State {
+    /// Wakes the first waiter of each kind to look again whose turn it is.
+    fn wake_heads(&self) {
+        for queue in &self.queues {
+            if let Some(head) = queue.values().next() {
+                head.notify_one();
+            }
+        }
+    }
+}
 
 fn interval_nanos(per_second: f64) -> u64 {
     (1e9 / per_second.max(0.001)).max(1.0) as u64
@@ -184,8 +193,9 @@ struct Queued<'a> {
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         if !self.served {
-            self.pacer.lock().queues[self.caller.index()].remove(&self.ticket);
-            self.pacer.changed.notify_waiters();
+            let mut s = self.pacer.lock();
+            s.queues[self.caller.index()].remove(&self.ticket);
+            s.wake_heads();
         }
     }
 }
@@ -329,6 +339,31 @@ mod tests {
                 "in 30 min"
             ]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_of_a_thousand_is_served_earliest_lapse_first_at_the_rate() {
+        let pacer = Arc::new(MintPacer::new(100.0));
+        pacer.wait(Caller::Refresher, None).await; // the slot at 0 is taken
+        let now = jiff::Timestamp::now();
+        let served = Arc::new(Mutex::new(Vec::new()));
+        // Queued in scrambled order of lapse (the controller hands them over in any order).
+        let waits: Vec<_> = (0..1000u64)
+            .map(|i| {
+                let lapse = (i * 7919) % 1000;
+                let (p, served) = (pacer.clone(), served.clone());
+                tokio::spawn(async move {
+                    let at = now + jiff::SignedDuration::from_secs(lapse as i64);
+                    p.wait(Caller::Refresher, Some(at)).await;
+                    served.lock().unwrap().push(lapse);
+                })
+            })
+            .collect();
+        let start = Instant::now();
+        futures::future::join_all(waits).await;
+        assert_eq!(*served.lock().unwrap(), (0..1000).collect::<Vec<_>>());
+        let took = start.elapsed().as_secs_f64();
+        assert!((took - 10.0).abs() < 0.011, "1000 slots at 100/s: {took}");
     }
 
     #[tokio::test(start_paused = true)]
