@@ -112,6 +112,19 @@ impl Bucket {
         owed.max(self.held_until.saturating_duration_since(now))
     }
 
+    /// Takes a token only if one is there at `now`: whether the caller may go now. Nothing is
+    /// owed when it may not (for what is dropped rather than delayed).
+    pub(crate) fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        self.at = self.at.max(now);
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+
     /// Holds every request until `until` (the API server asked to wait).
     pub(crate) fn hold(&mut self, until: Instant) {
         self.held_until = self.held_until.max(until);
@@ -300,6 +313,42 @@ mod tests {
             assert_eq!(
                 got, *expected,
                 "{status} after {retries} retries, {header:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bucket_that_drops_lets_a_burst_through_then_the_rate_and_owes_nothing() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // 5 per second, bursts of 3: (time in ms, let through).
+        let mut bucket = Bucket::new(5.0, 3, start);
+        let steps: &[(u64, bool)] = &[
+            (0, true),
+            (0, true),
+            (0, true),
+            // Spent: dropped, and a thousand dropped owe nothing.
+            (0, false),
+            (100, false),
+            // 200 ms after the burst, one token is back.
+            (200, true),
+            (250, false),
+            (400, true),
+            // A long quiet spell refills the burst, never more.
+            (60_000, true),
+            (60_000, true),
+            (60_000, true),
+            (60_000, false),
+        ];
+        for (i, (when, through)) in steps.iter().enumerate() {
+            if *when == 200 {
+                // A thousand dropped just before do not push the next token back.
+                assert!((0..1000).all(|_| !bucket.try_take(at(150))));
+            }
+            assert_eq!(
+                bucket.try_take(at(*when)),
+                *through,
+                "step {i} at {when} ms"
             );
         }
     }

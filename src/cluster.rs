@@ -77,7 +77,21 @@ pub(crate) const REPORTING_CONTROLLER: &str = "pull-secret-injector";
 #[derive(Clone)]
 pub struct Events {
     recorder: Recorder,
+    budget: Arc<std::sync::Mutex<crate::api_client::Bucket>>,
 }
+
+/// Events recorded per second at most, after a burst of [`EVENT_BURST`]; those beyond are
+/// dropped and counted ([`EVENTS_DROPPED`]), as client-go's event recorder drops spam. Events
+/// share the client's rate limit with the Secret writes: without a budget of their own, a few
+/// thousand namespaces warned about together (an opt-in burst whose ServiceAccounts come
+/// slowly) queued ahead of the writes for seconds. What each Event says is also logged.
+const EVENTS_PER_SECOND: f64 = 5.0;
+const EVENT_BURST: u32 = 100;
+
+/// Events not recorded because the budget was spent. One count per process.
+pub(crate) static EVENTS_DROPPED: std::sync::LazyLock<
+    prometheus_client::metrics::counter::Counter,
+> = std::sync::LazyLock::new(Default::default);
 
 impl Events {
     pub fn new(client: Client, instance: Option<String>) -> Self {
@@ -85,8 +99,14 @@ impl Events {
             controller: REPORTING_CONTROLLER.into(),
             instance,
         };
+        let budget = crate::api_client::Bucket::new(
+            EVENTS_PER_SECOND,
+            EVENT_BURST,
+            tokio::time::Instant::now(),
+        );
         Self {
             recorder: Recorder::new(client, reporter),
+            budget: Arc::new(std::sync::Mutex::new(budget)),
         }
     }
 
@@ -99,6 +119,20 @@ impl Events {
         reason: &str,
         note: &str,
     ) {
+        let within = self
+            .budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .try_take(tokio::time::Instant::now());
+        if !within {
+            EVENTS_DROPPED.inc();
+            tracing::debug!(
+                namespace = regarding.namespace.as_deref().unwrap_or_default(),
+                reason,
+                "event not recorded: too many at once"
+            );
+            return;
+        }
         let event = Event {
             type_: EventType::Warning,
             reason: reason.into(),

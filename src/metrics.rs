@@ -158,6 +158,12 @@ impl Default for Metrics {
              request of the client is sent again",
             crate::api_client::THROTTLED.clone(),
         );
+        registry.register(
+            "events_dropped",
+            "Kubernetes Events not recorded because more were due at once than the Event budget \
+             allows (what they said is logged)",
+            crate::cluster::EVENTS_DROPPED.clone(),
+        );
         let secret_writes_skipped = Family::<WriterLabels, Counter>::default();
         registry.register(
             "secret_writes_skipped",
