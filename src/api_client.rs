@@ -103,9 +103,7 @@ impl Bucket {
 
     /// Takes a token for a request at `now`: how long the request waits before it is sent.
     pub(crate) fn take(&mut self, now: Instant) -> Duration {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
-        self.at = self.at.max(now);
+        self.refill(now);
         self.tokens -= 1.0;
         let owed = Duration::try_from_secs_f64((-self.tokens).max(0.0) / self.per_second)
             .unwrap_or(Duration::MAX);
@@ -115,14 +113,19 @@ impl Bucket {
     /// Takes a token only if one is there at `now`: whether the caller may go now. Nothing is
     /// owed when it may not (for what is dropped rather than delayed).
     pub(crate) fn try_take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
-        self.at = self.at.max(now);
+        self.refill(now);
         if self.tokens < 1.0 {
             return false;
         }
         self.tokens -= 1.0;
         true
+    }
+
+    /// Adds the tokens earned since the last look, up to `burst`.
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        self.at = self.at.max(now);
     }
 
     /// Holds every request until `until` (the API server asked to wait).
